@@ -1,0 +1,127 @@
+"""Graded tests for exercise 01. Run: pytest exercises/01_async_routes"""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from grader.expect import expect_json, expect_status, explain, json_of
+
+
+@pytest.fixture
+def app(load):
+    return load("app").app
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.task("health")
+def test_health_says_ok(client):
+    expect_json(client.get("/health"), {"status": "ok"}, exact=True)
+
+
+@pytest.mark.task("parameters")
+def test_greet_uses_the_path_parameter_and_default_greeting(client):
+    response = client.get("/greet/Ada")
+    expect_status(response, 200, "the route /greet/{name} exists")
+    expect_json(response, {"message": "Hello, Ada!"}, exact=True)
+
+
+@pytest.mark.task("parameters")
+def test_greet_takes_an_optional_greeting(client):
+    expect_json(client.get("/greet/Grace", params={"greeting": "Hi"}), {"message": "Hi, Grace!"}, exact=True)
+
+
+@pytest.mark.task("parameters")
+@pytest.mark.parametrize(("value", "message"), [("true", "HELLO, ADA!"), ("1", "HELLO, ADA!"), ("false", "Hello, Ada!"), ("0", "Hello, Ada!")])
+def test_greet_shout_is_a_real_boolean(client, value, message):
+    response = client.get("/greet/Ada", params={"shout": value})
+    expect_json(response, {"message": message}, f"shout={value} is parsed as a boolean, so 'false' means no", exact=True)
+
+
+@pytest.mark.task("parameters")
+def test_add_parses_integers(client):
+    response = client.get("/add", params={"a": "2", "b": "40"})
+    expect_json(response, {"result": 42}, "query values arrive as text; `a: int` makes them numbers", exact=True)
+
+
+@pytest.mark.task("parameters")
+@pytest.mark.parametrize("params", [{"a": "2"}, {"a": "x", "b": "1"}, {"a": "1.5", "b": "1"}])
+def test_add_rejects_missing_or_non_integer_values(client, params):
+    expect_status(client.get("/add", params=params), 422, "a required integer that is missing or not an integer is a validation error")
+
+
+@pytest.mark.task("status_codes")
+def test_read_item(client):
+    expect_json(client.get("/items/2"), {"id": 2, "name": "mouse"}, exact=True)
+
+
+@pytest.mark.task("status_codes")
+def test_missing_item_is_404_with_a_detail(client):
+    response = client.get("/items/7")
+    expect_status(response, 404, "a resource that does not exist is 404 Not Found, not 200 with null")
+    expect_json(response, {"detail": "Item 7 not found"}, exact=True)
+
+
+@pytest.mark.task("status_codes")
+def test_item_id_must_be_an_integer(client):
+    expect_status(client.get("/items/abc"), 422, "item_id is declared as int")
+
+
+@pytest.mark.task("status_codes")
+def test_delete_answers_204_and_removes_the_item(client):
+    response = client.delete("/items/1")
+    expect_status(response, 204, "a successful delete with nothing to say is 204 No Content")
+    assert response.content == b"", explain(response, "an empty body: 204 means no content")
+    expect_status(client.get("/items/1"), 404, "the deleted item is gone")
+    expect_status(client.delete("/items/1"), 404, "deleting it twice finds nothing the second time")
+
+
+@pytest.mark.task("concurrency")
+def test_wait_answers_with_the_time_waited(client):
+    expect_json(client.get("/wait", params={"seconds": 0.05}), {"waited": 0.05}, exact=True)
+    expect_json(client.get("/wait"), {"waited": 0.1}, "seconds defaults to 0.1", exact=True)
+
+
+@pytest.mark.task("concurrency")
+@pytest.mark.parametrize("seconds", ["-1", "5", "soon"])
+def test_wait_bounds_its_parameter(client, seconds):
+    expect_status(client.get("/wait", params={"seconds": seconds}), 422, "seconds must be a number between 0 and 2")
+
+
+@pytest.mark.task("concurrency")
+@pytest.mark.asyncio
+async def test_waiting_requests_do_not_block_each_other(app):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        started = time.perf_counter()
+        responses = await asyncio.gather(*(client.get("/wait", params={"seconds": 0.15}) for _ in range(5)))
+        elapsed = time.perf_counter() - started
+    for response in responses:
+        expect_status(response, 200)
+    assert elapsed < 0.5, (
+        f"\nsent:     five GET /wait?seconds=0.15 at the same time\n"
+        f"expected: all five done in about 0.15 s, because waiting must not block the server\n"
+        f"got:      {elapsed:.2f} s — the requests ran one after another.\n"
+        "A blocking call (time.sleep) inside `async def` freezes the event loop; use `await asyncio.sleep`."
+    )
+
+
+@pytest.mark.task("docs")
+def test_openapi_document_describes_the_service(client):
+    response = client.get("/openapi.json")
+    document = json_of(response)
+    info = document.get("info", {})
+    assert (info.get("title"), info.get("version")) == ("Hello Microservices", "0.1.0"), explain(
+        response, "info.title 'Hello Microservices' and info.version '0.1.0' (set them on FastAPI(...))"
+    )
+    missing = {"/health", "/greet/{name}", "/add", "/items/{item_id}", "/wait"} - set(document.get("paths", {}))
+    assert not missing, explain(response, f"the paths {sorted(missing)} in the document")
+    docs = client.get("/docs")
+    expect_status(docs, 200, "the interactive docs page")

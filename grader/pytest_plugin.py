@@ -1,0 +1,188 @@
+"""The pytest side of the grader, loaded for every run in this course (see ``addopts``).
+
+It decides *which copy* of an exercise a graded suite exercises (the learner's, the
+reference solution, or a folder the grader points at), gives tests a ``load`` fixture
+that imports that copy fresh, tags tests with the task they grade, points failures at the
+lesson section that explains them, and can write a machine-readable report.
+
+Keep imports light: this module loads in every learner's ``pytest`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from grader.catalog import CatalogError, Exercise, load_exercise
+from grader.loader import load_module
+
+MESSAGE_LIMIT = 4000  # characters of a failure kept in a report
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("grader", "course grader")
+    group.addoption("--solution", action="store_true", help="grade the reference solution instead of your copy")
+    group.addoption("--grader-target", metavar="DIR", help="grade the editable files found in DIR")
+    group.addoption("--grader-mutant", metavar="NAME", help="grade the reference solution with mutant NAME applied")
+    group.addoption("--grader-exercise", metavar="NAME", help="exercise these tests grade (default: their folder)")
+    group.addoption("--grader-report", metavar="PATH", help="write a JSON report of every test to PATH")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "task(id): the exercise task (from exercise.toml) that this test grades")
+    config.addinivalue_line("markers", "slow: starts real servers or processes; still part of the graded suite")
+    config._grader_outcomes = {}  # type: ignore[attr-defined]
+    config._grader_started = time.monotonic()  # type: ignore[attr-defined]
+
+
+def _exercise_for(config: pytest.Config, path: Path) -> Exercise | None:
+    cache: dict[Path, Exercise | None] = config.__dict__.setdefault("_grader_exercises", {})
+    folder = path.parent
+    if folder not in cache:
+        name = config.getoption("--grader-exercise")
+        candidate = folder if name is None else Path(config.rootpath) / "exercises" / name
+        try:
+            cache[folder] = load_exercise(candidate, Path(config.rootpath))
+        except CatalogError:
+            cache[folder] = None
+    return cache[folder]
+
+
+def target_folder(config: pytest.Config, exercise: Exercise) -> Path:
+    explicit = config.getoption("--grader-target")
+    if explicit:
+        return Path(explicit).resolve()
+    mutant = config.getoption("--grader-mutant")
+    if mutant:
+        built: dict[str, Path] = config.__dict__.setdefault("_grader_mutants", {})
+        if exercise.name not in built:
+            from grader.targets import mutant_target
+
+            built[exercise.name] = mutant_target(exercise, mutant)
+        return built[exercise.name]
+    if config.getoption("--solution"):
+        return exercise.solution_folder
+    return exercise.folder
+
+
+@pytest.fixture(scope="session")
+def _grader_config(request: pytest.FixtureRequest) -> pytest.Config:
+    return request.config
+
+
+@pytest.fixture
+def exercise(request: pytest.FixtureRequest) -> Exercise:
+    """The exercise that the requesting test file grades."""
+    found = _exercise_for(request.config, Path(request.node.path))
+    if found is None:
+        pytest.fail(f"{request.node.path.parent} is not an exercise folder with an exercise.toml.", pytrace=False)
+    return found
+
+
+@pytest.fixture
+def target_dir(request: pytest.FixtureRequest, exercise: Exercise) -> Path:
+    """The folder holding the copy of the editable files being graded."""
+    return target_folder(request.config, exercise)
+
+
+@pytest.fixture
+def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType]:
+    """``load("app")`` imports the graded copy of ``app.py``, fresh on every call."""
+
+    def _load(module: str | None = None) -> types.ModuleType:
+        name = module or exercise.editable[0]
+        name = name.removesuffix(".py")
+        shown = target_dir / f"{name}.py"
+        try:
+            return load_module(target_dir, name)
+        except FileNotFoundError:
+            pytest.fail(f"{shown} is missing. This exercise expects you to edit it.", pytrace=False)
+        except SyntaxError as exc:
+            pytest.fail(
+                f"{shown} has a syntax error at line {exc.lineno}: {exc.msg}.\n"
+                f"    {(exc.text or '').strip()}\nFix it, then run the tests again.",
+                pytrace=False,
+            )
+        except Exception as exc:  # the learner's module failed while importing
+            pytest.fail(
+                f"Importing {shown} raised {type(exc).__name__}: {exc}\n"
+                "Your module must import cleanly: fix the error above (it is raised at import time, "
+                "before any test runs). A DeprecationWarning here means an outdated idiom: "
+                "the lesson says what replaced it.",
+                pytrace=False,
+            )
+
+    return _load
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        exercise = _exercise_for(config, Path(item.path))
+        marker = item.get_closest_marker("task")
+        if exercise is None or marker is None:
+            continue
+        task = exercise.task(str(marker.args[0]))
+        item.user_properties.append(("task", str(marker.args[0])))
+        if task is not None and task.section:
+            item.user_properties.append(("lesson", exercise.lesson_link(task.section)))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed:
+        lesson = dict(item.user_properties).get("lesson")
+        if lesson:
+            report.sections.append(("Where to read", f"This is explained in {lesson}"))
+    _record(item.config, report)
+    return report
+
+
+def _record(config: pytest.Config, report: pytest.TestReport) -> None:
+    outcomes: dict[str, dict] = config._grader_outcomes  # type: ignore[attr-defined]
+    entry = outcomes.setdefault(
+        report.nodeid,
+        {"nodeid": report.nodeid, "task": dict(report.user_properties).get("task"), "outcome": "passed",
+         "duration": 0.0, "message": "", "phases": []},
+    )
+    entry["phases"].append(report.when)
+    entry["duration"] += report.duration
+    if report.failed or report.skipped:
+        # a failure in setup or teardown counts as much as one in the test itself
+        if entry["outcome"] == "passed" or report.failed:
+            entry["outcome"] = "skipped" if report.skipped else ("error" if report.when != "call" else "failed")
+            text = report.longreprtext or ""
+            entry["message"] = text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "\n… (cut)"
+    if hasattr(report, "wasxfail"):
+        entry["outcome"] = "xfailed" if report.skipped else "xpassed"
+
+
+_collection_errors: list[dict] = []  # one pytest session per process
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.failed:
+        _collection_errors.append({"nodeid": report.nodeid, "message": (report.longreprtext or "")[:MESSAGE_LIMIT]})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = session.config.getoption("--grader-report")
+    if not path:
+        return
+    payload = {
+        "exitstatus": int(exitstatus),
+        "finished": True,
+        "duration": time.monotonic() - session.config._grader_started,  # type: ignore[attr-defined]
+        "tests": list(session.config._grader_outcomes.values()),  # type: ignore[attr-defined]
+        "collection_errors": _collection_errors,
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle)
+    os.replace(tmp, path)
