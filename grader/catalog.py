@@ -117,6 +117,12 @@ def load_exercise(folder: Path, root: Path | None = None) -> Exercise:
         raise CatalogError(f"{meta_path} is missing.") from None
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"{meta_path} is not valid TOML: {exc}") from None
+    stray = [key for t in meta.get("tasks", []) if isinstance(t, dict) for key in t if key not in {"id", "title", "points", "section"}]
+    if stray:
+        raise CatalogError(
+            f"{meta_path}: unknown task field(s) {sorted(set(stray))}. Top-level keys such as 'hints' must come "
+            "before the first [[tasks]] header: TOML puts every key after a table header into that table."
+        )
     try:
         tasks = tuple(
             Task(id=str(t["id"]), title=str(t["title"]), points=float(t["points"]), section=str(t.get("section", "")))
@@ -142,7 +148,10 @@ def load_exercise(folder: Path, root: Path | None = None) -> Exercise:
 
 def all_exercises(root: Path | None = None) -> list[Exercise]:
     root = root or course_root()
-    folders = sorted(p for p in (root / "exercises").iterdir() if p.is_dir() and _NAME.match(p.name))
+    # A folder without metadata is not an exercise yet (the course's own suite flags it).
+    folders = sorted(
+        p for p in (root / "exercises").iterdir() if p.is_dir() and _NAME.match(p.name) and (p / METADATA_FILE).is_file()
+    )
     return [load_exercise(folder, root) for folder in folders]
 
 

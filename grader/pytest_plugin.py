@@ -49,7 +49,8 @@ def _exercise_for(config: pytest.Config, path: Path) -> Exercise | None:
         candidate = folder if name is None else Path(config.rootpath) / "exercises" / name
         try:
             cache[folder] = load_exercise(candidate, Path(config.rootpath))
-        except CatalogError:
+        except CatalogError as exc:
+            config.__dict__.setdefault("_grader_catalog_errors", {})[folder] = str(exc)
             cache[folder] = None
     return cache[folder]
 
@@ -81,7 +82,9 @@ def exercise(request: pytest.FixtureRequest) -> Exercise:
     """The exercise that the requesting test file grades."""
     found = _exercise_for(request.config, Path(request.node.path))
     if found is None:
-        pytest.fail(f"{request.node.path.parent} is not an exercise folder with an exercise.toml.", pytrace=False)
+        folder = request.node.path.parent
+        why = request.config.__dict__.get("_grader_catalog_errors", {}).get(folder, "")
+        pytest.fail(why or f"{folder} is not an exercise folder with an exercise.toml.", pytrace=False)
     return found
 
 

@@ -1,0 +1,309 @@
+"""The ``grader`` command: the learner's entry point and the maintainers' integrity check.
+
+    grader                 status table and what to do next
+    grader check 03        run exercise 03's graded suite, readable summary
+    grader hint 03         the next hint for exercise 03
+    grader watch           re-run the current exercise on every save
+    grader reset 03        restore the stub (your work is backed up first)
+    grader verify          every solution passes, every stub fails, every mutant is caught
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from grader.catalog import CatalogError, Exercise, all_exercises, course_root, find_exercise
+from grader.progress import Pristine, State
+from grader.results import ExerciseResult
+from grader.runner import run_suite
+
+app = typer.Typer(
+    help="Self-grade the FastAPI microservices course, and keep the course itself honest.",
+    no_args_is_help=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+console = Console(highlight=False)
+MESSAGE_LINES = 14  # lines of one failure shown in the summary
+
+
+class Abort(Exception):
+    """A problem to report in one clear line, with exit code 2."""
+
+
+def _root() -> Path:
+    return course_root()
+
+
+def _exercise(key: str) -> Exercise:
+    return find_exercise(key, _root())
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _state_of(exercise: Exercise, state: State, pristine: Pristine, run: bool) -> tuple[str, ExerciseResult | None]:
+    files = [exercise.folder / name for name in exercise.editable]
+    if any(not path.is_file() for path in files):
+        return "missing", None
+    cached = state.cached(exercise)
+    if cached is not None:
+        return cached.status, cached
+    if all(pristine.is_pristine(path) for path in files):
+        return "not_started", None
+    if not run:
+        return "changed", None
+    result, _ = run_suite(exercise)
+    state.remember(exercise, result)
+    return result.status, result
+
+
+def _describe(status: str, result: ExerciseResult | None) -> str:
+    if status == "passed":
+        return "[green]✔ passed[/]"
+    if status == "not_started":
+        return "[dim]not started[/]"
+    if status == "changed":
+        return "[yellow]changed, not checked[/]"
+    if status == "missing":
+        return "[red]file missing[/] (grader reset?)"
+    if result is not None and status == "failed":
+        return f"[yellow]failing {result.total - result.passed_count} of {result.total}[/]"
+    return f"[red]{status}[/]"
+
+
+@app.command()
+def status(
+    run: Annotated[bool, typer.Option(help="Check exercises changed since their last check.")] = True,
+) -> None:
+    """Every exercise with its state and points, and what to do next."""
+    root = _root()
+    exercises = all_exercises(root)
+    state, pristine = State(root), Pristine(root)
+    table = Table(title="FastAPI microservices — your progress", title_justify="left", expand=False)
+    table.add_column("#", justify="right")
+    table.add_column("exercise")
+    table.add_column("state")
+    table.add_column("points", justify="right")
+    next_up: Exercise | None = None
+    earned = possible = 0.0
+    with console.status("checking changed exercises…"):
+        rows = [(ex, *_state_of(ex, state, pristine, run)) for ex in exercises]
+    for exercise, status_, result in rows:
+        points = result.points if result else 0.0
+        earned += points
+        possible += exercise.total_points
+        if status_ != "passed" and next_up is None:
+            next_up = exercise
+        table.add_row(exercise.number, escape(exercise.title), _describe(status_, result),
+                      f"{points:g} / {exercise.total_points:g}")
+    console.print(table)
+    console.print(f"Total: [bold]{earned:g}[/] of {possible:g} points.")
+    if next_up is None:
+        console.print("[green bold]Every exercise passes. Well done![/]")
+        return
+    console.print(Panel.fit(
+        f"Next: [bold]{next_up.name}[/] — {escape(next_up.title)}\n"
+        f"  read      lessons/{next_up.name}.md\n"
+        f"  try       jupyter notebook notebooks/{next_up.name}.ipynb\n"
+        f"  edit      {', '.join(f'exercises/{next_up.name}/{n}' for n in next_up.editable)}\n"
+        f"  check     grader check {next_up.number}   (or: grader watch)\n"
+        f"  stuck?    grader hint {next_up.number}",
+        title="what to do next", border_style="cyan",
+    ))
+
+
+# --------------------------------------------------------------------------- check
+
+
+def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbose: bool) -> None:
+    table = Table(title=f"{exercise.name} — {escape(exercise.title)}", title_justify="left")
+    table.add_column("task")
+    table.add_column("tests", justify="right")
+    table.add_column("points", justify="right")
+    for task in exercise.tasks:
+        tests = [t for t in result.tests if t.task == task.id]
+        passed = sum(t.passed for t in tests)
+        mark = "[green]✔[/]" if tests and passed == len(tests) else "[red]✘[/]"
+        table.add_row(f"{mark} {escape(task.title)}", f"{passed}/{len(tests)}",
+                      f"{sum(t.points for t in tests):g} / {task.points:g}")
+    if result.tests:
+        console.print(table)
+    failures = [t for t in result.tests if not t.passed]
+    for test in failures[: None if verbose else 5]:
+        task = exercise.task(test.task or "")
+        lines = test.message.strip().splitlines() or [test.outcome]
+        shown = lines if verbose else lines[-MESSAGE_LINES:]
+        body = "\n".join(shown)
+        if task and task.section:
+            body += f"\n\n[cyan]read:[/] {exercise.lesson_link(task.section)}"
+        console.print(Panel(escape(body).replace("\\[cyan]read:\\[/]", "[cyan]read:[/]"),
+                            title=f"✘ {escape(test.name)}", title_align="left", border_style="red"))
+    if len(failures) > 5 and not verbose:
+        console.print(f"[dim]… and {len(failures) - 5} more failing tests (grader check {exercise.number} --verbose).[/]")
+    if result.status in ("error", "timeout", "tampering"):
+        console.print(Panel(escape(result.message), title=result.status, border_style="red"))
+    if verbose:
+        console.print(escape(output))
+    colour = "green" if result.passed else "yellow"
+    console.print(f"[{colour} bold]{result.passed_count} of {result.total} tests pass — "
+                  f"{result.points:g} of {result.max_points:g} points.[/] ({result.duration:.1f} s)")
+
+
+@app.command()
+def check(
+    exercise: Annotated[str, typer.Argument(help="Exercise number or name, e.g. 03 or 03_rest_resources.")],
+    solution: Annotated[bool, typer.Option(help="Check the reference solution instead of your copy.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every failure in full.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="Seconds before the run is stopped (default: the exercise's).")] = None,
+) -> None:
+    """Run one exercise's graded tests and summarise them."""
+    found = _exercise(exercise)
+    target = found.solution_folder if solution else None
+    with console.status(f"running the tests of {found.name}…"):
+        result, output = run_suite(found, target, timeout=timeout)
+    if not solution:
+        State(found.root).remember(found, result)
+    _print_result(found, result, output, verbose)
+    if result.passed and not solution:
+        console.print(f"[green]Exercise {found.number} passes.[/] Run [bold]grader[/] to see what is next.")
+    raise typer.Exit(0 if result.passed else 1)
+
+
+# --------------------------------------------------------------------------- hint
+
+
+@app.command()
+def hint(
+    exercise: Annotated[str, typer.Argument(help="Exercise number or name.")],
+    again: Annotated[bool, typer.Option(help="Show the hints already seen, without a new one.")] = False,
+) -> None:
+    """Show the next hint for an exercise, one level at a time (hint use is remembered)."""
+    found = _exercise(exercise)
+    if not found.hints:
+        console.print(f"{found.name} has no hints. Read lessons/{found.name}.md.")
+        return
+    state = State(found.root)
+    used = state.hints_used(found) if again else state.use_hint(found)
+    for level in range(1, used + 1) if again else [used]:
+        console.print(Panel(escape(found.hints[level - 1]), title=f"hint {level} of {len(found.hints)}",
+                            title_align="left", border_style="cyan"))
+    if again and used == 0:
+        console.print(f"No hints seen yet: [bold]grader hint {found.number}[/] shows the first.")
+    if used >= len(found.hints):
+        console.print("[dim]That was the last hint. The lesson and the notebook show every piece you need.[/]")
+
+
+# --------------------------------------------------------------------------- reset
+
+
+@app.command()
+def reset(
+    exercise: Annotated[str, typer.Argument(help="Exercise number or name.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Restore an exercise's stub. Your current files are backed up first."""
+    found = _exercise(exercise)
+    pristine = Pristine(found.root)
+    originals = {name: pristine.content(found.folder / name) for name in found.editable}
+    lost = [name for name, content in originals.items() if content is None]
+    if lost:
+        raise Abort(f"cannot find the original of {', '.join(lost)} in git. Is this a git clone of the course?")
+    if not yes and not typer.confirm(f"Replace {', '.join(found.editable)} of {found.name} with the original stub?"):
+        raise typer.Exit(1)
+    state = State(found.root)
+    backup = state.backup(found)
+    for name, content in originals.items():
+        path = found.folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content or b"")
+    state.data["results"].pop(found.name, None)
+    state.save()
+    console.print(f"Restored the stub of {found.name}. Your previous files are in {backup.relative_to(found.root)}.")
+
+
+# --------------------------------------------------------------------------- watch
+
+
+@app.command()
+def watch(
+    exercise: Annotated[str | None, typer.Argument(help="Start at this exercise (default: the first not passed).")] = None,
+    poll: Annotated[bool, typer.Option(help="Poll for changes instead of waiting for file events.")] = False,
+) -> None:
+    """Re-run the current exercise on every save; move on when it passes."""
+    from grader.watching import watch_loop
+
+    root = _root()
+    start = _exercise(exercise) if exercise else None
+    watch_loop(root, start, force_polling=poll or bool(os.environ.get("GRADER_WATCH_POLL")), console=console,
+               show=_print_result)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(
+    exercises: Annotated[list[str] | None, typer.Argument(help="Only these exercises (default: all).")] = None,
+    jobs: Annotated[int, typer.Option(help="Suites to run at once.")] = max(os.cpu_count() or 1, 1),
+) -> None:
+    """Course integrity: every solution passes, every stub fails, every mutant is caught."""
+    from grader.integrity import Check, plan_checks, run_check
+
+    root = _root()
+    chosen = [find_exercise(key, root) for key in exercises] if exercises else all_exercises(root)
+    checks: list[Check] = [c for exercise in chosen for c in plan_checks(exercise)]
+    table = Table(title="Course integrity", title_justify="left")
+    for column in ("exercise", "copy", "expected", "got", "verdict"):
+        table.add_column(column)
+    with console.status(f"running {len(checks)} graded suites…"), ThreadPoolExecutor(max_workers=jobs) as pool:
+        outcomes = list(pool.map(run_check, checks))
+    bad = 0
+    for outcome in outcomes:
+        ok = outcome.ok
+        bad += not ok
+        table.add_row(outcome.check.exercise.name, escape(outcome.check.label), outcome.check.expectation,
+                      escape(outcome.summary), "[green]ok[/]" if ok else "[red bold]WRONG[/]")
+    console.print(table)
+    if bad:
+        console.print(f"[red bold]{bad} of {len(outcomes)} checks are wrong.[/]")
+        raise typer.Exit(1)
+    console.print(f"[green bold]All {len(outcomes)} checks hold.[/]")
+
+
+def _register_optional_commands() -> None:
+    try:
+        from grader import cli_grade
+    except ImportError:  # the instructor commands are an optional part of the package
+        return
+    cli_grade.register(app)
+
+
+_register_optional_commands()
+
+
+@app.callback(invoke_without_command=True)
+def _default(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        status(run=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except (CatalogError, Abort, FileNotFoundError) as exc:
+        console.print(f"[red]grader:[/] {escape(str(exc))}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("\n[dim]stopped.[/]")
+        sys.exit(130)

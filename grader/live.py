@@ -1,0 +1,119 @@
+"""Real servers on loopback for graded tests and lessons.
+
+Some lessons are about serving: a WebSocket client library talking to uvicorn, two services
+calling each other over TCP, an app started exactly as a Dockerfile says. These helpers start
+such servers on a free port of 127.0.0.1, wait until they answer, and always stop them.
+
+    with serve_in_thread(app) as base_url:          # uvicorn in a thread of this process
+        httpx.get(f"{base_url}/health")
+
+    with serve_in_process([sys.executable, "-m", "uvicorn", "app:app", "--port", "{port}"],
+                          cwd=folder) as base_url:   # a real child process
+        httpx.get(f"{base_url}/health")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, timeout: float = 10.0, **config: Any) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning", lifespan="on", **config))
+    thread = threading.Thread(target=server.run, name="uvicorn-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("uvicorn did not start: the app failed during startup (see the log above).")
+        time.sleep(0.005)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+
+
+def wait_until_up(url: str, *, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until any HTTP answer comes back; fail early if ``process`` exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server process exited with code {process.returncode} before answering {url}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing answered at {url} within {timeout:.0f} s") from None
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def serve_in_process(
+    command: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+    ready_path: str = "/",
+    timeout: float = 20.0,
+) -> Iterator[str]:
+    """Start ``command`` as a child process (``{port}`` in it is replaced); yield its base URL.
+
+    The child runs in its own process group, which is terminated (then killed) on exit,
+    so a server that forks workers leaves nothing behind.
+    """
+    port = port or free_port()
+    args = [part.replace("{port}", str(port)) for part in command]
+    process = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base_url = f"http://{HOST}:{port}"
+    try:
+        wait_until_up(base_url + ready_path, timeout=timeout, process=process)
+        yield base_url
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 5.0) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

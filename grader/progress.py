@@ -1,0 +1,152 @@
+"""What a learner has done: pristine stubs (from git), cached results, hints used, backups.
+
+Everything lives in ``.grader/`` at the course root (ignored by git), so progress survives
+between runs and a fresh clone starts clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+
+from grader import __version__
+from grader.catalog import Exercise
+from grader.results import ExerciseResult
+
+
+def git_blob_hash(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class Pristine:
+    """The course's original files, as git knows them.
+
+    The reference point is the branch the course was cloned from (``@{upstream}``), so a
+    learner who commits their own work still has the original stubs to compare against and
+    to reset to; without an upstream, ``HEAD``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _git(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True, timeout=10, check=False)
+
+    @cached_property
+    def revision(self) -> str | None:
+        for ref in ("@{upstream}", "HEAD"):
+            try:
+                done = self._git("rev-parse", "--verify", "--quiet", ref)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            if done.returncode == 0:
+                return done.stdout.decode().strip()
+        return None
+
+    @cached_property
+    def blobs(self) -> dict[str, str]:
+        """Path (relative to the root, POSIX) -> git blob hash, for everything under exercises/."""
+        if self.revision is None:
+            return {}
+        done = self._git("ls-tree", "-r", "--full-tree", self.revision, "--", "exercises")
+        table = {}
+        for line in done.stdout.decode("utf-8", "replace").splitlines():
+            meta, _, path = line.partition("\t")
+            parts = meta.split()
+            if len(parts) == 3:
+                table[path] = parts[2]
+        return table
+
+    def is_pristine(self, path: Path) -> bool | None:
+        """True if ``path`` is unchanged, False if changed, None when git cannot tell."""
+        if not self.blobs:
+            return None
+        key = path.resolve().relative_to(self.root).as_posix()
+        original = self.blobs.get(key)
+        if original is None:
+            return False
+        try:
+            return git_blob_hash(path.read_bytes()) == original
+        except OSError:
+            return False
+
+    def content(self, path: Path) -> bytes | None:
+        if self.revision is None:
+            return None
+        key = path.resolve().relative_to(self.root).as_posix()
+        done = self._git("show", f"{self.revision}:{key}")
+        return done.stdout if done.returncode == 0 else None
+
+
+def fingerprint(exercise: Exercise) -> str:
+    """Changes whenever anything that decides the result changes."""
+    digest = hashlib.sha256(__version__.encode())
+    files = [exercise.folder / name for name in exercise.editable]
+    files += [*exercise.test_files, exercise.folder / "exercise.toml", exercise.folder / "conftest.py"]
+    for path in files:
+        digest.update(str(path.name).encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError:
+            digest.update(b"<missing>")
+    return digest.hexdigest()
+
+
+class State:
+    """The small JSON file holding cached results and hints used."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = root / ".grader"
+        self.path = self.folder / "state.json"
+        try:
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(self.data, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            self.data = {}
+        self.data.setdefault("results", {})
+        self.data.setdefault("hints", {})
+
+    def save(self) -> None:
+        self.folder.mkdir(exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def cached(self, exercise: Exercise) -> ExerciseResult | None:
+        entry = self.data["results"].get(exercise.name)
+        if not entry or entry.get("fingerprint") != fingerprint(exercise):
+            return None
+        try:
+            return ExerciseResult.model_validate(entry["result"])
+        except ValueError:
+            return None
+
+    def remember(self, exercise: Exercise, result: ExerciseResult) -> None:
+        self.data["results"][exercise.name] = {"fingerprint": fingerprint(exercise), "result": result.model_dump(mode="json")}
+        self.save()
+
+    def hints_used(self, exercise: Exercise) -> int:
+        return int(self.data["hints"].get(exercise.name, 0))
+
+    def use_hint(self, exercise: Exercise) -> int:
+        used = min(self.hints_used(exercise) + 1, len(exercise.hints))
+        self.data["hints"][exercise.name] = used
+        self.save()
+        return used
+
+    def backup(self, exercise: Exercise) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        folder = self.folder / "backups" / exercise.name / stamp
+        for name in exercise.editable:
+            source = exercise.folder / name
+            if source.is_file():
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, folder / name)
+        return folder

@@ -1,0 +1,118 @@
+"""Run one exercise's graded suite against one copy of its editable files, in a child process.
+
+The child is plain ``pytest`` with the course's configuration and the grader's plugin; it
+writes a JSON report that this module turns into an :class:`ExerciseResult` with points.
+A child that crashes, hangs or never writes its report becomes an ``error`` or ``timeout``
+result: the caller always gets a result, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from grader.catalog import Exercise
+from grader.results import ExerciseResult, TestResult
+
+OUTPUT_LIMIT = 20_000
+# Variables that would change how the child pytest behaves, or leak the caller's secrets.
+_STRIPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONSTARTUP", "PYTHONINSPECT")
+
+
+def child_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV and not k.startswith("PYTEST_XDIST")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHONHASHSEED"] = "0"
+    return env
+
+
+def pytest_command(exercise: Exercise, target: Path | None, report: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    command = [
+        sys.executable, "-m", "pytest", *map(str, exercise.test_files),
+        "-q", "--no-header", "-p", "no:cacheprovider", "--color=no",
+        "--rootdir", str(exercise.root), "-c", str(exercise.root / "pyproject.toml"),
+        "--grader-report", str(report),
+    ]
+    if target is not None:
+        command += ["--grader-target", str(target)]
+    return command + list(extra)
+
+
+def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float | None = None,
+              extra_args: tuple[str, ...] = ()) -> tuple[ExerciseResult, str]:
+    """Grade ``target`` (default: the learner's exercise folder). Returns the result and pytest's output."""
+    limit = timeout or exercise.timeout
+    with tempfile.TemporaryDirectory(prefix="grader-run-") as scratch:
+        report = Path(scratch) / "report.json"
+        started = time.monotonic()
+        process = subprocess.Popen(
+            pytest_command(exercise, target, report, extra_args),
+            cwd=exercise.root, env=child_environment(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            output, _ = process.communicate(timeout=limit)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            _kill_tree(process)
+            output, _ = process.communicate()
+            timed_out = True
+        duration = time.monotonic() - started
+        text = output.decode("utf-8", "replace")
+        text = text if len(text) <= OUTPUT_LIMIT else "… (cut)\n" + text[-OUTPUT_LIMIT:]
+        if timed_out:
+            return ExerciseResult(
+                exercise=exercise.name, status="timeout", max_points=exercise.total_points, duration=duration,
+                message=f"The tests did not finish within {limit:.0f} s: something hangs (an endless loop, "
+                "a blocking call, a server that never stops).",
+            ), text
+        return result_from_report(exercise, report, duration, process.returncode, text), text
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def result_from_report(exercise: Exercise, report: Path, duration: float, returncode: int, output: str) -> ExerciseResult:
+    base = {"exercise": exercise.name, "max_points": exercise.total_points, "duration": duration}
+    try:
+        payload = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        return ExerciseResult(status="error", message=f"The test run ended without a report (exit code {returncode}).\n{tail}", **base)
+    tests = score(exercise, payload.get("tests", []))
+    errors = payload.get("collection_errors", [])
+    if errors:
+        message = "The tests could not be collected:\n" + "\n".join(e["message"] for e in errors)[:4000]
+        return ExerciseResult(status="error", tests=tests, message=message, **base)
+    if not tests:
+        return ExerciseResult(status="error", message="No graded test ran.", **base)
+    points = round(sum(t.points for t in tests), 2)
+    status = "passed" if all(t.passed for t in tests) else "failed"
+    return ExerciseResult(status=status, points=points, tests=tests, **base)
+
+
+def score(exercise: Exercise, raw_tests: list[dict]) -> list[TestResult]:
+    """Share each task's points equally among its tests; only a passed test earns its share."""
+    per_task = Counter(t.get("task") for t in raw_tests)
+    results = []
+    for raw in raw_tests:
+        task = exercise.task(raw.get("task") or "")
+        worth = task.points / per_task[raw.get("task")] if task else 0.0
+        outcome = raw.get("outcome", "error")
+        results.append(TestResult(
+            nodeid=raw["nodeid"], task=raw.get("task"), outcome=outcome,
+            points=worth if outcome == "passed" else 0.0, max_points=worth,
+            duration=float(raw.get("duration", 0.0)), message=str(raw.get("message", ""))[:4000],
+        ))
+    return results

@@ -1,0 +1,114 @@
+"""The course is sound: every solution passes, every stub fails, every mutant is caught,
+and every exercise follows the contract in docs/AUTHORING.md."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+
+import pytest
+
+from grader.catalog import all_exercises, load_exercise
+from grader.integrity import plan_checks, run_check
+from grader.targets import mutant_description
+
+from .conftest import CURRICULUM, ROOT, heading_anchors
+
+EXERCISES = all_exercises(ROOT)
+CHECKS = [check for exercise in EXERCISES for check in plan_checks(exercise)]
+
+
+def _id(check) -> str:
+    return f"{check.exercise.name}-{check.label.replace(' ', '-')}"
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=_id)
+def test_graded_suite_judges_each_copy_correctly(check):
+    outcome = run_check(check)
+    result = outcome.result
+    if check.kind == "solution":
+        failures = "\n\n".join(f"{t.name}: {t.message}" for t in result.tests if not t.passed)
+        assert outcome.ok, f"the reference solution must pass: {result.status} {result.message}\n{failures}"
+        untagged = [t.name for t in result.tests if t.task is None]
+        assert not untagged, f"every graded test needs @pytest.mark.task(...): {untagged}"
+        unknown = {t.task for t in result.tests} - {task.id for task in check.exercise.tasks}
+        assert not unknown, f"tests name tasks that exercise.toml does not define: {unknown}"
+        empty = {task.id for task in check.exercise.tasks} - {t.task for t in result.tests}
+        assert not empty, f"tasks without a test: {empty}"
+        assert result.points == pytest.approx(check.exercise.total_points)
+    else:
+        assert outcome.ok, (
+            f"the {check.label} of {check.exercise.name} must be caught by the graded suite "
+            f"(some test fails, none errors): got {outcome.summary}\n{result.message}"
+        )
+
+
+@pytest.mark.parametrize("name", CURRICULUM)
+def test_each_lesson_has_its_four_parts(name):
+    parts = [ROOT / "lessons" / f"{name}.md", ROOT / "notebooks" / f"{name}.ipynb",
+             ROOT / "exercises" / name / "exercise.toml", ROOT / "exercises" / name / "README.md",
+             ROOT / "solutions" / name]
+    missing = [str(p.relative_to(ROOT)) for p in parts if not p.exists()]
+    if len(missing) == len(parts):
+        pytest.skip(f"{name} is not written yet")
+    assert not missing, f"{name} is incomplete: {missing}"
+
+
+def test_no_stray_names_across_the_four_folders():
+    names = set(CURRICULUM)
+    found = {p.stem for p in (ROOT / "lessons").glob("*.md")}
+    found |= {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    found |= {p.name for p in (ROOT / "exercises").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    found |= {p.name for p in (ROOT / "solutions").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    assert found <= names, f"names outside the curriculum: {sorted(found - names)}"
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+class TestContract:
+    def test_metadata_is_complete(self, exercise):
+        assert exercise.title and exercise.summary, "title and summary"
+        assert len(exercise.hints) >= 3, "at least three hints, from a nudge to a near-answer"
+        assert all(task.points > 0 for task in exercise.tasks)
+        assert len({task.id for task in exercise.tasks}) == len(exercise.tasks), "task ids are unique"
+        assert exercise.test_files, "a graded test_*.py"
+        assert (exercise.folder / "README.md").is_file()
+
+    def test_editable_files_exist_as_stub_and_reference(self, exercise):
+        for name in exercise.editable:
+            assert (exercise.folder / name).is_file(), f"stub {name}"
+            assert (exercise.solution_folder / name).is_file(), f"reference {name}"
+            assert (exercise.folder / name).read_bytes() != (exercise.solution_folder / name).read_bytes(), (
+                f"the stub {name} is the reference"
+            )
+
+    def test_stub_python_files_parse(self, exercise):
+        for name in exercise.editable:
+            if name.endswith(".py"):
+                ast.parse((exercise.folder / name).read_text(encoding="utf-8"))
+
+    def test_task_sections_exist_in_the_lesson(self, exercise):
+        if not exercise.lesson.is_file():
+            pytest.fail(f"{exercise.lesson.relative_to(ROOT)} is missing")
+        anchors = heading_anchors(exercise.lesson.read_text(encoding="utf-8"))
+        missing = [task.section for task in exercise.tasks if task.section and task.section not in anchors]
+        assert not missing, f"exercise.toml points at sections the lesson does not have: {missing}"
+
+    def test_at_least_three_mutants_each_naming_its_mistake(self, exercise):
+        mutants = exercise.mutants()
+        assert len(mutants) >= 3
+        for mutant in mutants:
+            files = [p.relative_to(mutant).as_posix() for p in mutant.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            assert files and set(files) <= set(exercise.editable), f"{mutant.name} holds only editable files: {files}"
+            assert mutant_description(mutant), f"{mutant.name} must start with a docstring or comment naming the mistake"
+
+    def test_metadata_has_no_unknown_keys(self, exercise):
+        meta = tomllib.loads((exercise.folder / "exercise.toml").read_text(encoding="utf-8"))
+        assert set(meta) <= {"title", "summary", "editable", "timeout", "tasks", "hints"}
+
+    def test_loads_the_same_as_the_catalog(self, exercise):
+        assert load_exercise(exercise.folder, ROOT) == exercise
+
+
+def test_every_exercise_folder_has_metadata():
+    folders = [p for p in (ROOT / "exercises").iterdir() if p.is_dir() and p.name[:2].isdigit()]
+    assert all((p / "exercise.toml").is_file() for p in folders if any(p.glob("test_*.py")))
