@@ -112,3 +112,20 @@ class TestContract:
 def test_every_exercise_folder_has_metadata():
     folders = [p for p in (ROOT / "exercises").iterdir() if p.is_dir() and p.name[:2].isdigit()]
     assert all((p / "exercise.toml").is_file() for p in folders if any(p.glob("test_*.py")))
+
+
+def test_no_course_module_shadows_a_library():
+    """A file or folder named like a library (websockets.py, jwt/, logging.py) breaks imports."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    taken = (set(sys.stdlib_module_names) | set(packages_distributions())) - {"grader"}
+    offenders = []
+    for top in ("exercises", "solutions", "grader", "tests", "bench"):
+        for path in (ROOT / top).rglob("*"):
+            if "__pycache__" in path.parts or path.name.startswith("."):
+                continue
+            name = path.stem if path.suffix == ".py" else (path.name if path.is_dir() else None)
+            if name in taken:
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"these names shadow a library or a standard module: {offenders}"

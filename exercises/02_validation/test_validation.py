@@ -1,0 +1,314 @@
+"""Graded tests for exercise 02. Run: pytest exercises/02_validation"""
+
+import json
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from grader.expect import expect_json, expect_status, explain, json_of
+
+PUBLIC_FIELDS = {"id", "username", "email", "age"}
+PASSWORD = "analytical1"
+
+
+def registration(**changes: object) -> dict[str, object]:
+    """A valid registration body; keyword arguments change or add fields."""
+    body: dict[str, object] = {
+        "username": "ada_lovelace",
+        "email": "ada@example.com",
+        "age": 36,
+        "password": PASSWORD,
+        "password_confirm": PASSWORD,
+    }
+    body.update(changes)
+    return body
+
+
+class GradedClient:
+    """A TestClient whose crashes fail the test with the request and the exception, not a traceback."""
+
+    def __init__(self, client: TestClient) -> None:
+        self._client = client
+
+    def request(self, method: str, url: str, **kwargs):
+        try:
+            return self._client.request(method, url, **kwargs)
+        except Exception as exc:  # the learner's route raised: show what was sent and what broke
+            crash = exc
+        body = f"\n          body {json.dumps(kwargs['json'])}" if "json" in kwargs else ""
+        pytest.fail(
+            f"\nsent:     {method} {url}{body}\n"
+            f"got:      your app raised {type(crash).__name__} (a client would see 500 Internal Server Error):\n"
+            f"{textwrap.indent(str(crash), '          ')}\n"
+            "expected: an answer, not a crash",
+            pytrace=False,
+        )
+
+    def get(self, url: str, **kwargs):
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs):
+        return self.request("POST", url, **kwargs)
+
+
+@pytest.fixture
+def client(load):
+    with TestClient(load("app").app) as client:  # `with` runs the app's startup and shutdown
+        yield GradedClient(client)
+
+
+def check(condition: bool, response, expected: str) -> None:
+    """Fail with the request, the response and what was expected, without a traceback."""
+    if not condition:
+        pytest.fail(explain(response, expected), pytrace=False)
+
+
+def error_locs(response) -> list:
+    body = json_of(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if not isinstance(detail, list):
+        return []
+    return [error.get("loc") for error in detail if isinstance(error, dict)]
+
+
+def expect_rejected(response, field: str, why: str) -> None:
+    """422, with one of the errors located at ["body", field]."""
+    expect_status(response, 422, why)
+    check(["body", field] in error_locs(response), response, f"a validation error whose loc is ['body', '{field}'] ({why})")
+
+
+# --- register -------------------------------------------------------------------------------
+
+
+@pytest.mark.task("register")
+def test_register_answers_201_with_the_public_profile(client):
+    response = client.post("/users", json=registration())
+    expect_status(response, 201, "a successful registration creates a user: 201 Created")
+    expect_json(response, {"id": 1, "username": "ada_lovelace", "email": "ada@example.com", "age": 36}, exact=True)
+
+
+@pytest.mark.task("register")
+def test_age_is_optional(client):
+    body = registration()
+    del body["age"]
+    response = client.post("/users", json=body)
+    expect_status(response, 201, "age may be left out")
+    expect_json(response, {"age": None}, "a missing age is shown as null")
+
+
+@pytest.mark.task("register")
+def test_users_can_be_read_back_by_id(client):
+    expect_status(client.post("/users", json=registration()), 201, "the first registration succeeds")
+    second = client.post("/users", json=registration(username="grace", email="grace@example.com", age=None))
+    expect_json(second, {"id": 2}, "the second user gets id 2")
+    response = client.get("/users/2")
+    expect_status(response, 200, "GET /users/{user_id} finds the user that was registered")
+    expect_json(response, {"id": 2, "username": "grace", "email": "grace@example.com", "age": None}, exact=True)
+
+
+@pytest.mark.task("register")
+def test_unknown_user_is_404(client):
+    response = client.get("/users/9")
+    expect_status(response, 404, "there is no user 9")
+    expect_json(response, {"detail": "User 9 not found"}, exact=True)
+
+
+# --- constraints ----------------------------------------------------------------------------
+
+
+@pytest.mark.task("constraints")
+def test_username_follows_the_pattern(client):
+    for username, problem in [("ab", "is too short"), ("a" * 21, "is too long"), ("1ada", "starts with a digit"), ("ada-l", "has a hyphen")]:
+        response = client.post("/users", json=registration(username=username))
+        expect_rejected(response, "username", f"the username {username!r} {problem}")
+
+
+@pytest.mark.task("constraints")
+def test_age_bounds_are_inclusive(client):
+    youngest = client.post("/users", json=registration(username="young", age=13))
+    expect_status(youngest, 201, "13 is the lowest age allowed, and it is allowed")
+    oldest = client.post("/users", json=registration(username="old", age=120))
+    expect_status(oldest, 201, "120 is the highest age allowed, and it is allowed")
+
+
+@pytest.mark.task("constraints")
+def test_age_outside_the_bounds_is_rejected(client):
+    for age in (12, 121, -1):
+        expect_rejected(client.post("/users", json=registration(age=age)), "age", f"age {age} is outside 13..120")
+
+
+@pytest.mark.task("constraints")
+def test_password_length_is_bounded(client):
+    for password, problem in [("abc1234", "7 characters, fewer than 8"), ("a1" * 65, "130 characters, more than 128")]:
+        response = client.post("/users", json=registration(password=password, password_confirm=password))
+        expect_rejected(response, "password", f"the password has {problem}")
+
+
+@pytest.mark.task("constraints")
+def test_unknown_fields_are_refused(client):
+    response = client.post("/users", json=registration(is_admin=True))
+    expect_rejected(response, "is_admin", "a field the model does not declare is refused, not silently dropped")
+
+
+# --- validators -----------------------------------------------------------------------------
+
+
+@pytest.mark.task("validators")
+def test_username_is_trimmed_and_lowercased_before_the_pattern(client):
+    response = client.post("/users", json=registration(username="  Ada_L "))
+    expect_status(response, 201, "'  Ada_L ' is cleaned up to 'ada_l' before the pattern is checked")
+    expect_json(response, {"username": "ada_l"}, "the stored username is trimmed and lower-case")
+
+
+@pytest.mark.task("validators")
+def test_password_needs_a_letter_and_a_digit(client):
+    for password, problem in [("abcdefghij", "has no digit"), ("1234567890", "has no letter")]:
+        response = client.post("/users", json=registration(password=password, password_confirm=password))
+        expect_rejected(response, "password", f"the password {password!r} {problem}")
+
+
+@pytest.mark.task("validators")
+def test_passwords_must_match(client):
+    response = client.post("/users", json=registration(password_confirm="analytical2"))
+    expect_status(response, 422, "password and password_confirm differ: a validation error, like any other bad input")
+    body = json_of(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    mentions_match = isinstance(detail, list) and any(
+        isinstance(error, dict) and "match" in str(error.get("msg", "")).lower() for error in detail
+    )
+    check(mentions_match, response, "an error in detail whose msg says the passwords do not match")
+
+
+# --- email ----------------------------------------------------------------------------------
+
+
+@pytest.mark.task("email")
+def test_email_must_be_an_email_address(client):
+    for email in ("not-an-email", "ada@", "@example.com", "ada@exa mple.com"):
+        expect_rejected(client.post("/users", json=registration(email=email)), "email", f"{email!r} is not an email address")
+
+
+# --- no_leaks -------------------------------------------------------------------------------
+
+
+@pytest.mark.task("no_leaks")
+def test_responses_never_contain_the_password(client):
+    created = client.post("/users", json=registration())
+    expect_status(created, 201, "the registration succeeds")
+    fetched = client.get("/users/1")
+    expect_status(fetched, 200, "the user can be read back")
+    for response in (created, fetched):
+        body = json_of(response)
+        keys = set(body) if isinstance(body, dict) else set()
+        check(
+            keys == PUBLIC_FIELDS,
+            response,
+            f"exactly the public fields {sorted(PUBLIC_FIELDS)}; extra: {sorted(keys - PUBLIC_FIELDS)} "
+            "(return the output model, never the stored record or the input model)",
+        )
+        check(PASSWORD not in response.text, response, "a body that does not contain the password")
+
+
+def _response_schema(document: dict, path: str, method: str, code: str) -> dict:
+    operation = document.get("paths", {}).get(path, {}).get(method, {})
+    schema = operation.get("responses", {}).get(code, {}).get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        schema = document.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
+    return schema
+
+
+@pytest.mark.task("no_leaks")
+def test_openapi_documents_the_output_model(client):
+    response = client.get("/openapi.json")
+    document = json_of(response)
+    for path, method, code in [("/users", "post", "201"), ("/users/{user_id}", "get", "200")]:
+        properties = set(_response_schema(document, path, method, code).get("properties", {}))
+        check(
+            properties == PUBLIC_FIELDS,
+            response,
+            f"the {code} response of {method.upper()} {path} documented with the output model, "
+            f"properties {sorted(PUBLIC_FIELDS)}; found {sorted(properties) or 'no schema'} "
+            "(declare the output model as the return annotation or response_model)",
+        )
+
+
+# --- error_body -----------------------------------------------------------------------------
+
+
+@pytest.mark.task("error_body")
+def test_422_body_lists_every_problem_with_type_loc_and_msg(client):
+    response = client.post("/users", json=registration(age=12, email="nope"))
+    expect_status(response, 422, "two invalid fields")
+    body = json_of(response)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    well_formed = isinstance(detail, list) and all(
+        isinstance(error, dict)
+        and isinstance(error.get("type"), str)
+        and isinstance(error.get("loc"), list)
+        and isinstance(error.get("msg"), str)
+        for error in detail
+    )
+    check(well_formed, response, '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}, FastAPI\'s shape')
+    by_loc = {tuple(error["loc"]): error for error in detail}
+    check(
+        ("body", "age") in by_loc and ("body", "email") in by_loc,
+        response,
+        "one error for ['body', 'age'] and one for ['body', 'email']: every problem is reported at once"
+    )
+    check(by_loc[("body", "age")]["type"] == "greater_than_equal", response, "the age error keeps Pydantic's type 'greater_than_equal'")
+
+
+@pytest.mark.task("error_body")
+def test_422_body_does_not_echo_the_input(client):
+    cases = [
+        ({"password_confirm": "analytical2"}, "passwords that do not match"),
+        ({"password": "analyticalx", "password_confirm": "analyticalx"}, "a password without a digit"),
+    ]
+    for changes, why in cases:
+        response = client.post("/users", json=registration(**changes))
+        expect_status(response, 422, why)
+        body = json_of(response)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        echoed = [error for error in detail or [] if isinstance(error, dict) and "input" in error]
+        check(
+            not echoed and "analytical" not in response.text,
+            response,
+            "no 'input' in the errors and no password anywhere in the body: "
+            "FastAPI's default 422 echoes what was sent, passwords included",
+        )
+
+
+# --- from_attributes ------------------------------------------------------------------------
+
+
+@pytest.mark.task("from_attributes")
+def test_user_out_is_built_from_an_object_with_attributes(load):
+    module = load("app")
+    user_out = getattr(module, "UserOut", None)
+    if user_out is None:
+        pytest.fail("app.py must define the output model UserOut (see README.md).", pytrace=False)
+    record = SimpleNamespace(id=7, username="grace", email="grace@example.com", age=45, password_hash="scrypt$secret")
+    try:
+        public = user_out.model_validate(record)
+    except ValidationError as exc:
+        error = exc
+    else:
+        error = None
+    if error is not None:
+        pytest.fail(
+            "UserOut.model_validate(<an object with attributes id, username, email, age, password_hash>) raised:\n"
+            f"{error}\nexpected: a UserOut read from the object's attributes "
+            "(model_config = ConfigDict(from_attributes=True))",
+            pytrace=False,
+        )
+    dumped = public.model_dump(mode="json")
+    if dumped != {"id": 7, "username": "grace", "email": "grace@example.com", "age": 45}:
+        pytest.fail(
+            f"UserOut.model_validate(record).model_dump(mode='json') gave {dumped}\n"
+            "expected: exactly id, username, email and age; the password hash stays behind",
+            pytrace=False,
+        )
