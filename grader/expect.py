@@ -44,7 +44,10 @@ def describe(response: Any) -> str:
     request = getattr(response, "request", None)
     if request is not None:
         lines.append(f"sent:     {request.method} {request.url.raw_path.decode('ascii', 'replace')}")
-        content = getattr(request, "content", b"")
+        try:
+            content = request.content
+        except Exception:  # a streamed body that was never read into memory
+            content = b"(a streamed body)"
         if content:
             lines.append(f"          body {_body(content)}")
     lines.append(f"got:      {response.status_code} {_body(response.content)}")

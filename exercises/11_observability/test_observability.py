@@ -1,0 +1,405 @@
+"""Graded tests for exercise 11. Run: pytest exercises/11_observability"""
+
+import json
+import logging
+from datetime import datetime
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from grader.expect import expect_header, expect_json, expect_status, explain
+
+SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
+ACCESS_LOGGER = "inventory.access"
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path):
+    """A clean environment: no stray OBS_* variable, no .env from elsewhere, a fresh database."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("OBS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # .env is looked up in the working directory
+    monkeypatch.setenv("OBS_SECRET_KEY", SECRET)
+    monkeypatch.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}")
+    return monkeypatch
+
+
+@pytest.fixture(autouse=True)
+def clean_loggers():
+    """Logging is global to the process: undo what one test's app configured before the next."""
+    loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
+    saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+        logger.handlers.clear()
+        logger.propagate = True
+    yield
+    for logger, level, handlers, propagate in saved:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
+@pytest.fixture
+def module(load):
+    return load("app")
+
+
+@pytest.fixture
+def client(module):
+    with TestClient(module.app) as client:
+        yield client
+
+
+class JsonLines(logging.Handler):
+    """Formats every record of the access logger with the learner's JsonFormatter, as it is emitted."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def access_lines(module, client):
+    """The JSON lines written on the access logger while the test runs (after startup)."""
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def parse_lines(lines: list[str], response) -> list[dict]:
+    entries = []
+    for line in lines:
+        assert "\n" not in line, explain(response, f"one log line per record; this one spans several:\n{line}")
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(explain(response, f"every access log line to be JSON (JsonFormatter); got:\n    {line}"), pytrace=False)
+    return entries
+
+
+def one_entry_for(lines: list[str], response) -> dict:
+    entries = parse_lines(lines, response)
+    if len(entries) != 1:
+        pytest.fail(
+            explain(
+                response,
+                f"exactly one record on the {ACCESS_LOGGER!r} logger for this request, at INFO "
+                f"(is the level set from settings.log_level at startup?); got {len(entries)}: {entries}",
+            ),
+            pytrace=False,
+        )
+    return entries[0]
+
+
+def samples(client) -> tuple[object, list]:
+    """GET /metrics and parse it the way Prometheus does; return the response and every sample."""
+    response = client.get("/metrics")
+    expect_status(response, 200, "/metrics serves the metrics")
+    try:
+        families = list(text_string_to_metric_families(response.text))
+    except Exception as exc:  # the parser raises plain ValueErrors and friends on bad input
+        pytest.fail(explain(response, f"the Prometheus text exposition format (parser said: {exc})"), pytrace=False)
+    return response, [sample for family in families for sample in family.samples]
+
+
+def value_of(found: list, name: str, **labels: str) -> float | None:
+    for sample in found:
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return sample.value
+    return None
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def field(settings, name: str):
+    if not hasattr(settings, name):
+        pytest.fail(f"\nexpected: Settings has a field {name!r} (see the README)\ngot:      {settings!r}", pytrace=False)
+    return getattr(settings, name)
+
+
+def secret_of(settings) -> str:
+    secret = field(settings, "secret_key")
+    if not hasattr(secret, "get_secret_value"):
+        pytest.fail(f"\nexpected: secret_key is a pydantic SecretStr\ngot:      {type(secret).__name__}", pytrace=False)
+    return secret.get_secret_value()
+
+
+@pytest.mark.task("settings")
+def test_settings_come_from_the_environment_with_types(module, env):
+    env.setenv("OBS_APP_NAME", "stockroom")
+    env.setenv("OBS_ENVIRONMENT", "staging")
+    env.setenv("OBS_READY_TIMEOUT", "0.5")
+    settings = module.Settings()
+    got = tuple(field(settings, name) for name in ("app_name", "environment", "ready_timeout"))
+    assert got == ("stockroom", "staging", 0.5), (
+        f"\nset:      OBS_APP_NAME=stockroom OBS_ENVIRONMENT=staging OBS_READY_TIMEOUT=0.5\n"
+        f"expected: Settings() reads them (env_prefix='OBS_'), ready_timeout as the float 0.5\n"
+        f"got:      app_name={got[0]!r}, environment={got[1]!r}, ready_timeout={got[2]!r}"
+    )
+
+
+@pytest.mark.task("settings")
+def test_the_secret_is_required_and_hidden(module, env):
+    settings = module.Settings()
+    assert secret_of(settings) == SECRET, "Settings().secret_key holds the value of OBS_SECRET_KEY"
+    assert SECRET not in repr(settings) and SECRET not in str(settings.secret_key), (
+        "\nexpected: the secret is masked when the settings are printed or logged (declare it as SecretStr)\n"
+        f"got:      {settings!r}"
+    )
+    env.delenv("OBS_SECRET_KEY")
+    with pytest.raises(ValidationError):
+        module.Settings()
+        pytest.fail(
+            "\nunset:    OBS_SECRET_KEY\nexpected: Settings() raises a ValidationError (a required secret has no default)\n"
+            "got:      Settings() was created anyway",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("settings")
+@pytest.mark.parametrize(("name", "value"), [("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production")])
+def test_malformed_values_are_rejected(module, env, name, value):
+    env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        module.Settings()
+        pytest.fail(
+            f"\nset:      {name}={value}\nexpected: a ValidationError (ready_timeout is a float > 0; "
+            "environment is one of dev, staging, prod)\ngot:      Settings() accepted it",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("settings")
+def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
+    env.delenv("OBS_SECRET_KEY")
+    (tmp_path / ".env").write_text(
+        "# read from the working directory\nOBS_SECRET_KEY=from-dotenv\nOBS_APP_NAME=from-dotenv\nUNRELATED_TOOL=1\n",
+        encoding="utf-8",
+    )
+    env.setenv("OBS_APP_NAME", "from-environment")
+    settings = module.Settings()
+    got = (secret_of(settings), field(settings, "app_name"))
+    assert got == ("from-dotenv", "from-environment"), (
+        "\n.env:     OBS_SECRET_KEY=from-dotenv, OBS_APP_NAME=from-dotenv, UNRELATED_TOOL=1\n"
+        "env:      OBS_APP_NAME=from-environment\n"
+        "expected: the secret from .env (env_file='.env'), the app name from the environment (it wins)\n"
+        f"got:      secret={got[0]!r}, app_name={got[1]!r}"
+    )
+
+
+@pytest.mark.task("settings")
+def test_the_app_refuses_to_start_without_its_secret(module, env):
+    env.delenv("OBS_SECRET_KEY")
+    try:
+        with TestClient(module.app) as client:
+            response = client.get("/health")
+    except ValidationError:
+        return
+    pytest.fail(
+        explain(response, "the app to fail at startup (in the lifespan, by calling get_settings()) with a ValidationError, "
+                "because OBS_SECRET_KEY is unset; it started and answered instead"),
+        pytrace=False,
+    )
+
+
+@pytest.mark.task("settings")
+def test_get_settings_is_cached_and_can_be_cleared(module, env):
+    first = module.get_settings()
+    if module.get_settings() is not first or not hasattr(module.get_settings, "cache_clear"):
+        pytest.fail(
+            "\nexpected: get_settings() returns the same Settings object every time, and has cache_clear() "
+            "(decorate it with functools.lru_cache)\ngot:      a new object on every call",
+            pytrace=False,
+        )
+    env.setenv("OBS_APP_NAME", "renamed")
+    module.get_settings.cache_clear()
+    renamed = field(module.get_settings(), "app_name")
+    assert renamed == "renamed", f"after get_settings.cache_clear() the environment is read again; got app_name={renamed!r}"
+
+
+@pytest.mark.task("settings")
+def test_info_uses_the_settings_dependency_and_hides_the_secret(module, client):
+    response = client.get("/info")
+    expect_json(response, {"app_name": "inventory", "environment": "dev"}, "the defaults", exact=True)
+    module.app.dependency_overrides[module.get_settings] = lambda: module.Settings(
+        app_name="overridden", environment="prod", secret_key="another-secret-value"
+    )
+    try:
+        response = client.get("/info")
+    finally:
+        module.app.dependency_overrides.clear()
+    expect_json(
+        response, {"app_name": "overridden", "environment": "prod"},
+        "/info takes its settings from Depends(get_settings), so app.dependency_overrides replaces them", exact=True,
+    )
+    assert "another-secret-value" not in response.text, explain(response, "no secret in the body")
+
+
+# ------------------------------------------------------------------------------ health
+
+
+@pytest.mark.task("health")
+def test_liveness_and_readiness_when_the_database_is_up(client):
+    expect_json(client.get("/health"), {"status": "ok"}, exact=True)
+    response = client.get("/ready")
+    expect_status(response, 200, "the database answers SELECT 1, so the service is ready")
+    expect_json(response, {"status": "ready", "checks": {"database": "ok"}}, exact=True)
+
+
+@pytest.mark.task("health")
+def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, env, tmp_path):
+    # SQLite cannot create a file in a folder that does not exist: the database is "down".
+    missing = tmp_path / "not-there-yet"
+    env.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{missing / 'inventory.db'}")
+    with TestClient(module.app) as client:
+        response = client.get("/ready")
+        expect_status(response, 503, "the database cannot be reached, so the service is not ready: 503")
+        expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
+        expect_json(
+            client.get("/health"), {"status": "ok"},
+            "liveness checks only the process: a database outage must not get healthy pods restarted", exact=True,
+        )
+        missing.mkdir()
+        response = client.get("/ready")
+        expect_status(response, 200, "once the database is back, /ready checks again (on every call) and says ready")
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+@pytest.mark.task("logging")
+def test_one_json_line_per_request_with_the_route_template(client, access_lines):
+    response = client.get("/items/2", headers={"X-Request-ID": "req-42.a_b"})
+    expect_status(response, 200)
+    entry = one_entry_for(access_lines, response)
+    expected = {"method": "GET", "route": "/items/{item_id}", "status": 200, "request_id": "req-42.a_b",
+                "level": "INFO", "logger": ACCESS_LOGGER}
+    wrong = {key: entry.get(key) for key, value in expected.items() if entry.get(key) != value}
+    assert not wrong, explain(response, f"a log line with {expected} (route is the template, not /items/2); wrong: {wrong}\nline:     {entry}")
+    duration = entry.get("duration_ms")
+    assert isinstance(duration, (int, float)) and duration >= 0, explain(response, f"duration_ms, a number of milliseconds; got {duration!r}")
+    try:
+        stamp = datetime.fromisoformat(str(entry.get("timestamp")))
+    except ValueError:
+        stamp = None
+    assert stamp is not None and stamp.tzinfo is not None, explain(
+        response, f"an ISO 8601 timestamp with a time zone, like 2026-01-31T12:00:00+00:00; got {entry.get('timestamp')!r}"
+    )
+
+
+@pytest.mark.task("logging")
+def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
+    response = client.get("/items/99")
+    entry = one_entry_for(access_lines, response)
+    assert (entry.get("route"), entry.get("status")) == ("/items/{item_id}", 404), explain(
+        response, f"route '/items/{{item_id}}' and status 404 in the log line; got {entry}"
+    )
+    access_lines.clear()
+    response = client.get("/no/such/page")
+    entry = one_entry_for(access_lines, response)
+    assert (entry.get("route"), entry.get("status")) == ("unmatched", 404), explain(
+        response, f"route 'unmatched' (no route matched, and raw paths are never logged as routes) and status 404; got {entry}"
+    )
+
+
+@pytest.mark.task("logging")
+def test_a_request_id_is_generated_and_returned(client, access_lines):
+    first = client.get("/health")
+    second = client.get("/health")
+    one = expect_header(first, "x-request-id", why="every response carries its request ID")
+    two = expect_header(second, "x-request-id")
+    assert one != two, explain(second, f"a new ID for every request; both got {one!r}")
+    logged = [entry.get("request_id") for entry in parse_lines(access_lines, second)]
+    assert logged == [one, two], explain(second, f"the log lines carry the same IDs as the headers {[one, two]}; got {logged}")
+
+
+@pytest.mark.task("logging")
+@pytest.mark.parametrize("incoming", ["x" * 65, "two words", "<script>"])
+def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
+    response = client.get("/health", headers={"X-Request-ID": incoming})
+    got = expect_header(response, "x-request-id")
+    assert got and got != incoming, explain(
+        response, f"a fresh request ID: the incoming {incoming[:20]!r} is not 1-64 letters, digits, '.', '_' or '-'"
+    )
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.task("metrics")
+def test_requests_are_counted_by_route_template(client):
+    for path in ("/items/1", "/items/2", "/items/3", "/items/99"):
+        client.get(path)
+    response, found = samples(client)
+    ok = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
+    missing = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="404")
+    assert (ok, missing) == (3.0, 1.0), explain(
+        response,
+        'http_requests_total{method="GET",route="/items/{item_id}",status="200"} 3.0 and the same with status="404" 1.0; '
+        f"got {ok} and {missing}",
+    )
+    raw = sorted({s.labels["route"] for s in found if s.labels.get("route", "").startswith("/items/") and "{" not in s.labels["route"]})
+    assert not raw, explain(response, f"no label with a raw path (one series per item id grows without end); found routes {raw}")
+
+
+@pytest.mark.task("metrics")
+def test_unmatched_paths_share_one_label(client):
+    for path in ("/wp-login.php", "/a/b/c", "/items"):
+        client.get(path)
+    response, found = samples(client)
+    count = value_of(found, "http_requests_total", method="GET", route="unmatched", status="404")
+    assert count == 3.0, explain(response, f'http_requests_total{{method="GET",route="unmatched",status="404"}} 3.0; got {count}')
+
+
+@pytest.mark.task("metrics")
+def test_latency_histogram_by_route_template(client):
+    client.get("/items/1")
+    client.get("/items/2")
+    response, found = samples(client)
+    assert response.headers.get("content-type", "").startswith("text/plain"), explain(
+        response, "Content-Type text/plain (prometheus_client.CONTENT_TYPE_LATEST)"
+    )
+    count = value_of(found, "http_request_duration_seconds_count", method="GET", route="/items/{item_id}")
+    everything = value_of(found, "http_request_duration_seconds_bucket", method="GET", route="/items/{item_id}", le="+Inf")
+    total = value_of(found, "http_request_duration_seconds_sum", method="GET", route="/items/{item_id}")
+    assert count == 2.0 and everything == 2.0 and total is not None and total >= 0, explain(
+        response,
+        'a histogram http_request_duration_seconds{method="GET",route="/items/{item_id}"} with _count 2 '
+        f"and a +Inf bucket of 2; got _count={count}, +Inf bucket={everything}, _sum={total}",
+    )
+
+
+@pytest.mark.task("metrics")
+def test_each_app_has_its_own_registry(module):
+    try:
+        first, second = module.create_app(), module.create_app()
+    except ValueError as exc:
+        pytest.fail(
+            "\nexpected: create_app() can be called twice in one process (tests, reloads)\n"
+            f"got:      ValueError: {exc}\n"
+            "Metrics registered on prometheus_client's global REGISTRY collide the second time: "
+            "give every app its own CollectorRegistry.",
+            pytrace=False,
+        )
+    with TestClient(first) as one, TestClient(second) as two:
+        one.get("/items/1")
+        response, found = samples(two)
+    count = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
+    assert count is None, explain(
+        response,
+        "two apps from create_app() keep separate metrics (a CollectorRegistry per app); "
+        f"the second app reports the first one's request: {count}",
+    )

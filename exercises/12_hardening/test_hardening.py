@@ -1,0 +1,390 @@
+"""Graded tests for exercise 12. Run: pytest exercises/12_hardening"""
+
+import os
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.live import serve_in_thread
+
+SHOP = "https://shop.example"
+EVIL = "https://evil.example"
+LEAK = "postgresql://admin:hunter2@db.internal/catalogue"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand: rate limits and TTLs without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.upper().startswith("HARD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+@pytest.fixture
+def module(load):
+    return load("app")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def build(module, clock):
+    """build(**settings) -> a fresh app from create_app(Settings(...), clock=clock)."""
+
+    def _build(**overrides):
+        overrides.setdefault("cors_origins", [SHOP])
+        return module.create_app(module.Settings(**overrides), clock=clock)
+
+    return _build
+
+
+@pytest.fixture
+def client(build):
+    with TestClient(build(), raise_server_exceptions=False) as client:
+        yield client
+
+
+def preflight(client, origin, method="POST", path="/products"):
+    return client.options(
+        path,
+        headers={"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": "content-type"},
+    )
+
+
+def expect_error(response, status: int, code: str, why: str = "") -> dict:
+    """The one error body: {"error": {"status": ..., "code": ..., "message": "..."}} and nothing else."""
+    expect_status(response, status, why)
+    body = json_of(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    ok = (
+        isinstance(body, dict) and set(body) == {"error"} and isinstance(error, dict)
+        and error.get("status") == status and error.get("code") == code and isinstance(error.get("message"), str)
+    )
+    assert ok, explain(
+        response, f'the consistent error body {{"error": {{"status": {status}, "code": "{code}", "message": "..."}}}}'
+    )
+    return error
+
+
+# ------------------------------------------------------------------------------ CORS
+
+
+@pytest.mark.task("cors")
+def test_a_preflight_from_an_allowed_origin_is_answered(client):
+    response = preflight(client, SHOP)
+    expect_status(response, 200, "a preflight (OPTIONS with Origin and Access-Control-Request-Method) from an allowed origin")
+    expect_header(response, "access-control-allow-origin", SHOP, "the exact origin, never '*', since credentials are allowed")
+    expect_header(response, "access-control-allow-credentials", "true")
+    methods = expect_header(response, "access-control-allow-methods")
+    assert "POST" in methods, explain(response, f"POST among the allowed methods; got {methods!r}")
+
+
+@pytest.mark.task("cors")
+def test_other_origins_get_no_cors_permission(client):
+    response = preflight(client, EVIL)
+    assert "access-control-allow-origin" not in response.headers, explain(
+        response, f"no Access-Control-Allow-Origin for {EVIL}: it is not in settings.cors_origins, so the browser must block it"
+    )
+    simple = client.get("/products", headers={"Origin": EVIL})
+    assert "access-control-allow-origin" not in simple.headers, explain(simple, f"no Access-Control-Allow-Origin for {EVIL}")
+    allowed = client.get("/products", headers={"Origin": SHOP})
+    expect_header(allowed, "access-control-allow-origin", SHOP, "a simple request from an allowed origin")
+
+
+@pytest.mark.task("cors")
+def test_origins_come_from_the_settings(module, clock, monkeypatch):
+    monkeypatch.setenv("HARD_CORS_ORIGINS", '["https://admin.example"]')
+    settings = module.Settings()
+    assert settings.cors_origins == ["https://admin.example"], (
+        "\nset:      HARD_CORS_ORIGINS='[\"https://admin.example\"]'\n"
+        f"expected: Settings().cors_origins == ['https://admin.example']\ngot:      {settings.cors_origins!r}"
+    )
+    with TestClient(module.create_app(settings, clock=clock)) as client:
+        admin = preflight(client, "https://admin.example")
+        local = preflight(client, "http://localhost:3000")
+    expect_header(admin, "access-control-allow-origin", "https://admin.example", "the origin configured in the settings")
+    assert "access-control-allow-origin" not in local.headers, explain(
+        local, "no permission for http://localhost:3000 once the settings list only https://admin.example (no hard-coded origins)"
+    )
+
+
+@pytest.mark.task("cors")
+def test_a_wildcard_with_credentials_is_refused(module):
+    with pytest.raises(ValidationError):
+        module.Settings(cors_origins=["*"], cors_allow_credentials=True)
+        pytest.fail(
+            "\nexpected: Settings(cors_origins=['*'], cors_allow_credentials=True) raises a ValidationError\n"
+            "got:      it was accepted. Browsers refuse '*' on credentialed requests, and echoing every origin instead "
+            "lets any site use your users' cookies.",
+            pytrace=False,
+        )
+    public = module.Settings(cors_origins=["*"], cors_allow_credentials=False)
+    assert public.cors_origins == ["*"], "'*' without credentials is allowed (a public, cookie-less API)"
+
+
+# ------------------------------------------------------------------------------ security headers
+
+
+def _twice(client, path):
+    client.get(path)
+    return client.get(path)
+
+
+# Every kind of answer the app gives: from a route, from the router, from each middleware, from a crash.
+SCENARIOS = {
+    "GET /health": lambda client: client.get("/health"),
+    "GET /products": lambda client: client.get("/products"),
+    "429 Too Many Requests": lambda client: _twice(client, "/products"),
+    "404 Not Found": lambda client: client.get("/no/such/page"),
+    "CORS preflight": lambda client: preflight(client, SHOP),
+    "413 Content Too Large": lambda client: client.post("/upload", content=b"x" * 101),
+    "500 from an unexpected exception": lambda client: client.get("/test-only/explode"),
+}
+
+
+@pytest.mark.task("security_headers")
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_security_headers_on_every_response(build, scenario):
+    app = build(rate_limit_capacity=1, rate_limit_refill_per_second=0.01, max_body_bytes=100)
+
+    @app.get("/test-only/explode")
+    async def explode() -> None:
+        raise RuntimeError(LEAK)
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = SCENARIOS[scenario](client)
+    headers = response.headers
+    expect_header(response, "x-content-type-options", "nosniff", f"on every response, including {scenario}")
+    framing = headers.get("x-frame-options", "").upper() == "DENY" or "frame-ancestors 'none'" in headers.get("content-security-policy", "")
+    assert framing, explain(response, f"X-Frame-Options: DENY (or a CSP with frame-ancestors 'none') on {scenario}")
+    expect_header(response, "referrer-policy", "no-referrer", f"on {scenario}")
+    hsts = expect_header(response, "strict-transport-security", why=f"on {scenario}")
+    max_age = next((int(part.split("=", 1)[1]) for part in hsts.split(";") if part.strip().startswith("max-age=")), 0)
+    assert max_age >= 31_536_000, explain(response, f"Strict-Transport-Security with max-age of at least one year; got {hsts!r}")
+
+
+# ------------------------------------------------------------------------------ body size
+
+
+@pytest.mark.task("body_limit")
+def test_a_body_at_the_limit_passes_one_byte_more_is_413(build):
+    with TestClient(build(max_body_bytes=1000)) as client:
+        expect_json(client.post("/upload", content=b"x" * 1000), {"size": 1000}, "exactly max_body_bytes is allowed", exact=True)
+        response = client.post("/upload", content=b"x" * 1001)
+    expect_error(response, 413, "content_too_large", "1001 bytes with max_body_bytes=1000")
+
+
+@pytest.mark.task("body_limit")
+def test_a_chunked_body_without_content_length_is_limited_too(build):
+    def chunks():
+        for _ in range(3):
+            yield b"x" * 600
+
+    with TestClient(build(max_body_bytes=1000)) as client:
+        response = client.post("/upload", content=chunks())
+    assert "content-length" not in response.request.headers
+    expect_error(
+        response, 413, "content_too_large",
+        "1800 bytes sent chunked, without Content-Length: count the bytes as they arrive, do not trust the header alone",
+    )
+
+
+class Chunks:
+    """A request body httpx sends chunked (no Content-Length); iterable again for the failure message."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count, self.size = count, size
+
+    def __iter__(self):
+        for _ in range(self.count):
+            yield b"x" * self.size
+
+
+@pytest.mark.task("body_limit")
+@pytest.mark.slow
+def test_a_chunked_upload_to_a_real_server_is_cut_off(build):
+    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5) as http:
+        response = http.post("/upload", content=Chunks(5, 600))
+        small = http.post("/upload", content=Chunks(2, 400))
+    for sent in (response, small):
+        sent.request.read()  # keep the body for the message if a check fails
+    expect_error(response, 413, "content_too_large", "3000 bytes in chunks over real HTTP, to uvicorn")
+    expect_json(small, {"size": 800}, "800 bytes in two chunks fit", exact=True)
+
+
+# ------------------------------------------------------------------------------ rate limiting
+
+
+@pytest.mark.task("rate_limit")
+def test_the_burst_is_allowed_then_429_with_retry_after(build, clock):
+    with TestClient(build(rate_limit_capacity=3, rate_limit_refill_per_second=1.0)) as client:
+        for n in range(3):
+            expect_status(client.get("/products/1"), 200, f"request {n + 1} of a burst of 3 (rate_limit_capacity=3)")
+        response = client.get("/products/1")
+        expect_error(response, 429, "rate_limited", "the fourth request at the same instant")
+        expect_header(response, "retry-after", "1", "one token per second: retry in 1 s")
+        expect_json(client.get("/health"), {"status": "ok"}, "/health is never limited: a throttled probe gets a healthy pod restarted")
+        clock.advance(1.0)
+        expect_status(client.get("/products/1"), 200, "one second later one token has come back")
+        expect_status(client.get("/products/1"), 429, "...and only one")
+
+
+@pytest.mark.task("rate_limit")
+def test_retry_after_counts_whole_seconds_up(build, clock):
+    with TestClient(build(rate_limit_capacity=1, rate_limit_refill_per_second=0.25)) as client:
+        expect_status(client.get("/products"), 200)
+        expect_header(client.get("/products"), "retry-after", "4", "one token every 4 s, none left")
+        clock.advance(1.5)
+        expect_header(client.get("/products"), "retry-after", "3", "2.5 s to go, rounded up to whole seconds")
+
+
+@pytest.mark.task("rate_limit")
+def test_each_client_has_its_own_limit(build):
+    app = build(rate_limit_capacity=2, rate_limit_refill_per_second=0.5)
+    with TestClient(app, client=("10.0.0.1", 40001)) as first, TestClient(app, client=("10.0.0.2", 40002)) as second:
+        first.get("/products/1")
+        first.get("/products/1")
+        expect_status(first.get("/products/1"), 429, "client 10.0.0.1 used its burst of 2")
+        expect_status(second.get("/products/1"), 200, "client 10.0.0.2 has its own bucket: one greedy client must not lock out the rest")
+
+
+# ------------------------------------------------------------------------------ compression
+
+
+@pytest.mark.task("compression")
+def test_large_responses_are_gzipped_small_ones_are_not(build):
+    with TestClient(build(gzip_minimum_size=500)) as client:
+        large = client.get("/products", headers={"Accept-Encoding": "gzip"})
+        small = client.get("/health", headers={"Accept-Encoding": "gzip"})
+        plain = client.get("/products", headers={"Accept-Encoding": "identity"})
+    expect_header(large, "content-encoding", "gzip", "the product list is larger than gzip_minimum_size")
+    assert "accept-encoding" in large.headers.get("vary", "").lower(), explain(large, "Vary: Accept-Encoding, so caches keep both versions apart")
+    assert isinstance(json_of(large), list), explain(large, "a JSON list once decompressed")
+    assert "content-encoding" not in small.headers, explain(small, "no compression below gzip_minimum_size: it would only cost CPU")
+    assert "content-encoding" not in plain.headers, explain(plain, "no compression for a client that did not ask for gzip")
+
+
+# ------------------------------------------------------------------------------ conditional GET
+
+
+@pytest.mark.task("conditional_get")
+def test_if_none_match_with_the_current_etag_answers_304(client):
+    first = client.get("/products")
+    expect_status(first, 200)
+    etag = expect_header(first, "etag", why="GET /products carries an ETag")
+    again = client.get("/products", headers={"If-None-Match": etag})
+    expect_status(again, 304, "the client's copy is current: 304 Not Modified")
+    assert again.content == b"", explain(again, "no body with a 304")
+    expect_header(again, "etag", etag, "the 304 repeats the ETag")
+
+
+@pytest.mark.task("conditional_get")
+def test_if_none_match_may_list_several_tags(client):
+    etag = expect_header(client.get("/products"), "etag")
+    bare = etag.removeprefix("W/")
+    listed = client.get("/products", headers={"If-None-Match": f'"an-old-one", {bare}'})
+    expect_status(listed, 304, "If-None-Match lists several tags, one of them matches (weak comparison: W/ is ignored)")
+    other = client.get("/products", headers={"If-None-Match": '"an-old-one"'})
+    expect_status(other, 200, "no listed tag matches: the full list")
+
+
+@pytest.mark.task("conditional_get")
+def test_a_write_changes_the_etag(client):
+    old = expect_header(client.get("/products"), "etag")
+    created = client.post("/products", json={"name": "Desk lamp", "price": 24.5, "stock": 3})
+    expect_status(created, 201, "a new product is created")
+    response = client.get("/products", headers={"If-None-Match": old})
+    expect_status(response, 200, "the list changed, so the old ETag no longer matches")
+    assert response.headers.get("etag") not in (None, old), explain(response, "a new ETag for the new content")
+    assert any(item.get("name") == "Desk lamp" for item in json_of(response)), explain(response, "the new product in the list")
+
+
+# ------------------------------------------------------------------------------ TTL cache
+
+
+@pytest.mark.task("ttl_cache")
+def test_the_summary_is_cached_for_its_ttl(build, clock):
+    with TestClient(build(summary_ttl_seconds=30)) as client:
+        first = client.get("/reports/summary")
+        expect_header(first, "x-cache", "miss", "the first call computes the summary")
+        body = json_of(first)
+        assert isinstance(body, dict) and body.get("products") == 40, explain(first, 'a summary with "products": 40')
+        second = client.get("/reports/summary")
+        expect_header(second, "x-cache", "hit", "within the TTL the cached summary is served")
+        expect_json(second, body, "the same summary", exact=True)
+        clock.advance(30.5)
+        expect_header(client.get("/reports/summary"), "x-cache", "miss", "after summary_ttl_seconds it is computed again")
+
+
+@pytest.mark.task("ttl_cache")
+def test_a_write_invalidates_the_summary(build, clock):
+    with TestClient(build(summary_ttl_seconds=30)) as client:
+        client.get("/reports/summary")
+        expect_header(client.get("/reports/summary"), "x-cache", "hit")
+        expect_status(client.post("/products", json={"name": "Desk lamp", "price": 24.5, "stock": 3}), 201)
+        clock.advance(1)
+        response = client.get("/reports/summary")
+        expect_header(response, "x-cache", "miss", "creating a product invalidates the cached summary at once")
+        expect_json(response, {"products": 41}, "the new product is counted")
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.task("errors")
+def test_not_found_uses_the_error_body(client):
+    expect_error(client.get("/products/999"), 404, "not_found", "a missing product")
+    expect_error(client.get("/no/such/page"), 404, "not_found", "no route matches: Starlette's own 404 goes through your handler too")
+
+
+@pytest.mark.task("errors")
+def test_method_not_allowed_keeps_its_allow_header(client):
+    response = client.post("/health")
+    expect_error(response, 405, "method_not_allowed")
+    expect_header(response, "allow", "GET", "the handler keeps the exception's headers")
+
+
+@pytest.mark.task("errors")
+def test_validation_errors_use_the_error_body_with_details(client):
+    response = client.post("/products", json={"name": "", "price": -1, "stock": 2})
+    error = expect_error(response, 422, "validation_error")
+    details = error.get("details")
+    fields = [entry.get("loc", [])[-1] for entry in details] if isinstance(details, list) and all(isinstance(e, dict) for e in details) else []
+    assert {"name", "price"} <= set(fields), explain(
+        response, 'an error.details list with one {"loc": [...], "message": "..."} per problem, naming name and price'
+    )
+
+
+@pytest.mark.task("errors")
+def test_an_unexpected_exception_is_a_500_that_leaks_nothing(build):
+    app = build()
+
+    @app.get("/test-only/explode")
+    async def explode() -> None:
+        raise RuntimeError(f"could not connect to {LEAK}")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/test-only/explode")
+    expect_error(response, 500, "internal_error", "a route raised RuntimeError")
+    for secret in ("Traceback", "RuntimeError", "hunter2", "db.internal", 'File "'):
+        assert secret not in response.text, explain(response, f"a body that says nothing about the cause; it contains {secret!r}")
+    assert response.headers.get("content-type", "").startswith("application/json"), explain(response, "a JSON error body")
