@@ -1,0 +1,116 @@
+"""Exercise 03: a versioned REST resource.
+
+Read README.md in this folder for the full task. Run `pytest exercises/03_rest_resources`
+(or `grader check 03`) to see what is still missing.
+"""
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status  # noqa: F401 (you will need them)
+from fastapi.encoders import jsonable_encoder  # noqa: F401
+from fastapi.exceptions import RequestValidationError  # noqa: F401
+from fastapi.responses import JSONResponse  # noqa: F401
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: F401
+
+# --- Models (ready to use) ---------------------------------------------------------------
+
+
+class ItemIn(BaseModel):
+    """What a client sends to create or replace an item."""
+
+    name: str = Field(min_length=1, max_length=100)
+    price: float = Field(gt=0)
+
+
+class Item(BaseModel):
+    """What the API answers: the item with the id the server chose."""
+
+    id: int
+    name: str
+    price: float
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error shape: {"error": {"code": ..., "message": ...}}."""
+
+    error: ErrorDetail
+
+
+# TODO: the v2 list envelope: items, total, limit, offset, next (a path or None).
+
+
+# --- Errors --------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """Base class of the API's own errors. Each subclass sets its status code and code."""
+
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# TODO: class ItemNotFound(APIError): 404, code "item_not_found", message "Item 7 not found".
+# TODO: class DuplicateItem(APIError): 409, code "duplicate_item".
+# TODO: exception handlers that answer ErrorBody for APIError, for RequestValidationError
+#       (422, code "validation_error", with "details") and for Starlette's HTTPException
+#       (code "http_<status>"). Register them in create_app().
+
+
+# --- Storage -------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemStore:
+    """In-memory items. create_app() makes one per application."""
+
+    items: dict[int, Item] = field(default_factory=dict)
+    next_id: int = 1
+
+    # TODO: add(data) -> Item            (409 on a duplicate name, ignoring case)
+    # TODO: get(item_id) -> Item         (404 when missing)
+    # TODO: replace(item_id, data) -> Item
+    # TODO: delete(item_id) -> None
+    # TODO: page(offset, limit) -> (items ordered by id, total)
+
+
+def get_store(request: Request) -> ItemStore:
+    """The store of the application that is serving this request."""
+    return request.app.state.store
+
+
+StoreDep = Annotated[ItemStore, Depends(get_store)]
+
+
+# --- Routes --------------------------------------------------------------------------------
+
+# TODO: tags=["items v1"]; the routes of the README's v1 table, each with its summary.
+v1 = APIRouter(prefix="/api/v1")
+
+# TODO: tags=["items v2"]; the same routes, but POST's Location is under /api/v2 and the list
+#       answers the page envelope.
+v2 = APIRouter(prefix="/api/v2")
+
+
+def create_app() -> FastAPI:
+    """A new application with its own, empty store."""
+    app = FastAPI(title="Catalogue", version="2.0.0")
+    app.state.store = ItemStore()
+    # TODO: register the exception handlers.
+    app.include_router(v1)
+    app.include_router(v2)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,369 @@
+"""Graded tests for exercise 04. Run: pytest exercises/04_dependencies"""
+
+from typing import Annotated
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+
+from grader.expect import expect_json, expect_status, explain, json_of
+
+ADMIN = {"X-User": "ada", "X-API-Key": "dev-key"}
+
+
+# Errors that a dependency with yield causes inside FastAPI, and what they mean.
+SYMPTOMS = {
+    "response already started": (
+        "an exception was raised after the response had been sent: the code after `yield` (the commit) "
+        "ran after the response, so it could not change it. Give the connection dependency "
+        'scope="function" so that it finishes before the response is sent.'
+    ),
+    "Response not awaited": (
+        "a dependency with yield caught the route's exception and did not re-raise it. "
+        "After rolling back, `raise` again so that the error still decides the response."
+    ),
+    "local variable 'response'": (
+        "a dependency with yield caught the route's exception and did not re-raise it (with "
+        'scope="function" FastAPI then has no response at all). After rolling back, `raise` again.'
+    ),
+}
+
+
+class TeachingClient(TestClient):
+    """A TestClient that explains the errors a wrong dependency with yield causes."""
+
+    def request(self, method, url, *args, **kwargs):
+        try:
+            return super().request(method, url, *args, **kwargs)
+        except Exception as exc:
+            advice = next((text for symptom, text in SYMPTOMS.items() if symptom in str(exc)), None)
+            if advice is None:
+                raise  # an error in your code: its traceback is the best explanation
+            message = f"\nsent:     {method} {url}\ngot:      the app raised {type(exc).__name__}: {exc}\nmeaning:  {advice}"
+        pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback to wade through
+
+
+@pytest.fixture
+def module(load):
+    return load("app")
+
+
+@pytest.fixture
+def client(module):
+    with TeachingClient(module.app) as client:
+        yield client
+
+
+@pytest.fixture
+def db(module):
+    return module.app.state.db
+
+
+def check(condition, response, expected):
+    """Fail with the request, the response and what was expected (no traceback to read)."""
+    if not condition:
+        pytest.fail(explain(response, expected), pytrace=False)
+
+
+def ids(response):
+    body = json_of(response)
+    items = body.get("items") if isinstance(body, dict) else None
+    return [item.get("id") for item in items] if isinstance(items, list) else items
+
+
+def events(db, since):
+    """The connection events of one request: ["open", "commit", "close"] and their connection ids."""
+    entries = [entry.split() for entry in db.log[since:]]
+    return [entry[0] for entry in entries], {entry[1] for entry in entries if len(entry) > 1}
+
+
+def expect_events(db, since, response, wanted, why):
+    kinds, connections = events(db, since)
+    check(
+        kinds == wanted and len(connections) == 1 and db.open_connections == 0,
+        response,
+        f"database log {wanted} for ONE connection, and none left open ({why})\n"
+        f"log:      {db.log[since:]}, open connections: {db.open_connections}",
+    )
+
+
+# --- params: one parameter dependency shared by two routes -----------------------------
+
+
+@pytest.mark.task("params")
+def test_books_page_defaults(client):
+    response = client.get("/books")
+    expect_json(response, {"search": None, "offset": 0, "limit": 10}, "offset defaults to 0, limit to 10, no search")
+    check(ids(response) == [1, 2, 3, 4, 5, 6], response, '"items": the six books of the catalogue, ordered by id')
+
+
+@pytest.mark.task("params")
+def test_books_offset_and_limit(client):
+    response = client.get("/books", params={"offset": 1, "limit": 2})
+    expect_json(response, {"offset": 1, "limit": 2})
+    check(ids(response) == [2, 3], response, "books 2 and 3: skip one, take two")
+
+
+@pytest.mark.task("params")
+def test_search_filters_title_and_author(client):
+    response = client.get("/books", params={"q": "AUSTEN"})
+    expect_json(response, {"search": "AUSTEN"}, "the search term is echoed back")
+    check(ids(response) == [2, 3], response, "the two Jane Austen books: q matches title or author, ignoring case")
+
+
+@pytest.mark.task("params")
+def test_authors_use_the_same_parameters(client):
+    response = client.get("/authors", params={"limit": 2})
+    expect_json(
+        response, {"items": ["Frank Herbert", "J. R. R. Tolkien"], "search": None, "offset": 0, "limit": 2},
+        "the first two authors in alphabetical order, each once", exact=True,
+    )
+    expect_json(client.get("/authors", params={"q": "jane"}), {"items": ["Jane Austen"]}, "authors filtered by q")
+
+
+@pytest.mark.task("params")
+@pytest.mark.parametrize("path", ["/books", "/authors"])
+def test_page_parameters_are_bounded_on_every_route(client, path):
+    for params in ({"limit": 0}, {"limit": 51}, {"offset": -1}):
+        expect_status(client.get(path, params=params), 422, "offset >= 0 and limit 1..50, declared once in page_params")
+
+
+# --- subdeps: the search comes from the query, else from a cookie ----------------------
+
+
+@pytest.mark.task("subdeps")
+def test_search_falls_back_to_the_cookie(client):
+    client.cookies.set("last_search", "gibson")
+    response = client.get("/books")
+    expect_json(response, {"search": "gibson"}, "no q in the query, so the search comes from the last_search cookie")
+    check(ids(response) == [4], response, "only Neuromancer (William Gibson)")
+    expect_json(client.get("/authors"), {"items": ["William Gibson"]}, "/authors gets the cookie fallback too")
+
+
+@pytest.mark.task("subdeps")
+def test_query_wins_over_the_cookie(client):
+    client.cookies.set("last_search", "gibson")
+    response = client.get("/books", params={"q": "dune"})
+    expect_json(response, {"search": "dune"}, "q from the query takes precedence over the cookie")
+    check(ids(response) == [1], response, "only Dune")
+
+
+# --- session: one connection per request, committed, always closed ---------------------
+
+
+@pytest.mark.task("session")
+def test_a_request_opens_one_connection_commits_and_closes_it(client, db):
+    since = len(db.log)
+    response = client.get("/books")
+    expect_status(response, 200)
+    expect_events(db, since, response, ["open", "commit", "close"], "a request that succeeds commits")
+
+
+@pytest.mark.task("session")
+def test_the_user_lookup_and_the_route_share_one_connection(client, db):
+    since = len(db.log)
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred", "author": "Octavia E. Butler"})
+    expect_status(response, 201, "ada adds a book with the API key")
+    expect_events(
+        db, since, response, ["open", "commit", "close"],
+        "get_current_user and the route both ask for ConnectionDep; FastAPI caches it for the request",
+    )
+
+
+@pytest.mark.task("session")
+def test_a_failing_request_still_closes_its_connection(client, db):
+    since = len(db.log)
+    response = client.get("/me", headers={"X-User": "nobody"})
+    expect_status(response, 401, "an unknown user is 401")
+    expect_events(db, since, response, ["open", "rollback", "close"], "the code after yield runs even when the request fails")
+
+
+# --- rollback: a failing request changes nothing ---------------------------------------
+
+
+@pytest.mark.task("rollback")
+def test_an_import_commits_all_books(client, db):
+    batch = [{"title": "Kindred", "author": "Octavia E. Butler"}, {"title": "Middlemarch", "author": "George Eliot"}]
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
+    expect_status(response, 201)
+    expect_json(response, {"imported": 2}, exact=True)
+    listing = client.get("/books", params={"limit": 50})
+    check(ids(listing)[-2:] == [7, 8], listing, "the two imported books (ids 7 and 8) at the end of the catalogue")
+
+
+@pytest.mark.task("rollback")
+def test_a_failed_import_is_rolled_back(client, db):
+    batch = [
+        {"title": "Kindred", "author": "Octavia E. Butler"},
+        {"title": "Middlemarch", "author": "George Eliot"},
+        {"title": "dune", "author": "Someone Else"},  # a duplicate of book 1, ignoring case
+    ]
+    since = len(db.log)
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
+    expect_status(response, 409, "the third title already exists")
+    expect_events(db, since, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
+    listing = client.get("/books", params={"limit": 50})
+    check(
+        ids(listing) == [1, 2, 3, 4, 5, 6], listing,
+        "the catalogue unchanged: all or nothing, so Kindred and Middlemarch were rolled back too",
+    )
+
+
+@pytest.mark.task("rollback")
+def test_a_failed_commit_answers_503_not_201(client, db):
+    db.fail_next_commit = True  # the fake database will refuse the next commit
+    since = len(db.log)
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred", "author": "Octavia E. Butler"})
+    expect_status(
+        response, 503,
+        "the commit failed, so the client must not be told 201: commit before the response is sent "
+        '(Depends(get_connection, scope="function")) and map CommitFailed to 503',
+    )
+    expect_events(db, since, response, ["open", "rollback", "close"], "a failed commit is rolled back")
+    listing = client.get("/books", params={"limit": 50})
+    check(ids(listing) == [1, 2, 3, 4, 5, 6], listing, "the book was not saved")
+
+
+# --- api_key: one router guarded, the rest public --------------------------------------
+
+
+@pytest.mark.task("api_key")
+@pytest.mark.parametrize("headers", [{"X-User": "ada"}, {"X-User": "ada", "X-API-Key": "wrong"}])
+def test_admin_routes_need_the_api_key(client, headers):
+    book = {"title": "Kindred", "author": "Octavia E. Butler"}
+    expect_status(client.post("/admin/books", headers=headers, json=book), 401, "the admin router requires X-API-Key: dev-key")
+    expect_status(client.post("/admin/books/import", headers=headers, json=[book]), 401, "every route of the admin router")
+
+
+@pytest.mark.task("api_key")
+def test_public_routes_need_no_api_key(client):
+    for path in ("/books", "/authors"):
+        expect_status(client.get(path), 200, "the API key guards the admin router only, not the whole app")
+    expect_status(client.get("/me", headers={"X-User": "linus"}), 200, "/me needs a user, not the API key")
+
+
+@pytest.mark.task("api_key")
+def test_the_api_key_comes_from_get_settings(module, client):
+    module.app.dependency_overrides[module.get_settings] = lambda: module.Settings(api_key="another-key")
+    book = {"title": "Kindred", "author": "Octavia E. Butler"}
+    response = client.post("/admin/books", headers={**ADMIN, "X-API-Key": "another-key"}, json=book)
+    expect_status(response, 201, "with get_settings overridden, the key from the overriding Settings is the valid one")
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred 2", "author": "x"})
+    expect_status(response, 401, "and dev-key is no longer accepted: read the key from SettingsDep, not a constant")
+
+
+# --- user: CurrentUser, a sub-dependency on the connection -----------------------------
+
+
+@pytest.mark.task("user")
+def test_me_returns_the_user(client):
+    expect_json(client.get("/me", headers={"X-User": "ada"}), {"name": "ada", "role": "admin"}, exact=True)
+
+
+@pytest.mark.task("user")
+@pytest.mark.parametrize("headers", [{}, {"X-User": "mallory"}])
+def test_missing_or_unknown_user_is_401(client, headers):
+    expect_status(client.get("/me", headers=headers), 401, "no X-User header, or a name the database does not know")
+
+
+@pytest.mark.task("user")
+def test_a_new_book_records_who_added_it(client):
+    response = client.post("/admin/books", headers={**ADMIN, "X-User": "linus"}, json={"title": "Kindred", "author": "O. Butler"})
+    expect_json(response, {"id": 7, "title": "Kindred", "added_by": "linus"}, "201 and the book, added_by the current user")
+
+
+@pytest.mark.task("user")
+def test_the_aliases_compose_on_a_new_route(module, db):
+    for name in ("CurrentUser", "ConnectionDep"):
+        if not hasattr(module, name):
+            pytest.fail(f"app.py must define the Annotated alias {name} (see the README).", pytrace=False)
+
+    @module.app.get("/probe")
+    async def probe(user: module.CurrentUser, first: module.ConnectionDep, second: module.ConnectionDep) -> dict:
+        return {"user": user.name, "same": first is second}
+
+    with TeachingClient(module.app) as client:
+        since = len(db.log)
+        response = client.get("/probe", headers={"X-User": "linus"})
+        expect_json(response, {"user": "linus", "same": True}, "a route written with the aliases gets the user and ONE connection")
+        expect_events(db, since, response, ["open", "commit", "close"], "the aliases share one cached connection")
+
+
+# --- overrides: swapping dependencies in tests, without leaks --------------------------
+
+
+@pytest.mark.task("overrides")
+def test_get_current_user_can_be_overridden(module, client):
+    module.app.dependency_overrides[module.get_current_user] = lambda: module.User(name="tester", role="admin")
+    expect_json(client.get("/me"), {"name": "tester"}, "/me depends on get_current_user, so overriding it replaces the user")
+    response = client.post("/admin/books", headers={"X-API-Key": "dev-key"}, json={"title": "Kindred", "author": "x"})
+    expect_json(response, {"added_by": "tester"}, "the admin routes use the same get_current_user")
+
+
+@pytest.fixture
+def override_dependency(load):
+    helpers = load("testing")
+    if not hasattr(helpers, "override_dependency"):
+        pytest.fail("testing.py must define override_dependency(app, dependency, replacement).", pytrace=False)
+    return helpers.override_dependency
+
+
+def real_source() -> str:
+    return "real"
+
+
+def other_dependency() -> str:
+    return "other"
+
+
+@pytest.fixture
+def tiny():
+    """A tiny app of our own, so that testing.py is graded on its own."""
+    app = FastAPI()
+
+    @app.get("/source")
+    def source(value: Annotated[str, Depends(real_source)], other: Annotated[str, Depends(other_dependency)]) -> dict:
+        return {"value": value, "other": other}
+
+    with TestClient(app) as client:
+        yield app, client
+
+
+def expect_source(client, value, why):
+    return expect_json(client.get("/source"), {"value": value}, why)
+
+
+@pytest.mark.task("overrides")
+def test_override_dependency_swaps_then_restores(tiny, override_dependency):
+    app, client = tiny
+    with override_dependency(app, real_source, lambda: "fake"):
+        expect_source(client, "fake", "inside the with block, the replacement is called instead of the dependency")
+    expect_source(client, "real", "after the block, the real dependency is back")
+    check(app.dependency_overrides == {}, client.get("/source"), f"no override left behind, got {app.dependency_overrides}")
+
+
+@pytest.mark.task("overrides")
+def test_override_dependency_restores_even_when_the_block_raises(tiny, override_dependency):
+    app, client = tiny
+    with pytest.raises(ZeroDivisionError):
+        with override_dependency(app, real_source, lambda: "fake"):
+            expect_source(client, "fake", "inside the with block, the replacement is called")
+            1 / 0  # a test body that fails
+    expect_source(client, "real", "a failing test must not leak its override into the next one: restore in a finally")
+    check(app.dependency_overrides == {}, client.get("/source"), f"no override left behind, got {app.dependency_overrides}")
+
+
+@pytest.mark.task("overrides")
+def test_override_dependency_leaves_other_and_outer_overrides_alone(tiny, override_dependency):
+    app, client = tiny
+    elsewhere = lambda: "overridden elsewhere"  # noqa: E731
+    app.dependency_overrides[other_dependency] = elsewhere
+    with override_dependency(app, real_source, lambda: "outer"):
+        with override_dependency(app, real_source, lambda: "inner"):
+            expect_source(client, "inner", "the inner override is active inside the inner block")
+        expect_source(client, "outer", "leaving the inner block brings back the OUTER override, not the real function")
+    expect_json(
+        client.get("/source"), {"value": "real", "other": "overridden elsewhere"},
+        "the real dependency after both blocks, and the override of another dependency untouched (never clear() them all)",
+        exact=True,
+    )

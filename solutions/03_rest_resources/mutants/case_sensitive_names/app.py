@@ -1,0 +1,239 @@
+"""Mutant: compares names exactly, so 'Pen' and 'pen' are both accepted."""
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# ---------------------------------------------------------------------------------------
+# Models: what a client sends, what it gets back, and what every error looks like.
+# ---------------------------------------------------------------------------------------
+
+
+class ItemIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    price: float = Field(gt=0)
+
+
+class Item(BaseModel):
+    id: int
+    name: str
+    price: float
+
+
+class ItemPage(BaseModel):
+    """The v2 list envelope: one page plus what a client needs to fetch the next one."""
+
+    items: list[Item]
+    total: int
+    limit: int
+    offset: int
+    next: str | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: the domain raises these; one handler turns all of them into the same body.
+# ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """Base class: each subclass knows its status code and its machine-readable code."""
+
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ItemNotFound(APIError):
+    status_code = status.HTTP_404_NOT_FOUND
+    code = "item_not_found"
+
+    def __init__(self, item_id: int) -> None:
+        super().__init__(f"Item {item_id} not found")
+
+
+class DuplicateItem(APIError):
+    status_code = status.HTTP_409_CONFLICT
+    code = "duplicate_item"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"An item named {name!r} already exists")
+
+
+def error_response(status_code: int, code: str, message: str, details: list[Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status_code, headers=headers)
+
+
+async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status_code, exc.code, exc.message)
+
+
+async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's HTTPException covers the framework's own 404 (no route) and 405 (wrong
+    # method); keeping its headers preserves e.g. the Allow header of a 405.
+    return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=exc.headers)
+
+
+async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # errors() may hold exception objects in "ctx"; jsonable_encoder makes them JSON-safe.
+    return error_response(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        "validation_error",
+        "The request is not valid; see details.",
+        details=jsonable_encoder(exc.errors()),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Storage: in memory, one store per application instance.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ItemStore:
+    items: dict[int, Item] = field(default_factory=dict)
+    next_id: int = 1  # never reused: a deleted item's URL must not start pointing at another
+
+    def _check_name_free(self, name: str, ignore_id: int | None = None) -> None:
+        wanted = name
+        for item in self.items.values():
+            if item.id != ignore_id and item.name == wanted:
+                raise DuplicateItem(name)
+
+    def add(self, data: ItemIn) -> Item:
+        self._check_name_free(data.name)
+        item = Item(id=self.next_id, **data.model_dump())
+        self.items[item.id] = item
+        self.next_id += 1
+        return item
+
+    def get(self, item_id: int) -> Item:
+        try:
+            return self.items[item_id]
+        except KeyError:
+            raise ItemNotFound(item_id) from None
+
+    def replace(self, item_id: int, data: ItemIn) -> Item:
+        self.get(item_id)
+        self._check_name_free(data.name, ignore_id=item_id)
+        item = Item(id=item_id, **data.model_dump())
+        self.items[item_id] = item
+        return item
+
+    def delete(self, item_id: int) -> None:
+        self.get(item_id)
+        del self.items[item_id]
+
+    def page(self, offset: int, limit: int) -> tuple[list[Item], int]:
+        # Sort explicitly: a page is only meaningful if the order cannot shift between calls.
+        ordered = sorted(self.items.values(), key=lambda item: item.id)
+        return ordered[offset : offset + limit], len(ordered)
+
+
+def get_store(request: Request) -> ItemStore:
+    return request.app.state.store
+
+
+StoreDep = Annotated[ItemStore, Depends(get_store)]
+Limit = Annotated[int, Query(ge=1, le=100, description="How many items per page (1-100).")]
+Offset = Annotated[int, Query(ge=0, description="How many items to skip.")]
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No item has this id"}}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody, "description": "Another item has this name"}}
+
+# Our 422 has the shared error shape too; say so in the docs instead of FastAPI's default.
+INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ErrorBody, "description": "The request is not valid"}}
+
+v1 = APIRouter(prefix="/api/v1", tags=["items v1"], responses=INVALID)
+v2 = APIRouter(prefix="/api/v2", tags=["items v2"], responses=INVALID)
+
+# ---------------------------------------------------------------------------------------
+# Routes. Only two things differ between the versions: POST's Location and the list's
+# shape. The routes on one item keep their contract, so one handler is registered on both
+# routers (stacked decorators) instead of being copied.
+# ---------------------------------------------------------------------------------------
+
+
+@v1.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=CONFLICT)
+async def create_item_v1(data: ItemIn, store: StoreDep, response: Response) -> Item:
+    item = store.add(data)
+    response.headers["Location"] = f"{v1.prefix}/items/{item.id}"
+    return item
+
+
+@v2.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=CONFLICT)
+async def create_item_v2(data: ItemIn, store: StoreDep, response: Response) -> Item:
+    item = store.add(data)
+    response.headers["Location"] = f"{v2.prefix}/items/{item.id}"
+    return item
+
+
+@v1.get("/items", summary="List items")
+async def list_items_v1(store: StoreDep, limit: Limit = 10, offset: Offset = 0) -> list[Item]:
+    items, _ = store.page(offset, limit)
+    return items
+
+
+@v2.get("/items", summary="List items in a page envelope")
+async def list_items_v2(store: StoreDep, limit: Limit = 10, offset: Offset = 0) -> ItemPage:
+    items, total = store.page(offset, limit)
+    more = offset + limit < total
+    next_url = f"{v2.prefix}/items?limit={limit}&offset={offset + limit}" if more else None
+    return ItemPage(items=items, total=total, limit=limit, offset=offset, next=next_url)
+
+
+@v1.get("/items/{item_id}", summary="Read an item", responses=NOT_FOUND)
+@v2.get("/items/{item_id}", summary="Read an item", responses=NOT_FOUND)
+async def read_item(item_id: int, store: StoreDep) -> Item:
+    return store.get(item_id)
+
+
+@v1.put("/items/{item_id}", summary="Replace an item", responses={**NOT_FOUND, **CONFLICT})
+@v2.put("/items/{item_id}", summary="Replace an item", responses={**NOT_FOUND, **CONFLICT})
+async def replace_item(item_id: int, data: ItemIn, store: StoreDep) -> Item:
+    return store.replace(item_id, data)
+
+
+@v1.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=NOT_FOUND)
+@v2.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=NOT_FOUND)
+async def delete_item(item_id: int, store: StoreDep) -> None:
+    store.delete(item_id)
+
+
+def create_app() -> FastAPI:
+    """A new application with its own, empty store."""
+    app = FastAPI(
+        title="Catalogue",
+        version="2.0.0",
+        description="Items, served as /api/v1 (plain lists) and /api/v2 (page envelopes).",
+    )
+    app.state.store = ItemStore()
+    app.add_exception_handler(APIError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.include_router(v1)
+    app.include_router(v2)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,305 @@
+"""Mutant: compares the API key with a hard-coded constant, so overriding get_settings has no effect."""
+
+import itertools
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+# =========================================================================================
+# Given: a fake database with transactions. Nothing below this line needs to change until
+# the "Your work" banner; the tests read `app.state.db.log` to see what happened.
+# =========================================================================================
+
+
+class Book(BaseModel):
+    id: int
+    title: str
+    author: str
+    added_by: str
+
+
+class BookIn(BaseModel):
+    title: str = Field(min_length=1, max_length=200)
+    author: str = Field(min_length=1, max_length=100)
+
+
+class User(BaseModel):
+    name: str
+    role: str
+
+
+class BookPage(BaseModel):
+    items: list[Book]
+    search: str | None
+    offset: int
+    limit: int
+
+
+class AuthorPage(BaseModel):
+    items: list[str]
+    search: str | None
+    offset: int
+    limit: int
+
+
+class CommitFailed(RuntimeError):
+    """The database refused to commit (disk full, lost connection, a deferred constraint)."""
+
+
+SEED = [
+    ("Dune", "Frank Herbert"),
+    ("Emma", "Jane Austen"),
+    ("Persuasion", "Jane Austen"),
+    ("Neuromancer", "William Gibson"),
+    ("The Hobbit", "J. R. R. Tolkien"),
+    ("Beloved", "Toni Morrison"),
+]
+
+
+@dataclass
+class FakeDatabase:
+    """An in-memory stand-in for a database server, with a log of every connection event."""
+
+    books: dict[int, Book] = field(default_factory=dict)
+    users: dict[str, User] = field(default_factory=lambda: {
+        "ada": User(name="ada", role="admin"),
+        "linus": User(name="linus", role="reader"),
+    })
+    log: list[str] = field(default_factory=list)  # "open 1", "commit 1", "rollback 1", "close 1"
+    fail_next_commit: bool = False  # tests set this to simulate a commit that fails
+    _connection_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _book_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _open: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        for title, author in SEED:
+            book_id = self.next_book_id()
+            self.books[book_id] = Book(id=book_id, title=title, author=author, added_by="seed")
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    def next_book_id(self) -> int:
+        return next(self._book_ids)
+
+    def connect(self) -> "Connection":
+        connection = Connection(self, next(self._connection_ids))
+        self._open.add(connection.id)
+        self.log.append(f"open {connection.id}")
+        return connection
+
+
+class Connection:
+    """One connection = one transaction. Writes are staged until commit()."""
+
+    def __init__(self, db: FakeDatabase, connection_id: int) -> None:
+        self.db, self.id = db, connection_id
+        self.closed = False
+        self._staged: dict[int, Book] = {}
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"connection {self.id} is closed")
+
+    def books(self) -> list[Book]:
+        """Committed books plus the ones this transaction added, ordered by id."""
+        self._check_open()
+        return sorted([*self.db.books.values(), *self._staged.values()], key=lambda b: b.id)
+
+    def user(self, name: str) -> User | None:
+        self._check_open()
+        return self.db.users.get(name)
+
+    def add_book(self, data: BookIn, added_by: str) -> Book:
+        self._check_open()
+        book = Book(id=self.db.next_book_id(), added_by=added_by, **data.model_dump())
+        self._staged[book.id] = book
+        return book
+
+    def commit(self) -> None:
+        self._check_open()
+        if self.db.fail_next_commit:
+            self.db.fail_next_commit = False
+            raise CommitFailed("the database refused the commit")
+        self.db.books.update(self._staged)
+        self._staged.clear()
+        self.db.log.append(f"commit {self.id}")
+
+    def rollback(self) -> None:
+        self._check_open()
+        self._staged.clear()
+        self.db.log.append(f"rollback {self.id}")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._staged.clear()  # closing without commit discards the transaction
+            self.closed = True
+            self.db._open.discard(self.id)
+            self.db.log.append(f"close {self.id}")
+
+
+def get_db(request: Request) -> FakeDatabase:
+    return request.app.state.db
+
+
+DatabaseDep = Annotated[FakeDatabase, Depends(get_db)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str = "dev-key"
+
+
+def get_settings() -> Settings:
+    # A dependency, not a module constant, so that tests can swap it with dependency_overrides.
+    return Settings()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+# =========================================================================================
+# Your work (reference solution)
+# =========================================================================================
+
+# --- the connection: opened once per request, committed or rolled back, always closed -----
+
+
+async def get_connection(db: DatabaseDep) -> AsyncIterator[Connection]:
+    connection = db.connect()
+    try:
+        yield connection
+        connection.commit()  # only reached when the route (and its response model) succeeded
+    except Exception:
+        connection.rollback()
+        raise  # never swallow: the exception still decides the response
+    finally:
+        connection.close()
+
+
+# scope="function": the code after `yield` (the commit) runs before the response is sent, so
+# a failed commit becomes an error response instead of a 201 the client already received.
+# Every route and sub-dependency uses this one alias, so they share one cached connection.
+ConnectionDep = Annotated[Connection, Depends(get_connection, scope="function")]
+
+# --- shared query parameters -------------------------------------------------------------
+
+
+def search_term(
+    q: Annotated[str | None, Query(max_length=50, description="Search text")] = None,
+    last_search: Annotated[str | None, Cookie(description="Remembered search")] = None,
+) -> str | None:
+    """The search from the query string, else the one remembered in the cookie."""
+    return q or last_search
+
+
+@dataclass(frozen=True)
+class PageParams:
+    search: str | None
+    offset: int
+    limit: int
+
+
+def page_params(
+    search: Annotated[str | None, Depends(search_term)],
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=50)] = 10,
+) -> PageParams:
+    return PageParams(search=search, offset=offset, limit=limit)
+
+
+PageDep = Annotated[PageParams, Depends(page_params)]
+
+
+def matches(text: str, search: str | None) -> bool:
+    return search is None or search.casefold() in text.casefold()
+
+
+# --- who is calling ----------------------------------------------------------------------
+
+
+async def get_current_user(
+    connection: ConnectionDep,
+    x_user: Annotated[str | None, Header()] = None,
+) -> User:
+    user = connection.user(x_user) if x_user else None
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Unknown or missing X-User")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+API_KEY = "dev-key"
+
+
+async def require_api_key(x_api_key: Annotated[str | None, Header()] = None) -> None:
+    # compare_digest takes the same time whether the first or the last character differs.
+    if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), API_KEY.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Missing or invalid API key")
+
+
+# --- routes ------------------------------------------------------------------------------
+
+public = APIRouter(tags=["catalogue"])
+
+
+@public.get("/books", summary="Search the catalogue")
+async def list_books(page: PageDep, connection: ConnectionDep) -> BookPage:
+    found = [b for b in connection.books() if matches(f"{b.title} {b.author}", page.search)]
+    return BookPage(items=found[page.offset : page.offset + page.limit], **asdict(page))
+
+
+@public.get("/authors", summary="Search the authors")
+async def list_authors(page: PageDep, connection: ConnectionDep) -> AuthorPage:
+    names = sorted({b.author for b in connection.books() if matches(b.author, page.search)})
+    return AuthorPage(items=names[page.offset : page.offset + page.limit], **asdict(page))
+
+
+@public.get("/me", summary="Who am I")
+async def read_me(user: CurrentUser) -> User:
+    return user
+
+
+# The API key guards this router only; its value is not needed by the routes, so it goes in
+# `dependencies=` rather than in a parameter.
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_api_key)])
+
+
+def ensure_new_title(connection: Connection, title: str) -> None:
+    if any(b.title.casefold() == title.casefold() for b in connection.books()):
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"A book titled {title!r} already exists")
+
+
+@admin.post("/books", status_code=status.HTTP_201_CREATED, summary="Add a book")
+async def add_book(data: BookIn, user: CurrentUser, connection: ConnectionDep) -> Book:
+    ensure_new_title(connection, data.title)
+    return connection.add_book(data, added_by=user.name)
+
+
+@admin.post("/books/import", status_code=status.HTTP_201_CREATED, summary="Add many books, all or nothing")
+async def import_books(batch: list[BookIn], user: CurrentUser, connection: ConnectionDep) -> dict[str, int]:
+    for data in batch:
+        # A duplicate halfway raises after earlier books were added: the dependency rolls back.
+        ensure_new_title(connection, data.title)
+        connection.add_book(data, added_by=user.name)
+    return {"imported": len(batch)}
+
+
+async def on_commit_failed(request: Request, exc: CommitFailed) -> JSONResponse:
+    return JSONResponse({"detail": "The change could not be saved; try again"},
+                        status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+app = FastAPI(title="Catalogue", version="4.0.0")
+app.state.db = FakeDatabase()
+app.add_exception_handler(CommitFailed, on_commit_failed)
+app.include_router(public)
+app.include_router(admin)

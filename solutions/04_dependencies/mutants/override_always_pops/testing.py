@@ -1,0 +1,27 @@
+"""Mutant: always removes the key on exit, so an outer override of the same dependency is lost."""
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+_MISSING = object()
+
+
+@contextmanager
+def override_dependency(app: FastAPI, dependency: Callable[..., Any], replacement: Callable[..., Any]) -> Iterator[None]:
+    """Make `app` call `replacement` wherever it would call `dependency`, inside the block only.
+
+    The key is the very function the routes declare in Depends(...). On the way out, whatever
+    was there before comes back: nothing (the usual case), or an outer override of the same
+    dependency. Other overrides are left alone, and this happens even if the block raises, so
+    one test can never leak its fake into the next.
+    """
+    overrides = app.dependency_overrides
+    previous = overrides.get(dependency, _MISSING)
+    overrides[dependency] = replacement
+    try:
+        yield
+    finally:
+        overrides.pop(dependency, None)
