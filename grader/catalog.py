@@ -99,10 +99,13 @@ class Exercise:
         return f"{link}#{section}" if section else link
 
     def mutants(self) -> list[Path]:
-        """Each mutant is a folder overlaying one or more editable files onto the solution."""
+        """Each mutant is a unified diff against the solution: ``mutants/<mistake>.diff``."""
         if not self.mutants_folder.is_dir():
             return []
-        return sorted(p for p in self.mutants_folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+        return sorted(
+            p for p in self.mutants_folder.iterdir()
+            if not p.name.startswith((".", "_")) and (p.suffix == ".diff" or p.is_dir())
+        )
 
 
 def load_exercise(folder: Path, root: Path | None = None) -> Exercise:

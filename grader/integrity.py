@@ -23,7 +23,7 @@ class Check:
 
     @property
     def label(self) -> str:
-        return f"mutant {self.mutant.name}" if self.mutant else self.kind
+        return f"mutant {self.mutant.stem}" if self.mutant else self.kind
 
     @property
     def expectation(self) -> str:

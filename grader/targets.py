@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from grader import patches
 from grader.catalog import Exercise
 
 
@@ -28,16 +29,29 @@ def overlay(exercise: Exercise, base: Path, changes: Path, into: Path) -> Path:
 
 def mutant_target(exercise: Exercise, mutant: str | Path) -> Path:
     """A fresh temporary folder holding the solution with one mutant applied."""
-    folder = Path(mutant) if Path(mutant).is_absolute() else exercise.mutants_folder / str(mutant)
-    if not folder.is_dir():
-        known = ", ".join(p.name for p in exercise.mutants()) or "none"
-        raise FileNotFoundError(f"{exercise.name} has no mutant {folder.name!r} (known: {known}).")
-    into = Path(tempfile.mkdtemp(prefix=f"mutant-{exercise.number}-{folder.name}-"))
-    return overlay(exercise, exercise.solution_folder, folder, into)
+    path = Path(mutant) if Path(mutant).is_absolute() else exercise.mutants_folder / str(mutant)
+    if path.suffix != ".diff" and not path.is_dir():
+        path = path.with_name(path.name + ".diff")
+    if not path.exists():
+        known = ", ".join(p.stem for p in exercise.mutants()) or "none"
+        raise FileNotFoundError(f"{exercise.name} has no mutant {Path(mutant).stem!r} (known: {known}).")
+    into = Path(tempfile.mkdtemp(prefix=f"mutant-{exercise.number}-{path.stem}-"))
+    if path.is_dir():
+        return overlay(exercise, exercise.solution_folder, path, into)
+    overlay(exercise, exercise.solution_folder, exercise.solution_folder, into)
+    _, file_patches = patches.parse(path.read_text(encoding="utf-8"))
+    for file_patch in file_patches:
+        if file_patch.path not in exercise.editable:
+            raise patches.PatchError(f"{path.name} changes {file_patch.path}, which is not an editable file")
+        target = into / file_patch.path
+        target.write_text(patches.apply(target.read_text(encoding="utf-8"), file_patch), encoding="utf-8")
+    return into
 
 
 def mutant_description(folder: Path) -> str:
-    """The first line of the mutant's docstring or leading comment: the mistake it makes."""
+    """The first line of the mutant's description: the mistake it makes."""
+    if folder.suffix == ".diff":
+        return patches.description(folder)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         text = path.read_text(encoding="utf-8", errors="replace").lstrip()
         if text.startswith(('"""', "'''")):

@@ -4,13 +4,15 @@ and every exercise follows the contract in docs/AUTHORING.md."""
 from __future__ import annotations
 
 import ast
+import shutil
 import tomllib
 
 import pytest
 
 from grader.catalog import all_exercises, load_exercise
 from grader.integrity import plan_checks, run_check
-from grader.targets import mutant_description
+from grader import patches
+from grader.targets import mutant_description, mutant_target
 
 from .conftest import CURRICULUM, ROOT, heading_anchors
 
@@ -97,9 +99,13 @@ class TestContract:
         mutants = exercise.mutants()
         assert len(mutants) >= 3
         for mutant in mutants:
-            files = [p.relative_to(mutant).as_posix() for p in mutant.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-            assert files and set(files) <= set(exercise.editable), f"{mutant.name} holds only editable files: {files}"
-            assert mutant_description(mutant), f"{mutant.name} must start with a docstring or comment naming the mistake"
+            assert mutant.suffix == ".diff" and mutant.is_file(), f"{mutant.name}: a mutant is a diff against the solution"
+            _, changes = patches.parse(mutant.read_text(encoding="utf-8"))
+            changed = {change.path for change in changes}
+            assert changed <= set(exercise.editable), f"{mutant.name} changes only editable files: {changed}"
+            assert mutant_description(mutant), f"{mutant.name} must open with a line naming the mistake"
+            folder = mutant_target(exercise, mutant)  # applies exactly, or raises PatchError
+            shutil.rmtree(folder)
 
     def test_metadata_has_no_unknown_keys(self, exercise):
         meta = tomllib.loads((exercise.folder / "exercise.toml").read_text(encoding="utf-8"))
