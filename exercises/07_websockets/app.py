@@ -1,0 +1,89 @@
+"""Exercise 07: a chat service over WebSockets.
+
+Read README.md in this folder for the full task. Run `pytest exercises/07_websockets`
+(or `grader check 07`) to see what is still missing.
+"""
+
+from typing import Any
+
+from fastapi import FastAPI
+
+app = FastAPI(title="Chat", version="0.7.0")
+
+# Keep this table as it is: the tests connect with these tokens.
+TOKENS: dict[str, str] = {
+    "token-alice": "alice",
+    "token-bob": "bob",
+    "token-carol": "carol",
+}
+
+
+# TODO: the messages a client may send, one Pydantic model each, told apart by "type":
+#       {"type": "join",   "room": "lobby"}
+#       {"type": "leave",  "room": "lobby"}
+#       {"type": "say",    "room": "lobby", "text": "hello"}
+#       {"type": "direct", "to": "bob",     "text": "psst"}
+#       room and to: 1-50 characters; text: 1-1000 characters.
+#       Join them into a discriminated union and validate each frame with a TypeAdapter.
+
+
+class ConnectionManager:
+    """Who is connected, who is in which room, and delivery that survives bad sockets.
+
+    A socket is anything with `async def send_json(self, data)`: FastAPI's WebSocket, or the
+    stand-ins the tests use. The bookkeeping methods are plain (not async) methods.
+    """
+
+    def __init__(self, send_timeout: float = 1.0) -> None:
+        self.send_timeout = send_timeout
+        # TODO: remember which user each socket belongs to, and which sockets are in each room.
+
+    def connect(self, websocket: Any, user: str) -> None:
+        """Register an accepted socket as belonging to `user`."""
+        # TODO
+
+    def disconnect(self, websocket: Any) -> None:
+        """Forget the socket everywhere: its user and every room. Calling it twice is harmless."""
+        # TODO
+
+    def join(self, websocket: Any, room: str) -> None:
+        # TODO
+        pass
+
+    def leave(self, websocket: Any, room: str) -> None:
+        # TODO
+        pass
+
+    def members(self, room: str) -> list[str]:
+        """The user names in `room`, sorted, each once."""
+        # TODO
+        return []
+
+    async def send_personal(self, user: str, message: dict[str, Any]) -> int:
+        """Send `message` to every connection of `user`; return how many sends succeeded."""
+        # TODO
+        return 0
+
+    async def broadcast(self, room: str, message: dict[str, Any]) -> int:
+        """Send `message` to every socket in `room`; return how many sends succeeded.
+
+        A send that raises, or takes longer than `send_timeout` seconds, must not stop or delay
+        the others: drop that socket (disconnect it) and carry on.
+        """
+        # TODO
+        return 0
+
+
+manager = ConnectionManager()
+
+
+# TODO: WebSocket /ws/echo: accept, then send every text frame straight back.
+
+
+# TODO: WebSocket /ws/chat
+#   - the user comes from the token in the query (?token=...) or in the cookie "token";
+#     without a valid one, close with code 1008 BEFORE accepting (raise WebSocketException);
+#   - after accepting: register with the manager and send {"type": "welcome", "user": "<name>"};
+#   - then, for every frame: validate it; a bad one gets {"type": "error", "detail": "...",
+#     "errors": [...]} and the loop goes on; a good one is handled as README.md describes;
+#   - however the loop ends, the socket must leave the manager.

@@ -1,0 +1,543 @@
+"""Graded tests for exercise 07. Run: pytest exercises/07_websockets"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from grader.live import serve_in_thread
+
+WAIT = 2.0  # seconds to wait for a frame that should come; a correct app answers in milliseconds
+
+
+# --- Helpers: a TestClient WebSocket that never hangs and fails with a readable message ---------
+
+
+def _show(data: Any) -> str:
+    return data if isinstance(data, str) else json.dumps(data) if not isinstance(data, bytes) else repr(data)
+
+
+class Peer:
+    """One client connection: remembers what it sent so a failure can say so."""
+
+    def __init__(self, session: Any, label: str) -> None:
+        self.session = session
+        self.label = label
+        self.sent: list[str] = []
+
+    def send(self, data: Any) -> None:
+        self.sent.append(_show(data))
+        if isinstance(data, bytes):
+            self.session.send_bytes(data)
+        elif isinstance(data, str):
+            self.session.send_text(data)
+        else:
+            self.session.send_json(data)
+
+    def fail(self, expected: str, got: str) -> None:
+        sent = "\n          ".join(self.sent[-3:]) or "(nothing yet)"
+        pytest.fail(f"\nclient:   {self.label}\nsent:     {sent}\nexpected: {expected}\ngot:      {got}", pytrace=False)
+
+    def receive_raw(self, expected: str) -> str | bytes:
+        async def next_message() -> dict[str, Any]:
+            # The TestClient's own receive() waits forever; this one gives up after WAIT seconds.
+            # (_send_rx is the TestClient's queue of frames from the app: Starlette 1.10.)
+            with anyio.fail_after(WAIT):
+                return await self.session._send_rx.receive()
+
+        try:
+            message = self.session.portal.call(next_message)
+        except TimeoutError:
+            self.fail(expected, f"no frame within {WAIT:.0f} s (the server sent nothing, or is stuck)")
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self.fail(expected, "the connection ended: the endpoint raised an exception (see server: below)")
+        if message["type"] == "websocket.close":
+            self.fail(expected, f"the server closed the connection with code {message.get('code', 1000)} "
+                      f"{message.get('reason') or ''}(the endpoint returned or called close(): a bad frame must not end it)")
+        return message.get("text") if message.get("text") is not None else message.get("bytes", b"")
+
+    def receive(self, expected: str) -> Any:
+        raw = self.receive_raw(expected)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            self.fail(expected, f"{raw!r}, which is not JSON")
+
+    def expect(self, wanted: dict[str, Any], why: str = "") -> dict[str, Any]:
+        """The next frame is a JSON object holding every key and value of `wanted`."""
+        expected = f"a frame containing {json.dumps(wanted)}" + (f" ({why})" if why else "")
+        frame = self.receive(expected)
+        if not isinstance(frame, dict) or any(frame.get(k) != v for k, v in wanted.items()):
+            self.fail(expected, json.dumps(frame))
+        return frame
+
+    def expect_error(self, why: str) -> dict[str, Any]:
+        expected = 'an error frame {"type": "error", "detail": "..."} (' + why + ")"
+        frame = self.receive(expected)
+        if not (isinstance(frame, dict) and frame.get("type") == "error" and isinstance(frame.get("detail"), str)
+                and frame["detail"]):
+            self.fail(expected, json.dumps(frame))
+        return frame
+
+
+@pytest.fixture
+def module(load):
+    return load("app")
+
+
+@pytest.fixture
+def client(module) -> Iterator[TestClient]:
+    with TestClient(module.app) as client:
+        yield client
+
+
+@contextmanager
+def connect(client: TestClient, path: str, label: str, **kwargs: Any) -> Iterator[Peer]:
+    session = client.websocket_connect(path, **kwargs)
+    refused: WebSocketDisconnect | None = None
+    try:
+        session.__enter__()
+    except WebSocketDisconnect as exc:
+        refused = exc
+    if refused is not None:
+        pytest.fail(
+            f"\nclient:   {label}\nsent:     WebSocket handshake to {path}\nexpected: the connection accepted\n"
+            f"got:      closed with code {refused.code} {refused.reason or ''}"
+            + ("(1000 before accept: is the route defined?)" if refused.code == 1000 else ""),
+            pytrace=False,
+        )
+    failure: BaseException | None = None
+    try:
+        yield Peer(session, label)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the session is closed
+        failure = exc
+    crash: Exception | None = None
+    try:
+        session.__exit__(None, None, None)  # an exception the endpoint raised comes out here
+    except Exception as exc:  # noqa: BLE001
+        crash = exc
+    if crash is not None:
+        before = getattr(failure, "msg", "") if failure is not None else ""
+        # `from None`: the message says it all; the chained tracebacks would only hide it.
+        raise pytest.fail.Exception(
+            f"{before}\nserver:   the endpoint raised {type(crash).__name__}: {crash}\n"
+            "          An exception escaping the endpoint drops the connection: catch what a bad frame can "
+            "cause and answer with an error frame instead.",
+            pytrace=False,
+        ) from None
+    if failure is not None:
+        raise failure
+
+
+@contextmanager
+def user(client: TestClient, name: str, room: str | None = None) -> Iterator[Peer]:
+    """`name` connected to /ws/chat with the token from the query, welcomed, and in `room` if given."""
+    with connect(client, f"/ws/chat?token=token-{name}", name) as peer:
+        peer.expect({"type": "welcome", "user": name}, "the first frame after accepting greets the user")
+        if room is not None:
+            peer.send({"type": "join", "room": room})
+            peer.expect({"type": "joined", "room": room})
+        yield peer
+
+
+# --- echo ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("echo")
+def test_echo_sends_every_text_frame_back(client):
+    with connect(client, "/ws/echo", "anonymous") as peer:
+        for text in ("hello", "a second frame", "ünïcode ✓"):
+            peer.send(text)
+            got = peer.receive_raw(f"{text!r} echoed back unchanged")
+            if got != text:
+                peer.fail(f"{text!r} echoed back unchanged", repr(got))
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("auth")
+def test_a_token_in_the_query_identifies_the_user(client):
+    with connect(client, "/ws/chat?token=token-alice", "alice") as peer:
+        peer.expect({"type": "welcome", "user": "alice"}, "token-alice belongs to alice")
+
+
+@pytest.mark.task("auth")
+def test_a_token_in_a_cookie_identifies_the_user(client):
+    # Browsers cannot set headers on a WebSocket, but they do send cookies.
+    with connect(client, "/ws/chat", "bob (cookie)", headers={"cookie": "token=token-bob"}) as peer:
+        peer.expect({"type": "welcome", "user": "bob"}, "the cookie token=token-bob belongs to bob")
+
+
+@pytest.mark.task("auth")
+@pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=", "/ws/chat?token=token-mallory"])
+def test_no_valid_token_closes_with_1008_before_accepting(client, path):
+    expected = "the handshake refused: closed with code 1008 (policy violation) before accept()"
+    code: int | None = None
+    try:
+        with client.websocket_connect(path):
+            pass
+    except WebSocketDisconnect as exc:
+        code = getattr(exc, "code", -1)  # -1: refused with an HTTP denial response instead of a close code
+    if code is None:
+        got = "the connection was accepted: check the token in a dependency, before accept()"
+    elif code != 1008:
+        got = f"closed with code {code}" + (" (1000 before accept: is /ws/chat defined?)" if code == 1000 else "")
+    else:
+        return
+    pytest.fail(f"\nsent:     WebSocket handshake to {path}\nexpected: {expected}\ngot:      {got}", pytrace=False)
+
+
+# --- messages -----------------------------------------------------------------------------------
+
+
+@pytest.mark.task("messages")
+def test_invalid_json_gets_an_error_frame_and_the_connection_stays_open(client):
+    with user(client, "alice") as alice:
+        alice.send("this is not JSON")
+        frame = alice.expect_error("a frame that is not JSON is the client's mistake")
+        if not isinstance(frame.get("errors"), list):
+            alice.fail('the error frame also carries "errors", a list saying what was wrong', json.dumps(frame))
+        alice.send({"type": "join", "room": "lobby"})
+        alice.expect({"type": "joined", "room": "lobby"}, "after an error frame the connection still works")
+
+
+@pytest.mark.task("messages")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "shout", "room": "lobby", "text": "hi"},
+        {"room": "lobby", "text": "hi"},
+        {"type": "say", "room": "lobby"},
+        {"type": "say", "room": "lobby", "text": ""},
+        {"type": "join", "room": ""},
+        {"type": "join", "room": "x" * 51},
+        {"type": "direct", "to": "bob"},
+        ["join", "lobby"],
+    ],
+    ids=["unknown-type", "no-type", "no-text", "empty-text", "empty-room", "long-room", "direct-no-text", "a-list"],
+)
+def test_a_message_that_breaks_the_protocol_gets_an_error_frame(client, bad):
+    with user(client, "alice") as alice:
+        alice.send(bad)
+        frame = alice.expect_error("the message does not match any message type; validate it with Pydantic")
+        if not isinstance(frame.get("errors"), list) or not frame["errors"]:
+            alice.fail('the error frame also carries "errors", a non-empty list from the ValidationError', json.dumps(frame))
+        alice.send({"type": "join", "room": "lobby"})
+        alice.expect({"type": "joined", "room": "lobby"}, "after an error frame the connection still works")
+
+
+@pytest.mark.task("messages")
+def test_a_binary_frame_does_not_crash_the_connection(client):
+    with user(client, "alice") as alice:
+        alice.send(b"\xff\x00 binary noise")
+        alice.expect_error("a binary frame that is not a valid message is answered, not fatal")
+        alice.send({"type": "join", "room": "lobby"})
+        alice.expect({"type": "joined", "room": "lobby"}, "after an error frame the connection still works")
+
+
+# --- rooms --------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("rooms")
+def test_join_answers_with_the_members_of_the_room(client):
+    with user(client, "alice", "lobby"), user(client, "bob") as bob:
+        bob.send({"type": "join", "room": "lobby"})
+        bob.expect({"type": "joined", "room": "lobby", "members": ["alice", "bob"]}, "members sorted by name")
+
+
+@pytest.mark.task("rooms")
+def test_say_reaches_everyone_in_the_room_and_nobody_else(client):
+    with user(client, "alice", "lobby") as alice, user(client, "bob", "lobby") as bob, \
+            user(client, "carol", "kitchen") as carol:
+        alice.send({"type": "say", "room": "lobby", "text": "hello lobby"})
+        message = {"type": "message", "room": "lobby", "from": "alice", "text": "hello lobby"}
+        alice.expect(message, "the sender is in the room too, so it gets its own message")
+        bob.expect(message, "bob is in the lobby")
+        # carol is not in the lobby: her next frame is the answer to her own request, not alice's message.
+        carol.send({"type": "join", "room": "garden"})
+        carol.expect({"type": "joined", "room": "garden"}, "carol is not in the lobby, so she never saw alice's message")
+
+
+@pytest.mark.task("rooms")
+def test_saying_something_in_a_room_you_are_not_in_is_an_error(client):
+    with user(client, "alice") as alice:
+        alice.send({"type": "say", "room": "lobby", "text": "anyone?"})
+        alice.expect_error("alice has not joined the lobby")
+
+
+@pytest.mark.task("rooms")
+def test_after_leave_the_room_is_silent(client):
+    with user(client, "alice", "lobby") as alice, user(client, "bob", "lobby") as bob:
+        bob.send({"type": "leave", "room": "lobby"})
+        bob.expect({"type": "left", "room": "lobby"})
+        alice.send({"type": "say", "room": "lobby", "text": "still there?"})
+        alice.expect({"type": "message", "from": "alice", "text": "still there?"})
+        bob.send({"type": "join", "room": "garden"})
+        bob.expect({"type": "joined", "room": "garden"}, "bob left the lobby, so alice's message never reached him")
+
+
+@pytest.mark.task("rooms")
+def test_a_direct_message_reaches_only_its_recipient(client):
+    with user(client, "alice") as alice, user(client, "bob") as bob, user(client, "carol") as carol:
+        alice.send({"type": "direct", "to": "bob", "text": "psst"})
+        bob.expect({"type": "direct", "from": "alice", "text": "psst"}, "a personal message for bob")
+        carol.send({"type": "join", "room": "garden"})
+        carol.expect({"type": "joined", "room": "garden"}, "the personal message was for bob only")
+        alice.send({"type": "join", "room": "garden"})
+        alice.expect({"type": "joined", "room": "garden"}, "the sender gets no copy of a personal message")
+
+
+@pytest.mark.task("rooms")
+def test_a_direct_message_to_someone_offline_is_an_error(client):
+    with user(client, "alice") as alice:
+        alice.send({"type": "direct", "to": "carol", "text": "are you there?"})
+        alice.expect_error("carol is not connected")
+
+
+@pytest.mark.task("rooms")
+def test_a_closed_connection_leaves_its_rooms(client):
+    with user(client, "bob", "lobby"):
+        pass  # bob closes the connection here
+    with user(client, "alice") as alice:
+        alice.send({"type": "join", "room": "lobby"})
+        alice.expect({"type": "joined", "room": "lobby", "members": ["alice"]},
+                     "bob disconnected, so the endpoint must have removed him (try/finally)")
+        alice.send({"type": "say", "room": "lobby", "text": "alone?"})
+        alice.expect({"type": "message", "from": "alice", "text": "alone?"},
+                     "a broadcast to a room that once held a closed socket still reaches the living")
+
+
+# --- resilience: the ConnectionManager with stand-in sockets ------------------------------------
+
+
+class Recorder:
+    """A healthy socket: keeps what it was sent."""
+
+    def __init__(self) -> None:
+        self.received: list[Any] = []
+
+    async def send_json(self, data: Any) -> None:
+        self.received.append(data)
+
+
+class Broken:
+    """A socket whose every send fails, like one whose client vanished."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.attempts = 0
+
+    async def send_json(self, data: Any) -> None:
+        self.attempts += 1
+        raise self.error
+
+
+class Stuck:
+    """A socket whose send never finishes, like a client that stopped reading."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def send_json(self, data: Any) -> None:
+        self.attempts += 1
+        await asyncio.Event().wait()
+
+
+FAILURES = [
+    pytest.param(WebSocketDisconnect(1006), id="disconnected"),
+    pytest.param(RuntimeError('Cannot call "send" once a close message has been sent.'), id="already-closed"),
+    pytest.param(ConnectionResetError(104, "Connection reset by peer"), id="connection-reset"),
+]
+
+
+def require(ok: bool, called: str, expected: str, got: str) -> None:
+    if not ok:
+        pytest.fail(f"\ncalled:   {called}\nexpected: {expected}\ngot:      {got}", pytrace=False)
+
+
+async def run(call: Any, called: str) -> Any:
+    """Await one manager call, turning a hang or an exception into a readable failure."""
+    try:
+        return await asyncio.wait_for(call, WAIT)
+    except TimeoutError:
+        got = f"still waiting after {WAIT:.0f} s: one stuck client blocks everyone (send to all at once, each with a timeout)"
+    except Exception as exc:  # noqa: BLE001 - the point is to report any escape
+        got = f"it raised {type(exc).__name__}: {exc}"
+    require(False, called, "it returns promptly; a failing or stuck socket is dropped, the others served", got)
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+async def test_broadcast_reaches_the_room_and_returns_the_count(module):
+    manager = module.ConnectionManager()
+    alice, bob, carol = Recorder(), Recorder(), Recorder()
+    for socket, name, room in ((alice, "alice", "lobby"), (bob, "bob", "lobby"), (carol, "carol", "kitchen")):
+        manager.connect(socket, name)
+        manager.join(socket, room)
+    called = "manager.broadcast('lobby', {'text': 'hi'}) with alice and bob in the lobby, carol in the kitchen"
+    delivered = await run(manager.broadcast("lobby", {"text": "hi"}), called)
+    got = (alice.received, bob.received, carol.received)
+    require(got == ([{"text": "hi"}], [{"text": "hi"}], []), called,
+            "alice and bob got {'text': 'hi'}, carol nothing", f"alice {got[0]}, bob {got[1]}, carol {got[2]}")
+    require(delivered == 2, called, "it returns 2, the number of sockets that got the message", repr(delivered))
+    members = manager.members("lobby")
+    require(members == ["alice", "bob"], "manager.members('lobby')", "['alice', 'bob']", repr(members))
+    manager.leave(bob, "lobby")
+    await run(manager.broadcast("lobby", {"text": "again"}), "manager.broadcast after manager.leave(bob, 'lobby')")
+    require(bob.received == [{"text": "hi"}], "manager.broadcast after manager.leave(bob, 'lobby')",
+            "bob got nothing more", f"bob received {bob.received}")
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+async def test_send_personal_reaches_every_connection_of_one_user(module):
+    manager = module.ConnectionManager()
+    phone, laptop, other = Recorder(), Recorder(), Recorder()
+    manager.connect(phone, "bob")
+    manager.connect(laptop, "bob")
+    manager.connect(other, "alice")
+    called = "manager.send_personal('bob', {'text': 'psst'}) with bob connected twice (phone, laptop) and alice once"
+    delivered = await run(manager.send_personal("bob", {"text": "psst"}), called)
+    got = (phone.received, laptop.received, other.received)
+    require(got == ([{"text": "psst"}], [{"text": "psst"}], []), called,
+            "both of bob's connections got it, alice's nothing", f"phone {got[0]}, laptop {got[1]}, alice {got[2]}")
+    require(delivered == 2, called, "it returns 2", repr(delivered))
+    nobody = await run(manager.send_personal("nobody", {"text": "?"}), "manager.send_personal('nobody', ...)")
+    require(nobody == 0, "manager.send_personal('nobody', ...)", "0: nobody by that name is connected", repr(nobody))
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+@pytest.mark.parametrize("error", FAILURES)
+async def test_a_failing_socket_is_dropped_and_the_others_still_get_the_message(module, error):
+    manager = module.ConnectionManager()
+    broken = Broken(error)
+    healthy = [Recorder() for _ in range(3)]
+    manager.connect(broken, "ghost")
+    manager.join(broken, "lobby")
+    for number, socket in enumerate(healthy):
+        manager.connect(socket, f"user{number}")
+        manager.join(socket, "lobby")
+    called = f"manager.broadcast('lobby', ...) with 3 healthy sockets and one whose send raises {error!r}"
+    delivered = await run(manager.broadcast("lobby", {"n": 1}), called)
+    missed = sum(socket.received != [{"n": 1}] for socket in healthy)
+    require(not missed, called, "every healthy socket served", f"{missed} of 3 missed the message")
+    require(delivered == 3, called, "it returns 3 (the failed send does not count)", repr(delivered))
+    await run(manager.broadcast("lobby", {"n": 2}), called + ", a second time")
+    require(broken.attempts == 1, called + ", twice", "the failing socket dropped after its first failure",
+            f"it was tried {broken.attempts} times: call self.disconnect(ws) when its send fails")
+    members = manager.members("lobby")
+    require("ghost" not in members, "manager.members('lobby') after the failure",
+            "the dropped socket's user is gone", repr(members))
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+async def test_a_stuck_socket_does_not_hold_up_the_broadcast(module):
+    manager = module.ConnectionManager(send_timeout=0.1)
+    stuck, healthy = Stuck(), Recorder()
+    manager.connect(stuck, "sleepy")
+    manager.join(stuck, "lobby")
+    manager.connect(healthy, "alice")
+    manager.join(healthy, "lobby")
+    called = "manager.broadcast('lobby', ...) with send_timeout=0.1, alice healthy and one send that never finishes"
+    started = time.perf_counter()
+    delivered = await run(manager.broadcast("lobby", {"n": 1}), called)
+    elapsed = time.perf_counter() - started
+    require(healthy.received == [{"n": 1}] and delivered == 1, called, "alice served and 1 returned",
+            f"alice received {healthy.received}, it returned {delivered!r}")
+    require(elapsed < 1.0, called, "done in about send_timeout (0.1 s)", f"{elapsed:.2f} s")
+    await run(manager.broadcast("lobby", {"n": 2}), called + ", a second time")
+    require(stuck.attempts == 1, called + ", twice", "a socket that timed out is dropped, not tried again",
+            f"it was tried {stuck.attempts} times")
+
+
+# --- real_server: uvicorn on loopback and the `websockets` client library -----------------------
+
+
+@pytest.mark.task("real_server")
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_real_client_talks_to_a_real_server(module):
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import InvalidStatus
+
+    async def open_socket(url: str, label: str, **kwargs: Any) -> Any:
+        # proxy=None: loopback traffic must never go through a proxy from the environment.
+        try:
+            return await ws_connect(url, proxy=None, open_timeout=WAIT, **kwargs)
+        except InvalidStatus as exc:
+            got = f"HTTP {exc.response.status_code}: the app closed before accepting (is the route defined?)"
+        except (OSError, TimeoutError) as exc:
+            got = f"{type(exc).__name__}: {exc}"
+        pytest.fail(f"\nclient:   {label} (websockets library, real TCP)\nsent:     handshake to {url}\n"
+                    f"expected: the connection accepted\ngot:      {got}", pytrace=False)
+
+    async def recv(ws: Any, label: str, expected: Any) -> None:
+        try:
+            async with asyncio.timeout(WAIT):
+                raw = await ws.recv()
+        except TimeoutError:
+            raw = f"nothing within {WAIT:.0f} s"
+        except Exception as exc:  # noqa: BLE001 - e.g. ConnectionClosed: report it, do not crash
+            raw = f"{type(exc).__name__}: {exc}"
+        got: Any = raw
+        if not isinstance(expected, str):
+            try:
+                got = json.loads(raw)
+            except ValueError:
+                pass
+        if isinstance(expected, dict) and isinstance(got, dict):
+            ok = all(got.get(k) == v for k, v in expected.items())
+        else:
+            ok = got == expected
+        if not ok:
+            pytest.fail(f"\nclient:   {label} (websockets library, real TCP)\nexpected: "
+                        f"{json.dumps(expected)}\ngot:      {got if isinstance(got, str) else json.dumps(got)}",
+                        pytrace=False)
+
+    with serve_in_thread(module.app) as base_url:
+        url = base_url.replace("http://", "ws://", 1)
+
+        echo = await open_socket(f"{url}/ws/echo", "anonymous")
+        try:
+            await echo.send("over real TCP")
+            await recv(echo, "anonymous", "over real TCP")
+        finally:
+            await echo.close()
+
+        status: int | None = None
+        try:
+            intruder = await ws_connect(f"{url}/ws/chat?token=token-mallory", proxy=None, open_timeout=WAIT)
+            await intruder.close()
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+        if status != 403:
+            pytest.fail("\nsent:     a real handshake to /ws/chat?token=token-mallory\n"
+                        "expected: HTTP 403, uvicorn's answer when the app closes before accepting\n"
+                        f"got:      {'the connection accepted' if status is None else f'HTTP {status}'}", pytrace=False)
+
+        alice = await open_socket(f"{url}/ws/chat?token=token-alice", "alice")
+        bob = await open_socket(f"{url}/ws/chat", "bob (cookie)", additional_headers={"Cookie": "token=token-bob"})
+        try:
+            for ws, name in ((alice, "alice"), (bob, "bob")):
+                await recv(ws, name, {"type": "welcome", "user": name})
+                await ws.send(json.dumps({"type": "join", "room": "lobby"}))
+                await recv(ws, name, {"type": "joined", "room": "lobby"})
+            await alice.send(json.dumps({"type": "say", "room": "lobby", "text": "over the wire"}))
+            message = {"type": "message", "room": "lobby", "from": "alice", "text": "over the wire"}
+            await recv(alice, "alice", message)
+            await recv(bob, "bob", message)
+        finally:
+            await alice.close()
+            await bob.close()

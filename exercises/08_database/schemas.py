@@ -1,0 +1,12 @@
+"""API schemas: what clients send and what they get back (Pydantic).
+
+These are not the database models: a schema says what the API accepts and shows.
+"""
+
+from pydantic import BaseModel  # noqa: F401 - you will need it
+
+# TODO: BookIn   - title (1-200 characters), isbn (exactly 13 digits), year (1450-2100)
+# TODO: AuthorIn - name (1-100 characters), books: a list of BookIn, empty by default
+# TODO: BookOut  - id, title, isbn, year, author_id; readable from an ORM object (from_attributes)
+# TODO: AuthorOut - id, name; AuthorDetail - AuthorOut plus books: list[BookOut]
+# TODO: Page     - a generic page: items: list[T], total, offset, limit

@@ -1,0 +1,341 @@
+"""Graded tests for exercise 08. Run: pytest exercises/08_database"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sqlite3
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from grader.expect import expect_json, expect_status, explain, json_of
+
+DEFAULT_URL = "sqlite+aiosqlite:///./library.db"
+
+URSULA = {
+    "name": "Ursula K. Le Guin",
+    "books": [
+        {"title": "The Dispossessed", "isbn": "9780060512750", "year": 1974},
+        {"title": "A Wizard of Earthsea", "isbn": "9780547773742", "year": 1968},
+    ],
+}
+
+
+# --- Fixtures: a fresh app on a fresh database file for every test -----------------------------
+
+
+@pytest.fixture
+def database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's own SQLite file, handed to the app through DATABASE_URL (as README.md promises)."""
+    path = tmp_path / "graded.db"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{path}")
+    # A relative path like ./library.db (a URL that ignores the setting) lands in tmp_path,
+    # never in your working tree.
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+@pytest.fixture
+def module(load, database_file):
+    return load("app")  # after DATABASE_URL is set: the module-level app reads it
+
+
+@pytest.fixture
+def client(module) -> Iterator[TestClient]:
+    with TestClient(module.app) as client:  # `with`: the lifespan runs (tables, engine)
+        yield client
+        pool = getattr(getattr(module.app.state, "engine", None), "pool", None)
+        leaked = pool.checkedout() if hasattr(pool, "checkedout") else 0
+    if leaked:
+        # Sessions that were never closed: test_every_request_gives_its_connection_back says so
+        # clearly. Collect them now, quietly, so their warnings do not break unrelated tests later.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gc.collect()
+
+
+def call(client: TestClient, method: str, url: str, **kwargs: Any) -> Any:
+    """Send one request; an exception escaping the app becomes a failure that says what it means."""
+    try:
+        return client.request(method, url, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the TestClient re-raises what the app raised
+        raised = exc
+    body = f"\n          body {json.dumps(kwargs['json'])}" if "json" in kwargs else ""
+    name, text = type(raised).__name__, str(raised)
+    hint = ""
+    if name == "MissingGreenlet" or "lazy" in text:
+        hint = ("\nwhy:      a relationship was loaded lazily, which needs I/O that async code cannot do "
+                "implicitly. Load it in the query: .options(selectinload(Author.books)).")
+    elif name == "IntegrityError":
+        hint = "\nwhy:      the database refused a duplicate. Catch IntegrityError at the flush and answer 409."
+    elif name == "ArgumentError" and "text(" in text:
+        hint = "\nwhy:      raw SQL strings must be wrapped: session.execute(text('SELECT 1'))."
+    pytest.fail(f"\nsent:     {method} {url}{body}\ngot:      the app raised {name}: {text[:600]}{hint}", pytrace=False)
+
+
+def check(ok: bool, message: str) -> None:
+    """A failed check shows its message, not this file's source."""
+    if not ok:
+        pytest.fail(message, pytrace=False)
+
+
+def create_author(client: TestClient, payload: dict[str, Any]) -> dict[str, Any]:
+    response = call(client, "POST", "/authors", json=payload)
+    expect_status(response, 201, "creating an author answers 201 Created")
+    return json_of(response)
+
+
+def add_book(client: TestClient, author_id: int, title: str, isbn: str, year: int = 2000) -> dict[str, Any]:
+    response = call(client, "POST", f"/authors/{author_id}/books", json={"title": title, "isbn": isbn, "year": year})
+    expect_status(response, 201, "adding a book answers 201 Created")
+    return json_of(response)
+
+
+def isbn(number: int) -> str:
+    return f"978{number:010d}"
+
+
+def tables(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    with sqlite3.connect(path) as connection:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+# --- setup --------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("setup")
+def test_settings_read_the_database_url_from_the_environment(module, database_file, monkeypatch):
+    got = getattr(module.Settings(), "database_url", "(Settings has no database_url field)")
+    check(got == f"sqlite+aiosqlite:///{database_file}", (
+        f"\nset:      DATABASE_URL=sqlite+aiosqlite:///{database_file}\nexpected: Settings().database_url "
+        f"to be that value (pydantic-settings reads the environment)\ngot:      {got!r}"))
+    monkeypatch.delenv("DATABASE_URL")
+    default = getattr(module.Settings(), "database_url", None)
+    check(default == DEFAULT_URL, f"\nexpected: without DATABASE_URL, the default {DEFAULT_URL!r}\ngot:      {default!r}")
+
+
+@pytest.mark.task("setup")
+def test_the_tables_are_created_at_startup_in_the_configured_database(module, database_file):
+    check(not tables(database_file), (
+        "\nexpected: importing app.py touches no database (the engine and tables belong in the lifespan)"
+        f"\ngot:      tables already in {database_file.name} right after import: {sorted(tables(database_file))}"))
+    with TestClient(module.app):
+        found = tables(database_file)
+        check({"authors", "books"} <= found, (
+            f"\nexpected: once the app has started, the tables authors and books exist in the database "
+            f"DATABASE_URL names ({database_file.name})\ngot:      tables {sorted(found) or 'none'}"
+            + ("; a library.db appeared in the working directory instead: is the URL taken from Settings?"
+               if Path("library.db").exists() else "")))
+
+
+@pytest.mark.task("setup")
+def test_the_database_health_route_runs_a_query(client):
+    response = call(client, "GET", "/health/db")
+    expect_json(response, {"database": "ok"}, "GET /health/db runs SELECT 1 through the session", exact=True)
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+@pytest.mark.task("sessions")
+def test_what_one_request_writes_the_next_one_reads(client):
+    author = create_author(client, URSULA)
+    response = call(client, "GET", f"/authors/{author['id']}")
+    expect_status(response, 200, "the author created by the previous request was committed")
+    expect_json(response, {"id": author["id"], "name": URSULA["name"]})
+
+
+@pytest.mark.task("sessions")
+def test_a_request_that_fails_leaves_no_trace(client):
+    create_author(client, URSULA)
+    clash = {"name": "Ann Leckie", "books": [
+        {"title": "Ancillary Justice", "isbn": isbn(1), "year": 2013},
+        {"title": "Taken ISBN", "isbn": URSULA["books"][0]["isbn"], "year": 2014},
+    ]}
+    response = call(client, "POST", "/authors", json=clash)
+    expect_status(response, 409, "the second book's ISBN is taken, so the whole request fails")
+    retry = call(client, "POST", "/authors", json={"name": "Ann Leckie"})
+    check(retry.status_code == 201, explain(
+        retry, "201: the failed request must have been rolled back completely, author included "
+        "(one transaction per request; no commit before the end)"))
+    listing = call(client, "GET", "/books")
+    books = json_of(listing)
+    total = books.get("total") if isinstance(books, dict) else None
+    check(total == 2, explain(listing, "a total of 2 books: nothing from the failed request was saved"))
+
+
+@pytest.mark.task("sessions")
+def test_every_request_gives_its_connection_back(client, module):
+    author = create_author(client, URSULA)
+    requests = [
+        ("GET", f"/authors/{author['id']}", None), ("GET", "/authors/999", None),
+        ("POST", "/authors", {"name": URSULA["name"]}), ("POST", "/authors/999/books", {"title": "x", "isbn": isbn(5), "year": 2000}),
+        ("POST", "/authors", {"name": ""}), ("GET", "/books", None), ("GET", "/health/db", None),
+    ]
+    engine = getattr(module.app.state, "engine", None)
+    check(engine is not None, "\nexpected: the lifespan keeps the engine on app.state.engine\ngot:      no app.state.engine")
+    for method, url, body in requests:
+        call(client, method, url, **({"json": body} if body is not None else {}))
+        busy = engine.pool.checkedout()
+        check(busy == 0, (
+            f"\nsent:     {method} {url}" + (f"\n          body {body}" if body else "")
+            + "\nexpected: after the response, every database connection is back in the pool"
+            f"\ngot:      {busy} connection(s) still checked out: the session was not closed on this path. "
+            "Use `async with sessionmaker() as session:` around the yield, so it closes on errors too."))
+
+
+# --- relationships ------------------------------------------------------------------------------
+
+
+@pytest.mark.task("relationships")
+def test_an_author_comes_with_their_books_in_title_order(client):
+    author = create_author(client, URSULA)
+    add_book(client, author["id"], "The Lathe of Heaven", isbn(7), 1971)
+    response = call(client, "GET", f"/authors/{author['id']}")
+    body = expect_json(response, {"id": author["id"], "name": URSULA["name"]})
+    titles = [book.get("title") for book in body.get("books", [])] if isinstance(body.get("books"), list) else None
+    check(titles == ["A Wizard of Earthsea", "The Dispossessed", "The Lathe of Heaven"], explain(
+        response, "books: the author's three books, sorted by title"))
+    first = body["books"][0]
+    want = {"isbn": "9780547773742", "year": 1968, "author_id": author["id"]}
+    check({key: first.get(key) for key in want} == want and isinstance(first.get("id"), int), explain(
+        response, f"each book with id, title, isbn, year and author_id; the first one {want}"))
+
+
+@pytest.mark.task("relationships")
+def test_the_created_author_is_answered_with_their_books(client):
+    body = create_author(client, URSULA)
+    books = body.get("books")
+    ok = isinstance(books, list) and sorted(b.get("isbn") for b in books if isinstance(b, dict)) == sorted(
+        b["isbn"] for b in URSULA["books"]) and all(isinstance(b.get("id"), int) for b in books)
+    check(ok, f"\nsent:     POST /authors with two books\nexpected: the answer lists both books, each with its id\ngot:      {body}")
+    empty = create_author(client, {"name": "Nobody Yet"})
+    check(empty.get("books") == [], f"\nsent:     POST /authors without books\nexpected: books: []\ngot:      {empty}")
+
+
+# --- constraints --------------------------------------------------------------------------------
+
+
+@pytest.mark.task("constraints")
+def test_a_duplicate_author_name_is_409(client):
+    create_author(client, {"name": "Octavia E. Butler"})
+    response = call(client, "POST", "/authors", json={"name": "Octavia E. Butler"})
+    expect_status(response, 409, "the name is unique: the database refuses the second row, the API says 409 Conflict")
+    detail = json_of(response).get("detail")
+    check(isinstance(detail, str) and bool(detail), explain(response, 'a body {"detail": "..."} saying what clashed'))
+
+
+@pytest.mark.task("constraints")
+def test_a_duplicate_isbn_is_409_and_changes_nothing(client):
+    first = create_author(client, URSULA)
+    other = create_author(client, {"name": "Somebody Else"})
+    taken = URSULA["books"][0]["isbn"]
+    response = call(client, "POST", f"/authors/{other['id']}/books", json={"title": "Copy", "isbn": taken, "year": 2001})
+    expect_status(response, 409, "the ISBN is unique across all books")
+    expect_json(call(client, "GET", f"/authors/{other['id']}"), {"books": []}, "the refused book was not saved")
+    response = call(client, "GET", f"/authors/{first['id']}")
+    check(len(json_of(response).get("books", [])) == 2, explain(response, "the original owner still has 2 books"))
+
+
+@pytest.mark.task("constraints")
+def test_a_missing_author_is_404(client):
+    response = call(client, "GET", "/authors/41")
+    expect_status(response, 404, "there is no author 41")
+    expect_json(response, {"detail": "Author 41 not found"}, exact=True)
+    response = call(client, "POST", "/authors/41/books", json={"title": "Orphan", "isbn": isbn(9), "year": 2000})
+    expect_status(response, 404, "a book cannot be added to an author who does not exist")
+
+
+INVALID = [
+    ("/authors", {"name": ""}),
+    ("/authors", {"name": "x" * 101}),
+    ("/authors", {"name": "Valid", "books": [{"title": "No ISBN", "year": 2000}]}),
+    ("/authors/1/books", {"title": "Short ISBN", "isbn": "12345", "year": 2000}),
+    ("/authors/1/books", {"title": "Letters", "isbn": "978000000000X", "year": 2000}),
+    ("/authors/1/books", {"title": "", "isbn": isbn(3), "year": 2000}),
+]
+
+
+@pytest.mark.task("constraints")
+def test_invalid_input_is_422(client):
+    create_author(client, {"name": "Existing"})
+    for url, payload in INVALID:
+        expect_status(call(client, "POST", url, json=payload), 422,
+                      "the API schema rejects it before the database sees it: name 1-100 characters, "
+                      "title 1-200, isbn 13 digits")
+
+
+# --- pagination ---------------------------------------------------------------------------------
+
+TITLES = ["Kindred", "Dawn", "Parable of the Sower", "Dawn", "Bloodchild", "Fledgling", "Dawn"]
+
+
+def shelf(client: TestClient) -> list[dict[str, Any]]:
+    """Seven books by two authors, added out of title order, with one title three times."""
+    butler = create_author(client, {"name": "Octavia E. Butler"})
+    other = create_author(client, {"name": "Another Author"})
+    return [add_book(client, (butler if n % 3 else other)["id"], title, isbn(100 + n), 1980 + n)
+            for n, title in enumerate(TITLES)]
+
+
+def expected_order(books: list[dict[str, Any]]) -> list[int]:
+    return [book["id"] for book in sorted(books, key=lambda book: (book["title"], book["id"]))]
+
+
+@pytest.mark.task("pagination")
+def test_pages_follow_a_stable_title_then_id_order(client):
+    books = shelf(client)
+    seen: list[int] = []
+    for offset in (0, 3, 6):
+        response = call(client, "GET", "/books", params={"offset": offset, "limit": 3})
+        body = expect_json(response, {"total": 7, "offset": offset, "limit": 3})
+        items = body.get("items")
+        check(isinstance(items, list) and all(isinstance(item, dict) for item in items), explain(
+            response, '{"items": [...], "total": 7, "offset": ..., "limit": 3}'))
+        seen += [item.get("id") for item in items]
+    want = expected_order(books)
+    check(seen == want, (
+        f"\nsent:     GET /books?offset=0&limit=3, then offset=3 and offset=6\n"
+        f"expected: book ids {want} across the pages: ordered by title, equal titles by id, each book once\n"
+        f"got:      {seen}"))
+
+
+@pytest.mark.task("pagination")
+def test_the_default_page_and_the_author_filter(client):
+    books = shelf(client)
+    response = call(client, "GET", "/books")
+    body = expect_json(response, {"total": 7, "offset": 0, "limit": 20}, "offset defaults to 0, limit to 20")
+    check(len(body.get("items", [])) == 7, explain(response, "all 7 books on the first page"))
+    author_id = books[1]["author_id"]
+    mine = [book for book in books if book["author_id"] == author_id]
+    response = call(client, "GET", "/books", params={"author_id": author_id})
+    body = expect_json(response, {"total": len(mine)}, f"only the {len(mine)} books of author {author_id}")
+    got = [item.get("id") for item in body.get("items", [])]
+    check(got == expected_order(mine), explain(response, f"the ids {expected_order(mine)}, in title order"))
+
+
+@pytest.mark.task("pagination")
+def test_page_parameters_are_bounded(client):
+    for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}):
+        expect_status(call(client, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
+
+
+# --- index --------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("index")
+def test_finding_the_books_of_an_author_uses_an_index(client, database_file):
+    query = "SELECT id, title FROM books WHERE author_id = 1"
+    with sqlite3.connect(database_file) as connection:
+        plan = [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}")]
+    check(any("USING INDEX" in step or "USING COVERING INDEX" in step for step in plan), (
+        f"\nasked:    EXPLAIN QUERY PLAN {query}\nexpected: SEARCH books USING INDEX ... (author_id=?)\n"
+        f"got:      {plan} — a SCAN reads every row of the table. Give books.author_id an index "
+        "(mapped_column(..., index=True)): foreign keys are not indexed by themselves."))

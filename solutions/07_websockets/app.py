@@ -1,0 +1,220 @@
+"""Lesson 07 reference: WebSockets with typed messages, auth on connect and rooms."""
+
+import asyncio
+import logging
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import Cookie, Depends, FastAPI, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+app = FastAPI(title="Chat", version="0.7.0")
+log = logging.getLogger(__name__)
+
+# Who holds which token. A real service would verify a signed JWT here (lesson 05);
+# a fixed table keeps this lesson about the socket, not about the token.
+TOKENS: dict[str, str] = {
+    "token-alice": "alice",
+    "token-bob": "bob",
+    "token-carol": "carol",
+}
+
+
+# --- The messages a client may send --------------------------------------------------------
+
+RoomName = Annotated[str, Field(min_length=1, max_length=50)]
+Text = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+class Join(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["join"]
+    room: RoomName
+
+
+class Leave(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["leave"]
+    room: RoomName
+
+
+class Say(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["say"]
+    room: RoomName
+    text: Text
+
+
+class Direct(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["direct"]
+    to: Annotated[str, Field(min_length=1, max_length=50)]
+    text: Text
+
+
+# The "type" field picks the model, so an unknown type or a missing field gives one precise
+# error instead of four "did not match" errors, one per member of the union.
+ClientMessage = Annotated[Join | Leave | Say | Direct, Field(discriminator="type")]
+client_message: TypeAdapter[Join | Leave | Say | Direct] = TypeAdapter(ClientMessage)
+
+
+def error_frame(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "detail": detail}
+    if errors is not None:
+        frame["errors"] = errors
+    return frame
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    # Only location and message: the raw input and the context may not be JSON-serialisable.
+    return [{"loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+
+
+# --- The connection manager ----------------------------------------------------------------
+
+
+class JSONSender(Protocol):
+    """What the manager needs from a socket: FastAPI's WebSocket is one."""
+
+    async def send_json(self, data: Any) -> None: ...
+
+
+class ConnectionManager:
+    """Who is connected, who is in which room, and delivery that survives bad sockets.
+
+    The bookkeeping methods are plain functions with no `await`: in asyncio nothing else runs
+    in the middle of them, so a room never holds a half-registered socket.
+    """
+
+    def __init__(self, send_timeout: float = 1.0) -> None:
+        self.send_timeout = send_timeout
+        self._users: dict[JSONSender, str] = {}
+        self._rooms: dict[str, set[JSONSender]] = {}
+
+    def connect(self, websocket: JSONSender, user: str) -> None:
+        self._users[websocket] = user
+
+    def disconnect(self, websocket: JSONSender) -> None:
+        """Forget a socket everywhere. Safe to call twice (the endpoint and a failed send may both)."""
+        self._users.pop(websocket, None)
+        for room in list(self._rooms):
+            self.leave(websocket, room)
+
+    def join(self, websocket: JSONSender, room: str) -> None:
+        self._rooms.setdefault(room, set()).add(websocket)
+
+    def leave(self, websocket: JSONSender, room: str) -> None:
+        members = self._rooms.get(room)
+        if members is not None:
+            members.discard(websocket)
+            if not members:
+                del self._rooms[room]  # empty rooms would pile up forever
+
+    def in_room(self, websocket: JSONSender, room: str) -> bool:
+        return websocket in self._rooms.get(room, ())
+
+    def members(self, room: str) -> list[str]:
+        return sorted({self._users[ws] for ws in self._rooms.get(room, ()) if ws in self._users})
+
+    async def send_personal(self, user: str, message: dict[str, Any]) -> int:
+        """Send to every connection of `user` (one person, several tabs); return how many got it."""
+        return await self._deliver([ws for ws, name in self._users.items() if name == user], message)
+
+    async def broadcast(self, room: str, message: dict[str, Any]) -> int:
+        """Send to everyone in `room`; return how many got it."""
+        # A copy: failed sends remove members while we iterate.
+        return await self._deliver(list(self._rooms.get(room, ())), message)
+
+    async def _deliver(self, targets: list[JSONSender], message: dict[str, Any]) -> int:
+        # Concurrently, so one slow client costs everyone at most `send_timeout`, not the sum.
+        results = await asyncio.gather(*(self._send(ws, message) for ws in targets))
+        return sum(results)
+
+    async def _send(self, websocket: JSONSender, message: dict[str, Any]) -> bool:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await websocket.send_json(message)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, it broke for this client only
+            # Gone (WebSocketDisconnect), already closed (a RuntimeError from Starlette), a broken
+            # transport (OSError) or too slow to keep up (TimeoutError): drop it, serve the others.
+            log.warning("dropping a socket of %s: %r", self._users.get(websocket, "?"), exc)
+            self.disconnect(websocket)
+            return False
+        return True
+
+
+manager = ConnectionManager()
+
+
+# --- Endpoints -----------------------------------------------------------------------------
+
+
+@app.websocket("/ws/echo")
+async def echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    # iter_text ends quietly when the client disconnects.
+    async for text in websocket.iter_text():
+        await websocket.send_text(text)
+
+
+async def authenticate(
+    token: Annotated[str | None, Query()] = None,
+    cookie_token: Annotated[str | None, Cookie(alias="token")] = None,
+) -> str:
+    """The user behind the token from `?token=` or the `token` cookie (browsers cannot set headers)."""
+    user = TOKENS.get(token or cookie_token or "")
+    if user is None:
+        # Raised before accept(): the handshake is refused with 1008 and no frame is ever exchanged.
+        raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION, reason="missing or invalid token")
+    return user
+
+
+CurrentUser = Annotated[str, Depends(authenticate)]
+
+
+async def receive_frame(websocket: WebSocket) -> str | bytes:
+    """The next text or binary frame; a binary frame is validated like text, not a crash."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    return message.get("text") or message.get("bytes") or b""
+
+
+@app.websocket("/ws/chat")
+async def chat(websocket: WebSocket, user: CurrentUser) -> None:
+    await websocket.accept()
+    manager.connect(websocket, user)
+    try:
+        await websocket.send_json({"type": "welcome", "user": user})
+        while True:
+            raw = await receive_frame(websocket)
+            try:
+                message = client_message.validate_json(raw)
+            except ValidationError as exc:
+                # A bad frame is the client's mistake, not a reason to drop the connection.
+                await websocket.send_json(error_frame("invalid message", validation_errors(exc)))
+                continue
+            await handle(websocket, user, message)
+    except WebSocketDisconnect:
+        pass  # the client left; nothing to answer
+    finally:
+        # Always, however the loop ended: a socket left in a room would receive (and fail) forever.
+        manager.disconnect(websocket)
+
+
+async def handle(websocket: WebSocket, user: str, message: Join | Leave | Say | Direct) -> None:
+    match message:
+        case Join(room=room):
+            manager.join(websocket, room)
+            await websocket.send_json({"type": "joined", "room": room, "members": manager.members(room)})
+        case Leave(room=room):
+            manager.leave(websocket, room)
+            await websocket.send_json({"type": "left", "room": room})
+        case Say(room=room, text=text):
+            if not manager.in_room(websocket, room):
+                await websocket.send_json(error_frame(f"join {room} before speaking in it"))
+                return
+            await manager.broadcast(room, {"type": "message", "room": room, "from": user, "text": text})
+        case Direct(to=to, text=text):
+            delivered = await manager.send_personal(to, {"type": "direct", "from": user, "text": text})
+            if not delivered:
+                await websocket.send_json(error_frame(f"{to} is not connected"))

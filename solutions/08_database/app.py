@@ -1,0 +1,132 @@
+"""Lesson 08 reference: a library service on SQLAlchemy 2 async, with aiosqlite by default.
+
+Layers: routes (HTTP) -> Library (services.py) -> AsyncSession -> models.py.
+The same code runs on PostgreSQL by setting DATABASE_URL=postgresql+asyncpg://...
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from .models import Base
+from .schemas import AuthorDetail, AuthorIn, BookIn, BookOut, Page
+from .services import Conflict, Library, NotFound
+
+
+class Settings(BaseSettings):
+    """Configuration from the environment: DATABASE_URL, SQL_ECHO."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./library.db"
+    sql_echo: bool = False
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite ignores FOREIGN KEY clauses unless each connection asks for them.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request: commit if the route succeeded, roll back if it raised, always close."""
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:  # closes the session (and returns its connection) on any exit
+        try:
+            yield session
+        except Exception:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()
+
+
+# scope="function": the code after `yield` (the commit) runs when the route returns, *before*
+# the response is sent. A failed commit then becomes an error response, not a lost write
+# behind a 201 that was already on its way.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def get_library(session: SessionDep) -> Library:
+    return Library(session)
+
+
+LibraryDep = Annotated[Library, Depends(get_library)]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The engine (and its connection pool) lives exactly as long as the application.
+        engine = create_async_engine(settings.database_url, echo=settings.sql_echo)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+        # create_all is fine for a course and for tests; a deployed service runs Alembic
+        # migrations before it starts instead (see the lesson).
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        app.state.engine = engine
+        # expire_on_commit=False: objects keep their loaded values after commit, so reading
+        # them later does not trigger a refresh query (which async code cannot do implicitly).
+        app.state.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.get("/health/db")
+    async def database_health(library: LibraryDep) -> dict[str, str]:
+        try:
+            await library.ping()
+        except (DBAPIError, OSError) as exc:  # the database is down or unreachable, not a bug here
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable") from exc
+        return {"database": "ok"}
+
+    @app.post("/authors", status_code=status.HTTP_201_CREATED)
+    async def create_author(data: AuthorIn, library: LibraryDep) -> AuthorDetail:
+        return AuthorDetail.model_validate(await library.create_author(data))
+
+    @app.get("/authors/{author_id}")
+    async def read_author(author_id: int, library: LibraryDep) -> AuthorDetail:
+        return AuthorDetail.model_validate(await library.get_author(author_id))
+
+    @app.post("/authors/{author_id}/books", status_code=status.HTTP_201_CREATED)
+    async def add_book(author_id: int, data: BookIn, library: LibraryDep) -> BookOut:
+        return BookOut.model_validate(await library.add_book(author_id, data))
+
+    @app.get("/books")
+    async def list_books(
+        library: LibraryDep,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        author_id: int | None = None,
+    ) -> Page[BookOut]:
+        books, total = await library.list_books(offset, limit, author_id)
+        return Page[BookOut](
+            items=[BookOut.model_validate(book) for book in books], total=total, offset=offset, limit=limit
+        )
+
+    return app
+
+
+app = create_app()

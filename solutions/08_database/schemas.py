@@ -1,0 +1,47 @@
+"""API schemas: what clients send and receive. They change with the API, not with the tables."""
+
+from typing import Annotated, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class BookIn(BaseModel):
+    title: Annotated[str, Field(min_length=1, max_length=200)]
+    isbn: Annotated[str, Field(pattern=r"^\d{13}$", description="ISBN-13, digits only")]
+    year: Annotated[int, Field(ge=1450, le=2100)]
+
+
+class AuthorIn(BaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    books: Annotated[list[BookIn], Field(max_length=50)] = []
+
+
+class BookOut(BaseModel):
+    # from_attributes: read the fields from an ORM object's attributes, not from a dict.
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    title: str
+    isbn: str
+    year: int
+    author_id: int
+
+
+class AuthorOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+
+
+class AuthorDetail(AuthorOut):
+    books: list[BookOut]
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    offset: int
+    limit: int
