@@ -1,0 +1,253 @@
+"""Graded tests for exercise 09. Run: pytest exercises/09_testing
+
+This exercise is turned around: you write the tests, in service_tests.py. This file runs
+your tests once, in a separate pytest process, against the correct service (service.py) and
+against every buggy copy of it in variants/. Then it asks two things:
+
+- do all your tests pass on the correct service? (if not, nothing else counts: a test that
+  fails on a good service cannot tell a good service from a bad one);
+- for each buggy variant, does at least one of your tests fail on it?
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+TESTS_FILE = "service_tests.py"
+CORRECT = "correct"
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Timeout|Warning|Exit)\b")
+CHILD_TIMEOUT = 100  # seconds for your tests against every service (exercise.toml allows 120 in all)
+
+# The pytest settings your tests run under: the course's own (strict asyncio, warnings are
+# errors) plus a per-test timeout, so that a test waiting forever on a WebSocket fails.
+# Native tracebacks: pytest's own long format re-parses every source file of every frame,
+# which costs seconds when many tests fail inside Starlette's stack.
+PYTEST_INI = """\
+[pytest]
+addopts = --import-mode=importlib -p no:cacheprovider --tb=native
+asyncio_mode = strict
+asyncio_default_fixture_loop_scope = function
+asyncio_default_test_loop_scope = function
+filterwarnings = error
+xfail_strict = true
+timeout = 10
+"""
+
+# For each buggy variant: the task that grades it and an idea of a test that catches it.
+VARIANTS: dict[str, str] = {
+    "created_returns_200": (
+        "Check the status code, not only the body: after POST /notes, assert that "
+        "response.status_code == 201."
+    ),
+    "empty_title_accepted": (
+        "Test the edges of validation, not only a typical bad value: the title must be 1 to 100 "
+        "characters, so send an empty title (and one of 101 characters) and expect 422. "
+        "@pytest.mark.parametrize keeps that to one test."
+    ),
+    "page_off_by_one": (
+        "Create a few notes (a factory fixture helps), then ask for page 1, 2 and the last page "
+        "with a small size and compare the ids or titles you get with the ones you expect."
+    ),
+    "delete_without_key": (
+        "Check the API key on every /notes route, DELETE included: no key or a wrong key must "
+        "answer 401. Parametrize one test over (method, path)."
+    ),
+    "missing_note_500": (
+        "Test the unhappy path: GET /notes/999 (a note that does not exist) must answer 404 "
+        'with {"detail": "Note 999 not found"}.'
+    ),
+    "audit_lost_at_shutdown": (
+        "Use `with TestClient(app) as client:` and check the audit file AFTER the with-block: "
+        "leaving it runs the lifespan's teardown, which must write the buffered records."
+    ),
+    "notification_never_sent": (
+        "Replace the notifier: app.dependency_overrides[service.get_notifier] = lambda: fake, "
+        "where fake records what notify() receives; after POST /notes expect one message."
+    ),
+    "feed_accepts_any_key": (
+        "Connect to /ws/notes with a WRONG api_key (not only a missing one) and expect the "
+        "connection to be refused: pytest.raises(WebSocketDisconnect) around websocket_connect."
+    ),
+}
+
+
+@dataclass
+class Run:
+    """What happened when your tests ran against every service."""
+
+    tests_file: Path
+    results: list[dict] = field(default_factory=list)
+    collection_errors: list[str] = field(default_factory=list)
+    problem: str = ""  # why the run produced no results at all
+
+    def on(self, variant: str | None) -> list[dict]:
+        return [r for r in self.results if r["variant"] == variant]
+
+    @property
+    def failed_on_correct(self) -> list[dict]:
+        # A test that does not use the `service` fixture runs once, unparametrized: it counts
+        # as a test of the correct service.
+        return [r for r in self.on(CORRECT) + self.on(None) if r["outcome"] in ("failed", "error")]
+
+
+def _variant_bug(folder: Path, variant: str) -> str:
+    source = (folder / "variants" / f"{variant}.py").read_text(encoding="utf-8")
+    docstring = ast.get_docstring(ast.parse(source)) or ""
+    return docstring.splitlines()[0].removeprefix("Variant:").strip() if docstring else variant
+
+
+def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeout: float) -> Run:
+    run = Run(tests_file=tests_file)
+    if not tests_file.is_file():
+        run.problem = f"{tests_file} is missing. This exercise expects you to write your tests in it."
+        return run
+    # A private folder: a copy of your file, the conftest that provides `service`, the settings.
+    shutil.copyfile(tests_file, workdir / TESTS_FILE)
+    shutil.copyfile(service_dir / "conftest.py", workdir / "conftest.py")
+    (workdir / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
+    report = workdir / "report.json"
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
+    env |= {
+        "NOTES_SERVICE_DIR": str(service_dir),
+        "NOTES_VARIANTS": "all",
+        "NOTES_REPORT": str(report),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    command = [
+        sys.executable, "-m", "pytest", TESTS_FILE, "-q", "--no-header", "-p", "no:cacheprovider",
+        "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / "tmp"),
+    ]
+    try:
+        completed = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.problem = (
+            f"Your tests did not finish within {timeout:.0f} s (against all services together). "
+            "Does a test wait for something that never comes, such as a WebSocket message?"
+        )
+        return run
+    if not report.is_file():
+        output = (completed.stdout + completed.stderr).strip()[-3000:]
+        run.problem = f"pytest could not run your tests (exit code {completed.returncode}):\n{output}"
+        return run
+    payload = json.loads(report.read_text(encoding="utf-8"))
+    shown = str(tests_file)
+
+    def relocate(text: str) -> str:  # point messages at your file, not at the private copy
+        return text.replace(str(workdir / TESTS_FILE), shown).replace(str(workdir), str(tests_file.parent))
+
+    run.results = [{**r, "message": relocate(r["message"])} for r in payload["tests"]]
+    run.collection_errors = [relocate(text) for text in payload["collection_errors"]]
+    return run
+
+
+_runs: dict[Path, Run] = {}
+
+
+@pytest.fixture
+def run(target_dir: Path, exercise, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    # One run of your tests serves every graded test below (it is the expensive part).
+    key = target_dir.resolve()
+    if key not in _runs:
+        workdir = tmp_path_factory.mktemp("learner-tests")
+        _runs[key] = _run_learner_tests(key / TESTS_FILE, exercise.folder, workdir, CHILD_TIMEOUT)
+    return _runs[key]
+
+
+def _where_it_failed(message: str) -> list[str]:
+    """The last line of your file in the traceback, and the error it ended with."""
+    lines = message.rstrip().splitlines()
+    errors = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    end = errors[-1] if errors else max(len(lines) - 6, 0)
+    yours = [i for i, line in enumerate(lines[:end]) if f'{TESTS_FILE}", line' in line]
+    shown = lines[yours[-1]:yours[-1] + 2] + ["  ..."] if yours else []
+    return shown + lines[end:end + 8]
+
+
+def _listing(results: list[dict], limit: int = 3) -> str:
+    lines = []
+    for result in results[:limit]:
+        lines.append(f"  {result['name']} {result['outcome']}:")
+        lines.extend("      " + line for line in _where_it_failed(result["message"]))
+    if len(results) > limit:
+        lines.append(f"  … and {len(results) - limit} more")
+    return "\n".join(lines)
+
+
+def _gate_problem(run: Run) -> str:
+    """Why your tests cannot be graded yet, or "" when they pass on the correct service."""
+    if run.problem:
+        return run.problem
+    if run.collection_errors:
+        text = "\n".join(run.collection_errors)[-3000:]
+        advice = (
+            "\nDo not import the service: ask for the `service` fixture, which is the correct service or a variant."
+            if "No module named 'service'" in text else ""
+        )
+        return f"pytest could not collect your tests:\n{text}{advice}"
+    if not run.on(CORRECT):
+        return (
+            f"None of your tests in {run.tests_file.name} uses the `service` fixture, so none of them "
+            "tests the service. Ask for it (directly or through your own `app`/`client` fixture): "
+            "`def app(service, tmp_path): return service.create_app(service.Settings(...))`."
+        )
+    failed = run.failed_on_correct
+    if failed:
+        lifespan = any(f"has no attribute '{name}'" in r["message"] for r in failed for name in ("store", "audit", "feed"))
+        advice = (
+            "The app's lifespan did not run (request.state has no store): the service opens its database "
+            "in the lifespan, which TestClient runs only inside `with TestClient(app) as client:` "
+            "(ASGITransport never runs it; wrap the app in asgi_lifespan.LifespanManager).\n"
+            if lifespan else ""
+        )
+        return (
+            f"{len(failed)} of your tests fail on the correct service (service.py):\n{_listing(failed)}\n{advice}"
+            "A test that fails on a correct service cannot tell it from a broken one, so no variant "
+            "counts until every test passes on service.py. Run them with: "
+            f"pytest {run.tests_file}"
+        )
+    return ""
+
+
+@pytest.mark.slow  # runs your tests in a child pytest process
+@pytest.mark.timeout(CHILD_TIMEOUT + 10)
+@pytest.mark.task("passes_on_correct")
+def test_your_tests_pass_on_the_correct_service(run: Run) -> None:
+    problem = _gate_problem(run)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(CHILD_TIMEOUT + 10)
+@pytest.mark.parametrize("variant", [pytest.param(name, marks=pytest.mark.task(name)) for name in VARIANTS])
+def test_your_tests_catch_the_bug(run: Run, variant: str, exercise) -> None:
+    problem = _gate_problem(run)
+    if problem:
+        first = problem.splitlines()[0]
+        pytest.fail(
+            f"Not graded yet: {first}\nSee test_your_tests_pass_on_the_correct_service for the details: "
+            "no variant counts until your tests pass on the correct service.",
+            pytrace=False,
+        )
+    results = run.on(variant)
+    if any(r["outcome"] in ("failed", "error") for r in results):
+        return
+    passed = sum(r["outcome"] == "passed" for r in results)
+    pytest.fail(
+        f"\nran:      your {passed} tests against variants/{variant}.py; all of them passed, so this bug would ship"
+        f"\nthe bug:  {_variant_bug(exercise.folder, variant)}"
+        f"\nexpected: at least one test that fails on this variant and passes on service.py"
+        f"\nidea:     {VARIANTS[variant]}"
+        f"\ntry it:   NOTES_VARIANTS={variant} pytest {run.tests_file}",
+        pytrace=False,
+    )

@@ -1,0 +1,71 @@
+"""Exercise 10: the orders service. It asks inventory before accepting an order, and
+publishes an OrderPlaced event for every order it accepts.
+
+Read README.md in this folder for the full interface. This file stands alone: do not import
+inventory.py or gateway.py (they are other services).
+"""
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class Settings(BaseSettings):
+    """Where inventory lives and how patiently to call it; ORDERS_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERS_")
+
+    inventory_url: str = "http://127.0.0.1:8001"
+    events_url: str | None = None
+    timeout: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=2, ge=0)
+    backoff: float = Field(default=0.05, ge=0)
+
+
+class InProcessBroker:
+    """Hands each published event to the handlers subscribed in this process."""
+
+    def __init__(self) -> None:
+        self._handlers: defaultdict[str, list[EventHandler]] = defaultdict(list)
+
+    def subscribe(self, topic: str, handler: EventHandler) -> None:
+        self._handlers[topic].append(handler)
+
+    async def publish(self, topic: str, event: dict[str, Any]) -> None:
+        # TODO: await every handler subscribed to `topic`.
+        pass
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
+    broker: Any = None,
+) -> FastAPI:
+    """An orders service. Tests pass `upstream_transport` (how to reach inventory) and `broker`."""
+    settings = settings or Settings()
+
+    # TODO: a lifespan that creates ONE httpx.AsyncClient(base_url=settings.inventory_url,
+    #       timeout=..., transport=upstream_transport), yields it (with the broker and an
+    #       orders dict) as state, and closes it at shutdown.
+    app = FastAPI(title="Orders")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "service": "orders"}
+
+    # TODO: X-Request-ID: reuse the caller's or create one; return it; send it to inventory.
+
+    # TODO: POST /orders {"sku", "quantity"}: GET /stock/{sku} at inventory (retried with
+    #       backoff when it fails transiently), 422 / 409 from its answer, 503 / 504 / 502
+    #       when it fails, else store the order, publish OrderPlaced, answer 201 + Location.
+
+    # TODO: GET /orders/{order_id} -> the order, or 404.
+    return app
