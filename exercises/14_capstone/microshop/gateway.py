@@ -1,0 +1,69 @@
+"""The gateway (step 6): the one public entry point. Read README.md.
+
+    uvicorn microshop.gateway:create_app --factory --port 8000
+"""
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request, Response
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .common import RequestContextMiddleware, health_router, todo
+
+
+class Settings(BaseSettings):
+    """Environment variables with the prefix GATEWAY_."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_")
+
+    users_url: str = "http://127.0.0.1:8001"
+    catalog_url: str = "http://127.0.0.1:8002"
+    orders_url: str = "http://127.0.0.1:8003"
+    timeout: float = 5.0
+
+
+SERVICES = ("users", "catalog", "orders")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+) -> FastAPI:
+    """Build the gateway. `transports` maps "users", "catalog" and "orders" to a transport
+    that stands in for the network in tests."""
+    settings = settings or Settings()
+    transports = dict(transports or {})
+    urls = {"users": settings.users_url, "catalog": settings.catalog_url, "orders": settings.orders_url}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        clients = {name: httpx.AsyncClient(base_url=urls[name], transport=transports.get(name)) for name in SERVICES}
+        app.state.clients = clients
+        try:
+            yield
+        finally:
+            for client in clients.values():
+                await client.aclose()
+
+    app = FastAPI(title="gateway", lifespan=lifespan)
+    app.add_middleware(RequestContextMiddleware, service="gateway")
+    app.include_router(health_router("gateway"))
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        # TODO: ask every service's /health; 200 {"status": "ready", "services": {...: "up"}},
+        #   or 503 {"status": "not ready", ...} with "down" for those that do not answer.
+        todo("step 6: GET /ready")
+
+    @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def proxy(path: str, request: Request) -> Response:
+        # TODO: only users, token, products and orders are public (else 404). Forward the
+        #   method, path, query, body and the Authorization, Content-Type, Accept and
+        #   X-Request-ID headers; return the status, body, Content-Type, WWW-Authenticate and
+        #   Location (prefixed with /api). Unreachable: 503; slower than settings.timeout: 504.
+        todo("step 6: the proxy")
+
+    return app

@@ -1,0 +1,152 @@
+"""The orders service (steps 3-5): places orders by reserving stock in the catalog, and
+announces them with OrderPlaced events. Read README.md.
+
+    uvicorn microshop.orders:create_app --factory --port 8003
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, BackgroundTasks, FastAPI, Request, Response, Security, status
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import JSON, String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .common import (
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    UTCDateTime,
+    current_principal,
+    health_router,
+    todo,
+    utcnow,
+)
+
+
+class Settings(BaseSettings):
+    """Environment variables with the prefix ORDERS_."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERS_")
+
+    database_url: str = "sqlite+aiosqlite:///./orders.db"
+    jwt_secret: SecretStr = Field(min_length=32)
+    catalog_url: str = "http://127.0.0.1:8002"
+    users_url: str = "http://127.0.0.1:8001"
+    catalog_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one call to the catalog
+    events_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one event delivery
+    outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    total_cents: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# TODO (step 5): an outbox table: the OrderPlaced events waiting to be delivered.
+
+
+class Line(BaseModel):
+    sku: Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
+    quantity: Annotated[int, Field(ge=1, le=100)]
+
+
+class OrderIn(BaseModel):
+    items: Annotated[list[Line], Field(min_length=1, max_length=20)]
+
+
+router = APIRouter()
+
+
+@router.post("/orders", status_code=status.HTTP_201_CREATED)
+async def place_order(
+    body: OrderIn,
+    request: Request,
+    response: Response,
+    background: BackgroundTasks,
+    session: SessionDep,
+    principal: Annotated[Principal, Security(current_principal, scopes=["orders:write"])],
+) -> dict:
+    # TODO (step 3): choose the order ID, reserve the stock with
+    #   request.app.state.catalog.post("/reservations", ...), and only then store the order:
+    #   201 with the order and Location: /orders/{id}. Catalog 409 -> 409, 404 -> 422.
+    # TODO (step 4): a deadline on the catalog call (settings.catalog_timeout). No order when
+    #   the catalog is unreachable (503), slow (504) or failing (502), and the reservation
+    #   released (DELETE /reservations/{order_id}) whenever it may have been made.
+    # TODO (step 5): store an OrderPlaced event in the outbox, in the same commit as the order,
+    #   and deliver it after the response (background.add_task).
+    todo("step 3: POST /orders")
+
+
+@router.get("/orders")
+async def list_orders(
+    session: SessionDep, principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])]
+) -> list[dict]:
+    # TODO (step 3): the caller's orders, newest first.
+    todo("step 3: GET /orders")
+
+
+@router.get("/orders/{order_id}")
+async def read_order(
+    order_id: str, session: SessionDep, principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])]
+) -> dict:
+    # TODO (step 3): the order, or 404 - also when it belongs to someone else.
+    todo("step 3: GET /orders/{order_id}")
+
+
+@router.post("/outbox/dispatch")
+async def dispatch_now(request: Request) -> dict[str, int]:
+    # TODO (step 5): deliver the pending events to users (POST /events) in order, stop at the
+    #   first failure; {"delivered": n, "pending": m}.
+    todo("step 5: POST /outbox/dispatch")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    catalog_transport: httpx.AsyncBaseTransport | None = None,
+    users_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the orders service. The transports stand in for the network in tests;
+    without them, the URLs from the settings are called."""
+    settings = settings or Settings()
+    engine = create_async_engine(settings.database_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        async with (
+            httpx.AsyncClient(base_url=settings.catalog_url, transport=catalog_transport) as catalog,
+            httpx.AsyncClient(base_url=settings.users_url, transport=users_transport) as users,
+        ):
+            app.state.catalog, app.state.users = catalog, users
+            # TODO (step 5): retry undelivered events every settings.outbox_interval seconds
+            #   (when it is not 0) in a task that is cancelled at shutdown.
+            yield
+        await engine.dispose()
+
+    app = FastAPI(title="orders", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.add_middleware(RequestContextMiddleware, service="orders")
+    app.include_router(health_router("orders"))
+    app.include_router(router)
+    return app

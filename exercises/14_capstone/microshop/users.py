@@ -1,0 +1,132 @@
+"""The users service (step 1, and step 5 for the read model). Read README.md.
+
+    uvicorn microshop.users:create_app --factory --port 8001
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Security, status
+from fastapi.security import OAuth2PasswordRequestForm
+from pwdlib import PasswordHash
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import String
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .common import (
+    OrderPlaced,
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    UTCDateTime,
+    current_principal,
+    health_router,
+    todo,
+    utcnow,
+)
+
+CUSTOMER_SCOPES = frozenset({"orders:read", "orders:write"})
+ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
+
+
+class Settings(BaseSettings):
+    """Environment variables with the prefix USERS_ (USERS_JWT_SECRET, ...)."""
+
+    model_config = SettingsConfigDict(env_prefix="USERS_")
+
+    database_url: str = "sqlite+aiosqlite:///./users.db"
+    jwt_secret: SecretStr = Field(min_length=32)
+    token_ttl_minutes: int = Field(30, ge=1, le=24 * 60)
+    admin_username: str | None = None
+    admin_password: SecretStr | None = None
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    password_hash: Mapped[str]
+    scopes: Mapped[str]  # space-separated
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# TODO (step 5): tables for the read model (orders placed and cents spent per username) and
+#   for the IDs of the events already applied.
+
+
+class UserCreate(BaseModel):
+    # TODO (step 1): username 3-32 characters of a-z, 0-9 and _; password 8-128 characters.
+    username: str
+    password: SecretStr
+
+
+def get_password_hash(request: Request) -> PasswordHash:
+    return request.app.state.password_hash
+
+
+HasherDep = Annotated[PasswordHash, Depends(get_password_hash)]
+router = APIRouter()
+
+
+@router.post("/users", status_code=status.HTTP_201_CREATED)
+async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> dict:
+    # TODO (step 1): store the user with a hashed password and the customer scopes;
+    #   201 {"username", "scopes"}; 409 when the username is taken.
+    todo("step 1: POST /users")
+
+
+@router.post("/token")
+async def token(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], request: Request, session: SessionDep, hasher: HasherDep
+) -> dict:
+    # TODO (step 1): verify the password (also for unknown users, against a dummy hash);
+    #   401 with WWW-Authenticate: Bearer when wrong; grant the requested scopes the user has
+    #   (all of them when none are requested); {"access_token": ..., "token_type": "bearer"}.
+    todo("step 1: POST /token")
+
+
+@router.get("/users/me")
+async def me(principal: Annotated[Principal, Security(current_principal)], session: SessionDep) -> dict:
+    # TODO (step 1): {"username", "scopes", "orders_placed", "total_spent_cents"} (0 and 0 until step 5).
+    todo("step 1: GET /users/me")
+
+
+@router.post("/events")
+async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
+    # TODO (step 5): apply an OrderPlaced event to the read model once: {"status": "applied"};
+    #   an event_id seen before changes nothing: {"status": "duplicate"}.
+    todo("step 5: POST /events")
+
+
+def create_app(settings: Settings | None = None, *, password_hash: PasswordHash | None = None) -> FastAPI:
+    """Build the users service. With no settings, they are read from the environment."""
+    settings = settings or Settings()
+    hasher = password_hash or PasswordHash.recommended()
+    engine = create_async_engine(settings.database_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        # TODO (step 1): create the admin user from the settings (with ADMIN_SCOPES) if absent.
+        yield
+        await engine.dispose()
+
+    app = FastAPI(title="users", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.password_hash = hasher
+    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.add_middleware(RequestContextMiddleware, service="users")
+    app.include_router(health_router("users"))
+    app.include_router(router)
+    return app

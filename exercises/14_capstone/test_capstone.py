@@ -1,0 +1,877 @@
+"""Graded tests for exercise 14, the capstone. Run: pytest exercises/14_capstone
+
+Most tests wire the four services together in this process (every call between them goes
+through httpx.ASGITransport, so no port is opened). The end_to_end tests start every service
+as a real uvicorn process on loopback, exactly as README.md says they are deployed.
+
+Tests of one step only need the services of that step: the users tests talk to users alone,
+the catalog tests to catalog alone, and so on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from asgi_lifespan import LifespanManager
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+from grader.catalog import load_exercise
+from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.live import free_port, serve_in_process
+from grader.pytest_plugin import target_folder
+
+SECRET = "capstone-test-secret-0123456789abcdef"  # shared by the services, as in production
+ISSUER = "microshop-users"
+ADMIN = {"username": "admin", "password": "admin-password-1"}
+CUSTOMER_SCOPES = ["orders:read", "orders:write"]
+# Argon2 at production cost takes ~0.15 s per hash; tests hash a lot, so they pass a cheap one.
+FAST_HASH = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
+
+
+# ---------------------------------------------------------------------------------------
+# Building the services in this process
+# ---------------------------------------------------------------------------------------
+
+
+def sqlite(tmp_path: Path, name: str) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+
+
+def users_app(load, tmp_path: Path):
+    module = load("microshop/users")
+    settings = module.Settings(
+        database_url=sqlite(tmp_path, "users"), jwt_secret=SECRET,
+        admin_username=ADMIN["username"], admin_password=ADMIN["password"],
+    )
+    return module.create_app(settings, password_hash=FAST_HASH)
+
+
+def catalog_app(load, tmp_path: Path):
+    module = load("microshop/catalog")
+    return module.create_app(module.Settings(database_url=sqlite(tmp_path, "catalog"), jwt_secret=SECRET))
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, base_url: str = "http://service") -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan, and give a client that calls it in process."""
+    failure: BaseException | None = None
+    async with LifespanManager(app, startup_timeout=10), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=base_url
+    ) as client:
+        try:
+            yield client
+        except Exception as exc:  # a failed check: still shut the app down (LifespanManager would not)
+            failure = exc
+        except pytest.fail.Exception as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+
+
+class Network(httpx.AsyncBaseTransport):
+    """The wire between two services, in process: passes requests to a real app, records them,
+    and can fail the way a network fails.
+
+    mode None:          pass everything through
+    "refuse":           matching requests fail to connect (nothing reaches the service)
+    "error_after":      matching requests reach the service, then the caller gets a 500
+    "lose_reply":       matching requests reach the service, the reply never comes back
+    "hang":             matching requests never reach the service and nothing comes back
+    """
+
+    def __init__(self, app: Any, mode: str | None = None, method: str = "", path: str = "") -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.mode, self.method, self.path = mode, method, path
+        self.seen: list[httpx.Request] = []
+
+    def matches(self, request: httpx.Request) -> bool:
+        return (not self.method or request.method == self.method) and request.url.path.startswith(self.path)
+
+    async def wait_for_the_callers_deadline(self, request: httpx.Request) -> None:
+        # A real socket honours httpx's read timeout; so does this one. Without any timeout,
+        # give up after 5 s so that the test can say what went wrong.
+        read_timeout = (request.extensions.get("timeout") or {}).get("read")
+        await asyncio.sleep(5.0 if read_timeout is None else read_timeout)
+        raise httpx.ReadTimeout("no reply", request=request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        if self.mode is None or not self.matches(request):
+            return await self.inner.handle_async_request(request)
+        if self.mode == "refuse":
+            raise httpx.ConnectError("connection refused", request=request)
+        if self.mode == "hang":
+            await self.wait_for_the_callers_deadline(request)
+        reply = await self.inner.handle_async_request(request)
+        await reply.aread()
+        if self.mode == "error_after":
+            return httpx.Response(500, json={"detail": "internal error"}, request=request)
+        await self.wait_for_the_callers_deadline(request)  # "lose_reply"
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Shop:
+    """All four services, wired together in process."""
+
+    gateway: httpx.AsyncClient
+    users: httpx.AsyncClient
+    catalog: httpx.AsyncClient
+    orders: httpx.AsyncClient
+    catalog_wire: Network  # what orders sends to catalog
+    users_wire: Network  # what orders sends to users (events)
+    gateway_wires: dict[str, Network] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def open_shop(
+    load, tmp_path: Path, *, catalog_timeout: float = 2.0, gateway_timeout: float = 5.0,
+) -> AsyncIterator[Shop]:
+    u_app, c_app = users_app(load, tmp_path), catalog_app(load, tmp_path)
+    catalog_wire, users_wire = Network(c_app), Network(u_app)
+    orders = load("microshop/orders")
+    o_app = orders.create_app(
+        orders.Settings(
+            database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET,
+            catalog_url="http://catalog", users_url="http://users",
+            catalog_timeout=catalog_timeout, events_timeout=catalog_timeout, outbox_interval=0,
+        ),
+        catalog_transport=catalog_wire, users_transport=users_wire,
+    )
+    gateway = load("microshop/gateway")
+    wires = {"users": Network(u_app), "catalog": Network(c_app), "orders": Network(o_app)}
+    g_app = gateway.create_app(
+        gateway.Settings(users_url="http://users", catalog_url="http://catalog", orders_url="http://orders",
+                         timeout=gateway_timeout),
+        transports=wires,
+    )
+    async with (
+        serving(u_app, "http://users") as users,
+        serving(c_app, "http://catalog") as catalog,
+        serving(o_app, "http://orders") as orders_client,
+        serving(g_app, "http://gateway") as gateway_client,
+    ):
+        yield Shop(gateway_client, users, catalog, orders_client, catalog_wire, users_wire, wires)
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers that speak the contracts of README.md
+# ---------------------------------------------------------------------------------------
+
+
+def mint(username: str, scopes: list[str], *, minutes: int = 5) -> dict[str, str]:
+    """An Authorization header with a token exactly as users issues them (see README)."""
+    now = datetime.now(timezone.utc)
+    claims = {"sub": username, "scope": " ".join(scopes), "iss": ISSUER, "iat": now, "exp": now + timedelta(minutes=minutes)}
+    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+
+
+ADMIN_HEADERS = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+
+
+async def login(client: httpx.AsyncClient, username: str, password: str, prefix: str = "", scope: str = "") -> dict[str, str]:
+    form = {"username": username, "password": password} | ({"scope": scope} if scope else {})
+    response = await client.post(f"{prefix}/token", data=form)
+    expect_status(response, 200, f"POST {prefix}/token with the right username and password (a form, not JSON)")
+    body = json_of(response)
+    assert body.get("token_type", "").lower() == "bearer" and body.get("access_token"), explain(
+        response, '{"access_token": "<jwt>", "token_type": "bearer"}'
+    )
+    return {"Authorization": f"Bearer {body['access_token']}"}
+
+
+async def customer(client: httpx.AsyncClient, name: str = "ada", prefix: str = "") -> dict[str, str]:
+    password = f"{name}-secret-pw"
+    response = await client.post(f"{prefix}/users", json={"username": name, "password": password})
+    expect_status(response, 201, f"registering {name}")
+    return await login(client, name, password, prefix)
+
+
+async def add_product(client: httpx.AsyncClient, sku: str, stock: int, price_cents: int = 250, prefix: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+    response = await client.post(f"{prefix}/products", json={"sku": sku, "name": sku.title(), "price_cents": price_cents,
+                                                             "stock": stock}, headers=headers or ADMIN_HEADERS)
+    expect_status(response, 201, f"creating product {sku} with a catalog:write token")
+
+
+async def stock_of(catalog: httpx.AsyncClient, sku: str) -> int:
+    response = await catalog.get(f"/products/{sku}")
+    return expect_json(response, {"sku": sku}, "the product exists in the catalog")["stock"]
+
+
+async def order_count(orders: httpx.AsyncClient, headers: dict[str, str]) -> int:
+    response = await orders.get("/orders", headers=headers)
+    expect_status(response, 200, "GET /orders lists the caller's orders")
+    return len(json_of(response))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 3.0) -> bool:
+    """Events are delivered after the response: poll a little instead of sleeping a lot."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+def order_body(*lines: tuple[str, int]) -> dict[str, Any]:
+    return {"items": [{"sku": sku, "quantity": quantity} for sku, quantity in lines]}
+
+
+# ---------------------------------------------------------------------------------------
+# Step 1 — users: accounts and tokens with scopes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_register_answers_201_with_the_customer_scopes(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        response = await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        expect_status(response, 201, "a new account is created")
+        expect_json(response, {"username": "ada", "scopes": CUSTOMER_SCOPES}, "never the password, not even hashed", exact=True)
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_register_validates_and_refuses_duplicates(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        expect_status(await users.post("/users", json={"username": "ada", "password": "lovelace-1815"}), 201)
+        expect_status(await users.post("/users", json={"username": "ada", "password": "another-pass"}), 409,
+                      "the username is taken")
+        for body in ({"username": "Ada!", "password": "lovelace-1815"}, {"username": "ab", "password": "lovelace-1815"},
+                     {"username": "grace", "password": "short"}):
+            expect_status(await users.post("/users", json=body), 422,
+                          "usernames are 3-32 of a-z 0-9 _, passwords at least 8 characters")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        response = await users.post("/token", data={"username": "ada", "password": "lovelace-1815"})
+        expect_status(response, 200, "the right password gets a token")
+        token = json_of(response).get("access_token", "")
+        try:
+            claims = jwt.decode(token, SECRET, algorithms=["HS256"], issuer=ISSUER, options={"require": ["sub", "exp", "iss"]})
+        except jwt.InvalidTokenError as exc:
+            pytest.fail(explain(response, f"an HS256 JWT signed with the jwt_secret, iss {ISSUER!r}, with sub and exp "
+                                          f"(decoding it said: {exc})"), pytrace=False)
+        assert claims["sub"] == "ada" and sorted(claims.get("scope", "").split()) == CUSTOMER_SCOPES, explain(
+            response, f'claims sub "ada" and scope "orders:read orders:write"; got {claims}'
+        )
+        narrow = await users.post("/token", data={"username": "ada", "password": "lovelace-1815", "scope": "orders:read catalog:write"})
+        scope = jwt.decode(json_of(narrow)["access_token"], SECRET, algorithms=["HS256"], issuer=ISSUER).get("scope", "")
+        assert scope.split() == ["orders:read"], explain(
+            narrow, f"asking for 'orders:read catalog:write' grants only what ada may have: 'orders:read' (got {scope!r})"
+        )
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_token_refuses_wrong_credentials(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        wrong = await users.post("/token", data={"username": "ada", "password": "not-her-password"})
+        expect_status(wrong, 401, "a wrong password is 401")
+        expect_header(wrong, "www-authenticate", "Bearer")
+        expect_status(await users.post("/token", data={"username": "nobody", "password": "whatever-123"}), 401,
+                      "an unknown user gets the same 401 as a wrong password")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_me_needs_a_valid_token(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        headers = await customer(users)
+        expect_json(await users.get("/users/me", headers=headers),
+                    {"username": "ada", "scopes": CUSTOMER_SCOPES, "orders_placed": 0, "total_spent_cents": 0}, exact=True)
+        expect_status(await users.get("/users/me"), 401, "no token, no profile")
+        expect_status(await users.get("/users/me", headers={"Authorization": "Bearer not-a-jwt"}), 401, "a garbage token")
+        expired = mint("ada", CUSTOMER_SCOPES, minutes=-1)
+        expect_status(await users.get("/users/me", headers=expired), 401, "an expired token")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_the_admin_from_settings_may_write_the_catalog(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        headers = await login(users, ADMIN["username"], ADMIN["password"])
+        me = expect_json(await users.get("/users/me", headers=headers), {"username": "admin"})
+        assert sorted(me.get("scopes", [])) == ["catalog:write", *CUSTOMER_SCOPES], (
+            f"\nexpected: the admin seeded from Settings.admin_username/admin_password has the scopes "
+            f"catalog:write orders:read orders:write\ngot:      {me.get('scopes')}"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 2 — catalog: products and stock reservations
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        body = {"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 10}
+        expect_status(await catalog.post("/products", json=body), 401, "no token")
+        expect_status(await catalog.post("/products", json=body, headers=mint("ada", CUSTOMER_SCOPES)), 403,
+                      "a customer token has no catalog:write scope")
+        created = await catalog.post("/products", json=body, headers=ADMIN_HEADERS)
+        expect_status(created, 201, "catalog:write may create products")
+        expect_json(created, body, exact=True)
+        expect_header(created, "location", "/products/PEN-1")
+        expect_status(await catalog.post("/products", json=body, headers=ADMIN_HEADERS), 409, "the SKU exists")
+        expect_status(await catalog.post("/products", json=body | {"price_cents": 0, "sku": "PEN-2"}, headers=ADMIN_HEADERS),
+                      422, "a price must be positive")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_products_can_be_read_by_anyone(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 10, 150)
+        await add_product(catalog, "INK-2", 3, 400)
+        expect_json(await catalog.get("/products/INK-2"), {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3}, exact=True)
+        expect_status(await catalog.get("/products/NOPE-9"), 404, "an unknown SKU")
+        listed = expect_json(await catalog.get("/products"), [
+            {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3},
+            {"sku": "PEN-1", "name": "Pen-1", "price_cents": 150, "stock": 10},
+        ], "every product, sorted by SKU", exact=True)
+        assert listed
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "INK-2", 5, 400)
+        await add_product(catalog, "PEN-1", 1, 150)
+        # The failing line comes last, in the request and by SKU: a line-by-line reservation
+        # would already have taken the first one.
+        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))})
+        expect_status(too_much, 409, "PEN-1 has 1 left, 2 were asked")
+        assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (5, 1), explain(
+            too_much, "no stock taken at all when one line fails: INK-2 still 5, PEN-1 still 1 (all or nothing)"
+        )
+        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))})
+        expect_status(unknown, 404, "an unknown SKU")
+        assert await stock_of(catalog, "INK-2") == 5, explain(unknown, "INK-2 untouched after the failed reservation")
+        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))})
+        expect_status(ok, 201, "enough stock for every line")
+        expect_json(ok, {"order_id": "o-3", "status": "held", "total_cents": 950})
+        lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in json_of(ok)["items"])
+        assert lines == [("INK-2", 2, 400), ("PEN-1", 1, 150)], explain(ok, "items with sku, quantity and the current price_cents")
+        assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (3, 0), explain(ok, "stock taken: 3 and 0 left")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 5)
+        body = {"order_id": "o-1", **order_body(("PEN-1", 2))}
+        first = await catalog.post("/reservations", json=body)
+        expect_status(first, 201)
+        again = await catalog.post("/reservations", json=body)
+        expect_status(again, 200, "a retry of the same reservation answers 200 with the same reservation")
+        expect_json(again, json_of(first), exact=True)
+        assert await stock_of(catalog, "PEN-1") == 3, explain(again, "stock taken once (5 -> 3), not twice: the order ID is the idempotency key")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 5)
+        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))})
+        released = await catalog.delete("/reservations/o-1")
+        expect_status(released, 204, "releasing a reservation")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(released, "the 2 units are back: stock 5")
+        again = await catalog.delete("/reservations/o-1")
+        expect_status(again, 204, "releasing twice is harmless")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
+        expect_status(await catalog.delete("/reservations/never-made"), 204, "releasing what was never reserved is harmless too")
+        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))})
+        expect_status(late, 409, "a reservation arriving after its order was released is refused")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "LAST-1", 1)
+        replies = await asyncio.gather(*(
+            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}) for i in range(4)
+        ))
+        codes = sorted(reply.status_code for reply in replies)
+        stock = await stock_of(catalog, "LAST-1")
+        assert codes == [201, 409, 409, 409] and stock == 0, (
+            "\nsent:     four reservations of the last unit of LAST-1 at the same time\n"
+            f"expected: exactly one 201 and three 409, stock 0\ngot:      {codes}, stock {stock}\n"
+            "Check and take the stock in one statement (UPDATE ... WHERE stock >= quantity), "
+            "not read-then-write."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 3 — orders: placing an order reserves stock over HTTP
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_placing_an_order_reserves_stock_and_stores_it(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5, 150)
+        await add_product(shop.catalog, "INK-2", 5, 400)
+        ada = mint("ada", CUSTOMER_SCOPES)
+        response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2), ("INK-2", 1)), headers=ada)
+        expect_status(response, 201, "an order with enough stock is placed")
+        order = expect_json(response, {"username": "ada", "status": "placed", "total_cents": 700})
+        expect_header(response, "location", f"/orders/{order.get('id')}")
+        lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in order.get("items", []))
+        assert lines == [("INK-2", 1, 400), ("PEN-1", 2, 150)], explain(response, "the items with the catalog's prices")
+        assert "created_at" in order, explain(response, "a created_at timestamp")
+        assert (await stock_of(shop.catalog, "PEN-1"), await stock_of(shop.catalog, "INK-2")) == (3, 4), explain(
+            response, "the catalog's stock went down: PEN-1 3, INK-2 4"
+        )
+        expect_json(await shop.orders.get(f"/orders/{order['id']}", headers=ada), order, "the stored order reads back the same", exact=True)
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_orders_check_scopes(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        body = order_body(("PEN-1", 1))
+        expect_status(await shop.orders.post("/orders", json=body), 401, "no token")
+        expect_status(await shop.orders.post("/orders", json=body, headers=mint("ada", ["orders:read"])), 403,
+                      "placing an order needs orders:write")
+        expect_status(await shop.orders.get("/orders", headers=mint("ada", ["orders:write"])), 403,
+                      "reading orders needs orders:read")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "a refused order must not touch the stock"
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_customers_only_see_their_own_orders(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        ada, bob = mint("ada", CUSTOMER_SCOPES), mint("bob", CUSTOMER_SCOPES)
+        placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada)
+        order_id = expect_json(placed, {"username": "ada"})["id"]
+        expect_status(await shop.orders.get(f"/orders/{order_id}", headers=bob), 404, "bob cannot see ada's order: for him it does not exist")
+        assert await order_count(shop.orders, bob) == 0, "GET /orders for bob lists none of ada's orders"
+        assert await order_count(shop.orders, ada) == 1, "GET /orders for ada lists her order"
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_orders_that_cannot_be_served_place_nothing(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 1)
+        ada = mint("ada", CUSTOMER_SCOPES)
+        short = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        expect_status(short, 409, "the catalog has too little stock: the catalog's 409 is passed on")
+        unknown = await shop.orders.post("/orders", json=order_body(("NOPE-9", 1)), headers=ada)
+        expect_status(unknown, 422, "the catalog does not know the SKU: the order is invalid")
+        for body in ({"items": []}, order_body(("PEN-1", 0)), order_body(("pen lowercase", 1))):
+            expect_status(await shop.orders.post("/orders", json=body, headers=ada), 422, "invalid order lines")
+        assert await order_count(shop.orders, ada) == 0, "none of these orders may be stored"
+        assert await stock_of(shop.catalog, "PEN-1") == 1, "and the stock is untouched"
+
+
+# ---------------------------------------------------------------------------------------
+# Step 4 — failures: a failing catalog leaves no half-placed order
+# ---------------------------------------------------------------------------------------
+
+
+FAILURE_STATUS = {
+    502: "502 Bad Gateway, the catalog failed",
+    503: "503 Service Unavailable, the catalog cannot be reached",
+    504: "504 Gateway Timeout, the catalog did not answer in time",
+}
+
+
+async def failed_order(shop: Shop, mode: str) -> tuple[httpx.Response, float]:
+    await add_product(shop.catalog, "PEN-1", 5)
+    shop.catalog_wire.mode, shop.catalog_wire.method, shop.catalog_wire.path = mode, "POST", "/reservations"
+    started = time.monotonic()
+    response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+    elapsed = time.monotonic() - started
+    shop.catalog_wire.mode = None
+    return response, elapsed
+
+
+async def expect_nothing_placed(shop: Shop, response: httpx.Response, status: int, what: str) -> None:
+    expect_status(response, status, f"{what}: {FAILURE_STATUS[status]}")
+    assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, explain(response, f"{what}: no order stored")
+    stock = await stock_of(shop.catalog, "PEN-1")
+    assert stock == 5, explain(
+        response, f"{what}: the stock back at 5 (got {stock}). If the catalog may have reserved, release the "
+                  "reservation (DELETE /reservations/{order_id}) before answering."
+    )
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_an_unreachable_catalog_places_nothing(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        response, _ = await failed_order(shop, "refuse")
+        await expect_nothing_placed(shop, response, 503, "the catalog refused the connection")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_catalog_error_after_reserving_is_compensated(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        response, _ = await failed_order(shop, "error_after")
+        await expect_nothing_placed(shop, response, 502, "the catalog reserved, then answered 500")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_lost_reply_times_out_and_is_compensated(load, tmp_path):
+    async with open_shop(load, tmp_path, catalog_timeout=0.3) as shop:
+        response, elapsed = await failed_order(shop, "lose_reply")
+        assert elapsed < 2.5, explain(
+            response, f"an answer within about catalog_timeout (0.3 s), not after {elapsed:.1f} s: "
+                      "put a deadline on the call to the catalog"
+        )
+        await expect_nothing_placed(shop, response, 504, "the catalog reserved but its reply never came")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_hanging_catalog_does_not_hang_the_order(load, tmp_path):
+    async with open_shop(load, tmp_path, catalog_timeout=0.3) as shop:
+        response, elapsed = await failed_order(shop, "hang")
+        assert elapsed < 2.5, explain(response, f"an answer within about catalog_timeout (0.3 s), not after {elapsed:.1f} s")
+        await expect_nothing_placed(shop, response, 504, "the catalog never answered")
+
+
+# ---------------------------------------------------------------------------------------
+# Step 5 — events: OrderPlaced feeds the users' read model, exactly once in effect
+# ---------------------------------------------------------------------------------------
+
+
+def order_placed(event_id: str, username: str = "ada", total_cents: int = 300) -> dict[str, Any]:
+    return {"event_id": event_id, "type": "OrderPlaced", "order_id": f"order-{event_id}", "username": username,
+            "total_cents": total_cents, "occurred_at": datetime.now(timezone.utc).isoformat()}
+
+
+async def stats(users: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, int]:
+    me = json_of(await users.get("/users/me", headers=headers))
+    return me.get("orders_placed"), me.get("total_spent_cents")
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_the_same_event_twice_changes_nothing(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        ada = await customer(users)
+        event = order_placed("evt-1", total_cents=450)
+        first = await users.post("/events", json=event)
+        expect_json(first, {"status": "applied"}, "a new event is applied", exact=True)
+        second = await users.post("/events", json=event)
+        expect_json(second, {"status": "duplicate"}, "the same event_id again is recognised", exact=True)
+        assert await stats(users, ada) == (1, 450), explain(second, "orders_placed 1 and total_spent_cents 450: counted once")
+        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50)), {"status": "applied"})
+        assert await stats(users, ada) == (2, 500), "a different event_id is a different order: 2 orders, 500 cents"
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_placing_orders_updates_the_read_model(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        for quantity in (1, 3):
+            expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", quantity)), headers=ada), 201)
+        updated = await eventually(lambda: _stats_are(shop.users, ada, (2, 600)))
+        got = await stats(shop.users, ada)
+        assert updated, (
+            "\nsent:     two orders by ada (150 and 450 cents)\n"
+            "expected: GET /users/me soon shows orders_placed 2 and total_spent_cents 600, fed by OrderPlaced events\n"
+            f"got:      {got}; orders sent these requests to users: {[str(r.url) for r in shop.users_wire.seen] or 'none'}"
+        )
+
+
+async def _stats_are(users: httpx.AsyncClient, headers: dict[str, str], wanted: tuple[int, int]) -> bool:
+    return await stats(users, headers) == wanted
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_events_wait_out_a_users_outage(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        shop.users_wire.mode, shop.users_wire.path = "refuse", "/events"
+        placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        expect_status(placed, 201, "the order does not depend on the users service being up")
+        await asyncio.sleep(0.05)
+        assert await stats(shop.users, ada) == (0, 0), explain(placed, "while users is down, its read model has not changed")
+        shop.users_wire.mode = None
+        dispatched = await shop.orders.post("/outbox/dispatch")
+        expect_json(dispatched, {"delivered": 1, "pending": 0}, "the kept event is delivered once users is back", exact=True)
+        assert await stats(shop.users, ada) == (1, 300), explain(dispatched, "the read model now counts the order")
+        expect_json(await shop.orders.post("/outbox/dispatch"), {"delivered": 0, "pending": 0}, "nothing left to deliver", exact=True)
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_a_redelivered_event_is_counted_once(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        # users applies the event, but orders never hears the 200: it must deliver again.
+        shop.users_wire.mode, shop.users_wire.path = "error_after", "/events"
+        expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada), 201)
+        await asyncio.sleep(0.05)
+        shop.users_wire.mode = None
+        dispatched = await shop.orders.post("/outbox/dispatch")
+        expect_json(dispatched, {"delivered": 1, "pending": 0}, "the unacknowledged event is delivered again", exact=True)
+        deliveries = [r for r in shop.users_wire.seen if r.url.path == "/events"]
+        assert await stats(shop.users, ada) == (1, 150), explain(
+            dispatched, f"the order counted once although the event was delivered {len(deliveries)} times"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 6 — gateway: one public entry point
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_routes_the_public_api(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        gateway = shop.gateway
+        admin = await login(gateway, ADMIN["username"], ADMIN["password"], prefix="/api")
+        created = await gateway.post("/api/products", json={"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 5}, headers=admin)
+        expect_status(created, 201, "POST /api/products reaches the catalog, with the Authorization header passed on")
+        expect_header(created, "location", "/api/products/PEN-1", "a Location the client can follow through the gateway")
+        ada = await customer(gateway, prefix="/api")
+        placed = await gateway.post("/api/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        order = expect_json(placed, {"username": "ada", "total_cents": 300})
+        expect_header(placed, "location", f"/api/orders/{order.get('id')}")
+        expect_json(await gateway.get(f"/api/orders/{order['id']}", headers=ada), {"id": order["id"]})
+        expect_json(await gateway.get("/api/products/PEN-1"), {"stock": 3})
+        products = json_of(await gateway.get("/api/products"))
+        assert [p.get("sku") for p in products] == ["PEN-1"], f"\nexpected: GET /api/products lists PEN-1\ngot:      {products}"
+        expect_json(await gateway.get("/api/users/me", headers=ada), {"username": "ada"})
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_hides_internal_routes(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        for method, path, body in (
+            ("POST", "/api/reservations", {"order_id": "x", **order_body(("PEN-1", 5))}),
+            ("DELETE", "/api/reservations/x", None),
+            ("POST", "/api/events", order_placed("evt-x")),
+            ("POST", "/api/outbox/dispatch", None),
+        ):
+            response = await shop.gateway.request(method, path, json=body)
+            expect_status(response, 404, "internal routes are not part of the public API")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "nothing reserved through the gateway"
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_reports_unavailable_services(load, tmp_path):
+    async with open_shop(load, tmp_path, gateway_timeout=0.3) as shop:
+        shop.gateway_wires["catalog"].mode = "refuse"
+        down = await shop.gateway.get("/api/products/PEN-1")
+        expect_status(down, 503, "the catalog cannot be reached: 503 Service Unavailable")
+        assert "detail" in json_of(down), explain(down, 'a JSON body {"detail": "..."}')
+        shop.gateway_wires["catalog"].mode = "hang"
+        started = time.monotonic()
+        slow = await shop.gateway.get("/api/products/PEN-1")
+        expect_status(slow, 504, "the catalog did not answer within the gateway's timeout: 504 Gateway Timeout")
+        assert time.monotonic() - started < 2.5, explain(slow, "an answer within about the gateway timeout (0.3 s)")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_a_request_id_follows_the_request_through_every_service(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        headers = mint("ada", CUSTOMER_SCOPES) | {"X-Request-ID": "trace-42"}
+        placed = await shop.gateway.post("/api/orders", json=order_body(("PEN-1", 1)), headers=headers)
+        expect_status(placed, 201)
+        expect_header(placed, "x-request-id", "trace-42", "the gateway answers with the caller's request ID")
+        to_orders = [r.headers.get("x-request-id") for r in shop.gateway_wires["orders"].seen]
+        to_catalog = [r.headers.get("x-request-id") for r in shop.catalog_wire.seen if r.url.path == "/reservations"]
+        assert to_orders == ["trace-42"] and to_catalog == ["trace-42"], explain(
+            placed, f"X-Request-ID trace-42 on the gateway's call to orders and on orders' call to catalog; "
+                    f"got {to_orders} and {to_catalog}"
+        )
+        fresh = await shop.gateway.get("/health")
+        assert fresh.headers.get("x-request-id"), explain(fresh, "a request without an ID gets one, returned in X-Request-ID")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_path):
+    async with open_shop(load, tmp_path, gateway_timeout=0.3) as shop:
+        for name, client in (("users", shop.users), ("catalog", shop.catalog), ("orders", shop.orders), ("gateway", shop.gateway)):
+            expect_json(await client.get("/health"), {"status": "ok", "service": name}, exact=True)
+        expect_json(await shop.gateway.get("/ready"),
+                    {"status": "ready", "services": {"users": "up", "catalog": "up", "orders": "up"}}, exact=True)
+        shop.gateway_wires["catalog"].mode = "refuse"
+        not_ready = await shop.gateway.get("/ready")
+        expect_status(not_ready, 503, "a service behind the gateway is down")
+        expect_json(not_ready, {"status": "not ready", "services": {"users": "up", "catalog": "down", "orders": "up"}}, exact=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Step 7 — end to end: in process, then as real processes
+# ---------------------------------------------------------------------------------------
+
+
+async def shopping_trip(gateway: httpx.AsyncClient) -> None:
+    """The whole story through the gateway: the admin stocks a product, a customer registers,
+    logs in, orders, and sees the order and the updated profile."""
+    admin = await login(gateway, ADMIN["username"], ADMIN["password"], prefix="/api")
+    await add_product(gateway, "MUG-7", 4, 900, prefix="/api", headers=admin)
+    grace = await customer(gateway, "grace", prefix="/api")
+    placed = await gateway.post("/api/orders", json=order_body(("MUG-7", 3)), headers=grace | {"X-Request-ID": "e2e-1"})
+    order = expect_json(placed, {"username": "grace", "status": "placed", "total_cents": 2700})
+    expect_header(placed, "x-request-id", "e2e-1")
+    expect_json(await gateway.get("/api/products/MUG-7"), {"stock": 1}, "the catalog's stock went down")
+    listed = json_of(await gateway.get("/api/orders", headers=grace))
+    assert [o.get("id") for o in listed] == [order["id"]], f"\nexpected: GET /api/orders lists grace's order\ngot:      {listed}"
+    refused = await gateway.post("/api/orders", json=order_body(("MUG-7", 2)), headers=grace)
+    expect_status(refused, 409, "only 1 mug is left")
+
+    async def profile_updated() -> bool:
+        me = json_of(await gateway.get("/api/users/me", headers=grace))
+        return (me.get("orders_placed"), me.get("total_spent_cents")) == (1, 2700)
+
+    assert await eventually(profile_updated, 5.0), (
+        "\nexpected: GET /api/users/me shows orders_placed 1 and total_spent_cents 2700 within 5 s of the order\n"
+        f"got:      {json_of(await gateway.get('/api/users/me', headers=grace))}"
+    )
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.asyncio
+async def test_a_shopping_trip_in_process(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await shopping_trip(shop.gateway)
+
+
+SERVICES = ("users", "catalog", "orders", "gateway")
+
+
+class LiveShop:
+    """The four services as real uvicorn processes on loopback ports, as in production."""
+
+    def __init__(self, folder: Path, data: Path) -> None:
+        self.ports = {name: free_port() for name in SERVICES}
+        self.url = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.env = {
+            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET,
+            "USERS_ADMIN_USERNAME": ADMIN["username"], "USERS_ADMIN_PASSWORD": ADMIN["password"],
+            "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_JWT_SECRET": SECRET,
+            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET,
+            "ORDERS_CATALOG_URL": self.url["catalog"], "ORDERS_USERS_URL": self.url["users"],
+            "ORDERS_CATALOG_TIMEOUT": "2", "ORDERS_OUTBOX_INTERVAL": "0.5",
+            "GATEWAY_USERS_URL": self.url["users"], "GATEWAY_CATALOG_URL": self.url["catalog"],
+            "GATEWAY_ORDERS_URL": self.url["orders"], "GATEWAY_TIMEOUT": "3",
+        }
+        self.folder, self.data = folder, data
+        self.running: dict[str, contextlib.AbstractContextManager] = {}
+        self.error = ""
+
+    def command(self, name: str) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", f"microshop.{name}:create_app", "--factory",
+                "--app-dir", str(self.folder), "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+
+    def start(self) -> None:
+        # Start all four at once: each needs a second or so to import its libraries.
+        managers = {name: serve_in_process(self.command(name), cwd=self.data, env=self.env, port=self.ports[name],
+                                           ready_path="/health", timeout=30) for name in SERVICES}
+        with ThreadPoolExecutor(len(managers)) as pool:
+            futures = {name: pool.submit(manager.__enter__) for name, manager in managers.items()}
+        for name, future in futures.items():
+            try:
+                future.result()
+                self.running[name] = managers[name]
+            except RuntimeError as exc:
+                self.error += f"\n{name}: {exc}"
+        if self.error:
+            self.error = ("Not every service started as a uvicorn process (their output is shown above):" + self.error
+                          + "\nEach one runs as: " + " ".join(self.command("<service>")))
+
+    def stop(self, name: str) -> None:
+        manager = self.running.pop(name, None)
+        if manager is not None:
+            manager.__exit__(None, None, None)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
+@pytest.fixture(scope="module")
+def live_shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    folder = target_folder(request.config, load_exercise(Path(__file__).parent))
+    shop = LiveShop(folder, tmp_path_factory.mktemp("live-shop"))
+    shop.start()
+    yield shop
+    shop.stop_all()
+
+
+def live(shop: LiveShop, *needed: str) -> None:
+    if shop.error:
+        pytest.fail(shop.error, pytrace=False)
+    gone = [name for name in needed if name not in shop.running]
+    if gone:
+        pytest.fail(f"{gone} were stopped by an earlier test of this module.", pytrace=False)
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_shopping_trip_across_real_processes(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10) as gateway:
+        await shopping_trip(gateway)
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10) as gateway:
+        admin = await login(gateway, ADMIN["username"], ADMIN["password"], prefix="/api")
+        await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=admin)
+        hopper = await customer(gateway, "hopper", prefix="/api")
+        live_shop.stop("catalog")  # SIGTERM: the process is gone, its port refuses connections
+        response = await gateway.post("/api/orders", json=order_body(("CUP-3", 1)), headers=hopper)
+        expect_status(response, 503, "orders cannot reach the catalog: no order now, try later")
+        listed = json_of(await gateway.get("/api/orders", headers=hopper))
+        assert listed == [], explain(response, f"no order stored for hopper; GET /api/orders lists {listed}")

@@ -1,0 +1,340 @@
+"""The orders service: places orders by reserving stock in the catalog, and announces them.
+
+    uvicorn microshop.orders:create_app --factory --port 8003
+
+The rule that keeps the system consistent: an order is stored only after the catalog has
+reserved its stock, and if anything goes wrong after the reservation may have happened, the
+reservation is released (a compensating action). The OrderPlaced event is written to an outbox
+in the same transaction as the order, then delivered; undelivered events are retried.
+"""
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, Response, Security, status
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import JSON, String, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .common import (
+    OrderPlaced,
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    UTCDateTime,
+    current_principal,
+    health_router,
+    outgoing_headers,
+    utcnow,
+)
+
+logger = logging.getLogger("microshop.orders")
+
+
+class Settings(BaseSettings):
+    """ORDERS_DATABASE_URL, ORDERS_JWT_SECRET, ORDERS_CATALOG_URL, ... (prefix ORDERS_)."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERS_")
+
+    database_url: str = "sqlite+aiosqlite:///./orders.db"
+    jwt_secret: SecretStr = Field(min_length=32)
+    catalog_url: str = "http://127.0.0.1:8002"
+    users_url: str = "http://127.0.0.1:8001"
+    catalog_timeout: float = Field(2.0, gt=0, le=30)  # a deadline for each call, in seconds
+    events_timeout: float = Field(2.0, gt=0, le=30)
+    outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
+
+
+# ---------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    total_cents: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxEvent(Base):
+    """An event waiting to be delivered. Written in the order's transaction, so an order
+    never exists without its event, and an event never announces an order that does not."""
+
+    __tablename__ = "outbox"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+# ---------------------------------------------------------------------------------------
+# The HTTP contract
+# ---------------------------------------------------------------------------------------
+
+
+class Line(BaseModel):
+    sku: Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
+    quantity: Annotated[int, Field(ge=1, le=100)]
+
+
+class OrderIn(BaseModel):
+    items: Annotated[list[Line], Field(min_length=1, max_length=20)]
+
+
+class OrderLine(Line):
+    price_cents: int
+
+
+class OrderOut(BaseModel):
+    id: str
+    username: str
+    status: str
+    items: list[OrderLine]
+    total_cents: int
+    created_at: datetime
+
+
+def order_out(order: Order) -> OrderOut:
+    return OrderOut(
+        id=order.id,
+        username=order.username,
+        status=order.status,
+        items=[OrderLine(**line) for line in order.items],
+        total_cents=order.total_cents,
+        created_at=order.created_at,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Talking to the catalog: a deadline on every call, and compensation when in doubt
+# ---------------------------------------------------------------------------------------
+
+
+def upstream_failed(status_code: int, detail: str) -> HTTPException:
+    """503: the catalog cannot be reached; 504: it did not answer in time; 502: it failed."""
+    return HTTPException(status_code, detail=detail, headers={"Retry-After": "1"})
+
+
+async def release_stock(app: FastAPI, order_id: str) -> bool:
+    """Compensation: undo a reservation that may exist. Safe to call when none does."""
+    settings: Settings = app.state.settings
+    try:
+        async with asyncio.timeout(settings.catalog_timeout):
+            reply = await app.state.catalog.delete(f"/reservations/{order_id}", headers=outgoing_headers())
+        return reply.is_success
+    except (TimeoutError, httpx.HTTPError):
+        # A real system hands this to a retry queue; here it is logged for an operator.
+        logger.error("could not release the reservation of order %s", order_id)
+        return False
+
+
+async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[str, Any]:
+    settings: Settings = app.state.settings
+    payload = {"order_id": order_id, "items": [line.model_dump() for line in items]}
+    try:
+        # httpx's timeouts bound each phase (connect, each read...); asyncio.timeout bounds the
+        # whole call, whatever the transport does.
+        async with asyncio.timeout(settings.catalog_timeout):
+            reply = await app.state.catalog.post("/reservations", json=payload, headers=outgoing_headers())
+    except httpx.ConnectError:
+        # Nothing reached the catalog: nothing to undo.
+        raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog is unavailable; no order was placed") from None
+    except (TimeoutError, httpx.TimeoutException):
+        # The request may have arrived and the stock may be reserved: undo, then report.
+        await release_stock(app, order_id)
+        raise upstream_failed(status.HTTP_504_GATEWAY_TIMEOUT, "the catalog did not answer in time; no order was placed") from None
+    except httpx.TransportError:
+        # The connection broke half-way (reset, protocol error): the same doubt, so release too.
+        await release_stock(app, order_id)
+        raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog connection failed; no order was placed") from None
+    if reply.status_code in (status.HTTP_200_OK, status.HTTP_201_CREATED):
+        return reply.json()
+    detail = reply.json().get("detail") if reply.headers.get("content-type") == "application/json" else None
+    if reply.status_code == status.HTTP_404_NOT_FOUND:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail or "unknown product")
+    if reply.status_code == status.HTTP_409_CONFLICT:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=detail or "insufficient stock")
+    # A 5xx (or anything unexpected): the catalog may have reserved before failing.
+    await release_stock(app, order_id)
+    raise upstream_failed(status.HTTP_502_BAD_GATEWAY, "the catalog failed; no order was placed")
+
+
+# ---------------------------------------------------------------------------------------
+# The outbox: at-least-once delivery of events
+# ---------------------------------------------------------------------------------------
+
+
+async def dispatch_outbox(app: FastAPI) -> dict[str, int]:
+    """Deliver pending events in order; stop at the first failure and leave the rest pending.
+    A delivery can succeed and still be retried (the reply was lost): consumers deduplicate."""
+    settings: Settings = app.state.settings
+    delivered = 0
+    async with app.state.dispatch_lock, app.state.sessions() as session:
+        pending = list(await session.scalars(
+            select(OutboxEvent).where(OutboxEvent.delivered_at.is_(None)).order_by(OutboxEvent.created_at)
+        ))
+        for event in pending:
+            try:
+                async with asyncio.timeout(settings.events_timeout):
+                    reply = await app.state.users.post("/events", json=event.payload, headers=outgoing_headers())
+                reply.raise_for_status()
+            except (TimeoutError, httpx.HTTPError):
+                logger.warning("event %s not delivered; will retry", event.event_id)
+                break
+            event.delivered_at = utcnow()
+            await session.commit()
+            delivered += 1
+    return {"delivered": delivered, "pending": len(pending) - delivered}
+
+
+async def dispatch_forever(app: FastAPI, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await dispatch_outbox(app)
+        except SQLAlchemyError:
+            logger.exception("outbox dispatch failed")
+
+
+# ---------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post("/orders", status_code=status.HTTP_201_CREATED, tags=["orders"])
+async def place_order(
+    body: OrderIn,
+    request: Request,
+    response: Response,
+    background: BackgroundTasks,
+    session: SessionDep,
+    principal: Annotated[Principal, Security(current_principal, scopes=["orders:write"])],
+) -> OrderOut:
+    app: FastAPI = request.app
+    order_id = uuid.uuid4().hex  # chosen here, so every retry and the compensation name the same order
+    reservation = await reserve_stock(app, order_id, body.items)
+    order = Order(
+        id=order_id,
+        username=principal.username,
+        status="placed",
+        items=reservation["items"],
+        total_cents=reservation["total_cents"],
+        created_at=utcnow(),
+    )
+    event = OrderPlaced(
+        event_id=uuid.uuid4().hex,
+        order_id=order_id,
+        username=principal.username,
+        total_cents=order.total_cents,
+        occurred_at=order.created_at,
+    )
+    try:
+        session.add_all([order, OutboxEvent(event_id=event.event_id, payload=event.model_dump(mode="json"))])
+        await session.commit()
+    except SQLAlchemyError:
+        await session.rollback()
+        await release_stock(app, order_id)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the order could not be stored; its stock was released"
+        ) from None
+    background.add_task(dispatch_outbox, app)  # after the response: the client does not wait for it
+    response.headers["Location"] = f"/orders/{order_id}"
+    return order_out(order)
+
+
+@router.get("/orders", tags=["orders"])
+async def list_orders(
+    session: SessionDep,
+    principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])],
+) -> list[OrderOut]:
+    orders = await session.scalars(
+        select(Order).where(Order.username == principal.username).order_by(Order.created_at.desc())
+    )
+    return [order_out(order) for order in orders]
+
+
+@router.get("/orders/{order_id}", tags=["orders"])
+async def read_order(
+    order_id: str,
+    session: SessionDep,
+    principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])],
+) -> OrderOut:
+    order = await session.get(Order, order_id)
+    if order is None or order.username != principal.username:  # someone else's order does not exist for you
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"order {order_id} not found")
+    return order_out(order)
+
+
+@router.post("/outbox/dispatch", tags=["internal"], summary="Deliver pending events now (not routed by the gateway)")
+async def dispatch_now(request: Request) -> dict[str, int]:
+    return await dispatch_outbox(request.app)
+
+
+# ---------------------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    catalog_transport: httpx.AsyncBaseTransport | None = None,
+    users_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the orders service. The transports replace the network (tests wire the other
+    services in with httpx.ASGITransport); without them, the URLs in the settings are used."""
+    settings = settings or Settings()
+    engine = create_async_engine(settings.database_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        limits = httpx.Timeout(settings.catalog_timeout)
+        async with (
+            httpx.AsyncClient(base_url=settings.catalog_url, transport=catalog_transport, timeout=limits) as catalog,
+            httpx.AsyncClient(base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout) as users,
+        ):
+            app.state.catalog, app.state.users = catalog, users
+            app.state.dispatch_lock = asyncio.Lock()  # one dispatcher at a time keeps events in order
+            retry = asyncio.create_task(dispatch_forever(app, settings.outbox_interval)) if settings.outbox_interval else None
+            try:
+                yield
+            finally:
+                if retry is not None:
+                    retry.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await retry
+        await engine.dispose()
+
+    app = FastAPI(title="orders", version="1.0.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.add_middleware(RequestContextMiddleware, service="orders")
+    app.include_router(health_router("orders"))
+    app.include_router(router)
+    return app

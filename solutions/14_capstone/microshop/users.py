@@ -1,0 +1,235 @@
+"""The users service: accounts, passwords, tokens with scopes, and a read model of each
+customer's orders built from OrderPlaced events.
+
+    uvicorn microshop.users:create_app --factory --port 8001
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
+from fastapi.security import OAuth2PasswordRequestForm
+from pwdlib import PasswordHash
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import String, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .common import (
+    OrderPlaced,
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    UTCDateTime,
+    current_principal,
+    health_router,
+    issue_token,
+    utcnow,
+)
+
+CUSTOMER_SCOPES = frozenset({"orders:read", "orders:write"})
+ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
+
+
+class Settings(BaseSettings):
+    """USERS_DATABASE_URL, USERS_JWT_SECRET, ... (environment variables, prefix USERS_)."""
+
+    model_config = SettingsConfigDict(env_prefix="USERS_")
+
+    database_url: str = "sqlite+aiosqlite:///./users.db"
+    jwt_secret: SecretStr = Field(min_length=32)  # required: no default for a secret
+    token_ttl_minutes: int = Field(30, ge=1, le=24 * 60)
+    admin_username: str | None = None  # seeded at startup with the catalog:write scope
+    admin_password: SecretStr | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Storage: this service's own database
+# ---------------------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    password_hash: Mapped[str]
+    scopes: Mapped[str]  # space-separated, like the token's "scope" claim
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CustomerStats(Base):
+    """The read model: answers "how much has this customer ordered?" without asking orders."""
+
+    __tablename__ = "customer_stats"
+
+    username: Mapped[str] = mapped_column(String(32), primary_key=True)
+    orders_placed: Mapped[int] = mapped_column(default=0)
+    total_spent_cents: Mapped[int] = mapped_column(default=0)
+
+
+class ProcessedEvent(Base):
+    """Every event applied, by ID: a redelivered event finds its row and changes nothing."""
+
+    __tablename__ = "processed_events"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    processed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# ---------------------------------------------------------------------------------------
+# The HTTP contract
+# ---------------------------------------------------------------------------------------
+
+
+class UserCreate(BaseModel):
+    username: Annotated[str, Field(pattern=r"^[a-z0-9_]{3,32}$")]
+    password: Annotated[SecretStr, Field(min_length=8, max_length=128)]
+
+
+class UserOut(BaseModel):
+    username: str
+    scopes: list[str]
+
+
+class Me(UserOut):
+    orders_placed: int
+    total_spent_cents: int
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+
+
+def get_password_hash(request: Request) -> PasswordHash:
+    return request.app.state.password_hash
+
+
+HasherDep = Annotated[PasswordHash, Depends(get_password_hash)]
+router = APIRouter()
+
+
+@router.post("/users", status_code=status.HTTP_201_CREATED, response_model=UserOut, tags=["users"])
+async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> UserOut:
+    user = User(
+        username=body.username,
+        password_hash=hasher.hash(body.password.get_secret_value()),
+        scopes=" ".join(sorted(CUSTOMER_SCOPES)),
+    )
+    session.add(user)
+    try:
+        await session.commit()
+    except IntegrityError:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"user {body.username} already exists") from None
+    return UserOut(username=user.username, scopes=user.scopes.split())
+
+
+@router.post("/token", response_model=Token, tags=["users"])
+async def token(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    request: Request,
+    session: SessionDep,
+    hasher: HasherDep,
+) -> Token:
+    user = await session.get(User, form.username)
+    # Verify against a dummy hash for unknown users too: the answer takes as long either way.
+    stored = user.password_hash if user else request.app.state.dummy_hash
+    if not hasher.verify(form.password, stored) or user is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            detail="wrong username or password",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    allowed = set(user.scopes.split())
+    # OAuth2: the client may ask for less than it is allowed, never for more.
+    granted = allowed & set(form.scopes) if form.scopes else allowed
+    settings: Settings = request.app.state.settings
+    access = issue_token(
+        request.app.state.jwt_secret, user.username, granted, timedelta(minutes=settings.token_ttl_minutes)
+    )
+    return Token(access_token=access)
+
+
+@router.get("/users/me", response_model=Me, tags=["users"])
+async def me(principal: Annotated[Principal, Security(current_principal)], session: SessionDep) -> Me:
+    user = await session.get(User, principal.username)
+    if user is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="user not found")
+    stats = await session.get(CustomerStats, principal.username)
+    return Me(
+        username=user.username,
+        scopes=user.scopes.split(),
+        orders_placed=stats.orders_placed if stats else 0,
+        total_spent_cents=stats.total_spent_cents if stats else 0,
+    )
+
+
+@router.post("/events", tags=["internal"], summary="Consume an OrderPlaced event (not routed by the gateway)")
+async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
+    # The event's row and the read-model update commit together, or not at all: a duplicate
+    # violates the primary key and takes the increment down with it, even when two deliveries
+    # of the same event race each other.
+    if await session.get(ProcessedEvent, event.event_id) is not None:
+        return {"status": "duplicate"}  # the common case, answered without a failed insert
+    try:
+        session.add(ProcessedEvent(event_id=event.event_id))
+        await session.flush()
+        stats = await session.get(CustomerStats, event.username)
+        if stats is None:
+            stats = CustomerStats(username=event.username, orders_placed=0, total_spent_cents=0)
+            session.add(stats)
+        stats.orders_placed += 1
+        stats.total_spent_cents += event.total_cents
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        return {"status": "duplicate"}
+    return {"status": "applied"}
+
+
+# ---------------------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, *, password_hash: PasswordHash | None = None) -> FastAPI:
+    """Build the users service. With no settings, they are read from the environment."""
+    settings = settings or Settings()
+    hasher = password_hash or PasswordHash.recommended()
+    engine = create_async_engine(settings.database_url)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        if settings.admin_username and settings.admin_password:
+            async with sessions() as session:
+                if await session.scalar(select(User).where(User.username == settings.admin_username)) is None:
+                    session.add(User(
+                        username=settings.admin_username,
+                        password_hash=hasher.hash(settings.admin_password.get_secret_value()),
+                        scopes=" ".join(sorted(ADMIN_SCOPES)),
+                    ))
+                    await session.commit()
+        yield
+        await engine.dispose()
+
+    app = FastAPI(title="users", version="1.0.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.sessions = sessions
+    app.state.password_hash = hasher
+    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.dummy_hash = hasher.hash("not-a-real-password")
+    app.add_middleware(RequestContextMiddleware, service="users")
+    app.include_router(health_router("users"))
+    app.include_router(router)
+    return app
