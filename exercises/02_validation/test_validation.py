@@ -110,6 +110,24 @@ def test_users_can_be_read_back_by_id(client):
 
 
 @pytest.mark.task("register")
+def test_the_store_keeps_a_hash_not_the_password(load):
+    module = load("app")
+    with TestClient(module.app) as raw_client:
+        response = GradedClient(raw_client).post("/users", json=registration())
+    expect_status(response, 201, "the registration succeeds")
+    users = getattr(module, "USERS", None)
+    record = users.get(1) if isinstance(users, dict) else None
+    stored = getattr(record, "password_hash", None)
+    check(record is not None, response, "USERS[1] holds the UserRecord of the user just registered")
+    check(
+        isinstance(stored, str) and stored.startswith("scrypt$") and PASSWORD not in stored,
+        response,
+        f"USERS[1].password_hash made by hash_password(...) (it starts with 'scrypt$'); found {stored!r}. "
+        "Store the hash, never the password itself",
+    )
+
+
+@pytest.mark.task("register")
 def test_unknown_user_is_404(client):
     response = client.get("/users/9")
     expect_status(response, 404, "there is no user 9")

@@ -151,7 +151,7 @@ def test_put_to_another_items_name_is_409_but_own_name_is_fine(client):
 # --- errors ----------------------------------------------------------------------------
 
 
-def expect_error(response, status, code, why):
+def expect_error(response, status, code, why, fix="raise your exception class; one exception handler writes this shape for every error"):
     expect_status(response, status, why)
     body = json_of(response)
     error = body.get("error") if isinstance(body, dict) else None
@@ -165,8 +165,7 @@ def expect_error(response, status, code, why):
     check(
         shaped,
         response,
-        f'the shared error body {{"error": {{"code": "{code}", "message": "<a sentence>"}}}} and nothing else '
-        "(raise your exception class; one exception handler writes this shape for every error)",
+        f'the shared error body {{"error": {{"code": "{code}", "message": "<a sentence>"}}}} and nothing else ({fix})',
     )
     return error
 
@@ -202,9 +201,12 @@ def test_validation_errors_use_the_error_body_with_details(client):
 
 
 @pytest.mark.task("errors")
-def test_unknown_path_uses_the_error_body(client):
+def test_framework_errors_use_the_error_body(client):
+    fix = "the router raises Starlette's HTTPException for these: handle starlette.exceptions.HTTPException"
     response = client.get("/api/v9/nothing-here")
-    expect_error(response, 404, "http_404", "FastAPI's own 404 for an unknown path, in the shared shape")
+    expect_error(response, 404, "http_404", "the framework's own 404 for an unknown path, in the shared shape", fix)
+    response = client.patch("/api/v1/items")
+    expect_error(response, 405, "http_405", "the framework's own 405 for a method the path does not allow", fix)
 
 
 # --- paginate --------------------------------------------------------------------------

@@ -316,6 +316,31 @@ def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
 
 
 @pytest.mark.task("logging")
+def test_a_request_that_crashes_is_logged_too(module):
+    @module.app.get("/crash")
+    async def crash() -> dict:
+        raise RuntimeError("a bug in a route")
+
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    # raise_server_exceptions=False: answer 500 as a real server would, instead of re-raising here.
+    with TestClient(module.app, raise_server_exceptions=False) as client:
+        logger.addHandler(handler)
+        try:
+            response = client.get("/crash")
+        finally:
+            logger.removeHandler(handler)
+    entries = parse_lines(handler.lines, response)
+    if [(entry.get("route"), entry.get("status")) for entry in entries] != [("/crash", 500)]:
+        pytest.fail(explain(
+            response,
+            "one access log line with route '/crash' and status 500, although the route raised. Log in a `finally` "
+            "around the call to the app: the exception passes through your middleware (call_next re-raises it), "
+            f"so code after the call never runs; got {entries}",
+        ), pytrace=False)
+
+
+@pytest.mark.task("logging")
 def test_a_request_id_is_generated_and_returned(client, access_lines):
     first = client.get("/health")
     second = client.get("/health")

@@ -1,0 +1,410 @@
+"""Graded tests for exercise 05. Run: pytest exercises/05_auth
+
+The tests build the app with create_app(Settings(...)) and seed users with add_user(...),
+as README.md promises. They forge real JWTs with PyJWT to attack the service: expired,
+signed with another key, unsigned (alg "none"), tampered with, or naming a user who is gone.
+"""
+
+import base64
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import jwt
+import pytest
+from fastapi.testclient import TestClient
+from pwdlib import PasswordHash
+from pydantic import ValidationError
+
+from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+
+SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"  # 50 bytes
+OTHER_KEY = "an-attackers-key-0123456789abcdef-0123456789abcdef"
+# Cheap Argon2 for tests (see the lesson): the test passwords protect nothing.
+CHEAP = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
+
+
+_IMPORTED = {}
+
+
+@pytest.fixture
+def module(load, target_dir):
+    # README promises that app.py keeps its state on the app create_app() builds (app.state),
+    # not in the module, so one import serves the whole run and every test still gets a fresh
+    # app. Importing FastAPI routes and Pydantic models once instead of per test keeps the
+    # suite fast.
+    if target_dir not in _IMPORTED:
+        _IMPORTED[target_dir] = load()
+    return _IMPORTED[target_dir]
+
+
+def seed(module, app, username, password, **extra):
+    """add_user(...), the way README.md promises the tests seed users."""
+    try:
+        return module.add_user(app, username, password, **extra)
+    except Exception as exc:  # reported below, outside the except block, without a chained traceback
+        error = exc
+    pytest.fail(
+        f"\nsent:     add_user(app, {username!r}, {password!r}, ...)"
+        "\nexpected: the user stored in app.state.users with an Argon2 hash of the password"
+        f"\ngot:      {type(error).__name__}: {error}",
+        pytrace=False,
+    )
+
+
+class Unbuilt:
+    """Stands in for an app the fixture could not build: the test that uses it fails (in the
+    test itself, not in the fixture) with the reason."""
+
+    def __init__(self, reason):
+        self._reason = reason
+
+    def __getattr__(self, name):
+        pytest.fail(self._reason, pytrace=False)
+
+
+@pytest.fixture
+def app(module):
+    try:
+        app = module.create_app(module.Settings(jwt_secret=SECRET, access_token_minutes=5, **CHEAP))
+    except Exception as exc:
+        return Unbuilt(
+            f"\nsent:     create_app(Settings(jwt_secret=<50 bytes>, access_token_minutes=5, {CHEAP}))"
+            f"\nexpected: a FastAPI app\ngot:      {type(exc).__name__}: {' '.join(str(exc).split())}"
+        )
+    try:
+        seed(module, app, "alice", "wonderland", scopes=["items:read"], full_name="Alice Liddell")
+        seed(module, app, "bob", "the-builder", scopes=["items:read", "items:write"], full_name="Bob")
+        seed(module, app, "carol", "s3cret-carol", scopes=["items:read"], disabled=True)
+    except pytest.fail.Exception as failed:  # seed() has explained what went wrong
+        return Unbuilt(failed.msg)
+    return app
+
+
+@pytest.fixture
+def client(app):
+    if isinstance(app, Unbuilt):
+        yield app
+        return
+    with TestClient(app) as client:
+        yield client
+
+
+def login(client, username, password, scope=None):
+    data = {"username": username, "password": password}
+    if scope is not None:
+        data["scope"] = scope
+    return client.post("/token", data=data)
+
+
+def token_for(client, username, password, scope=None):
+    response = login(client, username, password, scope)
+    expect_status(response, 200, f"{username} logs in with the right password")
+    body = json_of(response)
+    assert isinstance(body, dict) and isinstance(body.get("access_token"), str), explain(
+        response, 'a body like {"access_token": "<jwt>", "token_type": "bearer"}'
+    )
+    return body["access_token"]
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def forge(key=SECRET, **claims):
+    """A real HS256 JWT, as an attacker (or the test) would make one. A claim set to None is left out."""
+    now = datetime.now(timezone.utc)
+    payload = {"sub": "alice", "scope": "items:read", "iat": now, "exp": now + timedelta(minutes=5)} | claims
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm="HS256")
+
+
+def b64(data):
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def claims_of(token):
+    return jwt.decode(token, SECRET, algorithms=["HS256"])
+
+
+def expect_refused(response, why):
+    expect_status(response, 401, why)
+    expect_header(response, "www-authenticate", why="a 401 tells the client how to authenticate")
+    assert response.headers["www-authenticate"].startswith("Bearer"), explain(
+        response, "a WWW-Authenticate header that starts with 'Bearer'"
+    )
+
+
+# ---------------------------------------------------------------- passwords
+
+
+@pytest.mark.task("passwords")
+def test_login_with_the_form_returns_a_bearer_token(client):
+    response = login(client, "alice", "wonderland")
+    expect_status(response, 200, "the right username and password, sent as a form, get a token")
+    body = expect_json(response, {"token_type": "bearer"})
+    assert isinstance(body.get("access_token"), str) and body["access_token"].count(".") == 2, explain(
+        response, "access_token is a JWT: three base64url parts separated by dots"
+    )
+    as_json = client.post("/token", json={"username": "alice", "password": "wonderland"})
+    expect_status(as_json, 422, "the OAuth2 password flow sends a form body (OAuth2PasswordRequestForm), not JSON")
+
+
+@pytest.mark.task("passwords")
+def test_wrong_password_is_refused(client):
+    response = login(client, "alice", "not-her-password")
+    expect_refused(response, "a wrong password gets no token")
+    expect_json(response, {"detail": "Incorrect username or password"}, exact=True)
+
+
+@pytest.mark.task("passwords")
+def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client):
+    response = login(client, "mallory", "wonderland")
+    expect_refused(response, "an unknown user gets no token")
+    expect_json(
+        response,
+        {"detail": "Incorrect username or password"},
+        "the same words as for a wrong password, so the answer does not say which usernames exist",
+        exact=True,
+    )
+
+
+@pytest.mark.task("passwords")
+def test_passwords_are_stored_as_salted_argon2_hashes(module, app):
+    first = seed(module, app, "dave", "same-password")
+    second = seed(module, app, "erin", "same-password")
+    stored = app.state.users["dave"].hashed_password
+    assert stored == first.hashed_password and stored != "same-password", (
+        "\nexpected: add_user stores a hash of the password, never the password itself"
+        f"\ngot:      hashed_password = {stored!r}"
+    )
+    assert stored.startswith("$argon2id$"), (
+        f"\nexpected: an Argon2id hash from pwdlib (it starts with '$argon2id$')\ngot:      {stored!r}"
+    )
+    assert PasswordHash.recommended().verify("same-password", stored), (
+        "\nexpected: a standard Argon2 hash that pwdlib can verify\ngot:      one that does not verify"
+    )
+    assert first.hashed_password != second.hashed_password, (
+        "\nexpected: two users with the same password get different hashes (each hash has its own salt)"
+        f"\ngot:      the same hash twice: {stored!r}"
+    )
+
+
+@pytest.mark.task("passwords")
+def test_disabled_user_gets_no_token(client):
+    response = login(client, "carol", "s3cret-carol")
+    expect_status(response, 403, "a disabled account gets no token, even with the right password")
+    expect_json(response, {"detail": "Inactive user"}, exact=True)
+
+
+@pytest.mark.task("passwords")
+def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
+    # A cost where one Argon2 check takes a couple of milliseconds. The test measures the CPU
+    # time of authenticate_user itself (thread_time), which other busy processes do not inflate.
+    costly = {"argon2_time_cost": 1, "argon2_memory_kib": 2048, "argon2_parallelism": 1}
+    app = module.create_app(module.Settings(jwt_secret=SECRET, **costly))
+    seed(module, app, "alice", "wonderland")
+    found = module.authenticate_user(app, "alice", "wonderland")
+    assert getattr(found, "username", None) == "alice", (
+        f"\nexpected: authenticate_user(app, 'alice', <her password>) returns her UserInDB\ngot:      {found!r}"
+    )
+    known, unknown = [], []
+    pairs = [("alice", known), ("nobody-by-this-name", unknown)]
+    for round_ in range(4):
+        # Alternate which goes first: the first Argon2 call of a round also pays for fresh memory.
+        for username, times in pairs if round_ % 2 else pairs[::-1]:
+            started = time.thread_time()
+            found = module.authenticate_user(app, username, "a-wrong-password")
+            times.append(time.thread_time() - started)
+            assert found is None, f"\nexpected: authenticate_user(app, {username!r}, <wrong password>) is None\ngot:      {found!r}"
+    assert min(unknown) > 0.5 * min(known), (
+        "\nsent:     authenticate_user(app, name, 'a-wrong-password') for a real user and for a name that does not exist"
+        f"\nexpected: both cost about as much (the real user costs {min(known) * 1000:.2f} ms: one Argon2 check)"
+        f"\ngot:      the unknown name is refused in {min(unknown) * 1000:.2f} ms, so timing reveals which usernames exist."
+        "\nVerify the password against app.state.dummy_hash when the user is not found."
+    )
+
+
+# ---------------------------------------------------------------- tokens
+
+
+@pytest.mark.task("tokens")
+def test_the_token_carries_sub_scope_iat_and_exp(client):
+    token = token_for(client, "bob", "the-builder")
+    header = jwt.get_unverified_header(token)
+    assert header.get("alg") == "HS256", f"\nexpected: a token signed with HS256\ngot:      header {header}"
+    try:
+        claims = claims_of(token)
+    except jwt.InvalidTokenError as exc:
+        pytest.fail(
+            f"\nexpected: a token signed with settings.jwt_secret (the test's secret)\ngot:      PyJWT says {exc}",
+            pytrace=False,
+        )
+    assert claims.get("sub") == "bob", f"\nexpected: the claim sub = 'bob'\ngot:      {claims}"
+    assert sorted(str(claims.get("scope", "")).split()) == ["items:read", "items:write"], (
+        f"\nexpected: scope = 'items:read items:write' (a space-separated string)\ngot:      {claims}"
+    )
+    assert isinstance(claims.get("iat"), int) and abs(claims["iat"] - time.time()) < 60, (
+        f"\nexpected: iat = the time the token was issued (now), as seconds since the epoch\ngot:      {claims}"
+    )
+    assert isinstance(claims.get("exp"), int) and claims["exp"] - claims["iat"] == 5 * 60, (
+        "\nexpected: exp = iat + settings.access_token_minutes (5 minutes in this test)"
+        f"\ngot:      {claims}"
+    )
+
+
+@pytest.mark.task("tokens")
+def test_the_secret_comes_from_the_environment(module, monkeypatch):
+    other_secret = "from-the-environment-0123456789abcdef-0123456789"
+    monkeypatch.setenv("JWT_SECRET", other_secret)
+    monkeypatch.setenv("ARGON2_TIME_COST", "1")
+    monkeypatch.setenv("ARGON2_MEMORY_KIB", "64")
+    monkeypatch.setenv("ARGON2_PARALLELISM", "1")
+    app = module.create_app()
+    seed(module, app, "alice", "wonderland", scopes=["items:read"])
+    with TestClient(app) as client:
+        token = token_for(client, "alice", "wonderland")
+    try:
+        jwt.decode(token, other_secret, algorithms=["HS256"])
+    except jwt.InvalidTokenError as exc:
+        pytest.fail(
+            "\nexpected: create_app() without arguments reads JWT_SECRET from the environment and signs with it"
+            f"\ngot:      a token that does not verify with $JWT_SECRET ({exc})",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("tokens")
+def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
+    for secret, why in ((None, "JWT_SECRET is not set"), ("too-short-31-bytes-0123456789ab", "JWT_SECRET has 31 bytes")):
+        if secret is None:
+            monkeypatch.delenv("JWT_SECRET", raising=False)
+        else:
+            monkeypatch.setenv("JWT_SECRET", secret)
+        try:
+            module.create_app()
+        except ValidationError:
+            continue
+        pytest.fail(
+            f"\nsent:     create_app() while {why}"
+            "\nexpected: a pydantic ValidationError from Settings: no secret in the source code, none under 32 bytes"
+            "\ngot:      an app that starts anyway",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("tokens")
+def test_a_token_signed_with_the_settings_secret_is_accepted(client):
+    # The control for the attacks below: a well-formed token made with the right key works.
+    response = client.get("/users/me", headers=bearer(forge()))
+    expect_status(response, 200, "a valid HS256 token signed with settings.jwt_secret, naming alice")
+    expect_json(response, {"username": "alice"})
+
+
+def bad_tokens():
+    now = int(time.time())
+    claims = {"sub": "alice", "scope": "items:read", "iat": now, "exp": now + 300}
+    header, _, alices_signature = forge().split(".")
+    return {
+        "missing (no Authorization header)": None,
+        "not a JWT": "this-is-not-a-jwt",
+        "expired": forge(iat=now - 3600, exp=now - 60),
+        "signed with another key": forge(key=OTHER_KEY),
+        "unsigned (alg: none)": f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}.",
+        "tampered with (alice's signature on a payload naming bob)": f"{header}.{b64(claims | {'sub': 'bob'})}.{alices_signature}",
+        "without exp": forge(exp=None),
+        "without sub": forge(sub=None),
+    }
+
+
+@pytest.mark.task("tokens")
+def test_every_bad_token_is_401(client):
+    for kind, token in bad_tokens().items():
+        response = client.get("/users/me", headers=bearer(token) if token else {})
+        expect_refused(response, f"401 for a token that is {kind}: it is not a credential")
+    forged_scope = forge(key=OTHER_KEY, sub="bob", scope="items:read items:write")
+    expect_refused(
+        client.post("/items", json={"name": "hammer"}, headers=bearer(forged_scope)),
+        "401 for scopes inside a token signed with another key: the signature is checked before any scope",
+    )
+
+
+# ---------------------------------------------------------------- current user
+
+
+@pytest.mark.task("current_user")
+def test_me_shows_the_public_profile_and_never_the_hash(client):
+    response = client.get("/users/me", headers=bearer(token_for(client, "alice", "wonderland")))
+    expect_status(response, 200, "a logged-in user can read their own profile")
+    assert "hashed_password" not in response.text and "$argon2" not in response.text, explain(
+        response, "a body without the password hash: the response model is User, not UserInDB"
+    )
+    expect_json(
+        response,
+        {"username": "alice", "full_name": "Alice Liddell", "scopes": ["items:read"], "disabled": False},
+        exact=True,
+    )
+
+
+@pytest.mark.task("current_user")
+def test_a_user_disabled_after_login_is_refused(client, app):
+    token = token_for(client, "alice", "wonderland")
+    app.state.users["alice"] = app.state.users["alice"].model_copy(update={"disabled": True})
+    response = client.get("/users/me", headers=bearer(token))
+    expect_status(response, 403, "the token is valid but its user was disabled since: get_current_active_user says no")
+    expect_json(response, {"detail": "Inactive user"}, exact=True)
+    expect_status(client.get("/items", headers=bearer(token)), 403, "a disabled user cannot list items either")
+
+
+@pytest.mark.task("current_user")
+def test_a_user_deleted_after_login_is_refused(client, app):
+    token = token_for(client, "alice", "wonderland")
+    del app.state.users["alice"]
+    expect_refused(
+        client.get("/users/me", headers=bearer(token)),
+        "the token's user no longer exists: look the user up on every request, do not trust the token alone",
+    )
+    expect_refused(
+        client.get("/users/me", headers=bearer(forge(sub="mallory"))),
+        "a correctly signed token naming a user the service has never known",
+    )
+
+
+# ---------------------------------------------------------------- scopes
+
+
+@pytest.mark.task("scopes")
+def test_scopes_open_the_routes_that_need_them(client):
+    alice = bearer(token_for(client, "alice", "wonderland"))
+    bob = bearer(token_for(client, "bob", "the-builder"))
+    expect_json(client.get("/items", headers=alice), [], "alice holds items:read; no items yet", exact=True)
+    response = client.post("/items", json={"name": "hammer"}, headers=bob)
+    expect_status(response, 201, "bob holds items:write")
+    expect_json(response, {"id": 1, "name": "hammer", "owner": "bob"}, exact=True)
+    expect_json(client.get("/items", headers=alice), [{"id": 1, "name": "hammer", "owner": "bob"}], exact=True)
+
+
+@pytest.mark.task("scopes")
+def test_a_valid_token_without_the_scope_is_403(client):
+    response = client.post("/items", json={"name": "hammer"}, headers=bearer(token_for(client, "alice", "wonderland")))
+    expect_status(response, 403, "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
+    expect_json(response, {"detail": "Not enough permissions"}, exact=True)
+
+
+@pytest.mark.task("scopes")
+def test_a_client_cannot_grant_itself_scopes(client):
+    token = token_for(client, "alice", "wonderland", scope="items:read items:write")
+    scopes = str(claims_of(token).get("scope", "")).split()
+    assert scopes == ["items:read"], (
+        "\nsent:     POST /token as alice (who holds only items:read) asking for scope='items:read items:write'"
+        f"\nexpected: a token with scope 'items:read': grant only what the user holds\ngot:      scope {scopes}"
+    )
+    response = client.post("/items", json={"name": "hammer"}, headers=bearer(token))
+    expect_status(response, 403, "asking for a scope does not grant it")
+
+
+@pytest.mark.task("scopes")
+def test_asking_for_fewer_scopes_narrows_the_token(client):
+    token = token_for(client, "bob", "the-builder", scope="items:read")
+    expect_status(client.get("/items", headers=bearer(token)), 200, "bob asked for items:read and got it")
+    response = client.post("/items", json={"name": "hammer"}, headers=bearer(token))
+    expect_status(response, 403, "bob's token was issued for items:read only, so it cannot write")

@@ -1,0 +1,279 @@
+"""Graded tests for exercise 06. Run: pytest exercises/06_background_tasks
+
+Every test builds its own app with create_app(<a fresh temporary outbox folder>). One test talks
+to the app through the raw ASGI protocol, to see the moment the response is complete and check
+that the welcome message has not been written yet at that moment.
+"""
+
+import json
+import logging
+import re
+import shutil
+
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi.testclient import TestClient
+
+from grader.expect import expect_json, expect_status
+
+ADA = {"email": "ada@example.com", "name": "Ada"}
+BOB = {"email": "bob@example.com", "name": "Bob"}
+
+
+@pytest.fixture
+def module(load):
+    return load()
+
+
+@pytest.fixture
+def outbox(tmp_path):
+    return tmp_path / "mail" / "outbox"
+
+
+class Unbuilt:
+    """Stands in for an app that create_app() could not build: the test that uses it fails
+    (in the test itself, not in the fixture) with the reason."""
+
+    def __init__(self, reason):
+        self._reason = reason
+
+    def __getattr__(self, name):
+        pytest.fail(self._reason, pytrace=False)
+
+    def __call__(self, *args, **kwargs):
+        pytest.fail(self._reason, pytrace=False)
+
+
+def usable(app_or_client):
+    """Fail at once, with the reason, when create_app() could not build the app."""
+    if isinstance(app_or_client, Unbuilt):
+        pytest.fail(app_or_client._reason, pytrace=False)
+    return app_or_client
+
+
+def build(module, outbox):
+    try:
+        return module.create_app(outbox)
+    except Exception as exc:
+        hint = ("\n          (a DeprecationWarning means an outdated idiom: the lesson says what replaced it)"
+                if isinstance(exc, DeprecationWarning) else "")
+        message = " ".join(str(exc).split())
+        return Unbuilt(f"\nsent:     create_app({str(outbox)!r})\nexpected: a FastAPI app"
+                       f"\ngot:      {type(exc).__name__}: {message}{hint}")
+
+
+@pytest.fixture
+def app(module, outbox):
+    return build(module, outbox)
+
+
+@pytest.fixture
+def client(app):
+    if isinstance(app, Unbuilt):
+        yield app
+        return
+    with TestClient(app) as client:  # `with` runs the lifespan: startup before, shutdown after
+        yield client
+
+
+def messages(outbox):
+    """The outbox's messages by file name: {"1.json": {...}}."""
+    if not outbox.is_dir():
+        return {}
+    return {path.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(outbox.glob("*.json"))}
+
+
+def post_signup(client, payload):
+    """POST /signup; an exception escaping a background task is turned into a lesson."""
+    try:
+        return client.post("/signup", json=payload)
+    except Exception as exc:  # TestClient re-raises what escapes the app, background tasks included
+        error = exc
+    pytest.fail(
+        f"\nsent:     POST /signup {json.dumps(payload)}"
+        f"\ngot:      {type(error).__name__}: {error} raised out of the app."
+        "\nexpected: the background task catches its own failure and logs it to the 'signup' logger."
+        "\n          Under a real server the client already has its 201 when the task runs: an escaping"
+        "\n          exception only reaches the server's generic error log, and later tasks are skipped.",
+        pytrace=False,
+    )
+
+
+def break_outbox(outbox):
+    """Replace the outbox folder by a plain file, so that writing a message into it fails."""
+    shutil.rmtree(outbox)
+    outbox.write_text("the outbox folder is gone", encoding="utf-8")
+
+
+def repair_outbox(outbox):
+    outbox.unlink()
+    outbox.mkdir()
+
+
+# ---------------------------------------------------------------- after the response
+
+
+@pytest.mark.task("after_response")
+def test_signup_answers_201_and_the_welcome_arrives(client, outbox):
+    response = post_signup(client, ADA)
+    expect_status(response, 201, "a signup creates a user")
+    expect_json(response, {"id": 1, **ADA}, exact=True)
+    found = messages(outbox)
+    assert set(found) == {"1.json"}, (
+        f"\nexpected: after the request, the outbox holds exactly one message file, 1.json\ngot:      {sorted(found)}"
+        f" in {outbox}"
+    )
+    message = found["1.json"]
+    assert message.get("to") == "ada@example.com" and message.get("subject") == "Welcome, Ada!", (
+        f'\nexpected: 1.json holds {{"to": "ada@example.com", "subject": "Welcome, Ada!", ...}}\ngot:      {message}'
+    )
+
+
+@pytest.mark.task("after_response")
+@pytest.mark.asyncio
+async def test_the_response_is_complete_before_the_welcome_is_written(app, outbox):
+    usable(app)
+    body = json.dumps(ADA).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/signup", "raw_path": b"/signup", "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 50000), "server": ("test", 80),
+    }
+    request_sent = False
+    status, at_response_end = None, None
+
+    async def receive():
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        nonlocal status, at_response_end
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            at_response_end = sorted(messages(outbox))  # the client has the whole response now
+
+    async with LifespanManager(app):
+        await app(scope, receive, send)
+        after = sorted(messages(outbox))
+    assert status == 201, f"\nsent:     POST /signup {body.decode()}\nexpected: status 201\ngot:      {status}"
+    assert at_response_end == [], (
+        f"\nsent:     POST /signup {body.decode()}"
+        "\nexpected: when the response is complete, the outbox is still empty: the welcome is written by a"
+        "\n          background task, after the response"
+        f"\ngot:      {at_response_end} already in the outbox, so the client waited for the welcome message"
+    )
+    assert after == ["1.json"], f"\nexpected: 1.json in the outbox once the request has finished\ngot:      {after}"
+
+
+@pytest.mark.task("after_response")
+def test_a_rejected_signup_sends_no_welcome(client, outbox):
+    expect_status(post_signup(client, ADA), 201)
+    duplicate = post_signup(client, {"email": "ada@example.com", "name": "Ada again"})
+    expect_status(duplicate, 409, "the e-mail address is already registered")
+    expect_json(duplicate, {"detail": "Email already registered"}, exact=True)
+    expect_status(post_signup(client, {"email": "not-an-email", "name": "X"}), 422, "the e-mail must be valid")
+    assert sorted(messages(outbox)) == ["1.json"], (
+        f"\nexpected: only Ada's welcome (1.json): a rejected signup sends nothing\ngot:      {sorted(messages(outbox))}"
+    )
+
+
+# ---------------------------------------------------------------- tasks from a dependency
+
+
+@pytest.mark.task("dependency")
+def test_the_audit_dependency_and_the_route_share_their_tasks(client):
+    expect_status(post_signup(client, ADA), 201)
+    expect_status(post_signup(client, BOB), 201)
+    expected = ["POST /signup", "welcome sent to ada@example.com", "POST /signup", "welcome sent to bob@example.com"]
+    expect_json(
+        client.get("/events"),
+        expected,
+        "each signup: first the audit entry (a task added by the audit dependency), then the welcome "
+        "(added by the route) — one BackgroundTasks object, run in the order the tasks were added",
+        exact=True,
+    )
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.mark.task("failures")
+def test_a_failing_welcome_leaves_the_response_alone_and_is_logged(client, outbox, caplog):
+    usable(client)
+    caplog.set_level(logging.INFO, logger="signup")
+    break_outbox(outbox)
+    response = post_signup(client, ADA)
+    expect_status(response, 201, "the user was created; the welcome fails later, after the response")
+    expect_json(response, {"id": 1, **ADA}, "the same answer as when the welcome succeeds", exact=True)
+    errors = [r for r in caplog.records if r.name == "signup" and r.levelno >= logging.ERROR]
+    assert any("ada@example.com" in r.getMessage() and r.exc_info for r in errors), (
+        "\nexpected: an ERROR record on the 'signup' logger that names ada@example.com and carries the"
+        "\n          traceback (logger.exception(...) inside the except block)"
+        f"\ngot:      {[(r.levelname, r.getMessage(), bool(r.exc_info)) for r in errors] or 'no ERROR record'}"
+    )
+    expect_json(client.get("/events"), ["POST /signup", "welcome failed for ada@example.com"], exact=True)
+
+
+@pytest.mark.task("failures")
+def test_the_service_goes_on_after_a_failed_welcome(client, outbox):
+    usable(client)
+    break_outbox(outbox)
+    expect_status(post_signup(client, ADA), 201)
+    repair_outbox(outbox)
+    response = post_signup(client, BOB)
+    expect_status(response, 201, "one failed welcome does not break the service")
+    expect_json(response, {"id": 2, **BOB}, exact=True)
+    assert sorted(messages(outbox)) == ["2.json"], (
+        f"\nexpected: Bob's welcome (2.json) once the outbox is back\ngot:      {sorted(messages(outbox))}"
+    )
+
+
+# ---------------------------------------------------------------- lifespan
+
+
+@pytest.mark.task("lifespan")
+def test_the_outbox_is_prepared_at_startup_not_before(app, outbox):
+    usable(app)
+    assert not outbox.exists(), (
+        f"\nexpected: create_app() touches nothing on disk; the lifespan creates {outbox} at startup"
+        "\ngot:      the folder exists before the app started"
+    )
+    with TestClient(app):
+        assert outbox.is_dir(), f"\nexpected: the lifespan's startup creates the outbox folder {outbox} (with parents)"
+
+
+@pytest.mark.task("lifespan")
+def test_shutdown_reports_what_was_delivered(app, outbox, caplog):
+    usable(app)
+    caplog.set_level(logging.INFO, logger="signup")
+    with TestClient(app) as client:
+        expect_status(post_signup(client, ADA), 201)
+        expect_status(post_signup(client, BOB), 201)
+        break_outbox(outbox)
+        expect_status(post_signup(client, {"email": "cy@example.com", "name": "Cy"}), 201)
+        early = [r.getMessage() for r in caplog.records if r.name == "signup" and "shutdown:" in r.getMessage()]
+        assert not early, f"\nexpected: no shutdown report while the app is running\ngot:      {early}"
+    summary = [r.getMessage() for r in caplog.records if r.name == "signup" and r.levelno == logging.INFO]
+    assert any(re.search(r"\bshutdown: 2 welcome messages sent, 1 failed\b", line) for line in summary), (
+        "\nexpected: at shutdown, an INFO record on the 'signup' logger: "
+        "'shutdown: 2 welcome messages sent, 1 failed'"
+        f"\ngot:      {summary or 'no INFO record'}"
+    )
+
+
+@pytest.mark.task("lifespan")
+def test_each_app_has_its_own_state(module, tmp_path):
+    first, second = usable(build(module, tmp_path / "one")), usable(build(module, tmp_path / "two"))
+    with TestClient(first) as one, TestClient(second) as two:
+        expect_json(post_signup(one, ADA), {"id": 1}, "the first signup of the first app")
+        expect_json(
+            post_signup(two, ADA), {"id": 1},
+            "the same e-mail is new to a second app: state lives on the app (built by its lifespan), not in the module",
+        )
+        expect_json(two.get("/events"), ["POST /signup", "welcome sent to ada@example.com"], exact=True)

@@ -1,0 +1,257 @@
+"""Lesson 05 reference: OAuth2 password flow, Argon2 hashes, signed JWTs and scopes.
+
+Run it with a secret from the environment (the module itself never holds one):
+
+    JWT_SECRET="$(python -c 'import secrets; print(secrets.token_urlsafe(48))')" \
+        uvicorn --factory app:create_app
+"""
+
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+import jwt
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
+from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ALGORITHM = "HS256"
+
+SCOPES = {
+    "items:read": "List the items.",
+    "items:write": "Create items.",
+}
+
+
+class Settings(BaseSettings):
+    """Configuration read from the environment (JWT_SECRET, ACCESS_TOKEN_MINUTES, ...)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    # No default on purpose: an app that starts without a configured secret is a bug.
+    jwt_secret: SecretStr
+    access_token_minutes: int = Field(default=15, gt=0, le=24 * 60)
+    # pwdlib's recommended Argon2 cost. Only tests lower it: their passwords protect nothing.
+    argon2_time_cost: int = Field(default=3, ge=1)
+    argon2_memory_kib: int = Field(default=65536, ge=8)
+    argon2_parallelism: int = Field(default=4, ge=1)
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def long_enough(cls, value: SecretStr) -> SecretStr:
+        # HS256 is only as strong as its key; RFC 7518 asks for at least 256 bits.
+        if len(value.get_secret_value().encode()) < 32:
+            raise ValueError("JWT_SECRET must be at least 32 bytes long")
+        return value
+
+
+class User(BaseModel):
+    """What the API shows about a user: never the password hash."""
+
+    username: str
+    full_name: str | None = None
+    scopes: list[str] = []
+    disabled: bool = False
+
+
+class UserInDB(User):
+    hashed_password: str
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+
+
+class TokenClaims(BaseModel):
+    """The claims this service puts in a token, checked again when one comes back."""
+
+    sub: str = Field(min_length=1)
+    scope: str = ""
+    iat: int
+    exp: int
+
+
+class ItemIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class Item(ItemIn):
+    id: int
+    owner: str
+
+
+# tokenUrl is relative, so the docs' "Authorize" button works behind any prefix.
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl="token", scopes=SCOPES)
+
+
+def add_user(
+    app: FastAPI,
+    username: str,
+    password: str,
+    *,
+    scopes: list[str] | None = None,
+    full_name: str | None = None,
+    disabled: bool = False,
+) -> UserInDB:
+    """Store a user with an Argon2 hash of ``password`` (the password itself is never kept)."""
+    hasher: PasswordHash = app.state.password_hash
+    user = UserInDB(
+        username=username,
+        full_name=full_name,
+        scopes=list(scopes or []),
+        disabled=disabled,
+        hashed_password=hasher.hash(password),
+    )
+    app.state.users[username] = user
+    return user
+
+
+def authenticate_user(app: FastAPI, username: str, password: str) -> UserInDB | None:
+    """The user whose password this is, or None. Takes as long for unknown names as for known ones."""
+    hasher: PasswordHash = app.state.password_hash
+    user: UserInDB | None = app.state.users.get(username)
+    if user is None:
+        # Verify against a throwaway hash anyway: answering faster for unknown names
+        # would tell an attacker which usernames exist.
+        hasher.verify(password, app.state.dummy_hash)
+        return None
+    if not hasher.verify(password, user.hashed_password):
+        return None
+    return user
+
+
+def create_access_token(settings: Settings, username: str, scopes: list[str]) -> str:
+    now = datetime.now(timezone.utc)  # aware: PyJWT turns it into seconds since the epoch
+    claims = {
+        "sub": username,
+        "scope": " ".join(scopes),
+        "iat": now,
+        "exp": now + timedelta(minutes=settings.access_token_minutes),
+    }
+    return jwt.encode(claims, settings.jwt_secret.get_secret_value(), algorithm=ALGORITHM)
+
+
+async def get_current_user(
+    security_scopes: SecurityScopes,
+    token: Annotated[str, Depends(oauth2_scheme)],
+    request: Request,
+) -> UserInDB:
+    """The user a valid bearer token names, provided it carries every scope the route needs."""
+    if security_scopes.scopes:
+        authenticate_value = f'Bearer scope="{security_scopes.scope_str}"'
+    else:
+        authenticate_value = "Bearer"
+    credentials_error = HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail="Could not validate credentials",
+        headers={"WWW-Authenticate": authenticate_value},
+    )
+    settings: Settings = request.app.state.settings
+    try:
+        payload = jwt.decode(
+            token,
+            settings.jwt_secret.get_secret_value(),
+            algorithms=[ALGORITHM],  # pinned: the token's own header never chooses
+            options={"require": ["sub", "exp", "iat"]},  # a token without exp would live forever
+        )
+        claims = TokenClaims.model_validate(payload)
+    except (jwt.InvalidTokenError, ValidationError):
+        # InvalidTokenError covers expired, forged, malformed and alg-mismatched tokens.
+        raise credentials_error from None
+    # Look the user up on every request: a deleted account's tokens must stop working now.
+    user: UserInDB | None = request.app.state.users.get(claims.sub)
+    if user is None:
+        raise credentials_error
+    granted = set(claims.scope.split())
+    if not set(security_scopes.scopes) <= granted:
+        # The token is fine; it just does not allow this: 403, not 401.
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail="Not enough permissions",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{security_scopes.scope_str}"'},
+        )
+    return user
+
+
+async def get_current_active_user(
+    user: Annotated[UserInDB, Security(get_current_user)],
+) -> UserInDB:
+    if user.disabled:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Inactive user")
+    return user
+
+
+CurrentUser = Annotated[UserInDB, Security(get_current_active_user)]
+
+router = APIRouter()
+
+
+@router.post("/token")
+def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> Token:
+    # A plain `def`: Argon2 is deliberately CPU-heavy, so it runs in the threadpool
+    # instead of freezing the event loop for every other request.
+    user = authenticate_user(request.app, form.username, form.password)
+    if user is None:
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="Incorrect username or password",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if user.disabled:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="Inactive user")
+    # Never trust the scopes a client asks for: grant only those the user holds.
+    requested = form.scopes or user.scopes
+    granted = [scope for scope in requested if scope in user.scopes]
+    return Token(access_token=create_access_token(request.app.state.settings, user.username, granted))
+
+
+@router.get("/users/me")
+async def read_me(user: CurrentUser) -> User:
+    # The return type is User, so FastAPI drops hashed_password from the UserInDB we pass.
+    return user
+
+
+@router.get("/items")
+async def list_items(
+    request: Request,
+    user: Annotated[UserInDB, Security(get_current_active_user, scopes=["items:read"])],
+) -> list[Item]:
+    return request.app.state.items
+
+
+@router.post("/items", status_code=status.HTTP_201_CREATED)
+async def create_item(
+    request: Request,
+    item: ItemIn,
+    user: Annotated[UserInDB, Security(get_current_active_user, scopes=["items:write"])],
+) -> Item:
+    items: list[Item] = request.app.state.items
+    created = Item(id=len(items) + 1, name=item.name, owner=user.username)
+    items.append(created)
+    return created
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service. Without ``settings``, they are read from the environment now."""
+    settings = settings or Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
+    app = FastAPI(title="Auth service", version="0.5.0")
+    app.state.settings = settings
+    app.state.password_hash = PasswordHash(
+        (
+            Argon2Hasher(
+                time_cost=settings.argon2_time_cost,
+                memory_cost=settings.argon2_memory_kib,
+                parallelism=settings.argon2_parallelism,
+            ),
+        )
+    )
+    # Same cost as real hashes, so verifying against it takes as long as a real check.
+    app.state.dummy_hash = app.state.password_hash.hash(secrets.token_urlsafe(16))
+    app.state.users = {}
+    app.state.items = []
+    app.include_router(router)
+    return app
