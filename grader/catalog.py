@@ -104,7 +104,7 @@ class Exercise:
             return []
         return sorted(
             p for p in self.mutants_folder.iterdir()
-            if not p.name.startswith((".", "_")) and (p.suffix == ".diff" or p.is_dir())
+            if p.suffix == ".diff" and not p.name.startswith((".", "_"))
         )
 
 
