@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from grader import cli_grade
 from grader.catalog import CatalogError, Exercise, all_exercises, course_root, find_exercise
 from grader.progress import Pristine, State
 from grader.results import ExerciseResult
@@ -281,15 +282,7 @@ def verify(
     console.print(f"[green bold]All {len(outcomes)} checks hold.[/]")
 
 
-def _register_optional_commands() -> None:
-    try:
-        from grader import cli_grade
-    except ImportError:  # the instructor commands are an optional part of the package
-        return
-    cli_grade.register(app)
-
-
-_register_optional_commands()
+cli_grade.register(app)  # the instructors' commands: grade, merge
 
 
 @app.callback(invoke_without_command=True)

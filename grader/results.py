@@ -53,3 +53,61 @@ class ExerciseResult(BaseModel):
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+
+# --------------------------------------------------------------------------- a graded class
+# Written by `grader grade`, joined by `grader merge`, read by every report in grader/reports/.
+# docs/grading-report.schema.json is generated from ClassResult (see docs/GRADING.md).
+
+SCHEMA_VERSION = 1
+
+
+class ExerciseInfo(BaseModel):
+    """One exercise as it was graded: its points and the tests every submission had to run."""
+
+    name: str
+    title: str
+    max_points: float = Field(description="visible and hidden points together")
+    visible_max_points: float
+    hidden_max_points: float = 0.0
+    tests: int = Field(0, description="graded tests expected in every run, visible and hidden")
+    hidden_tests: int = 0
+
+
+class Protection(BaseModel):
+    """One isolation measure of the test runs, and whether this machine allowed it."""
+
+    name: str
+    active: bool
+    detail: str = ""
+
+
+class LearnerResult(BaseModel):
+    """Every graded exercise of one learner's submission."""
+
+    learner: str = Field(description="the submission's name (folder or archive name); learner-controlled text")
+    points: float = 0.0
+    max_points: float = 0.0
+    exercises: list[ExerciseResult] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list, description="what was wrong with the submission as a whole")
+
+    def exercise(self, name: str) -> ExerciseResult | None:
+        return next((result for result in self.exercises if result.exercise == name), None)
+
+
+class ClassResult(BaseModel):
+    """A whole grading run (or a merge of shards): the one input of every report."""
+
+    schema_version: int = SCHEMA_VERSION
+    grader_version: str
+    generated_at: str = Field(description="ISO 8601, UTC")
+    duration: float = Field(0.0, description="seconds of wall-clock time spent grading (summed over merged shards)")
+    shards: list[str] = Field(default_factory=list, description="the shards ('i/n') this result joins; empty when unsharded")
+    exercises: list[ExerciseInfo] = Field(default_factory=list)
+    learners: list[LearnerResult] = Field(default_factory=list)
+    protections: list[Protection] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="problems of the course or the machine, not of a learner")
+
+    @property
+    def max_points(self) -> float:
+        return round(sum(exercise.max_points for exercise in self.exercises), 2)

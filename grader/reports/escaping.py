@@ -1,0 +1,39 @@
+"""Make learner-controlled text (names, failure messages, program output) safe for each format.
+
+HTML is escaped by Jinja2's autoescaping and JSON by the encoder; what is left is here:
+spreadsheet formulas in CSV, characters XML 1.0 forbids, Markdown table syntax, and the
+workflow commands that a CI log executes (``::set-output``, ``::error``, ``##[error]`` …).
+"""
+
+from __future__ import annotations
+
+import re
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+# a line whose first non-blank characters are '::' or '##[' is a GitHub Actions workflow command
+_CI_COMMAND = re.compile(r"^(\s*)(::|##\[)", re.MULTILINE)
+
+
+def csv_cell(text: str) -> str:
+    """A cell a spreadsheet shows as text, never evaluates (OWASP: prefix a quote)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def xml_text(text: str) -> str:
+    """Text that XML 1.0 can carry (ElementTree escapes markup; it does not drop control characters)."""
+    return _XML_FORBIDDEN.sub("\ufffd", _ANSI.sub("", str(text)))
+
+
+def ci_log(text: str) -> str:
+    """Text that a CI runner prints without executing: workflow commands are broken up."""
+    return _CI_COMMAND.sub(lambda m: m.group(1) + m.group(2)[0] + "\u200b" + m.group(2)[1:], _ANSI.sub("", str(text)))
+
+
+def markdown_text(text: str) -> str:
+    """One line of plain text in a Markdown table cell: no markup, no HTML, no workflow commands."""
+    text = ci_log(str(text)).replace("\r", " ").replace("\n", " ")
+    text = re.sub(r"([\\`*_{}\[\]()#+\-.!|~])", r"\\\1", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,614 @@
+"""Pre-warmed processes that fork one sandboxed test run per (learner, exercise).
+
+A fresh ``pytest`` process spends about a second importing pytest, FastAPI and pydantic and
+collecting the suite before the first test runs. The grader pays that once:
+
+    grader (main) ──stdin──► base zygote          imports pytest, FastAPI, … once
+                              └─ exercise zygote   one per exercise: pytest configured, suite collected
+                                  └─ warden        one per job, root: clock, channel, clean-up
+                                      └─ run       pid 1 of its own namespaces, unprivileged: the tests
+
+The exercise zygote runs an ordinary ``pytest.main`` up to the point where the tests would
+start (``pytest_runtestloop``). There it waits for jobs and forks: each run returns from the
+hook into pytest's own test loop, with the learner's files as ``--grader-target``. Isolation is
+by process: every run is a separate process tree that dies with its run.
+
+Messages to the grader go over one SOCK_SEQPACKET socket (each message is one JSON datagram);
+a job's result is a JSON file that the warden writes into the grader's private work folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+STOP = "stop"
+RUNNER = "runner"
+OUTPUT_NOTE = "\n… ({} bytes of output left out) …\n"
+
+# What every exercise's tests and solutions may import; imported once in the base zygote.
+BASE_MODULES = (
+    "pytest", "_pytest.pytester", "pluggy", "pytest_asyncio", "pytest_timeout", "anyio", "anyio.pytest_plugin",
+    "asyncio", "json", "sqlite3", "hmac", "hashlib", "secrets", "uuid", "logging", "tomllib", "http.cookies",
+    "fastapi", "fastapi.testclient", "fastapi.security", "fastapi.responses", "fastapi.middleware.cors",
+    "starlette.testclient", "httpx", "httpx2", "pydantic", "pydantic_settings", "email_validator",
+    "sqlalchemy", "sqlalchemy.ext.asyncio", "aiosqlite", "jwt", "pwdlib", "prometheus_client", "uvicorn",
+    "websockets", "multipart", "yaml", "asgi_lifespan",
+    "grader.catalog", "grader.loader", "grader.expect", "grader.live", "grader.pytest_plugin",
+    "grader.recorder", "grader.channel", "grader.sandbox",
+)
+
+
+def send(channel: socket.socket, message: dict) -> None:
+    data = json.dumps(message).encode()
+    with contextlib.suppress(OSError):
+        channel.send(data)
+
+
+def imports_of(paths: list[Path]) -> set[str]:
+    """Top-level modules and packages that ``paths`` import (absolute imports only)."""
+    found: set[str] = set()
+    for path in paths:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+    return found
+
+
+def fewer_malloc_arenas() -> None:
+    """glibc gives each thread a 64 MiB malloc arena of address space; a few suffice here, and
+    keeping them few lets the address-space limit catch a memory bomb early."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+
+
+def prewarm(modules: list[str]) -> None:
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+    gc.collect()
+
+
+# --------------------------------------------------------------------------- the base zygote
+
+
+@dataclass
+class Setup:
+    """What the grader tells the base zygote once."""
+
+    course_root: str
+    work_dir: str
+    hide: list[str]
+    needed: list[str]
+    slots: int
+    modules: list[str]
+    disable: list[str] = ()  # type: ignore[assignment]
+    capabilities: object = None
+    cgroup_folders: list = None  # type: ignore[assignment]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    channel = socket.socket(fileno=int(argv[0]))
+    commands = sys.stdin.buffer
+    init = json.loads(commands.readline())
+    setup = Setup(**init)
+    fewer_malloc_arenas()
+    prewarm(list(BASE_MODULES) + sorted(setup.modules))
+    from grader import sandbox
+
+    needed = [Path(p) for p in setup.needed]
+    staging = os.path.join(setup.work_dir, "stage")
+    os.makedirs(staging, exist_ok=True)
+    capabilities = sandbox.probe(needed, setup.slots, os.path.join(staging, "probe"))
+    for attribute, note in sandbox.DISABLE.items():
+        if note in setup.disable:
+            setattr(capabilities, attribute, False)
+            capabilities.notes[note] = "turned off by the grader's caller"
+    groups = None
+    if capabilities.cgroups:
+        try:
+            groups = sandbox.SlotGroups(setup.slots, sandbox.Limits().processes)
+        except OSError as exc:
+            capabilities.cgroups = False
+            capabilities.notes["cgroup"] = f"could not create cgroups ({exc})"
+    setup.capabilities = capabilities
+    setup.cgroup_folders = [[str(p) for p in groups.folders(slot)] for slot in range(setup.slots)] if groups else []
+    send(channel, {"op": "hello", "pid": os.getpid(),
+                   "protections": [p.model_dump() for p in capabilities.protections(setup.hide, sandbox.Limits())]})
+    exercise_pipes: dict[str, int] = {}
+    exercise_pids: list[int] = []
+    try:
+        for line in commands:
+            message = json.loads(line)
+            if message["op"] == "prepare":
+                if message["exercise"] in exercise_pipes:
+                    continue
+                read_end, write_end = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(write_end)
+                    for other in exercise_pipes.values():
+                        os.close(other)
+                    exercise_zygote(setup, message, read_end, channel)
+                    os._exit(0)
+                os.close(read_end)
+                exercise_pipes[message["exercise"]] = write_end
+                exercise_pids.append(pid)
+            elif message["op"] == "job":
+                pipe = exercise_pipes.get(message["exercise"])
+                if pipe is None:
+                    send(channel, {"op": "lost", "id": message["id"], "why": "the exercise was never prepared"})
+                    continue
+                data = (json.dumps(message) + "\n").encode()
+                try:
+                    while data:
+                        data = data[os.write(pipe, data):]
+                except OSError:
+                    send(channel, {"op": "lost", "id": message["id"], "why": "the exercise's test session has ended"})
+            elif message["op"] == STOP:
+                break
+    finally:
+        for pipe in exercise_pipes.values():
+            with contextlib.suppress(OSError):
+                os.close(pipe)
+        # waiting (rather than letting the kernel reap) keeps every run's CPU time in the
+        # grader's own accounting (resource.RUSAGE_CHILDREN), which the benchmark reads
+        for pid in exercise_pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        if groups is not None:
+            # wardens still running keep their slot's processes; give them a moment
+            time.sleep(0.2)
+            groups.close()
+
+
+# --------------------------------------------------------------------------- an exercise's session
+
+
+class ExerciseSession:
+    """The pytest plugin that turns a configured, collected session into a fork server."""
+
+    def __init__(self, setup: Setup, prepare: dict, jobs_fd: int, channel: socket.socket) -> None:
+        self.setup = setup
+        self.prepare = prepare
+        self.jobs_fd = jobs_fd
+        self.channel = channel
+        self.role = "zygote"
+        self.recorder = None
+        self.exitcode = 0
+
+    @staticmethod
+    def display_id(item, hidden_root: str | None) -> str:
+        """Hidden test files lie outside the course, where pytest's node ids lose their path."""
+        path = str(item.path)
+        if hidden_root and path.startswith(hidden_root.rstrip("/") + "/"):
+            name = item.nodeid.partition("::")[2]
+            return "hidden/" + os.path.relpath(path, os.path.dirname(hidden_root)) + "::" + name
+        return item.nodeid
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session):
+        from grader.recorder import Recorder
+
+        exercise = self.prepare["exercise"]
+        if session.testsfailed or not session.items:
+            errors = [report.longreprtext[:2000] for report in getattr(self, "collect_errors", [])]
+            send(self.channel, {"op": "prepare_failed", "exercise": exercise,
+                                "why": "\n".join(errors) or "no test was collected"})
+            return True
+        hidden_root = self.prepare.get("hidden_root")
+        tests, display, hidden = [], {}, set()
+        ids = [item.nodeid for item in session.items]
+        twice = sorted({nodeid for nodeid in ids if ids.count(nodeid) > 1})
+        if twice:
+            send(self.channel, {"op": "prepare_failed", "exercise": exercise,
+                                "why": f"tests with the same name in different hidden files: {', '.join(twice[:5])}; rename them"})
+            return True
+        for item in session.items:
+            shown = self.display_id(item, hidden_root)
+            marker = item.get_closest_marker("task")
+            is_hidden = shown != item.nodeid
+            tests.append({"nodeid": shown, "task": str(marker.args[0]) if marker and marker.args else None,
+                          "hidden": is_hidden})
+            display[item.nodeid] = shown
+            if is_hidden:
+                hidden.add(item.nodeid)
+        self.recorder = Recorder(display, hidden)
+        session.config.pluginmanager.register(self.recorder, "grader-recorder")
+        self.recorder.take_snapshot(session.config)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.collect()
+        gc.freeze()  # forked runs then neither copy nor scan the warm heap
+        send(self.channel, {"op": "ready", "exercise": exercise, "tests": tests})
+        jobs = os.fdopen(self.jobs_fd, "rb", buffering=1 << 16)
+        wardens: dict[int, str] = {}
+
+        def reap(*_: object) -> None:
+            # A warden that dies without reporting (killed by a run that has the grader's own
+            # rights, where no uid switch is possible) is reported lost at once. Only wardens
+            # are reaped here: a blanket waitpid(-1) would steal other children's exit codes.
+            for pid in list(wardens):
+                try:
+                    finished, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    wardens.pop(pid, None)
+                    continue
+                if finished == 0:
+                    continue
+                job_id = wardens.pop(pid)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    send(self.channel, {"op": "lost", "id": job_id,
+                                        "why": f"the run's supervisor was killed ({os.waitstatus_to_exitcode(status)}): "
+                                               "the submission's code signalled the grader"})
+
+        signal.signal(signal.SIGCHLD, reap)
+        for line in jobs:
+            job = json.loads(line)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
+            pid = os.fork()
+            if pid != 0:
+                wardens[pid] = job["id"]
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                continue
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            jobs.close()
+            try:
+                if warden(self.setup, job, self.channel, self.recorder, session.config) == RUNNER:
+                    self.role = RUNNER
+                    return None  # into pytest's own test loop, in the sandbox
+            except BaseException as exc:  # noqa: BLE001 - a warden must report, never return into pytest
+                send(self.channel, {"op": "lost", "id": job["id"], "why": f"the grader failed: {type(exc).__name__}: {exc}"})
+                os._exit(1)
+            os._exit(0)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for pid in list(wardens):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        return True
+
+    def pytest_collectreport(self, report) -> None:
+        if report.failed:
+            self.__dict__.setdefault("collect_errors", []).append(report)
+
+
+def exercise_zygote(setup: Setup, prepare: dict, jobs_fd: int, channel: socket.socket) -> None:
+    # Collection may run subprocesses (a test module asking `docker info`): their exit codes
+    # must be real, which an ignored SIGCHLD would turn into 0.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    root = setup.course_root
+    session_plugin = ExerciseSession(setup, prepare, jobs_fd, channel)
+    args = [
+        *prepare["tests"], *prepare.get("hidden", []),
+        "-q", "--no-header", "--color=no", "--tb=short", "-s", "-p", "no:cacheprovider", "-p", "no:faulthandler",
+        "--rootdir", root, "-c", os.path.join(root, "pyproject.toml"),
+        "--grader-exercise", prepare["exercise"],
+        # the base zygote imported the test plugins before pytest could mark them for rewriting
+        "-W", "ignore::pytest.PytestAssertRewriteWarning",
+    ]
+    os.chdir(root)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(1)
+    os.dup2(devnull, 1)  # the session's header and collection chatter go nowhere
+    try:
+        code = pytest.main(args, plugins=[session_plugin])
+    except BaseException as exc:  # noqa: BLE001 - a run must end here, never fall back into the zygote
+        if session_plugin.role == RUNNER:
+            with contextlib.suppress(Exception):
+                import traceback
+                os.write(2, ("\n" + "".join(traceback.format_exception(exc))[-3000:]).encode())
+            os._exit(70)
+        send(channel, {"op": "prepare_failed", "exercise": prepare["exercise"], "why": f"{type(exc).__name__}: {exc}"})
+        os._exit(1)
+    if session_plugin.role == RUNNER:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(int(code))
+    os.dup2(saved, 1)
+    if session_plugin.recorder is None:
+        send(channel, {"op": "prepare_failed", "exercise": prepare["exercise"],
+                       "why": f"pytest ended before running tests (exit code {int(code)})"})
+    os._exit(0)
+
+
+# --------------------------------------------------------------------------- one job: warden and run
+
+
+def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) -> str:
+    """Fork the run, watch it, report it. Returns RUNNER in the run; never returns in the warden."""
+    from grader import sandbox
+    from grader.channel import KEY_BYTES, ChannelWriter
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    capabilities: sandbox.Capabilities = setup.capabilities  # type: ignore[assignment]
+    limits = sandbox.Limits()
+    key = os.urandom(KEY_BYTES)
+    result_read, result_write = os.pipe()
+    output_read, output_write = os.pipe()
+    started = time.monotonic()
+    if capabilities.pid_namespace:
+        try:
+            sandbox.unshare(sandbox.CLONE_NEWPID)
+        except OSError:
+            capabilities.pid_namespace = False
+    pid = os.fork()
+    if pid == 0:
+        os.close(result_read)
+        os.close(output_read)
+        try:
+            prepare_run(setup, job, limits, result_write, output_write)
+        except BaseException as exc:  # noqa: BLE001
+            with contextlib.suppress(OSError):
+                os.write(2, f"the grader could not prepare the sandbox: {type(exc).__name__}: {exc}\n".encode())
+            os._exit(71)
+        writer = ChannelWriter(3, key)
+        config.option.grader_target = os.path.abspath("submission")
+        recorder.start(writer)
+        return RUNNER
+    os.close(result_write)
+    os.close(output_write)
+    send(channel, {"op": "started", "id": job["id"], "pid": os.getpid(), "run": pid})
+    outcome = watch(pid, result_read, output_read, started + float(job["timeout"]), limits, setup, job)
+    outcome.update(id=job["id"], duration=round(time.monotonic() - started, 3))
+    outcome.update(verify_channel(key, outcome.pop("channel_bytes"), outcome))
+    path = Path(setup.work_dir, "results", f"{job['id']}.json")
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(outcome), encoding="utf-8")
+    os.replace(temporary, path)
+    send(channel, {"op": "done", "id": job["id"]})
+    os._exit(0)
+
+
+def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write: int) -> None:
+    """In the run, before any learner code: namespaces, files, limits, environment, privileges."""
+    from grader import sandbox
+
+    capabilities: sandbox.Capabilities = setup.capabilities  # type: ignore[assignment]
+    slot = int(job["slot"])
+    uid, gid = sandbox.slot_ids(slot)
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if capabilities.cgroups and setup.cgroup_folders:
+        sandbox.join_cgroups(setup.cgroup_folders[slot])
+    flags = 0
+    if capabilities.mount_namespace:
+        flags |= sandbox.CLONE_NEWNS
+    if capabilities.network_namespace:
+        flags |= sandbox.CLONE_NEWNET
+    if capabilities.other_namespaces:
+        flags |= sandbox.CLONE_NEWIPC | sandbox.CLONE_NEWUTS
+    if flags:
+        sandbox.unshare(flags)
+    if capabilities.mount_namespace:
+        sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
+        if capabilities.unprivileged_uid:
+            sandbox.expose(setup.needed, os.path.join(setup.work_dir, "stage", str(job["id"])))
+        sandbox.hide_paths(setup.hide)
+        sandbox.private_mounts(limits.tmp_bytes, new_proc=capabilities.pid_namespace)
+        base = "/tmp/grading"
+    else:
+        base = os.path.join(setup.work_dir, "runs", str(job["id"]))
+    if capabilities.network_namespace:
+        sandbox.loopback_up()
+    # the learner's editable files: the only thing taken from a submission
+    submission = os.path.join(base, "submission")
+    home = os.path.join(base, "home")
+    os.makedirs(home, mode=0o700)
+    for name, text in job["files"].items():
+        destination = os.path.join(submission, name)
+        os.makedirs(os.path.dirname(destination), mode=0o700, exist_ok=True)
+        with open(destination, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    if capabilities.unprivileged_uid:
+        for folder, dirs, files in os.walk(base):
+            os.chown(folder, uid, gid)
+            for name in files:
+                os.chown(os.path.join(folder, name), uid, gid)
+    sandbox.apply_limits(limits, cpu_seconds=max(1, int(float(job["timeout"]) + 1)),
+                         own_uid=capabilities.unprivileged_uid)
+    os.environ.clear()
+    os.environ.update({
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": home, "USER": f"grader{slot}", "LOGNAME": f"grader{slot}",
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TMPDIR": "/tmp" if capabilities.mount_namespace else home,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    # descriptors: 0 = /dev/null, 1 and 2 = the bounded output pipe, 3 = the result channel
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output_write, 1)
+    os.dup2(output_write, 2)
+    os.dup2(result_write, 3, inheritable=False)
+    close_inherited_descriptors()
+    if capabilities.unprivileged_uid:
+        sandbox.drop_privileges(uid, gid)
+        sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)  # a uid change clears it
+    sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+    os.umask(0o077)
+    os.chdir(base)
+    sys.dont_write_bytecode = False  # the learner's module compiles once per run, not once per test
+    import tempfile
+
+    tempfile.tempdir = None
+
+
+def close_inherited_descriptors() -> None:
+    """Close every descriptor above 3 but character devices (pytest's logging holds /dev/null).
+
+    Above all this closes the grader's socket, the job pipe and the zygote's command pipe, which
+    a learner's code could otherwise use to forge results or read other learners' files.
+    """
+    for name in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"):
+        fd = int(name)
+        if fd <= 3:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if not stat.S_ISCHR(mode):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def watch(pid: int, result_read: int, output_read: int, deadline: float, limits, setup: Setup, job: dict) -> dict:
+    """Read the run's channel and output until it ends or its time is up; kill what is left."""
+    from grader import sandbox
+
+    capabilities: sandbox.Capabilities = setup.capabilities  # type: ignore[assignment]
+    selector = selectors.DefaultSelector()
+    channel_bytes = bytearray()
+    head = bytearray()
+    tail = bytearray()
+    output_total = 0
+    half = limits.output_bytes // 2
+    streams = {result_read: "channel", output_read: "output"}
+    for fd in streams:
+        os.set_blocking(fd, False)
+        selector.register(fd, selectors.EVENT_READ)
+    pidfd = None
+    with contextlib.suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(pid)
+        selector.register(pidfd, selectors.EVENT_READ)
+    status = None
+    rusage = None
+    timed_out = flooded = False
+    ended_at = None
+    while True:
+        now = time.monotonic()
+        if status is None and now >= deadline:
+            timed_out = True
+            _kill_run(pid, capabilities, job)
+        if status is not None and (not streams or now - ended_at > 2.0):
+            break
+        wait = 0.5 if status is None and pidfd is not None else 0.05
+        for key, _ in selector.select(timeout=max(0.0, min(wait, deadline - now) if status is None else 0.05)):
+            fd = key.fd
+            if fd == pidfd:
+                continue
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                selector.unregister(fd)
+                streams.pop(fd, None)
+                continue
+            if streams[fd] == "channel":
+                if len(channel_bytes) + len(chunk) > 16 * 1024**2:
+                    flooded = True
+                    _kill_run(pid, capabilities, job)
+                else:
+                    channel_bytes += chunk
+            else:
+                output_total += len(chunk)
+                if len(head) < half:
+                    head += chunk[:half - len(head)]
+                    chunk = chunk[half:] if len(chunk) > half else b""
+                tail = (tail + chunk)[-half:]
+        if status is None:
+            finished, raw_status, usage = os.wait4(pid, os.WNOHANG)
+            if finished:
+                status, rusage, ended_at = raw_status, usage, time.monotonic()
+                if pidfd is not None:
+                    selector.unregister(pidfd)
+                _kill_leftovers(capabilities, job, setup)
+    selector.close()
+    for fd in (result_read, output_read, pidfd):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    left_out = output_total - len(head) - len(tail)
+    output = bytes(head) + (OUTPUT_NOTE.format(left_out).encode() if left_out > 0 else b"") + bytes(tail)
+    return {
+        "timed_out": timed_out,
+        "flooded_channel": flooded,
+        "exit_code": os.waitstatus_to_exitcode(status) if status is not None else None,
+        "cpu": round(rusage.ru_utime + rusage.ru_stime, 3) if rusage is not None else None,
+        "max_rss_kib": rusage.ru_maxrss if rusage is not None else None,
+        "output": output.decode("utf-8", "replace"),
+        "output_bytes": output_total,
+        "channel_bytes": bytes(channel_bytes),
+    }
+
+
+def _kill_run(pid: int, capabilities, job: dict) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # pid 1 of its namespace: the kernel kills the rest
+    if not capabilities.pid_namespace:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _kill_leftovers(capabilities, job: dict, setup: Setup) -> None:
+    from grader import sandbox
+
+    if capabilities.pid_namespace:
+        return  # the namespace died with its first process
+    if capabilities.cgroups and setup.cgroup_folders:
+        for folder in setup.cgroup_folders[int(job["slot"])]:
+            sandbox.kill_cgroup(folder)
+    if capabilities.unprivileged_uid:
+        sandbox.kill_uid(sandbox.slot_ids(int(job["slot"]))[0])
+
+
+def verify_channel(key: bytes, data: bytes, outcome: dict) -> dict:
+    from grader.channel import ChannelError, ChannelReader, ChannelTruncated
+
+    reader = ChannelReader(key)
+    tampering: list[str] = []
+    try:
+        reader.parse(data)
+    except ChannelTruncated as exc:
+        if not (outcome["timed_out"] or (outcome["exit_code"] or 0) < 0):
+            tampering.append(f"the result channel carried {exc}")
+    except ChannelError as exc:
+        tampering.append(f"the result channel carried {exc}: bytes the grader did not write")
+    if outcome["flooded_channel"]:
+        tampering.append("the result channel was flooded")
+    records = reader.records
+    for record in records:
+        if record.get("type") == "tampering":
+            tampering.extend(str(item) for item in record.get("what", []))
+    tests = [r for r in records if r.get("type") == "test"]
+    end = next((r for r in records if r.get("type") == "end"), None)
+    if records and records[0].get("type") != "start":
+        tampering.append("the result channel did not begin with the grader's first record")
+    fatal = next((str(r.get("why")) for r in records if r.get("type") == "fatal"), None)
+    return {"tests": tests, "ended": end is not None, "tampering": tampering, "fatal": fatal,
+            "exitstatus": end.get("exitstatus") if end else None}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The grader's pieces without running tests: submissions, the result channel, escaping, shards."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from grader.catalog import all_exercises
+from grader.channel import ChannelError, ChannelReader, ChannelTruncated, ChannelWriter
+from grader.grading import parse_shard
+from grader.reports.escaping import ci_log, csv_cell, markdown_text, xml_text
+from grader.submissions import MAX_FILE_BYTES, find_submissions, read_submission
+
+from .conftest import ROOT
+
+EXERCISES = all_exercises(ROOT)
+
+
+def _reference_copy(folder: Path, prefix: str = "exercises") -> dict[str, dict[str, str]]:
+    expected = {}
+    for exercise in EXERCISES:
+        files = {}
+        for name in exercise.editable:
+            source = exercise.solution_folder / name
+            target = folder / prefix / exercise.name / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+            files[name] = source.read_text(encoding="utf-8")
+        expected[exercise.name] = files
+    return expected
+
+
+@pytest.mark.parametrize("prefix", ["exercises", ".", "course-main/exercises"])
+def test_every_exercise_is_found_in_a_course_copy(tmp_path, prefix):
+    expected = _reference_copy(tmp_path / "learner", prefix)
+    submission = read_submission("learner", tmp_path / "learner", EXERCISES)
+    assert submission.files == expected and not submission.problems and not submission.missing
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_are_read_without_unpacking(tmp_path, kind):
+    expected = _reference_copy(tmp_path / "staging")
+    archive = tmp_path / "subs" / f"learner.{kind}"
+    archive.parent.mkdir()
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as handle:
+            for path in (tmp_path / "staging").rglob("*"):
+                if path.is_file():
+                    handle.write(path, "wrapped/" + str(path.relative_to(tmp_path / "staging")))
+            handle.writestr("../../outside.py", "x = 1")
+    else:
+        with tarfile.open(archive, "w:gz") as handle:
+            handle.add(tmp_path / "staging", arcname="wrapped")
+    [(learner, entry)] = find_submissions(archive.parent)
+    assert learner == "learner"
+    assert read_submission(learner, entry, EXERCISES).files == expected
+    assert not (tmp_path / "outside.py").exists()
+
+
+def test_only_regular_text_files_are_taken(tmp_path):
+    exercise = next(e for e in EXERCISES if e.name == "01_async_routes")
+    cases = {
+        "symlinked_folder": lambda f: (f / "real").mkdir(parents=True) or os.symlink(f / "real", f / "exercises", target_is_directory=True),
+        "hard_link": lambda f: os.link(exercise.solution_folder / "app.py", _folder(f) / "app.py"),
+        "too_big": lambda f: (_folder(f) / "app.py").write_text("#" * (MAX_FILE_BYTES + 1)),
+        "not_utf8": lambda f: (_folder(f) / "app.py").write_bytes(b"x = '\xff'\n"),
+        "a_folder": lambda f: (_folder(f) / "app.py").mkdir(),
+        "a_fifo": lambda f: os.mkfifo(_folder(f) / "app.py"),
+    }
+    for name, build in cases.items():
+        build(tmp_path / name)
+    verdicts = {name: read_submission(name, tmp_path / name, [exercise]) for name in cases}
+    assert verdicts["symlinked_folder"].missing == {exercise.name}
+    for name in ("hard_link", "too_big", "not_utf8", "a_folder", "a_fifo"):
+        assert "rejected" in verdicts[name].problems.get(exercise.name, ""), name
+
+
+def _folder(learner: Path) -> Path:
+    folder = learner / "exercises" / "01_async_routes"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_the_channel_takes_only_what_its_writer_signed():
+    key = os.urandom(32)
+    read_end, write_end = os.pipe()
+    writer = ChannelWriter(write_end, key)
+    writer.send({"type": "start"})
+    writer.send({"type": "test", "nodeid": "t", "outcome": "passed"})
+    os.close(write_end)
+    data = os.read(read_end, 1 << 16)
+    os.close(read_end)
+    assert [r["type"] for r in ChannelReader(key).parse(data)] == ["start", "test"]
+    with pytest.raises(ChannelError, match="signature"):
+        ChannelReader(os.urandom(32)).parse(data)
+    first_frame = data[:data.index(b"\n") + 1]
+    with pytest.raises(ChannelError, match="order"):
+        ChannelReader(key).parse(first_frame + first_frame)
+    with pytest.raises(ChannelTruncated):
+        ChannelReader(key).parse(data[:-5])
+    with pytest.raises(ChannelError, match="unframed"):
+        ChannelReader(key).parse(b"garbage\n")
+
+
+def test_escaping_for_each_format():
+    assert csv_cell("=1+1") == "'=1+1" and csv_cell("@SUM(A1)") == "'@SUM(A1)" and csv_cell("ann") == "ann"
+    assert xml_text("a\x00b\x1b[31mc") == "a\ufffdbc"
+    assert not ci_log("ok\n::error::pwned\n  ##[set-output name=x]1").splitlines()[1].startswith("::")
+    assert "|" not in markdown_text("a|b").replace("\\|", "") and "<" not in markdown_text("<b>")
+
+
+@pytest.mark.parametrize(("text", "ok"), [("1/2", True), ("2/2", True), ("0/2", False), ("3/2", False), ("x", False)])
+def test_shard_syntax(text, ok):
+    if ok:
+        assert parse_shard(text) == tuple(int(p) for p in text.split("/"))
+    else:
+        with pytest.raises(ValueError):
+            parse_shard(text)
