@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from grader.engine import Engine, Job, Prepared
 from grader.hidden import HiddenSuite, hidden_suite
 from grader.results import ClassResult, ExerciseInfo, ExerciseResult, LearnerResult, TestResult
 from grader.sandbox import Limits
+from grader.scoring import worths
 from grader.submissions import Submission, find_submissions, read_submission
 from grader.zygote import imports_of
 
@@ -67,23 +67,6 @@ def select_exercises(root: Path, keys: list[str]) -> list[Exercise]:
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def worths(exercise: Exercise, hidden: HiddenSuite | None, tests: list[dict], ungradable: set[str]) -> dict[str, float]:
-    """What each expected test is worth: a task's points shared equally by its gradable tests."""
-    visible = Counter(t["task"] for t in tests if not t["hidden"] and t["nodeid"] not in ungradable)
-    hidden_counts = Counter(t["task"] for t in tests if t["hidden"] and t["nodeid"] not in ungradable)
-    worth: dict[str, float] = {}
-    for test in tests:
-        if test["nodeid"] in ungradable:
-            worth[test["nodeid"]] = 0.0
-        elif test["hidden"]:
-            task = hidden.task(test["task"]) if hidden else None
-            worth[test["nodeid"]] = task.points / hidden_counts[test["task"]] if task else (hidden.default_points if hidden else 0.0)
-        else:
-            task = exercise.task(test["task"] or "")
-            worth[test["nodeid"]] = task.points / visible[test["task"]] if task else 0.0
-    return worth
 
 
 def _tail(text: str, lines: int = OUTPUT_LINES) -> str:

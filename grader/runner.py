@@ -15,11 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from grader.catalog import Exercise
 from grader.results import ExerciseResult, TestResult
+from grader.scoring import worths
 
 OUTPUT_LIMIT = 20_000
 # Variables that would change how the child pytest behaves, or leak the caller's secrets.
@@ -103,16 +103,14 @@ def result_from_report(exercise: Exercise, report: Path, duration: float, return
 
 
 def score(exercise: Exercise, raw_tests: list[dict]) -> list[TestResult]:
-    """Share each task's points equally among its tests; only a passed test earns its share."""
-    per_task = Counter(t.get("task") for t in raw_tests)
+    """The tests of one local run, each with its share of its task's points."""
+    worth = worths(exercise, None, [{**raw, "hidden": False} for raw in raw_tests], set())
     results = []
     for raw in raw_tests:
-        task = exercise.task(raw.get("task") or "")
-        worth = task.points / per_task[raw.get("task")] if task else 0.0
         outcome = raw.get("outcome", "error")
         results.append(TestResult(
             nodeid=raw["nodeid"], task=raw.get("task"), outcome=outcome,
-            points=worth if outcome == "passed" else 0.0, max_points=worth,
+            points=worth[raw["nodeid"]] if outcome == "passed" else 0.0, max_points=worth[raw["nodeid"]],
             duration=float(raw.get("duration", 0.0)), message=str(raw.get("message", ""))[:4000],
         ))
     return results
