@@ -7,6 +7,7 @@ signed with another key, unsigned (alg "none"), tampered with, or naming a user 
 
 import base64
 import json
+import os
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -151,6 +152,7 @@ def test_login_with_the_form_returns_a_bearer_token(client):
 
 @pytest.mark.task("passwords")
 def test_wrong_password_is_refused(client):
+    token_for(client, "alice", "wonderland")  # the control: her right password works
     response = login(client, "alice", "not-her-password")
     expect_refused(response, "a wrong password gets no token")
     expect_json(response, {"detail": "Incorrect username or password"}, exact=True)
@@ -158,6 +160,7 @@ def test_wrong_password_is_refused(client):
 
 @pytest.mark.task("passwords")
 def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client):
+    token_for(client, "alice", "wonderland")  # the control: a known user with the right password works
     response = login(client, "mallory", "wonderland")
     expect_refused(response, "an unknown user gets no token")
     expect_json(
@@ -227,25 +230,57 @@ def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
 # ---------------------------------------------------------------- tokens
 
 
+@pytest.fixture
+def local_time_far_from_utc():
+    """The process's local time zone set 14 hours east of UTC, so that a naive datetime.now()
+    in the claims shows (on a machine that runs in UTC it would pass unnoticed)."""
+    if not hasattr(time, "tzset"):  # Windows: the check below still runs, in the local zone
+        yield
+        return
+    previous = os.environ.get("TZ")
+    os.environ["TZ"] = "XYZ-14"  # POSIX spelling: a zone called XYZ, UTC+14
+    time.tzset()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = previous
+        time.tzset()
+
+
 @pytest.mark.task("tokens")
-def test_the_token_carries_sub_scope_iat_and_exp(client):
+def test_the_token_carries_sub_scope_iat_and_exp(client, local_time_far_from_utc):
     token = token_for(client, "bob", "the-builder")
     header = jwt.get_unverified_header(token)
     assert header.get("alg") == "HS256", f"\nexpected: a token signed with HS256\ngot:      header {header}"
     try:
-        claims = claims_of(token)
+        # The times are checked below, with a message that says what is wrong with them.
+        claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False})
     except jwt.InvalidTokenError as exc:
+        problem = str(exc)
+    else:
+        problem = ""
+    if problem:
         pytest.fail(
-            f"\nexpected: a token signed with settings.jwt_secret (the test's secret)\ngot:      PyJWT says {exc}",
+            f"\nexpected: a token signed with settings.jwt_secret (the test's secret)\ngot:      PyJWT says {problem}",
             pytrace=False,
         )
     assert claims.get("sub") == "bob", f"\nexpected: the claim sub = 'bob'\ngot:      {claims}"
     assert sorted(str(claims.get("scope", "")).split()) == ["items:read", "items:write"], (
         f"\nexpected: scope = 'items:read items:write' (a space-separated string)\ngot:      {claims}"
     )
-    assert isinstance(claims.get("iat"), int) and abs(claims["iat"] - time.time()) < 60, (
-        f"\nexpected: iat = the time the token was issued (now), as seconds since the epoch\ngot:      {claims}"
-    )
+    if not isinstance(claims.get("iat"), int):
+        pytest.fail(f"\nexpected: iat = now, as whole seconds since the epoch\ngot:      {claims}", pytrace=False)
+    if abs(claims["iat"] - time.time()) > 60:
+        pytest.fail(
+            "\nexpected: iat = the time the token was issued (now), as seconds since the epoch"
+            f"\ngot:      iat {claims['iat'] - time.time():+.0f} s from now"
+            "\n          (this test sets the local time zone to UTC+14: a naive datetime.now() in the claims is"
+            " read as UTC and lands hours off. Use datetime.now(timezone.utc).)",
+            pytrace=False,
+        )
     assert isinstance(claims.get("exp"), int) and claims["exp"] - claims["iat"] == 5 * 60, (
         "\nexpected: exp = iat + settings.access_token_minutes (5 minutes in this test)"
         f"\ngot:      {claims}"
@@ -305,25 +340,58 @@ def bad_tokens():
     claims = {"sub": "alice", "scope": "items:read", "iat": now, "exp": now + 300}
     header, _, alices_signature = forge().split(".")
     return {
-        "missing (no Authorization header)": None,
-        "not a JWT": "this-is-not-a-jwt",
+        "missing": None,
+        "not_a_jwt": "this-is-not-a-jwt",
         "expired": forge(iat=now - 3600, exp=now - 60),
-        "signed with another key": forge(key=OTHER_KEY),
-        "unsigned (alg: none)": f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}.",
-        "tampered with (alice's signature on a payload naming bob)": f"{header}.{b64(claims | {'sub': 'bob'})}.{alices_signature}",
-        "without exp": forge(exp=None),
-        "without sub": forge(sub=None),
+        "signed_with_another_key": forge(key=OTHER_KEY),
+        "alg_none": f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}.",
+        "tampered_with": f"{header}.{b64(claims | {'sub': 'bob'})}.{alices_signature}",
+        "without_exp": forge(exp=None),
+        "without_sub": forge(sub=None),
     }
 
 
+WHAT_IS_WRONG = {
+    "missing": "missing (no Authorization header)",
+    "not_a_jwt": "not a JWT at all",
+    "expired": "expired a minute ago (correctly signed)",
+    "signed_with_another_key": "signed with another key",
+    "alg_none": "unsigned: its header says alg 'none' and the signature is empty",
+    "tampered_with": "tampered with: alice's signature on a payload naming bob",
+    "without_exp": "correctly signed but has no exp claim, so it would never expire",
+    "without_sub": "correctly signed but has no sub claim: it names nobody",
+}
+
+
+def send(client, method, path, token, what, **kwargs):
+    """The request, or a failure that names the exception the app raised while handling it."""
+    try:
+        return client.request(method, path, headers=bearer(token) if token else {}, **kwargs)
+    except Exception as exc:  # reported below, outside the except block, without a chained traceback
+        error = exc
+    pytest.fail(
+        f"\nsent:     {method} {path} with a token that is {what}"
+        "\nexpected: 401: every bad token is caught as jwt.InvalidTokenError and refused"
+        f"\ngot:      your app raised {type(error).__name__}: {error}",
+        pytrace=False,
+    )
+
+
 @pytest.mark.task("tokens")
-def test_every_bad_token_is_401(client):
-    for kind, token in bad_tokens().items():
-        response = client.get("/users/me", headers=bearer(token) if token else {})
-        expect_refused(response, f"401 for a token that is {kind}: it is not a credential")
+@pytest.mark.parametrize("kind", list(WHAT_IS_WRONG))
+def test_a_bad_token_is_401(client, kind):
+    # The control first: a good token works, so the 401 below is about this token, not the app.
+    expect_status(client.get("/users/me", headers=bearer(forge())), 200, "a valid token signed with settings.jwt_secret")
+    response = send(client, "GET", "/users/me", bad_tokens()[kind], WHAT_IS_WRONG[kind])
+    expect_refused(response, f"401 for a token that is {WHAT_IS_WRONG[kind]}: it is not a credential")
+
+
+@pytest.mark.task("tokens")
+def test_a_forged_token_is_401_before_any_scope_check(client):
+    expect_status(client.get("/users/me", headers=bearer(forge())), 200, "a valid token signed with settings.jwt_secret")
     forged_scope = forge(key=OTHER_KEY, sub="bob", scope="items:read items:write")
     expect_refused(
-        client.post("/items", json={"name": "hammer"}, headers=bearer(forged_scope)),
+        send(client, "POST", "/items", forged_scope, "signed with another key", json={"name": "hammer"}),
         "401 for scopes inside a token signed with another key: the signature is checked before any scope",
     )
 
@@ -348,6 +416,7 @@ def test_me_shows_the_public_profile_and_never_the_hash(client):
 @pytest.mark.task("current_user")
 def test_a_user_disabled_after_login_is_refused(client, app):
     token = token_for(client, "alice", "wonderland")
+    expect_status(client.get("/users/me", headers=bearer(token)), 200, "alice's fresh token works before she is disabled")
     app.state.users["alice"] = app.state.users["alice"].model_copy(update={"disabled": True})
     response = client.get("/users/me", headers=bearer(token))
     expect_status(response, 403, "the token is valid but its user was disabled since: get_current_active_user says no")
@@ -358,6 +427,7 @@ def test_a_user_disabled_after_login_is_refused(client, app):
 @pytest.mark.task("current_user")
 def test_a_user_deleted_after_login_is_refused(client, app):
     token = token_for(client, "alice", "wonderland")
+    expect_status(client.get("/users/me", headers=bearer(token)), 200, "alice's fresh token works before she is deleted")
     del app.state.users["alice"]
     expect_refused(
         client.get("/users/me", headers=bearer(token)),
@@ -385,7 +455,9 @@ def test_scopes_open_the_routes_that_need_them(client):
 
 @pytest.mark.task("scopes")
 def test_a_valid_token_without_the_scope_is_403(client):
-    response = client.post("/items", json={"name": "hammer"}, headers=bearer(token_for(client, "alice", "wonderland")))
+    alice = bearer(token_for(client, "alice", "wonderland"))
+    expect_status(client.get("/items", headers=alice), 200, "alice's token is valid and holds items:read")
+    response = client.post("/items", json={"name": "hammer"}, headers=alice)
     expect_status(response, 403, "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
     expect_json(response, {"detail": "Not enough permissions"}, exact=True)
 

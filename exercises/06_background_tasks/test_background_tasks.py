@@ -14,7 +14,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
-from grader.expect import expect_json, expect_status
+from grader.expect import expect_json, expect_status, json_of
 
 ADA = {"email": "ada@example.com", "name": "Ada"}
 BOB = {"email": "bob@example.com", "name": "Bob"}
@@ -127,6 +127,14 @@ def test_signup_answers_201_and_the_welcome_arrives(client, outbox):
     assert message.get("to") == "ada@example.com" and message.get("subject") == "Welcome, Ada!", (
         f'\nexpected: 1.json holds {{"to": "ada@example.com", "subject": "Welcome, Ada!", ...}}\ngot:      {message}'
     )
+    events = json_of(client.get("/events"))
+    if not isinstance(events, list) or "welcome sent to ada@example.com" not in events:
+        pytest.fail(
+            "\nsent:     GET /events after Ada's signup"
+            "\nexpected: the event 'welcome sent to ada@example.com', recorded by send_welcome once the message is written"
+            f"\ngot:      {events}",
+            pytrace=False,
+        )
 
 
 @pytest.mark.task("after_response")
@@ -178,8 +186,15 @@ def test_a_rejected_signup_sends_no_welcome(client, outbox):
     expect_status(duplicate, 409, "the e-mail address is already registered")
     expect_json(duplicate, {"detail": "Email already registered"}, exact=True)
     expect_status(post_signup(client, {"email": "not-an-email", "name": "X"}), 422, "the e-mail must be valid")
+    expect_status(post_signup(client, {"email": "cy@example.com", "name": ""}), 422, "the name must not be empty")
     assert sorted(messages(outbox)) == ["1.json"], (
         f"\nexpected: only Ada's welcome (1.json): a rejected signup sends nothing\ngot:      {sorted(messages(outbox))}"
+    )
+    expect_json(
+        client.get("/events"),
+        ["POST /signup", "welcome sent to ada@example.com"],
+        "only Ada's signup: a rejected request runs none of its background tasks, the audit entry included",
+        exact=True,
     )
 
 
@@ -238,7 +253,7 @@ def test_the_service_goes_on_after_a_failed_welcome(client, outbox):
 
 
 @pytest.mark.task("lifespan")
-def test_the_outbox_is_prepared_at_startup_not_before(app, outbox):
+def test_the_outbox_is_prepared_at_startup_not_before(module, app, outbox, tmp_path, monkeypatch):
     usable(app)
     assert not outbox.exists(), (
         f"\nexpected: create_app() touches nothing on disk; the lifespan creates {outbox} at startup"
@@ -246,6 +261,13 @@ def test_the_outbox_is_prepared_at_startup_not_before(app, outbox):
     )
     with TestClient(app):
         assert outbox.is_dir(), f"\nexpected: the lifespan's startup creates the outbox folder {outbox} (with parents)"
+    from_env = tmp_path / "from-env" / "outbox"
+    monkeypatch.setenv("OUTBOX_DIR", str(from_env))
+    with TestClient(usable(build(module, None))):
+        assert from_env.is_dir(), (
+            f"\nsent:     create_app() with OUTBOX_DIR={from_env}"
+            "\nexpected: without an argument, the outbox folder is $OUTBOX_DIR, created at startup"
+        )
 
 
 @pytest.mark.task("lifespan")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,18 +50,15 @@ class Peer:
         pytest.fail(f"\nclient:   {self.label}\nsent:     {sent}\nexpected: {expected}\ngot:      {got}", pytrace=False)
 
     def receive_raw(self, expected: str) -> str | bytes:
-        async def next_message() -> dict[str, Any]:
-            # The TestClient's own receive() waits forever; this one gives up after WAIT seconds.
-            # (_send_rx is the TestClient's queue of frames from the app: Starlette 1.10.)
-            with anyio.fail_after(WAIT):
-                return await self.session._send_rx.receive()
-
+        problem = ""
         try:
-            message = self.session.portal.call(next_message)
+            message = receive_within(self.session, WAIT)
         except TimeoutError:
-            self.fail(expected, f"no frame within {WAIT:.0f} s (the server sent nothing, or is stuck)")
+            problem = f"no frame within {WAIT:.0f} s (the server sent nothing, or is stuck)"
         except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self.fail(expected, "the connection ended: the endpoint raised an exception (see server: below)")
+            problem = "the connection ended: the endpoint raised an exception (see server: below)"
+        if problem:  # failed out here, not in the except blocks, so no chained traceback hides it
+            self.fail(expected, problem)
         if message["type"] == "websocket.close":
             self.fail(expected, f"the server closed the connection with code {message.get('code', 1000)} "
                       f"{message.get('reason') or ''}(the endpoint returned or called close(): a bad frame must not end it)")
@@ -87,6 +86,31 @@ class Peer:
                 and frame["detail"]):
             self.fail(expected, json.dumps(frame))
         return frame
+
+
+def receive_within(session: Any, seconds: float) -> dict[str, Any]:
+    """session.receive(), but giving up after `seconds`.
+
+    The TestClient's receive() waits forever when the app sends nothing. It runs here in a
+    daemon thread, so a silent or stuck app fails one test in `seconds` instead of hanging the
+    suite. A receive left waiting ends when the session closes (the test's `with` block does it).
+    """
+    box: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def receive() -> None:
+        try:
+            box.put((True, session.receive()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread below
+            box.put((False, exc))
+
+    threading.Thread(target=receive, daemon=True, name="ws-test-receive").start()
+    try:
+        ok, value = box.get(timeout=seconds)
+    except queue.Empty:
+        raise TimeoutError from None
+    if not ok:
+        raise value
+    return value
 
 
 @pytest.fixture
@@ -221,10 +245,13 @@ def test_invalid_json_gets_an_error_frame_and_the_connection_stays_open(client):
         {"type": "say", "room": "lobby", "text": ""},
         {"type": "join", "room": ""},
         {"type": "join", "room": "x" * 51},
+        {"type": "say", "room": "lobby", "text": "x" * 1001},
         {"type": "direct", "to": "bob"},
+        {"type": "direct", "to": "", "text": "psst"},
         ["join", "lobby"],
     ],
-    ids=["unknown-type", "no-type", "no-text", "empty-text", "empty-room", "long-room", "direct-no-text", "a-list"],
+    ids=["unknown-type", "no-type", "no-text", "empty-text", "empty-room", "long-room", "long-text", "direct-no-text",
+         "direct-empty-to", "a-list"],
 )
 def test_a_message_that_breaks_the_protocol_gets_an_error_frame(client, bad):
     with user(client, "alice") as alice:
@@ -396,6 +423,14 @@ async def test_broadcast_reaches_the_room_and_returns_the_count(module):
     await run(manager.broadcast("lobby", {"text": "again"}), "manager.broadcast after manager.leave(bob, 'lobby')")
     require(bob.received == [{"text": "hi"}], "manager.broadcast after manager.leave(bob, 'lobby')",
             "bob got nothing more", f"bob received {bob.received}")
+    called = "manager.disconnect(alice) twice (the endpoint's cleanup and a failed send may both call it)"
+    try:
+        manager.disconnect(alice)
+        manager.disconnect(alice)
+    except Exception as exc:  # noqa: BLE001 - reported below
+        require(False, called, "the second call is harmless", f"it raised {type(exc).__name__}: {exc}")
+    members = manager.members("lobby")
+    require(members == [], called + ", then manager.members('lobby')", "[]: alice is gone", repr(members))
 
 
 @pytest.mark.task("resilience")
