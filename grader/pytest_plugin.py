@@ -77,7 +77,7 @@ def _grader_config(request: pytest.FixtureRequest) -> pytest.Config:
     return request.config
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def exercise(request: pytest.FixtureRequest) -> Exercise:
     """The exercise that the requesting test file grades."""
     found = _exercise_for(request.config, Path(request.node.path))
@@ -88,22 +88,30 @@ def exercise(request: pytest.FixtureRequest) -> Exercise:
     return found
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def target_dir(request: pytest.FixtureRequest, exercise: Exercise) -> Path:
     """The folder holding the copy of the editable files being graded."""
     return target_folder(request.config, exercise)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType]:
-    """``load("app")`` imports the graded copy of ``app.py``, fresh on every call."""
+    """``load("app")`` imports the graded copy of ``app.py``, fresh on every call.
 
-    def _load(module: str | None = None) -> types.ModuleType:
-        name = module or exercise.editable[0]
-        name = name.removesuffix(".py")
-        shown = target_dir / f"{name}.py"
+    ``load("app", fresh=False)`` imports it once per test file and hands back that module on
+    later calls: for exercises whose task promises a factory (``create_app()``) that builds
+    all state, so every test can still start from a new app while the module's own cost
+    (its models, its imports) is paid once.
+    """
+    cached: dict[str, types.ModuleType] = {}
+
+    def _load(module: str | None = None, *, fresh: bool = True) -> types.ModuleType:
+        name = (module or exercise.editable[0]).removesuffix(".py")
+        if not fresh and name in cached:
+            return cached[name]
+        shown = target_dir / f"{name.replace('.', '/')}.py"
         try:
-            return load_module(target_dir, name)
+            loaded = load_module(target_dir, name)
         except FileNotFoundError:
             pytest.fail(f"{shown} is missing. This exercise expects you to edit it.", pytrace=False)
         except SyntaxError as exc:
@@ -120,6 +128,9 @@ def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType
                 "the lesson says what replaced it.",
                 pytrace=False,
             )
+        if not fresh:
+            cached[name] = loaded
+        return loaded
 
     return _load
 

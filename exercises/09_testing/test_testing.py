@@ -244,7 +244,8 @@ def test_your_tests_catch_the_bug(run: Run, variant: str, exercise) -> None:
         return
     passed = sum(r["outcome"] == "passed" for r in results)
     pytest.fail(
-        f"\nran:      your {passed} tests against variants/{variant}.py; all of them passed, so this bug would ship"
+        f"\nran:      your {passed} test{'' if passed == 1 else 's'} against variants/{variant}.py; "
+        f"{'it' if passed == 1 else 'all of them'} passed, so this bug would ship"
         f"\nthe bug:  {_variant_bug(exercise.folder, variant)}"
         f"\nexpected: at least one test that fails on this variant and passes on service.py"
         f"\nidea:     {VARIANTS[variant]}"

@@ -54,7 +54,9 @@ def create_app(
 
     # TODO: a lifespan that creates ONE httpx.AsyncClient(base_url=settings.inventory_url,
     #       timeout=..., transport=upstream_transport), yields it (with the broker and an
-    #       orders dict) as state, and closes it at shutdown.
+    #       orders dict) as state, and closes it at shutdown. The broker: `broker`, else a
+    #       publisher that POSTs events to settings.events_url (retried like the GET: the
+    #       consumer deduplicates by event_id), else InProcessBroker().
     app = FastAPI(title="Orders")
 
     @app.get("/health")

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
 from grader.live import free_port, serve_in_process, serve_in_thread
@@ -452,6 +453,36 @@ async def test_services_connected_by_a_broker(orders: ModuleType, inventory: Mod
         await broker.publish("OrderPlaced", event("evt-dup", quantity=1))
         await broker.publish("OrderPlaced", event("evt-dup", quantity=1))  # at-least-once: a redelivery
         expect_json(await stock_client.get("/stock/widget"), {"available": 4}, "one event delivered twice counts once")
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_events_posted_over_http_are_retried(orders: ModuleType) -> None:
+    # A real inventory on loopback whose /events refuses the first delivery with a 503.
+    upstream = FastAPI()
+    deliveries: list[dict[str, Any]] = []
+
+    @upstream.get("/stock/{sku}")
+    async def stock(sku: str) -> dict[str, Any]:
+        return {"sku": sku, "available": 10}
+
+    @upstream.post("/events", status_code=202)
+    async def consume(payload: dict[str, Any]) -> Any:
+        deliveries.append(payload)
+        if len(deliveries) == 1:
+            return JSONResponse({"detail": "busy, try again"}, status_code=503)
+        return {"event_id": payload.get("event_id"), "applied": True}
+
+    with serve_in_thread(upstream) as url:
+        settings = orders_settings(orders, inventory_url=url, events_url=f"{url}/events", retries=2, backoff=0.0)
+        async with serving(orders.create_app(settings)) as app, client_for(app) as client:
+            created = await client.post("/orders", json=ORDER)
+    expect_status(created, 201, "the event consumer answered 503 once, then accepted the event")
+    ids = [delivery.get("event_id") for delivery in deliveries]
+    assert len(ids) == 2 and ids[0] and ids[0] == ids[1], explain(
+        created, "the OrderPlaced POST to ORDERS_EVENTS_URL retried once after the 503, with the same event_id "
+        f"(the consumer deduplicates on it); the consumer received event_ids {ids}"
+    )
 
 
 # --- End to end: real processes ---------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def clean_environment(monkeypatch, tmp_path):
 
 @pytest.fixture
 def module(load):
-    return load("app")
+    # Imported once per test run: the README promises that create_app() builds all state.
+    return load("app", fresh=False)
 
 
 @pytest.fixture
