@@ -62,16 +62,19 @@ def wait_until_up(url: str, *, timeout: float, process: subprocess.Popen | None 
     import httpx
 
     deadline = time.monotonic() + timeout
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server process exited with code {process.returncode} before answering {url}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing answered at {url} within {timeout:.0f} s") from None
-            time.sleep(0.02)
+    # One client for the whole wait: a new one per attempt builds a TLS context each time,
+    # which costs far more CPU than the poll itself.
+    with httpx.Client(timeout=0.5) as client:
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server process exited with code {process.returncode} before answering {url}")
+            try:
+                client.get(url)
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nothing answered at {url} within {timeout:.0f} s") from None
+                time.sleep(0.02)
 
 
 @contextlib.contextmanager
