@@ -7,7 +7,7 @@ Your tests in `service_tests.py` never import `service.py` themselves: they ask 
 - `pytest exercises/09_testing/service_tests.py` runs your tests once, against the
   correct service (`service.py`).
 - `NOTES_VARIANTS=created_returns_200 pytest exercises/09_testing/service_tests.py` runs
-  them against one buggy copy from `variants/` (a comma-separated list works too, and
+  them against one buggy copy, made from a diff in `variants/` (a comma-separated list works too, and
   `all` means the correct service and every variant).
 - The graded suite (`pytest exercises/09_testing`) runs them against all of them at once.
 """
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import types
 from pathlib import Path
 
 import pytest
 
+from grader import patches
 from grader.loader import load_module
 
 # The graded suite runs a copy of your file in a temporary folder and says where the service is.
@@ -30,7 +32,7 @@ CORRECT = "correct"
 
 
 def available_variants() -> list[str]:
-    return sorted(p.stem for p in VARIANTS_DIR.glob("*.py") if not p.name.startswith("_"))
+    return sorted(p.stem for p in VARIANTS_DIR.glob("*.diff") if not p.name.startswith("_"))
 
 
 def chosen_variants() -> list[str]:
@@ -53,8 +55,15 @@ def _import(variant: str) -> types.ModuleType:
     # One import per variant and session: the service keeps no state in its module,
     # every create_app() call builds a fresh app with its own resources.
     if variant not in _modules:
-        folder, name = (SERVICE_DIR, "service") if variant == CORRECT else (VARIANTS_DIR, variant)
-        _modules[variant] = load_module(folder, name)
+        folder = SERVICE_DIR
+        if variant != CORRECT:
+            # A variant is a diff against service.py: the buggy copy is built here, as service.py
+            # in a folder of its own, so nothing but its behaviour tells it from the real one.
+            folder = Path(tempfile.mkdtemp(prefix=f"notes-{variant}-"))
+            _, (change,) = patches.parse((VARIANTS_DIR / f"{variant}.diff").read_text(encoding="utf-8"))
+            source = (SERVICE_DIR / "service.py").read_text(encoding="utf-8")
+            (folder / "service.py").write_text(patches.apply(source, change), encoding="utf-8")
+        _modules[variant] = load_module(folder, "service")
     return _modules[variant]
 
 

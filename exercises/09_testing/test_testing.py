@@ -2,7 +2,7 @@
 
 This exercise is turned around: you write the tests, in service_tests.py. This file runs
 your tests once, in a separate pytest process, against the correct service (service.py) and
-against every buggy copy of it in variants/. Then it asks two things:
+against every buggy copy of it (each made from a diff in variants/). Then it asks two things:
 
 - do all your tests pass on the correct service? (if not, nothing else counts: a test that
   fails on a good service cannot tell a good service from a bad one);
@@ -11,7 +11,6 @@ against every buggy copy of it in variants/. Then it asks two things:
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from grader import patches
 
 TESTS_FILE = "service_tests.py"
 CORRECT = "correct"
@@ -101,9 +102,7 @@ class Run:
 
 
 def _variant_bug(folder: Path, variant: str) -> str:
-    source = (folder / "variants" / f"{variant}.py").read_text(encoding="utf-8")
-    docstring = ast.get_docstring(ast.parse(source)) or ""
-    return docstring.splitlines()[0].removeprefix("Variant:").strip() if docstring else variant
+    return patches.description(folder / "variants" / f"{variant}.diff").removeprefix("Variant:").strip() or variant
 
 
 def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeout: float) -> Run:
@@ -244,7 +243,7 @@ def test_your_tests_catch_the_bug(run: Run, variant: str, exercise) -> None:
         return
     passed = sum(r["outcome"] == "passed" for r in results)
     pytest.fail(
-        f"\nran:      your {passed} test{'' if passed == 1 else 's'} against variants/{variant}.py; "
+        f"\nran:      your {passed} test{'' if passed == 1 else 's'} against the {variant} variant (variants/{variant}.diff); "
         f"{'it' if passed == 1 else 'all of them'} passed, so this bug would ship"
         f"\nthe bug:  {_variant_bug(exercise.folder, variant)}"
         f"\nexpected: at least one test that fails on this variant and passes on service.py"
