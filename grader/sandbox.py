@@ -399,13 +399,33 @@ def hide_paths(paths: Iterable[str]) -> list[str]:
     return hidden
 
 
-def private_mounts(tmp_bytes: int, new_proc: bool) -> None:
+def private_mounts(tmp_bytes: int, new_proc: bool, keep: Iterable[str] = (), staging: str = "") -> None:
+    """A fresh, size-limited ``/tmp`` (and ``/dev/shm``, ``/var/tmp``) for the run.
+
+    Paths the run needs that live inside one of them (a course cloned under ``/tmp``, its
+    virtual environment) are mounted back into the fresh file system before it takes the
+    old one's place, so covering ``/tmp`` never hides the course from its own tests. The fresh
+    file system is assembled at ``staging`` (a folder the grader removes afterwards).
+    """
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     if new_proc:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    kept = sorted({os.path.realpath(p) for p in keep})
     for path in ("/tmp", "/dev/shm", "/var/tmp"):
-        if os.path.isdir(path):
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        inside = [p for p in kept if p.startswith(path.rstrip("/") + "/")]
+        if not inside:
             mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
+            continue
+        fresh = os.path.join(staging, path.strip("/").replace("/", "-"))
+        os.makedirs(fresh, exist_ok=True)
+        mount("tmpfs", fresh, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmp_bytes},mode=1777")
+        for needed in inside:
+            again = os.path.join(fresh, os.path.relpath(needed, path))
+            os.makedirs(again, mode=0o755, exist_ok=True)
+            mount(needed, again, None, MS_BIND | MS_REC)
+        mount(fresh, path, None, MS_MOVE)
 
 
 def _processes_of_this_user() -> int:

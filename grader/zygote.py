@@ -415,7 +415,8 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
         if capabilities.unprivileged_uid:
             sandbox.expose(setup.needed, os.path.join(setup.work_dir, "stage", str(job["id"])))
         sandbox.hide_paths(setup.hide)
-        sandbox.private_mounts(limits.tmp_bytes, new_proc=capabilities.pid_namespace)
+        sandbox.private_mounts(limits.tmp_bytes, new_proc=capabilities.pid_namespace, keep=setup.needed,
+                               staging=os.path.join(setup.work_dir, "stage", f"{job['id']}-tmp"))
         base = "/tmp/grading"
     else:
         base = os.path.join(setup.work_dir, "runs", str(job["id"]))
