@@ -166,9 +166,13 @@ def test_verify_passes_on_a_sound_course(course):
 
 
 def test_verify_catches_a_mutant_the_suite_misses(course):
-    weak = course / "solutions" / EXERCISE / "mutants" / "not_really_a_mutant"
-    weak.mkdir()
-    (weak / "app.py").write_text('"""Mutant: identical to the solution."""\n' + (course / "solutions" / EXERCISE / "app.py").read_text())
+    from grader import patches
+
+    solution = (course / "solutions" / EXERCISE / "app.py").read_text()
+    harmless = solution.replace('"""Lesson 01 reference', '"""Lesson 01 reference (with a harmless edit)', 1)
+    assert harmless != solution
+    mutant = course / "solutions" / EXERCISE / "mutants" / "not_really_a_mutant.diff"
+    mutant.write_text(patches.make("Mutant: changes only a docstring.", {"app.py": (solution, harmless)}))
     done = grader(course, "verify", "01")
     assert done.returncode == 1
     assert "WRONG" in done.stdout and "not_really_a_mutant" in done.stdout
