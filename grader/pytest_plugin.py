@@ -72,11 +72,6 @@ def target_folder(config: pytest.Config, exercise: Exercise) -> Path:
     return exercise.folder
 
 
-@pytest.fixture(scope="session")
-def _grader_config(request: pytest.FixtureRequest) -> pytest.Config:
-    return request.config
-
-
 @pytest.fixture(scope="module")
 def exercise(request: pytest.FixtureRequest) -> Exercise:
     """The exercise that the requesting test file grades."""
