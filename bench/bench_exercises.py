@@ -3,7 +3,8 @@
 The floor is a pytest run of one trivial FastAPI ``TestClient`` test in the same
 environment: the cost of starting pytest and importing FastAPI, which no exercise can beat.
 Each exercise's graded suite runs against its reference solution as a whole process,
-several times; the script prints the median wall time and its ratio to the floor.
+several times, alternating with the floor; the script prints the median wall times and
+the median ratio to the floor.
 
     python bench/bench_exercises.py            # every exercise, 5 runs each
     python bench/bench_exercises.py 03 08 -n 9
@@ -42,21 +43,37 @@ def test_root():
 '''
 
 
-def timed(command: list[str], runs: int) -> float:
-    samples = []
+def run_once(command: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}")
+    return elapsed
+
+
+def paired(floor: list[str], command: list[str], runs: int) -> tuple[float, float, float]:
+    """Median floor, median exercise, and median of the per-pair ratios.
+
+    Floor and exercise runs alternate, so a machine that slows down or speeds up during the
+    benchmark (another job, CPU frequency) moves both sides of each ratio together.
+    """
+    run_once(floor)  # warm the OS file cache for both before timing anything
+    run_once(command)
+    floors, times, ratios = [], [], []
     for _ in range(runs):
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        samples.append(time.perf_counter() - started)
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}")
-    return statistics.median(samples)
+        base = run_once(floor)
+        seconds = run_once(command)
+        floors.append(base)
+        times.append(seconds)
+        ratios.append(seconds / base)
+    return statistics.median(floors), statistics.median(times), statistics.median(ratios)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exercises", nargs="*", help="exercise numbers (default: all)")
-    parser.add_argument("-n", "--runs", type=int, default=5, help="runs per measurement (median is reported)")
+    parser.add_argument("-n", "--runs", type=int, default=5, help="floor/exercise pairs per exercise (median is reported)")
     args = parser.parse_args()
     exercises = [find_exercise(key, ROOT) for key in args.exercises] if args.exercises else all_exercises(ROOT)
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
@@ -64,16 +81,15 @@ def main() -> None:
         floor_file = Path(scratch) / "test_floor.py"
         floor_file.write_text(FLOOR_TEST)
         # Same configuration (plugins, addopts) as a learner's run: only the test differs.
-        floor = timed([*pytest, "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(floor_file)], args.runs)
-    print(f"floor: pytest + one FastAPI TestClient test: {floor:.2f} s (median of {args.runs})")
-    print(f"{'exercise':<28}{'median s':>10}{'ratio':>8}  target ≤ {TARGET}")
-    worst = 0.0
-    for exercise in exercises:
-        seconds = timed([*pytest, f"exercises/{exercise.name}", "--solution"], args.runs)
-        ratio = seconds / floor
-        worst = max(worst, ratio)
-        flag = "" if ratio <= TARGET else "  over target"
-        print(f"{exercise.name:<28}{seconds:>10.2f}{ratio:>8.2f}{flag}")
+        floor = [*pytest, "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(floor_file)]
+        print("floor: pytest + one FastAPI TestClient test, timed alternately with each exercise")
+        print(f"{'exercise':<28}{'floor s':>9}{'median s':>10}{'ratio':>8}  target ≤ {TARGET}")
+        worst = 0.0
+        for exercise in exercises:
+            base, seconds, ratio = paired(floor, [*pytest, f"exercises/{exercise.name}", "--solution"], args.runs)
+            worst = max(worst, ratio)
+            flag = "" if ratio <= TARGET else "  over target"
+            print(f"{exercise.name:<28}{base:>9.2f}{seconds:>10.2f}{ratio:>8.2f}{flag}", flush=True)
     print(f"worst ratio: {worst:.2f}")
 
 

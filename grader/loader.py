@@ -5,17 +5,70 @@ Instead each load creates a new, uniquely named package whose ``__path__`` is th
 being graded, and imports the requested module inside it. Relative imports between the
 editable files of one exercise (``from .models import Item``) keep working, and two loads
 never share module state, so every test can start from a clean app.
+
+Fresh modules, not fresh compilation: the code object compiled from a file's source is kept
+for the life of the process, keyed by the exact source bytes, so a graded suite that loads
+``app.py`` twenty times compiles it once (``.pyc`` files are not written in every setup).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import itertools
 import sys
 import types
 from pathlib import Path
 
+PREFIX = "_graded_"
 _counter = itertools.count(1)
+_code_cache: dict[tuple[str, bytes], types.CodeType] = {}
+
+
+class _CachingLoader(importlib.machinery.SourceFileLoader):
+    """A source loader that compiles each distinct source text once per process."""
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        path = self.get_filename(fullname)
+        source = self.get_data(path)
+        key = (path, source)
+        code = _code_cache.get(key)
+        if code is None:
+            code = self.source_to_code(source, path)
+            _code_cache[key] = code
+        return code
+
+
+class _GradedFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of the synthetic ``_graded_N`` packages, and only those."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith(PREFIX) or path is None:
+            return None
+        leaf = fullname.rpartition(".")[2]
+        for folder in path:
+            package_init = Path(folder, leaf, "__init__.py")
+            if package_init.is_file():
+                loader = _CachingLoader(fullname, str(package_init))
+                return importlib.util.spec_from_file_location(
+                    fullname, package_init, loader=loader, submodule_search_locations=[str(package_init.parent)]
+                )
+            candidate = Path(folder, f"{leaf}.py")
+            if candidate.is_file():
+                return importlib.util.spec_from_file_location(
+                    fullname, candidate, loader=_CachingLoader(fullname, str(candidate))
+                )
+        return None
+
+
+_finder = _GradedFinder()
+
+
+def _install_finder() -> None:
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
 
 
 def load_module(folder: Path, module: str = "app") -> types.ModuleType:
@@ -25,7 +78,8 @@ def load_module(folder: Path, module: str = "app") -> types.ModuleType:
     source = folder / (module.replace(".", "/") + ".py")
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist: the exercise expects this file.")
-    package_name = f"_graded_{next(_counter)}"
+    _install_finder()
+    package_name = f"{PREFIX}{next(_counter)}"
     package = types.ModuleType(package_name)
     package.__path__ = [str(folder)]
     package.__package__ = package_name
