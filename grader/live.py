@@ -14,7 +14,9 @@ such servers on a free port of 127.0.0.1, wait until they answer, and always sto
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -38,9 +40,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_in_thread(app: Any, *, timeout: float = 10.0, **config: Any) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread; yield its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning", lifespan="on", **config))
+    server = _quick_server_class()(
+        _uvicorn().Config(app, host=HOST, port=0, log_level="warning", lifespan="on", **config)
+    )
     thread = threading.Thread(target=server.run, name="uvicorn-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -55,6 +57,35 @@ def serve_in_thread(app: Any, *, timeout: float = 10.0, **config: Any) -> Iterat
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+def _uvicorn():
+    import uvicorn
+
+    return uvicorn
+
+
+@functools.cache
+def _quick_server_class() -> type:
+    uvicorn = _uvicorn()
+
+    class QuickServer(uvicorn.Server):
+        """A uvicorn server that notices ``should_exit`` within 5 ms instead of 100 ms.
+
+        uvicorn polls its exit flag ten times a second, which is fine for a service and adds
+        up to seconds over a test suite that starts and stops a server per test.
+        """
+
+        async def main_loop(self) -> None:
+            ticks = 0
+            should_exit = await self.on_tick(0)
+            while not should_exit:
+                await asyncio.sleep(0.005)
+                ticks += 1
+                # on_tick's counter still advances ten times a second (it refreshes the Date header)
+                should_exit = await self.on_tick(ticks // 20) if ticks % 20 == 0 else self.should_exit
+
+    return QuickServer
 
 
 def wait_until_up(url: str, *, timeout: float, process: subprocess.Popen | None = None) -> None:

@@ -8,8 +8,15 @@ from fastapi.testclient import TestClient
 
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
 
+# Every app here comes from the README's create_app(), in one of three ways:
+# - `client`: a new, empty app per test, for a test that counts on a clean state (ids from
+#   1, an exact listing);
+# - `shared`: one app per run for tests that create items under names no other test uses
+#   and find them through the ids the server returned;
+# - `catalogue`: one app per run holding items 1..12, which its tests only read (GET).
 
-@pytest.fixture
+
+@pytest.fixture(scope="module")
 def module(load):
     # Imported once per test run: the README promises that create_app() builds all state.
     return load("app", fresh=False)
@@ -20,6 +27,42 @@ def client(module):
     # A new app from create_app() for every test: its own, empty store.
     with TestClient(module.create_app()) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def shared(module):
+    with TestClient(module.create_app()) as client:
+        yield client
+
+
+class Catalogue:
+    """An app holding items 1..12 ("item 01", price 1 ... "item 12", price 12)."""
+
+    WHY = "this test reads 12 items made that way"
+
+    def __init__(self, client):
+        self.client = client
+        self.failure = ""
+        try:
+            for n in range(1, 13):
+                response = client.post("/api/v1/items", json={"name": f"item {n:02d}", "price": n})
+                if response.status_code != 201:
+                    self.failure = explain(response, f"status 201: POST /api/v1/items creates the item ({self.WHY})")
+                    return
+        except Exception as exc:  # the app raised: fail the tests that need the items, not the fixture
+            self.failure = f"POST /api/v1/items raised {type(exc).__name__}: {exc} ({self.WHY})"
+
+    def twelve(self):
+        """The client, once the 12 items exist: a failed POST fails the test that asks, not the fixture."""
+        if self.failure:
+            pytest.fail(self.failure, pytrace=False)
+        return self.client
+
+
+@pytest.fixture(scope="module")
+def catalogue(module):
+    with TestClient(module.create_app()) as client:
+        yield Catalogue(client)
 
 
 def check(condition, response, expected):
@@ -34,8 +77,27 @@ def create(client, name="pen", price=1.5, version="v1"):
     return response
 
 
+def id_of(response):
+    body = json_of(response)
+    item_id = body.get("id") if isinstance(body, dict) else None
+    check(isinstance(item_id, int), response, 'the created item with the "id" the server chose')
+    return item_id
+
+
 def ids_of(items):
     return [item.get("id") for item in items] if isinstance(items, list) else items
+
+
+def listing(client):
+    """All items of the shared app (it holds far fewer than 100): the response and its list."""
+    response = client.get("/api/v1/items", params={"limit": 100})
+    items = json_of(response)
+    check(
+        isinstance(items, list) and all(isinstance(item, dict) for item in items),
+        response,
+        "a JSON list of items: this test reads the listing to see what was stored",
+    )
+    return response, items
 
 
 # --- create ----------------------------------------------------------------------------
@@ -48,82 +110,90 @@ def test_create_answers_201_with_the_item(client):
 
 
 @pytest.mark.task("create")
-def test_create_sets_a_location_header_that_leads_to_the_item(client):
-    create(client, "pen")
-    response = create(client, "ink")
+def test_create_sets_a_location_header_that_leads_to_the_item(shared):
+    create(shared, "pencil")
+    response = create(shared, "eraser")
+    item_id = id_of(response)
     location = expect_header(response, "location", why="a 201 says where the new resource lives")
-    check(urlsplit(location).path == "/api/v1/items/2", response, f"a Location with the path /api/v1/items/2, not {location!r}")
-    followed = client.get(location)
-    expect_json(followed, {"id": 2, "name": "ink"}, "following the Location header finds the new item")
+    path = f"/api/v1/items/{item_id}"
+    check(urlsplit(location).path == path, response, f"a Location with the path {path} (the new item's id), not {location!r}")
+    followed = shared.get(location)
+    expect_json(followed, {"id": item_id, "name": "eraser"}, "following the Location header finds the new item")
 
 
 @pytest.mark.task("create")
-def test_every_app_starts_with_its_own_empty_store(module):
-    first, second = module.create_app(), module.create_app()
-    if not (isinstance(first, FastAPI) and isinstance(module.app, FastAPI)):
+def test_every_app_starts_with_its_own_empty_store(module, catalogue):
+    catalogue.twelve()  # one app made by create_app() that holds items "item 01".."item 12"
+    second = module.create_app()
+    if not (isinstance(second, FastAPI) and isinstance(module.app, FastAPI)):
         pytest.fail("app.py must define create_app() returning a FastAPI application, and app = create_app().", pytrace=False)
-    with TestClient(first) as one, TestClient(second) as two:
-        create(one, "pen")
+    with TestClient(second) as two:
         expect_json(
             two.get("/api/v1/items"),
             [],
             "a second app made by create_app() starts empty: create the store inside create_app(), not at module level",
             exact=True,
         )
-        expect_json(create(two, "pen"), {"id": 1}, "ids count per app, so the second app's first item is 1 too")
+        expect_json(
+            create(two, "item 01"),
+            {"id": 1},
+            "ids and names count per app, so the second app's first item is 1 too (and 'item 01' is free there)",
+        )
 
 
 @pytest.mark.task("create")
-def test_invalid_item_is_not_created(client):
-    for body in ({"name": "", "price": 1}, {"name": "pen", "price": 0}, {"price": 1}):
-        expect_status(client.post("/api/v1/items", json=body), 422, "a name must be non-empty and a price above zero")
-    expect_json(client.get("/api/v1/items"), [], "nothing was stored", exact=True)
+def test_invalid_item_is_not_created(shared):
+    _, before = listing(shared)
+    for body in ({"name": "", "price": 1}, {"name": "free pen", "price": 0}, {"price": 1}):
+        expect_status(shared.post("/api/v1/items", json=body), 422, "a name must be non-empty and a price above zero")
+    response, after = listing(shared)
+    check(after == before, response, f"nothing was stored: the same items as before these POSTs, ids {ids_of(before)}")
 
 
 # --- crud ------------------------------------------------------------------------------
 
 
 @pytest.mark.task("crud")
-def test_read_one_item(client):
-    create(client, "pen", 2.0)
-    expect_json(client.get("/api/v1/items/1"), {"id": 1, "name": "pen", "price": 2.0}, exact=True)
+def test_read_one_item(shared):
+    item_id = id_of(create(shared, "ruler", 2.0))
+    expect_json(shared.get(f"/api/v1/items/{item_id}"), {"id": item_id, "name": "ruler", "price": 2.0}, exact=True)
 
 
 @pytest.mark.task("crud")
-def test_put_replaces_the_item(client):
-    create(client, "pen", 2.0)
-    response = client.put("/api/v1/items/1", json={"name": "fountain pen", "price": 30})
+def test_put_replaces_the_item(shared):
+    item_id = id_of(create(shared, "ballpoint", 2.0))
+    response = shared.put(f"/api/v1/items/{item_id}", json={"name": "fountain pen", "price": 30})
     expect_status(response, 200, "a successful replace answers 200 with the new state")
-    expect_json(response, {"id": 1, "name": "fountain pen", "price": 30.0}, exact=True)
-    expect_json(client.get("/api/v1/items/1"), {"name": "fountain pen"}, "the change is stored")
+    expect_json(response, {"id": item_id, "name": "fountain pen", "price": 30.0}, exact=True)
+    expect_json(shared.get(f"/api/v1/items/{item_id}"), {"name": "fountain pen"}, "the change is stored")
 
 
 @pytest.mark.task("crud")
-def test_delete_answers_204_and_the_item_is_gone(client):
-    create(client, "pen")
-    response = client.delete("/api/v1/items/1")
+def test_delete_answers_204_and_the_item_is_gone(shared):
+    item_id = id_of(create(shared, "scissors"))
+    response = shared.delete(f"/api/v1/items/{item_id}")
     expect_status(response, 204, "a successful delete with nothing to return is 204 No Content")
     check(response.content == b"", response, "an empty body: 204 means no content")
-    expect_status(client.get("/api/v1/items/1"), 404, "a deleted item is not found any more")
+    expect_status(shared.get(f"/api/v1/items/{item_id}"), 404, "a deleted item is not found any more")
 
 
 @pytest.mark.task("crud")
-def test_missing_item_is_404(client):
-    create(client, "pen")
+def test_missing_item_is_404(shared):
+    create(shared, "stapler")
     for method, body in (("GET", None), ("PUT", {"name": "x", "price": 1}), ("DELETE", None)):
-        response = client.request(method, "/api/v1/items/42", json=body)
+        response = shared.request(method, "/api/v1/items/4242", json=body)
         expect_status(response, 404, f"{method} on an item that does not exist is 404 Not Found")
 
 
 @pytest.mark.task("crud")
-def test_ids_are_never_reused(client):
-    create(client, "pen")
-    create(client, "ink")
-    expect_status(client.delete("/api/v1/items/2"), 204)
+def test_ids_are_never_reused(shared):
+    create(shared, "stamp")
+    second = id_of(create(shared, "folder"))
+    expect_status(shared.delete(f"/api/v1/items/{second}"), 204)
     expect_json(
-        create(client, "pad"),
-        {"id": 3},
-        "a new id after a delete: reusing 2 would make old links to the deleted item point at another one",
+        create(shared, "binder"),
+        {"id": second + 1},
+        f"a new id after a delete: reusing {second} would make old links to the deleted item point at another one",
     )
 
 
@@ -131,21 +201,22 @@ def test_ids_are_never_reused(client):
 
 
 @pytest.mark.task("conflict")
-def test_duplicate_name_is_409(client):
-    create(client, "Pen")
-    response = client.post("/api/v1/items", json={"name": "pen", "price": 9})
-    expect_status(response, 409, "'pen' is taken by 'Pen' (names are compared ignoring case): 409 Conflict")
-    listing = client.get("/api/v1/items")
-    check(ids_of(json_of(listing)) == [1], listing, "only item 1: the duplicate was not stored")
+def test_duplicate_name_is_409(shared):
+    item_id = id_of(create(shared, "Brush"))
+    response = shared.post("/api/v1/items", json={"name": "brush", "price": 9})
+    expect_status(response, 409, "'brush' is taken by 'Brush' (names are compared ignoring case): 409 Conflict")
+    response, items = listing(shared)
+    named = [item.get("id") for item in items if str(item.get("name")).casefold() == "brush"]
+    check(named == [item_id], response, f"only item {item_id} is named 'Brush' in any case: the duplicate was not stored")
 
 
 @pytest.mark.task("conflict")
-def test_put_to_another_items_name_is_409_but_own_name_is_fine(client):
-    create(client, "pen")
-    create(client, "ink")
-    response = client.put("/api/v1/items/2", json={"name": "PEN", "price": 1})
-    expect_status(response, 409, "renaming item 2 to the name of item 1 conflicts")
-    response = client.put("/api/v1/items/2", json={"name": "Ink", "price": 4})
+def test_put_to_another_items_name_is_409_but_own_name_is_fine(shared):
+    create(shared, "marker")
+    item_id = id_of(create(shared, "crayon"))
+    response = shared.put(f"/api/v1/items/{item_id}", json={"name": "MARKER", "price": 1})
+    expect_status(response, 409, "renaming 'crayon' to the name of the item 'marker' conflicts")
+    response = shared.put(f"/api/v1/items/{item_id}", json={"name": "Crayon", "price": 4})
     expect_status(response, 200, "an item may keep (or re-case) its own name: compare with the OTHER items only")
 
 
@@ -172,22 +243,22 @@ def expect_error(response, status, code, why, fix="raise your exception class; o
 
 
 @pytest.mark.task("errors")
-def test_not_found_uses_the_error_body(client):
-    response = client.get("/api/v1/items/7")
-    error = expect_error(response, 404, "item_not_found", "there is no item 7")
-    check("7" in error["message"], response, "a message that names the missing id, e.g. 'Item 7 not found'")
+def test_not_found_uses_the_error_body(catalogue):
+    response = catalogue.client.get("/api/v1/items/77")
+    error = expect_error(response, 404, "item_not_found", "there is no item 77")
+    check("77" in error["message"], response, "a message that names the missing id, e.g. 'Item 77 not found'")
 
 
 @pytest.mark.task("errors")
-def test_conflict_uses_the_error_body(client):
-    create(client, "pen")
-    response = client.post("/api/v1/items", json={"name": "pen", "price": 1})
+def test_conflict_uses_the_error_body(shared):
+    create(shared, "glue")
+    response = shared.post("/api/v1/items", json={"name": "glue", "price": 1})
     expect_error(response, 409, "duplicate_item", "the name is taken")
 
 
 @pytest.mark.task("errors")
-def test_validation_errors_use_the_error_body_with_details(client):
-    response = client.post("/api/v1/items", json={"name": "pen", "price": -1})
+def test_validation_errors_use_the_error_body_with_details(shared):
+    response = shared.post("/api/v1/items", json={"name": "cheap pen", "price": -1})
     expect_status(response, 422, "a negative price is invalid")
     body = json_of(response)
     error = body.get("error") if isinstance(body, dict) else None
@@ -202,27 +273,20 @@ def test_validation_errors_use_the_error_body_with_details(client):
 
 
 @pytest.mark.task("errors")
-def test_framework_errors_use_the_error_body(client):
+def test_framework_errors_use_the_error_body(catalogue):
     fix = "the router raises Starlette's HTTPException for these: handle starlette.exceptions.HTTPException"
-    response = client.get("/api/v9/nothing-here")
+    response = catalogue.client.get("/api/v9/nothing-here")
     expect_error(response, 404, "http_404", "the framework's own 404 for an unknown path, in the shared shape", fix)
-    response = client.patch("/api/v1/items")
+    response = catalogue.client.patch("/api/v1/items")
     expect_error(response, 405, "http_405", "the framework's own 405 for a method the path does not allow", fix)
 
 
 # --- paginate --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def twelve(client):
-    for n in range(1, 13):
-        create(client, f"item {n:02d}", n)
-    return client
-
-
 @pytest.mark.task("paginate")
-def test_list_defaults_to_the_first_ten(twelve):
-    response = twelve.get("/api/v1/items")
+def test_list_defaults_to_the_first_ten(catalogue):
+    response = catalogue.twelve().get("/api/v1/items")
     body = json_of(response)
     check(
         isinstance(body, list) and ids_of(body) == list(range(1, 11)),
@@ -232,7 +296,8 @@ def test_list_defaults_to_the_first_ten(twelve):
 
 
 @pytest.mark.task("paginate")
-def test_limit_and_offset_select_a_page(twelve):
+def test_limit_and_offset_select_a_page(catalogue):
+    twelve = catalogue.twelve()
     response = twelve.get("/api/v1/items", params={"limit": 3, "offset": 4})
     check(ids_of(json_of(response)) == [5, 6, 7], response, "items 5, 6, 7: skip 4, then take 3")
     response = twelve.get("/api/v1/items", params={"limit": 5, "offset": 10})
@@ -242,23 +307,23 @@ def test_limit_and_offset_select_a_page(twelve):
 
 
 @pytest.mark.task("paginate")
-def test_page_parameters_are_bounded(client):
+def test_page_parameters_are_bounded(catalogue):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "ten"}):
-        response = client.get("/api/v1/items", params=params)
+        response = catalogue.client.get("/api/v1/items", params=params)
         expect_status(response, 422, "limit must be 1..100 and offset 0 or more: Query(ge=..., le=...)")
-    expect_status(client.get("/api/v1/items", params={"limit": 100}), 200, "limit=100 is the largest page allowed")
+    expect_status(catalogue.client.get("/api/v1/items", params={"limit": 100}), 200, "limit=100 is the largest page allowed")
 
 
 @pytest.mark.task("paginate")
-def test_order_is_by_id_and_survives_updates(client):
-    for name in ("c", "a", "b"):
-        create(client, name)
-    expect_status(client.put("/api/v1/items/1", json={"name": "z", "price": 1}), 200)
-    response = client.get("/api/v1/items")
+def test_order_is_by_id_and_survives_updates(shared):
+    ids = [id_of(create(shared, name)) for name in ("order c", "order a", "order b")]
+    expect_status(shared.put(f"/api/v1/items/{ids[0]}", json={"name": "order z", "price": 1}), 200)
+    response, items = listing(shared)
+    mine = [item.get("id") for item in items if item.get("id") in ids]
     check(
-        ids_of(json_of(response)) == [1, 2, 3],
+        mine == sorted(ids),
         response,
-        "ids [1, 2, 3]: a stable order (by id) that neither names nor updates can shuffle",
+        f"this test's items in the order {sorted(ids)}: a stable order (by id) that neither names nor updates can shuffle",
     )
 
 
@@ -266,7 +331,8 @@ def test_order_is_by_id_and_survives_updates(client):
 
 
 @pytest.mark.task("versions")
-def test_v2_lists_in_a_page_envelope(twelve):
+def test_v2_lists_in_a_page_envelope(catalogue):
+    twelve = catalogue.twelve()
     response = twelve.get("/api/v2/items", params={"limit": 5, "offset": 5})
     body = expect_json(response, {"total": 12, "limit": 5, "offset": 5}, "v2 wraps a page in an envelope")
     check(ids_of(body.get("items")) == [6, 7, 8, 9, 10], response, '"items": the page itself, ids 6..10')
@@ -292,8 +358,8 @@ def test_v2_envelope_on_an_empty_store(client):
 
 
 @pytest.mark.task("versions")
-def test_v1_still_answers_a_plain_list(twelve):
-    response = twelve.get("/api/v1/items", params={"limit": 2})
+def test_v1_still_answers_a_plain_list(catalogue):
+    response = catalogue.twelve().get("/api/v1/items", params={"limit": 2})
     body = json_of(response)
     check(
         isinstance(body, list) and ids_of(body) == [1, 2],
@@ -303,14 +369,18 @@ def test_v1_still_answers_a_plain_list(twelve):
 
 
 @pytest.mark.task("versions")
-def test_both_versions_serve_the_same_items(client):
-    response = create(client, "pen", version="v2")
+def test_both_versions_serve_the_same_items(shared):
+    response = create(shared, "notebook", version="v2")
+    item_id = id_of(response)
     location = expect_header(response, "location", why="v2 answers 201 with a Location too")
-    check(urlsplit(location).path == "/api/v2/items/1", response, "a v2 Location: /api/v2/items/1")
-    expect_json(client.get("/api/v1/items/1"), {"id": 1, "name": "pen"}, "the item created through v2 is visible in v1")
-    expect_status(client.delete("/api/v2/items/1"), 204, "v2 deletes too")
-    expect_status(client.get("/api/v1/items/1"), 404, "deleted through v2, gone in v1")
-    expect_status(client.get("/api/v2/items", params={"limit": 1000}), 422, "v2's limit is bounded like v1's")
+    path = f"/api/v2/items/{item_id}"
+    check(urlsplit(location).path == path, response, f"a v2 Location: {path}")
+    expect_json(
+        shared.get(f"/api/v1/items/{item_id}"), {"id": item_id, "name": "notebook"}, "the item created through v2 is visible in v1"
+    )
+    expect_status(shared.delete(f"/api/v2/items/{item_id}"), 204, "v2 deletes too")
+    expect_status(shared.get(f"/api/v1/items/{item_id}"), 404, "deleted through v2, gone in v1")
+    expect_status(shared.get("/api/v2/items", params={"limit": 1000}), 422, "v2's limit is bounded like v1's")
 
 
 # --- docs ------------------------------------------------------------------------------
@@ -326,8 +396,8 @@ DOCUMENTED_ERRORS = {("/items", "post"): "409", ("/items/{item_id}", "get"): "40
 
 
 @pytest.mark.task("docs")
-def test_operations_have_tags_and_summaries(client):
-    response = client.get("/openapi.json")
+def test_operations_have_tags_and_summaries(catalogue):
+    response = catalogue.client.get("/openapi.json")
     paths = json_of(response).get("paths", {})
     problems = []
     for version in ("v1", "v2"):
@@ -345,8 +415,8 @@ def test_operations_have_tags_and_summaries(client):
 
 
 @pytest.mark.task("docs")
-def test_error_responses_are_documented(client):
-    response = client.get("/openapi.json")
+def test_error_responses_are_documented(catalogue):
+    response = catalogue.client.get("/openapi.json")
     paths = json_of(response).get("paths", {})
     missing = [
         f"{method.upper()} /api/v1{path} does not document {code}"

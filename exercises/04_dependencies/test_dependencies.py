@@ -43,20 +43,54 @@ class TeachingClient(TestClient):
         pytest.fail(message, pytrace=False)  # outside `except`: no chained traceback to wade through
 
 
-@pytest.fixture
-def module(load):
-    return load("app")
-
-
-@pytest.fixture
-def client(module):
+# Three apps per run, because a fresh app (running app.py again) is the largest cost of a test:
+# - `client`/`db`: one app whose catalogue no test changes (reads, and requests that fail);
+#   its tests may compare exact listings.
+# - `scratch`: one app for the tests that add books or swap a dependency. Each uses titles of
+#   its own and never assumes the ids or the catalogue another test left behind.
+# - `fresh`: a new app, for the one test that needs the ids to start where the seed ends.
+@pytest.fixture(scope="module")
+def shared(load):
+    module = load("app")
     with TeachingClient(module.app) as client:
-        yield client
+        yield module, client
 
 
 @pytest.fixture
-def db(module):
-    return module.app.state.db
+def client(shared):
+    client = shared[1]
+    client.cookies.clear()  # a cookie set by one test (or by the app) never reaches the next
+    yield client
+    client.cookies.clear()
+
+
+@pytest.fixture
+def db(shared):
+    return shared[0].app.state.db
+
+
+@pytest.fixture(scope="module")
+def shared_scratch(load):
+    module = load("app")
+    with TeachingClient(module.app) as client:
+        yield module, client
+
+
+@pytest.fixture
+def scratch(shared_scratch):
+    """(module, client, db) of the app whose catalogue tests may change."""
+    module, client = shared_scratch
+    client.cookies.clear()
+    db = module.app.state.db
+    yield module, client, db
+    db.fail_next_commit = False  # a refused commit that never happened must not hit the next test
+
+
+@pytest.fixture
+def fresh(load):
+    module = load("app")
+    with TeachingClient(module.app) as client:
+        yield module, client
 
 
 def check(condition, response, expected):
@@ -71,20 +105,40 @@ def ids(response):
     return [item.get("id") for item in items] if isinstance(items, list) else items
 
 
+def mark(db):
+    """Where the database log stands before a request, and how many connections are open."""
+    return len(db.log), db.open_connections
+
+
 def events(db, since):
     """The connection events of one request: ["open", "commit", "close"] and their connection ids."""
     entries = [entry.split() for entry in db.log[since:]]
     return [entry[0] for entry in entries], {entry[1] for entry in entries if len(entry) > 1}
 
 
-def expect_events(db, since, response, wanted, why):
+def expect_events(db, before, response, wanted, why):
+    since, open_before = before
     kinds, connections = events(db, since)
     check(
-        kinds == wanted and len(connections) == 1 and db.open_connections == 0,
+        kinds == wanted and len(connections) == 1 and db.open_connections == open_before,
         response,
         f"database log {wanted} for ONE connection, and none left open ({why})\n"
-        f"log:      {db.log[since:]}, open connections: {db.open_connections}",
+        f"log:      {db.log[since:]}, connections left open: {db.open_connections - open_before}",
     )
+
+
+def titles(response):
+    body = json_of(response)
+    items = body.get("items") if isinstance(body, dict) else None
+    return [item.get("title") for item in items] if isinstance(items, list) else items
+
+
+def catalogue(client):
+    """The ids of every book, read before a test changes anything, to compare with afterwards."""
+    listing = client.get("/books", params={"limit": 50})
+    found = ids(listing)
+    check(listing.status_code == 200 and isinstance(found, list), listing, '200 and "items": the whole catalogue (read before and after, to see what the request changed)')
+    return found
 
 
 # --- params: one parameter dependency shared by two routes -----------------------------
@@ -153,75 +207,84 @@ def test_query_wins_over_the_cookie(client):
 
 @pytest.mark.task("session")
 def test_a_request_opens_one_connection_commits_and_closes_it(client, db):
-    since = len(db.log)
+    before = mark(db)
     response = client.get("/books")
     expect_status(response, 200)
-    expect_events(db, since, response, ["open", "commit", "close"], "a request that succeeds commits")
+    expect_events(db, before, response, ["open", "commit", "close"], "a request that succeeds commits")
 
 
 @pytest.mark.task("session")
-def test_the_user_lookup_and_the_route_share_one_connection(client, db):
-    since = len(db.log)
-    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred", "author": "Octavia E. Butler"})
+def test_the_user_lookup_and_the_route_share_one_connection(scratch):
+    _, client, db = scratch
+    before = mark(db)
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "Dawn", "author": "Octavia E. Butler"})
     expect_status(response, 201, "ada adds a book with the API key")
     expect_events(
-        db, since, response, ["open", "commit", "close"],
+        db, before, response, ["open", "commit", "close"],
         "get_current_user and the route both ask for ConnectionDep; FastAPI caches it for the request",
     )
 
 
 @pytest.mark.task("session")
 def test_a_failing_request_still_closes_its_connection(client, db):
-    since = len(db.log)
+    before = mark(db)
     response = client.get("/me", headers={"X-User": "nobody"})
     expect_status(response, 401, "an unknown user is 401")
-    expect_events(db, since, response, ["open", "rollback", "close"], "the code after yield runs even when the request fails")
+    expect_events(db, before, response, ["open", "rollback", "close"], "the code after yield runs even when the request fails")
 
 
 # --- rollback: a failing request changes nothing ---------------------------------------
 
 
 @pytest.mark.task("rollback")
-def test_an_import_commits_all_books(client, db):
-    batch = [{"title": "Kindred", "author": "Octavia E. Butler"}, {"title": "Middlemarch", "author": "George Eliot"}]
+def test_an_import_commits_all_books(scratch):
+    _, client, _ = scratch
+    batch = [{"title": "Middlemarch", "author": "George Eliot"}, {"title": "Silas Marner", "author": "George Eliot"}]
     response = client.post("/admin/books/import", headers=ADMIN, json=batch)
     expect_status(response, 201)
     expect_json(response, {"imported": 2}, exact=True)
     listing = client.get("/books", params={"limit": 50})
-    check(ids(listing)[-2:] == [7, 8], listing, "the two imported books (ids 7 and 8) at the end of the catalogue")
-
-
-@pytest.mark.task("rollback")
-def test_a_failed_import_is_rolled_back(client, db):
-    batch = [
-        {"title": "Kindred", "author": "Octavia E. Butler"},
-        {"title": "Middlemarch", "author": "George Eliot"},
-        {"title": "dune", "author": "Someone Else"},  # a duplicate of book 1, ignoring case
-    ]
-    since = len(db.log)
-    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
-    expect_status(response, 409, "the third title already exists")
-    expect_events(db, since, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
-    listing = client.get("/books", params={"limit": 50})
     check(
-        ids(listing) == [1, 2, 3, 4, 5, 6], listing,
-        "the catalogue unchanged: all or nothing, so Kindred and Middlemarch were rolled back too",
+        (titles(listing) or [])[-2:] == ["Middlemarch", "Silas Marner"], listing,
+        "the two imported books (Middlemarch, Silas Marner) at the end of the catalogue",
     )
 
 
 @pytest.mark.task("rollback")
-def test_a_failed_commit_answers_503_not_201(client, db):
+def test_a_failed_import_is_rolled_back(scratch):
+    _, client, db = scratch
+    batch = [
+        {"title": "Wild Seed", "author": "Octavia E. Butler"},
+        {"title": "Adam Bede", "author": "George Eliot"},
+        {"title": "dune", "author": "Someone Else"},  # a duplicate of book 1, ignoring case
+    ]
+    books = catalogue(client)
+    before = mark(db)
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
+    expect_status(response, 409, "the third title already exists")
+    expect_events(db, before, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
+    listing = client.get("/books", params={"limit": 50})
+    check(
+        ids(listing) == books, listing,
+        f"the catalogue unchanged, ids {books}: all or nothing, so Wild Seed and Adam Bede were rolled back too",
+    )
+
+
+@pytest.mark.task("rollback")
+def test_a_failed_commit_answers_503_not_201(scratch):
+    _, client, db = scratch
+    books = catalogue(client)
     db.fail_next_commit = True  # the fake database will refuse the next commit
-    since = len(db.log)
-    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred", "author": "Octavia E. Butler"})
+    before = mark(db)
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "Fledgling", "author": "Octavia E. Butler"})
     expect_status(
         response, 503,
         "the commit failed, so the client must not be told 201: commit before the response is sent "
         '(Depends(get_connection, scope="function")) and map CommitFailed to 503',
     )
-    expect_events(db, since, response, ["open", "rollback", "close"], "a failed commit is rolled back")
+    expect_events(db, before, response, ["open", "rollback", "close"], "a failed commit is rolled back")
     listing = client.get("/books", params={"limit": 50})
-    check(ids(listing) == [1, 2, 3, 4, 5, 6], listing, "the book was not saved")
+    check(ids(listing) == books, listing, f"the book was not saved: the catalogue still has ids {books}")
 
 
 # --- api_key: one router guarded, the rest public --------------------------------------
@@ -229,7 +292,8 @@ def test_a_failed_commit_answers_503_not_201(client, db):
 
 @pytest.mark.task("api_key")
 @pytest.mark.parametrize("headers", [{"X-User": "ada"}, {"X-User": "ada", "X-API-Key": "wrong"}])
-def test_admin_routes_need_the_api_key(client, headers):
+def test_admin_routes_need_the_api_key(scratch, headers):
+    _, client, _ = scratch
     book = {"title": "Kindred", "author": "Octavia E. Butler"}
     expect_status(client.post("/admin/books", headers=headers, json=book), 401, "the admin router requires X-API-Key: dev-key")
     expect_status(client.post("/admin/books/import", headers=headers, json=[book]), 401, "every route of the admin router")
@@ -243,13 +307,18 @@ def test_public_routes_need_no_api_key(client):
 
 
 @pytest.mark.task("api_key")
-def test_the_api_key_comes_from_get_settings(module, client):
-    module.app.dependency_overrides[module.get_settings] = lambda: module.Settings(api_key="another-key")
-    book = {"title": "Kindred", "author": "Octavia E. Butler"}
-    response = client.post("/admin/books", headers={**ADMIN, "X-API-Key": "another-key"}, json=book)
-    expect_status(response, 201, "with get_settings overridden, the key from the overriding Settings is the valid one")
-    response = client.post("/admin/books", headers=ADMIN, json={"title": "Kindred 2", "author": "x"})
-    expect_status(response, 401, "and dev-key is no longer accepted: read the key from SettingsDep, not a constant")
+def test_the_api_key_comes_from_get_settings(scratch):
+    module, client, _ = scratch
+    overrides = module.app.dependency_overrides
+    overrides[module.get_settings] = lambda: module.Settings(api_key="another-key")
+    try:
+        book = {"title": "Bloodchild", "author": "Octavia E. Butler"}
+        response = client.post("/admin/books", headers={**ADMIN, "X-API-Key": "another-key"}, json=book)
+        expect_status(response, 201, "with get_settings overridden, the key from the overriding Settings is the valid one")
+        response = client.post("/admin/books", headers=ADMIN, json={"title": "Bloodchild 2", "author": "x"})
+        expect_status(response, 401, "and dev-key is no longer accepted: read the key from SettingsDep, not a constant")
+    finally:
+        overrides.pop(module.get_settings, None)
 
 
 # --- user: CurrentUser, a sub-dependency on the connection -----------------------------
@@ -267,13 +336,15 @@ def test_missing_or_unknown_user_is_401(client, headers):
 
 
 @pytest.mark.task("user")
-def test_a_new_book_records_who_added_it(client):
+def test_a_new_book_records_who_added_it(fresh):
+    _, client = fresh
     response = client.post("/admin/books", headers={**ADMIN, "X-User": "linus"}, json={"title": "Kindred", "author": "O. Butler"})
     expect_json(response, {"id": 7, "title": "Kindred", "added_by": "linus"}, "201 and the book, added_by the current user")
 
 
 @pytest.mark.task("user")
-def test_the_aliases_compose_on_a_new_route(module, db):
+def test_the_aliases_compose_on_a_new_route(scratch):
+    module, client, db = scratch
     for name in ("CurrentUser", "ConnectionDep"):
         if not hasattr(module, name):
             pytest.fail(f"app.py must define the Annotated alias {name} (see the README).", pytrace=False)
@@ -282,27 +353,31 @@ def test_the_aliases_compose_on_a_new_route(module, db):
     async def probe(user: module.CurrentUser, first: module.ConnectionDep, second: module.ConnectionDep) -> dict:
         return {"user": user.name, "same": first is second}
 
-    with TeachingClient(module.app) as client:
-        since = len(db.log)
-        response = client.get("/probe", headers={"X-User": "linus"})
-        expect_json(response, {"user": "linus", "same": True}, "a route written with the aliases gets the user and ONE connection")
-        expect_events(db, since, response, ["open", "commit", "close"], "the aliases share one cached connection")
+    before = mark(db)
+    response = client.get("/probe", headers={"X-User": "linus"})
+    expect_json(response, {"user": "linus", "same": True}, "a route written with the aliases gets the user and ONE connection")
+    expect_events(db, before, response, ["open", "commit", "close"], "the aliases share one cached connection")
 
 
 # --- overrides: swapping dependencies in tests, without leaks --------------------------
 
 
 @pytest.mark.task("overrides")
-def test_get_current_user_can_be_overridden(module, client):
-    module.app.dependency_overrides[module.get_current_user] = lambda: module.User(name="tester", role="admin")
-    expect_json(client.get("/me"), {"name": "tester"}, "/me depends on get_current_user, so overriding it replaces the user")
-    response = client.post("/admin/books", headers={"X-API-Key": "dev-key"}, json={"title": "Kindred", "author": "x"})
-    expect_json(response, {"added_by": "tester"}, "the admin routes use the same get_current_user")
+def test_get_current_user_can_be_overridden(scratch):
+    module, client, _ = scratch
+    overrides = module.app.dependency_overrides
+    overrides[module.get_current_user] = lambda: module.User(name="tester", role="admin")
+    try:
+        expect_json(client.get("/me"), {"name": "tester"}, "/me depends on get_current_user, so overriding it replaces the user")
+        response = client.post("/admin/books", headers={"X-API-Key": "dev-key"}, json={"title": "Mind of My Mind", "author": "x"})
+        expect_json(response, {"added_by": "tester"}, "the admin routes use the same get_current_user")
+    finally:
+        overrides.pop(module.get_current_user, None)
 
 
 @pytest.fixture
 def override_dependency(load):
-    helpers = load("testing")
+    helpers = load("testing", fresh=False)  # testing.py holds no state: one copy per run
     if not hasattr(helpers, "override_dependency"):
         pytest.fail("testing.py must define override_dependency(app, dependency, replacement).", pytrace=False)
     return helpers.override_dependency
@@ -316,8 +391,8 @@ def other_dependency() -> str:
     return "other"
 
 
-@pytest.fixture
-def tiny():
+@pytest.fixture(scope="module")
+def tiny_app():
     """A tiny app of our own, so that testing.py is graded on its own."""
     app = FastAPI()
 
@@ -327,6 +402,14 @@ def tiny():
 
     with TestClient(app) as client:
         yield app, client
+
+
+@pytest.fixture
+def tiny(tiny_app):
+    app, _ = tiny_app
+    app.dependency_overrides.clear()  # whatever a wrong helper left behind in another test
+    yield tiny_app
+    app.dependency_overrides.clear()
 
 
 def expect_source(client, value, why):

@@ -25,18 +25,12 @@ OTHER_KEY = "an-attackers-key-0123456789abcdef-0123456789abcdef"
 CHEAP = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
 
 
-_IMPORTED = {}
-
-
-@pytest.fixture
-def module(load, target_dir):
+@pytest.fixture(scope="module")
+def module(load):
     # README promises that app.py keeps its state on the app create_app() builds (app.state),
-    # not in the module, so one import serves the whole run and every test still gets a fresh
-    # app. Importing FastAPI routes and Pydantic models once instead of per test keeps the
-    # suite fast.
-    if target_dir not in _IMPORTED:
-        _IMPORTED[target_dir] = load()
-    return _IMPORTED[target_dir]
+    # not in the module, so one import serves the whole file and any test can still build a
+    # fresh app. Importing FastAPI routes and Pydantic models once keeps the suite fast.
+    return load("app", fresh=False)
 
 
 def seed(module, app, username, password, **extra):
@@ -64,8 +58,17 @@ class Unbuilt:
         pytest.fail(self._reason, pytrace=False)
 
 
-@pytest.fixture
-def app(module):
+# The users of README.md's example. Each add_user is an Argon2 hash, so the suite seeds them
+# as rarely as it can: once for the shared app, and again only where a test needs a clean app.
+USERS = {
+    "alice": ("wonderland", {"scopes": ["items:read"], "full_name": "Alice Liddell"}),
+    "bob": ("the-builder", {"scopes": ["items:read", "items:write"], "full_name": "Bob"}),
+    "carol": ("s3cret-carol", {"scopes": ["items:read"], "disabled": True}),
+}
+
+
+def build(module, *usernames):
+    """create_app(Settings(...)) seeded with these users, or an Unbuilt that says what failed."""
     try:
         app = module.create_app(module.Settings(jwt_secret=SECRET, access_token_minutes=5, **CHEAP))
     except Exception as exc:
@@ -74,21 +77,70 @@ def app(module):
             f"\nexpected: a FastAPI app\ngot:      {type(exc).__name__}: {' '.join(str(exc).split())}"
         )
     try:
-        seed(module, app, "alice", "wonderland", scopes=["items:read"], full_name="Alice Liddell")
-        seed(module, app, "bob", "the-builder", scopes=["items:read", "items:write"], full_name="Bob")
-        seed(module, app, "carol", "s3cret-carol", scopes=["items:read"], disabled=True)
+        for username in usernames:
+            password, extra = USERS[username]
+            seed(module, app, username, password, **extra)
     except pytest.fail.Exception as failed:  # seed() has explained what went wrong
         return Unbuilt(failed.msg)
     return app
 
 
-@pytest.fixture
-def client(app):
+def started(app):
+    """`with TestClient(app)` (which runs the lifespan) as a generator for a fixture."""
     if isinstance(app, Unbuilt):
         yield app
         return
     with TestClient(app) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def app(module):
+    """One app, with alice, bob and carol, shared by the tests of this file. Its users only
+    log in and read; a test that adds, disables or deletes a user does so to a user of its
+    own, so alice, bob and carol stay as README.md seeds them whichever tests ran before."""
+    return build(module, "alice", "bob", "carol")
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    yield from started(app)
+
+
+@pytest.fixture
+def fresh_client(module):
+    """A new app for a test that needs a known state (no items yet, ids from 1)."""
+    yield from started(build(module, "alice", "bob"))
+
+
+@pytest.fixture(scope="module")
+def alice_token(client):
+    """alice's token from the shared app, for the tests that only need a valid token. She logs
+    in once, inside the first test that asks (so a broken /token fails that test, not a fixture)."""
+    tokens = []
+
+    def get():
+        if not tokens:
+            tokens.append(token_for(client, "alice", "wonderland"))
+        return tokens[0]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def good_token_works(client):
+    """The control for the attacks: a valid token made with the right key gets in, so a 401
+    afterwards is about the bad token, not a broken app. Checked once (the request changes
+    nothing), inside the first test that asks."""
+    checked = []
+
+    def check():
+        if not checked:
+            response = client.get("/users/me", headers=bearer(forge()))
+            expect_status(response, 200, "a valid token signed with settings.jwt_secret")
+            checked.append(response)
+
+    return check
 
 
 def login(client, username, password, scope=None):
@@ -151,16 +203,16 @@ def test_login_with_the_form_returns_a_bearer_token(client):
 
 
 @pytest.mark.task("passwords")
-def test_wrong_password_is_refused(client):
-    token_for(client, "alice", "wonderland")  # the control: her right password works
+def test_wrong_password_is_refused(client, alice_token):
+    alice_token()  # the control: her right password works
     response = login(client, "alice", "not-her-password")
     expect_refused(response, "a wrong password gets no token")
     expect_json(response, {"detail": "Incorrect username or password"}, exact=True)
 
 
 @pytest.mark.task("passwords")
-def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client):
-    token_for(client, "alice", "wonderland")  # the control: a known user with the right password works
+def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client, alice_token):
+    alice_token()  # the control: a known user with the right password works
     response = login(client, "mallory", "wonderland")
     expect_refused(response, "an unknown user gets no token")
     expect_json(
@@ -379,16 +431,15 @@ def send(client, method, path, token, what, **kwargs):
 
 @pytest.mark.task("tokens")
 @pytest.mark.parametrize("kind", list(WHAT_IS_WRONG))
-def test_a_bad_token_is_401(client, kind):
-    # The control first: a good token works, so the 401 below is about this token, not the app.
-    expect_status(client.get("/users/me", headers=bearer(forge())), 200, "a valid token signed with settings.jwt_secret")
+def test_a_bad_token_is_401(client, good_token_works, kind):
+    good_token_works()  # the control first, so the 401 below is about this token, not the app
     response = send(client, "GET", "/users/me", bad_tokens()[kind], WHAT_IS_WRONG[kind])
     expect_refused(response, f"401 for a token that is {WHAT_IS_WRONG[kind]}: it is not a credential")
 
 
 @pytest.mark.task("tokens")
-def test_a_forged_token_is_401_before_any_scope_check(client):
-    expect_status(client.get("/users/me", headers=bearer(forge())), 200, "a valid token signed with settings.jwt_secret")
+def test_a_forged_token_is_401_before_any_scope_check(client, good_token_works):
+    good_token_works()
     forged_scope = forge(key=OTHER_KEY, sub="bob", scope="items:read items:write")
     expect_refused(
         send(client, "POST", "/items", forged_scope, "signed with another key", json={"name": "hammer"}),
@@ -400,8 +451,8 @@ def test_a_forged_token_is_401_before_any_scope_check(client):
 
 
 @pytest.mark.task("current_user")
-def test_me_shows_the_public_profile_and_never_the_hash(client):
-    response = client.get("/users/me", headers=bearer(token_for(client, "alice", "wonderland")))
+def test_me_shows_the_public_profile_and_never_the_hash(client, alice_token):
+    response = client.get("/users/me", headers=bearer(alice_token()))
     expect_status(response, 200, "a logged-in user can read their own profile")
     assert "hashed_password" not in response.text and "$argon2" not in response.text, explain(
         response, "a body without the password hash: the response model is User, not UserInDB"
@@ -414,10 +465,12 @@ def test_me_shows_the_public_profile_and_never_the_hash(client):
 
 
 @pytest.mark.task("current_user")
-def test_a_user_disabled_after_login_is_refused(client, app):
-    token = token_for(client, "alice", "wonderland")
-    expect_status(client.get("/users/me", headers=bearer(token)), 200, "alice's fresh token works before she is disabled")
-    app.state.users["alice"] = app.state.users["alice"].model_copy(update={"disabled": True})
+def test_a_user_disabled_after_login_is_refused(module, app, client):
+    # dora is this test's own user: disabling her leaves the shared app's other users as they were.
+    seed(module, app, "dora", "dora-the-reader", scopes=["items:read"], full_name="Dora")
+    token = token_for(client, "dora", "dora-the-reader")
+    expect_status(client.get("/users/me", headers=bearer(token)), 200, "dora's fresh token works before she is disabled")
+    app.state.users["dora"] = app.state.users["dora"].model_copy(update={"disabled": True})
     response = client.get("/users/me", headers=bearer(token))
     expect_status(response, 403, "the token is valid but its user was disabled since: get_current_active_user says no")
     expect_json(response, {"detail": "Inactive user"}, exact=True)
@@ -425,10 +478,12 @@ def test_a_user_disabled_after_login_is_refused(client, app):
 
 
 @pytest.mark.task("current_user")
-def test_a_user_deleted_after_login_is_refused(client, app):
-    token = token_for(client, "alice", "wonderland")
-    expect_status(client.get("/users/me", headers=bearer(token)), 200, "alice's fresh token works before she is deleted")
-    del app.state.users["alice"]
+def test_a_user_deleted_after_login_is_refused(module, app, client):
+    # dan is this test's own user: deleting him leaves the shared app's other users as they were.
+    seed(module, app, "dan", "dan-the-reader", scopes=["items:read"], full_name="Dan")
+    token = token_for(client, "dan", "dan-the-reader")
+    expect_status(client.get("/users/me", headers=bearer(token)), 200, "dan's fresh token works before he is deleted")
+    del app.state.users["dan"]
     expect_refused(
         client.get("/users/me", headers=bearer(token)),
         "the token's user no longer exists: look the user up on every request, do not trust the token alone",
@@ -443,7 +498,8 @@ def test_a_user_deleted_after_login_is_refused(client, app):
 
 
 @pytest.mark.task("scopes")
-def test_scopes_open_the_routes_that_need_them(client):
+def test_scopes_open_the_routes_that_need_them(fresh_client):
+    client = fresh_client  # a new app: no items yet, so the list starts empty and ids at 1
     alice = bearer(token_for(client, "alice", "wonderland"))
     bob = bearer(token_for(client, "bob", "the-builder"))
     expect_json(client.get("/items", headers=alice), [], "alice holds items:read; no items yet", exact=True)
@@ -454,8 +510,8 @@ def test_scopes_open_the_routes_that_need_them(client):
 
 
 @pytest.mark.task("scopes")
-def test_a_valid_token_without_the_scope_is_403(client):
-    alice = bearer(token_for(client, "alice", "wonderland"))
+def test_a_valid_token_without_the_scope_is_403(client, alice_token):
+    alice = bearer(alice_token())
     expect_status(client.get("/items", headers=alice), 200, "alice's token is valid and holds items:read")
     response = client.post("/items", json={"name": "hammer"}, headers=alice)
     expect_status(response, 403, "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
