@@ -8,10 +8,11 @@ server on 127.0.0.1. One test starts inventory and orders as real uvicorn proces
 
 import asyncio
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,19 +32,23 @@ ORDER = {"sku": "widget", "quantity": 3}
 # --- Fixtures and helpers ----------------------------------------------------------------------
 
 
+# Each service module is imported once for this file: every test builds new apps with
+# create_app(), which the README promises makes all of an app's state (stock, orders, clients).
+
+
 @pytest.fixture
 def inventory(load) -> ModuleType:
-    return load("inventory")
+    return load("inventory", fresh=False)
 
 
 @pytest.fixture
 def orders(load) -> ModuleType:
-    return load("orders")
+    return load("orders", fresh=False)
 
 
 @pytest.fixture
 def gateway(load) -> ModuleType:
-    return load("gateway")
+    return load("gateway", fresh=False)
 
 
 @asynccontextmanager
@@ -65,6 +70,15 @@ def asgi(app: Any) -> httpx.ASGITransport:
     return httpx.ASGITransport(app=app)
 
 
+def tcp() -> httpx.AsyncHTTPTransport:
+    """httpx's real network transport, for the plain-HTTP servers on 127.0.0.1 in these tests.
+
+    verify=False only skips loading the CA bundle used for HTTPS (tens of milliseconds for every
+    client that loads it); nothing here speaks HTTPS.
+    """
+    return httpx.AsyncHTTPTransport(verify=False)
+
+
 class FakeUpstream(httpx.AsyncBaseTransport):
     """A scripted upstream: each request takes the next step (the last one repeats).
 
@@ -76,12 +90,14 @@ class FakeUpstream(httpx.AsyncBaseTransport):
     def __init__(self, *steps: Any) -> None:
         self.steps = list(steps) or [(200, {"sku": "widget", "available": 10})]
         self.requests: list[httpx.Request] = []
+        self.arrived: list[float] = []  # time.perf_counter() of each request
         self.closed = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.closed:
             raise RuntimeError("this transport was used after its client had been closed")
         self.requests.append(request)
+        self.arrived.append(time.perf_counter())
         step = self.steps[min(len(self.requests), len(self.steps)) - 1]
         if step == "down":
             raise httpx.ConnectError("connection refused", request=request)
@@ -103,6 +119,55 @@ async def place(orders: ModuleType, upstream: httpx.AsyncBaseTransport, **settin
     async with serving(orders.create_app(orders_settings(orders, **settings), upstream_transport=upstream)) as app:
         async with client_for(app) as client:
             return await client.post("/orders", json=ORDER)
+
+
+class LoopbackInventory:
+    """A stand-in inventory that uvicorn serves on 127.0.0.1, for the tests that need real TCP.
+
+    One server for the whole file (starting and stopping uvicorn costs 0.1-0.2 s); the
+    `loopback` fixture gives each test a clean state. `delay` makes GET /stock answer only
+    after that many seconds (or once the test is over); POST /events answers 503 to the first
+    delivery of each test, then accepts.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        self.app = FastAPI()
+
+        @self.app.get("/stock/{sku}")
+        async def stock(sku: str) -> dict[str, Any]:
+            if self.delay:
+                # Answers after `delay` seconds, or as soon as the test ended: it then has its
+                # answer, and the server need not wait the delay out before it can stop.
+                await asyncio.to_thread(self.test_over.wait, self.delay)
+            return {"sku": sku, "available": 10}
+
+        @self.app.post("/events", status_code=202)
+        async def consume(payload: dict[str, Any]) -> Any:
+            self.deliveries.append(payload)
+            if len(self.deliveries) == 1:
+                return JSONResponse({"detail": "busy, try again"}, status_code=503)
+            return {"event_id": payload.get("event_id"), "applied": True}
+
+    def reset(self) -> None:
+        self.delay = 0.0
+        self.deliveries: list[dict[str, Any]] = []
+        self.test_over = threading.Event()
+
+
+@pytest.fixture(scope="module")
+def loopback_server() -> Iterator[tuple[LoopbackInventory, str]]:
+    server = LoopbackInventory()
+    with serve_in_thread(server.app) as url:
+        yield server, url
+
+
+@pytest.fixture
+def loopback(loopback_server: tuple[LoopbackInventory, str]) -> Iterator[tuple[LoopbackInventory, str]]:
+    server, url = loopback_server
+    server.reset()
+    yield server, url
+    server.test_over.set()
 
 
 # --- Inventory ------------------------------------------------------------------------------------
@@ -207,7 +272,8 @@ async def test_inventory_url_comes_from_the_environment(orders: ModuleType, monk
 @pytest.mark.asyncio
 async def test_inventory_down_is_503(orders: ModuleType) -> None:
     closed_port = free_port()  # nothing listens there: the connection is refused
-    app = orders.create_app(orders_settings(orders, inventory_url=f"http://127.0.0.1:{closed_port}", retries=0))
+    settings = orders_settings(orders, inventory_url=f"http://127.0.0.1:{closed_port}", retries=0)
+    app = orders.create_app(settings, upstream_transport=tcp())
     async with serving(app) as running, client_for(running) as client:
         response = await client.post("/orders", json=ORDER)
     expect_status(response, 503, "inventory refused the connection: the service is unavailable")
@@ -216,25 +282,21 @@ async def test_inventory_down_is_503(orders: ModuleType) -> None:
 
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
-async def test_slow_inventory_is_504_after_the_timeout(orders: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    slow = FastAPI()
-
-    @slow.get("/stock/{sku}")
-    async def slow_stock(sku: str) -> dict[str, Any]:
-        await asyncio.sleep(0.6)
-        return {"sku": sku, "available": 10}
-
-    with serve_in_thread(slow) as slow_url:
-        monkeypatch.setenv("ORDERS_INVENTORY_URL", slow_url)
-        monkeypatch.setenv("ORDERS_TIMEOUT", "0.15")
-        monkeypatch.setenv("ORDERS_RETRIES", "0")
-        async with serving(orders.create_app()) as app, client_for(app) as client:
-            started = time.perf_counter()
-            response = await client.post("/orders", json=ORDER)
-            elapsed = time.perf_counter() - started
-    expect_status(response, 504, "inventory took 0.6 s and ORDERS_TIMEOUT is 0.15 s")
+async def test_slow_inventory_is_504_after_the_timeout(
+    orders: ModuleType, loopback: tuple[LoopbackInventory, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow, slow_url = loopback
+    slow.delay = 0.6  # a real server on 127.0.0.1 that answers after 0.6 s
+    monkeypatch.setenv("ORDERS_INVENTORY_URL", slow_url)
+    monkeypatch.setenv("ORDERS_TIMEOUT", "0.05")
+    monkeypatch.setenv("ORDERS_RETRIES", "0")
+    async with serving(orders.create_app(upstream_transport=tcp())) as app, client_for(app) as client:
+        started = time.perf_counter()
+        response = await client.post("/orders", json=ORDER)
+        elapsed = time.perf_counter() - started
+    expect_status(response, 504, "inventory took 0.6 s and ORDERS_TIMEOUT is 0.05 s")
     expect_json(response, {"detail": "inventory service timed out"}, exact=True)
-    assert elapsed < 0.5, explain(response, f"an answer after about 0.15 s (the timeout), not {elapsed:.2f} s")
+    assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the timeout), not {elapsed:.2f} s")
 
 
 @pytest.mark.task("failures")
@@ -256,13 +318,15 @@ async def test_inventory_error_is_502_and_not_retried(orders: ModuleType) -> Non
 @pytest.mark.asyncio
 async def test_transient_failures_are_retried_with_backoff(orders: ModuleType) -> None:
     upstream = FakeUpstream("down", "slow", (200, {"sku": "widget", "available": 10}))
-    started = time.perf_counter()
-    response = await place(orders, upstream, retries=2, backoff=0.05)
-    elapsed = time.perf_counter() - started
+    response = await place(orders, upstream, retries=2, backoff=0.02)
     expect_status(response, 201, "inventory failed twice, then answered: two retries are allowed")
     assert len(upstream.requests) == 3, explain(response, f"3 calls to inventory, got {len(upstream.requests)}")
-    assert elapsed >= 0.15, explain(
-        response, f"backoff before each retry: 0.05 s, then 0.1 s (at least 0.15 s in all); took {elapsed:.3f} s"
+    waits = [later - earlier for earlier, later in zip(upstream.arrived, upstream.arrived[1:])]
+    # Each wait is at least the sleep before it (less 1 ms for clock rounding); without one it
+    # is about 1 ms, and with a backoff that does not double the second is about 0.02 s.
+    assert waits[0] >= 0.019 and waits[1] >= 0.039, explain(
+        response, "backoff before each retry: 0.02 s, then 0.04 s (backoff=0.02, doubled each time); "
+        f"the retries came {' and '.join(f'{wait:.3f} s' for wait in waits)} after the call before them"
     )
 
 
@@ -457,28 +521,13 @@ async def test_services_connected_by_a_broker(orders: ModuleType, inventory: Mod
 
 @pytest.mark.task("events")
 @pytest.mark.asyncio
-async def test_events_posted_over_http_are_retried(orders: ModuleType) -> None:
-    # A real inventory on loopback whose /events refuses the first delivery with a 503.
-    upstream = FastAPI()
-    deliveries: list[dict[str, Any]] = []
-
-    @upstream.get("/stock/{sku}")
-    async def stock(sku: str) -> dict[str, Any]:
-        return {"sku": sku, "available": 10}
-
-    @upstream.post("/events", status_code=202)
-    async def consume(payload: dict[str, Any]) -> Any:
-        deliveries.append(payload)
-        if len(deliveries) == 1:
-            return JSONResponse({"detail": "busy, try again"}, status_code=503)
-        return {"event_id": payload.get("event_id"), "applied": True}
-
-    with serve_in_thread(upstream) as url:
-        settings = orders_settings(orders, inventory_url=url, events_url=f"{url}/events", retries=2, backoff=0.0)
-        async with serving(orders.create_app(settings)) as app, client_for(app) as client:
-            created = await client.post("/orders", json=ORDER)
+async def test_events_posted_over_http_are_retried(orders: ModuleType, loopback: tuple[LoopbackInventory, str]) -> None:
+    consumer, url = loopback  # a real inventory on loopback whose /events refuses the first delivery with a 503
+    settings = orders_settings(orders, inventory_url=url, events_url=f"{url}/events", retries=2, backoff=0.0)
+    async with serving(orders.create_app(settings, upstream_transport=tcp())) as app, client_for(app) as client:
+        created = await client.post("/orders", json=ORDER)
     expect_status(created, 201, "the event consumer answered 503 once, then accepted the event")
-    ids = [delivery.get("event_id") for delivery in deliveries]
+    ids = [delivery.get("event_id") for delivery in consumer.deliveries]
     assert len(ids) == 2 and ids[0] and ids[0] == ids[1], explain(
         created, "the OrderPlaced POST to ORDERS_EVENTS_URL retried once after the 503, with the same event_id "
         f"(the consumer deduplicates on it); the consumer received event_ids {ids}"
@@ -496,36 +545,41 @@ def uvicorn(target: str, folder: Path) -> list[str]:
 
 
 @contextmanager
-def started_together(*servers: AbstractContextManager[str]) -> Iterator[list[str]]:
-    """Enter several serve_in_process(...) at once: both services boot in parallel."""
-    with ExitStack() as stack, ThreadPoolExecutor(len(servers)) as pool:
+def started_together(*servers: AbstractContextManager[str]) -> Iterator[Callable[[], list[str]]]:
+    """Enter several serve_in_process(...) at once, in threads: the services boot in parallel
+    while the test goes on; `ready()` waits for them and returns their URLs. At the end they
+    are stopped in parallel too (each uvicorn takes 0.1-0.2 s to shut down)."""
+    with ThreadPoolExecutor(len(servers)) as pool:
         futures = [pool.submit(server.__enter__) for server in servers]
-        urls, problems = [], []
-        for server, future in zip(servers, futures):
-            try:
-                urls.append(future.result())
-                stack.push(server)  # stopped when the block ends, whatever happens
-            except Exception as exc:  # the other server is still stopped by the stack
-                problems.append(exc)
-        if problems:
-            raise problems[0]
-        yield urls
+
+        def ready() -> list[str]:
+            return [future.result() for future in futures]
+
+        try:
+            yield ready
+        finally:
+            # Stop every server that started (one that failed to start has stopped itself).
+            started = [server for server, future in zip(servers, futures) if future.exception() is None]
+            for stopping in [pool.submit(server.__exit__, None, None, None) for server in started]:
+                stopping.result()
 
 
 @pytest.mark.slow
 @pytest.mark.task("end_to_end")
 @pytest.mark.asyncio
 async def test_end_to_end_with_real_processes(gateway: ModuleType, target_dir: Path) -> None:
-    inventory_port = free_port()
-    inventory_url = f"http://127.0.0.1:{inventory_port}"
+    inventory_port, orders_port = free_port(), free_port()
+    inventory_url, orders_url = f"http://127.0.0.1:{inventory_port}", f"http://127.0.0.1:{orders_port}"
     env = {"ORDERS_INVENTORY_URL": inventory_url, "ORDERS_EVENTS_URL": f"{inventory_url}/events"}
     with started_together(
         serve_in_process(uvicorn("inventory:create_app", target_dir), port=inventory_port, ready_path="/health"),
-        serve_in_process(uvicorn("orders:create_app", target_dir), env=env, ready_path="/health"),
-    ) as (_, orders_url):
-        # The gateway runs here, but reaches both services over real TCP connections.
+        serve_in_process(uvicorn("orders:create_app", target_dir), port=orders_port, env=env, ready_path="/health"),
+    ) as ready:
+        # The gateway runs here, but reaches both services over real TCP connections. It starts
+        # (and makes its clients) while the two services boot.
         app = gateway.create_app(gateway.Settings(orders_url=orders_url, inventory_url=inventory_url))
         async with serving(app) as running, client_for(running) as client:
+            ready()
             expect_json(await client.get("/api/stock/widget"), {"available": 10}, "inventory, through the gateway")
             created = await client.post("/api/orders", json=ORDER, headers={"X-Request-ID": "e2e-1"})
             expect_status(created, 201, "an order placed through gateway → orders → inventory")

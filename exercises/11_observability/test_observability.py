@@ -2,6 +2,7 @@
 
 import json
 import logging
+from contextlib import ExitStack
 from datetime import datetime
 
 import pytest
@@ -15,23 +16,34 @@ SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 ACCESS_LOGGER = "inventory.access"
 
 
-@pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path):
-    """A clean environment: no stray OBS_* variable, no .env from elsewhere, a fresh database."""
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A clean environment for the whole file: no stray OBS_* variable, no .env from elsewhere."""
     import os
 
-    for name in list(os.environ):
-        if name.upper().startswith("OBS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # .env is looked up in the working directory
-    monkeypatch.setenv("OBS_SECRET_KEY", SECRET)
-    monkeypatch.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}")
+    folder = tmp_path_factory.mktemp("observability")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.upper().startswith("OBS_"):
+                patch.delenv(name)
+        patch.chdir(folder)  # .env is looked up in the working directory
+        patch.setenv("OBS_SECRET_KEY", SECRET)
+        patch.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{folder / 'inventory.db'}")
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def env(workdir, monkeypatch):
+    """What a test changes in the environment (or the working directory) is undone after it."""
     return monkeypatch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def clean_loggers():
-    """Logging is global to the process: undo what one test's app configured before the next."""
+    """Logging is global to the process: start this file from unconfigured loggers, restore them after.
+
+    Every app here comes from the same module, so each one configures the loggers the same way.
+    """
     loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
     saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
     for logger in loggers:
@@ -45,15 +57,71 @@ def clean_loggers():
         logger.propagate = propagate
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def module(load):
-    return load("app")
+    # One import per file: create_app() builds every app's state, and get_settings() is
+    # cleared around each test (below), so tests still start from what the environment says.
+    return load("app", fresh=False)
 
 
-@pytest.fixture
-def client(module):
-    with TestClient(module.app) as client:
+def clear_settings_cache(module) -> None:
+    clear = getattr(getattr(module, "get_settings", None), "cache_clear", None)
+    if callable(clear):
+        clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(module, env):
+    """get_settings() reads the environment of this test, whatever an earlier test cached."""
+    clear_settings_cache(module)
+    yield
+    clear_settings_cache(module)
+
+
+class StartupFailed:
+    """Stands in for a client whose app could not start: the test that uses it fails and says why."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __getattr__(self, name: str):
+        pytest.fail(self.message, pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def client(module, workdir, clean_loggers):
+    """One running app (the module's `app`) for the tests that need no fresh state of their own."""
+    clear_settings_cache(module)
+    app = getattr(module, "app", None)
+    if app is None:
+        yield StartupFailed("\nexpected: app.py defines `app = create_app()`\ngot:      no name `app`")
+        return
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(TestClient(app))
+        except Exception as exc:  # the learner's lifespan failed: every test that needs the app fails
+            client = StartupFailed(
+                f"\nexpected: the app starts (`with TestClient(app)` runs its lifespan) with OBS_SECRET_KEY and "
+                f"OBS_DATABASE_URL set\ngot:      {type(exc).__name__}: {exc}"
+            )
         yield client
+
+
+def new_app(module):
+    """A new app from create_app(), as the README promises; a failure reads as one."""
+    try:
+        return module.create_app()
+    except Exception as exc:
+        hint = (
+            "\nMetrics registered on prometheus_client's global REGISTRY collide the second time: "
+            "give every app its own CollectorRegistry."
+            if isinstance(exc, ValueError) else ""
+        )
+        pytest.fail(
+            "\nexpected: create_app() builds a new, independent app every time it is called\n"
+            f"got:      {type(exc).__name__}: {exc}{hint}",
+            pytrace=False,
+        )
 
 
 class JsonLines(logging.Handler):
@@ -184,6 +252,7 @@ def test_malformed_values_are_rejected(module, env, name, value):
 
 @pytest.mark.task("settings")
 def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
+    env.chdir(tmp_path)  # a folder of its own: the .env written here must not reach other tests
     env.delenv("OBS_SECRET_KEY")
     (tmp_path / ".env").write_text(
         "# read from the working directory\nOBS_SECRET_KEY=from-dotenv\nOBS_APP_NAME=from-dotenv\nUNRELATED_TOOL=1\n",
@@ -204,7 +273,7 @@ def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
 def test_the_app_refuses_to_start_without_its_secret(module, env):
     env.delenv("OBS_SECRET_KEY")
     try:
-        with TestClient(module.app) as client:
+        with TestClient(new_app(module)) as client:
             response = client.get("/health")
     except ValidationError:
         return
@@ -264,7 +333,7 @@ def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, en
     # SQLite cannot create a file in a folder that does not exist: the database is "down".
     missing = tmp_path / "not-there-yet"
     env.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{missing / 'inventory.db'}")
-    with TestClient(module.app) as client:
+    with TestClient(new_app(module)) as client:
         response = client.get("/ready")
         expect_status(response, 503, "the database cannot be reached, so the service is not ready: 503")
         expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
@@ -317,14 +386,16 @@ def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
 
 @pytest.mark.task("logging")
 def test_a_request_that_crashes_is_logged_too(module):
-    @module.app.get("/crash")
+    app = new_app(module)
+
+    @app.get("/crash")
     async def crash() -> dict:
         raise RuntimeError("a bug in a route")
 
     handler = JsonLines(module.JsonFormatter())
     logger = logging.getLogger(ACCESS_LOGGER)
     # raise_server_exceptions=False: answer 500 as a real server would, instead of re-raising here.
-    with TestClient(module.app, raise_server_exceptions=False) as client:
+    with TestClient(app, raise_server_exceptions=False) as client:
         logger.addHandler(handler)
         try:
             response = client.get("/crash")
@@ -365,10 +436,12 @@ def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
 
 
 @pytest.mark.task("metrics")
-def test_requests_are_counted_by_route_template(client):
-    for path in ("/items/1", "/items/2", "/items/3", "/items/99"):
-        client.get(path)
-    response, found = samples(client)
+def test_requests_are_counted_by_route_template(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    with TestClient(new_app(module)) as client:
+        for path in ("/items/1", "/items/2", "/items/3", "/items/99"):
+            client.get(path)
+        response, found = samples(client)
     ok = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
     missing = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="404")
     assert (ok, missing) == (3.0, 1.0), explain(
@@ -381,19 +454,23 @@ def test_requests_are_counted_by_route_template(client):
 
 
 @pytest.mark.task("metrics")
-def test_unmatched_paths_share_one_label(client):
-    for path in ("/wp-login.php", "/a/b/c", "/items"):
-        client.get(path)
-    response, found = samples(client)
+def test_unmatched_paths_share_one_label(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    with TestClient(new_app(module)) as client:
+        for path in ("/wp-login.php", "/a/b/c", "/items"):
+            client.get(path)
+        response, found = samples(client)
     count = value_of(found, "http_requests_total", method="GET", route="unmatched", status="404")
     assert count == 3.0, explain(response, f'http_requests_total{{method="GET",route="unmatched",status="404"}} 3.0; got {count}')
 
 
 @pytest.mark.task("metrics")
-def test_latency_histogram_by_route_template(client):
-    client.get("/items/1")
-    client.get("/items/2")
-    response, found = samples(client)
+def test_latency_histogram_by_route_template(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    with TestClient(new_app(module)) as client:
+        client.get("/items/1")
+        client.get("/items/2")
+        response, found = samples(client)
     assert response.headers.get("content-type", "").startswith("text/plain"), explain(
         response, "Content-Type text/plain (prometheus_client.CONTENT_TYPE_LATEST)"
     )
@@ -408,23 +485,24 @@ def test_latency_histogram_by_route_template(client):
 
 
 @pytest.mark.task("metrics")
-def test_each_app_has_its_own_registry(module):
+def test_each_app_has_its_own_registry(module, client):
+    # `app` is already one app from create_app(); build a second one next to it.
     try:
-        first, second = module.create_app(), module.create_app()
+        second = module.create_app()
     except ValueError as exc:
         pytest.fail(
-            "\nexpected: create_app() can be called twice in one process (tests, reloads)\n"
+            "\nexpected: create_app() can be called again in a process that already has `app` (tests, reloads)\n"
             f"got:      ValueError: {exc}\n"
             "Metrics registered on prometheus_client's global REGISTRY collide the second time: "
             "give every app its own CollectorRegistry.",
             pytrace=False,
         )
-    with TestClient(first) as one, TestClient(second) as two:
-        one.get("/items/1")
+    client.get("/items/1")
+    with TestClient(second) as two:
         response, found = samples(two)
     count = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
     assert count is None, explain(
         response,
         "two apps from create_app() keep separate metrics (a CollectorRegistry per app); "
-        f"the second app reports the first one's request: {count}",
+        f"a new app reports the requests that `app` answered: {count}",
     )

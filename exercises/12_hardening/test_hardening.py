@@ -1,6 +1,7 @@
 """Graded tests for exercise 12. Run: pytest exercises/12_hardening"""
 
 import os
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -28,15 +29,25 @@ class FakeClock:
         self.now += seconds
 
 
+@pytest.fixture(scope="module")
+def clean_environment(tmp_path_factory):
+    """No stray HARD_* variable and no stray .env (the working directory is an empty folder)."""
+    folder = tmp_path_factory.mktemp("hardening")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.upper().startswith("HARD_"):
+                patch.delenv(name)
+        patch.chdir(folder)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.upper().startswith("HARD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
+def env(clean_environment, monkeypatch):
+    """What a test changes in the environment is undone after it."""
+    return monkeypatch
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def module(load):
     # Imported once per test run: the README promises that create_app() builds all state.
     return load("app", fresh=False)
@@ -47,20 +58,56 @@ def clock():
     return FakeClock()
 
 
+def build_app(module, clock, **overrides):
+    """A fresh app from create_app(Settings(...), clock=clock)."""
+    overrides.setdefault("cors_origins", [SHOP])
+    return module.create_app(module.Settings(**overrides), clock=clock)
+
+
 @pytest.fixture
 def build(module, clock):
     """build(**settings) -> a fresh app from create_app(Settings(...), clock=clock)."""
 
     def _build(**overrides):
-        overrides.setdefault("cors_origins", [SHOP])
-        return module.create_app(module.Settings(**overrides), clock=clock)
+        return build_app(module, clock, **overrides)
 
     return _build
 
 
-@pytest.fixture
-def client(build):
-    with TestClient(build(), raise_server_exceptions=False) as client:
+async def explode() -> None:
+    raise RuntimeError(f"could not connect to {LEAK}")
+
+
+class StartupFailed:
+    """Stands in for a client whose app could not be built: the test that uses it fails and says why."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __getattr__(self, name: str):
+        pytest.fail(self.message, pytrace=False)
+
+
+# The settings of the app that the tests without a clock or a count of their own share. Its
+# bucket is far larger than all of their requests together, so none of them meets a 429 (the
+# rate limit tests build their own apps), and its fake clock never moves.
+SHARED = {"max_body_bytes": 1000, "gzip_minimum_size": 500, "rate_limit_capacity": 1_000_000}
+
+
+@pytest.fixture(scope="module")
+def client(module, clean_environment):
+    """One app for the tests that only read, or whose writes no other test depends on."""
+    with ExitStack() as stack:
+        try:
+            app = build_app(module, FakeClock(), **SHARED)
+            # A route that crashes, as a bug would: for the 500 checks.
+            app.get("/test-only/explode")(explode)
+            client = stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        except Exception as exc:  # the learner's create_app() failed: every test that needs it fails
+            client = StartupFailed(
+                f"\nexpected: create_app(Settings(cors_origins=[{SHOP!r}], ...), clock=...) builds and starts an app\n"
+                f"got:      {type(exc).__name__}: {exc}"
+            )
         yield client
 
 
@@ -152,29 +199,28 @@ def _twice(client, path):
     return client.get(path)
 
 
+def _too_many(build):
+    # An app of its own: the shared one never runs out of tokens.
+    with TestClient(build(rate_limit_capacity=1, rate_limit_refill_per_second=0.01), raise_server_exceptions=False) as client:
+        return _twice(client, "/products")
+
+
 # Every kind of answer the app gives: from a route, from the router, from each middleware, from a crash.
 SCENARIOS = {
-    "GET /health": lambda client: client.get("/health"),
-    "GET /products": lambda client: client.get("/products"),
-    "429 Too Many Requests": lambda client: _twice(client, "/products"),
-    "404 Not Found": lambda client: client.get("/no/such/page"),
-    "CORS preflight": lambda client: preflight(client, SHOP),
-    "413 Content Too Large": lambda client: client.post("/upload", content=b"x" * 101),
-    "500 from an unexpected exception": lambda client: client.get("/test-only/explode"),
+    "GET /health": lambda client, build: client.get("/health"),
+    "GET /products": lambda client, build: client.get("/products"),
+    "429 Too Many Requests": lambda client, build: _too_many(build),
+    "404 Not Found": lambda client, build: client.get("/no/such/page"),
+    "CORS preflight": lambda client, build: preflight(client, SHOP),
+    "413 Content Too Large": lambda client, build: client.post("/upload", content=b"x" * 1001),  # max_body_bytes=1000
+    "500 from an unexpected exception": lambda client, build: client.get("/test-only/explode"),
 }
 
 
 @pytest.mark.task("security_headers")
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_security_headers_on_every_response(build, scenario):
-    app = build(rate_limit_capacity=1, rate_limit_refill_per_second=0.01, max_body_bytes=100)
-
-    @app.get("/test-only/explode")
-    async def explode() -> None:
-        raise RuntimeError(LEAK)
-
-    with TestClient(app, raise_server_exceptions=False) as client:
-        response = SCENARIOS[scenario](client)
+def test_security_headers_on_every_response(client, build, scenario):
+    response = SCENARIOS[scenario](client, build)
     headers = response.headers
     expect_header(response, "x-content-type-options", "nosniff", f"on every response, including {scenario}")
     framing = headers.get("x-frame-options", "").upper() == "DENY" or "frame-ancestors 'none'" in headers.get("content-security-policy", "")
@@ -189,21 +235,20 @@ def test_security_headers_on_every_response(build, scenario):
 
 
 @pytest.mark.task("body_limit")
-def test_a_body_at_the_limit_passes_one_byte_more_is_413(build):
-    with TestClient(build(max_body_bytes=1000)) as client:
-        expect_json(client.post("/upload", content=b"x" * 1000), {"size": 1000}, "exactly max_body_bytes is allowed", exact=True)
-        response = client.post("/upload", content=b"x" * 1001)
+def test_a_body_at_the_limit_passes_one_byte_more_is_413(client):
+    # The shared app has max_body_bytes=1000.
+    expect_json(client.post("/upload", content=b"x" * 1000), {"size": 1000}, "exactly max_body_bytes is allowed", exact=True)
+    response = client.post("/upload", content=b"x" * 1001)
     expect_error(response, 413, "content_too_large", "1001 bytes with max_body_bytes=1000")
 
 
 @pytest.mark.task("body_limit")
-def test_a_chunked_body_without_content_length_is_limited_too(build):
+def test_a_chunked_body_without_content_length_is_limited_too(client):
     def chunks():
         for _ in range(3):
             yield b"x" * 600
 
-    with TestClient(build(max_body_bytes=1000)) as client:
-        response = client.post("/upload", content=chunks())
+    response = client.post("/upload", content=chunks())  # the shared app has max_body_bytes=1000
     assert "content-length" not in response.request.headers
     expect_error(
         response, 413, "content_too_large",
@@ -225,7 +270,8 @@ class Chunks:
 @pytest.mark.task("body_limit")
 @pytest.mark.slow
 def test_a_chunked_upload_to_a_real_server_is_cut_off(build):
-    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5) as http:
+    # verify=False: plain HTTP on loopback needs no TLS, so the client skips loading the CA bundle (~0.1 s).
+    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5, verify=False) as http:
         response = http.post("/upload", content=Chunks(5, 600))
         small = http.post("/upload", content=Chunks(2, 400))
     for sent in (response, small):
@@ -274,11 +320,11 @@ def test_each_client_has_its_own_limit(build):
 
 
 @pytest.mark.task("compression")
-def test_large_responses_are_gzipped_small_ones_are_not(build):
-    with TestClient(build(gzip_minimum_size=500)) as client:
-        large = client.get("/products", headers={"Accept-Encoding": "gzip"})
-        small = client.get("/health", headers={"Accept-Encoding": "gzip"})
-        plain = client.get("/products", headers={"Accept-Encoding": "identity"})
+def test_large_responses_are_gzipped_small_ones_are_not(client):
+    # The shared app has gzip_minimum_size=500.
+    large = client.get("/products", headers={"Accept-Encoding": "gzip"})
+    small = client.get("/health", headers={"Accept-Encoding": "gzip"})
+    plain = client.get("/products", headers={"Accept-Encoding": "identity"})
     expect_header(large, "content-encoding", "gzip", "the product list is larger than gzip_minimum_size")
     assert "accept-encoding" in large.headers.get("vary", "").lower(), explain(large, "Vary: Accept-Encoding, so caches keep both versions apart")
     assert isinstance(json_of(large), list), explain(large, "a JSON list once decompressed")
@@ -313,12 +359,15 @@ def test_if_none_match_may_list_several_tags(client):
 @pytest.mark.task("conditional_get")
 def test_a_write_changes_the_etag(client):
     old = expect_header(client.get("/products"), "etag")
-    created = client.post("/products", json={"name": "Desk lamp", "price": 24.5, "stock": 3})
+    # A name no other test uses: this app is shared, so the list may hold other tests' products.
+    created = client.post("/products", json={"name": "Desk lamp for the ETag", "price": 24.5, "stock": 3})
     expect_status(created, 201, "a new product is created")
     response = client.get("/products", headers={"If-None-Match": old})
     expect_status(response, 200, "the list changed, so the old ETag no longer matches")
     assert response.headers.get("etag") not in (None, old), explain(response, "a new ETag for the new content")
-    assert any(item.get("name") == "Desk lamp" for item in json_of(response)), explain(response, "the new product in the list")
+    assert any(item.get("name") == "Desk lamp for the ETag" for item in json_of(response)), explain(
+        response, "the new product in the list"
+    )
 
 
 # ------------------------------------------------------------------------------ TTL cache
@@ -380,15 +429,8 @@ def test_validation_errors_use_the_error_body_with_details(client):
 
 
 @pytest.mark.task("errors")
-def test_an_unexpected_exception_is_a_500_that_leaks_nothing(build):
-    app = build()
-
-    @app.get("/test-only/explode")
-    async def explode() -> None:
-        raise RuntimeError(f"could not connect to {LEAK}")
-
-    with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.get("/test-only/explode")
+def test_an_unexpected_exception_is_a_500_that_leaks_nothing(client):
+    response = client.get("/test-only/explode")  # raises RuntimeError(f"could not connect to {LEAK}")
     expect_error(response, 500, "internal_error", "a route raised RuntimeError")
     for secret in ("Traceback", "RuntimeError", "hunter2", "db.internal", 'File "'):
         assert secret not in response.text, explain(response, f"a body that says nothing about the cause; it contains {secret!r}")
