@@ -22,7 +22,8 @@ BOB = {"email": "bob@example.com", "name": "Bob"}
 
 @pytest.fixture
 def module(load):
-    return load()
+    # Imported once per run: the README promises that create_app() builds all the state.
+    return load(fresh=False)
 
 
 @pytest.fixture
