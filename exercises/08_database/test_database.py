@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sqlite3
+import tempfile
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,42 +35,214 @@ URSULA = {
         {"title": "A Wizard of Earthsea", "isbn": "9780547773742", "year": 1968},
     ],
 }
+# Authors of their own for the tests that share one database (names and ISBNs are unique there).
+JEMISIN = {
+    "name": "N. K. Jemisin",
+    "books": [
+        {"title": "The Fifth Season", "isbn": "9780316229296", "year": 2015},
+        {"title": "The Obelisk Gate", "isbn": "9780316229265", "year": 2016},
+    ],
+}
+CHAMBERS = {
+    "name": "Becky Chambers",
+    "books": [
+        {"title": "The Long Way to a Small, Angry Planet", "isbn": "9780062444134", "year": 2014},
+        {"title": "A Closed and Common Orbit", "isbn": "9780062569400", "year": 2016},
+    ],
+}
+BANKS = {
+    "name": "Iain M. Banks",
+    "books": [
+        {"title": "Consider Phlebas", "isbn": "9780316005388", "year": 1987},
+        {"title": "The Player of Games", "isbn": "9780316005401", "year": 1988},
+    ],
+}
 
 
-# --- Fixtures: a fresh app on a fresh database file for every test -----------------------------
+# --- Fixtures --------------------------------------------------------------------------------
+#
+# app.py is imported once for this file, with DATABASE_URL set (its module-level `app` is checked
+# by the startup test); every other app comes from create_app(Settings()), each on its own SQLite
+# file in its own temporary folder, the working directory while it runs (so a URL like
+# ./library.db, which ignores the setting, never lands in your working tree).
+# - Tests that need a known, clean database (totals, pool counts) get an app of their own
+#   (the `client` fixture).
+# - Tests that only read, are refused, or write rows of their own and read only those share ONE
+#   app (`shared`); after each of them, connections its unclosed sessions left are collected.
+# - The two paging tests read the same seven books (`shelved`): the first of them adds them.
+# Shared apps start inside the first test that uses them, so an app that cannot start fails tests.
+
+
+@contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A new empty folder, in memory where the system offers one (Linux's /dev/shm).
+
+    SQLite makes every commit durable with an fsync, which on some disks costs more than the
+    rest of a test; a RAM-backed folder behaves the same for everything the tests check.
+    """
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="graded-08-", dir=base, ignore_cleanup_errors=True) as folder:
+        yield Path(folder)
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def tables(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    with sqlite3.connect(path) as connection:
+        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_folder() -> Iterator[Path]:
+    with scratch_folder() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # the working directory of every test in this file, unless it has its own
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def imported(load, module_folder: Path) -> tuple[Any, Path, set[str]]:
+    """app.py, imported once with DATABASE_URL set (as README.md promises); its file; its tables then."""
+    path = module_folder / "imported.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATABASE_URL", url_of(path))
+        module = load("app", fresh=False)
+    return module, path, tables(path)
+
+
+@pytest.fixture(scope="module")
+def module(imported):
+    return imported[0]
 
 
 @pytest.fixture
-def database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The test's own SQLite file, handed to the app through DATABASE_URL (as README.md promises)."""
-    path = tmp_path / "graded.db"
-    monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{path}")
-    # A relative path like ./library.db (a URL that ignores the setting) lands in tmp_path,
-    # never in your working tree.
-    monkeypatch.chdir(tmp_path)
-    return path
+def workdir() -> Iterator[Path]:
+    """The test's own empty folder, as the working directory."""
+    with scratch_folder() as folder, pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        yield folder
 
 
 @pytest.fixture
-def module(load, database_file):
-    return load("app")  # after DATABASE_URL is set: the module-level app reads it
+def database_file(workdir: Path) -> Iterator[Path]:
+    """The test's own SQLite file, handed to the app through DATABASE_URL."""
+    path = workdir / "graded.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATABASE_URL", url_of(path))
+        yield path
+
+
+def new_app(module):
+    """A new app from the factory, on the database DATABASE_URL names now."""
+    return module.create_app(module.Settings())
+
+
+def checked_out(app: Any) -> int:
+    pool = getattr(getattr(app.state, "engine", None), "pool", None)
+    return pool.checkedout() if hasattr(pool, "checkedout") else 0
+
+
+def collect_leaks() -> None:
+    # Sessions that were never closed: test_every_request_gives_its_connection_back says so
+    # clearly. Collect them now, quietly, so their warnings do not break unrelated tests later.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gc.collect()
 
 
 @pytest.fixture
-def client(module) -> Iterator[TestClient]:
-    with TestClient(module.app) as client:  # `with`: the lifespan runs (tables, engine)
+def client(module, database_file) -> Iterator[TestClient]:
+    """A client of the test's own app, on a fresh database."""
+    app = new_app(module)
+    with TestClient(app) as client:  # `with`: the lifespan runs (tables, engine)
         yield client
-        pool = getattr(getattr(module.app.state, "engine", None), "pool", None)
-        leaked = pool.checkedout() if hasattr(pool, "checkedout") else 0
+        leaked = checked_out(app)  # before the shutdown, which replaces the pool
     if leaked:
-        # Sessions that were never closed: test_every_request_gives_its_connection_back says so
-        # clearly. Collect them now, quietly, so their warnings do not break unrelated tests later.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gc.collect()
+        collect_leaks()
 
 
-def call(client: TestClient, method: str, url: str, **kwargs: Any) -> Any:
+class SharedApp:
+    """One app on one database file, in its own folder, for several tests; started on first use.
+
+    Tests send their requests through it as through a TestClient. It starts inside the first
+    test that sends one, not in a fixture, so that an app that cannot start fails that test with
+    a message instead of erroring every test that shares it.
+    """
+
+    def __init__(self, module, folder: Path) -> None:
+        folder.mkdir()
+        self.module, self.folder, self.database_file = module, folder, folder / "graded.db"
+        self.app: Any = None
+        self._client: TestClient | None = None
+        self._error = ""
+        self.books: list[dict[str, Any]] | None = None  # what stocked() put on it
+        self.stock_error = ""
+
+    def start(self) -> TestClient:
+        if self._client is None and not self._error:
+            try:
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setenv("DATABASE_URL", url_of(self.database_file))
+                    patch.chdir(self.folder)
+                    self.app = new_app(self.module)
+                    client = TestClient(self.app)
+                    client.__enter__()  # the lifespan runs (tables, engine); left in close()
+                self._client = client
+            except Exception as exc:  # noqa: BLE001 - reported as this test's failure
+                self._error = ("\nexpected: the app starts: with TestClient(create_app(Settings())) runs its lifespan"
+                               f"\ngot:      {type(exc).__name__}: {str(exc)[:600]}")
+        if self._client is None:
+            pytest.fail(self._error, pytrace=False)
+        return self._client
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        client = self.start()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(self.folder)  # where a relative database URL would put its file
+            return client.request(method, url, **kwargs)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.__exit__(None, None, None)
+
+    def collect_leaks(self) -> None:
+        if self.app is not None and checked_out(self.app):
+            collect_leaks()  # this test's unclosed sessions, not the next test's problem
+
+
+@pytest.fixture(scope="module")
+def shared_app(module, module_folder: Path) -> Iterator[SharedApp]:
+    shared = SharedApp(module, module_folder / "shared")
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def shared(shared_app: SharedApp) -> Iterator[SharedApp]:
+    """The shared app, to send requests to: write only rows of your own, read only those."""
+    yield shared_app
+    shared_app.collect_leaks()
+
+
+@pytest.fixture(scope="module")
+def shelf_app(module, module_folder: Path) -> Iterator[SharedApp]:
+    shelf = SharedApp(module, module_folder / "shelf")
+    yield shelf
+    shelf.close()
+
+
+@pytest.fixture
+def shelved(shelf_app: SharedApp) -> Iterator[SharedApp]:
+    """An app whose database holds exactly the shelf (see stocked()), to read only."""
+    yield shelf_app
+    shelf_app.collect_leaks()
+
+
+def call(client: TestClient | SharedApp, method: str, url: str, **kwargs: Any) -> Any:
     """Send one request; an exception escaping the app becomes a failure that says what it means."""
     try:
         return client.request(method, url, **kwargs)
@@ -93,13 +268,13 @@ def check(ok: bool, message: str) -> None:
         pytest.fail(message, pytrace=False)
 
 
-def create_author(client: TestClient, payload: dict[str, Any]) -> dict[str, Any]:
+def create_author(client: TestClient | SharedApp, payload: dict[str, Any]) -> dict[str, Any]:
     response = call(client, "POST", "/authors", json=payload)
     expect_status(response, 201, "creating an author answers 201 Created")
     return json_of(response)
 
 
-def add_book(client: TestClient, author_id: int, title: str, isbn: str, year: int = 2000) -> dict[str, Any]:
+def add_book(client: TestClient | SharedApp, author_id: int, title: str, isbn: str, year: int = 2000) -> dict[str, Any]:
     response = call(client, "POST", f"/authors/{author_id}/books", json={"title": title, "isbn": isbn, "year": year})
     expect_status(response, 201, "adding a book answers 201 Created")
     return json_of(response)
@@ -109,18 +284,13 @@ def isbn(number: int) -> str:
     return f"978{number:010d}"
 
 
-def tables(path: Path) -> set[str]:
-    if not path.exists():
-        return set()
-    with sqlite3.connect(path) as connection:
-        return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 # --- setup --------------------------------------------------------------------------------------
 
 
 @pytest.mark.task("setup")
-def test_settings_read_the_database_url_from_the_environment(module, database_file, monkeypatch):
+def test_settings_read_the_database_url_from_the_environment(module, module_folder, monkeypatch):
+    database_file = module_folder / "settings.db"
+    monkeypatch.setenv("DATABASE_URL", url_of(database_file))
     got = getattr(module.Settings(), "database_url", "(Settings has no database_url field)")
     check(got == f"sqlite+aiosqlite:///{database_file}", (
         f"\nset:      DATABASE_URL=sqlite+aiosqlite:///{database_file}\nexpected: Settings().database_url "
@@ -131,10 +301,12 @@ def test_settings_read_the_database_url_from_the_environment(module, database_fi
 
 
 @pytest.mark.task("setup")
-def test_the_tables_are_created_at_startup_in_the_configured_database(module, database_file):
-    check(not tables(database_file), (
+def test_the_tables_are_created_at_startup_in_the_configured_database(imported, workdir):
+    # The module-level `app`, built when app.py was imported with DATABASE_URL naming this file.
+    module, database_file, found_after_import = imported
+    check(not found_after_import, (
         "\nexpected: importing app.py touches no database (the engine and tables belong in the lifespan)"
-        f"\ngot:      tables already in {database_file.name} right after import: {sorted(tables(database_file))}"))
+        f"\ngot:      tables already in {database_file.name} right after import: {sorted(found_after_import)}"))
     with TestClient(module.app):
         found = tables(database_file)
         check({"authors", "books"} <= found, (
@@ -156,8 +328,8 @@ def test_the_tables_are_created_at_startup_in_the_configured_database(module, da
 
 
 @pytest.mark.task("setup")
-def test_the_database_health_route_runs_a_query(client):
-    response = call(client, "GET", "/health/db")
+def test_the_database_health_route_runs_a_query(shared):
+    response = call(shared, "GET", "/health/db")
     expect_json(response, {"database": "ok"}, "GET /health/db runs SELECT 1 through the session", exact=True)
 
 
@@ -165,11 +337,11 @@ def test_the_database_health_route_runs_a_query(client):
 
 
 @pytest.mark.task("sessions")
-def test_what_one_request_writes_the_next_one_reads(client):
-    author = create_author(client, URSULA)
-    response = call(client, "GET", f"/authors/{author['id']}")
+def test_what_one_request_writes_the_next_one_reads(shared):
+    author = create_author(shared, JEMISIN)
+    response = call(shared, "GET", f"/authors/{author['id']}")
     expect_status(response, 200, "the author created by the previous request was committed")
-    expect_json(response, {"id": author["id"], "name": URSULA["name"]})
+    expect_json(response, {"id": author["id"], "name": JEMISIN["name"]})
 
 
 @pytest.mark.task("sessions")
@@ -230,9 +402,10 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
             committed = authors_in(database_file)  # what another connection sees right now
 
     error = None
-    async with LifespanManager(module.app):
+    app = new_app(module)  # its own: the engine belongs to this test's event loop
+    async with LifespanManager(app):
         try:
-            await module.app(scope, receive, send)
+            await app(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - reported below
             error = f"{type(exc).__name__}: {exc}"
     sent = f"\nsent:     POST /authors {body.decode()}"
@@ -247,14 +420,14 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
 
 
 @pytest.mark.task("sessions")
-def test_every_request_gives_its_connection_back(client, module):
+def test_every_request_gives_its_connection_back(client):
     author = create_author(client, URSULA)
     requests = [
         ("GET", f"/authors/{author['id']}", None), ("GET", "/authors/999", None),
         ("POST", "/authors", {"name": URSULA["name"]}), ("POST", "/authors/999/books", {"title": "x", "isbn": isbn(5), "year": 2000}),
         ("POST", "/authors", {"name": ""}), ("GET", "/books", None), ("GET", "/health/db", None),
     ]
-    engine = getattr(module.app.state, "engine", None)
+    engine = getattr(client.app.state, "engine", None)  # the app this test started
     check(engine is not None, "\nexpected: the lifespan keeps the engine on app.state.engine\ngot:      no app.state.engine")
     for method, url, body in requests:
         call(client, method, url, **({"json": body} if body is not None else {}))
@@ -270,10 +443,10 @@ def test_every_request_gives_its_connection_back(client, module):
 
 
 @pytest.mark.task("relationships")
-def test_an_author_comes_with_their_books_in_title_order(client):
-    author = create_author(client, URSULA)
-    add_book(client, author["id"], "The Lathe of Heaven", isbn(7), 1971)
-    response = call(client, "GET", f"/authors/{author['id']}")
+def test_an_author_comes_with_their_books_in_title_order(shared):
+    author = create_author(shared, URSULA)
+    add_book(shared, author["id"], "The Lathe of Heaven", isbn(7), 1971)
+    response = call(shared, "GET", f"/authors/{author['id']}")
     body = expect_json(response, {"id": author["id"], "name": URSULA["name"]})
     titles = [book.get("title") for book in body.get("books", [])] if isinstance(body.get("books"), list) else None
     check(titles == ["A Wizard of Earthsea", "The Dispossessed", "The Lathe of Heaven"], explain(
@@ -285,13 +458,13 @@ def test_an_author_comes_with_their_books_in_title_order(client):
 
 
 @pytest.mark.task("relationships")
-def test_the_created_author_is_answered_with_their_books(client):
-    body = create_author(client, URSULA)
+def test_the_created_author_is_answered_with_their_books(shared):
+    body = create_author(shared, CHAMBERS)
     books = body.get("books")
     ok = isinstance(books, list) and sorted(b.get("isbn") for b in books if isinstance(b, dict)) == sorted(
-        b["isbn"] for b in URSULA["books"]) and all(isinstance(b.get("id"), int) for b in books)
+        b["isbn"] for b in CHAMBERS["books"]) and all(isinstance(b.get("id"), int) for b in books)
     check(ok, f"\nsent:     POST /authors with two books\nexpected: the answer lists both books, each with its id\ngot:      {body}")
-    empty = create_author(client, {"name": "Nobody Yet"})
+    empty = create_author(shared, {"name": "Nobody Yet"})
     check(empty.get("books") == [], f"\nsent:     POST /authors without books\nexpected: books: []\ngot:      {empty}")
 
 
@@ -299,36 +472,37 @@ def test_the_created_author_is_answered_with_their_books(client):
 
 
 @pytest.mark.task("constraints")
-def test_a_duplicate_author_name_is_409(client):
-    create_author(client, {"name": "Octavia E. Butler"})
-    response = call(client, "POST", "/authors", json={"name": "Octavia E. Butler"})
+def test_a_duplicate_author_name_is_409(shared):
+    create_author(shared, {"name": "Octavia E. Butler"})
+    response = call(shared, "POST", "/authors", json={"name": "Octavia E. Butler"})
     expect_status(response, 409, "the name is unique: the database refuses the second row, the API says 409 Conflict")
     detail = json_of(response).get("detail")
     check(isinstance(detail, str) and bool(detail), explain(response, 'a body {"detail": "..."} saying what clashed'))
 
 
 @pytest.mark.task("constraints")
-def test_a_duplicate_isbn_is_409_and_changes_nothing(client):
-    first = create_author(client, URSULA)
-    other = create_author(client, {"name": "Somebody Else"})
-    taken = URSULA["books"][0]["isbn"]
-    response = call(client, "POST", f"/authors/{other['id']}/books", json={"title": "Copy", "isbn": taken, "year": 2001})
+def test_a_duplicate_isbn_is_409_and_changes_nothing(shared):
+    first = create_author(shared, BANKS)
+    other = create_author(shared, {"name": "Somebody Else"})
+    taken = BANKS["books"][0]["isbn"]
+    response = call(shared, "POST", f"/authors/{other['id']}/books", json={"title": "Copy", "isbn": taken, "year": 2001})
     expect_status(response, 409, "the ISBN is unique across all books")
-    expect_json(call(client, "GET", f"/authors/{other['id']}"), {"books": []}, "the refused book was not saved")
-    response = call(client, "GET", f"/authors/{first['id']}")
+    expect_json(call(shared, "GET", f"/authors/{other['id']}"), {"books": []}, "the refused book was not saved")
+    response = call(shared, "GET", f"/authors/{first['id']}")
     check(len(json_of(response).get("books", [])) == 2, explain(response, "the original owner still has 2 books"))
     twins = {"name": "Twin Books", "books": [{"title": "One", "isbn": isbn(42), "year": 2000},
                                               {"title": "Two", "isbn": isbn(42), "year": 2001}]}
-    expect_status(call(client, "POST", "/authors", json=twins), 409,
+    expect_status(call(shared, "POST", "/authors", json=twins), 409,
                   "two books of one request share an ISBN: the unique rule holds inside a request too")
 
 
 @pytest.mark.task("constraints")
-def test_a_missing_author_is_404(client):
-    response = call(client, "GET", "/authors/41")
+def test_a_missing_author_is_404(shared):
+    # The shared database holds a handful of authors, never 41.
+    response = call(shared, "GET", "/authors/41")
     expect_status(response, 404, "there is no author 41")
     expect_json(response, {"detail": "Author 41 not found"}, exact=True)
-    response = call(client, "POST", "/authors/41/books", json={"title": "Orphan", "isbn": isbn(9), "year": 2000})
+    response = call(shared, "POST", "/authors/41/books", json={"title": "Orphan", "isbn": isbn(9), "year": 2000})
     expect_status(response, 404, "a book cannot be added to an author who does not exist")
 
 
@@ -336,21 +510,21 @@ INVALID = [
     ("/authors", {"name": ""}),
     ("/authors", {"name": "x" * 101}),
     ("/authors", {"name": "Valid", "books": [{"title": "No ISBN", "year": 2000}]}),
-    ("/authors/1/books", {"title": "Short ISBN", "isbn": "12345", "year": 2000}),
-    ("/authors/1/books", {"title": "Letters", "isbn": "978000000000X", "year": 2000}),
-    ("/authors/1/books", {"title": "", "isbn": isbn(3), "year": 2000}),
-    ("/authors/1/books", {"title": "x" * 201, "isbn": isbn(3), "year": 2000}),
-    ("/authors/1/books", {"title": "Too long ISBN", "isbn": isbn(3) + "0", "year": 2000}),
-    ("/authors/1/books", {"title": "Before print", "isbn": isbn(3), "year": 1449}),
-    ("/authors/1/books", {"title": "Far future", "isbn": isbn(3), "year": 2101}),
+    ("/authors/{id}/books", {"title": "Short ISBN", "isbn": "12345", "year": 2000}),
+    ("/authors/{id}/books", {"title": "Letters", "isbn": "978000000000X", "year": 2000}),
+    ("/authors/{id}/books", {"title": "", "isbn": isbn(3), "year": 2000}),
+    ("/authors/{id}/books", {"title": "x" * 201, "isbn": isbn(3), "year": 2000}),
+    ("/authors/{id}/books", {"title": "Too long ISBN", "isbn": isbn(3) + "0", "year": 2000}),
+    ("/authors/{id}/books", {"title": "Before print", "isbn": isbn(3), "year": 1449}),
+    ("/authors/{id}/books", {"title": "Far future", "isbn": isbn(3), "year": 2101}),
 ]
 
 
 @pytest.mark.task("constraints")
-def test_invalid_input_is_422(client):
-    create_author(client, {"name": "Existing"})
+def test_invalid_input_is_422(shared):
+    author = create_author(shared, {"name": "Existing"})  # so that /authors/{id}/books names a real author
     for url, payload in INVALID:
-        expect_status(call(client, "POST", url, json=payload), 422,
+        expect_status(call(shared, "POST", url.format(id=author["id"]), json=payload), 422,
                       "the API schema rejects it before the database sees it: name 1-100 characters, "
                       "title 1-200, isbn 13 digits, year 1450-2100")
 
@@ -360,7 +534,7 @@ def test_invalid_input_is_422(client):
 TITLES = ["Kindred", "Dawn", "Parable of the Sower", "Dawn", "Bloodchild", "Fledgling", "Dawn"]
 
 
-def shelf(client: TestClient) -> list[dict[str, Any]]:
+def shelf_of(client: TestClient | SharedApp) -> list[dict[str, Any]]:
     """Seven books by two authors, added out of title order, with one title three times."""
     butler = create_author(client, {"name": "Octavia E. Butler"})
     other = create_author(client, {"name": "Another Author"})
@@ -368,13 +542,27 @@ def shelf(client: TestClient) -> list[dict[str, Any]]:
             for n, title in enumerate(TITLES)]
 
 
+def stocked(shelf: SharedApp) -> list[dict[str, Any]]:
+    """The shelf's books, put on it by the first test that asks (both tests only read them)."""
+    if shelf.books is None and not shelf.stock_error:
+        try:
+            shelf.books = shelf_of(shelf)
+        except BaseException as failure:  # a failed check, or an error in this test's own reading
+            failed = isinstance(failure, pytest.fail.Exception)
+            shelf.stock_error = str(failure) if failed else f"\ngot:      {type(failure).__name__}: {failure}"
+            raise
+    if shelf.books is None:
+        pytest.fail(f"\nwhile adding the seven books of the shelf:{shelf.stock_error}", pytrace=False)
+    return shelf.books
+
+
 def expected_order(books: list[dict[str, Any]]) -> list[int]:
     return [book["id"] for book in sorted(books, key=lambda book: (book["title"], book["id"]))]
 
 
 @pytest.mark.task("pagination")
-def test_pages_follow_a_stable_title_then_id_order(client):
-    books = shelf(client)
+def test_pages_follow_a_stable_title_then_id_order(shelved):
+    books, client = stocked(shelved), shelved
     seen: list[int] = []
     for offset in (0, 3, 6):
         response = call(client, "GET", "/books", params={"offset": offset, "limit": 3})
@@ -391,8 +579,8 @@ def test_pages_follow_a_stable_title_then_id_order(client):
 
 
 @pytest.mark.task("pagination")
-def test_the_default_page_and_the_author_filter(client):
-    books = shelf(client)
+def test_the_default_page_and_the_author_filter(shelved):
+    books, client = stocked(shelved), shelved
     response = call(client, "GET", "/books")
     body = expect_json(response, {"total": 7, "offset": 0, "limit": 20}, "offset defaults to 0, limit to 20")
     check(len(body.get("items", [])) == 7, explain(response, "all 7 books on the first page"))
@@ -405,18 +593,23 @@ def test_the_default_page_and_the_author_filter(client):
 
 
 @pytest.mark.task("pagination")
-def test_page_parameters_are_bounded(client):
+def test_page_parameters_are_bounded(shared):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}):
-        expect_status(call(client, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
+        expect_status(call(shared, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
 
 
 # --- index --------------------------------------------------------------------------------------
 
 
 @pytest.mark.task("index")
-def test_finding_the_books_of_an_author_uses_an_index(client, database_file):
+def test_finding_the_books_of_an_author_uses_an_index(shared):
+    shared.start()  # the tables exist once the app has started
+    found = tables(shared.database_file)
+    check("books" in found, (
+        "\nexpected: once the app has started, a table books in the database DATABASE_URL names"
+        f"\ngot:      tables {sorted(found) or 'none'}"))
     query = "SELECT id, title FROM books WHERE author_id = 1"
-    with sqlite3.connect(database_file) as connection:
+    with sqlite3.connect(shared.database_file) as connection:
         plan = [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}")]
     check(any("USING INDEX" in step or "USING COVERING INDEX" in step for step in plan), (
         f"\nasked:    EXPLAIN QUERY PLAN {query}\nexpected: SEARCH books USING INDEX ... (author_id=?)\n"
