@@ -70,7 +70,8 @@ def _quick_server_class() -> type:
     uvicorn = _uvicorn()
 
     class QuickServer(uvicorn.Server):
-        """A uvicorn server that notices ``should_exit`` within 5 ms instead of 100 ms.
+        """A uvicorn server that notices ``should_exit`` within 5 ms instead of 100 ms, and
+        stops without uvicorn's fixed pause when no connection is open.
 
         uvicorn polls its exit flag ten times a second, which is fine for a service and adds
         up to seconds over a test suite that starts and stops a server per test.
@@ -84,6 +85,19 @@ def _quick_server_class() -> type:
                 ticks += 1
                 # on_tick's counter still advances ten times a second (it refreshes the Date header)
                 should_exit = await self.on_tick(ticks // 20) if ticks % 20 == 0 else self.should_exit
+
+        async def shutdown(self, sockets=None) -> None:
+            # uvicorn pauses 0.1 s after asking open connections to close. With none open and no
+            # task running there is nothing to wait for: close the listeners, run the lifespan's
+            # shutdown, done. Otherwise, uvicorn's own graceful shutdown.
+            if self.server_state.connections or self.server_state.tasks or sockets:
+                return await super().shutdown(sockets)
+            for server in self.servers:
+                server.close()
+            for server in self.servers:
+                await server.wait_closed()
+            if not self.force_exit:
+                await self.lifespan.shutdown()
 
     return QuickServer
 
