@@ -263,3 +263,20 @@ def test_a_broken_report_format_costs_only_itself(graded, tmp_path, monkeypatch)
     assert failures == ["junit: RuntimeError: boom"]
     assert (tmp_path / "report" / "report.json").is_file() and (tmp_path / "report" / "html" / "index.html").is_file()
     assert "boom" in (tmp_path / "report" / "REPORT-ERRORS.txt").read_text()
+
+
+def test_exercise_09_grades_the_learners_own_tests_inside_the_sandbox(tmp_path):
+    # 09's graded suite runs the learner's tests in child pytest processes forked from the
+    # sandboxed run: the reference earns every point, the stub only what its tests catch.
+    submissions = tmp_path / "submissions"
+    for name, source in (("reference", ROOT / "solutions" / "09_testing"), ("stub", ROOT / "exercises" / "09_testing")):
+        folder = submissions / name / "exercises" / "09_testing"
+        folder.mkdir(parents=True)
+        shutil.copyfile(source / "service_tests.py", folder / "service_tests.py")
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["09"], jobs=2))
+    reference = _learner(result, "reference").exercise("09_testing")
+    assert reference is not None and reference.status == "passed", reference and reference.message
+    stub = _learner(result, "stub").exercise("09_testing")
+    assert stub is not None and stub.status == "failed", stub and stub.message
+    assert stub.points < stub.max_points
+    assert not any("could not run your tests" in t.message for t in stub.tests), [t.message for t in stub.tests]

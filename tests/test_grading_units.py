@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -104,6 +105,29 @@ def test_the_channel_takes_only_what_its_writer_signed():
         ChannelReader(key).parse(data[:-5])
     with pytest.raises(ChannelError, match="unframed"):
         ChannelReader(key).parse(b"garbage\n")
+
+
+def test_a_process_forked_from_the_run_holds_neither_key_nor_channel():
+    # The learner's code, or a suite that runs the learner's tests in a forked child (09),
+    # must not be able to sign records: the child drops the key and closes the descriptor.
+    key = os.urandom(32)
+    read_end, write_end = os.pipe()
+    writer = ChannelWriter(write_end, key)
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a process with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if it kept nothing
+        try:
+            os.fstat(write_end)
+            os._exit(1)
+        except OSError:
+            os._exit(0 if writer._key == b"" else 2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child still had the key or the channel"
+    writer.send({"type": "start"})  # the run itself still reports
+    os.close(write_end)
+    assert [r["type"] for r in ChannelReader(key).parse(os.read(read_end, 1 << 16))] == ["start"]
+    os.close(read_end)
 
 
 def test_escaping_for_each_format():

@@ -1,7 +1,7 @@
 """Graded tests for exercise 09. Run: pytest exercises/09_testing
 
 This exercise is turned around: you write the tests, in service_tests.py. This file runs
-your tests once, in a separate pytest process, against the correct service (service.py) and
+your tests once, in separate pytest processes, against the correct service (service.py) and
 against every buggy copy of it (each made from a diff in variants/). Then it asks two things:
 
 - do all your tests pass on the correct service? (if not, nothing else counts: a test that
@@ -11,12 +11,16 @@ against every buggy copy of it (each made from a diff in variants/). Then it ask
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +109,106 @@ def _variant_bug(folder: Path, variant: str) -> str:
     return patches.description(folder / "variants" / f"{variant}.diff").removeprefix("Variant:").strip() or variant
 
 
+def _groups() -> list[list[str]]:
+    """The services in one or two groups, each run by a child pytest of its own.
+
+    With two cores, two children run at once: the correct service with half the variants,
+    and the other half. (When your tests fail on the correct service the variants do not
+    count, so the second child's work is wasted only then.)
+    """
+    variants = list(VARIANTS)
+    if _cores() < 2:
+        return [[CORRECT, *variants]]
+    return [[CORRECT, *variants[1::2]], variants[::2]]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Path) -> int:
+    """Start one child pytest; return its pid (it leads a process group of its own).
+
+    Where the system can fork, the child is a copy of this process, which has already
+    imported pytest and FastAPI (most of the start-up time of a new interpreter), and runs
+    pytest.main with the child's own settings. Elsewhere it is a new `python -m pytest`.
+    """
+    if not hasattr(os, "fork"):
+        with open(log, "wb") as output:
+            child = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        return child.pid
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a process that runs threads forks; the child only runs pytest.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid:
+        return pid
+    code = 3
+    try:  # the child: never return into the parent's pytest session
+        os.setsid()
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.chdir(workdir)
+        os.environ.clear()
+        os.environ.update(env)
+        # The warning filters of a new interpreter, not the ones of the test running here
+        # (the child's pytest.ini sets its own for your tests).
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        code = int(pytest.main(command[3:]))
+    except BaseException:  # noqa: BLE001 - whatever happens, the child reports it and exits
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_all(pids: list[int], timeout: float) -> dict[int, int] | None:
+    """Exit codes by pid, or None if the children were still running after `timeout`.
+
+    Whatever ends the wait (the time limit, or this test being interrupted), no child and
+    nothing a child started is left running.
+    """
+    deadline = time.monotonic() + timeout
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < len(pids):
+            for pid in pids:
+                if pid not in codes:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+            if len(codes) < len(pids):
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.005)
+        return codes
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # the child leads its group: servers it started go too
+            if pid not in codes:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+
 def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeout: float) -> Run:
     run = Run(tests_file=tests_file)
     if not tests_file.is_file():
@@ -114,38 +218,46 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
     shutil.copyfile(tests_file, workdir / TESTS_FILE)
     shutil.copyfile(service_dir / "conftest.py", workdir / "conftest.py")
     (workdir / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
-    report = workdir / "report.json"
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
-    env |= {
-        "NOTES_SERVICE_DIR": str(service_dir),
-        "NOTES_VARIANTS": "all",
-        "NOTES_REPORT": str(report),
-        "PYTHONDONTWRITEBYTECODE": "1",
-    }
-    command = [
-        sys.executable, "-m", "pytest", TESTS_FILE, "-q", "--no-header", "-p", "no:cacheprovider",
-        "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / "tmp"),
-    ]
-    try:
-        completed = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    base_env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
+    children = []
+    for index, group in enumerate(_groups()):
+        report, log = workdir / f"report-{index}.json", workdir / f"output-{index}.txt"
+        env = base_env | {
+            "NOTES_SERVICE_DIR": str(service_dir),
+            "NOTES_VARIANTS": ",".join(group),
+            "NOTES_REPORT": str(report),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+        command = [
+            sys.executable, "-m", "pytest", TESTS_FILE, "-q", "--no-header", "-p", "no:cacheprovider",
+            "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / f"tmp-{index}"),
+            # A forked child has pytest's plugins imported already, so they cannot be rewritten
+            # again; that is harmless, and pytest.ini's `error` filter must not make it fatal.
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
+        ]
+        children.append((_start_child(command, env, workdir, log), report, log))
+    codes = _wait_all([pid for pid, _, _ in children], timeout)
+    if codes is None:
         run.problem = (
             f"Your tests did not finish within {timeout:.0f} s (against all services together). "
             "Does a test wait for something that never comes, such as a WebSocket message?"
         )
         return run
-    if not report.is_file():
-        output = (completed.stdout + completed.stderr).strip()[-3000:]
-        run.problem = f"pytest could not run your tests (exit code {completed.returncode}):\n{output}"
-        return run
-    payload = json.loads(report.read_text(encoding="utf-8"))
     shown = str(tests_file)
 
     def relocate(text: str) -> str:  # point messages at your file, not at the private copy
         return text.replace(str(workdir / TESTS_FILE), shown).replace(str(workdir), str(tests_file.parent))
 
-    run.results = [{**r, "message": relocate(r["message"])} for r in payload["tests"]]
-    run.collection_errors = [relocate(text) for text in payload["collection_errors"]]
+    for pid, report, log in children:
+        if not report.is_file():
+            output = log.read_text(encoding="utf-8", errors="replace").strip()[-3000:]
+            run.problem = f"pytest could not run your tests (exit code {codes[pid]}):\n{relocate(output)}"
+            return run
+        payload = json.loads(report.read_text(encoding="utf-8"))
+        run.results += [{**r, "message": relocate(r["message"])} for r in payload["tests"]]
+        for text in payload["collection_errors"]:
+            if relocate(text) not in run.collection_errors:  # each child collects the same file
+                run.collection_errors.append(relocate(text))
     return run
 
 
