@@ -28,6 +28,15 @@ import pytest
 
 from grader import patches
 
+# What the service and typical tests of it import, imported here once: the child processes
+# that run your tests are forked from this one and start with all of it loaded.
+with contextlib.suppress(ImportError):
+    import aiosqlite  # noqa: F401
+    import asgi_lifespan  # noqa: F401
+    import fastapi.testclient  # noqa: F401
+    import httpx  # noqa: F401
+    import pydantic_settings  # noqa: F401
+
 TESTS_FILE = "service_tests.py"
 CORRECT = "correct"
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Timeout|Warning|Exit)\b")
