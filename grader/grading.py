@@ -63,6 +63,16 @@ LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
     "sqlalchemy": ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.sqlite.aiosqlite", "greenlet", "aiosqlite"),
     "pwdlib": ("pwdlib.hashers.argon2", "argon2"),
     "asgi_lifespan": ("asgi_lifespan._concurrency.asyncio",),
+    # a real HTTP client builds its transport on first use
+    "httpx": ("httpcore", "httpcore._sync.connection_pool", "httpcore._async.connection_pool",
+              "httpcore._backends.sync", "httpcore._backends.anyio", "h11", "certifi"),
+    # real servers on loopback: uvicorn chooses its loop and protocols when it starts
+    "grader.live": ("uvicorn", "uvicorn.main", "uvicorn.server", "uvicorn.config", "uvicorn.lifespan.on",
+                    "uvicorn.loops.auto", "uvicorn.loops.uvloop", "uvicorn.protocols.http.auto",
+                    "uvicorn.protocols.http.h11_impl", "uvicorn.protocols.http.httptools_impl",
+                    "uvicorn.protocols.websockets.auto", "uvicorn.protocols.websockets.websockets_sansio_impl",
+                    "uvicorn.middleware.proxy_headers", "logging.config", "httpcore", "h11", "certifi"),
+    "websockets": ("websockets.asyncio.client", "websockets.asyncio.connection"),
 }
 
 
