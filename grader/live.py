@@ -40,9 +40,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve_in_thread(app: Any, *, timeout: float = 10.0, **config: Any) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread; yield its base URL."""
-    server = _quick_server_class()(
-        _uvicorn().Config(app, host=HOST, port=0, log_level="warning", lifespan="on", **config)
-    )
+    import uvicorn
+
+    server = _quick_server_class()(uvicorn.Config(app, host=HOST, port=0, log_level="warning", lifespan="on", **config))
     thread = threading.Thread(target=server.run, name="uvicorn-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -59,15 +59,9 @@ def serve_in_thread(app: Any, *, timeout: float = 10.0, **config: Any) -> Iterat
         thread.join(timeout)
 
 
-def _uvicorn():
-    import uvicorn
-
-    return uvicorn
-
-
 @functools.cache
 def _quick_server_class() -> type:
-    uvicorn = _uvicorn()
+    import uvicorn
 
     class QuickServer(uvicorn.Server):
         """A uvicorn server that notices ``should_exit`` within 5 ms instead of 100 ms, and

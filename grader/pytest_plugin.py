@@ -198,7 +198,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     os.replace(tmp, path)
 
 
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     # Everything imported so far (pytest, FastAPI, pydantic, the test modules) lives until the
     # process ends. Freezing it takes those objects out of the garbage collector's view, so the
