@@ -26,7 +26,7 @@ from grader.results import ClassResult, ExerciseInfo, ExerciseResult, LearnerRes
 from grader.sandbox import Limits
 from grader.scoring import worths
 from grader.submissions import Submission, find_submissions, read_submission
-from grader.zygote import imports_of
+from grader.warmup import imports_of, with_lazy_imports
 
 OUTPUT_LINES = 15  # lines of a run's output kept in an error message
 SIGNALS = {-9: "SIGKILL", -11: "SIGSEGV", -6: "SIGABRT", -24: "SIGXCPU (CPU time limit)",
@@ -47,33 +47,6 @@ class GradingOptions:
 
 
 ProgressHook = Callable[[str, str, str], None]  # learner, exercise, status
-
-
-# Modules that a library imports only when first used (so the import lines of the tests and
-# solutions do not name them); each graded run would pay for them again. The zygote imports
-# them once, before it forks the runs. Found by comparing sys.modules after collection and
-# after a reference run (see docs/GRADING.md, "Speed").
-LAZY_IMPORTS: dict[str, tuple[str, ...]] = {
-    # FastAPI checks for pydantic.v1 models the first time a route declares a model;
-    # starlette runs sync routes in a thread pool.
-    "fastapi": ("pydantic.v1", "concurrent.futures.thread", "pickle"),
-    "pydantic": ("email_validator", "pydantic.dataclasses", "pydantic.root_model", "pydantic.alias_generators"),
-    "pydantic_settings": ("dotenv",),
-    # create_engine("sqlite+aiosqlite://...") imports its dialect, and the async layer greenlet
-    "sqlalchemy": ("sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.sqlite.aiosqlite", "greenlet", "aiosqlite"),
-    "pwdlib": ("pwdlib.hashers.argon2", "argon2"),
-    "asgi_lifespan": ("asgi_lifespan._concurrency.asyncio",),
-    # a real HTTP client builds its transport on first use
-    "httpx": ("httpcore", "httpcore._sync.connection_pool", "httpcore._async.connection_pool",
-              "httpcore._backends.sync", "httpcore._backends.anyio", "h11", "certifi"),
-    # real servers on loopback: uvicorn chooses its loop and protocols when it starts
-    "grader.live": ("uvicorn", "uvicorn.main", "uvicorn.server", "uvicorn.config", "uvicorn.lifespan.on",
-                    "uvicorn.loops.auto", "uvicorn.loops.uvloop", "uvicorn.protocols.http.auto",
-                    "uvicorn.protocols.http.h11_impl", "uvicorn.protocols.http.httptools_impl",
-                    "uvicorn.protocols.websockets.auto", "uvicorn.protocols.websockets.websockets_sansio_impl",
-                    "uvicorn.middleware.proxy_headers", "logging.config", "httpcore", "h11", "certifi"),
-    "websockets": ("websockets.asyncio.client", "websockets.asyncio.connection"),
-}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -224,8 +197,7 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
         warnings.append(f"{path} holds the course itself, so it cannot be hidden from the test runs")
     modules = imports_of([path for exercise in exercises for path in (*exercise.test_files,
                           *(exercise.solution_folder / name for name in exercise.editable if name.endswith(".py")))])
-    modules |= {lazy for name in modules for top, later in LAZY_IMPORTS.items()
-                if name == top or name.startswith(top + ".") for lazy in later}
+    modules = with_lazy_imports(modules)
 
     learners = {s.learner: LearnerResult(learner=s.learner, problems=list(s.notes)) for s in submissions}
     info: dict[str, ExerciseInfo] = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -38,6 +39,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "task(id): the exercise task (from exercise.toml) that this test grades")
     config.addinivalue_line("markers", "slow: starts real servers or processes; still part of the graded suite")
+    config.addinivalue_line("markers", "servers: starts the graded code as real server processes "
+                                       "(grader.live.serve_in_process, forked from a warm launcher)")
     config._grader_outcomes = {}  # type: ignore[attr-defined]
     config._grader_started = time.monotonic()  # type: ignore[attr-defined]
 
@@ -181,6 +184,12 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
         _collection_errors.append({"nodeid": report.nodeid, "message": (report.longreprtext or "")[:MESSAGE_LIMIT]})
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    launcher = sys.modules.get("grader.launcher")
+    if launcher is not None:
+        launcher.shutdown()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = session.config.getoption("--grader-report")
     if not path:
@@ -203,3 +212,24 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # process ends. Freezing it takes those objects out of the garbage collector's view, so the
     # collections that building apps triggers scan only new objects: 5-20 % less CPU per suite.
     gc.freeze()
+    start_launcher(session)
+
+
+def start_launcher(session: pytest.Session) -> None:
+    """If a selected test starts real servers, fork the launcher that starts them warm.
+
+    Now, because this process still runs a single thread (see ``grader.launcher``).
+    """
+    item = next((item for item in session.items if item.get_closest_marker("servers")), None)
+    if item is None:
+        return
+    from grader import launcher
+
+    exercise = _exercise_for(session.config, Path(str(item.path)))
+    folder = None
+    if exercise is not None:
+        try:
+            folder = target_folder(session.config, exercise)
+        except Exception:  # noqa: BLE001 - without a folder the launcher only imports uvicorn
+            folder = None
+    launcher.start(folder)

@@ -19,7 +19,6 @@ a job's result is a JSON file that the warden writes into the grader's private w
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import gc
 import json
@@ -30,11 +29,12 @@ import socket
 import stat
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from grader.warmup import prewarm
 
 STOP = "stop"
 RUNNER = "runner"
@@ -59,22 +59,6 @@ def send(channel: socket.socket, message: dict) -> None:
         channel.send(data)
 
 
-def imports_of(paths: list[Path]) -> set[str]:
-    """Top-level modules and packages that ``paths`` import (absolute imports only)."""
-    found: set[str] = set()
-    for path in paths:
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                found.add(node.module)
-    return found
-
-
 def fewer_malloc_arenas() -> None:
     """glibc gives each thread a 64 MiB malloc arena of address space; a few suffice here, and
     keeping them few lets the address-space limit catch a memory bomb early."""
@@ -83,17 +67,6 @@ def fewer_malloc_arenas() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-
-
-def prewarm(modules: list[str]) -> None:
-    import importlib
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-    gc.collect()
 
 
 # --------------------------------------------------------------------------- the base zygote
@@ -285,6 +258,7 @@ class ExerciseSession:
             try:
                 if warden(self.setup, job, self.channel, self.recorder, session.config) == RUNNER:
                     self.role = RUNNER
+                    start_launcher_in_run(session)
                     return None  # into pytest's own test loop, in the sandbox
             except BaseException as exc:  # noqa: BLE001 - a warden must report, never return into pytest
                 send(self.channel, {"op": "lost", "id": job["id"], "why": f"the grader failed: {type(exc).__name__}: {exc}"})
@@ -299,6 +273,16 @@ class ExerciseSession:
     def pytest_collectreport(self, report) -> None:
         if report.failed:
             self.__dict__.setdefault("collect_errors", []).append(report)
+
+
+def start_launcher_in_run(session) -> None:
+    """A run whose tests start real servers forks its launcher in its own sandbox, as the
+    plugin does at the end of collection in a learner's run (``grader.launcher``)."""
+    from grader import launcher
+    from grader.pytest_plugin import start_launcher
+
+    launcher.deferred = False
+    start_launcher(session)
 
 
 def exercise_zygote(setup: Setup, prepare: dict, jobs_fd: int, channel: socket.socket) -> None:
@@ -316,6 +300,9 @@ def exercise_zygote(setup: Setup, prepare: dict, jobs_fd: int, channel: socket.s
         "-W", "ignore::pytest.PytestAssertRewriteWarning",
     ]
     os.chdir(root)
+    from grader import launcher
+
+    launcher.deferred = True  # not here, outside the sandbox: in each run (start_launcher_in_run)
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved = os.dup(1)
     os.dup2(devnull, 1)  # the session's header and collection chatter go nowhere

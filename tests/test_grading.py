@@ -280,3 +280,24 @@ def test_exercise_09_grades_the_learners_own_tests_inside_the_sandbox(tmp_path):
     assert stub is not None and stub.status == "failed", stub and stub.message
     assert stub.points < stub.max_points
     assert not any("could not run your tests" in t.message for t in stub.tests), [t.message for t in stub.tests]
+
+
+def test_exercise_10_starts_its_real_servers_inside_the_sandbox(tmp_path):
+    # 10's end-to-end test starts both services as uvicorn processes; in a graded run they are
+    # forked by the run's own launcher, inside the run's sandbox, and must answer there.
+    submissions = tmp_path / "submissions"
+    exercise = ROOT / "exercises" / "10_service_communication"
+    for name, source in (("reference", ROOT / "solutions" / "10_service_communication"), ("stub", exercise)):
+        folder = submissions / name / "exercises" / exercise.name
+        folder.mkdir(parents=True)
+        for path in source.glob("*.py"):
+            if not path.name.startswith(("test_", "conftest")):
+                shutil.copyfile(path, folder / path.name)
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["10"], jobs=2))
+    assert not result.warnings, result.warnings
+    reference = _learner(result, "reference").exercise(exercise.name)
+    assert reference is not None and reference.status == "passed", reference and reference.message
+    end_to_end = [t for t in reference.tests if t.nodeid.endswith("test_end_to_end_with_real_processes")]
+    assert len(end_to_end) == 1 and end_to_end[0].outcome == "passed", end_to_end
+    stub = _learner(result, "stub").exercise(exercise.name)
+    assert stub is not None and stub.status in ("failed", "error") and stub.points < stub.max_points

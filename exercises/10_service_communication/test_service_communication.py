@@ -565,6 +565,7 @@ def started_together(*servers: AbstractContextManager[str]) -> Iterator[Callable
 
 
 @pytest.mark.slow
+@pytest.mark.servers
 @pytest.mark.task("end_to_end")
 @pytest.mark.asyncio
 async def test_end_to_end_with_real_processes(gateway: ModuleType, target_dir: Path) -> None:

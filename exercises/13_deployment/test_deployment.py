@@ -345,6 +345,7 @@ def running(server: RunningImageCommand) -> str:
 
 @pytest.mark.task("serve")
 @pytest.mark.slow
+@pytest.mark.servers
 def test_image_command_serves_health_and_ready(image_server):
     base_url = running(image_server)
     health = httpx.get(f"{base_url}/health", timeout=5)
@@ -355,6 +356,7 @@ def test_image_command_serves_health_and_ready(image_server):
 
 @pytest.mark.task("serve")
 @pytest.mark.slow
+@pytest.mark.servers
 def test_sigterm_lets_an_in_flight_request_finish(image_server):
     base_url = running(image_server)
     outcome: dict[str, Any] = {}

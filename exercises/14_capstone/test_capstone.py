@@ -877,6 +877,7 @@ def live(shop: LiveShop, *needed: str) -> None:
 
 @pytest.mark.task("end_to_end")
 @pytest.mark.slow
+@pytest.mark.servers
 @pytest.mark.asyncio
 async def test_a_shopping_trip_across_real_processes(live_shop):
     live(live_shop, *SERVICES)
@@ -886,6 +887,7 @@ async def test_a_shopping_trip_across_real_processes(live_shop):
 
 @pytest.mark.task("end_to_end")
 @pytest.mark.slow
+@pytest.mark.servers
 @pytest.mark.asyncio
 async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
     live(live_shop, *SERVICES)
