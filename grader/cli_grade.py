@@ -79,6 +79,10 @@ def grade_command(
     shard: Annotated[str | None, typer.Option("--shard", help="grade part i of n of the learners, e.g. 2/4")] = None,
     exercises: Annotated[str | None, typer.Option("--exercises", help="comma-separated, e.g. 01,02 (default: all)")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=1, help="seconds per run (default: each exercise's own)")] = None,
+    share_identical: Annotated[bool, typer.Option(
+        "--share-identical/--run-each",
+        help="byte-identical submissions of an exercise share one run and its result (default), "
+             "or each gets a run of its own")] = True,
 ) -> None:
     """Grade every learner's submission, safely, and write the class's reports."""
     if not submissions.is_dir():
@@ -91,7 +95,7 @@ def grade_command(
         options = GradingOptions(
             course_root=course_root(), submissions=submissions.resolve(), hidden=hidden.resolve() if hidden else None,
             exercises=[key.strip() for key in (exercises or "").split(",") if key.strip()], jobs=jobs, timeout=timeout,
-            shard=parse_shard(shard) if shard else None, extra_hide=[out.resolve()],
+            shard=parse_shard(shard) if shard else None, extra_hide=[out.resolve()], share_identical=share_identical,
         )
     except (ValueError, CatalogError) as exc:
         console.print(f"[red]grader:[/] {escape(str(exc))}")

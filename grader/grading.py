@@ -13,6 +13,8 @@ Nothing a learner submits can stop the batch: every job ends as an :class:`Exerc
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ class GradingOptions:
     timeout: float | None = None  # overrides each exercise's own limit
     shard: tuple[int, int] | None = None  # (i, n), 1-based
     extra_hide: list[Path] = field(default_factory=list)  # e.g. the report folder
+    share_identical: bool = True  # byte-identical submissions of an exercise: one run, one result for all
     disable: list[str] = field(default_factory=list)  # protections to leave off (tests of the fallbacks)
 
 
@@ -162,6 +165,11 @@ def score_run(exercise: Exercise, hidden: HiddenSuite | None, prepared: Prepared
                           message=f"{passed} of {len(graded)} tests passed.")
 
 
+def digest(files: dict[str, str]) -> str:
+    """One fingerprint of a submission's editable files: their names and exact contents."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _not_graded(exercise_name: str, max_points: float, status: str, message: str) -> ExerciseResult:
     return ExerciseResult(exercise=exercise_name, status=status, max_points=max_points, message=message)  # type: ignore[arg-type]
 
@@ -249,6 +257,7 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
 
         jobs: list[Job] = []
         results: dict[tuple[str, str], ExerciseResult] = {}
+        digests: dict[tuple[str, str], str] = {}
         for number, submission in enumerate(submissions):
             for exercise in exercises:
                 max_points = info[exercise.name].max_points
@@ -259,10 +268,24 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
                     results[submission.learner, exercise.name] = _not_graded(
                         exercise.name, max_points, "error", submission.problems[exercise.name])
                 else:
+                    files = submission.files[exercise.name]
+                    digests[submission.learner, exercise.name] = digest(files)
                     jobs.append(Job(f"{number}-{exercise.number}", exercise.name, submission.learner,
-                                    submission.files[exercise.name], options.timeout or exercise.timeout))
+                                    files, options.timeout or exercise.timeout))
         by_name = {exercise.name: exercise for exercise in exercises}
         hook = progress(len(jobs)) if progress else None
+        # Identical files get identical tests: one run grades them all, and they get the same
+        # result (which also spares them the noise of a busy machine). The first of them runs.
+        followers: dict[str, list[Job]] = {}
+        runs: list[Job] = []
+        leaders: dict[tuple[str, str, float], Job] = {}
+        for job in jobs:
+            key = (job.exercise, digests[job.learner, job.exercise], job.timeout)
+            leader = leaders.setdefault(key, job) if options.share_identical else job
+            if leader is job:
+                runs.append(job)
+            else:
+                followers.setdefault(leader.id, []).append(job)
 
         def done(job: Job, outcome: dict) -> None:
             exercise = by_name[job.exercise]
@@ -272,11 +295,13 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
             except Exception as exc:  # noqa: BLE001 - a grader bug must cost one result, not the batch
                 result = _not_graded(exercise.name, info[exercise.name].max_points, "error",
                                      f"The grader could not score this run ({type(exc).__name__}: {exc}).")
-            results[job.learner, job.exercise] = result
-            if hook:
-                hook(job.learner, job.exercise, result.status)
+            for each in (job, *followers.get(job.id, ())):
+                results[each.learner, each.exercise] = result.model_copy(
+                    deep=True, update={"digest": digests[each.learner, each.exercise]})
+                if hook:
+                    hook(each.learner, each.exercise, result.status)
 
-        engine.run(jobs, done)
+        engine.run(runs, done)
         protections = engine.protections
 
     for submission in submissions:
@@ -292,6 +317,7 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
         generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         duration=round(time.monotonic() - started, 3),
         shards=[f"{shard[0]}/{shard[1]}"] if shard else [],
+        runs=len(runs),
         exercises=[info[exercise.name] for exercise in exercises],
         learners=[learners[s.learner] for s in submissions],
         protections=protections,

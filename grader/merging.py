@@ -56,6 +56,7 @@ def merge_results(parts: list[ClassResult]) -> ClassResult:
         generated_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         duration=round(sum(part.duration for part in parts), 3),
         shards=shards,
+        runs=sum(part.runs for part in parts),
         exercises=first.exercises,
         learners=sorted(learners, key=lambda learner: learner.learner),
         protections=protections,

@@ -41,6 +41,8 @@ class ExerciseResult(BaseModel):
     duration: float = 0.0
     tests: list[TestResult] = Field(default_factory=list)
     message: str = Field("", description="for error, timeout and tampering: what went wrong")
+    digest: str = Field("", description="SHA-256 of the submitted editable files (names and contents); equal "
+                                        "digests are byte-identical submissions, which are graded by one run")
 
     @property
     def passed_count(self) -> int:
@@ -103,6 +105,8 @@ class ClassResult(BaseModel):
     generated_at: str = Field(description="ISO 8601, UTC")
     duration: float = Field(0.0, description="seconds of wall-clock time spent grading (summed over merged shards)")
     shards: list[str] = Field(default_factory=list, description="the shards ('i/n') this result joins; empty when unsharded")
+    runs: int = Field(0, description="test runs of learners' submissions (summed over merged shards); fewer than the "
+                                     "graded exercises when identical submissions shared one run")
     exercises: list[ExerciseInfo] = Field(default_factory=list)
     learners: list[LearnerResult] = Field(default_factory=list)
     protections: list[Protection] = Field(default_factory=list)

@@ -82,6 +82,29 @@ def test_shards_merged_by_the_cli_equal_the_unsharded_run(small_class, unsharded
     assert merged.shards == ["1/2", "2/2"]
     assert _comparable(merged) == _comparable(unsharded)
     assert not any("not part of this merge" in w for w in merged.warnings)
+    assert merged.runs == 4, "each shard ran its two learners; the merge adds the runs up"
+
+
+def test_identical_submissions_share_one_run_and_one_result(unsharded):
+    # ann and dan submitted the same files (the reference): one run grades both.
+    assert unsharded.runs == 3
+    by_name = {learner.learner: learner.exercises[0] for learner in unsharded.learners}
+    assert by_name["ann"].digest and by_name["ann"].digest == by_name["dan"].digest
+    assert len({by_name[name].digest for name in ("ann", "ben", "cat")}) == 3
+    assert by_name["ann"].model_dump() == by_name["dan"].model_dump()
+    assert by_name["ann"].tests is not by_name["dan"].tests, "each learner holds a copy of the shared result"
+
+
+def test_run_each_gives_identical_submissions_runs_of_their_own(small_class, tmp_path):
+    app = typer.Typer()
+    register(app)
+    outcome = CliRunner().invoke(app, ["grade", str(small_class), "--exercises", "01", "--jobs", "2", "--run-each",
+                                       "--out", str(tmp_path / "each")])
+    assert outcome.exit_code == 0, outcome.output
+    each = read(tmp_path / "each" / "report.json")
+    assert each.runs == 4
+    assert {learner.learner: learner.exercises[0].status for learner in each.learners} == {
+        "ann": "passed", "ben": "failed", "cat": "failed", "dan": "passed"}
 
 
 def test_merge_refuses_a_learner_twice(unsharded):

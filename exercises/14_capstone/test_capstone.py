@@ -854,8 +854,11 @@ class LiveShop:
             manager.__exit__(None, None, None)
 
     def stop_all(self) -> None:
-        for name in list(self.running):
-            self.stop(name)
+        # In parallel: each uvicorn takes a moment to shut down gracefully.
+        names = list(self.running)
+        if names:
+            with ThreadPoolExecutor(len(names)) as pool:
+                list(pool.map(self.stop, names))
 
 
 @pytest.fixture(scope="module")
