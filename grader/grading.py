@@ -227,6 +227,8 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
             if len(files) == len(exercise.editable) and not prepared[exercise.name].error:
                 reference_jobs.append(Job(f"ref-{exercise.number}", exercise.name, "(reference)", files,
                                           options.timeout or exercise.timeout))
+        # The slow suites first (their time limits say which), so that the last runs do not leave a slot idle.
+        reference_jobs.sort(key=lambda job: -job.timeout)
         engine.run(reference_jobs, lambda job, outcome: references.__setitem__(job.exercise, outcome))
         ungradable: dict[str, set[str]] = {}
         for exercise in exercises:
@@ -276,9 +278,13 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
         hook = progress(len(jobs)) if progress else None
         # Identical files get identical tests: one run grades them all, and they get the same
         # result (which also spares them the noise of a busy machine). The first of them runs.
+        # A submission identical to the reference solution gets the reference's run.
         followers: dict[str, list[Job]] = {}
         runs: list[Job] = []
         leaders: dict[tuple[str, str, float], Job] = {}
+        for job in reference_jobs:
+            if job.exercise in references:
+                leaders[job.exercise, digest(job.files), job.timeout] = job
         for job in jobs:
             key = (job.exercise, digests[job.learner, job.exercise], job.timeout)
             leader = leaders.setdefault(key, job) if options.share_identical else job
@@ -286,8 +292,10 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
                 runs.append(job)
             else:
                 followers.setdefault(leader.id, []).append(job)
+        # The longest first: each exercise's reference run says how long its runs take.
+        runs.sort(key=lambda job: -float(references.get(job.exercise, {}).get("duration") or 0.0))
 
-        def done(job: Job, outcome: dict) -> None:
+        def done(job: Job, outcome: dict, own: bool = True) -> None:
             exercise = by_name[job.exercise]
             try:
                 result = score_run(exercise, hidden[exercise.name], prepared[exercise.name], ungradable[exercise.name],
@@ -295,12 +303,15 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
             except Exception as exc:  # noqa: BLE001 - a grader bug must cost one result, not the batch
                 result = _not_graded(exercise.name, info[exercise.name].max_points, "error",
                                      f"The grader could not score this run ({type(exc).__name__}: {exc}).")
-            for each in (job, *followers.get(job.id, ())):
+            for each in (job, *followers.get(job.id, ())) if own else followers[job.id]:
                 results[each.learner, each.exercise] = result.model_copy(
                     deep=True, update={"digest": digests[each.learner, each.exercise]})
                 if hook:
                     hook(each.learner, each.exercise, result.status)
 
+        for job in reference_jobs:
+            if job.id in followers:
+                done(job, references[job.exercise], own=False)
         engine.run(runs, done)
         protections = engine.protections
 

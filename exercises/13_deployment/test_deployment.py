@@ -367,13 +367,13 @@ def test_sigterm_lets_an_in_flight_request_finish(image_server):
 
     def slow_request() -> None:
         try:
-            outcome["response"] = client.get("/slow", params={"seconds": 0.6})
+            outcome["response"] = client.get("/slow", params={"seconds": 0.4})
         except httpx.HTTPError as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=slow_request)
     worker.start()
-    time.sleep(0.25)  # the request is now being served
+    time.sleep(0.15)  # the request is now being served (its connection was accepted above)
     started = time.monotonic()
     image_server.stop()  # SIGTERM to the server, as `docker stop` and Kubernetes do
     stopped_in = time.monotonic() - started
@@ -382,7 +382,7 @@ def test_sigterm_lets_an_in_flight_request_finish(image_server):
     client.close()
     if "response" not in outcome:
         pytest.fail(
-            "\nsent:     GET /slow?seconds=0.6, then SIGTERM to the server while it was being served\n"
+            "\nsent:     GET /slow?seconds=0.4, then SIGTERM to the server while it was being served\n"
             "expected: the request finishes with 200, then the server exits (a graceful shutdown)\n"
             f"got:      {outcome.get('error')!r}; the server stopped after {stopped_in:.1f} s\n"
             "A server that drops in-flight requests on SIGTERM loses work on every deploy.",
