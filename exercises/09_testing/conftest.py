@@ -14,6 +14,7 @@ Your tests in `service_tests.py` never import `service.py` themselves: they ask 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -63,7 +64,10 @@ def _import(variant: str) -> types.ModuleType:
             _, (change,) = patches.parse((VARIANTS_DIR / f"{variant}.diff").read_text(encoding="utf-8"))
             source = (SERVICE_DIR / "service.py").read_text(encoding="utf-8")
             (folder / "service.py").write_text(patches.apply(source, change), encoding="utf-8")
-        _modules[variant] = load_module(folder, "service")
+        if variant == CORRECT and os.environ.get("NOTES_CALLS") and os.environ.get("NOTES_REPORT"):
+            _modules[variant] = _import_recording(folder)
+        else:
+            _modules[variant] = load_module(folder, "service")
     return _modules[variant]
 
 
@@ -103,6 +107,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if not os.environ.get("NOTES_REPORT"):
         return
     variant = _variant_of(item)
+    if variant is None and CORRECT not in chosen_variants():
+        pytest.skip("not run: a test without the `service` fixture runs with the correct service")
     if variant in (None, CORRECT):
         return
     if _failed_on_correct:
@@ -136,6 +142,96 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     return report
 
 
+# --- Which test reaches which part of the service (only while grading) ---------------------
+#
+# The graded suite runs your tests on the correct service first. With NOTES_CALLS set, that
+# copy of service.py notes which of its functions each test calls. Then, with NOTES_ORDER,
+# each variant runs first the tests that reach the code its bug is in: a variant is usually
+# caught by one of its first tests, and the rest are skipped. Only the order changes.
+
+_calls: dict[str, set[int]] = {}
+_current: set[int] | None = None
+_recording_ids = itertools.count(1)
+
+
+def _test_key(item: pytest.Item) -> str:
+    """The test's name without the variant in it: test_x[correct-a] and test_x[page_off_by_one-a] are one test."""
+    variant, name = _variant_of(item), item.name
+    if variant is not None:
+        for old, new in ((f"[{variant}-", "["), (f"-{variant}]", "]"), (f"-{variant}-", "-"), (f"[{variant}]", "")):
+            if old in name:
+                return name.replace(old, new, 1)
+    return name
+
+
+def _called(first_line: int) -> None:
+    if _current is not None:
+        _current.add(first_line)
+
+
+def _import_recording(folder: Path) -> types.ModuleType:
+    """service.py with one call added at the top of each function: `_called(<its first line>)`.
+
+    Every other line keeps its number, so tracebacks read as usual.
+    """
+    import ast
+    import sys
+
+    path = folder.resolve() / "service.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            call = ast.Expr(ast.Call(ast.Name("__notes_called__", ast.Load()), [ast.Constant(first)], []))
+            has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant)
+            at = 1 if has_docstring and len(node.body) > 1 else 0
+            node.body.insert(at, ast.fix_missing_locations(ast.copy_location(call, node.body[at])))
+    name = f"_notes_recording_{next(_recording_ids)}"
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    module.__notes_called__ = _called  # type: ignore[attr-defined]
+    sys.modules[name] = module  # pydantic resolves the models' annotations through sys.modules
+    exec(compile(tree, str(path), "exec"), module.__dict__)  # noqa: S102 - the course's own service.py
+    return module
+
+
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _current
+    if not os.environ.get("NOTES_CALLS"):
+        return (yield)
+    _current = _calls.setdefault(_test_key(item), set())
+    try:
+        return (yield)
+    finally:
+        _current = None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    order_file = os.environ.get("NOTES_ORDER")
+    if not order_file or not os.environ.get("NOTES_REPORT"):
+        return
+    try:
+        orders: dict[str, list[str]] = json.loads(Path(order_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    groups: dict[object, int] = {}
+    for item in items:
+        groups.setdefault(_variant_of(item), len(groups))
+
+    def rank(pair: tuple[int, pytest.Item]) -> tuple[int, int, int]:
+        position, item = pair
+        variant = _variant_of(item)
+        preferred = orders.get(str(variant), [])
+        key = _test_key(item)
+        return groups[variant], preferred.index(key) if key in preferred else len(preferred), position
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=rank)]
+
+
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     if report.failed and os.environ.get("NOTES_REPORT"):
         _collection_errors.append((report.longreprtext or "")[-MESSAGE_LIMIT * 2 :])
@@ -144,5 +240,6 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = os.environ.get("NOTES_REPORT")
     if path:
-        payload = {"exitstatus": int(exitstatus), "tests": list(_results.values()), "collection_errors": _collection_errors}
+        payload = {"exitstatus": int(exitstatus), "tests": list(_results.values()), "collection_errors": _collection_errors,
+                   "calls": {key: sorted(lines) for key, lines in _calls.items()}}
         Path(path).write_text(json.dumps(payload), encoding="utf-8")

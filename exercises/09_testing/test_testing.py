@@ -11,8 +11,10 @@ against every buggy copy of it (each made from a diff in variants/). Then it ask
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -119,16 +121,116 @@ def _variant_bug(folder: Path, variant: str) -> str:
 
 
 def _groups() -> list[list[str]]:
-    """The services in one or two groups, each run by a child pytest of its own.
-
-    With two cores, two children run at once: the correct service with half the variants,
-    and the other half. (When your tests fail on the correct service the variants do not
-    count, so the second child's work is wasted only then.)
-    """
+    """The variants in one or two groups, each run by a child pytest of its own (two cores: two at once)."""
     variants = list(VARIANTS)
     if _cores() < 2:
-        return [[CORRECT, *variants]]
-    return [[CORRECT, *variants[1::2]], variants[::2]]
+        return [variants]
+    return [variants[::2], variants[1::2]]
+
+
+# --- The order of your tests on each variant ---------------------------------------------------
+#
+# A variant counts as caught at its first failing test, and its other tests are then skipped,
+# so the sooner a catching test runs, the less work. Which of your tests will catch a variant
+# cannot be known in advance, but two clues are cheap: the functions of service.py that each
+# test called on the correct service (the conftest notes them), and the words your test names
+# share with the lines the variant changes (test_the_audit_... and `audit.flush()`). Tests are
+# ordered by those clues. Only the order changes: every test still runs until one fails.
+
+STOPWORDS = {"test", "the", "and", "for", "with", "not", "none", "true", "false", "self", "async", "def", "await",
+             "return", "str", "int", "from", "import", "into", "that", "this", "when", "are", "its", "get"}
+
+
+def _words(text: str) -> set[str]:
+    words = set()
+    for word in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", text):
+        word = word.lower()
+        if len(word) > 2 and word not in STOPWORDS:
+            words.add(word[:-1] if word.endswith("s") and len(word) > 3 else word)
+    return words
+
+
+def _changes(diff: Path) -> tuple[set[int], str]:
+    """The lines of service.py that a variant changes (or inserts next to), and the changed text."""
+    changed: set[int] = set()
+    text = []
+    _, files = patches.parse(diff.read_text(encoding="utf-8"))
+    for change in files:
+        for start, body in change.hunks:
+            line = start
+            for row in body:
+                if row.startswith(" "):
+                    line += 1
+                elif row.startswith("-"):
+                    changed.add(line)
+                    text.append(row[1:])
+                    line += 1
+                elif row.startswith("+"):
+                    changed.update((line - 1, line))
+                    text.append(row[1:])
+    return changed, "\n".join(text)
+
+
+def _bug_sites(service_file: Path, lines: set[int]) -> tuple[set[int], set[int]]:
+    """Functions of service.py (by first line) that changed lines are in, and that use what they define.
+
+    A line inside a function points at it (and at the functions around it). A line of a class
+    body points at the class's methods, and at the functions that use the class (a model whose
+    Field changed: its validators, then the routes that take it). A module-level line points at
+    the functions that use the names it defines.
+    """
+    tree = ast.parse(service_file.read_text(encoding="utf-8"))
+    functions = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            functions.append((first, node.end_lineno or node.lineno, used))
+    inside: set[int] = set()
+    users: set[int] = set()
+    for line in lines:
+        around = {first for first, last, _ in functions if first <= line <= last}
+        if around:
+            inside |= around
+            continue
+        for statement in tree.body:
+            start, end = statement.lineno, statement.end_lineno or statement.lineno
+            if start <= line <= end:
+                inside |= {first for first, last, _ in functions if start <= first and last <= end}
+                defined = {statement.name} if isinstance(statement, ast.ClassDef) else set()
+                for target in getattr(statement, "targets", [getattr(statement, "target", None)]):
+                    if target is not None:
+                        defined |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+                users |= {first for first, _, used in functions if used & defined}
+    return inside, users
+
+
+def _orders(calls: dict[str, list[int]], service_dir: Path) -> dict[str, list[str]]:
+    """For each variant, every test of the correct run, the likeliest to catch it first."""
+    tests = list(calls)
+    words = {test: _words(test) for test in tests}
+    rarity: dict[str, float] = {}
+    for test_words in words.values():
+        for word in test_words:
+            rarity[word] = rarity.get(word, 0) + 1
+    rarity = {word: math.log(1 + len(tests) / count) for word, count in rarity.items()}
+    orders = {}
+    for variant in VARIANTS:
+        try:
+            lines, text = _changes(service_dir / "variants" / f"{variant}.diff")
+            inside, users = _bug_sites(service_dir / "service.py", lines)
+        except (OSError, SyntaxError, ValueError, patches.PatchError):
+            orders[variant] = tests
+            continue
+        changed_words = _words(text)
+
+        def score(test: str) -> float:
+            reached = 1.0 if inside.intersection(calls[test]) else 0.5 if users.intersection(calls[test]) else 0.0
+            return reached + sum(rarity[word] for word in words[test] & changed_words)
+
+        orders[variant] = sorted(tests, key=lambda test: -score(test))  # stable: ties keep your order
+    return orders
 
 
 def _cores() -> int:
@@ -228,46 +330,64 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
     shutil.copyfile(service_dir / "conftest.py", workdir / "conftest.py")
     (workdir / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
     base_env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
+    base_env |= {"NOTES_SERVICE_DIR": str(service_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    deadline = time.monotonic() + timeout
+    # 1. The correct service alone; it notes which of its functions each of your tests calls.
+    calls = _run_children(run, [[CORRECT]], base_env | {"NOTES_CALLS": "1"}, workdir, deadline, "correct")
+    if run.problem or run.collection_errors or not run.on(CORRECT) or run.failed_on_correct:
+        return run  # the variants would not count (see _gate_problem)
+    # 2. The variants: on each, first the tests that reach the code its bug is in.
+    order = workdir / "order.json"
+    order.write_text(json.dumps(_orders(calls, service_dir)), encoding="utf-8")
+    _run_children(run, _groups(), base_env | {"NOTES_ORDER": str(order)}, workdir, deadline, "variants")
+    return run
+
+
+def _run_children(run: Run, groups: list[list[str]], env: dict[str, str], workdir: Path, deadline: float,
+                  name: str) -> dict[str, list[int]]:
+    """Run your tests against each group of services, a child pytest per group, all at once.
+
+    Adds their results to `run` (or says in `run.problem` why there are none) and returns
+    the functions of service.py that each test called, where the children noted them.
+    """
     children = []
-    for index, group in enumerate(_groups()):
-        report, log = workdir / f"report-{index}.json", workdir / f"output-{index}.txt"
-        env = base_env | {
-            "NOTES_SERVICE_DIR": str(service_dir),
-            "NOTES_VARIANTS": ",".join(group),
-            "NOTES_REPORT": str(report),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
+    for index, group in enumerate(groups):
+        report, log = workdir / f"report-{name}-{index}.json", workdir / f"output-{name}-{index}.txt"
         command = [
             sys.executable, "-m", "pytest", TESTS_FILE, "-q", "--no-header", "-p", "no:cacheprovider",
-            "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / f"tmp-{index}"),
+            "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / f"tmp-{name}-{index}"),
             # A forked child has pytest's plugins imported already, so they cannot be rewritten
             # again; that is harmless, and pytest.ini's `error` filter must not make it fatal.
             "-W", "ignore::pytest.PytestAssertRewriteWarning",
         ]
-        children.append((_start_child(command, env, workdir, log), report, log))
-    codes = _wait_all([pid for pid, _, _ in children], timeout)
+        child_env = env | {"NOTES_VARIANTS": ",".join(group), "NOTES_REPORT": str(report)}
+        children.append((_start_child(command, child_env, workdir, log), report, log))
+    codes = _wait_all([pid for pid, _, _ in children], max(0.0, deadline - time.monotonic()))
     if codes is None:
         run.problem = (
-            f"Your tests did not finish within {timeout:.0f} s (against all services together). "
+            f"Your tests did not finish within {CHILD_TIMEOUT:.0f} s (against all services together). "
             "Does a test wait for something that never comes, such as a WebSocket message?"
         )
-        return run
-    shown = str(tests_file)
+        return {}
+    shown = str(run.tests_file)
 
     def relocate(text: str) -> str:  # point messages at your file, not at the private copy
-        return text.replace(str(workdir / TESTS_FILE), shown).replace(str(workdir), str(tests_file.parent))
+        return text.replace(str(workdir / TESTS_FILE), shown).replace(str(workdir), str(run.tests_file.parent))
 
+    calls: dict[str, list[int]] = {}
     for pid, report, log in children:
         if not report.is_file():
             output = log.read_text(encoding="utf-8", errors="replace").strip()[-3000:]
             run.problem = f"pytest could not run your tests (exit code {codes[pid]}):\n{relocate(output)}"
-            return run
+            return {}
         payload = json.loads(report.read_text(encoding="utf-8"))
-        run.results += [{**r, "message": relocate(r["message"])} for r in payload["tests"]]
+        run.results += [{**r, "message": relocate(r["message"])} for r in payload["tests"]
+                        if r["variant"] is not None or CORRECT in groups[0]]  # tests without `service` run once
+        calls.update(payload.get("calls", {}))
         for text in payload["collection_errors"]:
             if relocate(text) not in run.collection_errors:  # each child collects the same file
                 run.collection_errors.append(relocate(text))
-    return run
+    return calls
 
 
 _runs: dict[Path, Run] = {}
