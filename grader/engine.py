@@ -84,6 +84,7 @@ class Engine:
         self._channel: socket.socket | None = None
         self._restarts = 0
         self._log = self.work / "zygote.log"
+        self._uid_base, self._uid_lock = 0, None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -91,6 +92,10 @@ class Engine:
         os.chmod(self.work, 0o711)  # runs without a mount namespace reach runs/<id> by name only
         (self.work / "results").mkdir(mode=0o700)
         (self.work / "runs").mkdir(mode=0o711)
+        if os.geteuid() == 0:  # slot uids are used only by a grader that runs as root
+            from grader.sandbox import reserve_uid_base
+
+            self._uid_base, self._uid_lock = reserve_uid_base(self.slots)
         self._start()
         return self
 
@@ -116,6 +121,9 @@ class Engine:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+        if self._uid_lock is not None:
+            os.close(self._uid_lock)  # only once no run of ours is left
+            self._uid_lock = None
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _start(self) -> None:
@@ -131,7 +139,7 @@ class Engine:
         theirs.close()
         self._send({"course_root": str(self.course_root), "work_dir": str(self.work), "hide": self.hide,
                     "needed": [str(p) for p in needed], "slots": self.slots, "modules": self.modules,
-                    "disable": self.disable})
+                    "disable": self.disable, "uid_base": self._uid_base})
         hello = self._expect("hello", timeout=120)
         if hello is None:
             raise EngineError(f"the grading process did not start:\n{self.log_tail()}")

@@ -154,9 +154,48 @@ class Capabilities:
         ]
 
 
+UID_BLOCK = 100  # uids reserved per grading run: one per job slot
+UID_BLOCKS = 50
+_uid_base = SLOT_UID_BASE
+
+
 def slot_ids(slot: int) -> tuple[int, int]:
-    uid = SLOT_UID_BASE + slot
+    uid = _uid_base + slot
     return uid, uid
+
+
+def use_uid_base(base: int) -> None:
+    """Slot uids start at ``base`` in this process (the zygote learns it from the grader)."""
+    global _uid_base
+    _uid_base = base
+
+
+def reserve_uid_base(slots: int, lock_folder: Path | None = None) -> tuple[int, int | None]:
+    """A block of slot uids that no other grading run on this machine is using: (first uid, lock).
+
+    Each block has a lock file; a run holds its block's lock (an open descriptor, released when
+    it is closed or the process ends), so two `grader grade` runs on one machine get separate
+    uids and cannot stop each other's runs. The uids must also belong to no account. Without
+    a free block: the first one, and no lock.
+    """
+    folder = lock_folder or next((Path(p) for p in ("/run/lock", "/var/lock", "/tmp") if os.access(p, os.W_OK)), None)
+    if folder is None or slots > UID_BLOCK:
+        return SLOT_UID_BASE, None
+    for block in range(UID_BLOCKS):
+        base = SLOT_UID_BASE + block * UID_BLOCK
+        if not all(_free_id(base + slot) for slot in range(slots)):
+            continue
+        try:
+            fd = os.open(folder / f"grader-uids-{base}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return SLOT_UID_BASE, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return base, fd
+    return SLOT_UID_BASE, None
 
 
 def _free_id(uid: int) -> bool:

@@ -83,6 +83,7 @@ class Setup:
     slots: int
     modules: list[str]
     disable: list[str] = ()  # type: ignore[assignment]
+    uid_base: int = 0  # first slot uid (grader.sandbox.reserve_uid_base); 0: the default
     capabilities: object = None
     cgroup_folders: list = None  # type: ignore[assignment]
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     prewarm(list(BASE_MODULES) + sorted(setup.modules))
     from grader import sandbox
 
+    if setup.uid_base:
+        sandbox.use_uid_base(setup.uid_base)
     needed = [Path(p) for p in setup.needed]
     staging = os.path.join(setup.work_dir, "stage")
     os.makedirs(staging, exist_ok=True)

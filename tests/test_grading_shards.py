@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -158,7 +159,6 @@ def test_engine_leaves_nothing_behind():
 
 
 def test_a_dead_zygote_is_replaced_and_the_batch_goes_on():
-    import os
     import signal
 
     from grader.engine import Job
@@ -177,3 +177,19 @@ def test_a_dead_zygote_is_replaced_and_the_batch_goes_on():
         engine.run(jobs, done)
     assert len(outcomes) == 3
     assert all(outcome.get("ended") and not outcome.get("lost") for outcome in outcomes), outcomes
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="slot uids are used only by a grader that runs as root")
+def test_two_graders_at_once_run_under_different_uids():
+    # Two `grader grade` on one machine used to share the slot uids and kill each other's runs.
+    from grader.engine import Job
+
+    exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE)
+    with Engine(ROOT, 1, [ROOT / "solutions"]) as one, Engine(ROOT, 1, [ROOT / "solutions"]) as other:
+        assert one._uid_base != other._uid_base
+        outcomes = []
+        for engine in (one, other):
+            engine.prepare([(exercise, None)])
+            engine.run([Job("j", EXERCISE, "ann", {"app.py": SOLUTION}, 60)], lambda job, outcome: outcomes.append(outcome))
+    assert len(outcomes) == 2 and all(o.get("ended") and not o.get("lost") for o in outcomes), outcomes

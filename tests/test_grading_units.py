@@ -144,3 +144,22 @@ def test_shard_syntax(text, ok):
     else:
         with pytest.raises(ValueError):
             parse_shard(text)
+
+
+def test_each_grading_run_on_a_machine_reserves_its_own_slot_uids(tmp_path):
+    from grader.sandbox import reserve_uid_base
+
+    first, first_lock = reserve_uid_base(4, tmp_path)
+    second, second_lock = reserve_uid_base(4, tmp_path)
+    try:
+        assert first_lock is not None and second_lock is not None
+        assert abs(second - first) >= 4, "two runs at once get uid ranges that do not overlap"
+        os.close(first_lock)
+        first_lock = None
+        again, again_lock = reserve_uid_base(4, tmp_path)
+        assert again == first, "a released block is used again"
+        os.close(again_lock)
+    finally:
+        for lock in (first_lock, second_lock):
+            if lock is not None:
+                os.close(lock)
