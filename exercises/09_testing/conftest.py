@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import types
 from pathlib import Path
@@ -56,19 +57,25 @@ def _import(variant: str) -> types.ModuleType:
     # One import per variant and session: the service keeps no state in its module,
     # every create_app() call builds a fresh app with its own resources.
     if variant not in _modules:
-        folder = SERVICE_DIR
+        grading = bool(os.environ.get("NOTES_REPORT"))
+        if variant == CORRECT and not grading:
+            _modules[variant] = load_module(SERVICE_DIR, "service")
+            return _modules[variant]
+        # A variant is a diff against service.py: the buggy copy is built here, as service.py in
+        # a folder of its own. While grading, the correct service is copied and loaded the same
+        # way, so that nothing but their behaviour tells the services apart.
+        source = (SERVICE_DIR / "service.py").read_text(encoding="utf-8")
         if variant != CORRECT:
-            # A variant is a diff against service.py: the buggy copy is built here, as service.py
-            # in a folder of its own, so nothing but its behaviour tells it from the real one.
-            folder = Path(tempfile.mkdtemp(prefix=f"notes-{variant}-"))
             _, (change,) = patches.parse((VARIANTS_DIR / f"{variant}.diff").read_text(encoding="utf-8"))
-            source = (SERVICE_DIR / "service.py").read_text(encoding="utf-8")
-            (folder / "service.py").write_text(patches.apply(source, change), encoding="utf-8")
-        if variant == CORRECT and os.environ.get("NOTES_CALLS") and os.environ.get("NOTES_REPORT"):
-            _modules[variant] = _import_recording(folder)
-        else:
-            _modules[variant] = load_module(folder, "service")
+            source = patches.apply(source, change)
+        folder = Path(tempfile.mkdtemp(prefix="notes-"))
+        _copies[variant] = folder
+        (folder / "service.py").write_text(source, encoding="utf-8")
+        _modules[variant] = _import_recording(folder) if grading else load_module(folder, "service")
     return _modules[variant]
+
+
+_copies: dict[str, Path] = {}  # variant -> the folder of its copy of service.py
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -135,6 +142,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
         if report.failed and entry["outcome"] == "passed":
             entry["outcome"] = "failed" if report.when == "call" else "error"
             text = report.longreprtext or ""
+            if variant in (None, CORRECT) and CORRECT in _copies:  # point at service.py, not at its copy
+                text = text.replace(str(_copies[CORRECT]), str(SERVICE_DIR))
             # the end of a traceback says what went wrong: keep that part
             entry["message"] = text if len(text) <= MESSAGE_LIMIT else "(cut) …\n" + text[-MESSAGE_LIMIT:]
         elif report.skipped and entry["outcome"] == "passed":
@@ -144,8 +153,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 
 # --- Which test reaches which part of the service (only while grading) ---------------------
 #
-# The graded suite runs your tests on the correct service first. With NOTES_CALLS set, that
-# copy of service.py notes which of its functions each test calls. Then, with NOTES_ORDER,
+# The graded suite runs your tests on the correct service first. With NOTES_CALLS set, its
+# copy of service.py notes which of its functions each test calls (every copy loaded while
+# grading can note calls, so that the correct one looks like the others). Then, with NOTES_ORDER,
 # each variant runs first the tests that reach the code its bug is in: a variant is usually
 # caught by one of its first tests, and the rest are skipped. Only the order changes.
 
@@ -238,6 +248,8 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for folder in _copies.values():
+        shutil.rmtree(folder, ignore_errors=True)
     path = os.environ.get("NOTES_REPORT")
     if path:
         payload = {"exitstatus": int(exitstatus), "tests": list(_results.values()), "collection_errors": _collection_errors,

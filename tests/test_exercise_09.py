@@ -1,13 +1,19 @@
-"""09's graded suite orders the learner's tests on each variant: the likeliest catchers first.
+"""09's graded suite: the learner's tests on each variant, the likeliest catchers first, and
+services that only their behaviour tells apart.
 
 Only the order may change what the run costs, never what it finds: the integrity suite checks
 that the reference tests still catch every variant and each mutant misses its own. These
-tests check that the clues point where they should.
+tests check that the clues point where they should, and that a test cannot recognise the
+correct service by anything but its behaviour.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -72,3 +78,23 @@ def test_an_unreadable_variant_keeps_the_learners_order(graded, tmp_path):
     calls = {"test_b": [1], "test_a": [2]}
     orders = graded._orders(calls, tmp_path)  # no diff files at all
     assert all(order == ["test_b", "test_a"] for order in orders.values())
+
+
+NOSY_TESTS = """
+def test_the_service_is_the_correct_one(service):
+    # Not a test of behaviour: it guesses from where the service was loaded. Outside grading,
+    # the correct service is exercises/09_testing/service.py and each variant a copy elsewhere.
+    assert service.__file__.endswith("09_testing/service.py")
+"""
+
+
+def test_a_test_that_looks_at_how_the_service_was_loaded_catches_nothing(tmp_path):
+    (tmp_path / "service_tests.py").write_text(textwrap.dedent(NOSY_TESTS), encoding="utf-8")
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pytest", str(FOLDER), "-q", "-p", "no:cacheprovider",
+                    "--grader-target", str(tmp_path), "--grader-report", str(report)],
+                   cwd=ROOT, capture_output=True, timeout=300)
+    outcomes = {test["nodeid"].rsplit("::", 1)[-1]: test["outcome"] for test in json.loads(report.read_text())["tests"]}
+    assert outcomes["test_your_tests_pass_on_the_correct_service"] == "failed", (
+        "while grading, the correct service is a copy loaded like the variants")
+    assert not [name for name, outcome in outcomes.items() if outcome == "passed"], outcomes
