@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from grader.catalog import Exercise, all_exercises  # noqa: E402
-from grader.grading import GradingOptions, grade  # noqa: E402
+from grader.grading import GradingOptions, default_jobs, grade  # noqa: E402
 from grader.results import ClassResult  # noqa: E402
 from grader.targets import mutant_target  # noqa: E402
 
@@ -131,7 +131,7 @@ def describe(result: ClassResult) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--learners", type=int, default=50)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--jobs", type=int, default=default_jobs(), help="runs at a time (default: the grader's)")
     parser.add_argument("--baseline-samples", type=int, default=1, help="rounds of (solution, stub, mutant) per exercise")
     parser.add_argument("--capstone-learners", type=int, default=2)
     parser.add_argument("--no-run-each", dest="run_each", action="store_false",

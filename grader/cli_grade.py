@@ -23,7 +23,7 @@ from rich.table import Table
 
 from grader.catalog import CatalogError, course_root
 from grader.engine import EngineError
-from grader.grading import GradingOptions, grade, parse_shard
+from grader.grading import GradingOptions, default_jobs, grade, parse_shard
 from grader.merging import MergeError, merge_files
 from grader.reports import write_reports
 from grader.reports.escaping import ci_log
@@ -75,7 +75,8 @@ def grade_command(
     submissions: Annotated[Path, typer.Argument(help="a folder with one submission per learner: folder, .zip or .tar(.gz)")],
     hidden: Annotated[Path | None, typer.Option("--hidden", help="instructor-only tests: DIR/NN_topic/test_*.py")] = None,
     out: Annotated[Path, typer.Option("--out", help="where the reports go (replaced as a whole)")] = Path("grading-report"),
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="test runs at a time")] = os.cpu_count() or 2,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", min=1,
+                                             help="test runs at a time (default: the cores, plus one)")] = None,
     shard: Annotated[str | None, typer.Option("--shard", help="grade part i of n of the learners, e.g. 2/4")] = None,
     exercises: Annotated[str | None, typer.Option("--exercises", help="comma-separated, e.g. 01,02 (default: all)")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", min=1, help="seconds per run (default: each exercise's own)")] = None,
@@ -94,7 +95,8 @@ def grade_command(
     try:
         options = GradingOptions(
             course_root=course_root(), submissions=submissions.resolve(), hidden=hidden.resolve() if hidden else None,
-            exercises=[key.strip() for key in (exercises or "").split(",") if key.strip()], jobs=jobs, timeout=timeout,
+            exercises=[key.strip() for key in (exercises or "").split(",") if key.strip()],
+            jobs=jobs or default_jobs(), timeout=timeout,
             shard=parse_shard(shard) if shard else None, extra_hide=[out.resolve()], share_identical=share_identical,
         )
     except (ValueError, CatalogError) as exc:

@@ -352,6 +352,14 @@ class SlotGroups:
     def folders(self, slot: int) -> list[Path]:
         return [CGROUP_V1 / controller / self.root_name / f"slot{slot}" for controller in ("cpu", "pids")]
 
+    def busy(self) -> bool:
+        """Does a process still live in one of the slots' groups?"""
+        for folder in self.created:
+            with contextlib.suppress(OSError):
+                if Path(folder, "cgroup.procs").read_text().strip():
+                    return True
+        return False
+
     def close(self) -> None:
         for folder in reversed(self.created):
             with contextlib.suppress(OSError):

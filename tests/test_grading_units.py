@@ -163,3 +163,10 @@ def test_each_grading_run_on_a_machine_reserves_its_own_slot_uids(tmp_path):
         for lock in (first_lock, second_lock):
             if lock is not None:
                 os.close(lock)
+
+
+def test_by_default_one_more_run_than_cores_is_in_flight():
+    from grader.grading import default_jobs
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_jobs() == cores + 1
