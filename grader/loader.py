@@ -13,6 +13,7 @@ for the life of the process, keyed by the exact source bytes, so a graded suite 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -20,25 +21,46 @@ import importlib.util
 import itertools
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PREFIX = "_graded_"
 _counter = itertools.count(1)
-_code_cache: dict[tuple[str, bytes], types.CodeType] = {}
+_code_cache: dict[tuple[str, bytes, Any], types.CodeType] = {}
+
+
+Transform = Callable[[ast.Module], ast.Module]
 
 
 class _CachingLoader(importlib.machinery.SourceFileLoader):
-    """A source loader that compiles each distinct source text once per process."""
+    """A source loader that compiles each distinct source text once per process.
+
+    A load may ask for the syntax tree to be changed before it is compiled (``transform``)
+    and for names to be set in the module before it runs (``inject``).
+    """
+
+    def __init__(self, fullname: str, path: str, transform: Transform | None = None,
+                 inject: dict[str, Any] | None = None) -> None:
+        super().__init__(fullname, path)
+        self.transform, self.inject = transform, inject or {}
 
     def get_code(self, fullname: str) -> types.CodeType:
         path = self.get_filename(fullname)
         source = self.get_data(path)
-        key = (path, source)
+        key = (path, source, self.transform)
         code = _code_cache.get(key)
         if code is None:
-            code = self.source_to_code(source, path)
+            if self.transform is None:
+                code = self.source_to_code(source, path)
+            else:
+                code = compile(self.transform(ast.parse(source, path)), path, "exec", dont_inherit=True)
             _code_cache[key] = code
         return code
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__dict__.update(self.inject)
+        super().exec_module(module)
 
 
 class _GradedFinder(importlib.abc.MetaPathFinder):
@@ -47,18 +69,20 @@ class _GradedFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if not fullname.startswith(PREFIX) or path is None:
             return None
+        top = sys.modules.get(fullname.partition(".")[0])
+        options = getattr(top, "__grader_load__", {})
         leaf = fullname.rpartition(".")[2]
         for folder in path:
             package_init = Path(folder, leaf, "__init__.py")
             if package_init.is_file():
-                loader = _CachingLoader(fullname, str(package_init))
+                loader = _CachingLoader(fullname, str(package_init), **options)
                 return importlib.util.spec_from_file_location(
                     fullname, package_init, loader=loader, submodule_search_locations=[str(package_init.parent)]
                 )
             candidate = Path(folder, f"{leaf}.py")
             if candidate.is_file():
                 return importlib.util.spec_from_file_location(
-                    fullname, candidate, loader=_CachingLoader(fullname, str(candidate))
+                    fullname, candidate, loader=_CachingLoader(fullname, str(candidate), **options)
                 )
         return None
 
@@ -71,8 +95,14 @@ def _install_finder() -> None:
         sys.meta_path.insert(0, _finder)
 
 
-def load_module(folder: Path, module: str = "app") -> types.ModuleType:
-    """Import ``folder/<module>.py`` as a fresh module and return it."""
+def load_module(folder: Path, module: str = "app", *, transform: Transform | None = None,
+                inject: dict[str, Any] | None = None) -> types.ModuleType:
+    """Import ``folder/<module>.py`` as a fresh module and return it.
+
+    ``transform`` changes the syntax tree of every file of this load before it is compiled
+    (keep line numbers, so that tracebacks still point at the file); ``inject`` sets names in
+    each of its modules before they run.
+    """
     folder = Path(folder).resolve()
     module = module.removesuffix(".py").replace("/", ".")
     source = folder / (module.replace(".", "/") + ".py")
@@ -84,5 +114,7 @@ def load_module(folder: Path, module: str = "app") -> types.ModuleType:
     package.__path__ = [str(folder)]
     package.__package__ = package_name
     package.__file__ = None
+    if transform is not None or inject:
+        package.__grader_load__ = {"transform": transform, "inject": inject}  # read by _GradedFinder
     sys.modules[package_name] = package
     return importlib.import_module(f"{package_name}.{module}")

@@ -14,7 +14,7 @@ Your tests in `service_tests.py` never import `service.py` themselves: they ask 
 
 from __future__ import annotations
 
-import itertools
+import ast
 import json
 import os
 import shutil
@@ -161,7 +161,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 
 _calls: dict[str, set[int]] = {}
 _current: set[int] | None = None
-_recording_ids = itertools.count(1)
 
 
 def _test_key(item: pytest.Item) -> str:
@@ -179,16 +178,11 @@ def _called(first_line: int) -> None:
         _current.add(first_line)
 
 
-def _import_recording(folder: Path) -> types.ModuleType:
+def _noting_calls(tree: ast.Module) -> ast.Module:
     """service.py with one call added at the top of each function: `_called(<its first line>)`.
 
     Every other line keeps its number, so tracebacks read as usual.
     """
-    import ast
-    import sys
-
-    path = folder.resolve() / "service.py"
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
@@ -196,15 +190,11 @@ def _import_recording(folder: Path) -> types.ModuleType:
             has_docstring = isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant)
             at = 1 if has_docstring and len(node.body) > 1 else 0
             node.body.insert(at, ast.fix_missing_locations(ast.copy_location(call, node.body[at])))
-    name = f"_notes_recording_{next(_recording_ids)}"
-    module = types.ModuleType(name)
-    module.__file__ = str(path)
-    module.__notes_called__ = _called  # type: ignore[attr-defined]
-    sys.modules[name] = module  # pydantic resolves the models' annotations through sys.modules
-    exec(compile(tree, str(path), "exec"), module.__dict__)  # noqa: S102 - the course's own service.py
-    return module
+    return tree
 
 
+def _import_recording(folder: Path) -> types.ModuleType:
+    return load_module(folder, "service", transform=_noting_calls, inject={"__notes_called__": _called})
 
 
 @pytest.hookimpl(wrapper=True)
