@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def _import(variant: str) -> types.ModuleType:
         if variant != CORRECT:
             _, (change,) = patches.parse((VARIANTS_DIR / f"{variant}.diff").read_text(encoding="utf-8"))
             source = patches.apply(source, change)
-        folder = Path(tempfile.mkdtemp(prefix="notes-"))
+        # While grading, the copies go in a folder of the graded suite's, which removes it
+        # afterwards even if this pytest was stopped before it could.
+        folder = Path(tempfile.mkdtemp(prefix="notes-", dir=os.environ.get("NOTES_COPIES") or None))
         _copies[variant] = folder
         (folder / "service.py").write_text(source, encoding="utf-8")
         _modules[variant] = _import_recording(folder) if grading else load_module(folder, "service")
@@ -95,8 +98,8 @@ def service(request: pytest.FixtureRequest) -> types.ModuleType:
 # --- The graded suite's report (only when NOTES_REPORT names a file) ---------------------------
 #
 # Grading needs one fact per variant: did at least one of your tests fail on it? So, while
-# grading, once a variant has been caught its remaining tests are skipped, and if a test
-# fails on the correct service every variant is skipped (such tests score nothing anyway).
+# grading, once a variant has been caught its remaining tests are left out, and if a test
+# fails on the correct service every variant is left out (such tests score nothing anyway).
 
 _results: dict[str, dict[str, object]] = {}
 _collection_errors: list[str] = []
@@ -110,18 +113,49 @@ def _variant_of(item: pytest.Item) -> str | None:
     return callspec.params.get("service") if callspec is not None else None
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    if not os.environ.get("NOTES_REPORT"):
-        return
+def _why_not_run(item: pytest.Item) -> str:
+    """While grading: why this test need not run ("" when it must)."""
     variant = _variant_of(item)
     if variant is None and CORRECT not in chosen_variants():
-        pytest.skip("not run: a test without the `service` fixture runs with the correct service")
+        return "not run: a test without the `service` fixture runs with the correct service"
     if variant in (None, CORRECT):
-        return
+        return ""
     if _failed_on_correct:
-        pytest.skip("not run: a test failed on the correct service")
+        return "not run: a test failed on the correct service"
     if variant in _caught:
-        pytest.skip(f"not run: {variant} is already caught")
+        return f"not run: {variant} is already caught"
+    return ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """While grading: pytest's own loop, but the tests that need not run are left out, not skipped.
+
+    Most of a variant's tests come after the one that caught it; passing over them costs
+    nothing, where skipping each would cost a report.
+    """
+    config = session.config
+    if not os.environ.get("NOTES_REPORT") or config.option.collectonly:
+        return None
+    if session.testsfailed and not config.option.continue_on_collection_errors:
+        return None  # pytest's own loop reports the collection errors
+    items = session.items
+    for index, item in enumerate(items):
+        if _why_not_run(item):
+            continue
+        nextitem = next((later for later in items[index + 1 :] if not _why_not_run(later)), None)
+        config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+    return True
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    reason = _why_not_run(item) if os.environ.get("NOTES_REPORT") else ""
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -157,7 +191,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 # copy of service.py notes which of its functions each test calls (every copy loaded while
 # grading can note calls, so that the correct one looks like the others). Then, with NOTES_ORDER,
 # each variant runs first the tests that reach the code its bug is in: a variant is usually
-# caught by one of its first tests, and the rest are skipped. Only the order changes.
+# caught by one of its first tests, and the rest are left out. Only the order changes.
+# The variants' pytest starts at the same time as the correct one's: once it has collected
+# your tests, it waits for the order file.
 
 _calls: dict[str, set[int]] = {}
 _current: set[int] | None = None
@@ -209,11 +245,28 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         _current = None
 
 
+_GRADED_SUITE = os.getppid()  # the process that started this pytest
+
+
+def _wait_for(order_file: Path) -> None:
+    """Until the graded suite writes the order file (it stops this pytest if no variant counts)."""
+    while not order_file.exists():
+        if os.getppid() != _GRADED_SUITE:
+            pytest.exit("the graded suite that started this run is gone", returncode=pytest.ExitCode.INTERRUPTED)
+        time.sleep(0.002)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     order_file = os.environ.get("NOTES_ORDER")
     if not order_file or not os.environ.get("NOTES_REPORT"):
         return
+    for variant in chosen_variants():  # while the correct service's run goes on: build the copies now
+        try:
+            _import(variant)
+        except Exception:  # noqa: BLE001 - the `service` fixture of its first test will say what is wrong
+            pass
+    _wait_for(Path(order_file))
     try:
         orders: dict[str, list[str]] = json.loads(Path(order_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def _groups() -> list[list[str]]:
 
 # --- The order of your tests on each variant ---------------------------------------------------
 #
-# A variant counts as caught at its first failing test, and its other tests are then skipped,
+# A variant counts as caught at its first failing test, and its other tests are then left out,
 # so the sooner a catching test runs, the less work. Which of your tests will catch a variant
 # cannot be known in advance, but two clues are cheap: the functions of service.py that each
 # test called on the correct service (the conftest notes them), and the words your test names
@@ -171,6 +172,20 @@ def _changes(diff: Path) -> tuple[set[int], str]:
     return changed, "\n".join(text)
 
 
+@functools.cache
+def _functions(source: str) -> tuple[ast.Module, list[tuple[int, int, set[str]]]]:
+    """service.py parsed once: its tree, and each function's first and last line and the names it uses."""
+    tree = ast.parse(source)
+    functions = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            functions.append((first, node.end_lineno or node.lineno, used))
+    return tree, functions
+
+
 def _bug_sites(service_file: Path, lines: set[int]) -> tuple[set[int], set[int]]:
     """Functions of service.py (by first line) that changed lines are in, and that use what they define.
 
@@ -179,14 +194,7 @@ def _bug_sites(service_file: Path, lines: set[int]) -> tuple[set[int], set[int]]
     Field changed: its validators, then the routes that take it). A module-level line points at
     the functions that use the names it defines.
     """
-    tree = ast.parse(service_file.read_text(encoding="utf-8"))
-    functions = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-            used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-            used |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
-            functions.append((first, node.end_lineno or node.lineno, used))
+    tree, functions = _functions(service_file.read_text(encoding="utf-8"))
     inside: set[int] = set()
     users: set[int] = set()
     for line in lines:
@@ -206,7 +214,25 @@ def _bug_sites(service_file: Path, lines: set[int]) -> tuple[set[int], set[int]]
     return inside, users
 
 
-def _orders(calls: dict[str, list[int]], service_dir: Path) -> dict[str, list[str]]:
+Sites = dict[str, "tuple[set[int], set[int], set[str]] | None"]
+
+
+def _sites(service_dir: Path) -> Sites:
+    """For each variant: the functions its bug is in, those that use what it changes, and its words.
+
+    None for a variant whose diff cannot be read: its tests keep your order.
+    """
+    sites: Sites = {}
+    for variant in VARIANTS:
+        try:
+            lines, text = _changes(service_dir / "variants" / f"{variant}.diff")
+            sites[variant] = (*_bug_sites(service_dir / "service.py", lines), _words(text))
+        except (OSError, SyntaxError, ValueError, patches.PatchError):
+            sites[variant] = None
+    return sites
+
+
+def _orders(calls: dict[str, list[int]], service_dir: Path, sites: Sites | None = None) -> dict[str, list[str]]:
     """For each variant, every test of the correct run, the likeliest to catch it first."""
     tests = list(calls)
     words = {test: _words(test) for test in tests}
@@ -216,14 +242,11 @@ def _orders(calls: dict[str, list[int]], service_dir: Path) -> dict[str, list[st
             rarity[word] = rarity.get(word, 0) + 1
     rarity = {word: math.log(1 + len(tests) / count) for word, count in rarity.items()}
     orders = {}
-    for variant in VARIANTS:
-        try:
-            lines, text = _changes(service_dir / "variants" / f"{variant}.diff")
-            inside, users = _bug_sites(service_dir / "service.py", lines)
-        except (OSError, SyntaxError, ValueError, patches.PatchError):
+    for variant, site in (sites if sites is not None else _sites(service_dir)).items():
+        if site is None:
             orders[variant] = tests
             continue
-        changed_words = _words(text)
+        inside, users, changed_words = site
 
         def score(test: str) -> float:
             reached = 1.0 if inside.intersection(calls[test]) else 0.5 if users.intersection(calls[test]) else 0.0
@@ -330,26 +353,54 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
     shutil.copyfile(service_dir / "conftest.py", workdir / "conftest.py")
     (workdir / "pytest.ini").write_text(PYTEST_INI, encoding="utf-8")
     base_env = {key: value for key, value in os.environ.items() if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
-    base_env |= {"NOTES_SERVICE_DIR": str(service_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    copies = workdir / "copies"  # where the children build their copies of service.py
+    copies.mkdir()
+    base_env |= {"NOTES_SERVICE_DIR": str(service_dir), "NOTES_COPIES": str(copies), "PYTHONDONTWRITEBYTECODE": "1"}
     deadline = time.monotonic() + timeout
-    # 1. The correct service alone; it notes which of its functions each of your tests calls.
-    calls = _run_children(run, [[CORRECT]], base_env | {"NOTES_CALLS": "1"}, workdir, deadline, "correct")
-    if run.problem or run.collection_errors or not run.on(CORRECT) or run.failed_on_correct:
-        return run  # the variants would not count (see _gate_problem)
-    # 2. The variants: on each, first the tests that reach the code its bug is in.
     order = workdir / "order.json"
-    order.write_text(json.dumps(_orders(calls, service_dir)), encoding="utf-8")
-    _run_children(run, _groups(), base_env | {"NOTES_ORDER": str(order)}, workdir, deadline, "variants")
+    # 1. Every child starts at once. The correct service's runs your tests; it notes which of
+    #    service.py's functions each test calls. The variants' children start pytest, collect
+    #    your tests, then wait for order.json: by then their start-up is done.
+    correct = _start_children([[CORRECT]], base_env | {"NOTES_CALLS": "1"}, workdir, "correct")
+    variants = _start_children(_groups(), base_env | {"NOTES_ORDER": str(order)}, workdir, "variants")
+    try:
+        sites = _sites(service_dir)  # meanwhile: where each variant's bug is
+        calls = _finish_children(run, correct, deadline)
+        if run.problem or run.collection_errors or not run.on(CORRECT) or run.failed_on_correct:
+            return run  # the variants would not count (see _gate_problem); `finally` stops them
+        # 2. The variants: on each, first the tests that reach the code its bug is in.
+        ready = order.with_suffix(".part")
+        ready.write_text(json.dumps(_orders(calls, service_dir, sites)), encoding="utf-8")
+        ready.replace(order)  # all at once: a child never reads half a file
+        _finish_children(run, variants, deadline)
+    finally:
+        _stop(variants)
+        shutil.rmtree(copies, ignore_errors=True)
     return run
 
 
-def _run_children(run: Run, groups: list[list[str]], env: dict[str, str], workdir: Path, deadline: float,
-                  name: str) -> dict[str, list[int]]:
-    """Run your tests against each group of services, a child pytest per group, all at once.
+@dataclass
+class Child:
+    """One child pytest: its process, and the files it writes."""
 
-    Adds their results to `run` (or says in `run.problem` why there are none) and returns
-    the functions of service.py that each test called, where the children noted them.
-    """
+    pid: int
+    group: list[str]
+    report: Path
+    log: Path
+    code: int | None = None  # its exit code, once it has ended and been waited for
+
+
+def _stop(children: list[Child]) -> None:
+    """Stop the children that still run, and whatever they started."""
+    running = [child.pid for child in children if child.code is None]
+    if running:
+        _wait_all(running, 0)
+        for child in children:
+            child.code = -signal.SIGKILL if child.code is None else child.code
+
+
+def _start_children(groups: list[list[str]], env: dict[str, str], workdir: Path, name: str) -> list[Child]:
+    """Start a child pytest per group of services, all at once."""
     children = []
     for index, group in enumerate(groups):
         report, log = workdir / f"report-{name}-{index}.json", workdir / f"output-{name}-{index}.txt"
@@ -361,8 +412,18 @@ def _run_children(run: Run, groups: list[list[str]], env: dict[str, str], workdi
             "-W", "ignore::pytest.PytestAssertRewriteWarning",
         ]
         child_env = env | {"NOTES_VARIANTS": ",".join(group), "NOTES_REPORT": str(report)}
-        children.append((_start_child(command, child_env, workdir, log), report, log))
-    codes = _wait_all([pid for pid, _, _ in children], max(0.0, deadline - time.monotonic()))
+        children.append(Child(_start_child(command, child_env, workdir, log), group, report, log))
+    return children
+
+
+def _finish_children(run: Run, children: list[Child], deadline: float) -> dict[str, list[int]]:
+    """Wait for the children; add their results to `run` (or say in `run.problem` why there are none).
+
+    Returns the functions of service.py that each test called, where the children noted them.
+    """
+    codes = _wait_all([child.pid for child in children], max(0.0, deadline - time.monotonic()))
+    for child in children:  # either way, none of them runs any more
+        child.code = codes[child.pid] if codes else -signal.SIGKILL
     if codes is None:
         run.problem = (
             f"Your tests did not finish within {CHILD_TIMEOUT:.0f} s (against all services together). "
@@ -370,19 +431,20 @@ def _run_children(run: Run, groups: list[list[str]], env: dict[str, str], workdi
         )
         return {}
     shown = str(run.tests_file)
+    workdir = children[0].report.parent
 
     def relocate(text: str) -> str:  # point messages at your file, not at the private copy
         return text.replace(str(workdir / TESTS_FILE), shown).replace(str(workdir), str(run.tests_file.parent))
 
     calls: dict[str, list[int]] = {}
-    for pid, report, log in children:
-        if not report.is_file():
-            output = log.read_text(encoding="utf-8", errors="replace").strip()[-3000:]
-            run.problem = f"pytest could not run your tests (exit code {codes[pid]}):\n{relocate(output)}"
+    for child in children:
+        if not child.report.is_file():
+            output = child.log.read_text(encoding="utf-8", errors="replace").strip()[-3000:]
+            run.problem = f"pytest could not run your tests (exit code {child.code}):\n{relocate(output)}"
             return {}
-        payload = json.loads(report.read_text(encoding="utf-8"))
+        payload = json.loads(child.report.read_text(encoding="utf-8"))
         run.results += [{**r, "message": relocate(r["message"])} for r in payload["tests"]
-                        if r["variant"] is not None or CORRECT in groups[0]]  # tests without `service` run once
+                        if r["variant"] is not None or CORRECT in child.group]  # tests without `service` run once
         calls.update(payload.get("calls", {}))
         for text in payload["collection_errors"]:
             if relocate(text) not in run.collection_errors:  # each child collects the same file
