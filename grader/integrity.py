@@ -1,4 +1,4 @@
-"""Course integrity checks: the reference passes, the stub fails, every mutant is caught."""
+"""Course integrity checks: the reference passes, the stub fails (and earns nothing), every mutant is caught."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ class Outcome:
             return self.result.status == "passed"
         # A stub or mutant must be *caught*: tests ran and at least one failed. An error or
         # timeout is not a catch — it means the suite, not the learner's code, is broken.
+        # An untouched stub also earns nothing: its points would be a grade for no work.
+        if self.check.kind == "stub" and self.result.points > 0:
+            return False
         return self.result.status == "failed"
 
     @property
@@ -53,7 +56,8 @@ class Outcome:
         if r.status in ("error", "timeout", "tampering"):
             first = r.message.strip().splitlines()[:1]
             return f"{r.status}: {first[0][:80] if first else ''}"
-        return f"{r.passed_count}/{r.total} pass"
+        earned = f", {r.points:g} points" if self.check.kind == "stub" and r.points > 0 else ""
+        return f"{r.passed_count}/{r.total} pass{earned}"
 
 
 def plan_checks(exercise: Exercise) -> list[Check]:

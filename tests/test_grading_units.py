@@ -13,7 +13,9 @@ import pytest
 from grader.catalog import all_exercises
 from grader.channel import ChannelError, ChannelReader, ChannelTruncated, ChannelWriter
 from grader.grading import parse_shard
+from grader.integrity import Check, Outcome
 from grader.reports.escaping import ci_log, csv_cell, markdown_text, xml_text
+from grader.results import ExerciseResult
 from grader.submissions import MAX_FILE_BYTES, find_submissions, read_submission
 
 from .conftest import ROOT
@@ -170,3 +172,12 @@ def test_by_default_one_more_run_than_cores_is_in_flight():
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert default_jobs() == cores + 1
+
+
+@pytest.mark.parametrize(("kind", "points", "ok"), [("stub", 0.0, True), ("stub", 1.0, False), ("mutant", 1.0, True)])
+def test_an_untouched_stub_must_earn_nothing(kind, points, ok):
+    exercise = EXERCISES[0]
+    result = ExerciseResult(exercise=exercise.name, status="failed", points=points, max_points=exercise.total_points)
+    outcome = Outcome(Check(exercise, kind, exercise.mutants()[0] if kind == "mutant" else None), result)
+    assert outcome.ok is ok
+    assert ("points" in outcome.summary) is (not ok)

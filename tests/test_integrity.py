@@ -1,4 +1,4 @@
-"""The course is sound: every solution passes, every stub fails, every mutant is caught,
+"""The course is sound: every solution passes, every stub fails and earns nothing, every mutant is caught,
 and every exercise follows the contract in docs/AUTHORING.md."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def test_graded_suite_judges_each_copy_correctly(check):
     else:
         assert outcome.ok, (
             f"the {check.label} of {check.exercise.name} must be caught by the graded suite "
-            f"(some test fails, none errors): got {outcome.summary}\n{result.message}"
+            f"(some test fails, none errors{'; it earns no points' if check.kind == 'stub' else ''}): "
+            f"got {outcome.summary}\n{result.message}"
         )
 
 
@@ -68,7 +69,8 @@ class TestContract:
     def test_metadata_is_complete(self, exercise):
         assert exercise.title and exercise.summary, "title and summary"
         assert len(exercise.hints) >= 3, "at least three hints, from a nudge to a near-answer"
-        assert all(task.points > 0 for task in exercise.tasks)
+        # A gate (a condition for the other tasks, such as 09's) may have no points of its own.
+        assert all(task.points >= 0 for task in exercise.tasks) and exercise.total_points > 0
         assert len({task.id for task in exercise.tasks}) == len(exercise.tasks), "task ids are unique"
         assert exercise.test_files, "a graded test_*.py"
         assert (exercise.folder / "README.md").is_file()
