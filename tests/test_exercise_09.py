@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,31 @@ def test_a_test_that_looks_at_how_the_service_was_loaded_catches_nothing(tmp_pat
     assert outcomes["test_your_tests_pass_on_the_correct_service"] == "failed", (
         "while grading, the correct service is a copy loaded like the variants")
     assert not [name for name, outcome in outcomes.items() if outcome == "passed"], outcomes
+
+
+WHERE_TESTS = """
+import os
+from pathlib import Path
+
+
+def test_where_am_i(service):
+    with Path(os.environ["NOTES_TEST_CWD_LOG"]).open("a") as log:
+        log.write(os.getcwd() + "\\n")
+"""
+
+
+def test_the_correct_run_has_a_working_folder_of_its_own(tmp_path):
+    # The variants' processes run while the correct run does: a test that writes `notes.db` in
+    # its working folder must not meet one written on a variant, or the gate could fail at random.
+    (tmp_path / "service_tests.py").write_text(textwrap.dedent(WHERE_TESTS), encoding="utf-8")
+    log = tmp_path / "cwds.txt"
+    subprocess.run([sys.executable, "-m", "pytest", str(FOLDER), "-q", "-p", "no:cacheprovider",
+                    "--grader-target", str(tmp_path), "--grader-report", str(tmp_path / "report.json")],
+                   cwd=ROOT, capture_output=True, timeout=300, env={**os.environ, "NOTES_TEST_CWD_LOG": str(log)})
+    folders = Counter(log.read_text(encoding="utf-8").split())
+    # The test passes on every service, so it ran on each: once in the correct run, and once per
+    # variant in the variants' processes (each runs several variants, one after the other).
+    assert sum(folders.values()) == 9, folders
+    alone = [folder for folder, count in folders.items() if count == 1]
+    assert len(alone) == 1, f"the correct run shares its working folder: {folders}"
+    assert str(ROOT) not in folders

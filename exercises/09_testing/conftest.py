@@ -140,10 +140,18 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     if session.testsfailed and not config.option.continue_on_collection_errors:
         return None  # pytest's own loop reports the collection errors
     items = session.items
-    for index, item in enumerate(items):
+    order_file = os.environ.get("NOTES_ORDER")
+    final = Path(order_file + ".final") if order_file else None
+    index = 0
+    while index < len(items):
+        if final is not None and final.exists():  # the correct run is over: a better order for the rest
+            items[index:] = _sorted(items[index:], _read_orders(final))
+            final = None
+        item = items[index]
+        index += 1
         if _why_not_run(item):
             continue
-        nextitem = next((later for later in items[index + 1 :] if not _why_not_run(later)), None)
+        nextitem = next((later for later in items[index:] if not _why_not_run(later)), None)
         config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
@@ -192,8 +200,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 # grading can note calls, so that the correct one looks like the others). Then, with NOTES_ORDER,
 # each variant runs first the tests that reach the code its bug is in: a variant is usually
 # caught by one of its first tests, and the rest are left out. Only the order changes.
-# The variants' pytest starts at the same time as the correct one's: once it has collected
-# your tests, it waits for the order file.
+# The variants' pytest starts at the same time as the correct one's. Once the correct run has
+# collected your tests (NOTES_TESTS), a first order comes, from the words of your test names
+# alone; once the correct run is over, the final one (NOTES_ORDER + ".final") re-orders the
+# tests not yet run.
 
 _calls: dict[str, set[int]] = {}
 _current: set[int] | None = None
@@ -256,21 +266,15 @@ def _wait_for(order_file: Path) -> None:
         time.sleep(0.002)
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    order_file = os.environ.get("NOTES_ORDER")
-    if not order_file or not os.environ.get("NOTES_REPORT"):
-        return
-    for variant in chosen_variants():  # while the correct service's run goes on: build the copies now
-        try:
-            _import(variant)
-        except Exception:  # noqa: BLE001 - the `service` fixture of its first test will say what is wrong
-            pass
-    _wait_for(Path(order_file))
+def _read_orders(path: Path) -> dict[str, list[str]]:
     try:
-        orders: dict[str, list[str]] = json.loads(Path(order_file).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return
+        return {}
+
+
+def _sorted(items: list[pytest.Item], orders: dict[str, list[str]]) -> list[pytest.Item]:
+    """The items, each variant's together as before, in the order the graded suite prefers."""
     groups: dict[object, int] = {}
     for item in items:
         groups.setdefault(_variant_of(item), len(groups))
@@ -282,7 +286,28 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         key = _test_key(item)
         return groups[variant], preferred.index(key) if key in preferred else len(preferred), position
 
-    items[:] = [item for _, item in sorted(enumerate(items), key=rank)]
+    return [item for _, item in sorted(enumerate(items), key=rank)]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get("NOTES_REPORT"):
+        return
+    tests_file = os.environ.get("NOTES_TESTS")
+    if tests_file:  # the correct service's run: tell the graded suite which tests there are
+        part = Path(tests_file + ".part")
+        part.write_text(json.dumps(list(dict.fromkeys(_test_key(item) for item in items))), encoding="utf-8")
+        part.replace(tests_file)
+    order_file = os.environ.get("NOTES_ORDER")
+    if not order_file:
+        return
+    for variant in chosen_variants():  # while the correct service's run goes on: build the copies now
+        try:
+            _import(variant)
+        except Exception:  # noqa: BLE001 - the `service` fixture of its first test will say what is wrong
+            pass
+    _wait_for(Path(order_file))
+    items[:] = _sorted(items, _read_orders(Path(order_file)))
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

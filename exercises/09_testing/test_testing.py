@@ -136,7 +136,8 @@ def _groups() -> list[list[str]]:
 # cannot be known in advance, but two clues are cheap: the functions of service.py that each
 # test called on the correct service (the conftest notes them), and the words your test names
 # share with the lines the variant changes (test_the_audit_... and `audit.flush()`). Tests are
-# ordered by those clues. Only the order changes: every test still runs until one fails.
+# ordered by those clues: by the words alone while the correct run goes on, by both once it is
+# over. Only the order changes: every test still runs until one fails.
 
 STOPWORDS = {"test", "the", "and", "for", "with", "not", "none", "true", "false", "self", "async", "def", "await",
              "return", "str", "int", "from", "import", "into", "that", "this", "when", "are", "its", "get"}
@@ -263,12 +264,13 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Path) -> int:
-    """Start one child pytest; return its pid (it leads a process group of its own).
+def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Path, nice: int = 0) -> int:
+    """Start one child pytest in `workdir`; return its pid (it leads a process group of its own).
 
     Where the system can fork, the child is a copy of this process, which has already
     imported pytest and FastAPI (most of the start-up time of a new interpreter), and runs
     pytest.main with the child's own settings. Elsewhere it is a new `python -m pytest`.
+    A `nice` child gives way to the others when they all want the CPU.
     """
     if not hasattr(os, "fork"):
         with open(log, "wb") as output:
@@ -295,6 +297,8 @@ def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Pa
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.chdir(workdir)
+        if nice:
+            os.nice(nice)
         os.environ.clear()
         os.environ.update(env)
         # The warning filters of a new interpreter, not the ones of the test running here
@@ -357,26 +361,52 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
     copies.mkdir()
     base_env |= {"NOTES_SERVICE_DIR": str(service_dir), "NOTES_COPIES": str(copies), "PYTHONDONTWRITEBYTECODE": "1"}
     deadline = time.monotonic() + timeout
-    order = workdir / "order.json"
-    # 1. Every child starts at once. The correct service's runs your tests; it notes which of
-    #    service.py's functions each test calls. The variants' children start pytest, collect
-    #    your tests, then wait for order.json: by then their start-up is done.
-    correct = _start_children([[CORRECT]], base_env | {"NOTES_CALLS": "1"}, workdir, "correct")
-    variants = _start_children(_groups(), base_env | {"NOTES_ORDER": str(order)}, workdir, "variants")
+    tests, order = workdir / "tests.json", workdir / "order.json"
+    # Every child starts at once. The correct service's runs your tests, noting which of
+    # service.py's functions each test calls; the variants' children start pytest, collect your
+    # tests and build their copies of the service meanwhile. They run at a lower priority: the
+    # correct run decides whether the variants count at all, and must not wait for them.
+    correct = _start_children([[CORRECT]], base_env | {"NOTES_CALLS": "1", "NOTES_TESTS": str(tests)}, workdir, "correct")
+    variants = _start_children(_groups(), base_env | {"NOTES_ORDER": str(order)}, workdir, "variants", nice=5)
     try:
-        sites = _sites(service_dir)  # meanwhile: where each variant's bug is
+        sites = _sites(service_dir)  # where each variant's bug is
+        # 1. As soon as the correct run has collected your tests, the variants start, each with
+        #    the tests whose names share words with its bug first; they use what CPU is spare.
+        if _wait_for_file(tests, correct[0], deadline):
+            names = json.loads(tests.read_text(encoding="utf-8"))
+            _write(order, _orders({name: [] for name in names}, service_dir, sites))
+        # 2. The gate: your tests on the correct service, in your file's order.
         calls = _finish_children(run, correct, deadline)
         if run.problem or run.collection_errors or not run.on(CORRECT) or run.failed_on_correct:
             return run  # the variants would not count (see _gate_problem); `finally` stops them
-        # 2. The variants: on each, first the tests that reach the code its bug is in.
-        ready = order.with_suffix(".part")
-        ready.write_text(json.dumps(_orders(calls, service_dir, sites)), encoding="utf-8")
-        ready.replace(order)  # all at once: a child never reads half a file
+        # 3. The variants' remaining tests: first those that reached the code the bug is in.
+        final = _orders(calls, service_dir, sites)
+        _write(order.with_name(order.name + ".final") if order.exists() else order, final)
         _finish_children(run, variants, deadline)
     finally:
         _stop(variants)
         shutil.rmtree(copies, ignore_errors=True)
     return run
+
+
+def _write(path: Path, value: object) -> None:
+    """Write JSON all at once: a child waiting for the file never reads half of it."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(value), encoding="utf-8")
+    part.replace(path)
+
+
+def _wait_for_file(path: Path, child: Child, deadline: float) -> bool:
+    """Until `path` exists (True), or the child has ended or the time is up (False)."""
+    while not path.exists():
+        done, status = os.waitpid(child.pid, os.WNOHANG)
+        if done:
+            child.code = os.waitstatus_to_exitcode(status)
+            return path.exists()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 @dataclass
@@ -399,20 +429,24 @@ def _stop(children: list[Child]) -> None:
             child.code = -signal.SIGKILL if child.code is None else child.code
 
 
-def _start_children(groups: list[list[str]], env: dict[str, str], workdir: Path, name: str) -> list[Child]:
-    """Start a child pytest per group of services, all at once."""
+def _start_children(groups: list[list[str]], env: dict[str, str], workdir: Path, name: str,
+                    nice: int = 0) -> list[Child]:
+    """Start a child pytest per group of services, all at once, each in a working folder of its own
+    (a test that writes `notes.db` in the working folder does not meet another child's)."""
     children = []
     for index, group in enumerate(groups):
         report, log = workdir / f"report-{name}-{index}.json", workdir / f"output-{name}-{index}.txt"
+        cwd = workdir / f"cwd-{name}-{index}"
+        cwd.mkdir()
         command = [
-            sys.executable, "-m", "pytest", TESTS_FILE, "-q", "--no-header", "-p", "no:cacheprovider",
+            sys.executable, "-m", "pytest", str(workdir / TESTS_FILE), "-q", "--no-header", "-p", "no:cacheprovider",
             "-c", str(workdir / "pytest.ini"), "--rootdir", str(workdir), "--basetemp", str(workdir / f"tmp-{name}-{index}"),
             # A forked child has pytest's plugins imported already, so they cannot be rewritten
             # again; that is harmless, and pytest.ini's `error` filter must not make it fatal.
             "-W", "ignore::pytest.PytestAssertRewriteWarning",
         ]
         child_env = env | {"NOTES_VARIANTS": ",".join(group), "NOTES_REPORT": str(report)}
-        children.append(Child(_start_child(command, child_env, workdir, log), group, report, log))
+        children.append(Child(_start_child(command, child_env, cwd, log, nice), group, report, log))
     return children
 
 
@@ -421,9 +455,11 @@ def _finish_children(run: Run, children: list[Child], deadline: float) -> dict[s
 
     Returns the functions of service.py that each test called, where the children noted them.
     """
-    codes = _wait_all([child.pid for child in children], max(0.0, deadline - time.monotonic()))
+    running = [child.pid for child in children if child.code is None]  # not yet waited for
+    codes = _wait_all(running, max(0.0, deadline - time.monotonic())) if running else {}
     for child in children:  # either way, none of them runs any more
-        child.code = codes[child.pid] if codes else -signal.SIGKILL
+        if child.code is None:
+            child.code = codes[child.pid] if codes is not None else -signal.SIGKILL
     if codes is None:
         run.problem = (
             f"Your tests did not finish within {CHILD_TIMEOUT:.0f} s (against all services together). "
