@@ -817,6 +817,7 @@ class LiveShop:
         self.env = {
             "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET,
             "USERS_ADMIN_USERNAME": ADMIN["username"], "USERS_ADMIN_PASSWORD": ADMIN["password"],
+            "USERS_ARGON2_TIME_COST": "1", "USERS_ARGON2_MEMORY_KIB": "1024",  # as cheap as FAST_HASH
             "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_JWT_SECRET": SECRET,
             "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET,
             "ORDERS_CATALOG_URL": self.url["catalog"], "ORDERS_USERS_URL": self.url["users"],
@@ -895,8 +896,7 @@ async def test_a_shopping_trip_across_real_processes(live_shop):
 async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
     live(live_shop, *SERVICES)
     async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10) as gateway:
-        # Tokens made here, as users would issue them: logging in was the trip's job, and each
-        # Argon2 hash at production cost is a third of a second of CPU.
+        # Tokens made here, as users would issue them: logging in was the trip's job.
         await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=ADMIN_HEADERS)
         hopper = mint("hopper", CUSTOMER_SCOPES)
         live_shop.stop("catalog")  # SIGTERM: the process is gone, its port refuses connections
