@@ -298,7 +298,8 @@ def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Pa
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         os.chdir(workdir)
         if nice:
-            os.nice(nice)
+            with contextlib.suppress(OSError):  # a lower priority is a courtesy, not a need
+                os.nice(nice)
         os.environ.clear()
         os.environ.update(env)
         # The warning filters of a new interpreter, not the ones of the test running here
