@@ -128,3 +128,56 @@ def test_the_correct_run_has_a_working_folder_of_its_own(tmp_path):
     alone = [folder for folder, count in folders.items() if count == 1]
     assert len(alone) == 1, f"the correct run shares its working folder: {folders}"
     assert str(ROOT) not in folders
+
+
+ORDER_TESTS = """
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def noted(request):
+    with Path(os.environ["NOTES_TEST_ORDER_LOG"]).open("a") as log:
+        log.write(request.node.name + "\\n")
+
+
+def test_create_answers_201(service, noted):
+    pass
+
+
+def test_empty_title_is_422(service, noted):
+    pass
+
+
+def test_audit_is_flushed(service, noted):
+    pass
+
+
+def test_feed_refuses_a_wrong_key(service, noted):
+    pass
+"""
+
+
+def test_each_variant_starts_with_the_tests_its_words_suggest_and_the_order_never_changes(graded, tmp_path):
+    (tmp_path / "service_tests.py").write_text(textwrap.dedent(ORDER_TESTS), encoding="utf-8")
+    runs = []
+    for attempt in range(2):
+        log = tmp_path / f"order-{attempt}.txt"
+        subprocess.run([sys.executable, "-m", "pytest", str(FOLDER), "-q", "-p", "no:cacheprovider",
+                        "--grader-target", str(tmp_path), "--grader-report", str(tmp_path / "report.json")],
+                       cwd=ROOT, capture_output=True, timeout=300, env={**os.environ, "NOTES_TEST_ORDER_LOG": str(log)})
+        sequences: dict[str, list[str]] = {}
+        for line in log.read_text(encoding="utf-8").split():
+            name, _, variant = line.rstrip("]").partition("[")
+            sequences.setdefault(variant, []).append(name)
+        runs.append(sequences)
+    names = ["test_create_answers_201", "test_empty_title_is_422", "test_audit_is_flushed", "test_feed_refuses_a_wrong_key"]
+    by_words = graded._orders({name: [] for name in names}, FOLDER)
+    assert runs[0]["correct"] == names, "the correct run keeps the file's order"
+    for variant in graded.VARIANTS:
+        # these tests pass everywhere, so each variant runs all of them
+        assert sorted(runs[0][variant]) == sorted(names), variant
+        assert runs[0][variant][:2] == by_words[variant][:2], f"{variant}: first the tests whose names share its words"
+    assert runs[0] == runs[1], "the same tests run in the same order every time"

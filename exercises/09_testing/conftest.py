@@ -133,6 +133,12 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
 
     Most of a variant's tests come after the one that caught it; passing over them costs
     nothing, where skipping each would cost a report.
+
+    On the variants (NOTES_ORDER), each variant's first STATIC_FIRST tests run in the order of
+    the words their names share with its bug, while the correct run may still be going on. The
+    first time a variant needs more, this waits for the correct run's final order and runs
+    every remaining test in that order. Where that happens depends only on your tests'
+    outcomes, never on timing: the same tests always run in the same order.
     """
     config = session.config
     if not os.environ.get("NOTES_REPORT") or config.option.collectonly:
@@ -142,15 +148,21 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     items = session.items
     order_file = os.environ.get("NOTES_ORDER")
     final = Path(order_file + ".final") if order_file else None
+    runs: dict[str | None, int] = {}
     index = 0
     while index < len(items):
-        if final is not None and final.exists():  # the correct run is over: a better order for the rest
+        item = items[index]
+        if _why_not_run(item):
+            index += 1
+            continue
+        variant = _variant_of(item)
+        if final is not None and runs.get(variant, 0) >= STATIC_FIRST:
+            _wait_for(final)
             items[index:] = _sorted(items[index:], _read_orders(final))
             final = None
-        item = items[index]
-        index += 1
-        if _why_not_run(item):
             continue
+        runs[variant] = runs.get(variant, 0) + 1
+        index += 1
         nextitem = next((later for later in items[index:] if not _why_not_run(later)), None)
         config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         if session.shouldfail:
@@ -158,6 +170,9 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
+
+
+STATIC_FIRST = 2  # tests per variant run before the final order is needed
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -202,8 +217,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 # caught by one of its first tests, and the rest are left out. Only the order changes.
 # The variants' pytest starts at the same time as the correct one's. Once the correct run has
 # collected your tests (NOTES_TESTS), a first order comes, from the words of your test names
-# alone; once the correct run is over, the final one (NOTES_ORDER + ".final") re-orders the
-# tests not yet run.
+# alone; the final one (NOTES_ORDER + ".final"), written when the correct run is over, orders
+# the rest (see pytest_runtestloop).
 
 _calls: dict[str, set[int]] = {}
 _current: set[int] | None = None

@@ -136,8 +136,9 @@ def _groups() -> list[list[str]]:
 # cannot be known in advance, but two clues are cheap: the functions of service.py that each
 # test called on the correct service (the conftest notes them), and the words your test names
 # share with the lines the variant changes (test_the_audit_... and `audit.flush()`). Tests are
-# ordered by those clues: by the words alone while the correct run goes on, by both once it is
-# over. Only the order changes: every test still runs until one fails.
+# ordered by those clues: each variant's first two by the words alone (they can run while the
+# correct run goes on), the rest by both. Only the order changes: every test still runs until
+# one fails, and the same tests always run in the same order.
 
 STOPWORDS = {"test", "the", "and", "for", "with", "not", "none", "true", "false", "self", "async", "def", "await",
              "return", "str", "int", "from", "import", "into", "that", "this", "when", "are", "its", "get"}
@@ -382,7 +383,9 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
             return run  # the variants would not count (see _gate_problem); `finally` stops them
         # 3. The variants' remaining tests: first those that reached the code the bug is in.
         final = _orders(calls, service_dir, sites)
-        _write(order.with_name(order.name + ".final") if order.exists() else order, final)
+        if not order.exists():
+            _write(order, final)
+        _write(order.with_name(order.name + ".final"), final)
         _finish_children(run, variants, deadline)
     finally:
         _stop(variants)
