@@ -258,7 +258,7 @@ def verify(
     exercises: Annotated[list[str] | None, typer.Argument(help="Only these exercises (default: all).")] = None,
     jobs: Annotated[int, typer.Option(help="Suites to run at once.")] = max(os.cpu_count() or 1, 1),
 ) -> None:
-    """Course integrity: every solution passes, every stub fails, every mutant is caught."""
+    """Course integrity: every solution passes, every stub fails and earns no points, every mutant is caught."""
     from grader.integrity import Check, plan_checks, run_check
 
     root = _root()
