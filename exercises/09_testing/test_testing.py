@@ -364,7 +364,7 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
     base_env |= {"NOTES_SERVICE_DIR": str(service_dir), "NOTES_COPIES": str(copies), "PYTHONDONTWRITEBYTECODE": "1"}
     deadline = time.monotonic() + timeout
     tests, order = workdir / "tests.json", workdir / "order.json"
-    # Every child starts at once. The correct service's runs your tests, noting which of
+    # Every child starts at once. The correct service's child runs your tests, noting which of
     # service.py's functions each test calls; the variants' children start pytest, collect your
     # tests and build their copies of the service meanwhile. They run at a lower priority: the
     # correct run decides whether the variants count at all, and must not wait for them.
@@ -388,7 +388,7 @@ def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeo
         _write(order.with_name(order.name + ".final"), final)
         _finish_children(run, variants, deadline)
     finally:
-        _stop(variants)
+        _stop(correct + variants)  # whatever ended this, no child is left running
         shutil.rmtree(copies, ignore_errors=True)
     return run
 
