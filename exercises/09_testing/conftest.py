@@ -127,6 +127,9 @@ def _why_not_run(item: pytest.Item) -> str:
     return ""
 
 
+STATIC_FIRST = 2  # tests per variant run before the final order is needed
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> bool | None:
     """While grading: pytest's own loop, but the tests that need not run are left out, not skipped.
@@ -170,9 +173,6 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
-
-
-STATIC_FIRST = 2  # tests per variant run before the final order is needed
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
