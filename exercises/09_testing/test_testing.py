@@ -216,7 +216,7 @@ def _bug_sites(service_file: Path, lines: set[int]) -> tuple[set[int], set[int]]
     return inside, users
 
 
-Sites = dict[str, "tuple[set[int], set[int], set[str]] | None"]
+Sites = dict[str, tuple[set[int], set[int], set[str]] | None]
 
 
 def _sites(service_dir: Path) -> Sites:
