@@ -113,18 +113,14 @@ def _variant_of(item: pytest.Item) -> str | None:
     return callspec.params.get("service") if callspec is not None else None
 
 
-def _why_not_run(item: pytest.Item) -> str:
-    """While grading: why this test need not run ("" when it must)."""
+def _left_out(item: pytest.Item) -> bool:
+    """While grading: True for a test that need not run."""
     variant = _variant_of(item)
-    if variant is None and CORRECT not in chosen_variants():
-        return "not run: a test without the `service` fixture runs with the correct service"
-    if variant in (None, CORRECT):
-        return ""
-    if _failed_on_correct:
-        return "not run: a test failed on the correct service"
-    if variant in _caught:
-        return f"not run: {variant} is already caught"
-    return ""
+    if variant is None:  # a test without the `service` fixture runs with the correct service only
+        return CORRECT not in chosen_variants()
+    if variant == CORRECT:
+        return False
+    return _failed_on_correct or variant in _caught  # no variant counts, or this one is caught
 
 
 STATIC_FIRST = 2  # tests per variant run before the final order is needed
@@ -155,7 +151,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     index = 0
     while index < len(items):
         item = items[index]
-        if _why_not_run(item):
+        if _left_out(item):
             index += 1
             continue
         variant = _variant_of(item)
@@ -166,19 +162,13 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
             continue
         runs[variant] = runs.get(variant, 0) + 1
         index += 1
-        nextitem = next((later for later in items[index:] if not _why_not_run(later)), None)
+        nextitem = next((later for later in items[index:] if not _left_out(later)), None)
         config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
         if session.shouldstop:
             raise session.Interrupted(session.shouldstop)
     return True
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    reason = _why_not_run(item) if os.environ.get("NOTES_REPORT") else ""
-    if reason:
-        pytest.skip(reason)
 
 
 @pytest.hookimpl(wrapper=True)
