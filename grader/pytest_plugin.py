@@ -11,6 +11,7 @@ Keep imports light: this module loads in every learner's ``pytest`` run.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import sys
@@ -25,6 +26,31 @@ from grader.catalog import CatalogError, Exercise, load_exercise
 from grader.loader import load_module
 
 MESSAGE_LIMIT = 4000  # characters of a failure kept in a report
+
+
+def defer_httpx_cli() -> None:
+    """Keep ``import httpx`` from importing httpx's command-line client until it is called.
+
+    httpx's ``__init__`` imports ``httpx._main``, its CLI, whenever click, rich and pygments are
+    installed, and this course installs them for the ``grader`` command. That costs 50-90 ms in
+    every run whose tests or code import httpx (01, 09, 10, 12, 13, 14), for a command no test
+    runs. A stand-in takes the CLI module's place; its ``main`` imports the real one when called,
+    so ``httpx.main()`` still works. Nothing changes once httpx is imported already.
+    """
+    if "httpx" in sys.modules or "httpx._main" in sys.modules:
+        return
+    stand_in = types.ModuleType("httpx._main", "httpx's command-line client, imported on first call")
+
+    def main(*args: object, **kwargs: object) -> object:
+        if sys.modules.get("httpx._main") is stand_in:
+            del sys.modules["httpx._main"]
+        return importlib.import_module("httpx._main").main(*args, **kwargs)
+
+    stand_in.main = main  # type: ignore[attr-defined]
+    sys.modules["httpx._main"] = stand_in
+
+
+defer_httpx_cli()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

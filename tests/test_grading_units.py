@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 import warnings
 import zipfile
@@ -181,3 +183,19 @@ def test_an_untouched_stub_must_earn_nothing(kind, points, ok):
     outcome = Outcome(Check(exercise, kind, exercise.mutants()[0] if kind == "mutant" else None), result)
     assert outcome.ok is ok
     assert ("points" in outcome.summary) is (not ok)
+
+
+def test_httpx_is_imported_without_its_command_line_client():
+    # A new interpreter: in this one httpx is imported already.
+    script = (
+        "import sys, grader.pytest_plugin, httpx\n"
+        "assert not {'click', 'rich'} & set(sys.modules)\n"
+        "try:\n"
+        "    httpx.main(['--help'], standalone_mode=False)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'rich' in sys.modules and hasattr(sys.modules['httpx._main'], 'print_help')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Usage: httpx" in done.stdout  # the real CLI ran when it was called
