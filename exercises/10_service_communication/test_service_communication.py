@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
-from grader.live import free_port, serve_in_process, serve_in_thread
+from grader.live import free_port, http_only, serve_in_process, serve_in_thread
 
 ORDER = {"sku": "widget", "quantity": 3}
 
@@ -73,10 +73,10 @@ def asgi(app: Any) -> httpx.ASGITransport:
 def tcp() -> httpx.AsyncHTTPTransport:
     """httpx's real network transport, for the plain-HTTP servers on 127.0.0.1 in these tests.
 
-    verify=False only skips loading the CA bundle used for HTTPS (tens of milliseconds for every
-    client that loads it); nothing here speaks HTTPS.
+    http_only(): nothing here speaks HTTPS, so the transport does not load the CA bundle (tens of
+    milliseconds for every client that loads it).
     """
-    return httpx.AsyncHTTPTransport(verify=False)
+    return httpx.AsyncHTTPTransport(verify=http_only())
 
 
 class FakeUpstream(httpx.AsyncBaseTransport):

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
-from grader.live import serve_in_thread
+from grader.live import http_only, serve_in_thread
 
 SHOP = "https://shop.example"
 EVIL = "https://evil.example"
@@ -270,8 +270,8 @@ class Chunks:
 @pytest.mark.task("body_limit")
 @pytest.mark.slow
 def test_a_chunked_upload_to_a_real_server_is_cut_off(build):
-    # verify=False: plain HTTP on loopback needs no TLS, so the client skips loading the CA bundle (~0.1 s).
-    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5, verify=False) as http:
+    # http_only(): plain HTTP on loopback needs no TLS, so the client skips loading the CA bundle (~0.1 s).
+    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5, verify=http_only()) as http:
         response = http.post("/upload", content=Chunks(5, 600))
         small = http.post("/upload", content=Chunks(2, 400))
     for sent in (response, small):

@@ -31,7 +31,7 @@ from pwdlib.hashers.argon2 import Argon2Hasher
 
 from grader.catalog import load_exercise
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
-from grader.live import free_port, serve_in_process
+from grader.live import free_port, http_only, serve_in_process
 from grader.pytest_plugin import target_folder
 
 SECRET = "capstone-test-secret-0123456789abcdef"  # shared by the services, as in production
@@ -885,7 +885,7 @@ def live(shop: LiveShop, *needed: str) -> None:
 @pytest.mark.asyncio
 async def test_a_shopping_trip_across_real_processes(live_shop):
     live(live_shop, *SERVICES)
-    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10) as gateway:
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
         await shopping_trip(gateway)
 
 
@@ -895,7 +895,7 @@ async def test_a_shopping_trip_across_real_processes(live_shop):
 @pytest.mark.asyncio
 async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
     live(live_shop, *SERVICES)
-    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10) as gateway:
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
         # Tokens made here, as users would issue them: logging in was the trip's job.
         await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=ADMIN_HEADERS)
         hopper = mint("hopper", CUSTOMER_SCOPES)
