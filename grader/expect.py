@@ -104,3 +104,17 @@ def expect_header(response: Any, name: str, value: str | None = None, why: str =
             pytrace=False,
         )
     return actual
+
+
+class StartupFailed:
+    """Stands in for a client whose app could not start: each test that uses it fails and says why.
+
+    A module-scoped fixture that starts one app for many tests yields this instead of raising,
+    so that a broken app fails every such test with ``message`` rather than erroring them all.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __getattr__(self, name: str) -> Any:
+        pytest.fail(self.message, pytrace=False)

@@ -199,3 +199,24 @@ def test_httpx_is_imported_without_its_command_line_client():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Usage: httpx" in done.stdout  # the real CLI ran when it was called
+
+
+def test_settings_environment_holds_only_the_given_variables_of_its_prefix(tmp_path, monkeypatch):
+    from grader.environment import settings_environment
+
+    monkeypatch.setenv("SHOP_STRAY", "from the learner's shell")
+    monkeypatch.setenv("shop_lower", "pydantic-settings ignores case")
+    before = Path.cwd()
+    with settings_environment("SHOP_", tmp_path, SHOP_SECRET="s"):
+        assert Path.cwd() == tmp_path  # no .env from where pytest started
+        assert {name for name in os.environ if name.upper().startswith("SHOP_")} == {"SHOP_SECRET"}
+    assert Path.cwd() == before
+    assert os.environ["SHOP_STRAY"] == "from the learner's shell" and "SHOP_SECRET" not in os.environ
+
+
+def test_a_client_that_could_not_start_fails_each_test_with_its_message():
+    from grader.expect import StartupFailed
+
+    client = StartupFailed("\nexpected: the app starts")
+    with pytest.raises(pytest.fail.Exception, match="expected: the app starts"):
+        client.get("/health")

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from grader.expect import expect_header, expect_json, expect_status, explain
+from grader.environment import settings_environment
+from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain
 
 SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 ACCESS_LOGGER = "inventory.access"
@@ -19,16 +20,9 @@ ACCESS_LOGGER = "inventory.access"
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A clean environment for the whole file: no stray OBS_* variable, no .env from elsewhere."""
-    import os
-
     folder = tmp_path_factory.mktemp("observability")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in list(os.environ):
-            if name.upper().startswith("OBS_"):
-                patch.delenv(name)
-        patch.chdir(folder)  # .env is looked up in the working directory
-        patch.setenv("OBS_SECRET_KEY", SECRET)
-        patch.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{folder / 'inventory.db'}")
+    database_url = f"sqlite+aiosqlite:///{folder / 'inventory.db'}"
+    with settings_environment("OBS_", folder, OBS_SECRET_KEY=SECRET, OBS_DATABASE_URL=database_url):
         yield folder
 
 
@@ -76,16 +70,6 @@ def fresh_settings(module, env):
     clear_settings_cache(module)
     yield
     clear_settings_cache(module)
-
-
-class StartupFailed:
-    """Stands in for a client whose app could not start: the test that uses it fails and says why."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __getattr__(self, name: str):
-        pytest.fail(self.message, pytrace=False)
 
 
 @pytest.fixture(scope="module")

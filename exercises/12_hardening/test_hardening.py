@@ -1,6 +1,5 @@
 """Graded tests for exercise 12. Run: pytest exercises/12_hardening"""
 
-import os
 from contextlib import ExitStack
 
 import httpx
@@ -8,7 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.environment import settings_environment
+from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain, json_of
 from grader.live import http_only, serve_in_thread
 
 SHOP = "https://shop.example"
@@ -32,12 +32,7 @@ class FakeClock:
 @pytest.fixture(scope="module")
 def clean_environment(tmp_path_factory):
     """No stray HARD_* variable and no stray .env (the working directory is an empty folder)."""
-    folder = tmp_path_factory.mktemp("hardening")
-    with pytest.MonkeyPatch.context() as patch:
-        for name in list(os.environ):
-            if name.upper().startswith("HARD_"):
-                patch.delenv(name)
-        patch.chdir(folder)
+    with settings_environment("HARD_", tmp_path_factory.mktemp("hardening")):
         yield
 
 
@@ -76,16 +71,6 @@ def build(module, clock):
 
 async def explode() -> None:
     raise RuntimeError(f"could not connect to {LEAK}")
-
-
-class StartupFailed:
-    """Stands in for a client whose app could not be built: the test that uses it fails and says why."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def __getattr__(self, name: str):
-        pytest.fail(self.message, pytrace=False)
 
 
 # The settings of the app that the tests without a clock or a count of their own share. Its
