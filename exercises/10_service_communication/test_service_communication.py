@@ -158,7 +158,7 @@ class LoopbackInventory:
 @pytest.fixture(scope="module")
 def loopback_server() -> Iterator[tuple[LoopbackInventory, str]]:
     server = LoopbackInventory()
-    with serve_in_thread(server.app) as url:
+    with serve_in_thread(server.app, ws="none") as url:  # plain HTTP: no WebSocket library to load
         yield server, url
 
 

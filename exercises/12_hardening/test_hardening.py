@@ -255,8 +255,9 @@ class Chunks:
 @pytest.mark.task("body_limit")
 @pytest.mark.slow
 def test_a_chunked_upload_to_a_real_server_is_cut_off(build):
-    # http_only(): plain HTTP on loopback needs no TLS, so the client skips loading the CA bundle (~0.1 s).
-    with serve_in_thread(build(max_body_bytes=1000)) as base_url, httpx.Client(base_url=base_url, timeout=5, verify=http_only()) as http:
+    # Plain HTTP on loopback: no WebSocket library for the server (ws="none"), no CA bundle for
+    # the client (http_only()).
+    with serve_in_thread(build(max_body_bytes=1000), ws="none") as base_url, httpx.Client(base_url=base_url, timeout=5, verify=http_only()) as http:
         response = http.post("/upload", content=Chunks(5, 600))
         small = http.post("/upload", content=Chunks(2, 400))
     for sent in (response, small):
