@@ -114,14 +114,19 @@ async def test_waiting_requests_do_not_block_each_other(app):
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         started = time.perf_counter()
-        responses = await asyncio.gather(*(client.get("/wait", params={"seconds": 0.05}) for _ in range(5)))
+        responses = await asyncio.gather(*(client.get("/wait", params={"seconds": 0.12}) for _ in range(5)))
         elapsed = time.perf_counter() - started
     for response in responses:
         expect_status(response, 200)
-    # One after another they would take 0.25 s; together, a little over 0.05 s.
-    assert elapsed < 0.2, (
-        f"\nsent:     five GET /wait?seconds=0.05 at the same time\n"
-        f"expected: all five done in about 0.05 s, because waiting must not block the server\n"
+    assert elapsed >= 0.12, (
+        f"\nsent:     five GET /wait?seconds=0.12 at the same time\n"
+        f"expected: each request waits the 0.12 s it asks for\n"
+        f"got:      all five answered after {elapsed:.2f} s: the route does not sleep for `seconds`."
+    )
+    # One after another they would take 0.6 s; together, a little over 0.12 s.
+    assert elapsed < 0.45, (
+        f"\nsent:     five GET /wait?seconds=0.12 at the same time\n"
+        f"expected: all five done in about 0.12 s, because waiting must not block the server\n"
         f"got:      {elapsed:.2f} s — the requests ran one after another.\n"
         "A blocking call (time.sleep) inside `async def` freezes the event loop; use `await asyncio.sleep`."
     )
