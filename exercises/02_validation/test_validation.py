@@ -179,7 +179,13 @@ def test_unknown_user_is_404(registered):
 
 @pytest.mark.task("constraints")
 def test_username_follows_the_pattern(client):
-    for username, problem in [("ab", "is too short"), ("a" * 21, "is too long"), ("1ada", "starts with a digit"), ("ada-l", "has a hyphen")]:
+    for username, problem in [
+        ("ab", "is too short"),
+        ("a" * 21, "is too long"),
+        ("1ada", "starts with a digit"),
+        ("ada-l", "has a hyphen"),
+        ("zoë", "has a letter outside a-z, which \\w would let in"),
+    ]:
         response = client.post("/users", json=registration(username=username))
         expect_rejected(response, "username", f"the username {username!r} {problem}")
 
@@ -200,9 +206,13 @@ def test_age_outside_the_bounds_is_rejected(client):
 
 @pytest.mark.task("constraints")
 def test_password_length_is_bounded(client):
-    for password, problem in [("abc1234", "7 characters, fewer than 8"), ("a1" * 65, "130 characters, more than 128")]:
+    for password, problem in [("abc1234", "7 characters, fewer than 8"), ("a1" * 64 + "a", "129 characters, more than 128")]:
         response = client.post("/users", json=registration(password=password, password_confirm=password))
         expect_rejected(response, "password", f"the password has {problem}")
+    # Both ends are allowed: "8 to 128 characters" includes 8 and 128.
+    for password, length in [("abcdefg1", 8), ("a1" * 64, 128)]:
+        response = client.post("/users", json=registration(password=password, password_confirm=password))
+        expect_status(response, 201, f"a password of exactly {length} characters is allowed: 8 to 128, both included")
 
 
 @pytest.mark.task("constraints")
@@ -219,13 +229,25 @@ def test_username_is_trimmed_and_lowercased_before_the_pattern(client):
     response = client.post("/users", json=registration(username="  Ada_L "))
     expect_status(response, 201, "'  Ada_L ' is cleaned up to 'ada_l' before the pattern is checked")
     expect_json(response, {"username": "ada_l"}, "the stored username is trimmed and lower-case")
+    # A before-validator sees the raw input, which need not be a str: leave that to the type check.
+    response = client.post("/users", json=registration(username=42))
+    expect_rejected(response, "username", "the username 42 is a number, not text")
 
 
 @pytest.mark.task("validators")
 def test_password_needs_a_letter_and_a_digit(client):
-    for password, problem in [("abcdefghij", "has no digit"), ("1234567890", "has no letter")]:
+    for password, problem in [
+        ("abcdefghij", "has no digit"),
+        ("1234567890", "has no letter"),
+        ("analytical!", "has no digit (it is not all letters, yet no digit either)"),
+        ("12345678-9", "has no letter (it is not all digits, yet no letter either)"),
+    ]:
         response = client.post("/users", json=registration(password=password, password_confirm=password))
         expect_rejected(response, "password", f"the password {password!r} {problem}")
+    # Where the letter and the digit sit, their case and any other characters do not matter.
+    password = "2B-OR-NOT-2B"
+    response = client.post("/users", json=registration(password=password, password_confirm=password))
+    expect_status(response, 201, f"{password!r} has a letter (a capital is a letter too) and a digit, so it is allowed")
 
 
 @pytest.mark.task("validators")
@@ -299,8 +321,8 @@ def test_openapi_documents_the_output_model(client):
 
 @pytest.mark.task("error_body")
 def test_422_body_lists_every_problem_with_type_loc_and_msg(client):
-    response = client.post("/users", json=registration(age=12, email="nope"))
-    expect_status(response, 422, "two invalid fields")
+    response = client.post("/users", json=registration(age=12, email="nope", password_confirm="analytical2"))
+    expect_status(response, 422, "two invalid fields (and passwords that differ)")
     body = json_of(response)
     detail = body.get("detail") if isinstance(body, dict) else None
     well_formed = isinstance(detail, list) and all(
@@ -315,9 +337,15 @@ def test_422_body_lists_every_problem_with_type_loc_and_msg(client):
     check(
         ("body", "age") in by_loc and ("body", "email") in by_loc,
         response,
-        "one error for ['body', 'age'] and one for ['body', 'email']: every problem is reported at once"
+        "one error for ['body', 'age'] and one for ['body', 'email']: every problem is reported at once, "
+        "and checking that the passwords match must not hide the errors of the fields"
     )
     check(by_loc[("body", "age")]["type"] == "greater_than_equal", response, "the age error keeps Pydantic's type 'greater_than_equal'")
+    empty = client.post("/users", json={})
+    expect_status(empty, 422, "an empty body: every required field is missing")
+    found = {tuple(loc) for loc in error_locs(empty) if isinstance(loc, list)}
+    absent = [field for field in ("username", "email", "password", "password_confirm") if ("body", field) not in found]
+    check(not absent, empty, f"one error per required field left out (only age is optional); none for {absent}")
 
 
 @pytest.mark.task("error_body")

@@ -156,6 +156,11 @@ def test_books_offset_and_limit(client):
     response = client.get("/books", params={"offset": 1, "limit": 2})
     expect_json(response, {"offset": 1, "limit": 2})
     check(ids(response) == [2, 3], response, "books 2 and 3: skip one, take two")
+    response = client.get("/books", params={"q": "o", "offset": 1, "limit": 2})
+    check(
+        ids(response) == [4, 5], response,
+        'books 4 and 5: first the search (books 3, 4, 5 and 6 have an "o" in title or author), then the page of it',
+    )
 
 
 @pytest.mark.task("params")
@@ -172,7 +177,16 @@ def test_authors_use_the_same_parameters(client):
         response, {"items": ["Frank Herbert", "J. R. R. Tolkien"], "search": None, "offset": 0, "limit": 2},
         "the first two authors in alphabetical order, each once", exact=True,
     )
-    expect_json(client.get("/authors", params={"q": "jane"}), {"items": ["Jane Austen"]}, "authors filtered by q")
+    expect_json(
+        client.get("/authors", params={"q": "jane"}), {"items": ["Jane Austen"], "offset": 0, "limit": 10},
+        "authors filtered by q, and the same defaults as /books: both routes use page_params",
+    )
+    expect_json(
+        client.get("/authors", params={"q": "o", "offset": 1, "limit": 2}),
+        {"items": ["Toni Morrison", "William Gibson"], "search": "o", "offset": 1, "limit": 2},
+        'of the authors whose NAME has an "o" (J. R. R. Tolkien, Toni Morrison, William Gibson; titles do not count), '
+        "skip one, take two", exact=True,
+    )
 
 
 @pytest.mark.task("params")
@@ -180,6 +194,8 @@ def test_authors_use_the_same_parameters(client):
 def test_page_parameters_are_bounded_on_every_route(client, path):
     for params in ({"limit": 0}, {"limit": 51}, {"offset": -1}):
         expect_status(client.get(path, params=params), 422, "offset >= 0 and limit 1..50, declared once in page_params")
+    for params in ({"offset": 0, "limit": 1}, {"limit": 50}):
+        expect_status(client.get(path, params=params), 200, "the bounds themselves are allowed: offset 0, limit 1 and limit 50 (ge/le, not gt/lt)")
 
 
 # --- subdeps: the search comes from the query, else from a cookie ----------------------
@@ -225,12 +241,34 @@ def test_the_user_lookup_and_the_route_share_one_connection(scratch):
     )
 
 
+class BugInARoute(Exception):
+    """Raised by a probe route: an error that is not an HTTPException."""
+
+
 @pytest.mark.task("session")
-def test_a_failing_request_still_closes_its_connection(client, db):
+def test_a_failing_request_still_closes_its_connection(scratch):
+    module, client, db = scratch
     before = mark(db)
     response = client.get("/me", headers={"X-User": "nobody"})
     expect_status(response, 401, "an unknown user is 401")
     expect_events(db, before, response, ["open", "rollback", "close"], "the code after yield runs even when the request fails")
+
+    @module.app.get("/probe/bug")
+    async def bug(connection: module.ConnectionDep) -> dict:
+        raise BugInARoute("a bug in a route")
+
+    since, open_before = mark(db)
+    with pytest.raises(BugInARoute):  # the app re-raises it after answering 500
+        client.get("/probe/bug")
+    kinds, connections = events(db, since)
+    if kinds != ["open", "rollback", "close"] or len(connections) != 1 or db.open_connections != open_before:
+        pytest.fail(
+            "\nsent:     GET /probe/bug (a route that uses ConnectionDep and raises BugInARoute, not an HTTPException)"
+            "\nexpected: database log ['open', 'rollback', 'close'] for ONE connection: ANY exception rolls back, "
+            "so catch Exception after the yield, not only HTTPException"
+            f"\nlog:      {db.log[since:]}, connections left open: {db.open_connections - open_before}",
+            pytrace=False,
+        )
 
 
 # --- rollback: a failing request changes nothing ---------------------------------------
@@ -251,22 +289,34 @@ def test_an_import_commits_all_books(scratch):
 
 
 @pytest.mark.task("rollback")
-def test_a_failed_import_is_rolled_back(scratch):
+def test_a_duplicate_title_is_409_and_rolled_back(scratch):
     _, client, db = scratch
+    books = catalogue(client)
+    before = mark(db)
+    response = client.post("/admin/books", headers=ADMIN, json={"title": "DUNE", "author": "Someone Else"})
+    expect_status(response, 409, "a book titled Dune already exists (titles compare ignoring case)")
+    expect_events(db, before, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
     batch = [
         {"title": "Wild Seed", "author": "Octavia E. Butler"},
         {"title": "Adam Bede", "author": "George Eliot"},
         {"title": "dune", "author": "Someone Else"},  # a duplicate of book 1, ignoring case
     ]
-    books = catalogue(client)
     before = mark(db)
     response = client.post("/admin/books/import", headers=ADMIN, json=batch)
     expect_status(response, 409, "the third title already exists")
     expect_events(db, before, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
+    # A title may also clash with one earlier in the same list, which is not in the catalogue yet.
+    twins = [{"title": "Lilith's Brood", "author": "Octavia E. Butler"}, {"title": "LILITH'S BROOD", "author": "O. Butler"}]
+    response = client.post("/admin/books/import", headers=ADMIN, json=twins)
+    expect_status(
+        response, 409,
+        "the second title repeats the first (ignoring case): check each title against the connection's books, "
+        "which include the ones this import added before it",
+    )
     listing = client.get("/books", params={"limit": 50})
     check(
         ids(listing) == books, listing,
-        f"the catalogue unchanged, ids {books}: all or nothing, so Wild Seed and Adam Bede were rolled back too",
+        f"the catalogue unchanged, ids {books}: all or nothing, so Wild Seed, Adam Bede and Lilith's Brood were rolled back too",
     )
 
 
@@ -291,12 +341,22 @@ def test_a_failed_commit_answers_503_not_201(scratch):
 
 
 @pytest.mark.task("api_key")
-@pytest.mark.parametrize("headers", [{"X-User": "ada"}, {"X-User": "ada", "X-API-Key": "wrong"}])
-def test_admin_routes_need_the_api_key(scratch, headers):
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({"X-User": "ada"}, "no X-API-Key header"),
+        ({"X-User": "ada", "X-API-Key": "wrong"}, "X-API-Key: wrong"),
+        ({"X-User": "ada", "X-API-Key": "DEV-KEY"}, "X-API-Key: DEV-KEY; header NAMES ignore case, their values do not"),
+    ],
+    ids=["missing", "wrong", "other-case"],
+)
+def test_admin_routes_need_the_api_key(scratch, headers, why):
     _, client, _ = scratch
     book = {"title": "Kindred", "author": "Octavia E. Butler"}
-    expect_status(client.post("/admin/books", headers=headers, json=book), 401, "the admin router requires X-API-Key: dev-key")
-    expect_status(client.post("/admin/books/import", headers=headers, json=[book]), 401, "every route of the admin router")
+    response = client.post("/admin/books", headers=headers, json=book)
+    expect_status(response, 401, f"the admin router requires exactly X-API-Key: dev-key, and was sent {why}")
+    response = client.post("/admin/books/import", headers=headers, json=[book])
+    expect_status(response, 401, f"every route of the admin router; sent {why}")
 
 
 @pytest.mark.task("api_key")

@@ -96,9 +96,10 @@ def started(app):
 
 @pytest.fixture(scope="module")
 def app(module):
-    """One app, with alice, bob and carol, shared by the tests of this file. Its users only
-    log in and read; a test that adds, disables or deletes a user does so to a user of its
-    own, so alice, bob and carol stay as README.md seeds them whichever tests ran before."""
+    """One app, with alice, bob and carol, shared by the tests of this file. Its users log in
+    and read (one test has bob post an item, which no other test lists); a test that adds,
+    disables or deletes a user does so to a user of its own, so alice, bob and carol stay as
+    README.md seeds them whichever tests ran before."""
     return build(module, "alice", "bob", "carol")
 
 
@@ -224,7 +225,7 @@ def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client, alice_tok
 
 
 @pytest.mark.task("passwords")
-def test_passwords_are_stored_as_salted_argon2_hashes(module, app):
+def test_passwords_are_stored_as_salted_argon2_hashes(module, app, monkeypatch):
     first = seed(module, app, "dave", "same-password")
     second = seed(module, app, "erin", "same-password")
     stored = app.state.users["dave"].hashed_password
@@ -242,10 +243,42 @@ def test_passwords_are_stored_as_salted_argon2_hashes(module, app):
         "\nexpected: two users with the same password get different hashes (each hash has its own salt)"
         f"\ngot:      the same hash twice: {stored!r}"
     )
+    # The hash records its cost ($argon2id$v=19$m=...,t=...,p=...$): the shared app's Settings
+    # lower it, so a hasher that ignores them would make every test pay the full cost.
+    assert "$m=64,t=1,p=1$" in stored, (
+        f"\nsent:     add_user(...) in an app built with Settings({CHEAP})"
+        "\nexpected: a hash made with the settings' Argon2 cost: $argon2id$v=19$m=64,t=1,p=1$..."
+        f"\ngot:      {stored!r}"
+        "\n          (build the Argon2Hasher from argon2_time_cost, argon2_memory_kib and argon2_parallelism)"
+    )
+    profile = {"scopes": first.scopes, "full_name": first.full_name, "disabled": first.disabled}
+    assert profile == {"scopes": [], "full_name": None, "disabled": False}, (
+        "\nsent:     add_user(app, 'dave', 'same-password') with no scopes, full_name or disabled"
+        "\nexpected: the defaults README.md promises: scopes [], full_name None, disabled False"
+        f"\ngot:      {profile}"
+    )
+    for name in ("ARGON2_TIME_COST", "ARGON2_MEMORY_KIB", "ARGON2_PARALLELISM"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = module.Settings(jwt_secret=SECRET)
+    cost = {name: getattr(defaults, name, None) for name in ("argon2_time_cost", "argon2_memory_kib", "argon2_parallelism")}
+    assert cost == {"argon2_time_cost": 3, "argon2_memory_kib": 65536, "argon2_parallelism": 4}, (
+        "\nsent:     Settings(jwt_secret=...) with no ARGON2_* in the environment"
+        "\nexpected: pwdlib's recommended cost as the defaults: argon2_time_cost 3, argon2_memory_kib 65536,"
+        " argon2_parallelism 4 (only tests lower it)"
+        f"\ngot:      {cost}"
+    )
 
 
 @pytest.mark.task("passwords")
 def test_disabled_user_gets_no_token(client):
+    guess = login(client, "carol", "not-her-password")
+    expect_refused(guess, "a wrong password is refused the same way for every account, disabled or not")
+    expect_json(
+        guess,
+        {"detail": "Incorrect username or password"},
+        "check the password before saying 'Inactive user', or anyone learns which accounts exist and are disabled",
+        exact=True,
+    )
     response = login(client, "carol", "s3cret-carol")
     expect_status(response, 403, "a disabled account gets no token, even with the right password")
     expect_json(response, {"detail": "Inactive user"}, exact=True)
@@ -271,11 +304,12 @@ def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
             found = module.authenticate_user(app, username, "a-wrong-password")
             times.append(time.thread_time() - started)
             assert found is None, f"\nexpected: authenticate_user(app, {username!r}, <wrong password>) is None\ngot:      {found!r}"
-    assert min(unknown) > 0.5 * min(known), (
+    assert 0.5 * min(known) < min(unknown) < 2 * min(known), (
         "\nsent:     authenticate_user(app, name, 'a-wrong-password') for a real user and for a name that does not exist"
         f"\nexpected: both cost about as much (the real user costs {min(known) * 1000:.2f} ms: one Argon2 check)"
         f"\ngot:      the unknown name is refused in {min(unknown) * 1000:.2f} ms, so timing reveals which usernames exist."
-        "\nVerify the password against app.state.dummy_hash when the user is not found."
+        "\nVerify the password against app.state.dummy_hash when the user is not found, a hash made in create_app"
+        " by the same hasher (the settings' Argon2 cost) as the users' hashes."
     )
 
 
@@ -346,18 +380,35 @@ def test_the_secret_comes_from_the_environment(module, monkeypatch):
     monkeypatch.setenv("ARGON2_TIME_COST", "1")
     monkeypatch.setenv("ARGON2_MEMORY_KIB", "64")
     monkeypatch.setenv("ARGON2_PARALLELISM", "1")
+    monkeypatch.delenv("ACCESS_TOKEN_MINUTES", raising=False)  # so the default applies
     app = module.create_app()
     seed(module, app, "alice", "wonderland", scopes=["items:read"])
     with TestClient(app) as client:
         token = token_for(client, "alice", "wonderland")
     try:
-        jwt.decode(token, other_secret, algorithms=["HS256"])
+        claims = jwt.decode(token, other_secret, algorithms=["HS256"])
     except jwt.InvalidTokenError as exc:
+        problem = str(exc)
+    else:
+        problem = ""
+    if problem:
         pytest.fail(
             "\nexpected: create_app() without arguments reads JWT_SECRET from the environment and signs with it"
-            f"\ngot:      a token that does not verify with $JWT_SECRET ({exc})",
+            f"\ngot:      a token that does not verify with $JWT_SECRET ({problem})",
             pytrace=False,
         )
+    lifetime = claims.get("exp", 0) - claims.get("iat", 0)
+    assert lifetime == 15 * 60, (
+        "\nsent:     create_app() with ACCESS_TOKEN_MINUTES unset"
+        "\nexpected: exp = iat + 15 minutes (access_token_minutes defaults to 15)"
+        f"\ngot:      exp - iat = {lifetime} s ({claims})"
+    )
+    shown = repr(module.Settings())
+    assert other_secret not in shown, (
+        "\nsent:     repr(Settings()) with JWT_SECRET set"
+        "\nexpected: the secret hidden (jwt_secret is a SecretStr: printed or logged, it shows '**********')"
+        f"\ngot:      {shown}"
+    )
 
 
 @pytest.mark.task("tokens")
@@ -375,6 +426,27 @@ def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
             f"\nsent:     create_app() while {why}"
             "\nexpected: a pydantic ValidationError from Settings: no secret in the source code, none under 32 bytes"
             "\ngot:      an app that starts anyway",
+            pytrace=False,
+        )
+    # The limit counts bytes, and 32 of them are enough. Cheap Argon2, as the app now starts.
+    monkeypatch.setenv("ARGON2_TIME_COST", "1")
+    monkeypatch.setenv("ARGON2_MEMORY_KIB", "64")
+    monkeypatch.setenv("ARGON2_PARALLELISM", "1")
+    for secret, why in (
+        ("exactly-32-bytes-0123456789abcde", "JWT_SECRET has exactly 32 bytes"),
+        ("é" * 16, "JWT_SECRET is 'é' * 16: 16 characters, 32 bytes in UTF-8"),
+    ):
+        monkeypatch.setenv("JWT_SECRET", secret)
+        try:
+            module.create_app()
+        except Exception as exc:  # reported below, outside the except block, without a chained traceback
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        else:
+            continue
+        pytest.fail(
+            f"\nsent:     create_app() while {why}"
+            "\nexpected: an app: 'at least 32 bytes' allows 32, counted with len(secret.encode())"
+            f"\ngot:      {error}",
             pytrace=False,
         )
 
@@ -489,6 +561,10 @@ def test_a_user_deleted_after_login_is_refused(module, app, client):
         "the token's user no longer exists: look the user up on every request, do not trust the token alone",
     )
     expect_refused(
+        send(client, "POST", "/items", token, "dan's, issued before he was deleted", json={"name": "hammer"}),
+        "dan's token also lacks items:write, but he no longer exists: that is 401, found before any scope check",
+    )
+    expect_refused(
         client.get("/users/me", headers=bearer(forge(sub="mallory"))),
         "a correctly signed token naming a user the service has never known",
     )
@@ -498,14 +574,28 @@ def test_a_user_deleted_after_login_is_refused(module, app, client):
 
 
 @pytest.mark.task("scopes")
-def test_scopes_open_the_routes_that_need_them(fresh_client):
-    client = fresh_client  # a new app: no items yet, so the list starts empty and ids at 1
+def test_scopes_open_the_routes_that_need_them(client, fresh_client):
+    # First bob posts to the shared app. Each app keeps its own items (app.state), so the new
+    # app below must not see this one, and its ids must still start at 1.
+    shared, client = client, fresh_client  # fresh_client: a new app, no items yet
+    other = shared.post("/items", json={"name": "saw"}, headers=bearer(token_for(shared, "bob", "the-builder")))
+    expect_status(other, 201, "bob holds items:write (in the app shared by the other tests)")
     alice = bearer(token_for(client, "alice", "wonderland"))
     bob = bearer(token_for(client, "bob", "the-builder"))
-    expect_json(client.get("/items", headers=alice), [], "alice holds items:read; no items yet", exact=True)
+    expect_json(
+        client.get("/items", headers=alice),
+        [],
+        "alice holds items:read; this app is new, so no items yet: the saw went to another app, keep items on app.state",
+        exact=True,
+    )
     response = client.post("/items", json={"name": "hammer"}, headers=bob)
     expect_status(response, 201, "bob holds items:write")
-    expect_json(response, {"id": 1, "name": "hammer", "owner": "bob"}, exact=True)
+    expect_json(
+        response,
+        {"id": 1, "name": "hammer", "owner": "bob"},
+        "the first item of this app: ids count from 1 in each app, not across apps",
+        exact=True,
+    )
     expect_json(client.get("/items", headers=alice), [{"id": 1, "name": "hammer", "owner": "bob"}], exact=True)
 
 
@@ -536,3 +626,6 @@ def test_asking_for_fewer_scopes_narrows_the_token(client):
     expect_status(client.get("/items", headers=bearer(token)), 200, "bob asked for items:read and got it")
     response = client.post("/items", json={"name": "hammer"}, headers=bearer(token))
     expect_status(response, 403, "bob's token was issued for items:read only, so it cannot write")
+    writer = bearer(token_for(client, "bob", "the-builder", scope="items:write"))
+    expect_status(client.get("/items", headers=writer), 403, "bob asked for items:write only, so this token cannot list")
+    expect_status(client.get("/users/me", headers=writer), 200, "/users/me needs no scope: any valid token reads its own profile")

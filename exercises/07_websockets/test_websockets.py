@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import queue
 import threading
@@ -24,8 +25,10 @@ WAIT = 1.0  # seconds to wait for a frame that should come; a correct app answer
 # --- Helpers: a TestClient WebSocket that never hangs and fails with a readable message ---------
 
 
-def _show(data: Any) -> str:
-    return data if isinstance(data, str) else json.dumps(data) if not isinstance(data, bytes) else repr(data)
+def _show(data: Any, limit: int = 200) -> str:
+    """A frame as text for a failure message, a long one cut so that it does not hide the rest."""
+    text = data if isinstance(data, str) else json.dumps(data) if not isinstance(data, bytes) else repr(data)
+    return text if len(text) <= limit else f"{text[:limit]} … ({len(text)} characters in all)"
 
 
 class Peer:
@@ -117,7 +120,8 @@ def receive_within(session: Any, seconds: float) -> dict[str, Any]:
 # this suite's time. So one app serves every test whose outcome cannot depend on what other
 # tests left in its manager (every connection closes before its test ends, but a broken app may
 # forget to remove it):
-#   - echo, auth and messages tests never broadcast to a room nor read its members;
+#   - echo, auth and messages tests never broadcast to a room nor read its members (but one, in a
+#     room of 50 "r"s that no other test uses);
 #   - each room test says something in, or reads the members of, only rooms no other test uses;
 #   - the manager tests build their own ConnectionManager() from the module.
 # The personal-message tests depend on who is connected at all, so each gets a fresh app; so does
@@ -266,10 +270,14 @@ def test_invalid_json_gets_an_error_frame_and_the_connection_stays_open(client):
         {"type": "say", "room": "lobby", "text": "x" * 1001},
         {"type": "direct", "to": "bob"},
         {"type": "direct", "to": "", "text": "psst"},
+        {"type": "direct", "to": "x" * 51, "text": "psst"},
+        {"type": "direct", "to": "bob", "text": ""},
+        {"type": "say", "room": "x" * 51, "text": "hi"},
+        {"type": "leave", "room": ""},
         ["join", "lobby"],
     ],
     ids=["unknown-type", "no-type", "no-text", "empty-text", "empty-room", "long-room", "long-text", "direct-no-text",
-         "direct-empty-to", "a-list"],
+         "direct-empty-to", "direct-long-to", "direct-empty-text", "say-long-room", "leave-empty-room", "a-list"],
 )
 def test_a_message_that_breaks_the_protocol_gets_an_error_frame(client, bad):
     with user(client, "alice") as alice:
@@ -279,6 +287,18 @@ def test_a_message_that_breaks_the_protocol_gets_an_error_frame(client, bad):
             alice.fail('the error frame also carries "errors", a non-empty list from the ValidationError', json.dumps(frame))
         alice.send({"type": "join", "room": "lobby"})
         alice.expect({"type": "joined", "room": "lobby"}, "after an error frame the connection still works")
+
+
+@pytest.mark.task("messages")
+def test_a_room_of_50_and_a_text_of_1000_characters_are_allowed(client):
+    room, text = "r" * 50, "t" * 1000  # the longest allowed: "1 to 50", "1 to 1000" include the bounds
+    with user(client, "alice") as alice:
+        alice.send({"type": "join", "room": room})
+        alice.expect({"type": "joined", "room": room}, "a room name of exactly 50 characters is allowed")
+        alice.send({"type": "say", "room": room, "text": text})
+        frame = alice.expect({"type": "message", "room": room}, "a text of exactly 1000 characters is allowed")
+        if frame.get("text") != text:
+            alice.fail("the message carrying the whole text, 1000 times 't'", _show(frame))
 
 
 @pytest.mark.task("messages")
@@ -295,9 +315,10 @@ def test_a_binary_frame_does_not_crash_the_connection(client):
 
 @pytest.mark.task("rooms")
 def test_join_answers_with_the_members_of_the_room(client):
-    with user(client, "alice", "book-club"), user(client, "bob") as bob:
-        bob.send({"type": "join", "room": "book-club"})
-        bob.expect({"type": "joined", "room": "book-club", "members": ["alice", "bob"]}, "members sorted by name")
+    with user(client, "bob", "book-club"), user(client, "alice") as alice:
+        alice.send({"type": "join", "room": "book-club"})
+        alice.expect({"type": "joined", "room": "book-club", "members": ["alice", "bob"]},
+                     "bob joined first, but members are sorted by name, the sender included")
 
 
 @pytest.mark.task("rooms")
@@ -315,9 +336,14 @@ def test_say_reaches_everyone_in_the_room_and_nobody_else(client):
 
 @pytest.mark.task("rooms")
 def test_saying_something_in_a_room_you_are_not_in_is_an_error(client):
-    with user(client, "alice") as alice:
+    with user(client, "alice") as alice, user(client, "bob", "attic") as bob:
         alice.send({"type": "say", "room": "attic", "text": "anyone?"})
         alice.expect_error("alice has not joined the attic")
+        alice.send({"type": "join", "room": "garden"})
+        alice.expect({"type": "joined", "room": "garden"}, "after an error frame the connection still works")
+        bob.send({"type": "join", "room": "garden"})
+        bob.expect({"type": "joined", "room": "garden"},
+                   "bob is in the attic, but alice had not joined it: her message is refused, not broadcast")
 
 
 @pytest.mark.task("rooms")
@@ -329,6 +355,9 @@ def test_after_leave_the_room_is_silent(client):
         alice.expect({"type": "message", "from": "alice", "text": "still there?"})
         bob.send({"type": "join", "room": "garden"})
         bob.expect({"type": "joined", "room": "garden"}, "bob left the studio, so alice's message never reached him")
+        bob.send({"type": "leave", "room": "cellar"})
+        bob.expect({"type": "left", "room": "cellar"},
+                   "leaving a room you never joined (or that is empty) is answered too")
 
 
 @pytest.mark.task("rooms")
@@ -348,6 +377,8 @@ def test_a_direct_message_to_someone_offline_is_an_error(fresh_client):
     with user(fresh_client, "alice") as alice:
         alice.send({"type": "direct", "to": "carol", "text": "are you there?"})
         alice.expect_error("carol is not connected")
+        alice.send({"type": "join", "room": "garden"})
+        alice.expect({"type": "joined", "room": "garden"}, "after an error frame the connection still works")
 
 
 @pytest.mark.task("rooms")
@@ -430,7 +461,9 @@ async def test_broadcast_reaches_the_room_and_returns_the_count(module):
     for socket, name, room in ((alice, "alice", "lobby"), (bob, "bob", "lobby"), (carol, "carol", "kitchen")):
         manager.connect(socket, name)
         manager.join(socket, room)
-    called = "manager.broadcast('lobby', {'text': 'hi'}) with alice and bob in the lobby, carol in the kitchen"
+    manager.join(bob, "lobby")  # twice: a socket is in a room or not, so one leave below is enough
+    called = ("manager.broadcast('lobby', {'text': 'hi'}) with alice and bob (who joined twice) in the lobby, "
+              "carol in the kitchen")
     delivered = await run(manager.broadcast("lobby", {"text": "hi"}), called)
     got = (alice.received, bob.received, carol.received)
     require(got == ([{"text": "hi"}], [{"text": "hi"}], []), called,
@@ -440,8 +473,8 @@ async def test_broadcast_reaches_the_room_and_returns_the_count(module):
     require(members == ["alice", "bob"], "manager.members('lobby')", "['alice', 'bob']", repr(members))
     manager.leave(bob, "lobby")
     await run(manager.broadcast("lobby", {"text": "again"}), "manager.broadcast after manager.leave(bob, 'lobby')")
-    require(bob.received == [{"text": "hi"}], "manager.broadcast after manager.leave(bob, 'lobby')",
-            "bob got nothing more", f"bob received {bob.received}")
+    require(bob.received == [{"text": "hi"}], "manager.broadcast after one manager.leave(bob, 'lobby')",
+            "bob got nothing more (joining twice does not make him a member twice)", f"bob received {bob.received}")
     called = "manager.disconnect(alice) twice (the endpoint's cleanup and a failed send may both call it)"
     try:
         manager.disconnect(alice)
@@ -450,6 +483,14 @@ async def test_broadcast_reaches_the_room_and_returns_the_count(module):
         require(False, called, "the second call is harmless", f"it raised {type(exc).__name__}: {exc}")
     members = manager.members("lobby")
     require(members == [], called + ", then manager.members('lobby')", "[]: alice is gone", repr(members))
+    called += ", then manager.send_personal('alice', ...)"
+    delivered = await run(manager.send_personal("alice", {"text": "still there?"}), called)
+    require(delivered == 0 and alice.received == [{"text": "hi"}, {"text": "again"}], called,
+            "0 and nothing sent: disconnect forgets the socket's user too, not only its rooms",
+            f"it returned {delivered!r}, alice received {alice.received}")
+    called = "manager.broadcast('lobby', ...) once everyone has left the lobby"
+    delivered = await run(manager.broadcast("lobby", {"text": "echo?"}), called)
+    require(delivered == 0, called, "0: an empty room (or one never used) is not an error", repr(delivered))
 
 
 @pytest.mark.task("resilience")
@@ -468,6 +509,11 @@ async def test_send_personal_reaches_every_connection_of_one_user(module):
     require(delivered == 2, called, "it returns 2", repr(delivered))
     nobody = await run(manager.send_personal("nobody", {"text": "?"}), "manager.send_personal('nobody', ...)")
     require(nobody == 0, "manager.send_personal('nobody', ...)", "0: nobody by that name is connected", repr(nobody))
+    manager.join(phone, "lobby")
+    manager.join(laptop, "lobby")
+    members = manager.members("lobby")
+    require(members == ["bob"], "manager.members('lobby') after bob's phone and laptop both joined it",
+            "['bob']: each user once, however many connections", repr(members))
 
 
 @pytest.mark.task("resilience")
@@ -491,30 +537,60 @@ async def test_a_failing_socket_is_dropped_and_the_others_still_get_the_message(
     require(broken.attempts == 1, called + ", twice", "the failing socket dropped after its first failure",
             f"it was tried {broken.attempts} times: call self.disconnect(ws) when its send fails")
     members = manager.members("lobby")
-    require("ghost" not in members, "manager.members('lobby') after the failure",
-            "the dropped socket's user is gone", repr(members))
+    require(members == ["user0", "user1", "user2"], "manager.members('lobby') after the failure",
+            "['user0', 'user1', 'user2']: the dropped socket's user is gone, the others are still there", repr(members))
+    delivered = await run(manager.broadcast("lobby", {"n": 2}), called + ", a third time")
+    require(delivered == 3, called + ", a third time", "3: dropping one socket leaves the room to the others",
+            repr(delivered))
+    # send_personal delivers the same way: one failing connection of a user costs only that connection.
+    failing = Broken(error)
+    manager.connect(failing, "user0")
+    called = f"manager.send_personal('user0', ...) with one healthy socket and one whose send raises {error!r}"
+    delivered = await run(manager.send_personal("user0", {"n": 4}), called)
+    require(delivered == 1 and healthy[0].received[-1:] == [{"n": 4}], called,
+            "the healthy socket served and 1 returned (the failed send does not count)",
+            f"it returned {delivered!r}, the healthy socket's last frame is {healthy[0].received[-1:]}")
+    await run(manager.send_personal("user0", {"n": 5}), called + ", a second time")
+    require(failing.attempts == 1, called + ", twice", "the failing socket dropped after its first failure",
+            f"it was tried {failing.attempts} times")
 
 
 @pytest.mark.task("resilience")
 @pytest.mark.asyncio
 async def test_a_stuck_socket_does_not_hold_up_the_broadcast(module):
-    manager = module.ConnectionManager(send_timeout=0.05)
+    manager = module.ConnectionManager(send_timeout=0.02)
     stuck, healthy = Stuck(), Recorder()
     manager.connect(stuck, "sleepy")
     manager.join(stuck, "lobby")
     manager.connect(healthy, "alice")
     manager.join(healthy, "lobby")
-    called = "manager.broadcast('lobby', ...) with send_timeout=0.05, alice healthy and one send that never finishes"
+    called = "manager.broadcast('lobby', ...) with send_timeout=0.02, alice healthy and one send that never finishes"
     started = time.perf_counter()
     delivered = await run(manager.broadcast("lobby", {"n": 1}), called)
     elapsed = time.perf_counter() - started
     require(healthy.received == [{"n": 1}] and delivered == 1, called, "alice served and 1 returned",
             f"alice received {healthy.received}, it returned {delivered!r}")
-    # 0.5 s: ten times send_timeout for a slow machine, and half the default 1.0 s it must not use instead.
-    require(elapsed < 0.5, called, "done in about send_timeout (0.05 s)", f"{elapsed:.2f} s")
+    # 0.5 s: 25 times send_timeout for a slow machine, and half the default 1.0 s it must not use instead.
+    require(elapsed < 0.5, called, "done in about send_timeout (0.02 s)", f"{elapsed:.2f} s")
     await run(manager.broadcast("lobby", {"n": 2}), called + ", a second time")
     require(stuck.attempts == 1, called + ", twice", "a socket that timed out is dropped, not tried again",
             f"it was tried {stuck.attempts} times")
+    late = Stuck()
+    manager.connect(late, "alice")  # alice's second connection, which stopped reading
+    called = "manager.send_personal('alice', ...) with send_timeout=0.02, one of alice's two sends never finishing"
+    started = time.perf_counter()
+    delivered = await run(manager.send_personal("alice", {"n": 3}), called)
+    elapsed = time.perf_counter() - started
+    require(healthy.received[-1:] == [{"n": 3}] and delivered == 1 and elapsed < 0.5, called,
+            "alice's healthy connection served, 1 returned, done in about send_timeout (0.02 s)",
+            f"alice's healthy connection last got {healthy.received[-1:]}, "
+            f"it returned {delivered!r} after {elapsed:.2f} s")
+    parameter = inspect.signature(module.ConnectionManager).parameters.get("send_timeout")
+    default = None if parameter is None else parameter.default
+    require(default == 1.0, "ConnectionManager() (the app's own manager is made this way)",
+            "send_timeout defaults to 1.0 seconds, as README.md promises",
+            "no send_timeout parameter" if parameter is None
+            else "no default" if default is inspect.Parameter.empty else f"the default is {default!r}")
 
 
 # --- real_server: uvicorn on loopback and the `websockets` client library -----------------------

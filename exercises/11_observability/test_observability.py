@@ -14,6 +14,8 @@ from grader.environment import settings_environment
 from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain
 
 SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
+# The longest incoming X-Request-ID that must be reused: 64 characters, every allowed kind.
+LONGEST_REQUEST_ID = "req-42.a_b-" + "0123456789" * 5 + "xyz"
 ACCESS_LOGGER = "inventory.access"
 
 
@@ -155,6 +157,14 @@ def one_entry_for(lines: list[str], response) -> dict:
     return entries[0]
 
 
+def expect_header_logged(response, entry: dict) -> None:
+    """The response carries an X-Request-ID, and it is the one in the request's log line."""
+    header = expect_header(response, "x-request-id", why="every response carries its request ID, an error too")
+    assert entry.get("request_id") == header, explain(
+        response, f"the log line's request_id equals the X-Request-ID header {header!r}; got {entry.get('request_id')!r}"
+    )
+
+
 def samples(client) -> tuple[object, list]:
     """GET /metrics and parse it the way Prometheus does; return the response and every sample."""
     response = client.get("/metrics")
@@ -191,6 +201,16 @@ def secret_of(settings) -> str:
 
 @pytest.mark.task("settings")
 def test_settings_come_from_the_environment_with_types(module, env):
+    env.delenv("OBS_DATABASE_URL")  # only the required secret is left set
+    defaults = {"app_name": "inventory", "environment": "dev", "database_url": "sqlite+aiosqlite:///./inventory.db",
+                "log_level": "INFO", "ready_timeout": 2.0}
+    settings = module.Settings()
+    got = {name: field(settings, name) for name in defaults}
+    wrong = {name: value for name, value in got.items() if value != defaults[name]}
+    assert not wrong, (
+        f"\nset:      only OBS_SECRET_KEY\nexpected: the defaults of the README's table {defaults}\n"
+        f"got:      {wrong} (the other fields as expected)"
+    )
     env.setenv("OBS_APP_NAME", "stockroom")
     env.setenv("OBS_ENVIRONMENT", "staging")
     env.setenv("OBS_READY_TIMEOUT", "0.5")
@@ -222,14 +242,17 @@ def test_the_secret_is_required_and_hidden(module, env):
 
 
 @pytest.mark.task("settings")
-@pytest.mark.parametrize(("name", "value"), [("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production")])
+@pytest.mark.parametrize(("name", "value"), [
+    ("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production"), ("OBS_LOG_LEVEL", "LOUD"),
+])
 def test_malformed_values_are_rejected(module, env, name, value):
     env.setenv(name, value)
     with pytest.raises(ValidationError):
         module.Settings()
         pytest.fail(
             f"\nset:      {name}={value}\nexpected: a ValidationError (ready_timeout is a float > 0; "
-            "environment is one of dev, staging, prod)\ngot:      Settings() accepted it",
+            "environment is one of dev, staging, prod; log_level one of DEBUG, INFO, WARNING, ERROR)\n"
+            "got:      Settings() accepted it",
             pytrace=False,
         )
 
@@ -254,8 +277,19 @@ def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
 
 
 @pytest.mark.task("settings")
-def test_the_app_refuses_to_start_without_its_secret(module, env):
+def test_the_app_refuses_to_start_without_its_secret(module, env, load):
     env.delenv("OBS_SECRET_KEY")
+    try:
+        load("app")  # a fresh import, without the secret: only starting the app may read the settings
+        failed = ""
+    except pytest.fail.Exception as exc:
+        failed = str(exc).splitlines()[0]
+    if failed:  # failed outside the `except`, so the message is not buried under the import's traceback
+        pytest.fail(
+            "\nunset:    OBS_SECRET_KEY\nexpected: importing app.py reads no settings (the lifespan does, at startup), "
+            f"so it imports without the secret\ngot:      {failed}",
+            pytrace=False,
+        )
     try:
         with TestClient(new_app(module)) as client:
             response = client.get("/health")
@@ -335,10 +369,14 @@ def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, en
 
 @pytest.mark.task("logging")
 def test_one_json_line_per_request_with_the_route_template(client, access_lines):
-    response = client.get("/items/2", headers={"X-Request-ID": "req-42.a_b"})
+    response = client.get("/items/2", headers={"X-Request-ID": LONGEST_REQUEST_ID})
     expect_status(response, 200)
+    expect_header(
+        response, "x-request-id", LONGEST_REQUEST_ID,
+        "the incoming ID is reused: 64 characters (the most allowed) of letters, digits, '.', '_' and '-'",
+    )
     entry = one_entry_for(access_lines, response)
-    expected = {"method": "GET", "route": "/items/{item_id}", "status": 200, "request_id": "req-42.a_b",
+    expected = {"method": "GET", "route": "/items/{item_id}", "status": 200, "request_id": LONGEST_REQUEST_ID,
                 "level": "INFO", "logger": ACCESS_LOGGER}
     wrong = {key: entry.get(key) for key, value in expected.items() if entry.get(key) != value}
     assert not wrong, explain(response, f"a log line with {expected} (route is the template, not /items/2); wrong: {wrong}\nline:     {entry}")
@@ -357,15 +395,19 @@ def test_one_json_line_per_request_with_the_route_template(client, access_lines)
 def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
     response = client.get("/items/99")
     entry = one_entry_for(access_lines, response)
-    assert (entry.get("route"), entry.get("status")) == ("/items/{item_id}", 404), explain(
-        response, f"route '/items/{{item_id}}' and status 404 in the log line; got {entry}"
+    assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("/items/{item_id}", 404, "INFO"), explain(
+        response, f"route '/items/{{item_id}}', status 404 and level INFO in the log line (every request logs at INFO); got {entry}"
     )
+    expect_header_logged(response, entry)
     access_lines.clear()
     response = client.get("/no/such/page")
     entry = one_entry_for(access_lines, response)
-    assert (entry.get("route"), entry.get("status")) == ("unmatched", 404), explain(
-        response, f"route 'unmatched' (no route matched, and raw paths are never logged as routes) and status 404; got {entry}"
+    assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("unmatched", 404, "INFO"), explain(
+        response,
+        "route 'unmatched' (no route matched, and raw paths are never logged as routes), status 404 and level INFO; "
+        f"got {entry}",
     )
+    expect_header_logged(response, entry)
 
 
 @pytest.mark.task("logging")
@@ -396,6 +438,36 @@ def test_a_request_that_crashes_is_logged_too(module):
 
 
 @pytest.mark.task("logging")
+def test_the_log_level_comes_from_the_settings(module, env):
+    # Logging is global: put back the levels these apps set, so later tests log at INFO again.
+    loggers = [logging.getLogger(name) for name in ("", "inventory", ACCESS_LOGGER)]
+    levels = [logger.level for logger in loggers]
+    access = logging.getLogger(ACCESS_LOGGER)
+    try:
+        for level, lines in (("DEBUG", 1), ("WARNING", 0)):
+            env.setenv("OBS_LOG_LEVEL", level)
+            clear_settings_cache(module)  # the lifespan reads this level, not the one cached before
+            handler = JsonLines(module.JsonFormatter())
+            with TestClient(new_app(module)) as client:
+                access.addHandler(handler)
+                try:
+                    response = client.get("/health")
+                finally:
+                    access.removeHandler(handler)
+            if lines:
+                one_entry_for(handler.lines, response)
+            else:
+                assert not handler.lines, explain(
+                    response,
+                    "no INFO access line from an app started with OBS_LOG_LEVEL=WARNING: the lifespan configures "
+                    f"logging at settings.log_level, not at a fixed level; got {handler.lines}",
+                )
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@pytest.mark.task("logging")
 def test_a_request_id_is_generated_and_returned(client, access_lines):
     first = client.get("/health")
     second = client.get("/health")
@@ -407,12 +479,19 @@ def test_a_request_id_is_generated_and_returned(client, access_lines):
 
 
 @pytest.mark.task("logging")
-@pytest.mark.parametrize("incoming", ["x" * 65, "two words", "<script>"])
+@pytest.mark.parametrize("incoming", ["x" * 65, "two words", "<script>", ""])
 def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
-    response = client.get("/health", headers={"X-Request-ID": incoming})
-    got = expect_header(response, "x-request-id")
+    first = client.get("/health", headers={"X-Request-ID": incoming})
+    got = expect_header(first, "x-request-id")
     assert got and got != incoming, explain(
-        response, f"a fresh request ID: the incoming {incoming[:20]!r} is not 1-64 letters, digits, '.', '_' or '-'"
+        first, f"a fresh request ID: the incoming {incoming[:20]!r} is not 1-64 letters, digits, '.', '_' or '-'"
+    )
+    second = client.get("/health", headers={"X-Request-ID": incoming})
+    again = expect_header(second, "x-request-id")
+    assert again != got, explain(
+        second,
+        f"a new, unique ID each time the unsafe {incoming[:20]!r} is sent (not a cut or cleaned copy of it); "
+        f"both requests got {got!r}",
     )
 
 
@@ -433,6 +512,10 @@ def test_requests_are_counted_by_route_template(module):
         'http_requests_total{method="GET",route="/items/{item_id}",status="200"} 3.0 and the same with status="404" 1.0; '
         f"got {ok} and {missing}",
     )
+    labels = sorted({tuple(sorted(s.labels)) for s in found if s.name.startswith("http_requests_total")})
+    assert labels == [("method", "route", "status")], explain(
+        response, f"http_requests_total is labelled by method, route and status, no others; got label sets {labels}"
+    )
     raw = sorted({s.labels["route"] for s in found if s.labels.get("route", "").startswith("/items/") and "{" not in s.labels["route"]})
     assert not raw, explain(response, f"no label with a raw path (one series per item id grows without end); found routes {raw}")
 
@@ -451,9 +534,15 @@ def test_unmatched_paths_share_one_label(module):
 @pytest.mark.task("metrics")
 def test_latency_histogram_by_route_template(module):
     # Exact counts: a new app from create_app(), whose metrics start from zero.
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
     with TestClient(new_app(module)) as client:
-        client.get("/items/1")
-        client.get("/items/2")
+        logger.addHandler(handler)
+        try:
+            client.get("/items/1")
+            client.get("/items/2")
+        finally:
+            logger.removeHandler(handler)
         response, found = samples(client)
     assert response.headers.get("content-type", "").startswith("text/plain"), explain(
         response, "Content-Type text/plain (prometheus_client.CONTENT_TYPE_LATEST)"
@@ -466,6 +555,22 @@ def test_latency_histogram_by_route_template(module):
         'a histogram http_request_duration_seconds{method="GET",route="/items/{item_id}"} with _count 2 '
         f"and a +Inf bucket of 2; got _count={count}, +Inf bucket={everything}, _sum={total}",
     )
+    labels = sorted({
+        tuple(sorted(set(s.labels) - {"le"})) for s in found if s.name.startswith("http_request_duration_seconds")
+    })
+    assert labels == [("method", "route")], explain(
+        response, f"the histogram's labels are method and route, no others; got label sets {labels}"
+    )
+    # The log lines and the histogram time the same two requests: one in milliseconds, the other in seconds.
+    logged = [entry.get("duration_ms") for entry in parse_lines(handler.lines, response)]
+    milliseconds = sum(value for value in logged if isinstance(value, (int, float)))
+    # A wide margin (100x either way) for timing jitter; a mix-up of units is a factor of 1000.
+    if milliseconds > 0 and total > 0:
+        assert 0.01 < milliseconds / (total * 1000) < 100, explain(
+            response,
+            f"duration_ms in milliseconds and http_request_duration_seconds in seconds for the same requests; "
+            f"the log lines say {logged} ms, the histogram's _sum {total} s",
+        )
 
 
 @pytest.mark.task("metrics")

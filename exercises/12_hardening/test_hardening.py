@@ -148,6 +148,7 @@ def test_other_origins_get_no_cors_permission(client):
 @pytest.mark.task("cors")
 def test_origins_come_from_the_settings(module, clock, monkeypatch):
     monkeypatch.setenv("HARD_CORS_ORIGINS", '["https://admin.example"]')
+    monkeypatch.setenv("HARD_CORS_ALLOW_CREDENTIALS", "false")
     settings = module.Settings()
     assert settings.cors_origins == ["https://admin.example"], (
         "\nset:      HARD_CORS_ORIGINS='[\"https://admin.example\"]'\n"
@@ -157,6 +158,11 @@ def test_origins_come_from_the_settings(module, clock, monkeypatch):
         admin = preflight(client, "https://admin.example")
         local = preflight(client, "http://localhost:3000")
     expect_header(admin, "access-control-allow-origin", "https://admin.example", "the origin configured in the settings")
+    assert "access-control-allow-credentials" not in admin.headers, explain(
+        admin,
+        "no Access-Control-Allow-Credentials once HARD_CORS_ALLOW_CREDENTIALS=false (take it from the settings, not True); "
+        f"got Access-Control-Allow-Credentials: {admin.headers.get('access-control-allow-credentials')!r}",
+    )
     assert "access-control-allow-origin" not in local.headers, explain(
         local, "no permission for http://localhost:3000 once the settings list only https://admin.example (no hard-coded origins)"
     )
@@ -170,6 +176,14 @@ def test_a_wildcard_with_credentials_is_refused(module):
             "\nexpected: Settings(cors_origins=['*'], cors_allow_credentials=True) raises a ValidationError\n"
             "got:      it was accepted. Browsers refuse '*' on credentialed requests, and echoing every origin instead "
             "lets any site use your users' cookies.",
+            pytrace=False,
+        )
+    with pytest.raises(ValidationError):
+        module.Settings(cors_origins=[SHOP, "*"], cors_allow_credentials=True)
+        pytest.fail(
+            f"\nexpected: Settings(cors_origins=[{SHOP!r}, '*'], cors_allow_credentials=True) raises a ValidationError\n"
+            "got:      it was accepted. A '*' anywhere in the list allows every origin, so look for it in the list, "
+            "not only at cors_origins == ['*'].",
             pytrace=False,
         )
     public = module.Settings(cors_origins=["*"], cors_allow_credentials=False)
@@ -225,6 +239,8 @@ def test_a_body_at_the_limit_passes_one_byte_more_is_413(client):
     expect_json(client.post("/upload", content=b"x" * 1000), {"size": 1000}, "exactly max_body_bytes is allowed", exact=True)
     response = client.post("/upload", content=b"x" * 1001)
     expect_error(response, 413, "content_too_large", "1001 bytes with max_body_bytes=1000")
+    product = client.post("/products", json={"name": "x" * 1000, "price": 1.0, "stock": 1})
+    expect_error(product, 413, "content_too_large", "a JSON body over 1000 bytes to POST /products: the limit holds on every route, not only /upload")
 
 
 @pytest.mark.task("body_limit")
@@ -277,10 +293,18 @@ def test_the_burst_is_allowed_then_429_with_retry_after(build, clock):
         response = client.get("/products/1")
         expect_error(response, 429, "rate_limited", "the fourth request at the same instant")
         expect_header(response, "retry-after", "1", "one token per second: retry in 1 s")
+        expect_status(client.get("/reports/summary"), 429, "the same client on another route: one bucket per client, not one per route")
         expect_json(client.get("/health"), {"status": "ok"}, "/health is never limited: a throttled probe gets a healthy pod restarted")
         clock.advance(1.0)
         expect_status(client.get("/products/1"), 200, "one second later one token has come back")
         expect_status(client.get("/products/1"), 429, "...and only one")
+        clock.advance(100.0)
+        for n in range(3):
+            expect_status(client.get("/products/1"), 200, f"request {n + 1} after 100 idle seconds")
+        expect_status(
+            client.get("/products/1"), 429,
+            "the fourth request after 100 idle seconds: the bucket holds at most rate_limit_capacity=3 tokens, however long the client waited",
+        )
 
 
 @pytest.mark.task("rate_limit")
@@ -296,9 +320,13 @@ def test_retry_after_counts_whole_seconds_up(build, clock):
 def test_each_client_has_its_own_limit(build):
     app = build(rate_limit_capacity=2, rate_limit_refill_per_second=0.5)
     with TestClient(app, client=("10.0.0.1", 40001)) as first, TestClient(app, client=("10.0.0.2", 40002)) as second:
-        first.get("/products/1")
-        first.get("/products/1")
-        expect_status(first.get("/products/1"), 429, "client 10.0.0.1 used its burst of 2")
+        # Each with another X-Forwarded-For: a header the client writes itself must not buy a new bucket.
+        first.get("/products/1", headers={"X-Forwarded-For": "192.0.2.1"})
+        first.get("/products/1", headers={"X-Forwarded-For": "192.0.2.2"})
+        expect_status(
+            first.get("/products/1", headers={"X-Forwarded-For": "192.0.2.3"}), 429,
+            "client 10.0.0.1 used its burst of 2 (key on request.client.host, not on X-Forwarded-For)",
+        )
         expect_status(second.get("/products/1"), 200, "client 10.0.0.2 has its own bucket: one greedy client must not lock out the rest")
 
 
@@ -306,7 +334,7 @@ def test_each_client_has_its_own_limit(build):
 
 
 @pytest.mark.task("compression")
-def test_large_responses_are_gzipped_small_ones_are_not(client):
+def test_large_responses_are_gzipped_small_ones_are_not(client, build):
     # The shared app has gzip_minimum_size=500.
     large = client.get("/products", headers={"Accept-Encoding": "gzip"})
     small = client.get("/health", headers={"Accept-Encoding": "gzip"})
@@ -316,6 +344,13 @@ def test_large_responses_are_gzipped_small_ones_are_not(client):
     assert isinstance(json_of(large), list), explain(large, "a JSON list once decompressed")
     assert "content-encoding" not in small.headers, explain(small, "no compression below gzip_minimum_size: it would only cost CPU")
     assert "content-encoding" not in plain.headers, explain(plain, "no compression for a client that did not ask for gzip")
+    with TestClient(build(gzip_minimum_size=100_000)) as raised:
+        listed = raised.get("/products", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in listed.headers, explain(
+        listed,
+        "no compression with gzip_minimum_size=100000: the product list is smaller (take the minimum from the settings); "
+        f"got Content-Encoding: {listed.headers.get('content-encoding')!r}",
+    )
 
 
 # ------------------------------------------------------------------------------ conditional GET
@@ -361,7 +396,7 @@ def test_a_write_changes_the_etag(client):
 
 @pytest.mark.task("ttl_cache")
 def test_the_summary_is_cached_for_its_ttl(build, clock):
-    with TestClient(build(summary_ttl_seconds=30)) as client:
+    with TestClient(build(summary_ttl_seconds=5)) as client:
         first = client.get("/reports/summary")
         expect_header(first, "x-cache", "miss", "the first call computes the summary")
         body = json_of(first)
@@ -369,13 +404,17 @@ def test_the_summary_is_cached_for_its_ttl(build, clock):
         second = client.get("/reports/summary")
         expect_header(second, "x-cache", "hit", "within the TTL the cached summary is served")
         expect_json(second, body, "the same summary", exact=True)
-        clock.advance(30.5)
-        expect_header(client.get("/reports/summary"), "x-cache", "miss", "after summary_ttl_seconds it is computed again")
+        clock.advance(4)
+        expect_header(client.get("/reports/summary"), "x-cache", "hit", "4 s into a summary_ttl_seconds of 5")
+        clock.advance(1.5)
+        expect_header(
+            client.get("/reports/summary"), "x-cache", "miss", "5.5 s later, past summary_ttl_seconds=5 (take the TTL from the settings)"
+        )
 
 
 @pytest.mark.task("ttl_cache")
 def test_a_write_invalidates_the_summary(build, clock):
-    with TestClient(build(summary_ttl_seconds=30)) as client:
+    with TestClient(build(summary_ttl_seconds=30)) as client, TestClient(build(summary_ttl_seconds=30)) as other:
         client.get("/reports/summary")
         expect_header(client.get("/reports/summary"), "x-cache", "hit")
         expect_status(client.post("/products", json={"name": "Desk lamp", "price": 24.5, "stock": 3}), 201)
@@ -383,6 +422,10 @@ def test_a_write_invalidates_the_summary(build, clock):
         response = client.get("/reports/summary")
         expect_header(response, "x-cache", "miss", "creating a product invalidates the cached summary at once")
         expect_json(response, {"products": 41}, "the new product is counted")
+        expect_json(
+            other.get("/reports/summary"), {"products": 40},
+            "a second app from create_app() has its own products and its own cache: nothing cached by the first one",
+        )
 
 
 # ------------------------------------------------------------------------------ errors
