@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -11,7 +12,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from grader.expect import expect_json, expect_status, explain, json_of
 
@@ -342,12 +344,43 @@ def test_the_tables_are_created_at_startup_in_the_configured_database(imported, 
         "\nexpected: books.author_id is a foreign key to authors.id "
         "(mapped_column(ForeignKey(\"authors.id\")))"
         f"\ngot:      foreign keys of books: {sorted(references) or 'none'}"))
+    # create_app must use the Settings it is given, not read the environment again on its own.
+    given, elsewhere = workdir / "given.db", workdir / "elsewhere.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATABASE_URL", url_of(given))
+        settings = module.Settings()
+        patch.setenv("DATABASE_URL", url_of(elsewhere))
+        with TestClient(module.create_app(settings)):
+            found, stray = tables(given), tables(elsewhere)
+    check({"authors", "books"} <= found, (
+        f"\nset:      DATABASE_URL naming {given.name}, then settings = Settings(), then DATABASE_URL naming "
+        f"{elsewhere.name}\nstarted:  create_app(settings)\nexpected: the tables in {given.name}, the database "
+        f"of the settings create_app received\ngot:      tables in {given.name}: {sorted(found) or 'none'}; "
+        f"in {elsewhere.name}: {sorted(stray) or 'none'} (does create_app build a Settings() of its own?)"))
 
 
 @pytest.mark.task("setup")
 def test_the_database_health_route_runs_a_query(shared):
-    response = call(shared, "GET", "/health/db")
+    shared.start()
+    engine = getattr(shared.app.state, "engine", None)
+    check(engine is not None, "\nexpected: the lifespan keeps the engine on app.state.engine\ngot:      no app.state.engine")
+    # Every statement the app's engine sends to the database during the request, as the driver sees it.
+    statements: list[str] = []
+    sync_engine = getattr(engine, "sync_engine", engine)
+
+    def record(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(sync_engine, "before_cursor_execute", record)
+    try:
+        response = call(shared, "GET", "/health/db")
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", record)
     expect_json(response, {"database": "ok"}, "GET /health/db runs SELECT 1 through the session", exact=True)
+    check(bool(statements), explain(
+        response, "the answer comes after a query really ran: no statement reached the database through "
+        "app.state.engine. A readiness check that does not ask the database says ok when it is down: "
+        'run session.execute(text("SELECT 1")).'))
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -389,11 +422,12 @@ def authors_in(path: Path) -> list[str] | None:
         return None
 
 
-@pytest.mark.task("sessions")
-@pytest.mark.asyncio
-async def test_the_commit_happens_before_the_response_is_sent(module, database_file):
-    # Spoken to in raw ASGI, so that the test sees the moment the response starts going out.
-    body = json.dumps({"name": "Ann Leckie"}).encode()
+async def post_raw(app: Any, payload: dict[str, Any], on_start: Callable[[], None] | None = None) -> tuple[int | None, str | None]:
+    """POST /authors to the app in raw ASGI: (the status, or None; the exception the app raised, or None).
+
+    `on_start` runs at the moment the response starts going out.
+    """
+    body = json.dumps(payload).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": "/authors", "raw_path": b"/authors", "root_path": "", "query_string": b"",
@@ -403,7 +437,6 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
     }
     request_sent = False
     status: int | None = None
-    committed: list[str] | None = None
 
     async def receive() -> dict[str, Any]:
         nonlocal request_sent
@@ -413,19 +446,37 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        nonlocal status, committed
+        nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
-            committed = authors_in(database_file)  # what another connection sees right now
+            if on_start is not None:
+                on_start()
 
-    error = None
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return status, f"{type(exc).__name__}: {str(exc)[:200]}"
+    return status, None
+
+
+@pytest.mark.task("sessions")
+@pytest.mark.asyncio
+async def test_the_commit_happens_before_the_response_is_sent(module, database_file):
+    # Spoken to in raw ASGI, so that the test sees the moment the response starts going out.
+    payload = {"name": "Ann Leckie"}
+    committed: list[str] | None = None
+
+    def look() -> None:
+        nonlocal committed
+        committed = authors_in(database_file)  # what another connection sees right now
+
+    overlapping = [{"name": f"At Once {n}"} for n in range(3)]
     app = new_app(module)  # its own: the engine belongs to this test's event loop
     async with LifespanManager(app):
-        try:
-            await app(scope, receive, send)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            error = f"{type(exc).__name__}: {exc}"
-    sent = f"\nsent:     POST /authors {body.decode()}"
+        status, error = await post_raw(app, payload, look)
+        # Three requests in flight together; each needs a session of its own.
+        together = await asyncio.gather(*(post_raw(app, other) for other in overlapping))
+    sent = f"\nsent:     POST /authors {json.dumps(payload)}"
     check(error is None, f"{sent}\nexpected: 201\ngot:      the app raised {error}")
     check(status == 201, f"{sent}\nexpected: status 201 (creating an author answers 201 Created)\ngot:      {status}"
           + (" (no route matched: is POST /authors defined?)" if status == 404 else ""))
@@ -434,6 +485,13 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
         f"\ngot:      the database showed {committed} at that moment: the commit runs after the response."
         "\n          If that commit failed, the client would hold a 201 for a write that never happened."
         '\n          Declare the session dependency with Depends(get_session, scope="function").'))
+    got = [f"{other_status} ({other_error})" if other_error else str(other_status) for other_status, other_error in together]
+    check(got == ["201"] * len(overlapping), (
+        f"\nsent:     {len(overlapping)} POST /authors at the same time: "
+        + ", ".join(json.dumps(other) for other in overlapping)
+        + f"\nexpected: 201 for each: every request works in a session of its own\ngot:      {', '.join(got)}"
+        "\n          One session shared by requests that overlap breaks: "
+        "open a new one per request in the dependency (async with sessionmaker() as session: ... yield session)."))
 
 
 @pytest.mark.task("sessions")
@@ -532,6 +590,7 @@ INVALID = [
     ("/authors/{id}/books", {"title": "", "isbn": isbn(3), "year": 2000}),
     ("/authors/{id}/books", {"title": "x" * 201, "isbn": isbn(3), "year": 2000}),
     ("/authors/{id}/books", {"title": "Too long ISBN", "isbn": isbn(3) + "0", "year": 2000}),
+    ("/authors/{id}/books", {"title": "ISBN-10", "isbn": "0060512750", "year": 2000}),
     ("/authors/{id}/books", {"title": "Before print", "isbn": isbn(3), "year": 1449}),
     ("/authors/{id}/books", {"title": "Far future", "isbn": isbn(3), "year": 2101}),
 ]
@@ -544,6 +603,13 @@ def test_invalid_input_is_422(shared):
         expect_status(call(shared, "POST", url.format(id=author["id"]), json=payload), 422,
                       "the API schema rejects it before the database sees it: name 1-100 characters, "
                       "title 1-200, isbn 13 digits, year 1450-2100")
+    # The limits themselves are valid: each bound is inclusive.
+    edge = {"name": "N" * 100, "books": [{"title": "T" * 200, "isbn": isbn(61), "year": 1450}]}
+    response = call(shared, "POST", "/authors", json=edge)
+    expect_status(response, 201, "a name of 100 characters, a title of 200 and the year 1450 are all allowed")
+    response = call(shared, "POST", f"/authors/{author['id']}/books",
+                    json={"title": "Last year", "isbn": isbn(62), "year": 2100})
+    expect_status(response, 201, "the year 2100 is allowed (1450-2100, both included)")
 
 
 # --- pagination ---------------------------------------------------------------------------------
@@ -613,6 +679,9 @@ def test_the_default_page_and_the_author_filter(shelved):
 def test_page_parameters_are_bounded(shared):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}):
         expect_status(call(shared, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
+    for params in ({"limit": 1}, {"limit": 100}):
+        response = call(shared, "GET", "/books", params=params)
+        expect_json(response, {"offset": 0, **params}, "the bounds themselves are allowed: 1 <= limit <= 100")
 
 
 # --- index --------------------------------------------------------------------------------------

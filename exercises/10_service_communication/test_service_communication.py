@@ -224,10 +224,12 @@ async def test_orders_answers_from_what_inventory_says(inventory: ModuleType, or
         too_many = await client.post("/orders", json=ORDER)
         expect_status(too_many, 409, "3 widgets ordered, 2 in stock")
         expect_json(too_many, {"detail": "Not enough stock for widget: 2 available"}, exact=True)
+        expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 2}), 201, "2 widgets ordered, 2 in stock: enough")
         unknown = await client.post("/orders", json={"sku": "unobtainium", "quantity": 1})
         expect_status(unknown, 422, "inventory answered 404 for the SKU: the order cannot be placed")
         expect_json(unknown, {"detail": "Unknown SKU unobtainium"}, exact=True)
         expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 0}), 422, "quantity ≥ 1")
+        expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 101}), 422, "quantity ≤ 100")
 
 
 @pytest.mark.task("shared_client")
@@ -252,6 +254,13 @@ async def test_one_client_lives_as_long_as_the_app(orders: ModuleType) -> None:
 @pytest.mark.task("shared_client")
 @pytest.mark.asyncio
 async def test_inventory_url_comes_from_the_environment(orders: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("INVENTORY_URL", "EVENTS_URL", "TIMEOUT", "RETRIES", "BACKOFF"):
+        monkeypatch.delenv(f"ORDERS_{name}", raising=False)
+    promised = {"inventory_url": "http://127.0.0.1:8001", "events_url": None, "timeout": 2.0, "retries": 2, "backoff": 0.05}
+    defaults = {name: getattr(orders.Settings(), name, "(missing)") for name in promised}
+    assert defaults == promised, (
+        f"\nsent:     Settings() with no ORDERS_* variable set\nexpected: the defaults {promised}\ngot:      {defaults}"
+    )
     monkeypatch.setenv("ORDERS_INVENTORY_URL", "http://inventory.internal:9000")
     upstream = FakeUpstream()
     app = orders.create_app(upstream_transport=upstream)  # no settings: they come from ORDERS_*
@@ -283,7 +292,7 @@ async def test_inventory_down_is_503(orders: ModuleType) -> None:
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_slow_inventory_is_504_after_the_timeout(
-    orders: ModuleType, loopback: tuple[LoopbackInventory, str], monkeypatch: pytest.MonkeyPatch
+    orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slow, slow_url = loopback
     slow.delay = 0.6  # a real server on 127.0.0.1 that answers after 0.6 s
@@ -297,6 +306,16 @@ async def test_slow_inventory_is_504_after_the_timeout(
     expect_status(response, 504, "inventory took 0.6 s and ORDERS_TIMEOUT is 0.05 s")
     expect_json(response, {"detail": "inventory service timed out"}, exact=True)
     assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the timeout), not {elapsed:.2f} s")
+    # The gateway too: its clients take the timeout from its Settings.
+    settings = gateway.Settings(inventory_url=slow_url, timeout=0.05, retries=0)
+    app = gateway.create_app(settings, transports={"orders": FakeUpstream(), "inventory": tcp()})
+    async with serving(app) as running, client_for(running) as client:
+        started = time.perf_counter()
+        response = await client.get("/api/stock/widget")
+        elapsed = time.perf_counter() - started
+    expect_status(response, 504, "through the gateway: inventory took 0.6 s and the gateway's timeout is 0.05 s")
+    expect_json(response, {"detail": "inventory service timed out"}, exact=True)
+    assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the gateway's timeout), not {elapsed:.2f} s")
 
 
 @pytest.mark.task("failures")
@@ -308,6 +327,13 @@ async def test_inventory_error_is_502_and_not_retried(orders: ModuleType) -> Non
     expect_json(response, {"detail": "inventory service failed"}, exact=True)
     assert len(upstream.requests) == 1, explain(
         response, f"one call: a 500 is a bug upstream, not a transient failure; got {len(upstream.requests)} calls"
+    )
+    busy = FakeUpstream((503, {"detail": "busy"}))
+    response = await place(orders, busy, retries=2)
+    expect_status(response, 502, "inventory answered 503 to every attempt: its answer was bad, so 502 Bad Gateway")
+    expect_json(response, {"detail": "inventory service failed"}, exact=True)
+    assert len(busy.requests) == 3, explain(
+        response, f"3 calls: a 503 is transient, so it is retried (retries=2); got {len(busy.requests)} calls"
     )
 
 
@@ -352,12 +378,20 @@ async def test_gateway_retries_get_but_never_post(gateway: ModuleType) -> None:
         response, "no retry of a POST: it may have been carried out before the timeout, and a retry would "
         f"place the order twice; the gateway sent it {len(posting.requests)} times"
     )
-    reading = FakeUpstream("down", (200, {"sku": "widget", "available": 10}))
-    app = gateway.create_app(settings, transports={"orders": FakeUpstream(), "inventory": reading})
+    patching = FakeUpstream("slow", (200, {"id": "abc"}))
+    app = gateway.create_app(settings, transports={"orders": patching, "inventory": FakeUpstream()})
+    async with serving(app) as running, client_for(running) as client:
+        response = await client.patch("/api/orders/abc", json={"quantity": 2})
+    expect_status(response, 504, "PATCH /api/orders/abc forwarded to orders, which timed out")
+    assert len(patching.requests) == 1, explain(
+        response, f"no retry of a PATCH either; the gateway sent it {len(patching.requests)} times"
+    )
+    reading = FakeUpstream("down", (503, {"detail": "busy"}), (200, {"sku": "widget", "available": 10}))
+    app = gateway.create_app(settings.model_copy(update={"retries": 2}), transports={"orders": FakeUpstream(), "inventory": reading})
     async with serving(app) as running, client_for(running) as client:
         response = await client.get("/api/stock/widget")
-    expect_status(response, 200, "a GET is safe to repeat: the gateway retries it once")
-    assert len(reading.requests) == 2, explain(response, f"2 calls (one retry), got {len(reading.requests)}")
+    expect_status(response, 200, "a GET is safe to repeat: with retries=2 the gateway retries a refused connection, then a 503")
+    assert len(reading.requests) == 3, explain(response, f"3 calls (down, 503, 200), got {len(reading.requests)}")
 
 
 # --- Request IDs -----------------------------------------------------------------------------------------
@@ -370,9 +404,12 @@ async def test_orders_passes_the_request_id_upstream(orders: ModuleType) -> None
     app = orders.create_app(orders_settings(orders), upstream_transport=upstream)
     async with serving(app) as running, client_for(running) as client:
         response = await client.post("/orders", json=ORDER, headers={"X-Request-ID": "trace-123"})
+        rejected = await client.post("/orders", json={"sku": "widget", "quantity": 11}, headers={"X-Request-ID": "trace-124"})
     expect_header(response, "x-request-id", "trace-123", "the caller's request id comes back")
+    expect_status(rejected, 409, "11 widgets ordered, 10 in stock")
+    expect_header(rejected, "x-request-id", "trace-124", "every response carries the id, an error too")
     seen = [request.headers.get("x-request-id") for request in upstream.requests]
-    assert seen == ["trace-123"], explain(response, f"the call to inventory carrying X-Request-ID: trace-123; it carried {seen}")
+    assert seen[:1] == ["trace-123"], explain(response, f"the call to inventory carrying X-Request-ID: trace-123; it carried {seen[:1]}")
 
 
 @pytest.mark.task("request_id")
@@ -417,7 +454,7 @@ async def test_gateway_routes_by_path(gateway: ModuleType) -> None:
     async with serving(app) as running, client_for(running) as client:
         expect_json(await client.get("/health"), {"status": "ok", "service": "gateway"}, exact=True)
         posted = await client.post("/api/orders", json=ORDER)
-        read = await client.get("/api/stock/widget", params={"fresh": "1"})
+        read = await client.get("/api/stock/widget", params=[("fresh", "1"), ("tag", "a"), ("tag", "b")])
         nowhere = await client.get("/api/payments/1")
     expect_status(posted, 201, "the status code of orders, passed through")
     expect_json(posted, {"id": "abc"})
@@ -426,9 +463,11 @@ async def test_gateway_routes_by_path(gateway: ModuleType) -> None:
         ("POST", "/orders", "application/json", posted.request.content)
     ], explain(posted, "POST /orders at the orders service, with the same JSON body and content type")
     expect_json(read, {"sku": "widget", "available": 10}, exact=True)
+    expect_header(read, "content-type", "application/json", "the Content-Type of the inventory's answer, kept")
     forwarded = [(r.method, r.url.path, r.url.query) for r in to_inventory.requests]
-    assert forwarded == [("GET", "/stock/widget", b"fresh=1")], explain(
-        read, f"GET /stock/widget?fresh=1 at the inventory service; it received {forwarded}"
+    assert forwarded == [("GET", "/stock/widget", b"fresh=1&tag=a&tag=b")], explain(
+        read, f"GET /stock/widget?fresh=1&tag=a&tag=b at the inventory service (every value of a repeated "
+        f"parameter); it received {forwarded}"
     )
     expect_status(nowhere, 404, "no service owns /api/payments")
     expect_json(nowhere, {"detail": "No service for /api/payments/1"}, exact=True)
@@ -473,6 +512,8 @@ async def test_inventory_applies_an_event_once(inventory: ModuleType) -> None:
         again = await client.post("/events", json=event())
         expect_json(again, {"event_id": "evt-1", "applied": False}, "the same event delivered twice", exact=True)
         expect_json(await client.get("/stock/widget"), {"available": 7}, "3 taken from 10, once")
+        expect_status(await client.post("/events", json=event("evt-2", quantity=9)), 202, "an event that oversells")
+        expect_json(await client.get("/stock/widget"), {"available": 0}, "9 taken from 7: stock never goes below 0")
         expect_status(await client.post("/events", json={"type": "OrderPlaced"}), 422, "an event without its fields")
 
 
@@ -485,14 +526,30 @@ async def test_orders_publishes_order_placed(orders: ModuleType) -> None:
     async def record(payload: dict[str, Any]) -> None:
         received.append(payload)
 
+    also: list[dict[str, Any]] = []
+    other_topic: list[dict[str, Any]] = []
+
+    async def record_also(payload: dict[str, Any]) -> None:
+        also.append(payload)
+
+    async def record_other(payload: dict[str, Any]) -> None:
+        other_topic.append(payload)
+
     broker.subscribe("OrderPlaced", record)
+    broker.subscribe("OrderPlaced", record_also)  # a second consumer of the same topic
+    broker.subscribe("OrderCancelled", record_other)  # a consumer of another topic
     app = orders.create_app(orders_settings(orders), upstream_transport=FakeUpstream(), broker=broker)
     async with serving(app) as running, client_for(running) as client:
         created = await client.post("/orders", json=ORDER)
         rejected = await client.post("/orders", json={"sku": "widget", "quantity": 11})
     body = expect_json(created, {"status": "placed"})
     expect_status(rejected, 409)
-    assert len(received) == 1, explain(rejected, f"one OrderPlaced event for the one placed order, got {len(received)}")
+    counts = (len(received), len(also), len(other_topic))
+    assert counts == (1, 1, 0), explain(
+        rejected, "one OrderPlaced event for the one placed order (none for the rejected one), handed by "
+        "InProcessBroker.publish to every handler subscribed to the topic and only to those: 1 event for each of the "
+        f"two OrderPlaced handlers, 0 for the OrderCancelled one; they got {counts[0]}, {counts[1]} and {counts[2]}"
+    )
     published = received[0]
     expected = {"type": "OrderPlaced", "order_id": body.get("id"), "sku": "widget", "quantity": 3}
     assert {key: published.get(key) for key in expected} == expected and published.get("event_id"), explain(

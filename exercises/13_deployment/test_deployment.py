@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import shlex
 import threading
 import time
@@ -117,6 +119,9 @@ def deployment_of(documents: list[dict]) -> dict:
     if len(found) != 1:
         problem("k8s.yaml", "exactly one document with kind: Deployment (apiVersion: apps/v1)",
                 f"{len(found)} Deployment(s); kinds found: {[d.get('kind') for d in documents]}")
+    if found[0].get("apiVersion") != "apps/v1":
+        problem("k8s.yaml Deployment", "apiVersion: apps/v1", f"apiVersion: {found[0].get('apiVersion')}",
+                "extensions/v1beta1 and apps/v1beta* were removed in Kubernetes 1.16: the API server refuses them.")
     return found[0]
 
 
@@ -125,6 +130,8 @@ def service_of(documents: list[dict]) -> dict:
     if len(found) != 1:
         problem("k8s.yaml", "exactly one document with kind: Service (apiVersion: v1), after a `---` line",
                 f"{len(found)} Service(s); kinds found: {[d.get('kind') for d in documents]}")
+    if found[0].get("apiVersion") != "v1":
+        problem("k8s.yaml Service", "apiVersion: v1 (Service is in the core group)", f"apiVersion: {found[0].get('apiVersion')}")
     return found[0]
 
 
@@ -202,6 +209,7 @@ def test_ready_only_between_startup_and_shutdown(load):
         expect_json(during, {"status": "ready"}, exact=True)
     after = TestClient(app).get("/ready")
     expect_status(after, 503, "once the lifespan shutdown has begun, readiness must go false again")
+    expect_json(after, {"status": "not ready"}, "after shutdown, the same answer as before startup", exact=True)
 
 
 @pytest.mark.task("app")
@@ -210,6 +218,8 @@ async def test_slow_route_waits_within_bounds(load):
     app = load("app").app
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         expect_json(await client.get("/slow", params={"seconds": 0.01}), {"slept": 0.01}, exact=True)
+        # 0 is one of the bounds, so it is allowed: the route answers at once.
+        expect_json(await client.get("/slow", params={"seconds": 0}), {"slept": 0}, "seconds lies between 0 and 10, 0 included", exact=True)
         for seconds in (-1, 11):
             try:
                 # An unbounded route would sleep for the value it was given: do not wait for it.
@@ -263,6 +273,15 @@ def test_healthcheck_probes_the_health_route(target_dir, load):
     if not urls:
         problem(f"Dockerfile line {check.line}: HEALTHCHECK", "a URL such as http://127.0.0.1:8000/health in the command",
                 check.text, "the slim Python image has no curl; python -c with urllib.request works.")
+    # The program the check runs: argv[0] of the exec form, the first word of the shell form.
+    shell_form = not check.command or check.command[:2] == ["/bin/sh", "-c"]
+    program = Path(((check.text.split() if shell_form else check.command) or [""])[0]).name
+    base = image.stages[-1][0]
+    installs = " ".join(i.value for i in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")) if i.keyword == "RUN")
+    if program in ("curl", "wget") and "slim" in base and program not in installs:
+        problem(f"Dockerfile line {check.line}: HEALTHCHECK", f"a command that exists in {base}, e.g. python -c with urllib.request",
+                f"{program}, which {base} does not have (and no RUN installs it)",
+                "the check would fail every time and docker would mark the container unhealthy.")
     port, path = urls[0]
     status = status_of(load("app").app, path, lifespan=True)
     if status != 200:
@@ -368,7 +387,8 @@ def test_sigterm_lets_an_in_flight_request_finish(image_server):
 
     def slow_request() -> None:
         try:
-            outcome["response"] = client.get("/slow", params={"seconds": 0.4})
+            # No `seconds`: the default, 0.5, is long enough to still be running at SIGTERM.
+            outcome["response"] = client.get("/slow")
         except httpx.HTTPError as exc:
             outcome["error"] = exc
 
@@ -383,13 +403,14 @@ def test_sigterm_lets_an_in_flight_request_finish(image_server):
     client.close()
     if "response" not in outcome:
         pytest.fail(
-            "\nsent:     GET /slow?seconds=0.4, then SIGTERM to the server while it was being served\n"
+            "\nsent:     GET /slow (seconds defaults to 0.5), then SIGTERM to the server while it was being served\n"
             "expected: the request finishes with 200, then the server exits (a graceful shutdown)\n"
             f"got:      {outcome.get('error')!r}; the server stopped after {stopped_in:.1f} s\n"
             "A server that drops in-flight requests on SIGTERM loses work on every deploy.",
             pytrace=False,
         )
     expect_status(outcome["response"], 200, "SIGTERM stops new connections but lets in-flight requests finish")
+    expect_json(outcome["response"], {"slept": 0.5}, "without a `seconds` parameter, /slow waits its default, 0.5 s", exact=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -519,8 +540,9 @@ def test_grace_period_covers_the_graceful_shutdown(target_dir):
         pause = int((pre_stop["sleep"] or {}).get("seconds", 0))
     elif "exec" in pre_stop:
         argv = [str(a) for a in (pre_stop["exec"] or {}).get("command") or []]
-        numbers = [a for a in argv if a.replace(".", "", 1).isdigit()]
-        pause = int(float(numbers[0])) if "sleep" in " ".join(argv) and numbers else 0
+        # ["sleep", "5"] as well as ["/bin/sh", "-c", "sleep 5"]: the number after `sleep`.
+        found = re.search(r"\bsleep\s+(\d+(?:\.\d+)?)", " ".join(argv))
+        pause = math.ceil(float(found.group(1))) if found else 0
     if not command.graceful_timeout:
         problem("Dockerfile CMD", "--timeout-graceful-shutdown <seconds>, to compare with the pod's grace period",
                 f"{command.argv}", "without it, uvicorn may still be waiting when the grace period ends.")
@@ -616,6 +638,19 @@ def test_dockerfile_bakes_in_no_secret(target_dir):
                         f"{name}={value}", "runtime secrets come from the platform; build secrets from RUN --mount=type=secret.")
 
 
+# ${VAR:-default} and ${VAR-default}: the default is what compose uses when VAR is not set.
+_DEFAULTED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?-([^}]+)\}")
+
+
+def secret_defaults(variable: str, value: str) -> list[str]:
+    """The `${VAR:-default}` expressions in a compose value whose default is a secret in clear."""
+    return [
+        match.group(0)
+        for match in _DEFAULTED.finditer(value)
+        if (deploy.looks_secret(variable) or deploy.looks_secret(match.group(1))) and not deploy.interpolated(match.group(2))
+    ]
+
+
 @pytest.mark.task("secrets")
 def test_compose_reads_secrets_from_the_environment(target_dir):
     compose = read_compose(target_dir)
@@ -627,6 +662,11 @@ def test_compose_reads_secrets_from_the_environment(target_dir):
                 problem(f"compose.yaml service {name!r}", f"{variable} from the environment: ${{{variable}}} "
                         "(or a secrets: file with a *_FILE variable)", f"{variable}: {value}",
                         "this file is committed; a password in it is a published password.")
+            for expression in secret_defaults(variable, value):
+                problem(f"compose.yaml service {name!r}", f"{variable} from the environment with no default in clear: ${{VAR:?message}}",
+                        f"{variable}: {value}",
+                        f"the default in {expression} is a password in clear, used whenever the variable is unset; "
+                        "write ${VAR:?message} so compose stops and says the variable is missing.")
     db, service = service_with_image(compose, "postgres", "PostgreSQL")
     env = deploy.compose_environment(service)
     if "POSTGRES_PASSWORD" not in env and "POSTGRES_PASSWORD_FILE" not in env:

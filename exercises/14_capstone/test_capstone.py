@@ -276,9 +276,10 @@ async def test_register_validates_and_refuses_duplicates(load, tmp_path):
         expect_status(await users.post("/users", json={"username": "ada", "password": "another-pass"}), 409,
                       "the username is taken")
         for body in ({"username": "Ada!", "password": "lovelace-1815"}, {"username": "ab", "password": "lovelace-1815"},
-                     {"username": "grace", "password": "short"}):
+                     {"username": "a" * 33, "password": "lovelace-1815"},
+                     {"username": "grace", "password": "short"}, {"username": "grace", "password": "p" * 129}):
             expect_status(await users.post("/users", json=body), 422,
-                          "usernames are 3-32 of a-z 0-9 _, passwords at least 8 characters")
+                          "usernames are 3-32 of a-z 0-9 _, passwords 8-128 characters")
 
 
 @pytest.mark.task("users")
@@ -296,6 +297,11 @@ async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
                                           f"(decoding it said: {exc})"), pytrace=False)
         assert claims["sub"] == "ada" and sorted(claims.get("scope", "").split()) == CUSTOMER_SCOPES, explain(
             response, f'claims sub "ada" and scope "orders:read orders:write"; got {claims}'
+        )
+        lifetime = claims["exp"] - claims.get("iat", 0)
+        assert abs(lifetime - 30 * 60) <= 5, explain(
+            response, f"exp 30 minutes after iat (token_ttl_minutes defaults to 30); got {lifetime} s. "
+                      "timedelta(30) is 30 days: name the unit, timedelta(minutes=...)"
         )
         narrow = await users.post("/token", data={"username": "ada", "password": "lovelace-1815", "scope": "orders:read catalog:write"})
         scope = jwt.decode(json_of(narrow)["access_token"], SECRET, algorithms=["HS256"], issuer=ISSUER).get("scope", "")
@@ -324,9 +330,12 @@ async def test_me_needs_a_valid_token(load, tmp_path):
         expect_json(await users.get("/users/me", headers=headers),
                     {"username": "ada", "scopes": CUSTOMER_SCOPES, "orders_placed": 0, "total_spent_cents": 0}, exact=True)
         expect_status(await users.get("/users/me"), 401, "no token, no profile")
-        expect_status(await users.get("/users/me", headers={"Authorization": "Bearer not-a-jwt"}), 401, "a garbage token")
-        expired = mint("ada", CUSTOMER_SCOPES, minutes=-1)
-        expect_status(await users.get("/users/me", headers=expired), 401, "an expired token")
+        garbage = await users.get("/users/me", headers={"Authorization": "Bearer not-a-jwt"})
+        expect_status(garbage, 401, "a garbage token")
+        expect_header(garbage, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
+        expired = await users.get("/users/me", headers=mint("ada", CUSTOMER_SCOPES, minutes=-1))
+        expect_status(expired, 401, "an expired token")
+        expect_header(expired, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
 
 
 @pytest.mark.task("users")
@@ -359,8 +368,11 @@ async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
         expect_json(created, body, exact=True)
         expect_header(created, "location", "/products/PEN-1")
         expect_status(await catalog.post("/products", json=body, headers=ADMIN_HEADERS), 409, "the SKU exists")
-        expect_status(await catalog.post("/products", json=body | {"price_cents": 0, "sku": "PEN-2"}, headers=ADMIN_HEADERS),
-                      422, "a price must be positive")
+        for invalid, why in (({"price_cents": 0}, "a price must be positive"), ({"stock": -1}, "stock cannot be negative"),
+                             ({"name": ""}, "a name has 1-100 characters"), ({"name": "n" * 101}, "a name has 1-100 characters")):
+            expect_status(await catalog.post("/products", json=body | {"sku": "PEN-2"} | invalid, headers=ADMIN_HEADERS),
+                          422, why)
+        expect_status(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
 
 
 @pytest.mark.task("catalog")
@@ -500,8 +512,15 @@ async def test_customers_only_see_their_own_orders(load, tmp_path):
         placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada)
         order_id = expect_json(placed, {"username": "ada"})["id"]
         expect_status(await shop.orders.get(f"/orders/{order_id}", headers=bob), 404, "bob cannot see ada's order: for him it does not exist")
+        expect_status(await shop.orders.get("/orders/no-such-order", headers=ada), 404, "an order that does not exist")
         assert await order_count(shop.orders, bob) == 0, "GET /orders for bob lists none of ada's orders"
-        assert await order_count(shop.orders, ada) == 1, "GET /orders for ada lists her order"
+        second = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        second_id = expect_json(second, {"username": "ada"})["id"]
+        listed = await shop.orders.get("/orders", headers=ada)
+        ids = [o.get("id") for o in json_of(listed)]
+        assert ids == [second_id, order_id], explain(
+            listed, f"ada's two orders, newest first: {[second_id, order_id]}; got {ids}"
+        )
 
 
 @pytest.mark.task("orders")
@@ -514,8 +533,12 @@ async def test_orders_that_cannot_be_served_place_nothing(load, tmp_path):
         expect_status(short, 409, "the catalog has too little stock: the catalog's 409 is passed on")
         unknown = await shop.orders.post("/orders", json=order_body(("NOPE-9", 1)), headers=ada)
         expect_status(unknown, 422, "the catalog does not know the SKU: the order is invalid")
-        for body in ({"items": []}, order_body(("PEN-1", 0)), order_body(("pen lowercase", 1))):
-            expect_status(await shop.orders.post("/orders", json=body, headers=ada), 422, "invalid order lines")
+        for body, why in (({"items": []}, "no lines"), (order_body(("PEN-1", 0)), "a quantity of 0"),
+                          (order_body(("PEN-1", 101)), "a quantity above 100"),
+                          (order_body(*[(f"SKU-{i}", 1) for i in range(21)]), "21 lines, at most 20"),
+                          (order_body(("pen lowercase", 1)), "a malformed SKU")):
+            expect_status(await shop.orders.post("/orders", json=body, headers=ada), 422,
+                          f"invalid order lines ({why}): orders validates them itself")
         assert await order_count(shop.orders, ada) == 0, "none of these orders may be stored"
         assert await stock_of(shop.catalog, "PEN-1") == 1, "and the stock is untouched"
 
@@ -699,7 +722,15 @@ async def test_the_gateway_routes_the_public_api(load, tmp_path):
         expect_json(await gateway.get("/api/products/PEN-1"), {"stock": 3})
         products = json_of(await gateway.get("/api/products"))
         assert [p.get("sku") for p in products] == ["PEN-1"], f"\nexpected: GET /api/products lists PEN-1\ngot:      {products}"
+        queried = await gateway.get("/api/products?color=blue&page=2")
+        forwarded = [r.url.raw_path.decode() for r in shop.gateway_wires["catalog"].seen]
+        assert forwarded[-1:] == ["/products?color=blue&page=2"], explain(
+            queried, f"the catalog asked for /products?color=blue&page=2 (the query string kept); it was asked for {forwarded[-1:]}"
+        )
         expect_json(await gateway.get("/api/users/me", headers=ada), {"username": "ada"})
+        anonymous = await gateway.get("/api/users/me", headers={"Authorization": "Bearer not-a-jwt"})
+        expect_status(anonymous, 401, "users refuses the token; the gateway passes its answer on")
+        expect_header(anonymous, "www-authenticate", "Bearer", "the upstream WWW-Authenticate is kept")
 
 
 @pytest.mark.task("gateway")
@@ -752,6 +783,13 @@ async def test_a_request_id_follows_the_request_through_every_service(load, tmp_
         )
         fresh = await shop.gateway.get("/health")
         assert fresh.headers.get("x-request-id"), explain(fresh, "a request without an ID gets one, returned in X-Request-ID")
+        for forged in ("two words", "x" * 129):
+            refused = await shop.gateway.get("/health", headers={"X-Request-ID": forged})
+            got = refused.headers.get("x-request-id")
+            assert got and got != forged, explain(
+                refused, f"X-Request-ID {forged[:20]!r}... is not at most 128 letters, digits, '.', '_' or '-': "
+                         f"a new ID instead of the caller's; got {got!r}"
+            )
 
 
 @pytest.mark.task("gateway")
