@@ -159,7 +159,7 @@ def http_only() -> ssl.SSLContext:
 
     A new httpx client loads its whole CA bundle (40-90 ms of CPU) for the TLS that an
     ``http://`` URL never uses. This context trusts no certificate at all: an ``https://`` URL
-    fails verification instead of skipping it, as ``verify=False`` would.
+    fails verification, where ``verify=False`` would skip it.
 
         httpx.Client(base_url=base_url, verify=http_only())
     """
