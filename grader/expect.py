@@ -107,14 +107,18 @@ def expect_header(response: Any, name: str, value: str | None = None, why: str =
 
 
 class StartupFailed:
-    """Stands in for a client whose app could not start: each test that uses it fails and says why.
+    """Stands in for an app, or its client, that could not be built or started: each test that
+    uses it fails and says why.
 
-    A module-scoped fixture that starts one app for many tests yields this instead of raising,
-    so that a broken app fails every such test with ``message`` rather than erroring them all.
+    A fixture that builds one app for many tests returns this instead of raising, so that a
+    broken app fails every such test with ``message`` rather than erroring them all.
     """
 
     def __init__(self, message: str) -> None:
         self.message = message
 
     def __getattr__(self, name: str) -> Any:
+        pytest.fail(self.message, pytrace=False)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pytest.fail(self.message, pytrace=False)

@@ -220,3 +220,5 @@ def test_a_client_that_could_not_start_fails_each_test_with_its_message():
     client = StartupFailed("\nexpected: the app starts")
     with pytest.raises(pytest.fail.Exception, match="expected: the app starts"):
         client.get("/health")
+    with pytest.raises(pytest.fail.Exception, match="expected: the app starts"):
+        client({"type": "http"}, None, None)  # called as the ASGI app it stands in for

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from pwdlib import PasswordHash
 from pydantic import ValidationError
 
-from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain, json_of
 
 SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"  # 50 bytes
 OTHER_KEY = "an-attackers-key-0123456789abcdef-0123456789abcdef"
@@ -47,17 +47,6 @@ def seed(module, app, username, password, **extra):
     )
 
 
-class Unbuilt:
-    """Stands in for an app the fixture could not build: the test that uses it fails (in the
-    test itself, not in the fixture) with the reason."""
-
-    def __init__(self, reason):
-        self._reason = reason
-
-    def __getattr__(self, name):
-        pytest.fail(self._reason, pytrace=False)
-
-
 # The users of README.md's example. Each add_user is an Argon2 hash, so the suite seeds them
 # as rarely as it can: once for the shared app, and again only where a test needs a clean app.
 USERS = {
@@ -68,11 +57,11 @@ USERS = {
 
 
 def build(module, *usernames):
-    """create_app(Settings(...)) seeded with these users, or an Unbuilt that says what failed."""
+    """create_app(Settings(...)) seeded with these users, or a StartupFailed that says what failed."""
     try:
         app = module.create_app(module.Settings(jwt_secret=SECRET, access_token_minutes=5, **CHEAP))
     except Exception as exc:
-        return Unbuilt(
+        return StartupFailed(
             f"\nsent:     create_app(Settings(jwt_secret=<50 bytes>, access_token_minutes=5, {CHEAP}))"
             f"\nexpected: a FastAPI app\ngot:      {type(exc).__name__}: {' '.join(str(exc).split())}"
         )
@@ -81,13 +70,13 @@ def build(module, *usernames):
             password, extra = USERS[username]
             seed(module, app, username, password, **extra)
     except pytest.fail.Exception as failed:  # seed() has explained what went wrong
-        return Unbuilt(failed.msg)
+        return StartupFailed(failed.msg)
     return app
 
 
 def started(app):
     """`with TestClient(app)` (which runs the lifespan) as a generator for a fixture."""
-    if isinstance(app, Unbuilt):
+    if isinstance(app, StartupFailed):
         yield app
         return
     with TestClient(app) as client:

@@ -15,7 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
-from grader.expect import expect_json, expect_status, json_of
+from grader.expect import StartupFailed, expect_json, expect_status, json_of
 
 ADA = {"email": "ada@example.com", "name": "Ada"}
 BOB = {"email": "bob@example.com", "name": "Bob"}
@@ -32,29 +32,15 @@ def outbox(tmp_path):
     return tmp_path / "mail" / "outbox"
 
 
-class Unbuilt:
-    """Stands in for an app that create_app() could not build: the test that uses it fails
-    (in the test itself, not in the fixture) with the reason."""
-
-    def __init__(self, reason):
-        self._reason = reason
-
-    def __getattr__(self, name):
-        pytest.fail(self._reason, pytrace=False)
-
-    def __call__(self, *args, **kwargs):
-        pytest.fail(self._reason, pytrace=False)
-
-
 def usable(app_or_client):
     """Fail at once, with the reason, when create_app() could not build the app."""
-    if isinstance(app_or_client, Unbuilt):
-        pytest.fail(app_or_client._reason, pytrace=False)
+    if isinstance(app_or_client, StartupFailed):
+        pytest.fail(app_or_client.message, pytrace=False)
     return app_or_client
 
 
 def build(module, outbox, sent=None):
-    """create_app(outbox), or an Unbuilt that says why not; `sent` describes the call when the argument is not all."""
+    """create_app(outbox), or a StartupFailed that says why not; `sent` describes the call when the argument is not all."""
     sent = sent or f"create_app({'' if outbox is None else repr(str(outbox))})"
     try:
         return module.create_app(outbox)
@@ -62,7 +48,7 @@ def build(module, outbox, sent=None):
         hint = ("\n          (a DeprecationWarning means an outdated idiom: the lesson says what replaced it)"
                 if isinstance(exc, DeprecationWarning) else "")
         message = " ".join(str(exc).split())
-        return Unbuilt(f"\nsent:     {sent}\nexpected: a FastAPI app"
+        return StartupFailed(f"\nsent:     {sent}\nexpected: a FastAPI app"
                        f"\ngot:      {type(exc).__name__}: {message}{hint}")
 
 
@@ -73,7 +59,7 @@ def app(module, outbox):
 
 @pytest.fixture
 def client(app):
-    if isinstance(app, Unbuilt):
+    if isinstance(app, StartupFailed):
         yield app
         return
     with TestClient(app) as client:  # `with` runs the lifespan: startup before, shutdown after
