@@ -1,15 +1,27 @@
 """Lesson 01 reference: a first FastAPI service with typed path and query parameters."""
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, status
+from pydantic import BaseModel
 
 app = FastAPI(
     title="Hello Microservices",
     version="0.1.0",
     description="The first service of the course: typed parameters, status codes, async routes.",
 )
+
+
+class ErrorMessage(BaseModel):
+    """The body FastAPI writes for an HTTPException: declared so the OpenAPI document shows it."""
+
+    detail: str
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"},
+}
 
 # A tiny in-memory catalogue. Each test imports this module afresh, so it starts full.
 ITEMS: dict[int, dict[str, str | int]] = {
@@ -36,7 +48,7 @@ async def add(a: int, b: int) -> dict[str, int]:
     return {"result": a + b}
 
 
-@app.get("/items/{item_id}", tags=["items"], summary="Read one item")
+@app.get("/items/{item_id}", tags=["items"], summary="Read one item", responses=NOT_FOUND)
 async def read_item(item_id: int) -> dict[str, str | int]:
     item = ITEMS.get(item_id)
     if item is None:
@@ -44,7 +56,13 @@ async def read_item(item_id: int) -> dict[str, str | int]:
     return item
 
 
-@app.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["items"], summary="Delete one item")
+@app.delete(
+    "/items/{item_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    tags=["items"],
+    summary="Delete one item",
+    responses=NOT_FOUND,
+)
 async def delete_item(item_id: int) -> None:
     if ITEMS.pop(item_id, None) is None:
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
