@@ -1,15 +1,15 @@
 """Lesson 02 reference: a user-registration service with strict input and safe output."""
 
-import asyncio
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
+from starlette.concurrency import run_in_threadpool
 
 app = FastAPI(title="Accounts", version="0.2.0")
 
@@ -38,10 +38,14 @@ USERS: dict[int, UserRecord] = {}
 
 
 class UserCreate(BaseModel):
-    """What a client may send to register. Anything else is refused, not ignored."""
+    """What a client may send to register: the only fields a client can ever set.
 
-    # extra="forbid": a client sending {"is_admin": true} gets a 422 instead of a silent drop,
-    # and a later field with that name can never be set by a stray request.
+    Keeping clients away from `id`, `password_hash` or a future `is_admin` is this model's job:
+    it does not have those fields, so there is nothing to set.
+    """
+
+    # extra="forbid": this is a sign-up form people fill in, so a misspelt field ("agee") is a
+    # 422 naming it rather than an age silently left unknown. Between services, ignore extras.
     model_config = ConfigDict(extra="forbid")
 
     username: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{2,19}$")]
@@ -83,6 +87,36 @@ class UserOut(BaseModel):
     age: int | None
 
 
+class ErrorMessage(BaseModel):
+    """The body of an HTTPException, and of FastAPI's 400 for a body it cannot parse."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrorBody(BaseModel):
+    """This service's 422: FastAPI's shape without the rejected `input`."""
+
+    detail: list[FieldError]
+
+
+# Every answer a route can give besides its success, so /openapi.json is the whole contract.
+INVALID: dict[int | str, dict[str, Any]] = {
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": ValidationErrorBody, "description": "The input broke a rule"},
+}
+UNPARSEABLE: dict[int | str, dict[str, Any]] = {
+    status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No user has this id"},
+}
+
+
 @app.exception_handler(RequestValidationError)
 async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's default 422 echoes each rejected `input`, which would send passwords back
@@ -91,10 +125,16 @@ async def validation_error_without_input(request: Request, exc: RequestValidatio
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
-@app.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], summary="Register a user")
+@app.post(
+    "/users",
+    status_code=status.HTTP_201_CREATED,
+    tags=["users"],
+    summary="Register a user",
+    responses={**UNPARSEABLE, **INVALID},
+)
 async def register(user: UserCreate) -> UserOut:
-    # Hashing is deliberately slow CPU work: run it in a thread so the event loop keeps serving.
-    password_hash = await asyncio.to_thread(hash_password, user.password)
+    # Hashing is deliberately slow CPU work: run it in FastAPI's thread pool so the event loop keeps serving.
+    password_hash = await run_in_threadpool(hash_password, user.password)
     record = UserRecord(
         id=len(USERS) + 1,
         username=user.username,
@@ -106,7 +146,12 @@ async def register(user: UserCreate) -> UserOut:
     return UserOut.model_validate(record)
 
 
-@app.get("/users/{user_id}", tags=["users"], summary="Read a user's public profile")
+@app.get(
+    "/users/{user_id}",
+    tags=["users"],
+    summary="Read a user's public profile",
+    responses={**NOT_FOUND, **INVALID},
+)
 async def read_user(user_id: int) -> UserOut:
     record = USERS.get(user_id)
     if record is None:
