@@ -60,6 +60,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--grader-mutant", metavar="NAME", help="grade the reference solution with mutant NAME applied")
     group.addoption("--grader-exercise", metavar="NAME", help="exercise these tests grade (default: their folder)")
     group.addoption("--grader-report", metavar="PATH", help="write a JSON report of every test to PATH")
+    group.addoption("--grader-reference", metavar="DIR",
+                    help="the reference solution that differential tests compare with (default: solutions/NN_topic)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -158,6 +160,28 @@ def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType
         return loaded
 
     return _load
+
+
+@pytest.fixture(scope="module")
+def reference(request: pytest.FixtureRequest, exercise: Exercise) -> Callable[..., types.ModuleType]:
+    """``reference("app")`` imports the reference solution's ``app.py``, fresh on every call.
+
+    The other side of a differential test (``grader.differential``): the same loader as ``load``,
+    a new package each time, so the learner's copy and the reference never share module state.
+    Self-grading reads ``solutions/NN_topic``; a class grading run reads the instructor's copy
+    (``--grader-reference``, set by the grader).
+    """
+    folder = Path(request.config.getoption("--grader-reference") or exercise.solution_folder)
+
+    def _reference(module: str | None = None) -> types.ModuleType:
+        name = (module or exercise.editable[0]).removesuffix(".py")
+        try:
+            return load_module(folder, name)
+        except FileNotFoundError:
+            pytest.fail(f"The reference solution ({folder / name}.py) is not here, and the differential tests "
+                        "compare your app with it: restore the course's solutions/ folder.", pytrace=False)
+
+    return _reference
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,1105 @@
+"""Differential grading: the learner's app and the reference app answer the same requests.
+
+A hand-written suite tests the mistakes its authors thought of. A differential suite asks a
+broader question: for many requests built from the reference's OpenAPI document and from the
+exercise's promises, does the learner's app answer as the reference does? Whatever a client
+can observe is compared: the status code, the JSON body, the headers the README promises and,
+through names the README promises, the stored state. What the README leaves free (generated
+ids, timestamps, the wording of an error) is declared in ``exercise.toml``, under
+``[differential]`` (see docs/AUTHORING.md, "Differential tests"): that table is the
+exercise's promise list in a form a machine reads.
+
+How a run goes, in one process and without a network:
+
+1. one pair of apps (the learner's, the reference's), each with its lifespan started;
+2. a fixed-seed sequence of requests, round-robin over the *inputs* the declaration names
+   (an operation with nothing changed, or one parameter or body field given a value from its
+   pool: the schema's bounds and one past them, wrong types, huge numbers, unicode, the
+   README's own examples); each request goes to both apps and the answers are compared;
+3. at the first difference for an input, the sequence so far is shrunk (requests are
+   dropped while the difference stays, each try on a fresh pair) and kept as that input's
+   failure; a fresh pair then carries on with the rest, so one mistake does not cascade;
+4. every graded test (one per task) reports the failures of its task's inputs: the shortest
+   request sequence found, what the reference answered, what the learner's app answered,
+   and where they differ.
+
+Requests are sent straight to the ASGI apps (no sockets, no threads): about a tenth of a
+millisecond of transport each, so a few hundred requests fit in the suite's time budget.
+Timing and concurrency are out of scope (the hand-written tests cover them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlencode
+
+import pytest
+
+SEED = 20260
+REQUESTS = 40  # requests drawn at random after the declared values, shared by every input
+SHRINK_SECONDS = 2.0  # at most this long shrinking one difference
+ANSWER_SECONDS = 5.0  # an app that takes longer to answer one request has not answered
+MISSING = object()  # an input left out of the request
+UNSET = object()  # no value chosen yet
+
+# Values that break naive code, whatever the schema says (the schema's own bounds come first).
+NASTY_TEXT = ["", " ", "0", "-1", "a", "Ada", "zoë", "ÅNGSTRÖM", "İstanbul", "ß", "ǅ", "١٢٣", "日本語", "🙂",
+              "a b", "a/b", "..", "%2F", "<script>", "'; drop table x; --", "x" * 300, "null", "true", "1e309",
+              "NaN", "-0", "\t"]
+NASTY_NUMBERS = [0, -1, 1, 2**31, 2**63, -(2**63) - 1, 10**30, 0.5, -2.5, 1e300]
+
+
+# --------------------------------------------------------------------------- the declaration
+
+
+@dataclass(frozen=True)
+class Input:
+    """One thing a request can vary: a parameter or a body field of one operation."""
+
+    operation: str  # "POST /users"
+    name: str  # "" for the operation as declared, "*" for a field the model does not declare
+    where: str  # "path", "query", "header", "body", or "" for the operation itself
+    task: str
+
+    @property
+    def label(self) -> str:
+        if not self.name:
+            return self.operation
+        if self.name == "*":
+            return f"{self.operation}, an undeclared body field"
+        return f"{self.operation}, {'body field' if self.where == 'body' else self.where + ' parameter'} {self.name!r}"
+
+
+@dataclass(frozen=True)
+class Operation:
+    key: str  # "GET /items/{item_id}"
+    task: str
+    values: dict[str, tuple] = field(default_factory=dict)  # input name -> declared values (value, task or None)
+    tasks: dict[str, str] = field(default_factory=dict)  # input name -> task, where it differs from the operation's
+    examples: tuple = ()  # valid bodies to vary
+    equal: tuple[tuple[str, ...], ...] = ()  # body fields the README says must be equal
+    combined_task: str = ""  # task of requests that vary two inputs at once ("" : none are sent)
+    weight: float = 1.0  # share of the requests, relative to the other operations
+    only_values: bool = False  # send only the declared values (an input that sleeps, say)
+    free: tuple[str, ...] = ()  # JSON paths free in this operation's answers only
+
+    @property
+    def method(self) -> str:
+        return self.key.split(" ", 1)[0].upper()
+
+    @property
+    def path(self) -> str:
+        return self.key.split(" ", 1)[1]
+
+
+@dataclass(frozen=True)
+class Promises:
+    """The ``[differential]`` table of an exercise.toml, read and checked."""
+
+    operations: dict[str, Operation]
+    skip: tuple[str, ...] = ()  # operations of the reference not compared, each with a reason
+    headers: tuple[str, ...] = ("content-type",)
+    free: tuple[str, ...] = ()  # JSON paths whose values are not compared (the key must be there)
+    ignore: tuple[str, ...] = ()  # JSON paths dropped before comparing
+    validation: str = "loc"  # 422 bodies: "loc" (the set of locations), "exact" or "status"
+    requests: int = REQUESTS
+    seed: int = SEED
+
+    @classmethod
+    def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
+        known = {"operations", "skip", "headers", "free", "ignore", "validation", "requests", "seed"}
+        stray = set(table) - known
+        if stray:
+            raise ValueError(f"{where}: [differential] has unknown key(s) {sorted(stray)}; known: {sorted(known)}")
+        operations = {}
+        for key, spec in table.get("operations", {}).items():
+            _check_key(key, where)
+            allowed = {"task", "values", "tasks", "examples", "equal", "combined_task", "weight", "only_values", "free"}
+            if set(spec) - allowed:
+                raise ValueError(f"{where}: operation {key!r} has unknown key(s) {sorted(set(spec) - allowed)}")
+            if "task" not in spec:
+                raise ValueError(f"{where}: operation {key!r} needs a task")
+            values = {}
+            for name, items in spec.get("values", {}).items():
+                values[name] = tuple(
+                    (item["value"], item.get("task")) if isinstance(item, dict) and "value" in item else (item, None)
+                    for item in items
+                )
+            operations[key] = Operation(
+                key=key, task=str(spec["task"]), values=values, tasks=dict(spec.get("tasks", {})),
+                examples=tuple(spec.get("examples", ())), equal=tuple(tuple(group) for group in spec.get("equal", ())),
+                combined_task=str(spec.get("combined_task", "")), weight=float(spec.get("weight", 1.0)),
+                only_values=bool(spec.get("only_values", False)), free=tuple(spec.get("free", ())),
+            )
+        if table.get("validation", "loc") not in ("loc", "exact", "status"):
+            raise ValueError(f"{where}: [differential] validation is 'loc', 'exact' or 'status'")
+        skip = tuple(table.get("skip", ()))
+        for key in skip:
+            _check_key(key, where)
+        return cls(
+            operations=operations, skip=skip,
+            headers=tuple(h.lower() for h in table.get("headers", ("content-type",))),
+            free=tuple(table.get("free", ())), ignore=tuple(table.get("ignore", ())),
+            validation=str(table.get("validation", "loc")), requests=int(table.get("requests", REQUESTS)),
+            seed=int(table.get("seed", SEED)),
+        )
+
+    def tasks(self) -> list[str]:
+        """Every task that some input of the declaration belongs to, in declaration order."""
+        found: dict[str, None] = {}
+        for operation in self.operations.values():
+            found[operation.task] = None
+            for task in operation.tasks.values():
+                found[task] = None
+            for values in operation.values.values():
+                for _, task in values:
+                    if task:
+                        found[task] = None
+            if operation.combined_task:
+                found[operation.combined_task] = None
+        return list(found)
+
+
+def _check_key(key: str, where: str) -> None:
+    if not re.fullmatch(r"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /\S*", key):
+        raise ValueError(f"{where}: {key!r} is not an operation such as 'GET /items/{{item_id}}'")
+
+
+def promises_of(folder: Path) -> Promises:
+    """The declaration in ``folder/exercise.toml``."""
+    path = Path(folder) / "exercise.toml"
+    meta = tomllib.loads(path.read_text(encoding="utf-8"))
+    if "differential" not in meta:
+        raise ValueError(f"{path} has no [differential] table")
+    return Promises.parse(meta["differential"], str(path))
+
+
+def tasks(test_file: str | Path) -> list:
+    """One ``pytest.param`` per task the declaration beside ``test_file`` covers, marked with it.
+
+    Read at collection, so every graded test exists (and carries its task) before any app runs.
+    """
+    promises = promises_of(Path(test_file).parent)
+    return [pytest.param(task, marks=pytest.mark.task(task), id=task) for task in promises.tasks()]
+
+
+# --------------------------------------------------------------------------- values from a schema
+
+
+def _resolve(schema: Any, document: dict) -> Any:
+    seen = 0
+    while isinstance(schema, dict) and "$ref" in schema and seen < 20:
+        target: Any = document
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        schema, seen = target, seen + 1
+    return schema
+
+
+def _alternatives(schema: dict, document: dict) -> list[dict]:
+    schema = _resolve(schema, document)
+    if not isinstance(schema, dict):
+        return [{}]
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return [alt for option in schema[key] for alt in _alternatives(option, document)]
+    return [schema]
+
+
+def _regex_example(pattern: str, rng: random.Random, longest: bool | None = None) -> str | None:
+    """A string that matches ``pattern`` (a simple regular expression), or None."""
+    try:
+        import re._parser as parser  # Python 3.11+
+    except ImportError:  # pragma: no cover
+        import sre_parse as parser  # type: ignore[no-redef]
+    try:
+        tree = parser.parse(pattern)
+    except re.error:
+        return None
+    constants = parser  # the opcodes live beside the parser
+
+    def characters(items) -> list[str]:
+        chars: list[str] = []
+        negate = False
+        for op, arg in items:
+            name = str(op)
+            if name == "NEGATE":
+                negate = True
+            elif name == "LITERAL":
+                chars.append(chr(arg))
+            elif name == "RANGE":
+                chars.extend(chr(c) for c in range(arg[0], min(arg[1], arg[0] + 200) + 1))
+            elif name == "CATEGORY":
+                label = str(arg)
+                chars.extend("0123456789" if "DIGIT" in label and "NOT" not in label else
+                             "abcxyzABZ019_" if "WORD" in label and "NOT" not in label else
+                             " \t" if "SPACE" in label and "NOT" not in label else "-!.")
+        if negate:
+            return [c for c in "abcXYZ019_-. !" if c not in chars] or ["~"]
+        return chars or ["a"]
+
+    def walk(items) -> str:
+        out = []
+        for op, arg in items:
+            name = str(op)
+            if name == "LITERAL":
+                out.append(chr(arg))
+            elif name == "NOT_LITERAL":
+                out.append("a" if chr(arg) != "a" else "b")
+            elif name == "ANY":
+                out.append(rng.choice("aZ9_-"))
+            elif name == "IN":
+                out.append(rng.choice(characters(arg)))
+            elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                low, high, sub = arg
+                high = min(high, low + 25) if high != constants.MAXREPEAT else low + 8
+                count = high if longest else low if longest is False else rng.randint(low, high)
+                out.extend(walk(sub) for _ in range(count))
+            elif name == "SUBPATTERN":
+                out.append(walk(arg[-1]))
+            elif name == "BRANCH":
+                out.append(walk(rng.choice(arg[1])))
+            elif name in ("AT", "ASSERT", "ASSERT_NOT", "GROUPREF"):
+                continue
+            else:
+                return ""
+        return "".join(out)
+
+    text = walk(tree)
+    return text if re.search(pattern, text) else None
+
+
+def pool(schema: dict, document: dict, rng: random.Random) -> list:
+    """Values to send for an input described by ``schema``: the valid ones the schema's edges
+    name, one past each edge, other types, and values that break naive code."""
+    values: list = []
+    for alt in _alternatives(schema, document):
+        kind = alt.get("type")
+        if "enum" in alt or "const" in alt:
+            values += list(alt.get("enum", [alt.get("const")])) + ["not-one-of-them"]
+        elif kind in ("integer", "number"):
+            low, high = alt.get("minimum", alt.get("exclusiveMinimum")), alt.get("maximum", alt.get("exclusiveMaximum"))
+            step = 1 if kind == "integer" else 0.5
+            for edge in (low, high):
+                if edge is not None:
+                    edge = int(edge) if kind == "integer" and float(edge).is_integer() else edge
+                    values += [edge, edge - step, edge + step]
+            if low is not None and high is not None:
+                values.append(rng.randint(int(low), int(high)) if kind == "integer" else round(rng.uniform(low, high), 3))
+            values += [n for n in NASTY_NUMBERS if kind == "number" or isinstance(n, int)]
+            values += ["abc", "", "1.5" if kind == "integer" else "nan", True, None]
+        elif kind == "string":
+            low, high = alt.get("minLength"), alt.get("maxLength")
+            if alt.get("pattern"):
+                for longest in (False, True, None, None):
+                    example = _regex_example(alt["pattern"], rng, longest)
+                    if example is not None:
+                        values += [example, example.upper(), f" {example} ", example + "!"]
+            if alt.get("format") == "email":
+                values += ["ada@example.com", "not-an-email", "ada@", "@example.com", "a@b", "ada@exa mple.com"]
+            for edge in (low, high):
+                if edge is not None:
+                    values += ["a1" * (edge // 2) + "a" * (edge % 2), "b2" * ((edge - 1) // 2) + "b" * ((edge - 1) % 2),
+                               "c3" * ((edge + 1) // 2) + "c" * ((edge + 1) % 2)]
+            values += NASTY_TEXT + [42, None, ["a"]]
+        elif kind == "boolean":
+            values += [True, False, "true", "false", "1", "0", "yes", "off", "TRUE", "maybe", "2", "", None]
+        elif kind == "null":
+            values.append(None)
+        elif kind == "array":
+            item = pool(alt.get("items", {}), document, rng)
+            values += [[], item[:1], item[:3], "not-a-list"]
+        elif kind == "object":
+            values += [{}, "not-an-object", []]
+        else:
+            values += ["x", 1, None, True]
+    unique, seen = [], set()
+    for value in values:
+        key = json.dumps(value, sort_keys=True, default=str) + type(value).__name__
+        if key not in seen:
+            seen.add(key)
+            unique.append(value)
+    return unique
+
+
+def valid_value(schema: dict, document: dict, rng: random.Random) -> Any:
+    """One value the schema accepts, as far as the schema can say (a README may say more)."""
+    alt = _alternatives(schema, document)[0]
+    if "default" in schema:
+        return schema["default"]
+    kind = alt.get("type")
+    if "enum" in alt:
+        return rng.choice(alt["enum"])
+    if kind == "integer":
+        low, high = alt.get("minimum", 0), alt.get("maximum", max(int(alt.get("minimum", 0)), 0) + 100)
+        return rng.randint(int(low), int(high))
+    if kind == "number":
+        low, high = alt.get("minimum", 0), alt.get("maximum", 100)
+        return round(rng.uniform(low, high), 2)
+    if kind == "boolean":
+        return rng.choice([True, False])
+    if kind == "string":
+        if alt.get("pattern"):
+            found = _regex_example(alt["pattern"], rng)
+            if found is not None:
+                return found
+        if alt.get("format") == "email":
+            return "grace@example.com"
+        low, high = alt.get("minLength", 1), alt.get("maxLength", 12)
+        return "".join(rng.choice("abcdefghij0123") for _ in range(rng.randint(low, max(low, min(high, 12)))))
+    if kind == "null":
+        return None
+    if kind == "array":
+        return []
+    if kind == "object":
+        return {}
+    return "x"
+
+
+# --------------------------------------------------------------------------- requests and answers
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # with the path parameters filled in and encoded
+    query: list[tuple[str, str]] = field(default_factory=list)
+    body: Any = MISSING  # JSON-able, or bytes sent as they are
+    input: Input | None = None  # what this request varies
+    operation: str = ""
+
+    def show(self) -> str:
+        text = f"{self.method} {self.path}" + (f"?{urlencode(self.query, quote_via=quote)}" if self.query else "")
+        if self.body is not MISSING:
+            body = self.body.decode("utf-8", "replace") if isinstance(self.body, bytes) else json.dumps(self.body, ensure_ascii=False)
+            text += f"\n       body {_cut(body, 400)}"
+        return text
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    content: bytes
+    crash: str = ""  # the app raised instead of answering
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.content)
+        except ValueError:
+            return MISSING
+
+    def show(self) -> str:
+        if self.crash:
+            return f"no answer: the app raised {self.crash} (a client sees 500 Internal Server Error)"
+        body = self.content.decode("utf-8", "replace") if self.content else "(no body)"
+        return f"{self.status} {_cut(body, 500)}"
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " … (cut)"
+
+
+def _text(value: Any) -> str:
+    """A query or path value as a client would write it."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return repr(value)
+    return str(value)
+
+
+class AppRunner:
+    """One ASGI app on an event loop of its own, its lifespan started: requests go straight
+    to the app's callable (no sockets, no threads)."""
+
+    def __init__(self, app: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.app, self.loop = app, loop
+        self.state: dict = {}
+        self._lifespan: asyncio.Task | None = None
+        self._incoming: asyncio.Queue | None = None
+        self._outgoing: asyncio.Queue | None = None
+
+    def start(self) -> None:
+        self.loop.run_until_complete(self._start())
+
+    async def _start(self) -> None:
+        self._incoming, self._outgoing = asyncio.Queue(), asyncio.Queue()
+        self._incoming.put_nowait({"type": "lifespan.startup"})
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
+        self._lifespan = asyncio.ensure_future(self.app(scope, self._incoming.get, self._outgoing.put))
+        message = await self._next_lifespan_message()
+        if message.get("type") == "lifespan.startup.failed":
+            raise RuntimeError(f"the app's startup failed: {message.get('message', '')}")
+
+    async def _next_lifespan_message(self) -> dict:
+        assert self._outgoing is not None and self._lifespan is not None
+        getter = asyncio.ensure_future(self._outgoing.get())
+        done, _ = await asyncio.wait({getter, self._lifespan}, timeout=ANSWER_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self._lifespan in done:
+            error = self._lifespan.exception()
+            if error is not None:  # an app that does not speak the lifespan protocol has no startup to run
+                return {"type": "lifespan.unsupported"}
+            return {"type": "lifespan.unsupported"}
+        raise RuntimeError(f"the app's startup did not finish within {ANSWER_SECONDS:g} s")
+
+    def stop(self) -> None:
+        if self._lifespan is not None and not self._lifespan.done():
+            self.loop.run_until_complete(self._stop())
+
+    async def _stop(self) -> None:
+        assert self._incoming is not None and self._lifespan is not None
+        self._incoming.put_nowait({"type": "lifespan.shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.shield(self._lifespan), ANSWER_SECONDS)
+        except BaseException:  # noqa: BLE001 - a shutdown that fails or hangs is not what is graded here
+            self._lifespan.cancel()
+
+    def send(self, request: Request) -> Answer:
+        return self.loop.run_until_complete(self._send(request))
+
+    async def _send(self, request: Request) -> Answer:
+        if request.body is MISSING:
+            content, headers = b"", []
+        elif isinstance(request.body, bytes):
+            content, headers = request.body, [(b"content-type", b"application/json")]
+        else:
+            content = json.dumps(request.body, ensure_ascii=False).encode("utf-8")
+            headers = [(b"content-type", b"application/json")]
+        headers = [(b"host", b"testserver"), (b"user-agent", b"grader-differential"),
+                   *([(b"content-length", str(len(content)).encode())] if content else []), *headers]
+        raw_path = request.path.encode("ascii")
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": request.method, "scheme": "http", "path": unquote(request.path), "raw_path": raw_path,
+            "root_path": "", "query_string": urlencode(request.query, quote_via=quote).encode("ascii"), "headers": headers,
+            "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": dict(self.state), "extensions": {},
+        }
+        finished = asyncio.Event()
+        delivered = False
+        status, response_headers, chunks = 0, {}, []
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": content, "more_body": False}
+            await finished.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                for name, value in message.get("headers", []):
+                    response_headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    finished.set()
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, send), ANSWER_SECONDS)
+        except TimeoutError:
+            return Answer(0, {}, b"", crash=f"nothing: no answer within {ANSWER_SECONDS:g} s")
+        except Exception as exc:  # noqa: BLE001 - the app crashed: that is an answer to compare
+            return Answer(500, {}, b"", crash=f"{type(exc).__name__}: {_cut(str(exc), 300)}")
+        finally:
+            finished.set()
+        return Answer(status, response_headers, b"".join(chunks))
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def _path_parts(path: str) -> list[str]:
+    if not path.startswith("$"):
+        raise ValueError(f"{path!r} is not a JSON path such as '$.detail' or '$..created_at'")
+    return re.findall(r"\.\.[^.\[]+|\.[^.\[]+|\[\*\]", path[1:])
+
+
+def _apply(value: Any, parts: list[str], action: Callable[[dict, str], None]) -> None:
+    if not parts:
+        return
+    part, rest = parts[0], parts[1:]
+    if part.startswith(".."):
+        key = part[2:]
+        stack = [value]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if key in node:
+                    if rest:
+                        _apply(node[key], rest, action)
+                    else:
+                        action(node, key)
+                stack.extend(v for k, v in node.items() if isinstance(v, (dict, list)))
+            elif isinstance(node, list):
+                stack.extend(node)
+    elif part == "[*]":
+        if isinstance(value, list):
+            for item in value:
+                _apply(item, rest, action)
+    elif isinstance(value, dict) and part[1:] in value:
+        if rest:
+            _apply(value[part[1:]], rest, action)
+        else:
+            action(value, part[1:])
+
+
+FREE = "<free: not compared>"
+
+
+def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] = ()) -> Any:
+    """The part of a JSON body that the README promises, ready to compare."""
+    body = json.loads(json.dumps(body))  # a deep copy
+    for path in promises.ignore:
+        _apply(body, _path_parts(path), lambda node, key: node.pop(key, None))
+    for path in (*promises.free, *free):
+        _apply(body, _path_parts(path), lambda node, key: node.__setitem__(key, FREE))
+    if status == 422 and promises.validation != "exact" and isinstance(body, dict):
+        detail = body.get("detail")
+        if promises.validation == "status":
+            return "<a validation error>"
+        if isinstance(detail, list) and all(isinstance(e, dict) and isinstance(e.get("loc"), list) for e in detail):
+            return {"detail: the locations of the errors": sorted({json.dumps(e["loc"]) for e in detail})}
+    return body
+
+
+def _first_difference(expected: Any, actual: Any, where: str = "$") -> str:
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        for key in expected:
+            if key not in actual:
+                return f"{where}.{key}: the reference has it, your app does not"
+        for key in actual:
+            if key not in expected:
+                return f"{where}.{key}: your app has it, the reference does not"
+        for key in expected:
+            found = _first_difference(expected[key], actual[key], f"{where}.{key}")
+            if found:
+                return found
+        return ""
+    if isinstance(expected, list) and isinstance(actual, list):
+        if len(expected) != len(actual):
+            return f"{where}: {len(expected)} items in the reference's answer, {len(actual)} in yours"
+        for index, (one, other) in enumerate(zip(expected, actual, strict=True)):
+            found = _first_difference(one, other, f"{where}[{index}]")
+            if found:
+                return found
+        return ""
+    if expected != actual or type(expected) is not type(actual):
+        if isinstance(expected, (int, float)) and isinstance(actual, (int, float)) and not isinstance(expected, bool) \
+                and not isinstance(actual, bool) and expected == actual:
+            return ""
+        return f"{where}: {_cut(json.dumps(expected, ensure_ascii=False), 120)} in the reference's answer, " \
+               f"{_cut(json.dumps(actual, ensure_ascii=False), 120)} in yours"
+    return ""
+
+
+def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[str, ...] = ()) -> str:
+    """Where the learner's answer differs from the reference's, in one line; "" when it does not.
+
+    ``free``: JSON paths left free for this request's operation, besides the exercise's own.
+    """
+    if learner.crash:
+        return "your app crashed" if not learner.crash.startswith("nothing") else "your app did not answer"
+    if reference.status != learner.status:
+        return f"the status code: {reference.status} from the reference, {learner.status} from your app"
+    for name in promises.headers:
+        one, other = reference.headers.get(name), learner.headers.get(name)
+        if name == "content-type" and one and other:
+            one, other = one.split(";")[0].strip().lower(), other.split(";")[0].strip().lower()
+        if one != other:
+            return f"the {name} header: {one!r} from the reference, {other!r} from your app"
+    expected, actual = reference.json(), learner.json()
+    if expected is MISSING or actual is MISSING:
+        if reference.content != learner.content:
+            return "the body: " + ("the reference's is not JSON and differs" if expected is MISSING else "yours is not JSON")
+        return ""
+    found = _first_difference(normalise(expected, promises, reference.status, free),
+                              normalise(actual, promises, learner.status, free))
+    return f"the body at {found}" if found else ""
+
+
+# --------------------------------------------------------------------------- generating requests
+
+
+class Generator:
+    """Builds requests for the declared operations from the reference's OpenAPI document."""
+
+    def __init__(self, document: dict, promises: Promises, rng: random.Random) -> None:
+        self.document, self.promises, self.rng = document, promises, rng
+        self.inputs: list[Input] = []
+        self.specs: dict[str, dict] = {}
+        self.pools: dict[tuple[str, str], list] = {}
+        self.seen_ids: list[Any] = []
+        self.declared: dict[tuple[str, str], int] = {}  # how many of an input's pool the declaration gave
+        self.turns: dict[tuple[str, str], int] = {}
+        paths = document.get("paths", {})
+        for key, operation in promises.operations.items():
+            spec = paths.get(operation.path, {}).get(operation.method.lower())
+            if spec is None:
+                raise ValueError(f"the reference's OpenAPI document has no {key}; [differential] declares it")
+            self.specs[key] = spec
+            self.inputs.append(Input(key, "", "", operation.task))
+            for parameter in spec.get("parameters", []):
+                name, where = parameter["name"], parameter["in"]
+                self._add_input(operation, name, where, parameter.get("schema", {}))
+            body = _resolve(spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"), document)
+            if isinstance(body, dict):
+                for name, schema in body.get("properties", {}).items():
+                    self._add_input(operation, name, "body", schema)
+                if body.get("additionalProperties") is False:
+                    self._add_input(operation, "*", "body", {})
+            if operation.combined_task:
+                self.inputs.append(Input(key, "+", "", operation.combined_task))
+
+    def _add_input(self, operation: Operation, name: str, where: str, schema: dict) -> None:
+        if name == "*":
+            generated = [True, "x", None]
+        elif operation.only_values and name in operation.values:
+            generated = []
+        else:
+            generated = pool(schema, self.document, self.rng)
+        own = [value for value, value_task in operation.values.get(name, ()) if not value_task]
+        self.declared[operation.key, name] = len(own)
+        self.pools[operation.key, name] = own + [v for v in generated if v not in own]
+        task = operation.tasks.get(name, operation.task)
+        self.inputs.append(Input(operation.key, name, where, task))
+        for value, value_task in operation.values.get(name, ()):
+            if value_task and value_task != task:
+                self.inputs.append(Input(operation.key, f"{name}={json.dumps(value)}", where, value_task))
+
+    # --- one request
+
+    def _valid(self, operation: Operation, name: str, schema: dict) -> Any:
+        declared = [value for value, task in operation.values.get(name, ()) if task is None]
+        if operation.only_values and declared:
+            return self.rng.choice(declared)
+        if name in ("item_id", "user_id", "id") or name.endswith("_id"):
+            if self.seen_ids and self.rng.random() < 0.7:
+                return self.rng.choice(self.seen_ids)
+        return valid_value(schema, self.document, self.rng)
+
+    def _vary(self, operation: Operation, name: str) -> Any:
+        values = self.pools.get((operation.key, name), [])
+        if not values or (self.rng.random() < 0.1 and not (operation.only_values and name in operation.values)):
+            return MISSING
+        if operation.only_values and name in operation.values:
+            return self.rng.choice(values[: self.declared.get((operation.key, name), 0)] or values)
+        return self.rng.choice(values)
+
+    def sweep(self) -> list[tuple[Input, Any]]:
+        """Every operation as declared, and every value the declaration names, once each."""
+        planned: list[tuple[Input, Any]] = []
+        for target in self.inputs:
+            if not target.name or "=" in target.name:
+                planned.append((target, UNSET))
+            elif target.name != "+":
+                planned += [(target, value) for value in self.pools[target.operation, target.name][: self.declared[target.operation, target.name]]]
+        self.rng.shuffle(planned)
+        return planned
+
+    def request(self, target: Input, value: Any = None) -> Request:
+        """A request for ``target``: its operation, with ``value`` (or one from its pool) for its input."""
+        operation = self.promises.operations[target.operation]
+        spec = self.specs[target.operation]
+        varied = {target.name.split("=", 1)[0]: MISSING} if target.name and target.name != "+" else {}
+        if value is not None and value is not UNSET:
+            varied[target.name] = value
+        elif target.name and "=" in target.name:
+            name, value = target.name.split("=", 1)
+            varied[name] = json.loads(value)
+        elif target.name == "+":
+            candidates = [i.name for i in self.inputs if i.operation == target.operation and i.name and i.name[0] not in "+*" and "=" not in i.name]
+            for name in self.rng.sample(candidates, min(2, len(candidates))):
+                varied[name] = self._vary(operation, name)
+        elif target.name:
+            varied[target.name] = self._vary(operation, target.name)
+        path, query = operation.path, []
+        for parameter in spec.get("parameters", []):
+            name, where = parameter["name"], parameter["in"]
+            if name in varied:
+                value = varied[name]
+            elif parameter.get("required") or (operation.only_values and name in operation.values) or self.rng.random() < 0.5:
+                value = self._valid(operation, name, parameter.get("schema", {}))
+            else:
+                value = MISSING
+            if where == "path":
+                text = "" if value is MISSING else _text(value)
+                path = path.replace("{" + name + "}", quote(text, safe="") if text else "%20")
+            elif where == "query" and value is not MISSING:
+                query.append((name, _text(value)))
+        body: Any = MISSING
+        schema = _resolve(spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"), self.document)
+        if isinstance(schema, dict):
+            if operation.examples:
+                body = json.loads(json.dumps(self.rng.choice(operation.examples)))
+            else:
+                body = {name: valid_value(s, self.document, self.rng) for name, s in schema.get("properties", {}).items()
+                        if name in schema.get("required", ()) or self.rng.random() < 0.5}
+            for name, value in varied.items():
+                if name == "*":
+                    extra = self._vary(operation, "*")
+                    body[self.rng.choice(["is_admin", "id", "role"])] = True if extra is MISSING else extra
+                elif name in schema.get("properties", {}):
+                    if value is MISSING:
+                        body.pop(name, None)
+                    else:
+                        body[name] = value
+                    for group in operation.equal:
+                        if name in group and self.rng.random() < 0.75:
+                            for other in group:
+                                if value is MISSING:
+                                    body.pop(other, None)
+                                else:
+                                    body[other] = value
+            if not varied and target.name == "" and self.rng.random() < 0.1:
+                body = self.rng.choice([{}, [], "text", None, b"{not json", b""])
+        return Request(operation.method, path, query, body, target, target.operation)
+
+    def learn(self, answer: Answer) -> None:
+        """Ids the reference handed out become values for later requests' id parameters."""
+        body = answer.json()
+        if isinstance(body, dict):
+            for key, value in body.items():
+                if (key == "id" or key.endswith("_id")) and isinstance(value, (int, str)) and value not in self.seen_ids:
+                    self.seen_ids.append(value)
+
+
+# --------------------------------------------------------------------------- a session
+
+
+@dataclass
+class Difference:
+    input: Input
+    requests: list[Request]  # the last one shows the difference
+    reference: Answer
+    learner: Answer
+    where: str
+    state: tuple[Any, Any] | None = None  # (reference's, learner's) when the stored state differs
+    blocked_by: Difference | None = None
+
+
+class Pair:
+    """The learner's app and the reference app, fresh, on one event loop."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.learner_module = session.load_learner()
+        self.reference_module = session.load_reference()
+        for module in (self.learner_module, self.reference_module):
+            if session.prepare is not None:
+                session.prepare(module)
+        self.learner = AppRunner(session.app_of(self.learner_module, "your"), session.loop)
+        self.reference = AppRunner(session.app_of(self.reference_module, "the reference's"), session.loop)
+        self.reference.start()
+        try:
+            self.learner.start()
+        except Exception as exc:  # noqa: BLE001 - the learner's startup failed: every test says so
+            self.reference.stop()
+            raise Unstartable(f"your app's startup (its lifespan) raised {type(exc).__name__}: {exc}") from exc
+
+    def send(self, request: Request) -> tuple[Answer, Answer]:
+        return self.reference.send(request), self.learner.send(request)
+
+    def states(self) -> tuple[Any, Any] | None:
+        if self.session.state is None:
+            return None
+        reference = self.session.state(self.reference_module)
+        try:
+            learner = self.session.state(self.learner_module)
+        except Exception as exc:  # noqa: BLE001 - a promised name is missing or of another shape
+            learner = f"(could not be read: {type(exc).__name__}: {exc})"
+        return reference, learner
+
+    def close(self) -> None:
+        self.learner.stop()
+        self.reference.stop()
+
+
+class Unstartable(Exception):
+    """The learner's app could not be loaded or started."""
+
+
+class Session:
+    """One differential run over an exercise, made lazily by the first test that asks.
+
+    ``load_learner`` and ``load_reference`` import a fresh copy of the learner's module and of
+    the reference's (the ``load`` and ``reference`` fixtures). ``prepare(module)`` may change a
+    fresh module before its app runs (a given slow helper swapped for a quick one); ``state(module)``
+    reads the stored state a README promises, through promised names, for comparing.
+    """
+
+    def __init__(self, load_learner: Callable[[], Any], load_reference: Callable[[], Any], promises: Promises, *,
+                 app: str = "app", prepare: Callable[[Any], None] | None = None,
+                 state: Callable[[Any], Any] | None = None, lesson: Callable[[str], str] | None = None) -> None:
+        self.load_learner, self.load_reference = load_learner, load_reference
+        self.promises, self.app_name = promises, app
+        self.prepare, self.state, self.lesson = prepare, state, lesson
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.differences: dict[str, Difference] = {}  # input key -> its first difference
+        self.compared: dict[str, int] = {}  # task -> requests compared without a difference
+        self.reference_failures: list[tuple[Request, Answer]] = []
+        self.broken = ""
+        self.generator: Generator | None = None
+        self.ran = False
+        self.seconds = 0.0
+
+    def app_of(self, module: Any, whose: str) -> Any:
+        app = getattr(module, self.app_name, None)
+        if app is None:
+            raise Unstartable(f"{whose} module has no `{self.app_name}`: the README promises it")
+        return app
+
+    # --- the run
+
+    def run(self) -> None:
+        if self.ran:
+            return
+        self.ran = True
+        started = time.perf_counter()
+        self.loop = asyncio.new_event_loop()
+        try:
+            self._run()
+        except Unstartable as exc:
+            self.broken = str(exc)
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+            self.seconds = time.perf_counter() - started
+
+    def _fresh(self) -> Pair:
+        return Pair(self)
+
+    def _run(self) -> None:
+        rng = random.Random(self.promises.seed)
+        pair = self._fresh()
+        generator = self.generator = Generator(
+            pair.reference.app.openapi() if hasattr(pair.reference.app, "openapi") else {}, self.promises, rng)
+        # first every declared value once, then requests with values drawn from the pools
+        planned = generator.sweep()
+        weights = {key: operation.weight for key, operation in self.promises.operations.items()}
+        schedule = [i for i in generator.inputs if "=" not in i.name for _ in range(max(1, round(weights[i.operation] * 2)))]
+        drawn: list[tuple[Input, Any]] = []
+        while len(drawn) < self.promises.requests:
+            rng.shuffle(schedule)
+            drawn += [(target, None) for target in schedule]
+        planned += drawn[: self.promises.requests]
+        history: list[Request] = []
+        try:
+            for target, value in planned:
+                key = f"{target.operation}|{target.name}"
+                if key in self.differences:
+                    continue
+                request = generator.request(target, value)
+                history.append(request)
+                reference, learner = pair.send(request)
+                if reference.crash or reference.status >= 500:
+                    # the reference fails this input: not the learner's to match (the course's own
+                    # tests report it); start afresh, since the state is now unknown
+                    self.reference_failures.append((request, reference))
+                    pair.close()
+                    pair, history = self._fresh(), []
+                    continue
+                generator.learn(reference)
+                where = compare(reference, learner, self.promises, self._free(request))
+                if not where and request.method not in ("GET", "HEAD", "OPTIONS"):
+                    states = pair.states()
+                    if states is not None and _first_difference(*states):
+                        where = "the stored state: " + _first_difference(*states)
+                if not where:
+                    self.compared[target.task] = self.compared.get(target.task, 0) + 1
+                    continue
+                pair.close()
+                whole = self.differences.get(f"{target.operation}|")
+                if target.name and whole is not None and whole.where:
+                    # the operation differs whatever this input is: no need to shrink again
+                    self.differences[key] = Difference(target, [request], reference, learner, where, blocked_by=whole)
+                else:
+                    self.differences[key] = self._shrink(history, target)
+                pair, history = self._fresh(), []
+        finally:
+            pair.close()
+
+    # --- shrinking
+
+    def _replay(self, requests: list[Request]) -> tuple[Answer, Answer, str, Any] | None:
+        """Send ``requests`` to a fresh pair; the last answers and where they differ, if they do."""
+        pair = self._fresh()
+        try:
+            for index, request in enumerate(requests):
+                reference, learner = pair.send(request)
+                if reference.crash or reference.status >= 500:
+                    return None
+                last = index == len(requests) - 1
+                where = compare(reference, learner, self.promises, self._free(request))
+                states = None
+                if not where and last and request.method not in ("GET", "HEAD", "OPTIONS"):
+                    states = pair.states()
+                    if states is not None and _first_difference(*states):
+                        where = "the stored state: " + _first_difference(*states)
+                if where and not last:
+                    return None  # an earlier request differs: not the same difference
+                if last:
+                    return (reference, learner, where, states) if where else None
+        finally:
+            pair.close()
+        return None
+
+    def _shrink(self, history: list[Request], target: Input) -> Difference:
+        """The shortest sequence found, on fresh apps, whose last request still differs."""
+        deadline = time.perf_counter() + SHRINK_SECONDS
+        last = history[-1]
+        current = list(history)
+        # most differences need no history: try the last request alone first
+        found = self._replay([last]) if len(current) > 1 else None
+        if found is not None:
+            current = [last]
+        else:
+            found = self._replay(current)
+        if found is None:
+            # the difference depends on something a fresh pair does not reproduce: keep it as seen
+            pair_answers = self._replay_loose(current)
+            reference, learner, where, states = pair_answers
+            return Difference(target, current, reference, learner, where, states)
+        # drop chunks of the requests before the last (a simple delta debugging)
+        chunk = max(1, (len(current) - 1) // 2)
+        while chunk >= 1 and time.perf_counter() < deadline:
+            index, shrunk = 0, False
+            while index < len(current) - 1 and time.perf_counter() < deadline:
+                candidate = current[:index] + current[index + chunk:]
+                if candidate and candidate[-1] is last:
+                    attempt = self._replay(candidate)
+                    if attempt is not None:
+                        current, found, shrunk = candidate, attempt, True
+                        continue
+                index += chunk
+            if not shrunk:
+                chunk //= 2
+        reference, learner, where, states = found
+        difference = Difference(target, current, reference, learner, where, states)
+        # Does the operation itself differ, whatever this input is? Then the input is not the cause.
+        if target.name and time.perf_counter() < deadline + 1:
+            plain = self._plain(last)
+            if plain is not None:
+                attempt = self._replay(current[:-1] + [plain])
+                if attempt is not None:
+                    whole = Input(target.operation, "", "", self.promises.operations[target.operation].task)
+                    difference.blocked_by = Difference(whole, current[:-1] + [plain], *attempt)
+                    self.differences.setdefault(f"{target.operation}|", difference.blocked_by)
+        return difference
+
+    def _replay_loose(self, requests: list[Request]) -> tuple[Answer, Answer, str, Any]:
+        pair = self._fresh()
+        try:
+            reference = learner = None
+            for request in requests:
+                reference, learner = pair.send(request)
+            states = pair.states() if requests[-1].method not in ("GET", "HEAD", "OPTIONS") else None
+            where = compare(reference, learner, self.promises, self._free(request)) or (
+                "the stored state: " + _first_difference(*states) if states and _first_difference(*states) else
+                "not on a fresh app: this difference comes and goes (does your app keep state between apps, "
+                "or depend on time or chance?)")
+            return reference, learner, where, states
+        finally:
+            pair.close()
+
+    def _free(self, request: Request) -> tuple[str, ...]:
+        operation = self.promises.operations.get(request.operation)
+        return operation.free if operation is not None else ()
+
+    def _plain(self, request: Request) -> Request | None:
+        """The same operation with nothing varied (the README's own example for a body)."""
+        operation = self.promises.operations[request.operation]
+        if request.body is not MISSING and operation.examples:
+            return replace(request, body=json.loads(json.dumps(operation.examples[0])), input=None)
+        if request.body is MISSING and self.generator is not None:
+            return self.generator.request(Input(request.operation, "", "", operation.task))
+        return None
+
+    # --- what a test sees
+
+    def check(self, task: str) -> None:
+        """Fail, with a message that teaches, if some input of ``task`` got a different answer."""
+        self.run()
+        if self.broken:
+            pytest.fail(self.broken, pytrace=False)
+        mine = [d for d in self.differences.values() if d.input.task == task]
+        if mine:
+            pytest.fail(self.message(mine[0], len(mine)), pytrace=False)
+        if not self.compared.get(task):
+            pytest.fail(f"No request of task {task!r} could be compared with the reference "
+                        "(every one was refused by the reference itself): report this to the course's authors.",
+                        pytrace=False)
+
+    def message(self, difference: Difference, count: int) -> str:
+        lines = ["Your app and the reference solution answered the same requests differently."]
+        if difference.blocked_by is not None:
+            blocked = difference.blocked_by
+            lines.append(f"(This shows for {difference.input.label}, but the README's own example of "
+                         f"{blocked.input.operation} differs already: fix that first.)")
+            difference = blocked
+        lines.append("sent, to a new copy of each app" + (" (the shortest sequence found):" if len(difference.requests) > 1 else ":"))
+        for number, request in enumerate(difference.requests, 1):
+            lines.append(f"  {number}. {request.show()}")
+        which = f"request {len(difference.requests)}" if len(difference.requests) > 1 else "it"
+        lines.append(f"reference answered {which} with: {difference.reference.show()}")
+        lines.append(f"your app answered {which} with:  {difference.learner.show()}")
+        if difference.state is not None and difference.where.startswith("the stored state"):
+            lines.append(f"stored (reference): {_cut(json.dumps(difference.state[0], default=str), 300)}")
+            lines.append(f"stored (your app):  {_cut(json.dumps(difference.state[1], default=str), 300)}")
+        lines.append(f"they differ in {difference.where}")
+        if self.promises.validation == "loc" and difference.reference.status == 422:
+            lines.append("(for a 422, the locations of the errors are compared, not their wording)")
+        if self.promises.free or self.promises.ignore:
+            lines.append("not compared, because the README leaves them free: " + ", ".join((*self.promises.free, *self.promises.ignore)))
+        if count > 1:
+            lines.append(f"({count - 1} more input(s) of this task differ as well; fix this one and run the tests again.)")
+        return "\n".join(lines)
+
+
+def session(load: Callable[..., Any], reference: Callable[..., Any], exercise: Any, module: str | None = None,
+            **options: Any) -> Session:
+    """The session for a graded suite: ``load`` and ``reference`` are the plugin's fixtures."""
+    table = exercise.extra.get("differential")
+    if table is None:
+        raise ValueError(f"{exercise.name}/exercise.toml has no [differential] table")
+    promises = Promises.parse(table, f"{exercise.name}/exercise.toml")
+    return Session(lambda: load(module), lambda: reference(module), promises, **options)
+
+
+def undeclared(document: dict, promises: Promises) -> list[str]:
+    """Operations of a reference's OpenAPI document that the declaration neither compares nor skips."""
+    found = []
+    for path, methods in document.get("paths", {}).items():
+        for method in methods:
+            key = f"{method.upper()} {path}"
+            if method.lower() in ("get", "post", "put", "patch", "delete") and key not in promises.operations \
+                    and key not in promises.skip:
+                found.append(key)
+    return found
+
+
+def finite(value: Any) -> bool:  # pragma: no cover - a helper for declarations written in Python
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+__all__ = ["Answer", "AppRunner", "Promises", "Request", "Session", "compare", "normalise", "pool", "promises_of",
+           "session", "tasks", "undeclared"]
+_ = Iterable  # kept for type checkers reading the signatures above
