@@ -6,7 +6,6 @@ Read README.md in this folder for the full task. Run `pytest exercises/06_backgr
     OUTBOX_DIR=/tmp/outbox uvicorn --factory app:create_app
 """
 
-import asyncio  # noqa: F401  (asyncio.to_thread runs blocking file I/O off the event loop)
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from typing import Annotated
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, status
 from pydantic import BaseModel, EmailStr, Field
+from starlette.concurrency import run_in_threadpool  # runs blocking file I/O off the event loop
 
 logger = logging.getLogger("signup")
 
@@ -68,7 +68,7 @@ async def send_welcome(state: ServiceState, user: Signup) -> None:
     #       Catch any exception, log it with logger.exception(...) (name the e-mail address),
     #       count it in state.failed and record the event "welcome failed for <email>".
     #       On success, count state.sent and record "welcome sent to <email>".
-    await asyncio.to_thread(write_message, state.outbox, user.id, message)
+    await run_in_threadpool(write_message, state.outbox, user.id, message)
 
 
 def audit(request: Request, state: State) -> None:

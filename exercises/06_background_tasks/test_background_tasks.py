@@ -197,6 +197,11 @@ def test_a_rejected_signup_sends_no_welcome(client, outbox):
     expect_json(duplicate, {"detail": "Email already registered"}, exact=True)
     expect_status(post_signup(client, {"email": "not-an-email", "name": "X"}), 422, "the e-mail must be valid")
     expect_status(post_signup(client, {"email": "cy@example.com", "name": ""}), 422, "the name must not be empty")
+    expect_status(
+        client.post("/signup", params={"email": "dee@example.com", "name": "Dee"}), 422,
+        "the same fields in the query string, with no body: a signup reads them from the JSON body only, since an "
+        "e-mail address in the URL is personal data that every access log and proxy on the way would record",
+    )
     assert sorted(messages(outbox)) == ["1.json"], (
         f"\nexpected: only Ada's welcome (1.json): a rejected signup sends nothing\ngot:      {sorted(messages(outbox))}"
     )

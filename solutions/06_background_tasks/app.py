@@ -7,7 +7,6 @@ application state at startup and reports what was delivered at shutdown.
     OUTBOX_DIR=/tmp/outbox uvicorn --factory app:create_app
 """
 
-import asyncio
 import json
 import logging
 import os
@@ -15,10 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, status
 from pydantic import BaseModel, EmailStr, Field
+from starlette.concurrency import run_in_threadpool
 
 logger = logging.getLogger("signup")
 
@@ -30,6 +30,19 @@ class SignupIn(BaseModel):
 
 class Signup(SignupIn):
     id: int
+
+
+class ErrorMessage(BaseModel):
+    """The body of an HTTPException, and of FastAPI's 400 for a body it cannot parse."""
+
+    detail: str
+
+
+# What POST /signup can answer besides 201 and FastAPI's own 422, so the OpenAPI document is complete.
+SIGNUP_ERRORS: dict[int | str, dict[str, Any]] = {
+    status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"},
+    status.HTTP_409_CONFLICT: {"model": ErrorMessage, "description": "This e-mail address is already registered"},
+}
 
 
 @dataclass
@@ -73,7 +86,7 @@ async def send_welcome(state: ServiceState, user: Signup) -> None:
     try:
         # Only the blocking write goes to a thread; the state is updated here, on the event
         # loop, so concurrent tasks never race on the counters.
-        await asyncio.to_thread(write_message, state.outbox, user.id, message)
+        await run_in_threadpool(write_message, state.outbox, user.id, message)
     except Exception:
         state.failed += 1
         state.events.append(f"welcome failed for {user.email}")
@@ -105,7 +118,13 @@ def create_app(outbox_dir: Path | str | None = None) -> FastAPI:
 
     app = FastAPI(title="Signup service", version="0.6.0", lifespan=lifespan)
 
-    @app.post("/signup", status_code=status.HTTP_201_CREATED, dependencies=[Depends(audit)])
+    @app.post(
+        "/signup",
+        status_code=status.HTTP_201_CREATED,
+        dependencies=[Depends(audit)],
+        summary="Sign up; the welcome message follows the response",
+        responses=SIGNUP_ERRORS,
+    )
     async def signup(data: SignupIn, tasks: BackgroundTasks, state: State) -> Signup:
         if data.email in state.users:
             # Raising discards the background tasks already added: no audit entry, no welcome.
@@ -117,7 +136,7 @@ def create_app(outbox_dir: Path | str | None = None) -> FastAPI:
         tasks.add_task(send_welcome, state, user)
         return user
 
-    @app.get("/events")
+    @app.get("/events", summary="The events recorded so far, oldest first")
     async def events(state: State) -> list[str]:
         return state.events
 
