@@ -11,6 +11,7 @@ import secrets  # noqa: F401  (you will want secrets.token_urlsafe for the dummy
 from datetime import datetime, timedelta, timezone  # noqa: F401
 from typing import Annotated
 
+import anyio  # noqa: F401  (anyio.CapacityLimiter and anyio.to_thread.run_sync bound the hashes)
 import jwt  # noqa: F401
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=8)
     argon2_parallelism: int = Field(default=4, ge=1)
+    # How many password hashes or checks may run at once: each holds argon2_memory_kib.
+    max_concurrent_hashes: int = Field(default=2, ge=1, le=64)
+    # The iss and aud claims of the tokens this service issues and accepts.
+    jwt_issuer: str = Field(default="auth-service", min_length=1)
+    jwt_audience: str = Field(default="items-service", min_length=1)
 
 
 class User(BaseModel):
@@ -58,6 +64,13 @@ class UserInDB(User):
 class Token(BaseModel):
     access_token: str
     token_type: str = "bearer"
+    scope: str = ""  # the granted scopes, space-separated
+
+
+class ErrorMessage(BaseModel):
+    """The body of an error answer, for the routes' `responses=`."""
+
+    detail: str
 
 
 class ItemIn(BaseModel):
@@ -95,8 +108,9 @@ def authenticate_user(app: FastAPI, username: str, password: str) -> UserInDB | 
 
 
 def create_access_token(settings: Settings, username: str, scopes: list[str]) -> str:
-    """A signed HS256 JWT with the claims sub, scope (space-separated), iat and exp."""
-    # TODO: timezone-aware datetimes; exp = iat + settings.access_token_minutes.
+    """A signed HS256 JWT with the claims iss, aud, sub, scope (space-separated), iat and exp."""
+    # TODO: timezone-aware datetimes; exp = iat + settings.access_token_minutes;
+    #       iss and aud from the settings.
     return ""
 
 
@@ -106,7 +120,8 @@ async def get_current_user(
     request: Request,
 ) -> UserInDB:
     """The user a valid bearer token names, provided it carries every scope the route needs."""
-    # TODO: decode with the settings' secret and algorithms pinned to HS256; require sub, exp, iat.
+    # TODO: decode with the settings' secret and algorithms pinned to HS256, the settings'
+    #       audience and issuer; require iss, aud, sub, exp, iat.
     #       Any jwt.InvalidTokenError -> 401 with a WWW-Authenticate header.
     #       Look the user up in request.app.state.users (gone -> 401).
     #       A scope the route needs but the token lacks -> 403 "Not enough permissions".
@@ -127,13 +142,17 @@ router = APIRouter()
 def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> Token:
     # TODO: authenticate (401 "Incorrect username or password" + WWW-Authenticate), refuse a
     #       disabled user (403 "Inactive user"), grant only the requested scopes the user holds
-    #       (all of them when none are requested), and return a Token.
+    #       (all of them when none are requested), and return a Token whose scope says what
+    #       was granted. Run authenticate_user in a worker thread with at most
+    #       settings.max_concurrent_hashes at once (an async route awaiting
+    #       anyio.to_thread.run_sync(..., limiter=...)). Declare the 401 and 403 in responses=.
     raise HTTPException(status_code=status.HTTP_501_NOT_IMPLEMENTED, detail="TODO: POST /token")
 
 
 # TODO: GET /users/me -> the current active user, without the password hash.
 # TODO: GET /items needs the scope items:read; POST /items (201) needs items:write.
 #       Use Security(get_current_active_user, scopes=[...]).
+# TODO: every route declares the 401 and 403 it can answer: responses={401: {"model": ErrorMessage, ...}}.
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.password_hash = None
     # TODO: a hash of a random string made with that hasher, for unknown users.
     app.state.dummy_hash = ""
+    # TODO: an anyio.CapacityLimiter(settings.max_concurrent_hashes) for /token.
     app.state.users = {}
     app.state.items = []
     app.include_router(router)

@@ -8,7 +8,9 @@ signed with another key, unsigned (alg "none"), tampered with, or naming a user 
 import base64
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import jwt
@@ -21,6 +23,9 @@ from grader.expect import StartupFailed, expect_header, expect_json, expect_stat
 
 SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"  # 50 bytes
 OTHER_KEY = "an-attackers-key-0123456789abcdef-0123456789abcdef"
+# Not the defaults, so a token that carries them came from the settings.
+ISSUER = "https://login.example.test"
+AUDIENCE = "items-api"
 # Cheap Argon2 for tests (see the lesson): the test passwords protect nothing.
 CHEAP = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
 
@@ -56,13 +61,14 @@ USERS = {
 }
 
 
-def build(module, *usernames):
+def build(module, *usernames, **settings):
     """create_app(Settings(...)) seeded with these users, or a StartupFailed that says what failed."""
+    settings = {"jwt_issuer": ISSUER, "jwt_audience": AUDIENCE} | CHEAP | settings
     try:
-        app = module.create_app(module.Settings(jwt_secret=SECRET, access_token_minutes=5, **CHEAP))
+        app = module.create_app(module.Settings(jwt_secret=SECRET, access_token_minutes=5, **settings))
     except Exception as exc:
         return StartupFailed(
-            f"\nsent:     create_app(Settings(jwt_secret=<50 bytes>, access_token_minutes=5, {CHEAP}))"
+            f"\nsent:     create_app(Settings(jwt_secret=<50 bytes>, access_token_minutes=5, {settings}))"
             f"\nexpected: a FastAPI app\ngot:      {type(exc).__name__}: {' '.join(str(exc).split())}"
         )
     try:
@@ -157,7 +163,8 @@ def bearer(token):
 def forge(key=SECRET, **claims):
     """A real HS256 JWT, as an attacker (or the test) would make one. A claim set to None is left out."""
     now = datetime.now(timezone.utc)
-    payload = {"sub": "alice", "scope": "items:read", "iat": now, "exp": now + timedelta(minutes=5)} | claims
+    payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "items:read", "iat": now,
+               "exp": now + timedelta(minutes=5)} | claims
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, key, algorithm="HS256")
 
 
@@ -166,7 +173,7 @@ def b64(data):
 
 
 def claims_of(token):
-    return jwt.decode(token, SECRET, algorithms=["HS256"])
+    return jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
 
 
 def expect_refused(response, why):
@@ -302,6 +309,68 @@ def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
     )
 
 
+class CountingHasher:
+    """Stands in for app.state.password_hash (README.md promises the app hashes and verifies
+    through it): the same answers as the real hasher, a short pause in each call so that
+    calls overlap when the app lets them, and a count of the calls running at once."""
+
+    def __init__(self, real, pause=0.03):
+        self.real, self.pause = real, pause
+        self.lock = threading.Lock()
+        self.running = self.peak = self.checks = 0
+
+    def _run(self, work, check):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.checks += check
+        try:
+            time.sleep(self.pause)  # releases the GIL, as Argon2 itself does
+            return work()
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def hash(self, password, *args, **kwargs):
+        return self._run(lambda: self.real.hash(password, *args, **kwargs), 0)
+
+    def verify(self, password, hash, *args, **kwargs):
+        return self._run(lambda: self.real.verify(password, hash, *args, **kwargs), 1)
+
+    def verify_and_update(self, password, hash, *args, **kwargs):
+        return self._run(lambda: self.real.verify_and_update(password, hash, *args, **kwargs), 1)
+
+
+@pytest.mark.task("passwords")
+@pytest.mark.parametrize("bound", [1, 2])
+def test_concurrent_logins_never_run_more_hashes_than_the_settings_allow(module, bound):
+    # Each Argon2 check holds argon2_memory_kib (64 MiB by default) while it runs. Without a
+    # bound, 40 logins at once (the threadpool's size) need 2.5 GiB: a login flood kills the pod.
+    app = build(module, "alice", "bob", max_concurrent_hashes=bound)
+    if isinstance(app, StartupFailed):
+        app()
+    counting = app.state.password_hash = CountingHasher(app.state.password_hash)
+    attempts = [("alice", "wonderland", 200), ("mallory", "wonderland", 401), ("bob", "not-his", 401),
+                ("bob", "the-builder", 200)] * 2
+    with TestClient(app) as client, ThreadPoolExecutor(len(attempts)) as pool:
+        answers = list(pool.map(lambda attempt: login(client, attempt[0], attempt[1]), attempts))
+    for (username, password, status_code), response in zip(attempts, answers):
+        expect_status(response, status_code, f"POST /token for {username} with {password!r}, among {len(attempts)} logins at once")
+    sent = f"{len(attempts)} POST /token at once (known users, an unknown one, wrong passwords) with max_concurrent_hashes={bound}"
+    assert counting.peak <= bound, (
+        f"\nsent:     {sent}"
+        f"\nexpected: at most {bound} password hash or check running at any moment (Settings.max_concurrent_hashes)"
+        f"\ngot:      {counting.peak} at once. Each one holds argon2_memory_kib of memory: bound them, e.g. with"
+        " await anyio.to_thread.run_sync(..., limiter=app.state.<an anyio.CapacityLimiter sized from the settings>)"
+    )
+    assert counting.checks == len(attempts), (
+        f"\nsent:     {sent}"
+        f"\nexpected: one password check per login, {len(attempts)} in all, made with app.state.password_hash"
+        " (an unknown user too, against the dummy hash)"
+        f"\ngot:      {counting.checks} checks through app.state.password_hash"
+    )
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -332,7 +401,10 @@ def test_the_token_carries_sub_scope_iat_and_exp(client, local_time_far_from_utc
     assert header.get("alg") == "HS256", f"\nexpected: a token signed with HS256\ngot:      header {header}"
     try:
         # The times are checked below, with a message that says what is wrong with them.
-        claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False})
+        claims = jwt.decode(
+            token, SECRET, algorithms=["HS256"],
+            options={"verify_exp": False, "verify_iat": False, "verify_aud": False, "verify_iss": False},
+        )
     except jwt.InvalidTokenError as exc:
         problem = str(exc)
     else:
@@ -343,6 +415,12 @@ def test_the_token_carries_sub_scope_iat_and_exp(client, local_time_far_from_utc
             pytrace=False,
         )
     assert claims.get("sub") == "bob", f"\nexpected: the claim sub = 'bob'\ngot:      {claims}"
+    assert (claims.get("iss"), claims.get("aud")) == (ISSUER, AUDIENCE), (
+        f"\nsent:     POST /token in an app built with Settings(jwt_issuer={ISSUER!r}, jwt_audience={AUDIENCE!r})"
+        "\nexpected: iss = settings.jwt_issuer and aud = settings.jwt_audience, so that every service"
+        " that receives the token can tell who made it and whether it is meant for it"
+        f"\ngot:      {claims}"
+    )
     assert sorted(str(claims.get("scope", "")).split()) == ["items:read", "items:write"], (
         f"\nexpected: scope = 'items:read items:write' (a space-separated string)\ngot:      {claims}"
     )
@@ -369,13 +447,14 @@ def test_the_secret_comes_from_the_environment(module, monkeypatch):
     monkeypatch.setenv("ARGON2_TIME_COST", "1")
     monkeypatch.setenv("ARGON2_MEMORY_KIB", "64")
     monkeypatch.setenv("ARGON2_PARALLELISM", "1")
-    monkeypatch.delenv("ACCESS_TOKEN_MINUTES", raising=False)  # so the default applies
+    for name in ("ACCESS_TOKEN_MINUTES", "JWT_ISSUER", "JWT_AUDIENCE", "MAX_CONCURRENT_HASHES"):
+        monkeypatch.delenv(name, raising=False)  # so the defaults apply
     app = module.create_app()
     seed(module, app, "alice", "wonderland", scopes=["items:read"])
     with TestClient(app) as client:
         token = token_for(client, "alice", "wonderland")
     try:
-        claims = jwt.decode(token, other_secret, algorithms=["HS256"])
+        claims = jwt.decode(token, other_secret, algorithms=["HS256"], options={"verify_aud": False, "verify_iss": False})
     except jwt.InvalidTokenError as exc:
         problem = str(exc)
     else:
@@ -386,6 +465,12 @@ def test_the_secret_comes_from_the_environment(module, monkeypatch):
             f"\ngot:      a token that does not verify with $JWT_SECRET ({problem})",
             pytrace=False,
         )
+    named = {"iss": claims.get("iss"), "aud": claims.get("aud")}
+    assert named == {"iss": "auth-service", "aud": "items-service"}, (
+        "\nsent:     create_app() with JWT_ISSUER and JWT_AUDIENCE unset"
+        "\nexpected: the defaults README.md promises: iss 'auth-service', aud 'items-service'"
+        f"\ngot:      {named}"
+    )
     lifetime = claims.get("exp", 0) - claims.get("iat", 0)
     assert lifetime == 15 * 60, (
         "\nsent:     create_app() with ACCESS_TOKEN_MINUTES unset"
@@ -450,7 +535,7 @@ def test_a_token_signed_with_the_settings_secret_is_accepted(client):
 
 def bad_tokens():
     now = int(time.time())
-    claims = {"sub": "alice", "scope": "items:read", "iat": now, "exp": now + 300}
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": "items:read", "iat": now, "exp": now + 300}
     header, _, alices_signature = forge().split(".")
     return {
         "missing": None,
@@ -461,6 +546,14 @@ def bad_tokens():
         "tampered_with": f"{header}.{b64(claims | {'sub': 'bob'})}.{alices_signature}",
         "without_exp": forge(exp=None),
         "without_sub": forge(sub=None),
+        "for_another_audience": forge(aud="billing-api"),
+        "for_several_other_audiences": forge(aud=["billing-api", "reports-api"]),
+        "without_aud": forge(aud=None),
+        "from_another_issuer": forge(iss="https://login.attacker.test"),
+        "without_iss": forge(iss=None),
+        "issued_in_the_future": forge(iat=now + 3600, exp=now + 7200),
+        "not_valid_before_an_hour": forge(nbf=now + 3600),
+        "iat_not_a_number": forge(iat="yesterday"),
     }
 
 
@@ -473,6 +566,14 @@ WHAT_IS_WRONG = {
     "tampered_with": "tampered with: alice's signature on a payload naming bob",
     "without_exp": "correctly signed but has no exp claim, so it would never expire",
     "without_sub": "correctly signed but has no sub claim: it names nobody",
+    "for_another_audience": f"correctly signed but its aud is 'billing-api', not {AUDIENCE!r}: meant for another service",
+    "for_several_other_audiences": f"correctly signed for the audiences billing-api and reports-api, not {AUDIENCE!r}",
+    "without_aud": "correctly signed but has no aud claim: nothing says it is meant for this service",
+    "from_another_issuer": f"correctly signed but its iss is another issuer, not {ISSUER!r}",
+    "without_iss": "correctly signed but has no iss claim: nothing says who issued it",
+    "issued_in_the_future": "correctly signed but its iat is an hour from now: not valid yet",
+    "not_valid_before_an_hour": "correctly signed but its nbf (not before) is an hour from now",
+    "iat_not_a_number": "correctly signed but its iat is the string 'yesterday', not a number",
 }
 
 
@@ -599,7 +700,14 @@ def test_a_valid_token_without_the_scope_is_403(client, alice_token):
 
 @pytest.mark.task("scopes")
 def test_a_client_cannot_grant_itself_scopes(client):
-    token = token_for(client, "alice", "wonderland", scope="items:read items:write")
+    response = login(client, "alice", "wonderland", scope="items:read items:write")
+    expect_status(response, 200, "alice logs in; she asked for a scope she lacks, which is left out")
+    expect_json(
+        response,
+        {"token_type": "bearer", "scope": "items:read"},
+        "the answer's scope says what was granted when it differs from what was asked (RFC 6749, section 3.3)",
+    )
+    token = json_of(response)["access_token"]
     scopes = str(claims_of(token).get("scope", "")).split()
     assert scopes == ["items:read"], (
         "\nsent:     POST /token as alice (who holds only items:read) asking for scope='items:read items:write'"
@@ -618,3 +726,55 @@ def test_asking_for_fewer_scopes_narrows_the_token(client):
     writer = bearer(token_for(client, "bob", "the-builder", scope="items:write"))
     expect_status(client.get("/items", headers=writer), 403, "bob asked for items:write only, so this token cannot list")
     expect_status(client.get("/users/me", headers=writer), 200, "/users/me needs no scope: any valid token reads its own profile")
+
+
+@pytest.mark.task("scopes")
+def test_asking_only_for_scopes_the_user_lacks_grants_none(client):
+    for asked in ("items:write", "admin", "items:write admin items:read:all"):
+        response = login(client, "alice", "wonderland", scope=asked)
+        expect_status(response, 200, f"alice's password is right; the scopes she asked for ({asked!r}) are left out, not an error")
+        expect_json(response, {"token_type": "bearer", "scope": ""}, "an empty scope: none of what she asked for is hers", exact=False)
+        token = json_of(response)["access_token"]
+        granted = claims_of(token).get("scope")
+        assert granted == "", (
+            f"\nsent:     POST /token as alice (who holds only items:read) asking for scope={asked!r}"
+            f"\nexpected: a token with scope '' (granted = asked for AND held; an empty request means all she holds)"
+            f"\ngot:      scope {granted!r}"
+        )
+        expect_status(client.get("/items", headers=bearer(token)), 403, f"a token granted no scope (alice asked for {asked!r}) cannot list")
+        expect_status(client.get("/users/me", headers=bearer(token)), 200, "a token with no scope still reads its own profile")
+
+
+# ---------------------------------------------------------------- the OpenAPI contract
+
+DOCUMENTED = {
+    ("post", "/token"): {"200", "401", "403", "422"},
+    ("get", "/users/me"): {"200", "401", "403"},
+    ("get", "/items"): {"200", "401", "403"},
+    ("post", "/items"): {"201", "400", "401", "403", "422"},
+}
+
+
+@pytest.mark.task("contract")
+def test_the_openapi_schema_lists_every_status_each_route_answers(client):
+    response = client.get("/openapi.json")
+    expect_status(response, 200, "the app serves its OpenAPI schema")
+    paths = json_of(response).get("paths", {})
+    for (method, path), wanted in DOCUMENTED.items():
+        operation = paths.get(path, {}).get(method)
+        assert operation is not None, explain(response, f"the route {method.upper()} {path} in the schema's paths")
+        documented = operation.get("responses", {})
+        missing = sorted(wanted - set(documented))
+        assert not missing, (
+            f"\nsent:     GET /openapi.json"
+            f"\nexpected: {method.upper()} {path} documents every status it answers: {sorted(wanted)}"
+            f"\ngot:      {sorted(documented)}; missing {missing}. Declare them on the route:"
+            " responses={401: {'model': ErrorMessage, 'description': ...}, ...}"
+        )
+        for code in wanted - {"200", "201", "422"}:
+            content = documented[code].get("content", {}).get("application/json", {})
+            assert "schema" in content, (
+                f"\nsent:     GET /openapi.json"
+                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model"
+                f"\ngot:      {documented[code]}"
+            )

@@ -8,8 +8,9 @@ Run it with a secret from the environment (the module itself never holds one):
 
 import secrets
 from datetime import datetime, timedelta, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 import jwt
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
@@ -38,6 +39,12 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=8)
     argon2_parallelism: int = Field(default=4, ge=1)
+    # Each Argon2 check holds argon2_memory_kib of memory while it runs: 2 at once at the
+    # default cost is 128 MiB, inside a 256 MiB pod. More logins wait their turn instead.
+    max_concurrent_hashes: int = Field(default=2, ge=1, le=64)
+    # Who made the token and for whom: a token minted for another service is not for us.
+    jwt_issuer: str = Field(default="auth-service", min_length=1)
+    jwt_audience: str = Field(default="items-service", min_length=1)
 
     @field_validator("jwt_secret")
     @classmethod
@@ -64,6 +71,14 @@ class UserInDB(User):
 class Token(BaseModel):
     access_token: str
     token_type: str = "bearer"
+    # RFC 6749 section 3.3: when the granted scopes differ from those asked for, say which.
+    scope: str = ""
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error this service answers: FastAPI's HTTPException shape."""
+
+    detail: str
 
 
 class TokenClaims(BaseModel):
@@ -127,6 +142,8 @@ def authenticate_user(app: FastAPI, username: str, password: str) -> UserInDB | 
 def create_access_token(settings: Settings, username: str, scopes: list[str]) -> str:
     now = datetime.now(timezone.utc)  # aware: PyJWT turns it into seconds since the epoch
     claims = {
+        "iss": settings.jwt_issuer,
+        "aud": settings.jwt_audience,
         "sub": username,
         "scope": " ".join(scopes),
         "iat": now,
@@ -156,11 +173,16 @@ async def get_current_user(
             token,
             settings.jwt_secret.get_secret_value(),
             algorithms=[ALGORITHM],  # pinned: the token's own header never chooses
-            options={"require": ["sub", "exp", "iat"]},  # a token without exp would live forever
+            # A token for another service (aud) or from another issuer (iss) is refused, and
+            # so is one without them. A future iat or nbf is refused too (not valid yet).
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            options={"require": ["iss", "aud", "sub", "exp", "iat"]},  # without exp it would live forever
         )
         claims = TokenClaims.model_validate(payload)
     except (jwt.InvalidTokenError, ValidationError):
-        # InvalidTokenError covers expired, forged, malformed and alg-mismatched tokens.
+        # InvalidTokenError covers expired, not yet valid, forged, malformed, alg-mismatched
+        # tokens and tokens for another audience or from another issuer.
         raise credentials_error from None
     # Look the user up on every request: a deleted account's tokens must stop working now.
     user: UserInDB | None = request.app.state.users.get(claims.sub)
@@ -190,11 +212,29 @@ CurrentUser = Annotated[UserInDB, Security(get_current_active_user)]
 router = APIRouter()
 
 
-@router.post("/token")
-def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> Token:
-    # A plain `def`: Argon2 is deliberately CPU-heavy, so it runs in the threadpool
-    # instead of freezing the event loop for every other request.
-    user = authenticate_user(request.app, form.username, form.password)
+def error(description: str) -> dict[str, Any]:
+    return {"model": ErrorMessage, "description": description}
+
+
+# Every status a route can answer is in the OpenAPI schema, with the body it carries.
+UNAUTHENTICATED = error("Token missing, invalid, expired, not yet valid, not for this service, or its user is gone")
+FORBIDDEN = error("Inactive user, or the token lacks a scope this route needs")
+PROTECTED: dict[int | str, dict[str, Any]] = {401: UNAUTHENTICATED, 403: FORBIDDEN}
+UNREADABLE: dict[int | str, dict[str, Any]] = {400: error("The body is not valid JSON")}
+
+
+@router.post(
+    "/token",
+    responses={401: error("Incorrect username or password"), 403: error("Inactive user")},
+)
+async def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> Token:
+    # Argon2 is CPU- and memory-heavy on purpose, so it runs in a worker thread, and at most
+    # max_concurrent_hashes at once: each check holds argon2_memory_kib while it runs, and
+    # 40 logins at once in the default threadpool would need 40 times that. The others wait
+    # here, costing a coroutine each, not a thread and 64 MiB.
+    user = await anyio.to_thread.run_sync(
+        authenticate_user, request.app, form.username, form.password, limiter=request.app.state.hash_limiter
+    )
     if user is None:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
@@ -206,16 +246,17 @@ def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()
     # Never trust the scopes a client asks for: grant only those the user holds.
     requested = form.scopes or user.scopes
     granted = [scope for scope in requested if scope in user.scopes]
-    return Token(access_token=create_access_token(request.app.state.settings, user.username, granted))
+    token = create_access_token(request.app.state.settings, user.username, granted)
+    return Token(access_token=token, scope=" ".join(granted))
 
 
-@router.get("/users/me")
+@router.get("/users/me", responses=PROTECTED)
 async def read_me(user: CurrentUser) -> User:
     # The return type is User, so FastAPI drops hashed_password from the UserInDB we pass.
     return user
 
 
-@router.get("/items")
+@router.get("/items", responses=PROTECTED)
 async def list_items(
     request: Request,
     user: Annotated[UserInDB, Security(get_current_active_user, scopes=["items:read"])],
@@ -223,7 +264,7 @@ async def list_items(
     return request.app.state.items
 
 
-@router.post("/items", status_code=status.HTTP_201_CREATED)
+@router.post("/items", status_code=status.HTTP_201_CREATED, responses=PROTECTED | UNREADABLE)
 async def create_item(
     request: Request,
     item: ItemIn,
@@ -251,6 +292,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Same cost as real hashes, so verifying against it takes as long as a real check.
     app.state.dummy_hash = app.state.password_hash.hash(secrets.token_urlsafe(16))
+    # Made here, used by this app's /token only: the bound is per app, like the rest of its state.
+    app.state.hash_limiter = anyio.CapacityLimiter(settings.max_concurrent_hashes)
     app.state.users = {}
     app.state.items = []
     app.include_router(router)
