@@ -1,11 +1,12 @@
-"""The ``grader`` command: the learner's entry point and the maintainers' integrity check.
+"""The ``grader`` command: the learner's entry point, the instructor's grading, the maintainers' check.
 
     grader                 status table and what to do next
+    grader watch           re-run the current exercise on every save (keys: h hint, r re-run, n next, q quit)
     grader check 03        run exercise 03's graded suite, readable summary
-    grader hint 03         the next hint for exercise 03
-    grader watch           re-run the current exercise on every save
+    grader hint            the next hint for the current exercise (or: grader hint 03)
     grader reset 03        restore the stub (your work is backed up first)
-    grader verify          every solution passes, every stub fails, every mutant is caught
+    grader grade …         instructors: grade a class of submissions
+    grader verify          maintainers: every solution passes, every stub fails, every mutant is caught
 """
 
 from __future__ import annotations
@@ -24,18 +25,32 @@ from rich.table import Table
 
 from grader import cli_grade
 from grader.catalog import CatalogError, Exercise, all_exercises, course_root, find_exercise
-from grader.progress import Pristine, State
-from grader.results import ExerciseResult
+from grader.progress import Pristine, State, graded_files
+from grader.results import ExerciseResult, one_line
 from grader.runner import run_suite
 
+LEARNER, INSTRUCTOR, MAINTAINER = "Learner: your loop", "Instructor: grading a class", "Maintainer: the course itself"
+
 app = typer.Typer(
-    help="Self-grade the FastAPI microservices course, and keep the course itself honest.",
+    help="Self-grade the FastAPI microservices course, and keep the course itself honest.\n\n"
+         "Start with [bold]grader[/] (where you are), then [bold]grader watch[/] while you edit.",
+    epilog="Examples:  grader  ·  grader watch  ·  grader check 03 -v  ·  grader hint  ·  grader reset 03  ·  "
+           "grader grade submissions/ --out grading-report  ·  grader verify 03",
     no_args_is_help=False,
     add_completion=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(highlight=False)
-MESSAGE_LINES = 14  # lines of one failure shown in the summary
+MESSAGE_LINES = 40  # lines of the first failure shown in the summary
+
+
+def failure_text(message: str, lines: int | None) -> str:
+    """A failure's message, whole or its first ``lines`` lines with a note of what was left out."""
+    shown = message.strip().splitlines()
+    if lines is None or len(shown) <= lines:
+        return "\n".join(shown)
+    return "\n".join(shown[:lines]) + f"\n… ({len(shown) - lines} more lines: --verbose shows them)"
 
 
 class Abort(Exception):
@@ -78,16 +93,18 @@ def _describe(status: str, result: ExerciseResult | None) -> str:
         return "[yellow]changed, not checked[/]"
     if status == "missing":
         return "[red]file missing[/] (grader reset?)"
+    if status == "tampering":
+        return "[red]graded tests edited[/]"
     if result is not None and status == "failed":
         return f"[yellow]failing {result.total - result.passed_count} of {result.total}[/]"
     return f"[red]{status}[/]"
 
 
-@app.command()
+@app.command(rich_help_panel=LEARNER)
 def status(
     run: Annotated[bool, typer.Option(help="Check exercises changed since their last check.")] = True,
 ) -> None:
-    """Every exercise with its state and points, and what to do next."""
+    """Every exercise with its state and points, and what to do next. Example: [bold]grader status[/] (or just grader)."""
     root = _root()
     exercises = all_exercises(root)
     state, pristine = State(root), Pristine(root)
@@ -140,20 +157,28 @@ def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbo
                       f"{sum(t.points for t in tests):g} / {task.points:g}")
     if result.tests:
         console.print(table)
-    failures = [t for t in result.tests if not t.passed]
-    for test in failures[: None if verbose else 5]:
+    failures = [t for t in result.tests if not t.passed and not t.message.startswith("not run:")]
+    not_run = [t for t in result.tests if not t.passed and t.message.startswith("not run:")]
+    for number, test in enumerate(failures):
+        if number >= 1 and not verbose:
+            if number == 1:
+                console.print("[dim]The other failing tests, one line each (grader check "
+                              f"{exercise.number} --verbose shows them in full):[/]")
+            console.print(f"  [red]✘[/] {escape(test.name)}: {escape(one_line(test.message) or test.outcome)}")
+            continue
         task = exercise.task(test.task or "")
-        lines = test.message.strip().splitlines() or [test.outcome]
-        shown = lines if verbose else lines[-MESSAGE_LINES:]
-        body = "\n".join(shown)
+        body = failure_text(test.message or test.outcome, None if verbose else MESSAGE_LINES)
         if task and task.section:
-            body += f"\n\n[cyan]read:[/] {exercise.lesson_link(task.section)}"
-        console.print(Panel(escape(body).replace("\\[cyan]read:\\[/]", "[cyan]read:[/]"),
-                            title=f"✘ {escape(test.name)}", title_align="left", border_style="red"))
-    if len(failures) > 5 and not verbose:
-        console.print(f"[dim]… and {len(failures) - 5} more failing tests (grader check {exercise.number} --verbose).[/]")
+            body = escape(body) + f"\n\n[cyan]read:[/] {exercise.lesson_link(task.section)}"
+        else:
+            body = escape(body)
+        console.print(Panel(body, title=f"✘ {escape(test.name)}", title_align="left", border_style="red"))
+    if not_run:
+        console.print(f"  [yellow]…[/] {len(not_run)} more tests did not run: "
+                      f"{escape(not_run[0].message.removeprefix('not run: '))}")
     if result.status in ("error", "timeout", "tampering"):
-        console.print(Panel(escape(result.message), title=result.status, border_style="red"))
+        title = {"tampering": "graded tests edited"}.get(result.status, result.status)
+        console.print(Panel(escape(result.message), title=title, border_style="red"))
     if verbose:
         console.print(escape(output))
     colour = "green" if result.passed else "yellow"
@@ -161,18 +186,38 @@ def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbo
                   f"{result.points:g} of {result.max_points:g} points.[/] ({result.duration:.1f} s)")
 
 
-@app.command()
+def edited_tests_message(exercise: Exercise) -> str | None:
+    """Says plainly which graded files differ from the course's copy, if any."""
+    edited = Pristine(exercise.root).edited(graded_files(exercise))
+    if not edited:
+        return None
+    names = ", ".join(path.relative_to(exercise.root).as_posix() for path in edited)
+    return (f"You edited the graded files {names}. This result comes from your copy, not the course's: the "
+            "instructor grades with their own copy of the tests, so it does not count. Restore them with "
+            f"git checkout @{{upstream}} -- {' '.join(p.relative_to(exercise.root).as_posix() for p in edited)} "
+            "(or HEAD instead of @{upstream}; in a zip download, take them from a fresh download).")
+
+
+def mark_edited_tests(exercise: Exercise, result: ExerciseResult) -> ExerciseResult:
+    message = edited_tests_message(exercise)
+    if message is None:
+        return result
+    return result.model_copy(update={"status": "tampering", "message": message})
+
+
+@app.command(rich_help_panel=LEARNER)
 def check(
     exercise: Annotated[str, typer.Argument(help="Exercise number or name, e.g. 03 or 03_rest_resources.")],
     solution: Annotated[bool, typer.Option(help="Check the reference solution instead of your copy.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every failure in full.")] = False,
     timeout: Annotated[float | None, typer.Option(help="Seconds before the run is stopped (default: the exercise's).")] = None,
 ) -> None:
-    """Run one exercise's graded tests and summarise them."""
+    """Run one exercise's graded tests and summarise them. Example: [bold]grader check 03[/]."""
     found = _exercise(exercise)
     target = found.solution_folder if solution else None
     with console.status(f"running the tests of {found.name}…"):
         result, output = run_suite(found, target, timeout=timeout)
+    result = mark_edited_tests(found, result)
     if not solution:
         State(found.root).remember(found, result)
     _print_result(found, result, output, verbose)
@@ -184,13 +229,30 @@ def check(
 # --------------------------------------------------------------------------- hint
 
 
-@app.command()
+def current_exercise(root: Path) -> Exercise | None:
+    """The first exercise not passed yet, as the status table shows it (no test is run)."""
+    state = State(root)
+    for exercise in all_exercises(root):
+        cached = state.cached(exercise)
+        if cached is None or not cached.passed:
+            return exercise
+    return None
+
+
+@app.command(rich_help_panel=LEARNER)
 def hint(
-    exercise: Annotated[str, typer.Argument(help="Exercise number or name.")],
+    exercise: Annotated[str | None, typer.Argument(help="Exercise number or name (default: the current one).")] = None,
     again: Annotated[bool, typer.Option(help="Show the hints already seen, without a new one.")] = False,
 ) -> None:
-    """Show the next hint for an exercise, one level at a time (hint use is remembered)."""
-    found = _exercise(exercise)
+    """Show the next hint, one level at a time (hint use is remembered). Example: [bold]grader hint[/] or grader hint 03."""
+    if exercise is None:
+        found = current_exercise(_root())
+        if found is None:
+            console.print("Every exercise passes: no hint needed. [bold]grader hint 03[/] shows exercise 03's.")
+            return
+        console.print(f"[dim]Hints for {found.name}, the current exercise (grader hint NN for another).[/]")
+    else:
+        found = _exercise(exercise)
     if not found.hints:
         console.print(f"{found.name} has no hints. Read lessons/{found.name}.md.")
         return
@@ -208,12 +270,12 @@ def hint(
 # --------------------------------------------------------------------------- reset
 
 
-@app.command()
+@app.command(rich_help_panel=LEARNER)
 def reset(
     exercise: Annotated[str, typer.Argument(help="Exercise number or name.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Restore an exercise's stub. Your current files are backed up first."""
+    """Restore an exercise's stub; your current files are backed up first. Example: [bold]grader reset 03[/]."""
     found = _exercise(exercise)
     pristine = Pristine(found.root)
     originals = {name: pristine.content(found.folder / name) for name in found.editable}
@@ -223,25 +285,32 @@ def reset(
     if not yes and not typer.confirm(f"Replace {', '.join(found.editable)} of {found.name} with the original stub?"):
         raise typer.Exit(1)
     state = State(found.root)
-    backup = state.backup(found)
+    present = [name for name in found.editable if (found.folder / name).is_file()]
+    backup = state.backup(found) if present else None
     for name, content in originals.items():
         path = found.folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content or b"")
     state.data["results"].pop(found.name, None)
     state.save()
-    console.print(f"Restored the stub of {found.name}. Your previous files are in {backup.relative_to(found.root)}.")
+    console.print(f"Restored the stub of {found.name} ({', '.join(found.editable)}).")
+    if backup is not None:
+        console.print(f"Your previous {', '.join(present)} {'is' if len(present) == 1 else 'are'} in "
+                      f"{backup.relative_to(found.root)}.")
+    missing = [name for name in found.editable if name not in present]
+    if missing:
+        console.print(f"{', '.join(missing)} did not exist, so there was nothing of yours to back up.")
 
 
 # --------------------------------------------------------------------------- watch
 
 
-@app.command()
+@app.command(rich_help_panel=LEARNER)
 def watch(
     exercise: Annotated[str | None, typer.Argument(help="Start at this exercise (default: the first not passed).")] = None,
     poll: Annotated[bool, typer.Option(help="Poll for changes instead of waiting for file events.")] = False,
 ) -> None:
-    """Re-run the current exercise on every save; move on when it passes."""
+    """Re-run the current exercise on every save; keys: h hint, r re-run, n next, q quit. Example: [bold]grader watch[/]."""
     from grader.watching import watch_loop
 
     root = _root()
@@ -250,15 +319,19 @@ def watch(
                show=_print_result)
 
 
+cli_grade.register(app)  # the instructors' commands: grade, merge (listed before the maintainers')
+
+
 # --------------------------------------------------------------------------- verify
 
 
-@app.command()
+@app.command(rich_help_panel=MAINTAINER)
 def verify(
     exercises: Annotated[list[str] | None, typer.Argument(help="Only these exercises (default: all).")] = None,
     jobs: Annotated[int, typer.Option(help="Suites to run at once.")] = max(os.cpu_count() or 1, 1),
 ) -> None:
-    """Course integrity: every solution passes, every stub fails and earns no points, every mutant is caught."""
+    """Course integrity: every solution passes, every stub fails and earns no points, every mutant is caught.
+    Example: [bold]grader verify 03[/]."""
     from grader.integrity import Check, plan_checks, run_check
 
     root = _root()
@@ -282,11 +355,20 @@ def verify(
     console.print(f"[green bold]All {len(outcomes)} checks hold.[/]")
 
 
-cli_grade.register(app)  # the instructors' commands: grade, merge
+def _version(value: bool) -> None:
+    if value:
+        from grader import __version__
+
+        console.print(f"grader {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback(invoke_without_command=True)
-def _default(ctx: typer.Context) -> None:
+def _default(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the grader's version and exit.")] = False,
+) -> None:
     if ctx.invoked_subcommand is None:
         status(run=True)
 

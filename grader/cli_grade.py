@@ -85,7 +85,8 @@ def grade_command(
         help="byte-identical submissions of an exercise share one run and its result (default), "
              "or each gets a run of its own")] = True,
 ) -> None:
-    """Grade every learner's submission, safely, and write the class's reports."""
+    """Grade every learner's submission, safely, and write the class's reports.
+    Example: [bold]grader grade submissions/ --hidden hidden/ --out grading-report[/]."""
     if not submissions.is_dir():
         console.print(f"[red]grader:[/] {escape(str(submissions))} is not a folder of submissions.")
         raise typer.Exit(2)
@@ -126,7 +127,7 @@ def merge_command(
     parts: Annotated[list[Path], typer.Argument(help="report.json files (or report folders) of the shards")],
     out: Annotated[Path, typer.Option("--out", help="where the joined reports go")] = Path("grading-report"),
 ) -> None:
-    """Join the reports of a sharded run into one set of reports."""
+    """Join the reports of a sharded run into one set of reports. Example: [bold]grader merge part-*/report.json[/]."""
     try:
         result = merge_files(parts)
     except MergeError as exc:
@@ -136,8 +137,10 @@ def merge_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("grade")(grade_command)
-    app.command("merge")(merge_command)
+    from grader.cli import INSTRUCTOR
+
+    app.command("grade", rich_help_panel=INSTRUCTOR)(grade_command)
+    app.command("merge", rich_help_panel=INSTRUCTOR)(merge_command)
 
 
 def main() -> None:

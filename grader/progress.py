@@ -24,16 +24,46 @@ def git_blob_hash(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+MANIFEST = "grader/pristine.json"  # under the course root: graded files' blob hashes, for a course without git
+
+
+def graded_files(exercise: Exercise) -> list[Path]:
+    """The files that decide a grade and that the learner must not edit: tests, conftest.py, exercise.toml."""
+    files = [*exercise.test_files, exercise.folder / "exercise.toml"]
+    if (exercise.folder / "conftest.py").is_file():
+        files.append(exercise.folder / "conftest.py")
+    return files
+
+
+def write_manifest(root: Path, revision: str = "HEAD") -> dict[str, str]:
+    """``grader/pristine.json`` from git's committed graded files (run by maintainers: python -m grader.progress)."""
+    from grader.catalog import all_exercises
+
+    pristine = Pristine(root, use_manifest=False)
+    pristine.__dict__["revision"] = revision
+    table = {}
+    for exercise in all_exercises(root):
+        for path in graded_files(exercise):
+            key = path.relative_to(root).as_posix()
+            if key in pristine.blobs:
+                table[key] = pristine.blobs[key]
+    (root / MANIFEST).write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n", encoding="utf-8")
+    return table
+
+
 class Pristine:
     """The course's original files, as git knows them.
 
     The reference point is the branch the course was cloned from (``@{upstream}``), so a
     learner who commits their own work still has the original stubs to compare against and
-    to reset to; without an upstream, ``HEAD``.
+    to reset to; without an upstream, ``HEAD``. A course without git (a zip download) has
+    ``grader/pristine.json``: the blob hashes of its graded files, enough to tell whether a
+    test was edited, though not to restore it.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, use_manifest: bool = True) -> None:
         self.root = root
+        self.use_manifest = use_manifest
 
     def _git(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(["git", *args], cwd=self.root, capture_output=True, timeout=10, check=False)
@@ -53,7 +83,12 @@ class Pristine:
     def blobs(self) -> dict[str, str]:
         """Path (relative to the root, POSIX) -> git blob hash, for everything under exercises/."""
         if self.revision is None:
-            return {}
+            if not self.use_manifest:
+                return {}
+            try:
+                return dict(json.loads((self.root / MANIFEST).read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                return {}
         done = self._git("ls-tree", "-r", "--full-tree", self.revision, "--", "exercises")
         table = {}
         for line in done.stdout.decode("utf-8", "replace").splitlines():
@@ -75,6 +110,12 @@ class Pristine:
             return git_blob_hash(path.read_bytes()) == original
         except OSError:
             return False
+
+    def edited(self, paths: list[Path]) -> list[Path] | None:
+        """Which of ``paths`` differ from the course's copy (None when neither git nor the manifest can tell)."""
+        if not self.blobs:
+            return None
+        return [path for path in paths if self.is_pristine(path) is False]
 
     def content(self, path: Path) -> bytes | None:
         if self.revision is None:
@@ -150,3 +191,10 @@ class State:
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, folder / name)
         return folder
+
+
+if __name__ == "__main__":  # maintainers: refresh grader/pristine.json after changing a graded test
+    from grader.catalog import course_root
+
+    written = write_manifest(course_root())
+    print(f"{MANIFEST}: {len(written)} graded files")

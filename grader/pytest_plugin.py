@@ -24,6 +24,7 @@ import pytest
 
 from grader.catalog import CatalogError, Exercise, load_exercise
 from grader.loader import load_module
+from grader.text import bounded
 
 MESSAGE_LIMIT = 4000  # characters of a failure kept in a report
 
@@ -62,6 +63,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--grader-report", metavar="PATH", help="write a JSON report of every test to PATH")
     group.addoption("--grader-reference", metavar="DIR",
                     help="the reference solution that differential tests compare with (default: solutions/NN_topic)")
+    group.addoption("--grader-time-limit", metavar="SECONDS", type=float,
+                    help="seconds for the whole graded suite (default: the exercise's timeout)")
+    group.addoption("--grader-test-limit", metavar="SECONDS", type=float,
+                    help="seconds for one graded test (default: exercise.toml's test_timeout, else a third of "
+                         "the suite's, at least 10)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,6 +77,15 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(grader.live.serve_in_process, forked from a warm launcher)")
     config._grader_outcomes = {}  # type: ignore[attr-defined]
     config._grader_started = time.monotonic()  # type: ignore[attr-defined]
+    register_feedback(config)
+
+
+def register_feedback(config: pytest.Config) -> None:
+    """Failures that speak about the learner's code, and the per-test time limit (grader.feedback)."""
+    from grader.feedback import FeedbackPlugin
+
+    config._grader_feedback = FeedbackPlugin(config)  # type: ignore[attr-defined]
+    config.pluginmanager.register(config._grader_feedback, "grader-feedback")  # type: ignore[attr-defined]
 
 
 def _exercise_for(config: pytest.Config, path: Path) -> Exercise | None:
@@ -118,11 +133,19 @@ def exercise(request: pytest.FixtureRequest) -> Exercise:
 @pytest.fixture(scope="module")
 def target_dir(request: pytest.FixtureRequest, exercise: Exercise) -> Path:
     """The folder holding the copy of the editable files being graded."""
-    return target_folder(request.config, exercise)
+    folder = target_folder(request.config, exercise)
+    learners_files(request.config, folder, exercise)
+    return folder
+
+
+def learners_files(config: pytest.Config, folder: Path, exercise: Exercise) -> None:
+    """Tell grader.feedback whose code is in ``folder``: everything but the graded tests."""
+    feedback = config._grader_feedback.feedback  # type: ignore[attr-defined]
+    feedback.add_folder(folder, {path.name for path in exercise.test_files})
 
 
 @pytest.fixture(scope="module")
-def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType]:
+def load(request: pytest.FixtureRequest, target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType]:
     """``load("app")`` imports the graded copy of ``app.py``, fresh on every call.
 
     ``load("app", fresh=False)`` imports it once per test file and hands back that module on
@@ -137,29 +160,40 @@ def load(target_dir: Path, exercise: Exercise) -> Callable[..., types.ModuleType
         if not fresh and name in cached:
             return cached[name]
         shown = target_dir / f"{name.replace('.', '/')}.py"
-        try:
-            loaded = load_module(target_dir, name)
-        except FileNotFoundError:
-            pytest.fail(f"{shown} is missing. This exercise expects you to edit it.", pytrace=False)
-        except SyntaxError as exc:
-            pytest.fail(
-                f"{shown} has a syntax error at line {exc.lineno}: {exc.msg}.\n"
-                f"    {(exc.text or '').strip()}\nFix it, then run the tests again.",
-                pytrace=False,
-            )
-        except Exception as exc:  # the learner's module failed while importing
-            pytest.fail(
-                f"Importing {shown} raised {type(exc).__name__}: {exc}\n"
-                "Your module must import cleanly: fix the error above (it is raised at import time, "
-                "before any test runs). A DeprecationWarning here means an outdated idiom: "
-                "the lesson says what replaced it.",
-                pytrace=False,
-            )
+        from grader.hangs import Hung
+
+        problem = import_problem(request.config, shown)
+        if problem is None:
+            try:
+                loaded = load_module(target_dir, name)
+            except (Exception, Hung) as exc:  # noqa: BLE001 - the learner's module failed while importing
+                problem = import_problem(request.config, shown, exc)
+        if problem is not None:  # raised outside the except block: no "During handling of…" chain
+            pytest.fail(problem, pytrace=False)
         if not fresh:
             cached[name] = loaded
         return loaded
 
     return _load
+
+
+def import_problem(config: pytest.Config, shown: Path, exc: BaseException | None = None) -> str | None:
+    """Why the learner's module does not import: in full the first time, in one line after (grader.feedback).
+
+    Without ``exc``: what an earlier load of the same file found, if anything, so that a file
+    that does not import (or hangs at import) is not run again for every test.
+    """
+    from grader.hangs import Hung, HungThread
+
+    feedback = config._grader_feedback.feedback  # type: ignore[attr-defined]
+    if exc is None:
+        return feedback.known_import_problem(shown) if shown.is_file() else (
+            f"{feedback.shown(shown)} is missing. This exercise expects you to edit it.")
+    if isinstance(exc, FileNotFoundError) and not shown.is_file():
+        return f"{feedback.shown(shown)} is missing. This exercise expects you to edit it."
+    if isinstance(exc, (Hung, HungThread)):
+        return feedback.import_hung(shown)
+    return feedback.import_failed(shown, exc)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +233,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
-    if report.failed:
+    if report.failed and not getattr(report, "grader_no_lesson", False):  # set by grader.feedback
         lesson = dict(item.user_properties).get("lesson")
         if lesson:
             report.sections.append(("Where to read", f"This is explained in {lesson}"))
@@ -221,7 +255,7 @@ def _record(config: pytest.Config, report: pytest.TestReport) -> None:
         if entry["outcome"] == "passed" or report.failed:
             entry["outcome"] = "skipped" if report.skipped else ("error" if report.when != "call" else "failed")
             text = report.longreprtext or ""
-            entry["message"] = text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "\n… (cut)"
+            entry["message"] = bounded(text, MESSAGE_LIMIT)
     if hasattr(report, "wasxfail"):
         entry["outcome"] = "xfailed" if report.skipped else "xpassed"
 
@@ -231,7 +265,7 @@ _collection_errors: list[dict] = []  # one pytest session per process
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     if report.failed:
-        _collection_errors.append({"nodeid": report.nodeid, "message": (report.longreprtext or "")[:MESSAGE_LIMIT]})
+        _collection_errors.append({"nodeid": report.nodeid, "message": bounded(report.longreprtext or "", MESSAGE_LIMIT)})
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -241,14 +275,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    path = session.config.getoption("--grader-report")
+    write_report(session.config, exitstatus, timed_out=getattr(session.config, "_grader_timed_out", False))
+
+
+def write_report(config: pytest.Config, exitstatus: int, *, timed_out: bool = False) -> None:
+    """The JSON report for ``--grader-report``; also written by a run that must end early (grader.feedback)."""
+    path = config.getoption("--grader-report")
     if not path:
         return
     payload = {
         "exitstatus": int(exitstatus),
         "finished": True,
-        "duration": time.monotonic() - session.config._grader_started,  # type: ignore[attr-defined]
-        "tests": list(session.config._grader_outcomes.values()),  # type: ignore[attr-defined]
+        "timed_out": timed_out,
+        "duration": time.monotonic() - config._grader_started,  # type: ignore[attr-defined]
+        "tests": list(config._grader_outcomes.values()),  # type: ignore[attr-defined]
         "collection_errors": _collection_errors,
     }
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -23,7 +23,7 @@ import pytest
 from grader.channel import ChannelWriter
 
 MESSAGE_LIMIT = 4000
-IMPORT_FAILURE_MARKERS = ("Importing ", "has a syntax error at line", "is missing. This exercise expects you to edit it")
+IMPORT_FAILURE_MARKERS = (" does not import: ", "Importing ", "has a syntax error at line", "is missing. This exercise expects you to edit it")
 
 # Modules whose functions and classes decide or record a test's outcome.
 WATCHED_MODULES = (

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from grader.text import bounded, one_line  # noqa: F401 - re-exported
+
 TestOutcome = Literal["passed", "failed", "error", "skipped", "xfailed", "xpassed", "missing"]
 ExerciseStatus = Literal["passed", "failed", "error", "timeout", "tampering", "not_started", "missing"]
 

@@ -18,10 +18,14 @@ import time
 from pathlib import Path
 
 from grader.catalog import Exercise
-from grader.results import ExerciseResult, TestResult
+from grader.results import ExerciseResult, TestResult, bounded
 from grader.scoring import worths
 
 OUTPUT_LIMIT = 20_000
+# The plugin keeps to the suite's limit itself (grader.feedback): it stops a hung test, keeps
+# the results of those that ran and writes its report. The child is killed only when it
+# overruns that by this much (a crash of the interpreter, a hang outside any test).
+KILL_AFTER = 15.0
 # Variables that would change how the child pytest behaves, or leak the caller's secrets.
 _STRIPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONSTARTUP", "PYTHONINSPECT")
 
@@ -33,7 +37,8 @@ def child_environment() -> dict[str, str]:
     return env
 
 
-def pytest_command(exercise: Exercise, target: Path | None, report: Path, extra: tuple[str, ...] = ()) -> list[str]:
+def pytest_command(exercise: Exercise, target: Path | None, report: Path, extra: tuple[str, ...] = (),
+                   time_limit: float | None = None) -> list[str]:
     command = [
         sys.executable, "-m", "pytest", *map(str, exercise.test_files),
         "-q", "--no-header", "-p", "no:cacheprovider", "--color=no",
@@ -42,6 +47,8 @@ def pytest_command(exercise: Exercise, target: Path | None, report: Path, extra:
     ]
     if target is not None:
         command += ["--grader-target", str(target)]
+    if time_limit is not None:
+        command += ["--grader-time-limit", f"{time_limit:g}"]
     return command + list(extra)
 
 
@@ -53,12 +60,12 @@ def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float 
         report = Path(scratch) / "report.json"
         started = time.monotonic()
         process = subprocess.Popen(
-            pytest_command(exercise, target, report, extra_args),
+            pytest_command(exercise, target, report, extra_args, time_limit=limit),
             cwd=exercise.root, env=child_environment(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            output, _ = process.communicate(timeout=limit)
+            output, _ = process.communicate(timeout=limit + KILL_AFTER)
             timed_out = False
         except subprocess.TimeoutExpired:
             _kill_tree(process)
@@ -67,7 +74,7 @@ def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float 
         duration = time.monotonic() - started
         text = output.decode("utf-8", "replace")
         text = text if len(text) <= OUTPUT_LIMIT else "… (cut)\n" + text[-OUTPUT_LIMIT:]
-        if timed_out:
+        if timed_out and not report.is_file():
             return ExerciseResult(
                 exercise=exercise.name, status="timeout", max_points=exercise.total_points, duration=duration,
                 message=f"The tests did not finish within {limit:.0f} s: something hangs (an endless loop, "
@@ -98,6 +105,20 @@ def result_from_report(exercise: Exercise, report: Path, duration: float, return
     if not tests:
         return ExerciseResult(status="error", message="No graded test ran.", **base)
     points = round(sum(t.points for t in tests), 2)
+    if payload.get("timed_out"):
+        hung = [t for t in tests if "did not finish within" in t.message]
+        names = ", ".join(t.name for t in hung) or "a test"
+        message = (f"{names} did not finish in time and {'was' if len(hung) < 2 else 'were'} stopped; "
+                   "the points of the tests that ran still count.")
+        not_run = sum(t.message.startswith("not run:") for t in tests)
+        if not_run:
+            message += f" {not_run} tests did not run: the exercise's time limit ran out."
+        return ExerciseResult(status="timeout", points=points, tests=tests, message=message, **base)
+    if returncode not in (0, 1) or all(t.passed for t in tests) and returncode != 0:
+        # pytest itself failed (an internal error, an interrupt): the tests in the report are not all there were
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        return ExerciseResult(status="error", points=points, tests=tests,
+                              message=f"The test run failed (exit code {returncode}).\n{tail}", **base)
     status = "passed" if all(t.passed for t in tests) else "failed"
     return ExerciseResult(status=status, points=points, tests=tests, **base)
 
@@ -111,6 +132,6 @@ def score(exercise: Exercise, raw_tests: list[dict]) -> list[TestResult]:
         results.append(TestResult(
             nodeid=raw["nodeid"], task=raw.get("task"), outcome=outcome,
             points=worth[raw["nodeid"]] if outcome == "passed" else 0.0, max_points=worth[raw["nodeid"]],
-            duration=float(raw.get("duration", 0.0)), message=str(raw.get("message", ""))[:4000],
+            duration=float(raw.get("duration", 0.0)), message=bounded(str(raw.get("message", ""))),
         ))
     return results

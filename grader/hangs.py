@@ -1,0 +1,262 @@
+"""A per-test time limit that stops the learner's endless loop wherever it runs.
+
+pytest-timeout's signal reaches only the main thread. A route served by ``TestClient`` runs
+in the client's event-loop thread (``async def``) or in a worker thread (``def``): the signal
+ends the test's wait, and then closing the client waits forever for the looping thread.
+
+This watchdog looks instead at what every thread is running when a test's time is up
+(``sys._current_frames``), finds the threads inside the learner's files, and raises
+:class:`Hung` *inside* them, at the looping line, so the loop ends, the request fails, the
+client closes and the next test runs. The main thread (a loop at import, in a fixture, in a
+function the test called) gets the same exception through a signal, which also ends a
+blocking call there (``time.sleep``). A thread that cannot be stopped that way (blocked
+inside C code, in a worker) leaves one last resort: the run writes what it has, says where
+the learner's code was stuck, and ends the process.
+
+Every stop records where the learner's code was: the report of the test then says "stuck at
+app.py:24 in health", not a timeout with a stack dump of the framework.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+SIGNAL = signal.SIGUSR2  # to the main thread; no course code and no library it uses handles it
+GRACE = 2.0  # seconds for a stopped test to unwind before the next, firmer step
+
+
+class Hung(BaseException):
+    """Raised in the main thread when its test ran out of time.
+
+    A BaseException, like KeyboardInterrupt, so that a harness's ``except Exception`` (one
+    that turns a crash of the app into an answer to compare) does not swallow it and call the
+    looping code again.
+    """
+
+
+class HungThread(Exception):
+    """Raised inside the learner's code in another thread (a route that TestClient serves).
+
+    An ordinary exception there: it travels back through the framework to the test's thread
+    like any error of the app, and the client stays usable for the next test.
+    """
+
+
+@dataclass
+class Frame:
+    file: str
+    line: int
+    function: str
+    text: str
+
+
+@dataclass
+class Stuck:
+    """Where the learner's code was when a test's time ran out."""
+
+    nodeid: str
+    limit: float
+    thread: str
+    frames: list[Frame] = field(default_factory=list)
+    hard: bool = False  # the process had to end
+
+    def where(self, shown: Callable[[str], str]) -> str:
+        if not self.frames:
+            return ""
+        inner = self.frames[-1]
+        return f"{shown(inner.file)}:{inner.line} in {inner.function}"
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
+    import ctypes  # here: its import costs every run a few milliseconds, and most runs never need it
+
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+
+
+class Watchdog:
+    """One thread that watches the test in progress; ``arm`` at its start, ``disarm`` at its end."""
+
+    def __init__(self, is_learners: Callable[[str], bool], give_up: Callable[[Stuck], None]) -> None:
+        self.is_learners = is_learners
+        self.give_up = give_up
+        self.main = threading.main_thread().ident
+        self._lock = threading.Condition()
+        self._armed: tuple[str, float, float, str] | None = None  # nodeid, limit, deadline, test file
+        self._generation = 0
+        self._targets: set[int] = set()
+        self._main_pending = False
+        self.stuck: dict[str, Stuck] = {}
+        self.last: Stuck | None = None
+        self._previous = signal.signal(SIGNAL, self._on_signal)
+        self._thread = threading.Thread(target=self._run, name="grader-watchdog", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    # -------------------------------------------------------------- the test's side
+
+    def arm(self, nodeid: str, limit: float, test_file: str = "") -> None:
+        with self._lock:
+            self._generation += 1
+            self._armed = (nodeid, limit, time.monotonic() + limit, test_file)
+            self._lock.notify()
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._armed = None
+            self._main_pending = False
+            for ident in self._targets:  # an exception set but not yet raised must not hit the next test
+                _set_async_exc(ident, None)
+            self._targets.clear()
+            self._lock.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._armed = None
+            self._lock.notify()
+        self._thread.join(1)
+        if signal.getsignal(SIGNAL) == self._on_signal:
+            signal.signal(SIGNAL, self._previous)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only inside the test's own code (the test, its fixtures, the learner's code they call),
+        # never while pytest itself is reporting or tearing down.
+        with self._lock:
+            pending = self._main_pending and self._in_test_code(frame)
+            if pending:
+                self._main_pending = False
+        if pending:
+            raise Hung("this test ran out of time")
+
+    def _in_test_code(self, frame: Any) -> bool:
+        test_file = self._armed[3] if self._armed else ""
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if name == test_file or self.is_learners(name):
+                return True
+            frame = frame.f_back
+        return False
+
+    # -------------------------------------------------------------- the watchdog's side
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and self._armed is None:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                nodeid, limit, deadline, _ = self._armed
+                generation = self._generation
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._lock.wait(left)
+                    continue
+            self._stop(nodeid, limit, generation)
+
+    def _still(self, generation: int, wait: float) -> bool:
+        """Wait up to ``wait`` seconds for the test to end; True if it is still the same test."""
+        end = time.monotonic() + wait
+        with self._lock:
+            while self._generation == generation and not self._closed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return True
+                self._lock.wait(left)
+        return False
+
+    def _stop(self, nodeid: str, limit: float, generation: int) -> None:
+        stuck = self.snapshot(nodeid, limit)
+        with self._lock:
+            if self._generation != generation:
+                return
+            self.stuck[nodeid] = self.last = stuck
+        # Stop the learner's code wherever it runs, and again if the test calls into it again
+        # while it unwinds (a harness that catches the exception and sends the next request).
+        signalled = False
+        first = True
+        end = time.monotonic() + GRACE
+        while time.monotonic() < end:
+            threads = self._interrupt(generation)
+            if threads is None:
+                return
+            if not signalled and (self.main in threads or first and not threads):
+                signalled = True
+                self._signal_main(generation)
+            first = False
+            if not self._still(generation, 0.25):
+                return
+        if not signalled:
+            # the learner's thread did not stop (blocked inside C code): stop waiting for it
+            self._signal_main(generation)
+            if not self._still(generation, GRACE):
+                return
+        stuck.hard = True
+        self.give_up(stuck)
+
+    def _interrupt(self, generation: int) -> list[int] | None:
+        """Raise Hung in every other thread now running the learner's code; None if the test ended."""
+        with self._lock:
+            if self._generation != generation:
+                return None
+            threads = self._learner_threads()
+            for ident in threads:
+                if ident != self.main:
+                    self._targets.add(ident)
+                    _set_async_exc(ident, HungThread)
+            return threads
+
+    def _signal_main(self, generation: int) -> None:
+        with self._lock:
+            if self._generation != generation:
+                return
+            self._main_pending = True
+        if self.main is not None:
+            signal.pthread_kill(self.main, SIGNAL)
+
+    def _learner_threads(self) -> list[int]:
+        mine = threading.get_ident()
+        return [ident for ident, frame in sys._current_frames().items()
+                if ident != mine and self._learner_frames(frame)]
+
+    def _learner_frames(self, frame) -> list[Frame]:
+        frames = []
+        while frame is not None:
+            code = frame.f_code
+            if self.is_learners(code.co_filename):
+                frames.append(Frame(code.co_filename, frame.f_lineno, code.co_name, _line(code.co_filename, frame.f_lineno)))
+            frame = frame.f_back
+        frames.reverse()
+        return frames
+
+    def snapshot(self, nodeid: str, limit: float) -> Stuck:
+        mine = threading.get_ident()
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        best: Stuck | None = None
+        for ident, frame in sys._current_frames().items():
+            if ident == mine:
+                continue
+            frames = self._learner_frames(frame)
+            if frames and (best is None or ident != self.main):  # prefer the thread serving the request
+                best = Stuck(nodeid, limit, names.get(ident, str(ident)), frames)
+        return best or Stuck(nodeid, limit, "")
+
+
+def _line(filename: str, lineno: int) -> str:
+    import linecache
+
+    return linecache.getline(filename, lineno).strip()
+
+
+def hard_exit(code: int = 1) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
