@@ -21,6 +21,7 @@ class ItemIn(BaseModel):
     """What a client sends to create or replace an item."""
 
     name: str = Field(min_length=1, max_length=100)
+    # TODO: a price is finite and at most 1_000_000 (README): 1e309 must not become infinity.
     price: float = Field(gt=0)
 
 
@@ -45,6 +46,7 @@ class ErrorBody(BaseModel):
 
 
 # TODO: the v2 list envelope: items, total, limit, offset, next (a path or None).
+# TODO: bounded ids and offsets: 1 <= item_id <= 2147483647 (Path(...)), offset <= 2147483647.
 
 
 # --- Errors --------------------------------------------------------------------------------

@@ -150,6 +150,71 @@ def test_invalid_item_is_not_created(shared):
     check(after == before, response, f"nothing was stored: the same items as before these POSTs, ids {ids_of(before)}")
 
 
+# Prices no item may have, written as raw JSON: numbers too large for a float (which Python's
+# json module turns into infinity), the NaN/Infinity literals it also accepts, the same as
+# strings (Pydantic parses "inf" and "1e309" in a float field), integers far too large, and
+# values just past the README's bounds.
+NOT_A_PRICE = [
+    "1e309", "-1e309", "NaN", "Infinity", "-Infinity", '"inf"', '"-inf"', '"NaN"', '"nan"', '"Infinity"',
+    '"1e309"', str(10**400), str(2**63), "1000000.5", "1e7", "0", "-0.0",
+]
+
+
+def post_raw(client, url, body_text, method="POST"):
+    return client.request(method, url, content=body_text, headers={"content-type": "application/json"})
+
+
+@pytest.mark.task("create")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_infinite_nan_and_huge_prices_are_refused_and_never_stored(shared, version):
+    _, before = listing(shared)
+    for raw in NOT_A_PRICE:
+        body = f'{{"name": "priceless {version} {raw}", "price": {raw}}}'
+        response = post_raw(shared, f"/api/{version}/items", body)
+        expect_error(
+            response, 422, "validation_error",
+            f"price {raw} is not a finite number from above 0 to 1000000: Field(gt=0, le=..., allow_inf_nan=False)",
+            "validate the price in the model; a 500 here means the 422 handler echoed the refused input, "
+            "which JSON cannot carry (infinity, NaN): keep only loc and msg in details",
+        )
+    response, after = listing(shared)
+    check(after == before, response, f"none of those items was stored: the same items as before, ids {ids_of(before)}")
+    top = create(shared, f"the dearest {version}", 1_000_000, version)
+    expect_json(top, {"price": 1_000_000}, "1000000 is the highest price allowed, answered as a JSON number")
+
+
+@pytest.mark.task("crud")
+def test_a_replacement_with_an_infinite_or_huge_price_changes_nothing(shared):
+    item_id = id_of(create(shared, "abacus", 3.0))
+    for raw in NOT_A_PRICE:
+        response = post_raw(shared, f"/api/v1/items/{item_id}", f'{{"name": "abacus", "price": {raw}}}', "PUT")
+        expect_error(response, 422, "validation_error", f"PUT with price {raw}: PUT validates with the same rules as POST")
+    expect_json(
+        shared.get(f"/api/v1/items/{item_id}"), {"id": item_id, "name": "abacus", "price": 3.0},
+        "the refused replacements changed nothing", exact=True,
+    )
+
+
+# Ids in the URL that are not an id the API can have: zero and below, past 2147483647, not an
+# integer at all, infinity and NaN spelled every way a URL can.
+NOT_AN_ID = ["0", "-1", "2147483648", "99999999999999999999", str(10**400), "1e309", "inf", "-inf", "nan", "NaN", "1.5", "1e3"]
+
+
+@pytest.mark.task("crud")
+def test_ids_in_the_url_are_bounded(catalogue):
+    for version in ("v1", "v2"):
+        for raw in NOT_AN_ID:
+            for method, body in (("GET", None), ("PUT", {"name": "unbounded", "price": 1}), ("DELETE", None)):
+                response = catalogue.client.request(method, f"/api/{version}/items/{raw}", json=body)
+                expect_error(
+                    response, 422, "validation_error",
+                    f"{method} with item_id {raw}: an id is an integer from 1 to 2147483647, anything else is invalid "
+                    "(Path(ge=1, le=2147483647)), not a 404 and never a 500",
+                )
+        response = catalogue.client.get(f"/api/{version}/items/2147483647")
+        expect_error(response, 404, "item_not_found", "2147483647 is a valid id that no item has yet")
+
+
 # --- crud ------------------------------------------------------------------------------
 
 
@@ -296,6 +361,12 @@ def test_validation_errors_use_the_error_body_with_details(shared):
             isinstance(d, dict) and field in map(str, d.get("loc", [])) for d in details
         )
         check(about, response, f"error.details: the list of validation errors (exc.errors()), one of them about '{field}'")
+        echoed = [d for d in details if isinstance(d, dict) and "input" in d]
+        check(
+            not echoed and all(isinstance(d, dict) and isinstance(d.get("msg"), str) for d in details), response,
+            'details with "loc" and "msg" and no "input": the refused value is not echoed (it may be infinity or NaN, '
+            "which JSON cannot carry, or a secret)",
+        )
 
 
 @pytest.mark.task("errors")
@@ -332,12 +403,25 @@ def test_limit_and_offset_select_a_page(catalogue):
     expect_json(response, [], "an offset past the end is an empty page, not an error", exact=True)
 
 
+PAST_THE_BOUNDS = ["inf", "-inf", "nan", "1e309", str(10**400), "1.5"]
+
+
 @pytest.mark.task("paginate")
 def test_page_parameters_are_bounded(catalogue):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "ten"}):
         response = catalogue.client.get("/api/v1/items", params=params)
         expect_status(response, 422, "limit must be 1..100 and offset 0 or more: Query(ge=..., le=...)")
     expect_status(catalogue.client.get("/api/v1/items", params={"limit": 100}), 200, "limit=100 is the largest page allowed")
+    for version in ("v1", "v2"):
+        for name in ("limit", "offset"):
+            for raw in PAST_THE_BOUNDS + (["2147483648", "99999999999999999999"] if name == "offset" else []):
+                response = catalogue.client.get(f"/api/{version}/items", params={name: raw})
+                expect_error(
+                    response, 422, "validation_error",
+                    f"{name}={raw} on /api/{version}/items: limit is 1..100 and offset 0..2147483647, integers only",
+                )
+        response = catalogue.client.get(f"/api/{version}/items", params={"offset": 2147483647})
+        expect_status(response, 200, "offset=2147483647 is the largest offset allowed: an empty page")
 
 
 @pytest.mark.task("paginate")
@@ -363,10 +447,12 @@ def test_v2_lists_in_a_page_envelope(catalogue):
     body = expect_json(response, {"total": 12, "limit": 4, "offset": 4}, "v2 wraps a page in an envelope")
     check(ids_of(body.get("items")) == [5, 6, 7, 8], response, '"items": the page itself, ids 5..8')
     link = body.get("next")
+    parts = urlsplit(link) if isinstance(link, str) else None
     check(
-        isinstance(link, str) and urlsplit(link).path == "/api/v2/items",
+        parts is not None and parts.path == "/api/v2/items" and not parts.scheme and not parts.netloc,
         response,
-        '"next": the path of the following page, e.g. "/api/v2/items?limit=4&offset=8"',
+        '"next": the path (with its query) of the following page, e.g. "/api/v2/items?limit=4&offset=8", '
+        "not an absolute URL (README: a client resolves it against the URL it called)",
     )
     followed = twelve.get(link)
     body = expect_json(followed, {"total": 12, "limit": 4, "offset": 8}, "next keeps the page size: limit=4&offset=8")
@@ -424,7 +510,14 @@ SUMMARIES = {
     ("/items/{item_id}", "delete"): "Delete an item",
 }
 LIST_SUMMARY = {"v1": "List items", "v2": "List items in a page envelope"}
-DOCUMENTED_ERRORS = {("/items", "post"): "409", ("/items/{item_id}", "get"): "404", ("/items/{item_id}", "delete"): "404"}
+# The README's table: every error status each operation can answer.
+DOCUMENTED_ERRORS = {
+    ("/items", "post"): {"400", "409", "422"},
+    ("/items", "get"): {"422"},
+    ("/items/{item_id}", "get"): {"404", "422"},
+    ("/items/{item_id}", "put"): {"400", "404", "409", "422"},
+    ("/items/{item_id}", "delete"): {"404", "422"},
+}
 
 
 @pytest.mark.task("docs")
@@ -446,13 +539,33 @@ def test_operations_have_tags_and_summaries(catalogue):
     check(not problems, response, "every operation tagged by version, with the README's summary:\n    " + "\n    ".join(problems))
 
 
+def _schema_of(document, answer):
+    """The schema of a documented answer's JSON body, its $ref followed."""
+    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        schema = document.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
+    return schema
+
+
 @pytest.mark.task("docs")
 def test_error_responses_are_documented(catalogue):
     response = catalogue.client.get("/openapi.json")
-    paths = json_of(response).get("paths", {})
-    missing = [
-        f"{method.upper()} /api/v1{path} does not document {code}"
-        for (path, method), code in DOCUMENTED_ERRORS.items()
-        if code not in paths.get(f"/api/v1{path}", {}).get(method, {}).get("responses", {})
-    ]
-    check(not missing, response, "error answers in the docs (responses={409: {'model': ErrorBody}}):\n    " + "\n    ".join(missing))
+    document = json_of(response)
+    paths = document.get("paths", {})
+    problems = []
+    for version in ("v1", "v2"):
+        for (path, method), codes in DOCUMENTED_ERRORS.items():
+            answers = paths.get(f"/api/{version}{path}", {}).get(method, {}).get("responses", {})
+            for code in sorted(codes):
+                where = f"{method.upper()} /api/{version}{path}"
+                if code not in answers:
+                    problems.append(f"{where} does not document {code}")
+                elif "error" not in _schema_of(document, answers[code]).get("properties", {}):
+                    problems.append(f"{where} documents {code} without the error body's schema (model=ErrorBody)")
+    check(
+        not problems, response,
+        "every status each operation can answer, with the error body's schema "
+        "(responses={409: {'model': ErrorBody}}; 422 on the router replaces FastAPI's default):\n    "
+        + "\n    ".join(problems),
+    )

@@ -3,8 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status
-from fastapi.encoders import jsonable_encoder
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -15,9 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # ---------------------------------------------------------------------------------------
 
 
+# Ids (and so offsets: there are never more items than ids) fit a database's 32-bit INTEGER.
+MAX_ID = 2**31 - 1
+MAX_PRICE = 1_000_000
+
+
 class ItemIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
-    price: float = Field(gt=0)
+    # allow_inf_nan=False: JSON's 1e309 (and Python's json's NaN/Infinity) parse to floats that
+    # no JSON document can carry back, so the item would be answered with "price": null.
+    price: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False)
 
 
 class Item(BaseModel):
@@ -95,12 +101,17 @@ async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JS
 
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # errors() may hold exception objects in "ctx"; jsonable_encoder makes them JSON-safe.
+    # Location, message and type only. Never the "input": it may be the infinity or NaN that
+    # was refused, which JSON cannot carry (the 422 would become a 500), or a secret the client
+    # should not see echoed. Nor "ctx", which may hold exception objects.
+    details = [
+        {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()
+    ]
     return error_response(
         status.HTTP_422_UNPROCESSABLE_CONTENT,
         "validation_error",
         "The request is not valid; see details.",
-        details=jsonable_encoder(exc.errors()),
+        details=details,
     )
 
 
@@ -156,10 +167,13 @@ def get_store(request: Request) -> ItemStore:
 
 StoreDep = Annotated[ItemStore, Depends(get_store)]
 Limit = Annotated[int, Query(ge=1, le=100, description="How many items per page (1-100).")]
-Offset = Annotated[int, Query(ge=0, description="How many items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="How many items to skip.")]
+ItemId = Annotated[int, Path(ge=1, le=MAX_ID, description="The id from the Location header of the create call.")]
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No item has this id"}}
 CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody, "description": "Another item has this name"}}
+# FastAPI answers 400 itself when a body cannot even be decoded (bytes that are not UTF-8).
+UNREADABLE: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "The body cannot be decoded"}}
 
 # Our 422 has the shared error shape too; say so in the docs instead of FastAPI's default.
 INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ErrorBody, "description": "The request is not valid"}}
@@ -174,14 +188,14 @@ v2 = APIRouter(prefix="/api/v2", tags=["items v2"], responses=INVALID)
 # ---------------------------------------------------------------------------------------
 
 
-@v1.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=CONFLICT)
+@v1.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses={**UNREADABLE, **CONFLICT})
 async def create_item_v1(data: ItemIn, store: StoreDep, response: Response) -> Item:
     item = store.add(data)
     response.headers["Location"] = f"{v1.prefix}/items/{item.id}"
     return item
 
 
-@v2.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses=CONFLICT)
+@v2.post("/items", status_code=status.HTTP_201_CREATED, summary="Create an item", responses={**UNREADABLE, **CONFLICT})
 async def create_item_v2(data: ItemIn, store: StoreDep, response: Response) -> Item:
     item = store.add(data)
     response.headers["Location"] = f"{v2.prefix}/items/{item.id}"
@@ -204,19 +218,19 @@ async def list_items_v2(store: StoreDep, limit: Limit = 10, offset: Offset = 0) 
 
 @v1.get("/items/{item_id}", summary="Read an item", responses=NOT_FOUND)
 @v2.get("/items/{item_id}", summary="Read an item", responses=NOT_FOUND)
-async def read_item(item_id: int, store: StoreDep) -> Item:
+async def read_item(item_id: ItemId, store: StoreDep) -> Item:
     return store.get(item_id)
 
 
-@v1.put("/items/{item_id}", summary="Replace an item", responses={**NOT_FOUND, **CONFLICT})
-@v2.put("/items/{item_id}", summary="Replace an item", responses={**NOT_FOUND, **CONFLICT})
-async def replace_item(item_id: int, data: ItemIn, store: StoreDep) -> Item:
+@v1.put("/items/{item_id}", summary="Replace an item", responses={**UNREADABLE, **NOT_FOUND, **CONFLICT})
+@v2.put("/items/{item_id}", summary="Replace an item", responses={**UNREADABLE, **NOT_FOUND, **CONFLICT})
+async def replace_item(item_id: ItemId, data: ItemIn, store: StoreDep) -> Item:
     return store.replace(item_id, data)
 
 
 @v1.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=NOT_FOUND)
 @v2.delete("/items/{item_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an item", responses=NOT_FOUND)
-async def delete_item(item_id: int, store: StoreDep) -> None:
+async def delete_item(item_id: ItemId, store: StoreDep) -> None:
     store.delete(item_id)
 
 
