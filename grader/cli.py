@@ -144,7 +144,8 @@ def status(
 # --------------------------------------------------------------------------- check
 
 
-def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbose: bool) -> None:
+def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbose: bool, rest: int | None = None) -> None:
+    """The task table, the first failure in full, the others one line each (at most ``rest`` of them)."""
     table = Table(title=f"{exercise.name} — {escape(exercise.title)}", title_justify="left")
     table.add_column("task")
     table.add_column("tests", justify="right")
@@ -161,6 +162,9 @@ def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbo
     not_run = [t for t in result.tests if not t.passed and t.message.startswith("not run:")]
     for number, test in enumerate(failures):
         if number >= 1 and not verbose:
+            if rest is not None and number > rest:
+                console.print(f"  [dim]… and {len(failures) - rest - 1} more[/]")
+                break
             if number == 1:
                 console.print("[dim]The other failing tests, one line each (grader check "
                               f"{exercise.number} --verbose shows them in full):[/]")
@@ -308,7 +312,7 @@ def reset(
 @app.command(rich_help_panel=LEARNER)
 def watch(
     exercise: Annotated[str | None, typer.Argument(help="Start at this exercise (default: the first not passed).")] = None,
-    poll: Annotated[bool, typer.Option(help="Poll for changes instead of waiting for file events.")] = False,
+    poll: Annotated[bool, typer.Option(help="Accepted for older scripts: saves are always noticed by polling.")] = False,
 ) -> None:
     """Re-run the current exercise on every save; keys: h hint, r re-run, n next, q quit. Example: [bold]grader watch[/]."""
     from grader.watching import watch_loop

@@ -1,29 +1,47 @@
-"""``grader watch``: re-run the current exercise whenever its files change.
+"""``grader watch``: re-run the current exercise on every save, in a warm process.
 
-File events come from watchfiles. Some places never deliver them (network drives, some
-container and VM mounts); the watcher probes once at start and, if its own probe file's
-event does not arrive, switches to polling and says so.
+The loop, as a learner lives in it:
+
+- every save of the exercise's files starts a run, also a save made while a run is going
+  on (that run is cancelled: its result would be about code that no longer exists);
+- each run clears the screen and shows the task table, the first failure in full and the
+  others one line each;
+- keys: ``h`` the next hint, ``r`` run again, ``n`` the next exercise, ``q`` quit;
+- when the exercise passes it says so and waits for a key before moving on.
+
+Runs are forked from this process after it collected the suite once (:mod:`grader.warm`),
+so a run costs the tests, not pytest's start. Saves are noticed by polling the files'
+modification times every few milliseconds: that works on every file system (network
+drives and container mounts that never deliver file events too) and keeps this process
+single-threaded, which forking needs. Without a terminal (stdin is not a TTY) there are no
+keys: the loop moves on by itself when an exercise passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
-from watchfiles import watch
+from rich.markup import escape
+from rich.panel import Panel
 
 from grader.catalog import Exercise, all_exercises
-from grader.progress import Pristine, State
-from grader.runner import run_suite
+from grader.progress import Pristine, State, graded_files
 
 PROBE_WAIT = 2.0
 
 
 def file_events_arrive(folder: Path) -> bool:
-    """Write a probe file into ``folder`` and see whether watchfiles reports it."""
+    """Write a probe file into ``folder`` and see whether watchfiles reports it (kept for diagnostics)."""
+    from watchfiles import watch
+
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / "watch-probe"
     seen, stop, ready = threading.Event(), threading.Event(), threading.Event()
@@ -47,25 +65,80 @@ def file_events_arrive(folder: Path) -> bool:
     return seen.is_set()
 
 
+POLL = 0.03  # seconds between two looks at the files and the keyboard
+SETTLE = 0.05  # an editor's save is often several writes: wait this long after the last one
+WATCHED_SUFFIXES = (".py", ".toml", ".yaml", ".yml", ".txt", ".json", ".cfg", ".ini")
+CLEAR = "\x1b[2J\x1b[3J\x1b[H"
+REST = 8  # failing tests listed one line each under the first, so that a run fits on one screen
+
+
 def tests_untouched(exercise: Exercise, pristine: Pristine) -> bool:
     """The graded tests are the course's own (a passing run with edited tests does not count)."""
-    verdicts = [pristine.is_pristine(path) for path in exercise.test_files]
-    return all(v is not False for v in verdicts)
+    return not pristine.edited(graded_files(exercise))
+
+
+def snapshot(exercise: Exercise) -> dict[str, tuple[float, int]]:
+    """Modification time and size of every file a run depends on (the learner's and the graded ones)."""
+    seen = {}
+    for folder, _dirs, files in os.walk(exercise.folder):
+        if "__pycache__" in folder or "/." in folder:
+            continue
+        for name in files:
+            if name.endswith(WATCHED_SUFFIXES) or name == "Dockerfile":
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    info = os.stat(path)
+                    seen[path] = (info.st_mtime, info.st_size)
+    return seen
+
+
+class Keys:
+    """Single key presses from a terminal, read without a thread; nothing when stdin is not a TTY."""
+
+    def __init__(self) -> None:
+        self.fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+        self._saved = None
+
+    def __enter__(self) -> Keys:
+        if self.fd is not None:
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None and self._saved is not None:
+            import termios
+
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+    @property
+    def interactive(self) -> bool:
+        return self.fd is not None
+
+    def read(self, timeout: float) -> str | None:
+        if self.fd is None:
+            time.sleep(timeout)
+            return None
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return None
+        data = os.read(self.fd, 32).decode("utf-8", "replace")
+        return data[:1].lower() if data else "q"
 
 
 def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, console: Console,
                show: Callable[..., None]) -> None:
+    """The loop (see the module's docstring). ``force_polling`` is accepted for compatibility: it always polls."""
+    from grader.warm import WarmRunner
+
     state, pristine = State(root), Pristine(root)
     exercises = all_exercises(root)
-    if not force_polling and not file_events_arrive(state.folder):
-        console.print("[yellow]File change events do not arrive in this folder (a network drive or a container "
-                      "mount?). Polling for changes instead.[/]")
-        force_polling = True
-    elif force_polling:
-        console.print("[dim]Polling for changes.[/]")
 
     def pending(after: Exercise | None) -> Exercise | None:
-        ordered = exercises if after is None else [e for e in exercises if e.name >= after.name]
+        ordered = exercises if after is None else [e for e in exercises if e.name > after.name]
         for exercise in ordered:
             cached = state.cached(exercise)
             if cached is None or not cached.passed:
@@ -73,21 +146,85 @@ def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, conso
         return None
 
     current = start or pending(None)
-    while current is not None:
-        console.rule(f"[bold]{current.name}[/] — watching {', '.join(current.editable)}  (Ctrl-C to stop)")
-        result, output = run_suite(current)
-        state.remember(current, result)
-        show(current, result, output, False)
-        if result.passed:
-            if not tests_untouched(current, pristine):
-                console.print("[red]The graded tests of this exercise were changed. Restore them "
-                              "(git checkout -- exercises/…/test_*.py) to move on.[/]")
-            else:
-                console.print(f"[green bold]{current.name} passes — moving on.[/]")
-                current = pending(current)
-                continue
-        for changes in watch(current.folder, force_polling=force_polling, poll_delay_ms=300, debounce=300,
-                             watch_filter=lambda _change, path: path.endswith((".py", ".toml", ".yaml", ".yml", "Dockerfile"))):
-            if changes:
-                break
+    with Keys() as keys:
+        while current is not None:
+            step = _watch_one(current, WarmRunner(current), keys, state, console, show)
+            if step == "quit":
+                console.print("[dim]stopped watching.[/]")
+                return
+            current = pending(current)
     console.print("[green bold]Every exercise passes. Well done![/]")
+
+
+def _hint(exercise: Exercise, state: State, console: Console) -> None:
+    if not exercise.hints:
+        console.print(f"{exercise.name} has no hints. Read lessons/{exercise.name}.md.")
+        return
+    level = state.use_hint(exercise)
+    console.print(Panel(escape(exercise.hints[level - 1]), title=f"hint {level} of {len(exercise.hints)}",
+                        title_align="left", border_style="cyan"))
+
+
+def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Console,
+               show: Callable[..., None]) -> str:
+    """Watch one exercise until it passes and a key says what next; returns "next" or "quit"."""
+    from grader.cli import mark_edited_tests
+
+    keys_line = ("[dim]keys: [bold]h[/] hint  [bold]r[/] run again  [bold]n[/] next exercise  [bold]q[/] quit[/]"
+                 if keys.interactive else "[dim](Ctrl-C to stop)[/]")
+    console.print(f"[dim]warming up {exercise.name} (imports and collection, once)…[/]")
+    runner.warm()
+    seen = snapshot(exercise)
+    console.print("[dim]running…[/]")
+    run = runner.start()
+    cancelled = 0
+    passed = False
+    while True:
+        if run is not None and runner.finished(run):
+            result, output = runner.result(run)
+            result = mark_edited_tests(exercise, result)
+            state.remember(exercise, result)
+            if keys.interactive:
+                console.file.write(CLEAR)
+                console.file.flush()
+            console.rule(f"[bold]{exercise.name}[/] — watching {', '.join(exercise.editable)}")
+            if cancelled:
+                console.print(f"[dim]({cancelled} earlier run{'s' if cancelled > 1 else ''} cancelled by a "
+                              "newer save)[/]")
+            show(exercise, result, output, False, rest=REST)
+            passed = result.passed
+            if passed:
+                if keys.interactive:
+                    console.print(f"[green bold]✔ {exercise.name} passes![/] Press [bold]n[/] for the next "
+                                  "exercise, [bold]q[/] to quit, or keep improving it: every save runs it again.")
+                else:
+                    console.print(f"[green bold]{exercise.name} passes — moving on.[/]")
+                    return "next"
+            elif result.status == "tampering":
+                console.print("[red]The graded tests of this exercise were changed: restore them to move on.[/]")
+            console.print(keys_line)
+            run, cancelled = None, 0
+        key = keys.read(POLL)
+        if key == "q":
+            if run is not None:
+                runner.cancel(run)
+            return "quit"
+        if key == "n" or (key in ("\n", "\r", " ") and passed):
+            if run is not None:
+                runner.cancel(run)
+            return "next"
+        if key == "h":
+            _hint(exercise, state, console)
+        now = snapshot(exercise)
+        if now != seen or key == "r":
+            if key != "r":
+                time.sleep(SETTLE)  # let the editor finish writing
+                now = snapshot(exercise)
+            seen = now
+            if run is not None:
+                runner.cancel(run)
+                cancelled += 1
+                console.print("[yellow]saved again: cancelling the run in progress, starting over…[/]")
+            else:
+                console.print("[dim]running…[/]")
+            run = runner.start()

@@ -218,3 +218,44 @@ def test_outside_a_course_the_installed_course_is_used(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(ROOT)
+
+
+def test_help_is_grouped_with_examples_and_h_works(course):
+    done = grader(course, "-h")
+    assert done.returncode == 0
+    out = done.stdout
+    for group in ("Learner", "Instructor", "Maintainer"):
+        assert group in out, out
+    assert out.index("Learner") < out.index("Instructor") < out.index("Maintainer")
+    assert "Example" in out and "grader watch" in out
+    assert grader(course, "check", "-h").returncode == 0
+
+
+def test_version(course):
+    from grader import __version__
+
+    done = grader(course, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"grader {__version__}"
+
+
+def test_hint_without_an_exercise_is_for_the_current_one(course):
+    done = grader(course, "hint")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert EXERCISE in done.stdout and "hint 1 of 3" in done.stdout
+
+
+def test_reset_of_a_deleted_file_names_no_backup_it_did_not_make(course):
+    stub(course).unlink()
+    done = grader(course, "reset", "01", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "backups" not in done.stdout and "nothing of yours to back up" in done.stdout
+    assert not (course / ".grader" / "backups").exists()
+
+
+def test_the_default_report_folder_is_ignored_by_git():
+    from grader.cli_grade import grade_command
+    import inspect
+
+    default = inspect.signature(grade_command).parameters["out"].default
+    done = subprocess.run(["git", "check-ignore", "-q", f"{default}/report.json"], cwd=ROOT)
+    assert done.returncode == 0, f"{default}/ is not in .gitignore"

@@ -1,0 +1,176 @@
+"""A warm process for ``grader watch``: imports done once, one forked ``pytest`` per run.
+
+A new ``pytest`` process spends most of a short run starting: importing pytest, its plugins,
+FastAPI and pydantic, and collecting the graded test files. ``grader watch`` pays that once.
+:meth:`WarmRunner.warm` collects the exercise's suite in the watch process itself (``pytest
+--collect-only``): every library the tests import, and the test modules, stay in memory.
+Each run is then ``os.fork()`` and ``pytest.main`` in the child, the way the class grader's
+zygote (``grader/zygote.py``) forks its runs: the learner's files are imported fresh by the
+``load`` fixture in every child (they are never imported in the parent), and a child that is
+cancelled because the learner saved again is killed with its process group.
+
+The watch process must stay single-threaded for this: it reads keys with ``select``, not a
+thread, and notices saves by polling the files' modification times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grader.catalog import Exercise
+from grader.results import ExerciseResult
+from grader.runner import KILL_AFTER, _STRIPPED_ENV, pytest_command, result_from_report
+
+
+@dataclass
+class Run:
+    """One forked run of an exercise's suite."""
+
+    exercise: Exercise
+    pid: int
+    scratch: Path
+    started: float
+    limit: float
+    returncode: int | None = None
+    ended: float = 0.0
+
+    @property
+    def report(self) -> Path:
+        return self.scratch / "report.json"
+
+    @property
+    def output(self) -> Path:
+        return self.scratch / "output.txt"
+
+
+@dataclass
+class WarmRunner:
+    """Forks runs of one exercise's graded suite from a process that collected it once."""
+
+    exercise: Exercise
+    warmed: dict[str, float] = field(default_factory=dict)  # graded file -> its mtime when collected
+
+    def _args(self, report: Path) -> list[str]:
+        command = pytest_command(self.exercise, None, report, time_limit=self.exercise.timeout)
+        return command[command.index("pytest") + 1:]
+
+    def warm(self) -> float:
+        """Collect the suite here (imports, plugins, test modules); returns the seconds it took."""
+        import pytest
+
+        started = time.monotonic()
+        files = [*self.exercise.test_files, self.exercise.folder / "conftest.py"]
+        self.warmed = {str(path): _mtime(path) for path in files}
+        args = [str(path) for path in self.exercise.test_files]
+        args += ["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir", str(self.exercise.root),
+                 "-c", str(self.exercise.root / "pyproject.toml")]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.suppress(Exception, SystemExit):
+                pytest.main(args)
+        return time.monotonic() - started
+
+    def start(self) -> Run:
+        scratch = Path(tempfile.mkdtemp(prefix="grader-watch-"))
+        report = scratch / "report.json"
+        args = self._args(report)
+        stale = [name for name, when in self.warmed.items() if _mtime(Path(name)) != when]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 70
+            try:
+                os.setpgid(0, 0)
+                _redirect(scratch / "output.txt")
+                for key in _STRIPPED_ENV:
+                    os.environ.pop(key, None)
+                os.chdir(self.exercise.root)
+                _forget_modules(stale)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                import pytest
+
+                code = int(pytest.main(args))
+            except BaseException:  # noqa: BLE001 - the child must end here, whatever happened
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        return Run(self.exercise, pid, scratch, time.monotonic(), self.exercise.timeout)
+
+    @staticmethod
+    def finished(run: Run) -> bool:
+        if run.returncode is not None:
+            return True
+        done, status = os.waitpid(run.pid, os.WNOHANG)
+        if done == 0:
+            if time.monotonic() - run.started > run.limit + KILL_AFTER:
+                WarmRunner.cancel(run)
+                run.returncode = -9
+                return True
+            return False
+        run.returncode = os.waitstatus_to_exitcode(status)
+        run.ended = time.monotonic()
+        return True
+
+    @staticmethod
+    def cancel(run: Run) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(run.pid, 0)
+        shutil.rmtree(run.scratch, ignore_errors=True)
+
+    @staticmethod
+    def result(run: Run) -> tuple[ExerciseResult, str]:
+        try:
+            text = run.output.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        duration = (run.ended or time.monotonic()) - run.started
+        result = result_from_report(run.exercise, run.report, duration, run.returncode or 0, text)
+        shutil.rmtree(run.scratch, ignore_errors=True)
+        return result, text
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+def _redirect(output: Path) -> None:
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(null)
+    sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - the child's whole life
+    sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+
+
+def _forget_modules(files: list[str]) -> None:
+    """Drop the collected copies of graded files that changed since the parent collected them."""
+    if not files:
+        return
+    changed = {str(Path(name).resolve()) for name in files}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and str(Path(path).resolve()) in changed:
+            del sys.modules[name]
