@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from grader import patches
 from grader.catalog import Exercise
 from grader.results import ExerciseResult
 from grader.runner import run_suite
@@ -96,9 +97,18 @@ def run_checks(checks: list[Check], slots: int | None = None,
     if not checks:
         return []
     labels = {f"{index}": check for index, check in enumerate(checks)}
-    sets = [FileSet(label, check.exercise, files_of(check)) for label, check in labels.items()]
+    sets, results = [], {}
+    for label, check in labels.items():
+        try:
+            sets.append(FileSet(label, check.exercise, files_of(check)))
+        except (OSError, patches.PatchError) as exc:  # a mutant that no longer fits: that check's error alone
+            results[label] = ExerciseResult(exercise=check.exercise.name, status="error",
+                                            max_points=check.exercise.total_points, message=str(exc))
+            if on_outcome is not None:
+                on_outcome(Outcome(check, results[label]))
     report = None if on_outcome is None else (lambda file_set, result: on_outcome(Outcome(labels[file_set.label], result)))
-    results = grade_file_sets(checks[0].exercise.root, sets, slots, report)
+    if sets:
+        results.update(grade_file_sets(checks[0].exercise.root, sets, slots, report))
     return [Outcome(check, results[label]) for label, check in labels.items()]
 
 
