@@ -1,0 +1,363 @@
+"""Every reference solution keeps the contract its OpenAPI schema states, for any input.
+
+schemathesis derives requests from each reference app's own schema, valid and invalid, and
+sends them to the app in this process; each answer must be no 5xx, carry a documented status
+code and media type, and match the documented response model (see ``contract_fuzzing``). The
+apps are built the way their graded suites build them (settings, temporary databases, a
+signed-in user), and each service of a multi-service exercise is fuzzed on its own, a gateway
+with the services behind it running in this process too.
+
+    pytest tests/test_contract_fuzz.py -k 05           # fuzz one exercise
+    CONTRACT_FUZZ_FINDINGS=/tmp/fuzz_findings.md pytest tests/test_contract_fuzz.py
+                                                       # also write every finding to a file
+
+The search is derandomized: the same requests on every run, so a failure reproduces and a
+pass means the same thing each time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any
+
+import hypothesis
+import pytest
+from fastapi import FastAPI, HTTPException, Path as PathParam
+from schemathesis.python.asgi import get_client
+
+from grader.environment import settings_environment
+from grader.loader import load_module
+
+from .conftest import ROOT
+from .contract_fuzzing import Finding, Target, Upstream, fuzz, report, stop_apps, with_upstreams
+
+# Requests per search (each operation has up to three: valid, anonymous, invalid). 15 found
+# every defect that 25 found in the course's apps when this test was written, and the whole
+# file takes about 40 s of CPU (under a minute on a quiet 2-core machine).
+MAX_EXAMPLES = 15
+
+SETTINGS = hypothesis.settings(
+    derandomize=True,  # the same requests on every run: a finding reproduces, a pass is stable
+    database=None,  # nothing remembered between runs, nothing written to .hypothesis/
+    max_examples=MAX_EXAMPLES,
+    deadline=None,  # some requests hash a password or touch SQLite: their time is not a defect
+    verbosity=hypothesis.Verbosity.quiet,  # the test reports its own findings
+    # No "explain" phase: it traces every line the app runs while replaying a failure (several
+    # times slower), to say which lines the failure always reaches; the finding's request and
+    # traceback location say enough.
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate, hypothesis.Phase.shrink],
+    print_blob=False,
+)
+
+SOLUTIONS = ROOT / "solutions"
+
+
+def load(folder: Path, module: str = "app") -> ModuleType:
+    return load_module(folder, module)
+
+
+def login(app: Any, username: str, password: str) -> str:
+    """A token from the app's POST /token, the way a client signs in (OAuth2 password form)."""
+    with get_client(app) as client:  # schemathesis' in-process client; starts the app's lifespan
+        response = client.post("/token", data={"username": username, "password": password})
+    assert response.status_code == 200, f"POST /token as {username} answered {response.status_code}: {response.text}"
+    return response.json()["access_token"]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --- How each exercise's reference app is built (as its graded suite builds it) ----------------
+
+
+class Build:
+    """What a builder may use: a scratch folder, the environment and the working directory."""
+
+    def __init__(self, folder: Path, stack: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.folder, self.stack, self.env = folder, stack, monkeypatch
+
+    def sqlite(self, name: str) -> str:
+        return f"sqlite+aiosqlite:///{self.folder / name}.db"
+
+
+def module_app(name: str, **target: Any) -> Callable[[Build], list[Target]]:
+    def build(_: Build) -> list[Target]:
+        return [Target("", load(SOLUTIONS / name).app, **target)]
+
+    return build
+
+
+def factory_app(name: str) -> Callable[[Build], list[Target]]:
+    def build(_: Build) -> list[Target]:
+        return [Target("", load(SOLUTIONS / name).create_app())]
+
+    return build
+
+
+# 05's suite: create_app(Settings(...)) with cheap Argon2, users seeded with add_user().
+AUTH_SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"
+CHEAP_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 64, "argon2_parallelism": 1}
+
+
+def build_05(_: Build) -> list[Target]:
+    module = load(SOLUTIONS / "05_auth")
+    app = module.create_app(module.Settings(jwt_secret=AUTH_SECRET, access_token_minutes=5, **CHEAP_ARGON2))
+    module.add_user(app, "bob", "the-builder", scopes=["items:read", "items:write"], full_name="Bob")
+    token = login(app, "bob", "the-builder")
+    return [Target("", app, credentials={"OAuth2PasswordBearer": bearer(token)}, secrets=(token,))]
+
+
+def build_06(build: Build) -> list[Target]:
+    return [Target("", load(SOLUTIONS / "06_background_tasks").create_app(build.folder / "outbox"))]
+
+
+def build_08(build: Build) -> list[Target]:
+    build.env.chdir(build.folder)  # a URL like ./library.db would land here, not in the tree
+    build.env.setenv("DATABASE_URL", build.sqlite("library"))
+    module = load(SOLUTIONS / "08_database")
+    return [Target("", module.create_app(module.Settings()))]
+
+
+NOTES_KEY = "test-key-0123456789"
+
+
+def build_09(build: Build) -> list[Target]:
+    # 09's service under test is the exercise's own service.py (the learner writes its tests).
+    service = load(ROOT / "exercises" / "09_testing", "service")
+    settings = service.Settings(
+        database_path=build.folder / "notes.db", audit_path=build.folder / "audit.jsonl", api_key=NOTES_KEY
+    )
+    return [Target("", service.create_app(settings), auth={"X-API-Key": NOTES_KEY})]
+
+
+def build_10(_: Build) -> list[Target]:
+    folder = SOLUTIONS / "10_service_communication"
+    inventory, orders, gateway = (load(folder, name) for name in ("inventory", "orders", "gateway"))
+
+    def orders_app(stock: Upstream) -> Any:
+        settings = orders.Settings(inventory_url="http://inventory", retries=2, backoff=0.0, timeout=1.0)
+        return orders.create_app(settings, upstream_transport=stock)
+
+    alone = Upstream(inventory.create_app())
+    behind = {"inventory": Upstream(inventory.create_app())}
+    behind["orders"] = Upstream(orders_app(behind["inventory"]))
+    settings = gateway.Settings(orders_url="http://orders", inventory_url="http://inventory")
+    return [
+        Target("inventory", inventory.create_app()),
+        Target("orders", with_upstreams(orders_app(alone), alone)),
+        Target("gateway", with_upstreams(gateway.create_app(settings, transports=behind), *behind.values())),
+    ]
+
+
+OBS_SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
+
+
+def build_11(build: Build) -> list[Target]:
+    build.stack.enter_context(settings_environment(
+        "OBS_", build.folder, OBS_SECRET_KEY=OBS_SECRET, OBS_DATABASE_URL=build.sqlite("inventory")
+    ))
+    # The app sends its logs to stdout as JSON; the loggers are the process's, so put them back.
+    for name in ("inventory", "inventory.access"):
+        logger = logging.getLogger(name)
+        saved = (logger.level, logger.handlers[:], logger.propagate)
+        build.stack.callback(restore_logger, logger, saved)
+    # One JSON access line per request would bury a failure's report under hundreds of them.
+    access = logging.getLogger("inventory.access")
+    access.handlers[:] = [logging.NullHandler()]
+    access.propagate = False
+    module = load(SOLUTIONS / "11_observability")
+    module.get_settings.cache_clear()  # settings from this environment, not a cached copy
+    build.stack.callback(module.get_settings.cache_clear)
+    return [Target("", module.create_app())]
+
+
+def restore_logger(logger: logging.Logger, saved: tuple[int, list[logging.Handler], bool]) -> None:
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+class FakeClock:
+    """12's suite drives the rate limiter and the cache with a clock that never moves."""
+
+    def __call__(self) -> float:
+        return 1000.0
+
+
+def build_12(build: Build) -> list[Target]:
+    build.stack.enter_context(settings_environment("HARD_", build.folder))
+    module = load(SOLUTIONS / "12_hardening")
+    # The graded suite's shared app: a bucket far larger than any test's requests.
+    settings = module.Settings(
+        cors_origins=["https://shop.example"], max_body_bytes=1000, gzip_minimum_size=500,
+        rate_limit_capacity=1_000_000,
+    )
+    return [Target("", module.create_app(settings, clock=FakeClock()))]
+
+
+# 14's suite: four services, one shared secret, one service credential for the internal
+# routes, a seeded admin, a cheap password hash.
+SHOP_SECRET = "capstone-test-secret-0123456789abcdef"
+SHOP_INTERNAL = "capstone-internal-token-0123456789abcdef"
+SHOP_ADMIN = ("admin", "admin-password-1")
+
+
+def settings_of(module: ModuleType, **values: Any) -> Any:
+    """``module.Settings(**values)``, leaving out what this version of the service does not declare."""
+    return module.Settings(**{name: value for name, value in values.items() if name in module.Settings.model_fields})
+
+
+def build_14(build: Build) -> list[Target]:
+    from pwdlib import PasswordHash
+    from pwdlib.hashers.argon2 import Argon2Hasher
+
+    folder = SOLUTIONS / "14_capstone"
+    users, catalog, orders, gateway = (
+        load(folder, f"microshop/{name}") for name in ("users", "catalog", "orders", "gateway")
+    )
+    cheap = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
+    shared = {"jwt_secret": SHOP_SECRET, "internal_token": SHOP_INTERNAL}
+    count = iter(range(100))
+
+    def users_app() -> Any:
+        settings = settings_of(users, database_url=build.sqlite(f"users{next(count)}"), **shared,
+                               admin_username=SHOP_ADMIN[0], admin_password=SHOP_ADMIN[1])
+        return users.create_app(settings, password_hash=cheap)
+
+    def catalog_app() -> Any:
+        return catalog.create_app(settings_of(catalog, database_url=build.sqlite(f"catalog{next(count)}"), **shared))
+
+    def orders_app(catalog_wire: Upstream, users_wire: Upstream) -> Any:
+        settings = settings_of(orders, database_url=build.sqlite(f"orders{next(count)}"), **shared,
+                               catalog_url="http://catalog", users_url="http://users", outbox_interval=0)
+        return orders.create_app(settings, catalog_transport=catalog_wire, users_transport=users_wire)
+
+    token = login(users_app(), *SHOP_ADMIN)  # the admin holds every scope: catalog:write, orders:*
+    signed_in = {
+        "credentials": {"OAuth2PasswordBearer": bearer(token), "ServiceToken": bearer(SHOP_INTERNAL)},
+        "secrets": (token, SHOP_INTERNAL),
+    }
+    for_orders = Upstream(catalog_app()), Upstream(users_app())
+    shop = {"users": Upstream(users_app()), "catalog": Upstream(catalog_app())}
+    shop["orders"] = Upstream(orders_app(shop["catalog"], shop["users"]))
+    settings = gateway.Settings(users_url="http://users", catalog_url="http://catalog", orders_url="http://orders")
+    return [
+        Target("users", users_app(), **signed_in),
+        Target("catalog", catalog_app(), **signed_in),
+        Target("orders", with_upstreams(orders_app(*for_orders), *for_orders), **signed_in),
+        Target("gateway", with_upstreams(gateway.create_app(settings, transports=shop), *shop.values()), **signed_in),
+    ]
+
+
+# Routes that sleep for as long as the client asks, by design (up to 2 s and 10 s): valid
+# requests ask for no wait, so the fuzz stays fast. Invalid requests still try any value.
+NO_WAIT = {"query": {"seconds": 0}}
+
+BUILDERS: dict[str, Callable[[Build], list[Target]]] = {
+    "01_async_routes": module_app("01_async_routes", pinned={"GET /wait": NO_WAIT}),
+    "02_validation": module_app("02_validation"),
+    "03_rest_resources": factory_app("03_rest_resources"),
+    "04_dependencies": module_app("04_dependencies", auth={"X-User": "ada", "X-API-Key": "dev-key"}),
+    "05_auth": build_05,
+    "06_background_tasks": build_06,
+    "07_websockets": module_app("07_websockets"),  # its HTTP operations, if it has any
+    "08_database": build_08,
+    "09_testing": build_09,
+    "10_service_communication": build_10,
+    "11_observability": build_11,
+    "12_hardening": build_12,
+    "13_deployment": module_app("13_deployment", pinned={"GET /slow": NO_WAIT}),
+    "14_capstone": build_14,
+}
+
+
+# --- The findings file, for the owners of the exercises ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def findings_file() -> Iterator[dict[str, str]]:
+    """Sections of CONTRACT_FUZZ_FINDINGS (a Markdown file), written when the module ends."""
+    sections: dict[str, str] = {}
+    yield sections
+    path = os.environ.get("CONTRACT_FUZZ_FINDINGS")
+    if path and sections:
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        text = [f"# Contract fuzz findings ({stamp})", "",
+                "Written by tests/test_contract_fuzz.py. Each finding names the operation, the broken",
+                "check, and the smallest request that showed it (Hypothesis shrank it).", ""]
+        text += [sections[name] for name in sorted(sections)]
+        Path(path).write_text("\n".join(text) + "\n", encoding="utf-8")
+
+
+def section(name: str, findings: list[Finding], operations: list[str], seconds: float, cpu: float) -> str:
+    head = (f"## {name}\n\n{len(operations)} operations fuzzed in {seconds:.1f} s ({cpu:.1f} s of CPU): "
+            f"{', '.join(operations) or 'none'}\n")
+    if not findings:
+        return head + "\nNo broken promise found.\n"
+    return head + "\n```text\n" + report(findings) + "\n```\n"
+
+
+# --- The tests -------------------------------------------------------------------------------------
+
+
+# The course's 60 s per test guards against hangs. A fuzz run is bounded by its budget, not by
+# time: on a quiet 2-core machine the largest (14, four services) takes about 10 s, on a
+# machine shared by eight busy engineers several times that.
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_reference_keeps_its_openapi_contract(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              findings_file: dict[str, str]) -> None:
+    started, cpu = time.perf_counter(), time.process_time()
+    findings: list[Finding] = []
+    operations: list[str] = []
+    with ExitStack() as stack:
+        stack.callback(stop_apps)  # every lifespan that was started ends here, whatever happened
+        for target in BUILDERS[name](Build(tmp_path, stack, monkeypatch)):
+            prefix = f"{target.name}: " if target.name else ""
+            findings += fuzz(target, SETTINGS, on_operation=lambda label, _: operations.append(prefix + label))
+    findings_file[name] = section(name, findings, operations, time.perf_counter() - started, time.process_time() - cpu)
+    if findings:
+        pytest.fail(f"{name}: {report(findings)}", pytrace=False)
+
+
+# --- The machinery can fail: a tiny app with two planted defects ---------------------------------
+
+
+def defective_app() -> FastAPI:
+    app = FastAPI(title="Planted defects")
+    slots = {1: "first"}
+
+    @app.get("/slots/{slot}")
+    async def read_slot(slot: int) -> dict[str, str]:
+        if slot not in slots:
+            # Undocumented: the schema lists only 200 and 422.
+            raise HTTPException(status_code=404, detail="no such slot")
+        return {"name": slots[slot]}
+
+    @app.get("/squares/{number}")
+    async def square(number: Annotated[int, PathParam(ge=0)]) -> dict[str, int]:
+        # Fine until the number no longer fits in 64 bits, as if a database column held it.
+        if number >= 2**63:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return {"square": number * number}
+
+    return app
+
+
+def test_the_fuzzer_reports_a_crash_and_an_undocumented_status() -> None:
+    try:
+        findings = fuzz(Target("", defective_app()), SETTINGS)
+    finally:
+        stop_apps()
+    by_operation = {(finding.operation, finding.status) for finding in findings}
+    assert ("GET /slots/{slot}", 404) in by_operation, report(findings)
+    crashes = [finding for finding in findings if finding.operation == "GET /squares/{number}" and finding.status == 500]
+    assert crashes, report(findings)
+    assert "OverflowError" in crashes[0].detail and "squares/" in crashes[0].request, crashes[0].render()
