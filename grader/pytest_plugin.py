@@ -72,6 +72,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "task(id): the exercise task (from exercise.toml) that this test grades")
+    config.addinivalue_line("markers", "promise(*ids): the promises of the exercise README (P1, P2, …) this test checks")
     config.addinivalue_line("markers", "slow: starts real servers or processes; still part of the graded suite")
     config.addinivalue_line("markers", "servers: starts the graded code as real server processes "
                                        "(grader.live.serve_in_process, forked from a warm launcher)")
