@@ -48,9 +48,10 @@ import pytest
 SEED = 20260
 REQUESTS = 40  # requests drawn at random after the declared values, shared by every input
 SHRINK_SECONDS = 2.0  # at most this long shrinking one difference
-ANSWER_SECONDS = 5.0  # an app that takes longer to answer one request has not answered
+ANSWER_SECONDS = 2.0  # an app that takes longer to answer one request has not answered
 MISSING = object()  # an input left out of the request
 UNSET = object()  # no value chosen yet
+HUNG = "(no answer in time)"
 
 # Values that break naive code, whatever the schema says (the schema's own bounds come first).
 NASTY_TEXT = ["", " ", "0", "-1", "a", "Ada", "zoë", "ÅNGSTRÖM", "İstanbul", "ß", "ǅ", "١٢٣", "日本語", "🙂",
@@ -92,6 +93,7 @@ class Operation:
     weight: float = 1.0  # share of the requests, relative to the other operations
     only_values: bool = False  # send only the declared values (an input that sleeps, say)
     free: tuple[str, ...] = ()  # JSON paths free in this operation's answers only
+    promises: tuple[str, ...] = ()  # the README's promises (P1, P2, …) this operation's answers keep
 
     @property
     def method(self) -> str:
@@ -112,19 +114,21 @@ class Promises:
     free: tuple[str, ...] = ()  # JSON paths whose values are not compared (the key must be there)
     ignore: tuple[str, ...] = ()  # JSON paths dropped before comparing
     validation: str = "loc"  # 422 bodies: "loc" (the set of locations), "exact" or "status"
+    free_locations: tuple[tuple, ...] = ()  # 422 errors at these locations may be there or not
     requests: int = REQUESTS
     seed: int = SEED
 
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
-        known = {"operations", "skip", "headers", "free", "ignore", "validation", "requests", "seed"}
+        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_locations", "requests", "seed"}
         stray = set(table) - known
         if stray:
             raise ValueError(f"{where}: [differential] has unknown key(s) {sorted(stray)}; known: {sorted(known)}")
         operations = {}
         for key, spec in table.get("operations", {}).items():
             _check_key(key, where)
-            allowed = {"task", "values", "tasks", "examples", "equal", "combined_task", "weight", "only_values", "free"}
+            allowed = {"task", "values", "tasks", "examples", "equal", "combined_task", "weight", "only_values", "free",
+                       "promises"}
             if set(spec) - allowed:
                 raise ValueError(f"{where}: operation {key!r} has unknown key(s) {sorted(set(spec) - allowed)}")
             if "task" not in spec:
@@ -140,6 +144,7 @@ class Promises:
                 examples=tuple(spec.get("examples", ())), equal=tuple(tuple(group) for group in spec.get("equal", ())),
                 combined_task=str(spec.get("combined_task", "")), weight=float(spec.get("weight", 1.0)),
                 only_values=bool(spec.get("only_values", False)), free=tuple(spec.get("free", ())),
+                promises=tuple(str(p) for p in spec.get("promises", ())),
             )
         if table.get("validation", "loc") not in ("loc", "exact", "status"):
             raise ValueError(f"{where}: [differential] validation is 'loc', 'exact' or 'status'")
@@ -150,7 +155,9 @@ class Promises:
             operations=operations, skip=skip,
             headers=tuple(h.lower() for h in table.get("headers", ("content-type",))),
             free=tuple(table.get("free", ())), ignore=tuple(table.get("ignore", ())),
-            validation=str(table.get("validation", "loc")), requests=int(table.get("requests", REQUESTS)),
+            validation=str(table.get("validation", "loc")),
+            free_locations=tuple(tuple(loc) for loc in table.get("free_locations", ())),
+            requests=int(table.get("requests", REQUESTS)),
             seed=int(table.get("seed", SEED)),
         )
 
@@ -332,6 +339,33 @@ def pool(schema: dict, document: dict, rng: random.Random) -> list:
     return unique
 
 
+def edges(schema: dict, document: dict, rng: random.Random) -> list:
+    """The values at the schema's own bounds and one past each: sent in every run, not left to chance."""
+    values: list = []
+    for alt in _alternatives(schema, document):
+        kind = alt.get("type")
+        if kind in ("integer", "number"):
+            step = 1 if kind == "integer" else 0.5
+            for key, outside in (("minimum", -step), ("maximum", step), ("exclusiveMinimum", 0), ("exclusiveMaximum", 0)):
+                if key in alt:
+                    edge = int(alt[key]) if kind == "integer" and float(alt[key]).is_integer() else alt[key]
+                    values += [edge, edge + outside] if outside else [edge, edge - step if "Minimum" in key else edge + step]
+        elif kind == "string":
+            for key, outside in (("minLength", -1), ("maxLength", 1)):
+                if key in alt:
+                    for length in (alt[key], alt[key] + outside):
+                        if length >= 0:
+                            values.append(("a1" * length)[:length])
+            if alt.get("pattern"):
+                for longest in (False, True):
+                    example = _regex_example(alt["pattern"], rng, longest)
+                    if example is not None:
+                        values += [example, example + "!"]
+        elif "enum" in alt:
+            values += list(alt["enum"])
+    return values
+
+
 def valid_value(schema: dict, document: dict, rng: random.Random) -> Any:
     """One value the schema accepts, as far as the schema can say (a README may say more)."""
     alt = _alternatives(schema, document)[0]
@@ -400,6 +434,8 @@ class Answer:
             return MISSING
 
     def show(self) -> str:
+        if self.crash == HUNG:
+            return f"no answer within {ANSWER_SECONDS:g} s (the request hung: an endless wait or loop?)"
         if self.crash:
             return f"no answer: the app raised {self.crash} (a client sees 500 Internal Server Error)"
         body = self.content.decode("utf-8", "replace") if self.content else "(no body)"
@@ -516,7 +552,7 @@ class AppRunner:
         try:
             await asyncio.wait_for(self.app(scope, receive, send), ANSWER_SECONDS)
         except TimeoutError:
-            return Answer(0, {}, b"", crash=f"nothing: no answer within {ANSWER_SECONDS:g} s")
+            return Answer(0, {}, b"", crash=HUNG)
         except Exception as exc:  # noqa: BLE001 - the app crashed: that is an answer to compare
             return Answer(500, {}, b"", crash=f"{type(exc).__name__}: {_cut(str(exc), 300)}")
         finally:
@@ -577,7 +613,8 @@ def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] 
         if promises.validation == "status":
             return "<a validation error>"
         if isinstance(detail, list) and all(isinstance(e, dict) and isinstance(e.get("loc"), list) for e in detail):
-            return {"detail: the locations of the errors": sorted({json.dumps(e["loc"]) for e in detail})}
+            free = {json.dumps(list(loc)) for loc in promises.free_locations}
+            return {"detail: the locations of the errors": sorted({json.dumps(e["loc"]) for e in detail} - free)}
     return body
 
 
@@ -617,7 +654,7 @@ def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[
     ``free``: JSON paths left free for this request's operation, besides the exercise's own.
     """
     if learner.crash:
-        return "your app crashed" if not learner.crash.startswith("nothing") else "your app did not answer"
+        return "your app did not answer" if learner.crash == HUNG else "your app crashed"
     if reference.status != learner.status:
         return f"the status code: {reference.status} from the reference, {learner.status} from your app"
     for name in promises.headers:
@@ -637,6 +674,11 @@ def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[
 
 
 # --------------------------------------------------------------------------- generating requests
+
+
+def _among(value: Any, values: list) -> bool:
+    """``value in values``, where True is not 1 and 1 is not 1.0."""
+    return any(type(value) is type(other) and value == other for other in values)
 
 
 class Generator:
@@ -677,8 +719,10 @@ class Generator:
         else:
             generated = pool(schema, self.document, self.rng)
         own = [value for value, value_task in operation.values.get(name, ()) if not value_task]
+        if name != "*" and not operation.only_values:
+            own += [value for value in edges(schema, self.document, self.rng) if not _among(value, own)]
         self.declared[operation.key, name] = len(own)
-        self.pools[operation.key, name] = own + [v for v in generated if v not in own]
+        self.pools[operation.key, name] = own + [v for v in generated if not _among(v, own)]
         task = operation.tasks.get(name, operation.task)
         self.inputs.append(Input(operation.key, name, where, task))
         for value, value_task in operation.values.get(name, ()):
@@ -711,7 +755,11 @@ class Generator:
             if not target.name or "=" in target.name:
                 planned.append((target, UNSET))
             elif target.name != "+":
-                planned += [(target, value) for value in self.pools[target.operation, target.name][: self.declared[target.operation, target.name]]]
+                chosen = self.pools[target.operation, target.name][: self.declared[target.operation, target.name]]
+                operation = self.promises.operations[target.operation]
+                if not (operation.only_values and target.name in operation.values):
+                    chosen = [*chosen, MISSING]  # and left out
+                planned += [(target, value) for value in chosen]
         self.rng.shuffle(planned)
         return planned
 
@@ -721,7 +769,7 @@ class Generator:
         spec = self.specs[target.operation]
         varied = {target.name.split("=", 1)[0]: MISSING} if target.name and target.name != "+" else {}
         if value is not None and value is not UNSET:
-            varied[target.name] = value
+            varied[target.name] = value  # MISSING too: the input is left out
         elif target.name and "=" in target.name:
             name, value = target.name.split("=", 1)
             varied[name] = json.loads(value)
@@ -794,6 +842,7 @@ class Difference:
     where: str
     state: tuple[Any, Any] | None = None  # (reference's, learner's) when the stored state differs
     blocked_by: Difference | None = None
+    fresh: bool = True  # the requests went to new copies of the apps (False: after earlier requests)
 
 
 class Pair:
@@ -879,6 +928,11 @@ class Session:
             self._run()
         except Unstartable as exc:
             self.broken = str(exc)
+        except pytest.fail.Exception as exc:  # the learner's module does not import (the load fixture says why)
+            self.broken = exc.msg
+        except Exception as exc:
+            self.broken = f"The differential run itself failed ({type(exc).__name__}: {exc}): report this to the course's authors."
+            raise
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
@@ -890,8 +944,12 @@ class Session:
     def _run(self) -> None:
         rng = random.Random(self.promises.seed)
         pair = self._fresh()
-        generator = self.generator = Generator(
-            pair.reference.app.openapi() if hasattr(pair.reference.app, "openapi") else {}, self.promises, rng)
+        try:
+            generator = self.generator = Generator(
+                pair.reference.app.openapi() if hasattr(pair.reference.app, "openapi") else {}, self.promises, rng)
+        except BaseException:
+            pair.close()
+            raise
         # first every declared value once, then requests with values drawn from the pools
         planned = generator.sweep()
         weights = {key: operation.weight for key, operation in self.promises.operations.items()}
@@ -907,6 +965,11 @@ class Session:
                 key = f"{target.operation}|{target.name}"
                 if key in self.differences:
                     continue
+                whole = self.differences.get(f"{target.operation}|")
+                if target.name and whole is not None:
+                    # the operation differs whatever its inputs are: that comes first
+                    self.differences[key] = replace(whole, input=target, blocked_by=whole)
+                    continue
                 request = generator.request(target, value)
                 history.append(request)
                 reference, learner = pair.send(request)
@@ -919,6 +982,7 @@ class Session:
                     continue
                 generator.learn(reference)
                 where = compare(reference, learner, self.promises, self._free(request))
+                states = None
                 if not where and request.method not in ("GET", "HEAD", "OPTIONS"):
                     states = pair.states()
                     if states is not None and _first_difference(*states):
@@ -926,13 +990,20 @@ class Session:
                 if not where:
                     self.compared[target.task] = self.compared.get(target.task, 0) + 1
                     continue
-                pair.close()
                 whole = self.differences.get(f"{target.operation}|")
-                if target.name and whole is not None and whole.where:
+                if learner.crash == HUNG:
+                    # replaying a request that hangs would only wait again
+                    self.differences[key] = Difference(target, [request], reference, learner, where, fresh=len(history) == 1)
+                elif target.name and whole is not None and whole.where:
                     # the operation differs whatever this input is: no need to shrink again
                     self.differences[key] = Difference(target, [request], reference, learner, where, blocked_by=whole)
                 else:
-                    self.differences[key] = self._shrink(history, target)
+                    self.differences[key] = self._shrink(history, target, (reference, learner, where, states))
+                if request.method in ("GET", "HEAD", "OPTIONS") and not learner.crash:
+                    history.pop()  # a read changes nothing: the same pair goes on
+                    continue
+                # the two apps' states may differ from here on: a fresh pair goes on
+                pair.close()
                 pair, history = self._fresh(), []
         finally:
             pair.close()
@@ -962,13 +1033,16 @@ class Session:
             pair.close()
         return None
 
-    def _shrink(self, history: list[Request], target: Input) -> Difference:
-        """The shortest sequence found, on fresh apps, whose last request still differs."""
+    def _shrink(self, history: list[Request], target: Input, observed: tuple[Answer, Answer, str, Any]) -> Difference:
+        """The shortest sequence found, on fresh apps, whose last request still differs.
+
+        ``history`` went to a fresh pair, and ``observed`` is what its last request got.
+        """
         deadline = time.perf_counter() + SHRINK_SECONDS
         last = history[-1]
         current = list(history)
         # most differences need no history: try the last request alone first
-        found = self._replay([last]) if len(current) > 1 else None
+        found = observed if len(current) == 1 else self._replay([last])
         if found is not None:
             current = [last]
         else:
@@ -1055,7 +1129,10 @@ class Session:
             lines.append(f"(This shows for {difference.input.label}, but the README's own example of "
                          f"{blocked.input.operation} differs already: fix that first.)")
             difference = blocked
-        lines.append("sent, to a new copy of each app" + (" (the shortest sequence found):" if len(difference.requests) > 1 else ":"))
+        if not difference.fresh:
+            lines.append("sent, after other requests:")
+        else:
+            lines.append("sent, to a new copy of each app" + (" (the shortest sequence found):" if len(difference.requests) > 1 else ":"))
         for number, request in enumerate(difference.requests, 1):
             lines.append(f"  {number}. {request.show()}")
         which = f"request {len(difference.requests)}" if len(difference.requests) > 1 else "it"
@@ -1064,8 +1141,11 @@ class Session:
         if difference.state is not None and difference.where.startswith("the stored state"):
             lines.append(f"stored (reference): {_cut(json.dumps(difference.state[0], default=str), 300)}")
             lines.append(f"stored (your app):  {_cut(json.dumps(difference.state[1], default=str), 300)}")
-        lines.append(f"they differ in {difference.where}")
-        if self.promises.validation == "loc" and difference.reference.status == 422:
+        lines.append(f"the difference: {difference.where}")
+        operation = self.promises.operations.get(difference.requests[-1].operation) if difference.requests else None
+        if operation is not None and operation.promises:
+            lines.append(f"README.md promises this in {', '.join(operation.promises)}")
+        if self.promises.validation == "loc" and difference.reference.status == difference.learner.status == 422:
             lines.append("(for a 422, the locations of the errors are compared, not their wording)")
         if self.promises.free or self.promises.ignore:
             lines.append("not compared, because the README leaves them free: " + ", ".join((*self.promises.free, *self.promises.ignore)))

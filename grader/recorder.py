@@ -32,7 +32,7 @@ WATCHED_MODULES = (
     "_pytest.fixtures", "_pytest.skipping", "_pytest.nodes", "_pytest.terminal", "_pytest.assertion.rewrite",
     "_pytest.assertion.util", "_pytest.logging", "_pytest.warnings", "_pytest.unraisableexception",
     "pluggy", "pluggy._hooks", "pluggy._callers", "pluggy._manager", "pluggy._result",
-    "grader.expect", "grader.loader", "grader.pytest_plugin", "grader.channel", "grader.recorder",
+    "grader.expect", "grader.loader", "grader.pytest_plugin", "grader.channel", "grader.recorder", "grader.differential",
     "starlette.testclient", "fastapi.testclient", "httpx", "httpx2",
 )
 WATCHED_HOOKS = ("pytest_runtest_protocol", "pytest_runtest_makereport", "pytest_runtest_logreport",

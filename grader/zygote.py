@@ -49,7 +49,7 @@ BASE_MODULES = (
     "sqlalchemy", "sqlalchemy.ext.asyncio", "aiosqlite", "jwt", "pwdlib", "prometheus_client", "uvicorn",
     "websockets", "multipart", "yaml", "asgi_lifespan",
     "grader.catalog", "grader.loader", "grader.expect", "grader.live", "grader.pytest_plugin",
-    "grader.recorder", "grader.channel", "grader.sandbox",
+    "grader.recorder", "grader.channel", "grader.sandbox", "grader.differential",
 )
 
 
@@ -180,6 +180,7 @@ class ExerciseSession:
         self.role = "zygote"
         self.recorder = None
         self.exitcode = 0
+        self.reference = reference_files(setup.course_root, prepare["exercise"])
 
     @staticmethod
     def display_id(item, hidden_root: str | None) -> str:
@@ -249,6 +250,7 @@ class ExerciseSession:
         signal.signal(signal.SIGCHLD, reap)
         for line in jobs:
             job = json.loads(line)
+            job["reference"] = self.reference
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
             pid = os.fork()
             if pid != 0:
@@ -338,6 +340,46 @@ def exercise_zygote(setup: Setup, prepare: dict, jobs_fd: int, channel: socket.s
 # --------------------------------------------------------------------------- one job: warden and run
 
 
+def reference_files(root: str, exercise_name: str) -> dict[str, str]:
+    """The reference solution's editable files, for an exercise whose suite compares with it.
+
+    Only an exercise with a ``[differential]`` table gets them (``grader.differential``), and only
+    its own: they are read here, outside the sandbox, where ``solutions/`` is still visible.
+    """
+    from grader.catalog import CatalogError, load_exercise
+
+    try:
+        exercise = load_exercise(Path(root, "exercises", exercise_name), Path(root))
+    except CatalogError:
+        return {}
+    if "differential" not in exercise.extra:
+        return {}
+    files = {}
+    for name in exercise.editable:
+        path = exercise.solution_folder / name
+        if path.is_file():
+            files[name] = path.read_text(encoding="utf-8")
+    return files
+
+
+def write_reference(files: dict[str, str], folder: str) -> None:
+    """The reference's files beside the run's folder, owned by the grader and read-only: the run's
+    uid may read them but neither change nor replace them (the folder's parent is the grader's own
+    or a sticky /tmp). Learner code in the same process could still read them: see AUTHORING."""
+    if not files:
+        return
+    for name, text in files.items():
+        destination = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(destination), mode=0o755, exist_ok=True)
+        with open(destination, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(destination, 0o444)
+    for here, dirs, _ in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(here, name), 0o555)
+    os.chmod(folder, 0o555)
+
+
 def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) -> str:
     """Fork the run, watch it, report it. Returns RUNNER in the run; never returns in the warden."""
     from grader import sandbox
@@ -366,7 +408,12 @@ def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) ->
                 os.write(2, f"the grader could not prepare the sandbox: {type(exc).__name__}: {exc}\n".encode())
             os._exit(71)
         writer = ChannelWriter(3, key)
+        # The session was configured when the exercise was prepared, maybe minutes ago: this
+        # run's clock (its time limit, its duration) starts now.
+        config._grader_started = time.monotonic()
         config.option.grader_target = os.path.abspath("submission")
+        if job.get("reference_folder"):
+            config.option.grader_reference = job["reference_folder"]
         recorder.start(writer)
         return RUNNER
     os.close(result_write)
@@ -430,6 +477,10 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
             os.chown(folder, uid, gid)
             for name in files:
                 os.chown(os.path.join(folder, name), uid, gid)
+    if job.get("reference"):
+        # beside the run's folder, not in it: the run's uid owns that one and could swap the files
+        job["reference_folder"] = base + "-reference"
+        write_reference(job["reference"], job["reference_folder"])
     sandbox.apply_limits(limits, cpu_seconds=max(1, int(float(job["timeout"]) + 1)),
                          own_uid=capabilities.unprivileged_uid)
     os.environ.clear()

@@ -36,6 +36,9 @@ def _status(outcome: str) -> str:
 
 def render(learner: LearnerResult) -> dict:
     tests = []
+    # Each score is rounded so that the scores add up to the rounded total (a task's points
+    # shared by 7 tests would otherwise lose 0.0001 to rounding here and there).
+    earned = shown = 0.0
     for exercise in learner.exercises:
         if not exercise.tests:
             tests.append({"name": f"{exercise.exercise}: {exercise.status}", "status": "error" if exercise.status != "passed" else "pass",
@@ -47,7 +50,10 @@ def render(learner: LearnerResult) -> dict:
             message = test.message if test.outcome != "passed" else ""
             if exercise.status == "tampering":
                 message = exercise.message
-            tests.append({"name": ci_log(name), "status": _status(test.outcome), "score": round(test.points, 4),
+            earned += test.points
+            score = round(round(earned, 4) - shown, 4)
+            shown = round(shown + score, 4)
+            tests.append({"name": ci_log(name), "status": _status(test.outcome), "score": score,
                           "message": ci_log(message[:MESSAGE_LIMIT]), "test_code": "",
                           "filename": "" if test.hidden else test.nodeid.split("::")[0], "line_no": 0,
                           "duration": round(test.duration, 3)})

@@ -1,0 +1,223 @@
+"""The differential grader (grader.differential): a tiny reference and tiny wrong apps side by side."""
+
+import os
+import stat
+from types import SimpleNamespace
+
+import pytest
+from fastapi import FastAPI, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from grader import differential
+from grader.catalog import all_exercises
+from grader.loader import load_module
+from grader.zygote import reference_files, write_reference
+
+from .conftest import ROOT
+
+
+class Note(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=10)
+    stars: int = Field(ge=1, le=5)
+
+
+def build(*, off_by_one: bool = False, delete_forgets: bool = False, greeting: str = "Hello",
+          token: str = "fixed", crash_on_zero: bool = False) -> SimpleNamespace:
+    """A fresh module-like namespace holding an app; the keyword arguments make it wrong."""
+    app = FastAPI()
+    items = {1: {"id": 1, "name": "pen"}, 2: {"id": 2, "name": "ink"}}
+
+    @app.get("/greet/{name}")
+    async def greet(name: str) -> dict:
+        return {"message": f"{greeting}, {name}!", "token": token}
+
+    @app.get("/double")
+    async def double(n: int = Query(ge=0, le=100)) -> dict:
+        if crash_on_zero and n == 0:
+            raise ValueError("zero")
+        return {"result": 2 * n}
+
+    @app.get("/items/{item_id}")
+    async def read(item_id: int) -> dict:
+        if item_id not in items:
+            raise HTTPException(404, f"Item {item_id} not found")
+        return items[item_id]
+
+    @app.delete("/items/{item_id}", status_code=204)
+    async def delete(item_id: int) -> None:
+        if item_id not in items:
+            raise HTTPException(404, "gone")
+        if not delete_forgets:
+            del items[item_id]
+
+    @app.post("/notes", status_code=201)
+    async def note(body: Note) -> dict:
+        if off_by_one and body.stars == 5:
+            raise HTTPException(422, "too many stars")
+        return {"text": body.text, "stars": body.stars}
+
+    return SimpleNamespace(app=app, ITEMS=items)
+
+
+TABLE = {
+    "free": ["$.token"],
+    "requests": 30,
+    "operations": {
+        "GET /greet/{name}": {"task": "greet", "values": {"name": ["Ada", "zoë"]}},
+        "GET /double": {"task": "maths"},
+        "GET /items/{item_id}": {"task": "items", "values": {"item_id": [1, 2, 3]}},
+        "DELETE /items/{item_id}": {"task": "items", "values": {"item_id": [1, 2, 3]}},
+        "POST /notes": {"task": "notes", "examples": [{"text": "hi", "stars": 3}]},
+    },
+}
+
+
+def run(table: dict = TABLE, **wrong) -> differential.Session:
+    promises = differential.Promises.parse(table)
+    session = differential.Session(lambda: build(**wrong), lambda: build(), promises,
+                                   state=lambda module: module.ITEMS)
+    session.run()
+    return session
+
+
+def failure(session: differential.Session, task: str) -> str:
+    with pytest.raises(pytest.fail.Exception) as caught:
+        session.check(task)
+    return str(caught.value)
+
+
+def test_identical_apps_pass_every_task():
+    session = run()
+    assert not session.differences and not session.broken
+    for task in ("greet", "maths", "items", "notes"):
+        session.check(task)
+        assert session.compared[task] > 0
+
+
+def test_a_difference_names_the_request_both_answers_and_where():
+    session = run(greeting="Hi")
+    message = failure(session, "greet")
+    assert "GET /greet/" in message
+    assert '"message":"Hello, ' in message and '"message":"Hi, ' in message
+    assert "$.message" in message
+    session.check("maths")  # the other tasks are not blamed
+
+
+def test_free_fields_are_not_compared_but_must_be_there():
+    run(token="random-bytes").check("greet")
+    table = {**TABLE, "free": []}
+    assert "$.token" in failure(run(table, token="random-bytes"), "greet")
+
+
+def test_a_bound_off_by_one_is_found_and_shrunk_to_one_request():
+    session = run(off_by_one=True)
+    message = failure(session, "notes")
+    assert '"stars": 5' in message and "201" in message and "422" in message
+    difference = next(iter(session.differences.values()))
+    assert len(difference.requests) == 1
+
+
+def test_a_stateful_mistake_is_shown_as_the_shortest_sequence():
+    session = run(delete_forgets=True)
+    message = failure(session, "items")
+    difference = next(d for d in session.differences.values() if d.input.task == "items")
+    methods = [request.method for request in difference.requests]
+    # a delete that removes nothing shows in the stored state at once, or on a later read
+    assert methods[0] == "DELETE" and len(methods) <= 2, message
+    assert "stored" in message or "GET /items/" in message
+
+
+def test_a_crash_is_reported_as_one():
+    message = failure(run(crash_on_zero=True), "maths")
+    assert "raised ValueError: zero" in message and "GET /double?n=0" in message
+
+
+def test_what_the_reference_itself_cannot_answer_is_not_compared():
+    promises = differential.Promises.parse(TABLE)
+    session = differential.Session(lambda: build(), lambda: build(crash_on_zero=True), promises)
+    session.run()
+    assert not session.differences
+    assert any("n=0" in request.show() for request, _ in session.reference_failures)
+
+
+def test_422_bodies_compare_where_the_errors_are_not_their_wording():
+    promises = differential.Promises.parse({"operations": {}})
+    one = differential.Answer(422, {"content-type": "application/json"},
+                              b'{"detail":[{"loc":["body","stars"],"msg":"too big","type":"x"}]}')
+    other = differential.Answer(422, {"content-type": "application/json"},
+                                b'{"detail":[{"loc":["body","stars"],"msg":"Input should be <= 5","type":"y","input":6}]}')
+    elsewhere = differential.Answer(422, {"content-type": "application/json"},
+                                    b'{"detail":[{"loc":["body"],"msg":"too big","type":"x"}]}')
+    assert differential.compare(one, other, promises) == ""
+    assert "detail" in differential.compare(one, elsewhere, promises)
+    exact = differential.Promises.parse({"operations": {}, "validation": "exact"})
+    assert differential.compare(one, other, exact) != ""
+
+
+def test_ignored_and_free_paths():
+    promises = differential.Promises.parse({"operations": {}, "ignore": ["$..created_at"], "free": ["$.items[*].id"]})
+    body = {"items": [{"id": 7, "created_at": 1}], "created_at": 2}
+    assert differential.normalise(body, promises, 200) == {"items": [{"id": differential.FREE}]}
+
+
+def test_the_declaration_is_checked():
+    with pytest.raises(ValueError, match="unknown key"):
+        differential.Promises.parse({"operation": {}})
+    with pytest.raises(ValueError, match="needs a task"):
+        differential.Promises.parse({"operations": {"GET /x": {}}})
+    with pytest.raises(ValueError, match="is not an operation"):
+        differential.Promises.parse({"operations": {"/x": {"task": "t"}}})
+    declared = differential.Promises.parse({"operations": {"GET /x": {"task": "t", "promises": ["P1", "P3"]}}})
+    assert declared.operations["GET /x"].promises == ("P1", "P3")
+
+
+def test_values_from_a_schema_include_the_edges_and_one_past_them():
+    import random
+
+    values = differential.pool({"type": "integer", "minimum": 13, "maximum": 120}, {}, random.Random(1))
+    assert {13, 12, 120, 121} <= set(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    text = differential.pool({"type": "string", "pattern": "^[a-z][a-z0-9_]{2,19}$"}, {}, random.Random(1))
+    assert any(isinstance(v, str) and 3 <= len(v) <= 20 and v[0].isalpha() and v.islower() for v in text)
+
+
+# --------------------------------------------------------------------------- the course's declarations
+
+
+DECLARED = [exercise for exercise in all_exercises(ROOT) if "differential" in exercise.extra]
+
+
+@pytest.mark.parametrize("exercise", DECLARED, ids=lambda e: e.name)
+def test_every_operation_of_the_reference_is_declared_or_skipped(exercise):
+    promises = differential.Promises.parse(exercise.extra["differential"], exercise.name)
+    module = load_module(exercise.solution_folder, exercise.editable[0])
+    assert not differential.undeclared(module.app.openapi(), promises), (
+        "add each operation to [differential.operations] (with its task) or to skip, with the reason in a comment")
+    tasks = {task.id for task in exercise.tasks}
+    assert set(promises.tasks()) <= tasks, f"tasks exercise.toml does not define: {set(promises.tasks()) - tasks}"
+
+
+@pytest.mark.parametrize("exercise", DECLARED, ids=lambda e: e.name)
+def test_the_reference_answers_every_generated_request(exercise):
+    """A request the reference cannot answer (a 5xx) is one the differential suite cannot grade."""
+    promises = differential.Promises.parse(exercise.extra["differential"], exercise.name)
+    session = differential.Session(lambda: load_module(exercise.solution_folder, exercise.editable[0]),
+                                   lambda: load_module(exercise.solution_folder, exercise.editable[0]), promises)
+    session.run()
+    assert not session.broken and not session.differences
+    assert not session.reference_failures, [(r.show(), a.show()) for r, a in session.reference_failures[:3]]
+
+
+# --------------------------------------------------------------------------- class grading
+
+
+def test_class_grading_hands_a_run_only_its_exercises_reference(tmp_path):
+    files = reference_files(str(ROOT), "01_async_routes")
+    assert set(files) == {"app.py"}
+    assert files["app.py"] == (ROOT / "solutions" / "01_async_routes" / "app.py").read_text(encoding="utf-8")
+    assert reference_files(str(ROOT), "09_testing") == {}  # no [differential] table: nothing leaves solutions/
+    folder = tmp_path / "run-reference"
+    write_reference(files, str(folder))
+    assert stat.S_IMODE(os.stat(folder / "app.py").st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o555
+    os.chmod(folder, 0o755)  # let tmp_path be cleaned up
