@@ -12,13 +12,14 @@ exercise's promise list in a form a machine reads.
 How a run goes, in one process and without a network:
 
 1. one pair of apps (the learner's, the reference's), each with its lifespan started;
-2. a fixed-seed sequence of requests, round-robin over the *inputs* the declaration names
-   (an operation with nothing changed, or one parameter or body field given a value from its
-   pool: the schema's bounds and one past them, wrong types, huge numbers, unicode, the
-   README's own examples); each request goes to both apps and the answers are compared;
-3. at the first difference for an input, the sequence so far is shrunk (requests are
-   dropped while the difference stays, each try on a fresh pair) and kept as that input's
-   failure; a fresh pair then carries on with the rest, so one mistake does not cascade;
+2. a fixed-seed sequence of requests over the *inputs* the declaration names (an operation as
+   declared, or one of its parameters or body fields changed): first a sweep of every
+   declared value, each bound of the schema and one past it, and each input left out; then
+   values drawn from each input's pool (wrong types, huge numbers, unicode, empty text). Each
+   request goes to both apps and the answers are compared;
+3. at the first difference for an input, the requests so far are shrunk (dropped while the
+   last one still differs, each try on a fresh pair) and kept as that input's failure; a
+   fresh pair then carries on (after a read, the same one), so one mistake does not cascade;
 4. every graded test (one per task) reports the failures of its task's inputs: the shortest
    request sequence found, what the reference answered, what the learner's app answered,
    and where they differ.
@@ -32,12 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import random
 import re
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,11 @@ class Input:
             return self.operation
         if self.name == "*":
             return f"{self.operation}, an undeclared body field"
+        if self.name == "+":
+            return f"{self.operation}, two inputs changed at once"
+        if "=" in self.name:
+            name, value = self.name.split("=", 1)
+            return f"{self.operation}, {name} set to {value}"
         return f"{self.operation}, {'body field' if self.where == 'body' else self.where + ' parameter'} {self.name!r}"
 
 
@@ -710,6 +715,11 @@ class Generator:
                     self._add_input(operation, "*", "body", {})
             if operation.combined_task:
                 self.inputs.append(Input(key, "+", "", operation.combined_task))
+            known = {i.name.split("=", 1)[0] for i in self.inputs if i.operation == key}
+            unknown = (set(operation.values) | set(operation.tasks)) - known
+            if unknown:
+                raise ValueError(f"[differential] names inputs of {key} that its OpenAPI document does not have: "
+                                 f"{sorted(unknown)}")
 
     def _add_input(self, operation: Operation, name: str, where: str, schema: dict) -> None:
         if name == "*":
@@ -1176,10 +1186,5 @@ def undeclared(document: dict, promises: Promises) -> list[str]:
     return found
 
 
-def finite(value: Any) -> bool:  # pragma: no cover - a helper for declarations written in Python
-    return not isinstance(value, float) or math.isfinite(value)
-
-
 __all__ = ["Answer", "AppRunner", "Promises", "Request", "Session", "compare", "normalise", "pool", "promises_of",
            "session", "tasks", "undeclared"]
-_ = Iterable  # kept for type checkers reading the signatures above
