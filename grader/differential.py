@@ -48,7 +48,7 @@ import pytest
 SEED = 20260
 REQUESTS = 40  # requests drawn at random after the declared values, shared by every input
 SHRINK_SECONDS = 2.0  # at most this long shrinking one difference
-ANSWER_SECONDS = 2.0  # an app that takes longer to answer one request has not answered
+ANSWER_SECONDS = 3.0  # an app that takes longer to answer one request has not answered
 MISSING = object()  # an input left out of the request
 UNSET = object()  # no value chosen yet
 HUNG = "(no answer in time)"
@@ -416,9 +416,12 @@ class Request:
     body: Any = MISSING  # JSON-able, or bytes sent as they are
     input: Input | None = None  # what this request varies
     operation: str = ""
+    headers: list[tuple[str, str]] = field(default_factory=list)  # header and cookie parameters
 
     def show(self) -> str:
         text = f"{self.method} {self.path}" + (f"?{urlencode(self.query, quote_via=quote)}" if self.query else "")
+        for name, value in self.headers:
+            text += f"\n       {name}: {_cut(value, 200)}"
         if self.body is not MISSING:
             body = self.body.decode("utf-8", "replace") if isinstance(self.body, bytes) else json.dumps(self.body, ensure_ascii=False)
             text += f"\n       body {_cut(body, 400)}"
@@ -523,7 +526,8 @@ class AppRunner:
             content = json.dumps(request.body, ensure_ascii=False).encode("utf-8")
             headers = [(b"content-type", b"application/json")]
         headers = [(b"host", b"testserver"), (b"user-agent", b"grader-differential"),
-                   *([(b"content-length", str(len(content)).encode())] if content else []), *headers]
+                   *([(b"content-length", str(len(content)).encode())] if content else []), *headers,
+                   *((name.encode("latin-1"), value.encode("utf-8")) for name, value in request.headers)]
         raw_path = request.path.encode("ascii")
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
@@ -790,6 +794,8 @@ class Generator:
         elif target.name:
             varied[target.name] = self._vary(operation, target.name)
         path, query = operation.path, []
+        headers: list[tuple[str, str]] = []
+        cookies: list[str] = []
         for parameter in spec.get("parameters", []):
             name, where = parameter["name"], parameter["in"]
             if name in varied:
@@ -803,6 +809,12 @@ class Generator:
                 path = path.replace("{" + name + "}", quote(text, safe="") if text else "%20")
             elif where == "query" and value is not MISSING:
                 query.append((name, _text(value)))
+            elif where == "header" and value is not MISSING:
+                headers.append((name.lower(), _text(value)))
+            elif where == "cookie" and value is not MISSING:
+                cookies.append(f"{name}={quote(_text(value), safe='')}")
+        if cookies:
+            headers.append(("cookie", "; ".join(cookies)))
         body: Any = MISSING
         schema = _resolve(spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"), self.document)
         if isinstance(schema, dict):
@@ -829,7 +841,7 @@ class Generator:
                                     body[other] = value
             if not varied and target.name == "" and self.rng.random() < 0.1:
                 body = self.rng.choice([{}, [], "text", None, b"{not json", b""])
-        return Request(operation.method, path, query, body, target, target.operation)
+        return Request(operation.method, path, query, body, target, target.operation, headers)
 
     def learn(self, answer: Answer) -> None:
         """Ids the reference handed out become values for later requests' id parameters."""
@@ -921,9 +933,16 @@ class Session:
         self.seconds = 0.0
 
     def app_of(self, module: Any, whose: str) -> Any:
-        app = getattr(module, self.app_name, None)
+        """``module.app``, or what ``module.create_app()`` builds when the name is given as "create_app()"."""
+        name = self.app_name.removesuffix("()")
+        app = getattr(module, name, None)
         if app is None:
-            raise Unstartable(f"{whose} module has no `{self.app_name}`: the README promises it")
+            raise Unstartable(f"{whose} module has no `{name}`: the README promises it")
+        if self.app_name.endswith("()"):
+            try:
+                app = app()
+            except Exception as exc:  # noqa: BLE001 - the learner's factory failed: every test says so
+                raise Unstartable(f"{whose} {name}() raised {type(exc).__name__}: {exc}") from exc
         return app
 
     # --- the run

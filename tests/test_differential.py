@@ -5,7 +5,7 @@ import stat
 from types import SimpleNamespace
 
 import pytest
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, Header, HTTPException, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from grader import differential
@@ -23,7 +23,7 @@ class Note(BaseModel):
 
 
 def build(*, off_by_one: bool = False, delete_forgets: bool = False, greeting: str = "Hello",
-          token: str = "fixed", crash_on_zero: bool = False) -> SimpleNamespace:
+          token: str = "fixed", crash_on_zero: bool = False, key_any_case: bool = False) -> SimpleNamespace:
     """A fresh module-like namespace holding an app; the keyword arguments make it wrong."""
     app = FastAPI()
     items = {1: {"id": 1, "name": "pen"}, 2: {"id": 2, "name": "ink"}}
@@ -57,7 +57,13 @@ def build(*, off_by_one: bool = False, delete_forgets: bool = False, greeting: s
             raise HTTPException(422, "too many stars")
         return {"text": body.text, "stars": body.stars}
 
-    return SimpleNamespace(app=app, ITEMS=items)
+    @app.get("/secret")
+    async def secret(x_api_key: str = Header()) -> dict:
+        if (x_api_key.lower() if key_any_case else x_api_key) != "s3cret":
+            raise HTTPException(401, "Unknown key")
+        return {"secret": 42}
+
+    return SimpleNamespace(app=app, ITEMS=items, create_app=lambda: app)
 
 
 TABLE = {
@@ -69,6 +75,7 @@ TABLE = {
         "GET /items/{item_id}": {"task": "items", "values": {"item_id": [1, 2, 3]}},
         "DELETE /items/{item_id}": {"task": "items", "values": {"item_id": [1, 2, 3]}},
         "POST /notes": {"task": "notes", "examples": [{"text": "hi", "stars": 3}]},
+        "GET /secret": {"task": "keys", "values": {"x-api-key": ["s3cret", "S3CRET", ""]}},
     },
 }
 
@@ -90,7 +97,7 @@ def failure(session: differential.Session, task: str) -> str:
 def test_identical_apps_pass_every_task():
     session = run()
     assert not session.differences and not session.broken
-    for task in ("greet", "maths", "items", "notes"):
+    for task in ("greet", "maths", "items", "notes", "keys"):
         session.check(task)
         assert session.compared[task] > 0
 
@@ -126,6 +133,18 @@ def test_a_stateful_mistake_is_shown_as_the_shortest_sequence():
     # a delete that removes nothing shows in the stored state at once, or on a later read
     assert methods[0] == "DELETE" and len(methods) <= 2, message
     assert "stored" in message or "GET /items/" in message
+
+
+def test_header_parameters_are_sent_and_shown():
+    message = failure(run(key_any_case=True), "keys")
+    assert "GET /secret" in message and "x-api-key: S3CRET" in message
+
+
+def test_an_app_built_by_a_factory():
+    promises = differential.Promises.parse(TABLE)
+    session = differential.Session(lambda: build(greeting="Hi"), lambda: build(), promises, app="create_app()")
+    session.run()
+    assert "$.message" in failure(session, "greet")
 
 
 def test_a_crash_is_reported_as_one():
