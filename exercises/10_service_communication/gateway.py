@@ -38,10 +38,16 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "gateway"}
 
-    # TODO: X-Request-ID created at the edge when missing, passed on, returned.
+    # TODO: X-Request-ID created at the edge when missing or malformed, passed on, returned.
 
-    # TODO: /api/{path:path} for every method: "orders..." -> orders service, "stock/..." ->
-    #       inventory service, anything else -> 404. Keep method, query, body, content type;
-    #       return status, body, content type and a Location rewritten to /api/... .
-    #       Down -> 503, timeout -> 504; retry GET-like methods only.
+    # TODO: the allow-list, and nothing else: GET /api/stock/{sku} -> inventory GET /stock/{sku},
+    #       POST /api/orders -> orders POST /orders, GET /api/orders/{order_id} -> orders
+    #       GET /orders/{order_id}; every other /api/... path or method -> 404 and nothing sent.
+    #       A parameter must be one plain segment (letters, digits, - _ . ~, no leading dot, at
+    #       most 64), and goes into the upstream path percent-encoded, from the template, never
+    #       from the client's path. Declare every status code with responses=.
+    # TODO: keep method, query, body, content type; return status, body, content type and a
+    #       Location rewritten to /api/... . Down -> 503, timeout -> 504; retry GET only, with
+    #       backoff and jitter. settings.timeout bounds the whole answer (asyncio.timeout_at a
+    #       deadline), and every call carries X-Timeout-Ms: the milliseconds still left.
     return app

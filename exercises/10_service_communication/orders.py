@@ -53,21 +53,26 @@ def create_app(
     settings = settings or Settings()
 
     # TODO: a lifespan that creates ONE httpx.AsyncClient(base_url=settings.inventory_url,
-    #       timeout=..., transport=upstream_transport), yields it (with the broker and an
+    #       timeout=..., transport=upstream_transport), yields it (with the outbox and an
     #       orders dict) as state, and closes it at shutdown. The broker: `broker`, else a
-    #       publisher that POSTs events to settings.events_url (retried like the GET: the
-    #       consumer deduplicates by event_id), else InProcessBroker().
+    #       publisher that POSTs events to settings.events_url, else InProcessBroker(). An
+    #       outbox (a queue) holds the events; a task started here publishes them, retrying
+    #       with backoff until accepted (the consumer deduplicates by event_id).
     app = FastAPI(title="Orders")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "orders"}
 
-    # TODO: X-Request-ID: reuse the caller's or create one; return it; send it to inventory.
+    # TODO: X-Request-ID: reuse the caller's (when well formed) or create one; return it; send
+    #       it to inventory.
 
-    # TODO: POST /orders {"sku", "quantity"}: GET /stock/{sku} at inventory (retried with
-    #       backoff when it fails transiently), 422 / 409 from its answer, 503 / 504 / 502
-    #       when it fails, else store the order, publish OrderPlaced, answer 201 + Location.
+    # TODO: POST /orders {"sku", "quantity"}: the SKU is one plain path segment (else 422).
+    #       One deadline: settings.timeout, or less when X-Timeout-Ms says so. GET /stock/{sku}
+    #       at inventory (retried with backoff and jitter when it fails transiently, all before
+    #       the deadline), 422 / 409 from its answer, 503 / 504 / 502 when it fails. Past the
+    #       deadline: 504 and nothing stored. Else store the order and put OrderPlaced in the
+    #       outbox, answer 201 + Location. Declare every status code with responses=.
 
     # TODO: GET /orders/{order_id} -> the order, or 404.
     return app

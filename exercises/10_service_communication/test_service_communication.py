@@ -7,6 +7,8 @@ server on 127.0.0.1. One test starts inventory and orders as real uvicorn proces
 """
 
 import asyncio
+import http.client
+import json
 import sys
 import threading
 import time
@@ -16,12 +18,13 @@ from contextlib import AbstractContextManager, asynccontextmanager, contextmanag
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from grader.expect import expect_header, expect_json, expect_status, explain, json_of
 from grader.live import free_port, http_only, serve_in_process, serve_in_thread
@@ -121,13 +124,27 @@ async def place(orders: ModuleType, upstream: httpx.AsyncBaseTransport, **settin
             return await client.post("/orders", json=ORDER)
 
 
+async def eventually(check: Callable[[], Any], seconds: float = 5.0) -> Any:
+    """Poll `check` (a function, sync or async) until it returns something true, or `seconds`
+    pass; return its last result. Events leave through the outbox after the answer: soon, not at once."""
+    ends = time.monotonic() + seconds
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result or time.monotonic() > ends:
+            return result
+        await asyncio.sleep(0.01)
+
+
 class LoopbackInventory:
     """A stand-in inventory that uvicorn serves on 127.0.0.1, for the tests that need real TCP.
 
     One server for the whole file (starting and stopping uvicorn costs 0.1-0.2 s); the
     `loopback` fixture gives each test a clean state. `delay` makes GET /stock answer only
-    after that many seconds (or once the test is over); POST /events answers 503 to the first
-    delivery of each test, then accepts.
+    after that many seconds (or once the test is over), `trickle` makes it send its answer one
+    byte at a time over that many seconds; POST /events answers 503 to the first delivery of
+    each test, then accepts.
     """
 
     def __init__(self) -> None:
@@ -135,7 +152,9 @@ class LoopbackInventory:
         self.app = FastAPI()
 
         @self.app.get("/stock/{sku}")
-        async def stock(sku: str) -> dict[str, Any]:
+        async def stock(sku: str) -> Any:
+            if self.trickle:
+                return StreamingResponse(self.trickled(sku), media_type="application/json")
             if self.delay:
                 # Answers after `delay` seconds, or as soon as the test ended: it then has its
                 # answer, and the server need not wait the delay out before it can stop.
@@ -151,8 +170,27 @@ class LoopbackInventory:
 
     def reset(self) -> None:
         self.delay = 0.0
+        self.trickle = 0.0
         self.deliveries: list[dict[str, Any]] = []
         self.test_over = threading.Event()
+        self.trickle_ended = threading.Event()
+        self.trickle_completed = False
+
+    async def trickled(self, sku: str) -> AsyncIterator[bytes]:
+        """One space every 0.05 s for `trickle` seconds (or until the test is over), then the JSON.
+
+        Every read gets a byte long before any read timeout, so only a deadline on the whole
+        call stops waiting for it. It records whether the caller stayed until the end.
+        """
+        try:
+            ends = time.monotonic() + self.trickle
+            while time.monotonic() < ends and not self.test_over.is_set():
+                yield b" "
+                await asyncio.sleep(0.05)
+            yield b'{"sku": "%s", "available": 10}' % sku.encode()
+            self.trickle_completed = True
+        finally:
+            self.trickle_ended.set()
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +344,10 @@ async def test_slow_inventory_is_504_after_the_timeout(
     expect_status(response, 504, "inventory took 0.6 s and ORDERS_TIMEOUT is 0.05 s")
     expect_json(response, {"detail": "inventory service timed out"}, exact=True)
     assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the timeout), not {elapsed:.2f} s")
+    # The client's own timeout (httpx.ReadTimeout, a TransportError too) is a 504 as well.
+    response = await place(orders, FakeUpstream("slow"), retries=0)
+    expect_status(response, 504, "the call to inventory raised httpx.ReadTimeout: it timed out")
+    expect_json(response, {"detail": "inventory service timed out"}, exact=True)
     # The gateway too: its clients take the timeout from its Settings.
     settings = gateway.Settings(inventory_url=slow_url, timeout=0.05, retries=0)
     app = gateway.create_app(settings, transports={"orders": FakeUpstream(), "inventory": tcp()})
@@ -378,14 +420,6 @@ async def test_gateway_retries_get_but_never_post(gateway: ModuleType) -> None:
         response, "no retry of a POST: it may have been carried out before the timeout, and a retry would "
         f"place the order twice; the gateway sent it {len(posting.requests)} times"
     )
-    patching = FakeUpstream("slow", (200, {"id": "abc"}))
-    app = gateway.create_app(settings, transports={"orders": patching, "inventory": FakeUpstream()})
-    async with serving(app) as running, client_for(running) as client:
-        response = await client.patch("/api/orders/abc", json={"quantity": 2})
-    expect_status(response, 504, "PATCH /api/orders/abc forwarded to orders, which timed out")
-    assert len(patching.requests) == 1, explain(
-        response, f"no retry of a PATCH either; the gateway sent it {len(patching.requests)} times"
-    )
     reading = FakeUpstream("down", (503, {"detail": "busy"}), (200, {"sku": "widget", "available": 10}))
     app = gateway.create_app(settings.model_copy(update={"retries": 2}), transports={"orders": FakeUpstream(), "inventory": reading})
     async with serving(app) as running, client_for(running) as client:
@@ -424,6 +458,38 @@ async def test_orders_creates_a_request_id_when_there_is_none(orders: ModuleType
     assert created and created != expect_header(second, "x-request-id"), explain(second, "a new id for every request")
     seen = upstream.requests[0].headers.get("x-request-id")
     assert seen == created, explain(first, f"the same id ({created}) on the call to inventory; it carried {seen}")
+
+
+MALFORMED_IDS = ["x" * 129, "a b", "<script>", "id\tx", "ünï", "a;b", "a/b", "a=b"]
+
+
+@pytest.mark.task("request_id")
+@pytest.mark.asyncio
+async def test_a_malformed_request_id_is_replaced(orders: ModuleType, gateway: ModuleType) -> None:
+    upstream = FakeUpstream()
+    answers = {}
+    app = orders.create_app(orders_settings(orders), upstream_transport=upstream)
+    async with serving(app) as running, client_for(running) as client:
+        for given in MALFORMED_IDS:
+            answers[f"orders, X-Request-ID {given!r}"] = (given, await client.post("/orders", json={"sku": "widget", "quantity": 11},
+                                                                                 headers={"X-Request-ID": given.encode()}))
+        kept = await client.post("/orders", json={"sku": "widget", "quantity": 11}, headers={"X-Request-ID": "A-z_0.9:" * 16})
+    app = gateway.create_app(transports={"orders": FakeUpstream(), "inventory": FakeUpstream()})
+    async with serving(app) as running, client_for(running) as client:
+        for given in MALFORMED_IDS:
+            answers[f"gateway, X-Request-ID {given!r}"] = (given, await client.get("/api/stock/widget",
+                                                                                  headers={"X-Request-ID": given.encode()}))
+    for where, (given, response) in answers.items():
+        returned = response.headers.get("x-request-id", "")
+        assert returned and returned != given.encode().decode("latin-1") and len(returned) <= 128, explain(
+            response, f"{where}: a new request ID instead of one that is not 1-128 letters, digits, - _ . : "
+            f"(it is written into every log line); the answer carried {returned!r}"
+        )
+    expect_header(kept, "x-request-id", "A-z_0.9:" * 16, "a well-formed ID of 128 characters is kept")
+    seen = [request.headers.get("x-request-id") for request in upstream.requests]
+    assert seen and all(value and value not in MALFORMED_IDS for value in seen), explain(
+        kept, f"the replacement ID, not the malformed one, on the calls to inventory; they carried {seen}"
+    )
 
 
 @pytest.mark.task("request_id")
@@ -569,8 +635,13 @@ async def test_services_connected_by_a_broker(orders: ModuleType, inventory: Mod
     ):
         await client.post("/orders", json={"sku": "widget", "quantity": 2})
         await client.post("/orders", json={"sku": "widget", "quantity": 3})
+
+        async def five_left() -> bool:
+            return json_of(await stock_client.get("/stock/widget")).get("available") == 5
+
+        await eventually(five_left)
         after_orders = await stock_client.get("/stock/widget")
-        expect_json(after_orders, {"available": 5}, "10 widgets, orders of 2 and 3, delivered as events")
+        expect_json(after_orders, {"available": 5}, "10 widgets, orders of 2 and 3, delivered as events (waited 5 s for them)")
         await broker.publish("OrderPlaced", event("evt-dup", quantity=1))
         await broker.publish("OrderPlaced", event("evt-dup", quantity=1))  # at-least-once: a redelivery
         expect_json(await stock_client.get("/stock/widget"), {"available": 4}, "one event delivered twice counts once")
@@ -583,11 +654,327 @@ async def test_events_posted_over_http_are_retried(orders: ModuleType, loopback:
     settings = orders_settings(orders, inventory_url=url, events_url=f"{url}/events", retries=2, backoff=0.0)
     async with serving(orders.create_app(settings, upstream_transport=tcp())) as app, client_for(app) as client:
         created = await client.post("/orders", json=ORDER)
-    expect_status(created, 201, "the event consumer answered 503 once, then accepted the event")
+        expect_status(created, 201, "the order is placed; its event leaves through the outbox")
+        await eventually(lambda: len(consumer.deliveries) >= 2)
     ids = [delivery.get("event_id") for delivery in consumer.deliveries]
     assert len(ids) == 2 and ids[0] and ids[0] == ids[1], explain(
-        created, "the OrderPlaced POST to ORDERS_EVENTS_URL retried once after the 503, with the same event_id "
-        f"(the consumer deduplicates on it); the consumer received event_ids {ids}"
+        created, "the OrderPlaced POST to ORDERS_EVENTS_URL retried after the 503 (waited 5 s for it), with the "
+        f"same event_id (the consumer deduplicates on it); the consumer received event_ids {ids}"
+    )
+
+
+# --- The gateway's allow-list, and paths built from input -------------------------------------------------------
+
+
+class Recorder:
+    """An ASGI wrapper around a service: records the method and decoded path of every HTTP
+    request that reaches it (what the service routes on)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.seen.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
+
+
+def stand_in_orders() -> FastAPI:
+    """An orders service that answers 200 to everything: whatever reaches it is recorded."""
+    app = FastAPI()
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def anything(path: str) -> dict[str, str]:
+        return {"id": "o-1", "status": "placed"}
+
+    return app
+
+
+def raw_call(base_url: str, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None) -> int:
+    """Send `target` exactly as written (httpx would resolve `..` before sending); return the status."""
+    parts = urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+    try:
+        connection.request(method, target, body=body, headers={"content-type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+# Ways to climb from a parameter of an allowed route to another route of the same service. {t} is
+# that other route: inventory's POST /events (it changes stock), GET /health, /openapi.json.
+CLIMBS = [
+    "../{t}", "..%2F{t}", "..%2f{t}", "%2e%2e/{t}", "%2E%2E%2F{t}", ".%2e/{t}", "%2e./{t}", "..%5C{t}", "..\\{t}",
+    "%252e%252e%252f{t}", "..%252F{t}", "./../{t}", ".%2F..%2F{t}", "..;/{t}", "..%00/{t}", ".../{t}",
+    "....//{t}", "%2F..%2F{t}", "/../{t}", "%c0%ae%c0%ae/{t}", "%EF%BC%8E%EF%BC%8E/{t}", "widget/../../{t}",
+    "widget%2F..%2F..%2F{t}", "..", "%2e%2e", ".", "%2e", "widget/..", "widget/.", "widget%2F",
+]
+ATTACKS = [
+    (method, f"/api/{resource}/{climb.format(t=target)}")
+    for resource in ("stock", "orders")
+    for climb in CLIMBS
+    for target in ("events", "health", "openapi.json")
+    for method in ("GET", "POST")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.task("allow_list")
+def test_no_path_reaches_a_route_that_is_not_on_the_allow_list(inventory: ModuleType, gateway: ModuleType) -> None:
+    stock = Recorder(inventory.create_app())
+    orders = Recorder(stand_in_orders())
+    with serve_in_thread(stock, ws="none") as stock_url, serve_in_thread(orders, ws="none") as orders_url:
+        settings = gateway.Settings(inventory_url=stock_url, orders_url=orders_url, retries=0)
+        with serve_in_thread(gateway.create_app(settings), ws="none") as gateway_url:
+            # A control: the allowed routes work when sent the same way.
+            control = [raw_call(gateway_url, "GET", "/api/stock/widget"), raw_call(gateway_url, "GET", "/api/orders/o-1")]
+            assert control == [200, 200] and stock.seen[-1:] == [("GET", "/stock/widget")], (
+                f"\nsent:     GET /api/stock/widget and GET /api/orders/o-1 to the gateway on a real server\n"
+                f"expected: 200 and 200, forwarded as GET /stock/widget and GET /orders/o-1\n"
+                f"got:      {control}; inventory received {stock.seen}"
+            )
+            stock.seen.clear()
+            orders.seen.clear()
+            answers = {}
+            for number, (method, target) in enumerate(ATTACKS):
+                event = {"type": "OrderPlaced", "event_id": f"attack-{number}", "order_id": "o-x", "sku": "widget",
+                         "quantity": 1, "occurred_at": "2030-01-01T00:00:00+00:00"}
+                answers[(method, target)] = raw_call(gateway_url, method, target, body=json.dumps(event).encode())
+    let_through = {request: status for request, status in answers.items() if status not in (400, 404)}
+    reached = [("inventory", *seen) for seen in stock.seen] + [("orders", *seen) for seen in orders.seen]
+    assert not let_through and not reached, (
+        f"\nsent:     {len(ATTACKS)} requests whose path climbs out of /api/stock/{{sku}} or /api/orders/{{id}} "
+        f"(a literal ../, %2F, %2e%2e, %5C, double encoding, empty and dot segments ...), raw, to a real server\n"
+        f"expected: each refused with 404 (or 400) and nothing sent to any service: a gateway forwards only the "
+        f"routes on its allow-list, and a path parameter is one plain segment\n"
+        f"got:      {len(let_through)} answered otherwise, e.g. {dict(list(let_through.items())[:4])}; the services "
+        f"received {reached[:6]}"
+    )
+    with serve_in_thread(inventory.create_app(), ws="none") as fresh_url:
+        untouched = httpx.get(f"{fresh_url}/stock/widget", verify=http_only())
+    expect_json(untouched, {"available": 10}, "a fresh inventory, to compare: 10 widgets")
+
+
+@pytest.mark.task("allow_list")
+@pytest.mark.asyncio
+async def test_the_gateway_forwards_only_its_routes(gateway: ModuleType) -> None:
+    to_orders, to_inventory = FakeUpstream((200, {"id": "abc"})), FakeUpstream()
+    app = gateway.create_app(transports={"orders": to_orders, "inventory": to_inventory})
+    refused = [("DELETE", "/api/orders/abc"), ("PATCH", "/api/orders/abc"), ("PUT", "/api/stock/widget"),
+               ("POST", "/api/stock/widget"), ("GET", "/api/orders/abc/items"), ("GET", "/api/stock"),
+               ("GET", "/api/stock/"), ("GET", "/api/orders/"), ("GET", "/api/events"), ("POST", "/api/events"),
+               ("GET", "/api/health"), ("GET", "/api/openapi.json"), ("GET", "/api//stock/widget"),
+               ("GET", "/api/stock/.hidden"), ("GET", "/api/stock/" + "x" * 65), ("GET", "/api/stock/a%20b")]
+    async with serving(app) as running, client_for(running) as client:
+        answers = {f"{method} {path}": (await client.request(method, path)).status_code for method, path in refused}
+        allowed = await client.get("/api/stock/wid.get_2~x")
+    expect_status(allowed, 200, "GET /api/stock/{sku} is on the allow-list, and wid.get_2~x is one plain segment")
+    expect_json(allowed, {"sku": "widget", "available": 10}, "the inventory's answer, passed on", exact=True)
+    forwarded = [(r.method, r.url.raw_path.decode()) for r in to_inventory.requests]
+    assert forwarded == [("GET", "/stock/wid.get_2~x")], explain(allowed, f"GET /stock/wid.get_2~x at inventory; it received {forwarded}")
+    to_inventory.requests.clear()
+    wrong = {request: status for request, status in answers.items() if status not in (400, 404)}
+    sent = [(r.method, r.url.raw_path.decode()) for r in to_orders.requests + to_inventory.requests]
+    assert not wrong and not sent, (
+        f"\nsent:     {', '.join(answers)}\n"
+        f"expected: 404 (or 400) for each, nothing forwarded: only GET /api/stock/{{sku}}, POST /api/orders and "
+        f"GET /api/orders/{{id}} are on the allow-list, with one plain segment per parameter\n"
+        f"got:      {wrong or 'the right statuses'}; forwarded {sent}"
+    )
+
+
+NASTY_SKUS = ["..", ".", "../events", "..%2Fevents", "a/b", "a\\b", "%2e%2e", "", ".hidden", "x" * 65, "a b",
+              "widget?admin=1", "widget#x", "wídget", "widget\n"]
+
+
+@pytest.mark.task("allow_list")
+@pytest.mark.asyncio
+async def test_orders_puts_the_sku_into_inventorys_path_as_one_segment(orders: ModuleType) -> None:
+    upstream = FakeUpstream()
+    longest = "A-z_0.9~" * 8  # 64 characters, every kind allowed
+    app = orders.create_app(orders_settings(orders), upstream_transport=upstream)
+    async with serving(app) as running, client_for(running) as client:
+        answers = {sku: (await client.post("/orders", json={"sku": sku, "quantity": 1})).status_code for sku in NASTY_SKUS}
+        good = await client.post("/orders", json={"sku": longest, "quantity": 1})
+    wrong = {sku: status for sku, status in answers.items() if status != 422}
+    called = [request.url.raw_path.decode() for request in upstream.requests]
+    assert not wrong and called == [f"/stock/{longest}"], explain(
+        good, f"422 for each SKU that is not one plain path segment ({NASTY_SKUS!r}), with no call to inventory, and "
+        f"GET /stock/{longest} for the 64-character SKU made of allowed characters; got {wrong or 'all 422'}, "
+        f"inventory was called at {called}"
+    )
+    expect_status(good, 201, "a 64-character SKU of letters, digits, - _ . ~")
+
+
+# --- One deadline for the whole call --------------------------------------------------------------------------------
+
+
+@pytest.mark.task("deadline")
+@pytest.mark.asyncio
+async def test_the_timeout_bounds_the_whole_call(
+    orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str]
+) -> None:
+    trickling, url = loopback
+    trickling.trickle = 8.0  # a byte every 0.05 s for 8 s: no single read ever waits long
+    results = {}
+    settings = orders_settings(orders, inventory_url=url, timeout=0.3, retries=9, backoff=0.0)
+    async with serving(orders.create_app(settings, upstream_transport=tcp())) as app, client_for(app) as client:
+        started = time.perf_counter()
+        results["orders, POST /orders"] = (await client.post("/orders", json=ORDER), time.perf_counter() - started)
+    settings = gateway.Settings(inventory_url=url, timeout=0.3, retries=9, backoff=0.0)
+    app = gateway.create_app(settings, transports={"orders": FakeUpstream(), "inventory": tcp()})
+    async with serving(app) as running, client_for(running) as client:
+        started = time.perf_counter()
+        results["gateway, GET /api/stock/widget"] = (await client.get("/api/stock/widget"), time.perf_counter() - started)
+    for where, (response, elapsed) in results.items():
+        expect_status(response, 504, f"{where}: inventory trickles its answer for 8 s, the timeout is 0.3 s")
+        assert elapsed < 1.5, explain(
+            response, f"{where}: a 504 about 0.3 s after the request: the timeout bounds the whole call, every read "
+            f"and all 9 retries together (a client timeout alone bounds each read, and a byte every 0.05 s resets it; "
+            f"a timeout per attempt lets 10 attempts take 3 s); it came after {elapsed:.2f} s"
+        )
+
+
+@pytest.mark.task("deadline")
+@pytest.mark.asyncio
+async def test_no_backoff_sleeps_past_the_deadline(orders: ModuleType) -> None:
+    upstream = FakeUpstream("down")
+    settings = orders_settings(orders, timeout=0.3, retries=2, backoff=2.0)
+    async with serving(orders.create_app(settings, upstream_transport=upstream)) as app, client_for(app) as client:
+        started = time.perf_counter()
+        response = await client.post("/orders", json=ORDER)
+        elapsed = time.perf_counter() - started
+    assert response.status_code in (503, 504) and elapsed < 1.5, explain(
+        response, "503 or 504 within about 0.3 s: inventory is down, the next retry would come after a 2 s backoff, "
+        f"and the whole call has 0.3 s; waiting past the deadline only delays the failure (it took {elapsed:.2f} s)"
+    )
+
+
+@pytest.mark.task("deadline")
+@pytest.mark.asyncio
+async def test_the_gateway_passes_its_remaining_budget_on(gateway: ModuleType) -> None:
+    reading = FakeUpstream("down", (503, {"detail": "busy"}), (200, {"sku": "widget", "available": 10}))
+    placing = FakeUpstream((201, {"id": "abc"}))
+    settings = gateway.Settings(timeout=2.0, retries=2, backoff=0.01)
+    app = gateway.create_app(settings, transports={"orders": placing, "inventory": reading})
+    async with serving(app) as running, client_for(running) as client:
+        read = await client.get("/api/stock/widget")
+        placed = await client.post("/api/orders", json=ORDER)
+    expect_status(read, 200)
+    expect_status(placed, 201)
+    budgets = [request.headers.get("x-timeout-ms") for request in reading.requests + placing.requests]
+    numbers = [int(value) if value and value.isdigit() else None for value in budgets]
+    first_three = numbers[:3]
+    assert (
+        len(numbers) == 4 and None not in numbers
+        and all(0 < number <= 2000 for number in numbers)
+        and first_three == sorted(first_three, reverse=True)  # type: ignore[type-var]
+    ), explain(
+        placed, "X-Timeout-Ms on every call the gateway makes: the milliseconds it will still wait, an integer "
+        "above 0 and at most 2000 (its timeout is 2 s), never more on a retry than on the attempt before; "
+        f"the three attempts of GET /stock/widget and the POST /orders carried {budgets}"
+    )
+
+
+@pytest.mark.task("deadline")
+@pytest.mark.asyncio
+async def test_orders_stops_when_its_caller_stops_waiting(orders: ModuleType, loopback: tuple[LoopbackInventory, str]) -> None:
+    trickling, url = loopback
+    trickling.trickle = 8.0
+    settings = orders_settings(orders, inventory_url=url, timeout=10.0, retries=0)
+    async with serving(orders.create_app(settings, upstream_transport=tcp())) as app, client_for(app) as client:
+        started = time.perf_counter()
+        response = await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": "300"})
+        elapsed = time.perf_counter() - started
+    expect_status(response, 504, "the caller will wait 300 ms (X-Timeout-Ms: 300); inventory trickles for 8 s")
+    assert elapsed < 1.5, explain(
+        response, "a 504 about 0.3 s after the request: the caller's X-Timeout-Ms shortens orders' own budget "
+        f"(ORDERS_TIMEOUT 10 s here); it came after {elapsed:.2f} s"
+    )
+    upstream = FakeUpstream()
+    async with serving(orders.create_app(orders_settings(orders), upstream_transport=upstream)) as app:
+        async with client_for(app) as client:
+            spent = await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": "0"})
+            bad = [(value, (await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": value})).status_code)
+                   for value in ("soon", "-5", "1.5", str(2**63))]
+    expect_status(spent, 504, "X-Timeout-Ms: 0: the caller has no time left")
+    assert not upstream.requests, explain(spent, f"no call to inventory for a spent budget; it was called {len(upstream.requests)} times")
+    assert all(status == 422 for _, status in bad), explain(
+        spent, f"422 for an X-Timeout-Ms that is not a whole number of milliseconds from 0 to 3600000; got {bad}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.task("deadline")
+@pytest.mark.asyncio
+async def test_no_order_is_placed_after_the_caller_got_504(
+    orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str]
+) -> None:
+    trickling, url = loopback
+    trickling.trickle = 1.2  # inventory does answer, 1.2 s late: long after the gateway gave up
+    published: list[dict[str, Any]] = []
+    broker = orders.InProcessBroker()
+
+    async def record(payload: dict[str, Any]) -> None:
+        published.append(payload)
+
+    broker.subscribe("OrderPlaced", record)
+    service = orders.create_app(orders_settings(orders, inventory_url=url, timeout=10.0, retries=0),
+                                upstream_transport=tcp(), broker=broker)
+    with serve_in_thread(service, ws="none") as orders_url:  # a real server: the gateway giving up does not cancel it
+        app = gateway.create_app(gateway.Settings(orders_url=orders_url, timeout=0.4, retries=0),
+                                 transports={"inventory": FakeUpstream()})
+        async with serving(app) as running, client_for(running) as client:
+            response = await client.post("/api/orders", json=ORDER)
+        expect_status(response, 504, "the gateway waits 0.4 s; inventory answers orders after 1.2 s")
+        await asyncio.to_thread(trickling.trickle_ended.wait, 5)
+        if trickling.trickle_completed:  # orders stayed for inventory's late answer: did it then place the order?
+            await eventually(lambda: published, seconds=1.0)
+    assert not published, explain(
+        response, "no order placed after its caller was told 504 (its retry would order twice): the gateway passes "
+        "its remaining budget on (X-Timeout-Ms), and orders places nothing once that budget is spent; "
+        f"yet orders published {published}"
+    )
+
+
+# --- The contract: every status code in the OpenAPI schema ---------------------------------------------------------
+
+DOCUMENTED = {
+    "inventory": {("get", "/stock/{sku}"): {"200", "404", "422"}, ("post", "/events"): {"202", "400", "422"}},
+    "orders": {("post", "/orders"): {"201", "400", "409", "422", "502", "503", "504"},
+               ("get", "/orders/{order_id}"): {"200", "404"}},
+    "gateway": {("get", "/api/stock/{sku}"): {"200", "404", "503", "504"},
+                ("post", "/api/orders"): {"201", "400", "404", "409", "422", "502", "503", "504"},
+                ("get", "/api/orders/{order_id}"): {"200", "404", "503", "504"}},
+}
+
+
+@pytest.mark.task("contract")
+@pytest.mark.asyncio
+async def test_the_schemas_document_every_status_code(inventory: ModuleType, orders: ModuleType, gateway: ModuleType) -> None:
+    apps = {"inventory": inventory.create_app(), "orders": orders.create_app(orders_settings(orders)),
+            "gateway": gateway.create_app(transports={"orders": FakeUpstream(), "inventory": FakeUpstream()})}
+    missing: dict[str, Any] = {}
+    for name, app in apps.items():
+        async with serving(app) as running, client_for(running) as client:
+            schema = json_of(await client.get("/openapi.json"))
+        paths = schema.get("paths", {})
+        for (method, path), codes in DOCUMENTED[name].items():
+            documented = set(paths.get(path, {}).get(method, {}).get("responses", {}))
+            if not codes <= documented:
+                missing[f"{name}: {method.upper()} {path}"] = sorted(codes - documented)
+        if name == "gateway":
+            extra = sorted(set(paths) - {"/health", *(path for _, path in DOCUMENTED["gateway"])})
+            if extra:
+                missing["gateway: paths beyond the allow-list"] = extra
+    assert not missing, (
+        f"\nsent:     GET /openapi.json to inventory, orders and the gateway\n"
+        f"expected: every status code each route can answer declared in its schema (responses=... on the route "
+        f"decorator), and the gateway's schema listing exactly its allow-list and /health\n"
+        f"got:      missing or extra: {missing}"
     )
 
 
@@ -642,5 +1029,11 @@ async def test_end_to_end_with_real_processes(gateway: ModuleType, target_dir: P
             created = await client.post("/api/orders", json=ORDER, headers={"X-Request-ID": "e2e-1"})
             expect_status(created, 201, "an order placed through gateway → orders → inventory")
             expect_header(created, "x-request-id", "e2e-1")
+
+            async def seven_left() -> bool:
+                return json_of(await client.get("/api/stock/widget")).get("available") == 7
+
+            await eventually(seven_left)
             after = await client.get("/api/stock/widget")
-    expect_json(after, {"available": 7}, "the OrderPlaced event reached inventory over HTTP (ORDERS_EVENTS_URL)")
+    expect_json(after, {"available": 7}, "the OrderPlaced event reached inventory over HTTP (ORDERS_EVENTS_URL), "
+                "within 5 s of the order")

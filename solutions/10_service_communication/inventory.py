@@ -5,6 +5,7 @@ Each service file stands alone, as separately deployed services do: they share c
 """
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ logger = logging.getLogger("inventory")
 
 DEFAULT_STOCK: dict[str, int] = {"widget": 10, "gadget": 3, "gizmo": 0}
 REQUEST_ID_HEADER = "x-request-id"
+# What a request ID may look like: it is written into every log line, so nothing else gets in.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -31,7 +34,7 @@ class Subscribable(Protocol):
 
 
 class RequestIdMiddleware:
-    """Reuse the caller's X-Request-ID or create one; put it in every response."""
+    """Reuse the caller's X-Request-ID when it is well formed, else create one; put it in every response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -41,7 +44,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = incoming[:128] or uuid.uuid4().hex
+        request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
@@ -68,6 +71,10 @@ class OrderPlaced(BaseModel):
     order_id: str
     sku: str
     quantity: int = Field(ge=1)
+
+
+class Detail(BaseModel):
+    detail: str
 
 
 class EventReceipt(BaseModel):
@@ -117,13 +124,17 @@ def create_app(stock: Mapping[str, int] | None = None, *, broker: Subscribable |
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "inventory"}
 
-    @app.get("/stock/{sku}")
+    @app.get("/stock/{sku}", responses={404: {"model": Detail, "description": "Unknown SKU"}})
     async def read_stock(sku: str) -> Stock:
         if sku not in inventory.stock:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"Unknown SKU {sku}")
         return Stock(sku=sku, available=inventory.stock[sku])
 
-    @app.post("/events", status_code=status.HTTP_202_ACCEPTED)
+    @app.post(
+        "/events",
+        status_code=status.HTTP_202_ACCEPTED,
+        responses={400: {"model": Detail, "description": "The body is not valid JSON"}},
+    )
     async def receive_event(event: OrderPlaced) -> EventReceipt:
         # The HTTP entrance for events pushed by a publisher in another process.
         applied = inventory.apply(event)

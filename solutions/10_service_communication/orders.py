@@ -5,18 +5,21 @@ Each service file stands alone, as separately deployed services do: they share c
 """
 
 import asyncio
+import contextlib
 import logging
+import random
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import quote
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request, Response, status
+from fastapi import FastAPI, Header, HTTPException, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 logger = logging.getLogger("orders")
 
 REQUEST_ID_HEADER = "x-request-id"
+# What a request ID may look like: it is written into every log line, so nothing else gets in.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -37,9 +42,9 @@ class Settings(BaseSettings):
 
     inventory_url: str = "http://127.0.0.1:8001"  # service discovery by environment
     events_url: str | None = None  # set: publish events by POSTing them there
-    timeout: float = Field(default=2.0, gt=0)  # seconds, for every phase of a call
-    retries: int = Field(default=2, ge=0)  # extra attempts, for idempotent calls only
-    backoff: float = Field(default=0.05, ge=0)  # first delay; it doubles on each retry
+    timeout: float = Field(default=2.0, gt=0, le=60)  # seconds for a request's calls, retries included
+    retries: int = Field(default=2, ge=0, le=10)  # extra attempts, for idempotent calls only
+    backoff: float = Field(default=0.05, ge=0, le=10)  # first delay; it doubles on each retry
 
 
 # --- Calling another service ----------------------------------------------------------------
@@ -57,6 +62,12 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """Exponential backoff with jitter: between 1 and 1.5 times backoff * 2**(attempt-1), so that
+    many callers that failed together do not all retry at the same instant."""
+    return backoff * 2 ** (attempt - 1) * (1 + random.random() / 2)
+
+
 async def call_upstream(
     client: httpx.AsyncClient,
     method: str,
@@ -65,34 +76,41 @@ async def call_upstream(
     service: str,
     retries: int,
     backoff: float,
-    idempotent: bool | None = None,
+    deadline: float,
     **kwargs: Any,
 ) -> httpx.Response:
-    """Send a request; retry transient failures only when sending it twice is harmless.
+    """Send a request; retry transient failures of idempotent methods only, all before `deadline`.
 
-    A POST that timed out may have been carried out: repeating it could place an order twice.
-    So unless the caller vouches for it (`idempotent=True`, e.g. an event with an id the
-    consumer deduplicates), only idempotent methods are retried.
+    `deadline` is a time of the event loop's clock: one budget for every attempt and every wait
+    between them, so retries can never stretch the call beyond what the caller will wait. (A
+    client timeout alone bounds each read, not the call: a server that sends a byte a second
+    never trips it.) A POST that timed out may have been carried out: it is not retried.
     """
-    safe = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
-    attempts = 1 + (retries if safe else 0)
+    loop = asyncio.get_running_loop()
+    attempts = 1 + (retries if method.upper() in IDEMPOTENT_METHODS else 0)
+    outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
     for attempt in range(attempts):
         if attempt:
-            await asyncio.sleep(backoff * 2 ** (attempt - 1))  # exponential backoff
+            delay = backoff_delay(backoff, attempt)
+            if loop.time() + delay >= deadline:
+                break  # no time left to wait and try again
+            await asyncio.sleep(delay)
+        if loop.time() >= deadline:
+            break  # the caller has stopped waiting: do not even start
         try:
-            response = await client.request(method, url, **kwargs)
-        except httpx.TimeoutException:
-            error = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
+            async with asyncio.timeout_at(deadline):
+                outcome = await client.request(method, url, **kwargs)
+        except (httpx.TimeoutException, TimeoutError):
+            outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
         except httpx.TransportError:  # refused, reset, unknown host ...
-            error = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"{service} service unavailable")
-        else:
-            if response.status_code not in RETRYABLE_STATUS or attempt == attempts - 1:
-                return response
-            continue
-        logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts, error)
-        if attempt == attempts - 1:
-            raise error
-    raise AssertionError("unreachable")  # pragma: no cover
+            outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"{service} service unavailable")
+        if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
+            return outcome
+        logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts,
+                       outcome.status_code if isinstance(outcome, httpx.Response) else outcome)
+    if isinstance(outcome, httpx.Response):
+        return outcome
+    raise outcome
 
 
 async def _send_request_id(request: httpx.Request) -> None:
@@ -102,7 +120,8 @@ async def _send_request_id(request: httpx.Request) -> None:
 
 
 class RequestIdMiddleware:
-    """Reuse the caller's X-Request-ID or create one; expose it to upstream calls and responses."""
+    """Reuse the caller's X-Request-ID when it is well formed, else create one; expose it to
+    upstream calls and responses."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -112,7 +131,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = incoming[:128] or uuid.uuid4().hex
+        request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
 
         async def send_with_id(message: Message) -> None:
@@ -153,33 +172,88 @@ class InProcessBroker:
             await handler(event)
 
 
-class HttpBroker:
-    """Publishes by POSTing each event to a consumer's endpoint, retrying until it is accepted.
+class EventRejected(Exception):
+    """The consumer answered 4xx: this event will never be accepted, however often it is sent."""
 
-    A retry after a lost answer delivers the event twice: delivery is at-least-once, and the
-    consumer makes that safe by ignoring an event_id it has already applied.
+
+class HttpBroker:
+    """Publishes by POSTing each event to a consumer's endpoint; one attempt per publish.
+
+    The outbox retries a failed publish. A retry after a lost answer delivers the event twice:
+    delivery is at-least-once, and the consumer makes that safe by ignoring an event_id it has
+    already applied.
     """
 
-    def __init__(self, client: httpx.AsyncClient, url: str, *, retries: int, backoff: float) -> None:
-        self._client, self._url, self._retries, self._backoff = client, url, retries, backoff
+    def __init__(self, client: httpx.AsyncClient, url: str) -> None:
+        self._client, self._url = client, url
 
     def subscribe(self, topic: str, handler: EventHandler) -> None:
         raise NotImplementedError("HttpBroker only publishes; consumers expose an HTTP endpoint")
 
     async def publish(self, topic: str, event: dict[str, Any]) -> None:
-        response = await call_upstream(
-            self._client, "POST", self._url, json=event, service="event", idempotent=True,
-            retries=self._retries, backoff=self._backoff,
-        )
+        response = await self._client.post(self._url, json=event)
+        if response.status_code == status.HTTP_429_TOO_MANY_REQUESTS or response.status_code >= 500:
+            raise UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"event consumer busy ({response.status_code})")
         if response.is_error:
-            raise UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"event consumer refused it ({response.status_code})")
+            raise EventRejected(f"event consumer refused {event['event_id']} ({response.status_code})")
+
+
+class Outbox:
+    """Events waiting to be published, and the loop (`relay`) that publishes them.
+
+    Placing an order only stores the order and puts its event here, with no await in between:
+    the order and its event exist together or not at all, and the answer goes out at once. The
+    relay then publishes each event until the broker takes it, backing off between attempts, so
+    a consumer that is down for a while delays the event instead of losing it. (Here the outbox
+    lives in memory; a service with a database writes it in the same transaction as the order,
+    so that it survives a restart too.)
+    """
+
+    def __init__(self, broker: Broker, *, backoff: float, max_delay: float = 5.0) -> None:
+        self._broker, self._backoff, self._max_delay = broker, max(backoff, 0.01), max_delay
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any], str]] = asyncio.Queue()
+
+    def add(self, topic: str, event: dict[str, Any]) -> None:
+        self._queue.put_nowait((topic, event, request_id_var.get()))
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    async def relay(self) -> None:
+        while True:
+            topic, event, request_id = await self._queue.get()
+            request_id_var.set(request_id)  # the event's calls carry the id of the request that caused it
+            attempt = 0
+            while True:
+                try:
+                    await self._broker.publish(topic, event)
+                    break
+                except EventRejected:
+                    logger.error("event %s rejected by its consumer; set aside, not retried", event["event_id"])
+                    break
+                except Exception:  # down, busy, a handler's bug: keep the event and try again later
+                    attempt += 1
+                    delay = min(self._max_delay, backoff_delay(self._backoff, attempt))
+                    logger.warning("publishing %s failed (attempt %d); again in %.2f s", event["event_id"], attempt, delay,
+                                   exc_info=True)
+                    await asyncio.sleep(delay)
+            self._queue.task_done()
+
+    async def drain(self, timeout: float) -> None:
+        """Give the events still waiting up to `timeout` seconds to leave (at shutdown)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._queue.join()
 
 
 # --- The API ------------------------------------------------------------------------------------
 
 
 class OrderIn(BaseModel):
-    sku: str = Field(min_length=1, max_length=64)
+    # One plain URL segment: the SKU goes into inventory's path, where "..", "a/b" or "%2F"
+    # would name another route. Letters, digits and - _ . ~, no leading dot.
+    sku: str = Field(pattern=r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,63}$")
     quantity: int = Field(ge=1, le=100)
 
 
@@ -188,6 +262,10 @@ class Order(BaseModel):
     sku: str
     quantity: int
     status: Literal["placed"] = "placed"
+
+
+class Detail(BaseModel):
+    detail: str
 
 
 def create_app(
@@ -211,11 +289,19 @@ def create_app(
             event_hooks={"request": [_send_request_id]},
         ) as client:
             publisher: Broker = broker or (
-                HttpBroker(client, settings.events_url, retries=settings.retries, backoff=settings.backoff)
-                if settings.events_url
-                else InProcessBroker()
+                HttpBroker(client, settings.events_url) if settings.events_url else InProcessBroker()
             )
-            yield {"inventory": client, "broker": publisher, "orders": {}}
+            outbox = Outbox(publisher, backoff=settings.backoff)
+            relay = asyncio.create_task(outbox.relay())
+            try:
+                yield {"inventory": client, "outbox": outbox, "orders": {}}
+            finally:
+                await outbox.drain(settings.timeout)
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+                if outbox.pending:
+                    logger.error("%d events were never published (the in-memory outbox ends here)", outbox.pending)
 
     app = FastAPI(title="Orders", version="1.0.0", lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)
@@ -228,11 +314,31 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "orders"}
 
-    @app.post("/orders", status_code=status.HTTP_201_CREATED)
-    async def place_order(order_in: OrderIn, request: Request, response: Response) -> Order:
+    @app.post(
+        "/orders",
+        status_code=status.HTTP_201_CREATED,
+        responses={
+            400: {"model": Detail, "description": "The body is not valid JSON"},
+            409: {"model": Detail, "description": "Not enough stock"},
+            422: {"description": "Invalid order, or unknown SKU"},
+            502: {"model": Detail, "description": "Inventory answered with an error"},
+            503: {"model": Detail, "description": "Inventory cannot be reached"},
+            504: {"model": Detail, "description": "Inventory did not answer within the budget"},
+        },
+    )
+    async def place_order(
+        order_in: OrderIn,
+        request: Request,
+        response: Response,
+        x_timeout_ms: Annotated[int | None, Header(ge=0, le=3_600_000, description="How long the caller still waits")] = None,
+    ) -> Order:
+        loop = asyncio.get_running_loop()
+        # One deadline for this request: our own budget, or less when the caller will not wait that long.
+        budget = settings.timeout if x_timeout_ms is None else min(settings.timeout, x_timeout_ms / 1000)
+        deadline = loop.time() + budget
         stock = await call_upstream(
             request.state.inventory, "GET", f"/stock/{quote(order_in.sku, safe='')}",
-            service="inventory", retries=settings.retries, backoff=settings.backoff,
+            service="inventory", retries=settings.retries, backoff=settings.backoff, deadline=deadline,
         )
         if stock.status_code == status.HTTP_404_NOT_FOUND:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"Unknown SKU {order_in.sku}")
@@ -243,29 +349,26 @@ def create_app(
             raise HTTPException(status.HTTP_502_BAD_GATEWAY, "inventory service failed") from None
         if available < order_in.quantity:
             raise HTTPException(status.HTTP_409_CONFLICT, f"Not enough stock for {order_in.sku}: {available} available")
+        if loop.time() >= deadline:
+            # The caller has stopped waiting and has been told the order failed: placing it now
+            # would do what it believes did not happen, and its retry would order twice.
+            raise UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, "inventory service timed out")
 
+        # The commit: no await from the deadline check to the answer, so nothing can slip past it.
         order = Order(id=uuid.uuid4().hex, sku=order_in.sku, quantity=order_in.quantity)
-        orders: dict[str, Order] = request.state.orders
-        orders[order.id] = order
-        event = {
+        request.state.orders[order.id] = order
+        request.state.outbox.add("OrderPlaced", {
             "type": "OrderPlaced",
             "event_id": uuid.uuid4().hex,  # what a consumer deduplicates on
             "order_id": order.id,
             "sku": order.sku,
             "quantity": order.quantity,
             "occurred_at": datetime.now(timezone.utc).isoformat(),
-        }
-        try:
-            await request.state.broker.publish("OrderPlaced", event)
-        except UpstreamError:
-            # Without the event inventory never hears of the order: undo it. (The outbox pattern
-            # in the lesson removes this gap between storing and publishing.)
-            del orders[order.id]
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "could not publish OrderPlaced") from None
+        })
         response.headers["Location"] = f"/orders/{order.id}"
         return order
 
-    @app.get("/orders/{order_id}")
+    @app.get("/orders/{order_id}", responses={404: {"model": Detail, "description": "No such order"}})
     async def read_order(order_id: str, request: Request) -> Order:
         order = request.state.orders.get(order_id)
         if order is None:
