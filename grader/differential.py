@@ -627,6 +627,14 @@ def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] 
     return body
 
 
+def free_values(body: Any, path: str) -> list:
+    """The values found at a JSON path, in document order."""
+    found: list = []
+    if body is not MISSING:
+        _apply(json.loads(json.dumps(body)), _path_parts(path), lambda node, key: found.append(node[key]))
+    return found
+
+
 def _first_difference(expected: Any, actual: Any, where: str = "$") -> str:
     if isinstance(expected, dict) and isinstance(actual, dict):
         for key in expected:
@@ -872,6 +880,7 @@ class Pair:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.aliases = {}
         self.learner_module = session.load_learner()
         self.reference_module = session.load_reference()
         for module in (self.learner_module, self.reference_module):
@@ -886,8 +895,54 @@ class Pair:
             self.reference.stop()
             raise Unstartable(f"your app's startup (its lifespan) raised {type(exc).__name__}: {exc}") from exc
 
+    aliases: dict[str, str]
+
     def send(self, request: Request) -> tuple[Answer, Answer]:
-        return self.reference.send(request), self.learner.send(request)
+        reference = self.reference.send(request)
+        learner = self.learner.send(self.translate(request))
+        self.remember(request, reference, learner)
+        return reference, learner
+
+    def remember(self, request: Request, reference: Answer, learner: Answer) -> None:
+        """Values the README leaves free (a generated id, a token) name the same thing in both apps:
+        later requests that carry the reference's value carry the learner's to the learner's app."""
+        operation = self.session.promises.operations.get(request.operation)
+        paths = (*self.session.promises.free, *(operation.free if operation else ()))
+        if not paths or reference.status != learner.status:
+            return
+        one, other = reference.json(), learner.json()
+        for path in paths:
+            theirs, ours = free_values(one, path), free_values(other, path)
+            for value, alias in zip(theirs, ours, strict=False):
+                if isinstance(value, (str, int)) and not isinstance(value, bool) and value != alias:
+                    self.aliases[str(value)] = str(alias)
+
+    def translate(self, request: Request) -> Request:
+        """``request`` as the learner's app must see it: the reference's free values swapped for its own."""
+        if not self.aliases:
+            return request
+        aliases = self.aliases
+        path = "/".join(quote(aliases[unquote(part)], safe="") if unquote(part) in aliases else part
+                        for part in request.path.split("/"))
+        query = [(name, aliases.get(value, value)) for name, value in request.query]
+        headers = []
+        for name, value in request.headers:
+            for key in (key for key in aliases if len(key) >= 6 and key in value):
+                value = value.replace(key, aliases[key])
+            headers.append((name, value))
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: swap(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [swap(v) for v in value]
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) in aliases:
+                alias = aliases[str(value)]
+                return int(alias) if isinstance(value, int) and alias.lstrip("-").isdigit() else alias
+            return value
+
+        body = request.body if request.body is MISSING or isinstance(request.body, bytes) else swap(request.body)
+        return replace(request, path=path, query=query, headers=headers, body=body)
 
     def states(self) -> tuple[Any, Any] | None:
         if self.session.state is None:

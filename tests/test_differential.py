@@ -248,3 +248,49 @@ def test_class_grading_hands_a_run_only_its_exercises_reference(tmp_path):
     assert stat.S_IMODE(os.stat(folder / "app.py").st_mode) == 0o444
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o555
     os.chmod(folder, 0o755)  # let tmp_path be cleaned up
+
+
+def build_things(*, forgets: bool = False) -> SimpleNamespace:
+    """Things with generated ids: the README would leave the id free, not its meaning."""
+    import uuid
+
+    app = FastAPI()
+    things: dict[str, dict] = {}
+
+    @app.post("/things", status_code=201)
+    async def create(body: Note) -> dict:
+        thing = {"id": str(uuid.uuid4()), "text": body.text}
+        if not forgets:
+            things[thing["id"]] = thing
+        return thing
+
+    @app.get("/things/{thing_id}")
+    async def read(thing_id: str) -> dict:
+        if thing_id not in things:
+            raise HTTPException(404, "No such thing")
+        return things[thing_id]
+
+    return SimpleNamespace(app=app)
+
+
+THINGS = {
+    "free": ["$.id"],
+    "requests": 20,
+    "operations": {
+        "POST /things": {"task": "create", "examples": [{"text": "hi", "stars": 3}]},
+        "GET /things/{thing_id}": {"task": "read"},
+    },
+}
+
+
+def test_free_ids_are_followed_from_one_request_to_the_next():
+    promises = differential.Promises.parse(THINGS)
+    session = differential.Session(lambda: build_things(), lambda: build_things(), promises)
+    session.run()
+    assert not session.differences
+    # the reads found what was created, through each app's own id
+    assert session.compared["read"] > 0
+    wrong = differential.Session(lambda: build_things(forgets=True), lambda: build_things(), promises)
+    wrong.run()
+    message = failure(wrong, "read")
+    assert "POST /things" in message and "GET /things/" in message and "404" in message
