@@ -172,6 +172,16 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 # Your work
 # =========================================================================================
 
+# The most books one import may carry (a longer list is refused with 422).
+MAX_IMPORT = 5000
+
+
+class ErrorMessage(BaseModel):
+    """The body of an error answer, for the routes' `responses=`."""
+
+    detail: str
+
+
 # --- the connection: opened once per request, committed or rolled back, always closed -----
 
 
@@ -231,6 +241,9 @@ async def require_api_key(settings: SettingsDep) -> None:
 # TODO: GET /books and GET /authors (both with PageDep and ConnectionDep), GET /me.
 # TODO: an admin router (prefix /admin) guarded by require_api_key, with POST /admin/books
 #       and POST /admin/books/import (409 for a title that exists; nothing saved then).
+#       The import takes at most MAX_IMPORT books and runs in linear time: read the taken
+#       titles once into a set, never the whole catalogue again for each book.
+# TODO: declare every status each route answers with responses={...: {"model": ErrorMessage}}.
 # TODO: an exception handler that answers 503 for CommitFailed.
 
 app = FastAPI(title="Catalogue", version="4.0.0")

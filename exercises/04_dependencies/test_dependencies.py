@@ -1,5 +1,6 @@
 """Graded tests for exercise 04. Run: pytest exercises/04_dependencies"""
 
+import time
 from typing import Annotated
 
 import pytest
@@ -337,6 +338,55 @@ def test_a_failed_commit_answers_503_not_201(scratch):
     check(ids(listing) == books, listing, f"the book was not saved: the catalogue still has ids {books}")
 
 
+# --- bulk: an import is linear and bounded --------------------------------------------
+
+
+def timed_import(client, first, count):
+    """Seconds to import `count` new books (titles of their own), answered 201."""
+    batch = [{"title": f"Volume {first + n}", "author": "A. Prolific Writer"} for n in range(count)]
+    started = time.perf_counter()
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
+    seconds = time.perf_counter() - started
+    expect_status(response, 201, f"an import of {count} new, distinct titles")
+    return seconds
+
+
+@pytest.mark.task("bulk")
+def test_an_import_takes_linear_time(fresh):
+    # The import runs on the event loop: while it works, no other request of this process is
+    # served. Checking each title by reading the whole catalogue again (or scanning a list)
+    # costs n * (catalogue + n): 4 times the books then cost about 16 times the time.
+    # The same test compares 400 books with 1,600, so the machine's speed cancels out; the
+    # small import runs before and after the large one and the faster run counts, which irons
+    # out a busy moment.
+    _, client = fresh
+    small = [timed_import(client, 0, 400)]
+    large = [timed_import(client, 400, 1600)]
+    small.append(timed_import(client, 2000, 400))
+    ratio = min(large) / min(small)
+    assert ratio < 5, (
+        "\nsent:     POST /admin/books/import with 400 new books, 1,600, then 400 again"
+        "\nexpected: at most about 4 times the time for 4 times the books (linear; the fixed cost of a request makes it less), under 5 times"
+        f"\ngot:      {min(small) * 1000:.0f} ms for 400 and {min(large) * 1000:.0f} ms for 1,600: {ratio:.1f} times."
+        "\n          Each title is checked against every title before it: read the taken titles once into a set"
+        " (casefolded), then check and add each new title in O(1)."
+    )
+
+
+@pytest.mark.task("bulk")
+def test_an_import_is_bounded(scratch):
+    _, client, _ = scratch
+    books = catalogue(client)
+    batch = [{"title": f"Pamphlet {n}", "author": "Anonymous"} for n in range(5001)]
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch)
+    expect_status(response, 422, "an import carries at most 5,000 books: a longer list is refused before any work")
+    listing = client.get("/books", params={"limit": 50})
+    check(ids(listing) == books, listing, f"nothing saved: the catalogue still has ids {books}")
+    response = client.post("/admin/books/import", headers=ADMIN, json=[])
+    expect_status(response, 201, "an empty list imports nothing, and that is fine")
+    expect_json(response, {"imported": 0}, exact=True)
+
+
 # --- api_key: one router guarded, the rest public --------------------------------------
 
 
@@ -510,3 +560,39 @@ def test_override_dependency_leaves_other_and_outer_overrides_alone(tiny, overri
         "the real dependency after both blocks, and the override of another dependency untouched (never clear() them all)",
         exact=True,
     )
+
+
+# --- contract: the OpenAPI schema lists every answer ------------------------------------
+
+DOCUMENTED = {
+    ("get", "/books"): {"200", "422"},
+    ("get", "/authors"): {"200", "422"},
+    ("get", "/me"): {"200", "401", "422"},
+    ("post", "/admin/books"): {"201", "400", "401", "409", "422", "503"},
+    ("post", "/admin/books/import"): {"201", "400", "401", "409", "422", "503"},
+}
+
+
+@pytest.mark.task("contract")
+def test_the_openapi_schema_lists_every_status_each_route_answers(client):
+    response = client.get("/openapi.json")
+    expect_status(response, 200, "the app serves its OpenAPI schema")
+    paths = json_of(response).get("paths", {})
+    for (method, path), wanted in DOCUMENTED.items():
+        operation = paths.get(path, {}).get(method)
+        check(operation is not None, response, f"the route {method.upper()} {path} in the schema's paths")
+        documented = operation.get("responses", {})
+        missing = sorted(wanted - set(documented))
+        check(
+            not missing, response,
+            f"{method.upper()} {path} documents every status it answers: {sorted(wanted)}\n"
+            f"got:      {sorted(documented)}; missing {missing}. Declare them with responses="
+            "{409: {'model': ErrorMessage, 'description': ...}, ...} on the route or its router",
+        )
+        for code in wanted - {"200", "201", "422"}:
+            content = documented[code].get("content", {}).get("application/json", {})
+            check(
+                "schema" in content, response,
+                f"{method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model\n"
+                f"got:      {documented[code]}",
+            )
