@@ -76,7 +76,16 @@ class NotePage(BaseModel):
     size: int
 
 
+class ErrorMessage(BaseModel):
+    """The body of every error this service raises: {"detail": "..."}."""
+
+    detail: str
+
+
 # --- Resources the lifespan opens and closes -------------------------------------------
+
+# SQLite stores integers in 64 bits; a larger id or offset cannot name a row that exists.
+SQLITE_INTEGERS = range(-(2**63), 2**63)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notes (
@@ -100,10 +109,17 @@ def _to_note(row: aiosqlite.Row) -> Note:
 
 
 class NoteStore:
-    """Notes in one SQLite file, through one aiosqlite connection opened by the lifespan."""
+    """Notes in one SQLite file, through one aiosqlite connection opened by the lifespan.
+
+    Every request shares that connection, and a connection holds one transaction at a time:
+    without the lock, one request's commit would also commit another's half-done write, and a
+    read could see a write that is not committed yet. Each method holds the lock for its
+    statements and their commit, so requests take turns on the connection.
+    """
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        self._lock = asyncio.Lock()
 
     @classmethod
     @asynccontextmanager
@@ -120,35 +136,43 @@ class NoteStore:
 
     async def add(self, note: NoteIn) -> Note:
         created_at = datetime.now(timezone.utc)
-        cursor = await self._db.execute(
-            "INSERT INTO notes (title, body, tags, created_at) VALUES (?, ?, ?, ?)",
-            (note.title, note.body, json.dumps(note.tags), created_at.isoformat()),
-        )
-        await self._db.commit()
+        async with self._lock:
+            cursor = await self._db.execute(
+                "INSERT INTO notes (title, body, tags, created_at) VALUES (?, ?, ?, ?)",
+                (note.title, note.body, json.dumps(note.tags), created_at.isoformat()),
+            )
+            await self._db.commit()
         assert cursor.lastrowid is not None
         return Note(id=cursor.lastrowid, created_at=created_at, **note.model_dump())
 
     async def get(self, note_id: int) -> Note | None:
-        async with self._db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)) as cursor:
+        if note_id not in SQLITE_INTEGERS:
+            return None
+        async with self._lock, self._db.execute("SELECT * FROM notes WHERE id = ?", (note_id,)) as cursor:
             row = await cursor.fetchone()
         return None if row is None else _to_note(row)
 
     async def page(self, page: int, size: int) -> list[Note]:
         offset = (page - 1) * size  # pages start at 1
-        async with self._db.execute(
+        if offset not in SQLITE_INTEGERS:
+            return []  # a page past the end is empty, however far past
+        async with self._lock, self._db.execute(
             "SELECT * FROM notes ORDER BY id LIMIT ? OFFSET ?", (size, offset)
         ) as cursor:
             rows = await cursor.fetchall()
         return [_to_note(row) for row in rows]
 
     async def count(self) -> int:
-        async with self._db.execute("SELECT COUNT(*) FROM notes") as cursor:
+        async with self._lock, self._db.execute("SELECT COUNT(*) FROM notes") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
     async def delete(self, note_id: int) -> bool:
-        cursor = await self._db.execute("DELETE FROM notes WHERE id = ?", (note_id,))
-        await self._db.commit()
+        if note_id not in SQLITE_INTEGERS:
+            return False
+        async with self._lock:
+            cursor = await self._db.execute("DELETE FROM notes WHERE id = ?", (note_id,))
+            await self._db.commit()
         return cursor.rowcount > 0
 
 
@@ -255,10 +279,23 @@ NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
 # --- Routes ----------------------------------------------------------------------------------
 
-router = APIRouter(prefix="/notes", tags=["notes"], dependencies=[Depends(require_api_key)])
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No note has this id"},
+}
+
+router = APIRouter(
+    prefix="/notes",
+    tags=["notes"],
+    dependencies=[Depends(require_api_key)],
+    responses={status.HTTP_401_UNAUTHORIZED: {"model": ErrorMessage, "description": "Missing or invalid X-API-Key"}},
+)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"}},
+)
 async def create_note(
     note_in: NoteIn,
     response: Response,
@@ -286,7 +323,7 @@ async def list_notes(
     return NotePage(items=await store.page(page, size), total=await store.count(), page=page, size=size)
 
 
-@router.get("/{note_id}")
+@router.get("/{note_id}", responses=NOT_FOUND)
 async def read_note(note_id: int, store: Store) -> Note:
     note = await store.get(note_id)
     if note is None:
@@ -294,7 +331,7 @@ async def read_note(note_id: int, store: Store) -> Note:
     return note
 
 
-@router.delete("/{note_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{note_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
 async def delete_note(note_id: int, store: Store, audit: Audit) -> None:
     if not await store.delete(note_id):
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Note {note_id} not found")
