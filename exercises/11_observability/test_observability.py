@@ -1,7 +1,11 @@
 """Graded tests for exercise 11. Run: pytest exercises/11_observability"""
 
+import asyncio
 import json
 import logging
+import sys
+import time
+import types
 from contextlib import ExitStack
 from datetime import datetime
 
@@ -364,7 +368,100 @@ def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, en
         expect_status(response, 200, "once the database is back, /ready checks again (on every call) and says ready")
 
 
+class SlowToConnect:
+    """A database URL whose connections take HANG seconds to open, awaiting all the while.
+
+    The dialect is SQLAlchemy's aiosqlite one, registered under another name, with a connect()
+    that first awaits asyncio.sleep: a check bounded by a timeout is cancelled during that sleep.
+    """
+
+    NAME = "slowsqlite"
+    HANG = 5.0
+
+    @classmethod
+    def url(cls, path) -> str:
+        from sqlalchemy.dialects import registry
+        from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+        from sqlalchemy.util import await_
+
+        hang = cls.HANG
+
+        class Dialect(SQLiteDialect_aiosqlite):
+            supports_statement_cache = True
+
+            def connect(self, *cargs, **cparams):
+                await_(asyncio.sleep(hang))
+                return super().connect(*cargs, **cparams)
+
+        holder = types.ModuleType("grader_slow_database")
+        holder.Dialect = Dialect
+        sys.modules[holder.__name__] = holder
+        registry.register(f"{cls.NAME}.aiosqlite", holder.__name__, "Dialect")
+        return f"{cls.NAME}+aiosqlite:///{path}"
+
+
+@pytest.mark.task("health")
+def test_readiness_gives_up_after_ready_timeout(module, env, tmp_path):
+    env.setenv("OBS_DATABASE_URL", SlowToConnect.url(tmp_path / "inventory.db"))
+    env.setenv("OBS_READY_TIMEOUT", "0.2")
+    with TestClient(new_app(module)) as client:
+        started = time.perf_counter()
+        response = client.get("/ready")
+        took = time.perf_counter() - started
+    expect_status(
+        response, 503,
+        f"a database that takes {SlowToConnect.HANG:.0f} s to accept a connection, with OBS_READY_TIMEOUT=0.2: the "
+        "check gives up after ready_timeout seconds (asyncio.timeout around connecting and SELECT 1) and answers 503; "
+        "a probe that hangs is as bad as one that fails",
+    )
+    expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
+    assert took < SlowToConnect.HANG - 1, explain(
+        response, f"the answer within about ready_timeout (0.2 s); it took {took:.1f} s"
+    )
+
+
 # ------------------------------------------------------------------------------ logging
+
+
+@pytest.mark.task("logging")
+def test_the_service_writes_its_logs_to_stdout_as_json(module, capfd):
+    loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
+    saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    try:
+        capfd.readouterr()  # start from nothing
+        with TestClient(new_app(module)) as client:
+            response = client.get("/items/1")
+        out = capfd.readouterr().out
+    finally:  # the app's handlers write to this test's captured stdout: take them away again
+        for logger, level, handlers, propagate in saved:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+    lines = [line for line in out.splitlines() if line.strip()]
+    not_json = []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            not_json.append(line)
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            not_json.append(line)
+    assert lines and not not_json, explain(
+        response,
+        "the service's own log records on standard output, each one line of JSON (a StreamHandler on sys.stdout "
+        f"with JsonFormatter, set up by the lifespan); stdout held {len(lines)} line(s), these not JSON: {not_json[:3]}",
+    )
+    header = response.headers.get("x-request-id")
+    access = [entry for entry in entries if entry.get("logger") == ACCESS_LOGGER and entry.get("request_id") == header]
+    assert len(access) == 1, explain(
+        response,
+        f"exactly one JSON line on stdout from {ACCESS_LOGGER!r} with this request's request_id {header!r}; "
+        f"got {len(access)} among {entries}",
+    )
 
 
 @pytest.mark.task("logging")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -206,6 +206,19 @@ class ObservabilityMiddleware:
 
 # --------------------------------------------------------------------------- the app
 
+class ErrorMessage(BaseModel):
+    """The body of an HTTPException."""
+
+    detail: str
+
+
+class Readiness(BaseModel):
+    """What /ready answers, with 200 or 503: documented so a probe's author knows both."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, Literal["ok", "down"]]
+
+
 ITEMS: dict[int, dict[str, Any]] = {
     1: {"id": 1, "name": "keyboard"},
     2: {"id": 2, "name": "mouse"},
@@ -251,7 +264,15 @@ def create_app() -> FastAPI:
         # the orchestrator restart healthy replicas in a loop.
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"], summary="Readiness: the dependencies answer")
+    @app.get(
+        "/ready",
+        tags=["ops"],
+        summary="Readiness: the dependencies answer",
+        responses={
+            status.HTTP_200_OK: {"model": Readiness},
+            status.HTTP_503_SERVICE_UNAVAILABLE: {"model": Readiness, "description": "A dependency cannot be reached"},
+        },
+    )
     async def ready(engine: EngineDep, settings: SettingsDep, response: Response) -> dict[str, Any]:
         try:
             async with asyncio.timeout(settings.ready_timeout):
@@ -268,7 +289,12 @@ def create_app() -> FastAPI:
         # Only what is safe to show: never the secret, never the database URL (it holds a password).
         return {"app_name": settings.app_name, "environment": settings.environment}
 
-    @app.get("/items/{item_id}", tags=["items"], summary="Read one item")
+    @app.get(
+        "/items/{item_id}",
+        tags=["items"],
+        summary="Read one item",
+        responses={status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"}},
+    )
     async def read_item(item_id: int) -> dict[str, Any]:
         item = ITEMS.get(item_id)
         if item is None:
