@@ -40,9 +40,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        # Uvicorn reaches this point after SIGTERM, once in-flight requests have finished
-        # (or --timeout-graceful-shutdown ran out). Stop advertising readiness first, then
-        # release resources: close pools, flush buffers.
+        # Uvicorn reaches this point after SIGTERM, once its socket is closed and in-flight
+        # requests have finished (or --timeout-graceful-shutdown ran out): no probe can see the
+        # flag any more (the preStop sleep in k8s.yaml is what drains traffic), but anything that
+        # still holds the app in-process gets the truth. Then release resources: pools, buffers.
         app.state.readiness.ready = False
         logger.info("shutdown: drained, resources released")
 
