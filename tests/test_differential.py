@@ -160,6 +160,16 @@ def test_what_the_reference_itself_cannot_answer_is_not_compared():
     assert any("n=0" in request.show() for request, _ in session.reference_failures)
 
 
+def test_free_errors_may_be_there_or_not():
+    promises = differential.Promises.parse({"operations": {}, "free_errors": [{"loc": ["body"], "type": "value_error"}]})
+    field = b'{"loc":["body","a"],"msg":"x","type":"missing"}'
+    one = differential.Answer(422, {}, b'{"detail":[' + field + b']}')
+    other = differential.Answer(422, {}, b'{"detail":[' + field + b',{"loc":["body"],"msg":"no match","type":"value_error"}]}')
+    missing = differential.Answer(422, {}, b'{"detail":[{"loc":["body"],"msg":"x","type":"missing"}]}')
+    assert differential.compare(one, other, promises) == ""
+    assert differential.compare(one, missing, promises) != ""
+
+
 def test_422_bodies_compare_where_the_errors_are_not_their_wording():
     promises = differential.Promises.parse({"operations": {}})
     one = differential.Answer(422, {"content-type": "application/json"},

@@ -23,8 +23,10 @@ def quick_hashing(module) -> None:
 
 
 def stored_users(module) -> dict:
-    """What USERS holds, through the names the README promises (the hash aside: it is salted)."""
-    return {user_id: {"username": record.username, "email": record.email, "age": record.age}
+    """What USERS holds, through the names the README promises (a hash is salted: only whether
+    it came from hash_password, whose hashes start with "scrypt$", is compared)."""
+    return {user_id: {"username": record.username, "email": record.email, "age": record.age,
+                      "password_hash from hash_password": str(record.password_hash).startswith("scrypt$")}
             for user_id, record in module.USERS.items()}
 
 
