@@ -91,7 +91,7 @@ class Feedback:
     def app_raised(self, item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> str | None:
         """The report for an exception that came out of the learner's code, or None if it did not."""
         exc = excinfo.value
-        if isinstance(exc, (pytest.fail.Exception, pytest.skip.Exception, AssertionError, KeyboardInterrupt)):
+        if isinstance(exc, (pytest.fail.Exception, pytest.skip.Exception, KeyboardInterrupt)):
             return None
         full = excinfo.traceback
         mine = [entry for entry in full if self.is_learners(entry.path)]
@@ -255,9 +255,11 @@ class FeedbackPlugin:
     # ------------------------------------------------------------------ limits
 
     def _exercise(self, item: pytest.Item):
-        from grader.pytest_plugin import _exercise_for
+        if "_grader_exercise" not in item.__dict__:
+            from grader.pytest_plugin import _exercise_for
 
-        return _exercise_for(self.config, Path(str(item.path)))
+            item.__dict__["_grader_exercise"] = _exercise_for(self.config, Path(str(item.path)))
+        return item.__dict__["_grader_exercise"]
 
     def suite_limit(self, exercise: Any) -> float:
         given = self.config.getoption("--grader-time-limit", None)
@@ -351,6 +353,7 @@ class FeedbackPlugin:
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        self._trim_traceback(item, call)
         report = yield
         if not report.failed or call.excinfo is None or self.config.getoption("fulltrace", False):
             return report
@@ -361,6 +364,28 @@ class FeedbackPlugin:
         if text is not None:
             report.longrepr = text
         return report
+
+    def _trim_traceback(self, item: pytest.Item, call: pytest.CallInfo) -> None:
+        """Before pytest renders a failure: keep only the test's and the learner's frames of an
+        exception that went through the learner's code or stopped a hang. pytest renders each frame
+        with its source (it parses every file), and a request through FastAPI has thirty of them:
+        seconds on a loaded machine, for a report that this plugin replaces anyway."""
+        excinfo = call.excinfo
+        if excinfo is None or self.config.getoption("fulltrace", False):
+            return
+        try:
+            if not (excinfo.errisinstance(_hung()) or
+                    any(self.feedback.is_learners(entry.path) for entry in excinfo.traceback)):
+                return
+            if excinfo.errisinstance((pytest.fail.Exception, pytest.skip.Exception)):
+                return
+            test_file = Path(str(item.path))
+            kept = excinfo.traceback.filter(
+                lambda entry: self.feedback.is_learners(entry.path) or Path(entry.path) == test_file)
+            if kept:
+                excinfo.traceback = kept
+        except Exception:  # noqa: BLE001 - pytest's own report stands
+            return
 
     def _rewrite(self, item: pytest.Item, call: pytest.CallInfo, report: pytest.TestReport) -> str | None:
         assert call.excinfo is not None

@@ -30,6 +30,7 @@ from typing import Any
 
 SIGNAL = signal.SIGUSR2  # to the main thread; no course code and no library it uses handles it
 GRACE = 2.0  # seconds for a stopped test to unwind before the next, firmer step
+IDLE = 0.5  # seconds the watchdog sleeps between tests; a test armed meanwhile wakes it only if it ends sooner
 
 
 class Hung(BaseException):
@@ -97,15 +98,19 @@ class Watchdog:
         self._previous = signal.signal(SIGNAL, self._on_signal)
         self._thread = threading.Thread(target=self._run, name="grader-watchdog", daemon=True)
         self._closed = False
+        self._wake = 0.0  # when the watchdog wakes up next, at the latest
+        self._stopping = False  # the watchdog is stopping a test and waits for it to end
         self._thread.start()
 
     # -------------------------------------------------------------- the test's side
 
     def arm(self, nodeid: str, limit: float, test_file: str = "") -> None:
+        deadline = time.monotonic() + limit
         with self._lock:
             self._generation += 1
-            self._armed = (nodeid, limit, time.monotonic() + limit, test_file)
-            self._lock.notify()
+            self._armed = (nodeid, limit, deadline, test_file)
+            if deadline < self._wake:  # else the watchdog wakes in time by itself: no thread switch per test
+                self._lock.notify()
 
     def disarm(self) -> None:
         with self._lock:
@@ -115,7 +120,8 @@ class Watchdog:
             for ident in self._targets:  # an exception set but not yet raised must not hit the next test
                 _set_async_exc(ident, None)
             self._targets.clear()
-            self._lock.notify()
+            if self._stopping:  # the watchdog waits for this test to unwind
+                self._lock.notify()
 
     def close(self) -> None:
         with self._lock:
@@ -150,14 +156,17 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and self._armed is None:
-                    self._lock.wait()
                 if self._closed:
                     return
+                if self._armed is None:
+                    self._wake = time.monotonic() + IDLE
+                    self._lock.wait(IDLE)
+                    continue
                 nodeid, limit, deadline, _ = self._armed
                 generation = self._generation
                 left = deadline - time.monotonic()
                 if left > 0:
+                    self._wake = deadline
                     self._lock.wait(left)
                     continue
             self._stop(nodeid, limit, generation)
@@ -174,6 +183,13 @@ class Watchdog:
         return False
 
     def _stop(self, nodeid: str, limit: float, generation: int) -> None:
+        self._stopping = True
+        try:
+            self._stop_test(nodeid, limit, generation)
+        finally:
+            self._stopping = False
+
+    def _stop_test(self, nodeid: str, limit: float, generation: int) -> None:
         stuck = self.snapshot(nodeid, limit)
         with self._lock:
             if self._generation != generation:
@@ -181,10 +197,12 @@ class Watchdog:
             self.stuck[nodeid] = self.last = stuck
         # Stop the learner's code wherever it runs, and again if the test calls into it again
         # while it unwinds (a harness that catches the exception and sends the next request).
+        # Once no thread runs the learner's code any more, the test is only unwinding (reporting,
+        # closing its client): that may take a while on a loaded machine, and is waited for.
         signalled = False
         first = True
-        end = time.monotonic() + GRACE
-        while time.monotonic() < end:
+        stuck_since = time.monotonic()
+        while True:
             threads = self._interrupt(generation)
             if threads is None:
                 return
@@ -192,10 +210,14 @@ class Watchdog:
                 signalled = True
                 self._signal_main(generation)
             first = False
+            if not threads:
+                stuck_since = time.monotonic()
+            elif time.monotonic() - stuck_since > GRACE:
+                break  # the learner's code keeps running: it cannot be interrupted (blocked inside C code)
             if not self._still(generation, 0.25):
                 return
         if not signalled:
-            # the learner's thread did not stop (blocked inside C code): stop waiting for it
+            # stop waiting for that thread in the test's own thread, so that the test can end
             self._signal_main(generation)
             if not self._still(generation, GRACE):
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_status_on_a_fresh_clone_needs_no_test_run(course):
 def test_check_on_the_stub_fails_and_teaches(course):
     done = grader(course, "check", "01")
     assert done.returncode == 1
-    assert "0 of 21 tests pass" in done.stdout
+    assert re.search(r"\b0 of \d+ tests pass", done.stdout), done.stdout
     assert "sent:" in done.stdout and "expected:" in done.stdout and "got:" in done.stdout
     assert f"read: lessons/{EXERCISE}.md#" in done.stdout
 
@@ -72,7 +73,7 @@ def test_check_passes_once_solved_and_status_reuses_the_result(course):
     solve(course)
     done = grader(course, "check", "1")
     assert done.returncode == 0, done.stdout
-    assert "21 of 21 tests pass — 10 of 10 points" in done.stdout
+    assert re.search(r"(\d+) of \1 tests pass — 10 of 10 points", done.stdout), done.stdout
     state = course / ".grader" / "state.json"
     before = state.stat().st_mtime_ns
     status = grader(course, "status")

@@ -214,3 +214,14 @@ def test_the_manifest_matches_the_committed_graded_files():
                 if path.relative_to(ROOT).as_posix() in committed.blobs}
     stale = sorted(key for key in expected.keys() | manifest.keys() if expected.get(key) != manifest.get(key))
     assert not stale, f"grader/pristine.json is stale for {stale}: run python -m grader.progress"
+
+
+def test_a_plain_assert_prints_its_message_once_and_names_the_failing_line(tmp_path):
+    target = broken(tmp_path, 'title="Hello Microservices"', 'title="Hello"')
+    done = pytest_run(target, "-k", "openapi")
+    out = done.stdout
+    assert done.returncode == 1, out
+    assert out.count("expected: info.title 'Hello Microservices'") == 1, out
+    assert "At index 0 diff" not in out and "assert (" not in out.split("failed at")[0], "no value dump"
+    assert re.search(r"failed at exercises/01_async_routes/test_async_routes\.py:\d+ in "
+                     r"test_openapi_document_describes_the_service", out), out

@@ -1,0 +1,132 @@
+"""Save-to-verdict in ``grader watch``: from a learner's save to the verdict on their screen.
+
+The script copies one exercise and its reference solution into a throwaway git clone of the
+course, starts ``grader watch`` in a pseudo-terminal (as a learner's terminal), waits for the
+first verdict, then saves the learner's file again and again (a new comment each time, so the
+content changes as an editor's save does) and times each save until the next verdict line
+appears on the screen. For comparison it times a cold ``grader check`` of the same copy, which
+starts a new ``pytest`` process per run, as ``grader watch`` did before it forked warm runs.
+
+    python bench/bench_watch.py                # exercise 02 (validation), 7 saves
+    python bench/bench_watch.py 01 -n 11
+
+The target for 02 is 0.6 s on the course's 2-core machine; it prints the median, the best and
+the worst, and the part of a verdict that is the tests themselves (pytest's own "in N s").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from grader.catalog import find_exercise  # noqa: E402
+
+TARGET = 0.6
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+VERDICT = re.compile(r"(\d+) of (\d+) tests pass — [\d.]+ of [\d.]+ points\. \(([\d.]+) s\)")
+
+
+def course_copy(name: str, into: Path) -> Path:
+    root = into / "course"
+    for part in (f"exercises/{name}", f"solutions/{name}"):
+        shutil.copytree(ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "lessons").mkdir()
+    shutil.copy(ROOT / "lessons" / f"{name}.md", root / "lessons")
+    shutil.copy(ROOT / "pyproject.toml", root)
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "course"]):
+        subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@example.com", *args], cwd=root, check=True)
+    return root
+
+
+class Screen:
+    def __init__(self, cwd: Path, exercise: str) -> None:
+        self.master, slave = pty.openpty()
+        env = {**os.environ, "COLUMNS": "160", "LINES": "60", "TERM": "xterm", "NO_COLOR": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "grader", "watch", exercise], cwd=cwd, stdin=slave,
+                                        stdout=slave, stderr=slave, env=env, start_new_session=True)
+        os.close(slave)
+        self.text = ""
+
+    def next_verdict(self, timeout: float = 120) -> tuple[float, re.Match[str]]:
+        start = len(self.text)
+        end = time.monotonic() + timeout
+        while True:
+            found = VERDICT.search(ANSI.sub("", self.text[start:]))
+            if found:
+                return time.monotonic(), found
+            if time.monotonic() > end:
+                raise SystemExit(f"no verdict within {timeout} s:\n{ANSI.sub('', self.text)[-2000:]}")
+            ready, _, _ = select.select([self.master], [], [], 0.005)
+            if ready:
+                self.text += os.read(self.master, 65536).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        os.write(self.master, b"q")
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        os.close(self.master)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("exercise", nargs="?", default="02")
+    parser.add_argument("-n", type=int, default=7, help="saves to time")
+    options = parser.parse_args()
+    exercise = find_exercise(options.exercise, ROOT)
+    with tempfile.TemporaryDirectory(prefix="bench-watch-") as scratch:
+        root = course_copy(exercise.name, Path(scratch))
+        learner = root / "exercises" / exercise.name / exercise.editable[0]
+        solution = (root / "solutions" / exercise.name / exercise.editable[0]).read_text(encoding="utf-8")
+        learner.write_text(solution, encoding="utf-8")
+
+        cold = []
+        for _ in range(3):
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-m", "grader", "check", exercise.number], cwd=root,
+                           capture_output=True, check=False)
+            cold.append(time.monotonic() - started)
+
+        screen = Screen(root, exercise.number)
+        started = time.monotonic()
+        screen.next_verdict()
+        first = time.monotonic() - started
+        times, inside = [], []
+        try:
+            for number in range(options.n):
+                time.sleep(0.5)  # a learner's pause between saves; the watcher idles meanwhile
+                saved = time.monotonic()
+                learner.write_text(solution + f"\n# save {number}\n", encoding="utf-8")
+                shown, verdict = screen.next_verdict()
+                times.append(shown - saved)
+                inside.append(float(verdict.group(3)))
+        finally:
+            screen.close()
+    median = statistics.median(times)
+    print(f"{exercise.name}: grader watch, save to verdict on screen, {len(times)} saves")
+    print(f"  median {median:.3f} s   best {min(times):.3f} s   worst {max(times):.3f} s   "
+          f"(target {TARGET} s: {'met' if median <= TARGET else 'NOT met'})")
+    print(f"  of which the run itself (fork to report): median {statistics.median(inside):.3f} s")
+    print(f"  first verdict after start (warm-up included): {first:.2f} s")
+    print(f"  for comparison, a cold grader check: median {statistics.median(cold):.2f} s")
+    print(f"  load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()
