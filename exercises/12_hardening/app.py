@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     rate_limit_capacity: int = Field(default=60, gt=0)
     rate_limit_refill_per_second: float = Field(default=10.0, gt=0)
+    rate_limit_max_clients: int = Field(default=10_000, gt=0)
     gzip_minimum_size: int = Field(default=1000, ge=0)
     summary_ttl_seconds: float = Field(default=30.0, gt=0)
 
@@ -47,6 +48,8 @@ def get_settings() -> Settings:
 
 
 class ProductIn(BaseModel):
+    # TODO: bounded, finite JSON numbers (README, point 9): one product with price 1e309 or a
+    #       huge stock must not be able to break GET /reports/summary for everyone.
     name: str = Field(min_length=1, max_length=100)
     price: float = Field(gt=0)
     stock: int = Field(ge=0)
@@ -87,14 +90,16 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
     # TODO: exception handlers giving every error the body
     #       {"error": {"status": ..., "code": ..., "message": ...}} (see the README for the codes);
     #       a 500 must never show the exception or a traceback.
-    # TODO: middleware: security headers, CORS from settings, GZip above
-    #       settings.gzip_minimum_size, a body size limit of settings.max_body_bytes.
+    # TODO: middleware: security headers, CORS from settings (a refused preflight in the error
+    #       body), GZip above settings.gzip_minimum_size, a body size limit of
+    #       settings.max_body_bytes, and the rate limit (README, point 4: every request but
+    #       /health, before the body is read, at most settings.rate_limit_max_clients buckets).
+    # TODO: responses=... on every route: each status it can answer (README, point 8).
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    # TODO: every route of this router is rate limited per client (a dependency).
     api = APIRouter()
 
     @api.get("/products")

@@ -1,5 +1,7 @@
 """Graded tests for exercise 12. Run: pytest exercises/12_hardening"""
 
+import json
+import math
 from contextlib import ExitStack
 
 import httpx
@@ -143,6 +145,26 @@ def test_other_origins_get_no_cors_permission(client):
     assert "access-control-allow-origin" not in simple.headers, explain(simple, f"no Access-Control-Allow-Origin for {EVIL}")
     allowed = client.get("/products", headers={"Origin": SHOP})
     expect_header(allowed, "access-control-allow-origin", SHOP, "a simple request from an allowed origin")
+
+
+@pytest.mark.task("cors")
+def test_a_refused_preflight_answers_in_the_error_body(client):
+    for origin, method, headers, why in (
+        (EVIL, "POST", "content-type", f"{EVIL} is not in cors_origins"),
+        (SHOP, "DELETE", "content-type", "DELETE is not an allowed method"),
+        (SHOP, "POST", "x-unlisted-header", "x-unlisted-header is not an allowed header"),
+    ):
+        response = client.options(
+            "/products",
+            headers={"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers},
+        )
+        expect_error(
+            response, 400, "bad_request",
+            f"a refused preflight ({why}) in the one error body, not Starlette's plain text "
+            "(subclass CORSMiddleware and rewrite what preflight_response refuses)",
+        )
+        if origin == EVIL:
+            assert "access-control-allow-origin" not in response.headers, explain(response, f"no permission for {EVIL}")
 
 
 @pytest.mark.task("cors")
@@ -316,6 +338,80 @@ def test_retry_after_counts_whole_seconds_up(build, clock):
         expect_header(client.get("/products"), "retry-after", "3", "2.5 s to go, rounded up to whole seconds")
 
 
+def _burn(client, requests):
+    """Send each (method, path, kwargs) in turn; the responses."""
+    return [client.request(method, path, **kwargs) for method, path, kwargs in requests]
+
+
+BAD_JSON = ("POST", "/products", {"content": b'{"name": "lamp", "price": ', "headers": {"content-type": "application/json"}})
+UNKNOWN = ("GET", "/no/such/page", {})
+
+
+@pytest.mark.task("rate_limit")
+@pytest.mark.parametrize(
+    "spent_on",
+    [
+        pytest.param([BAD_JSON] * 3, id="malformed-json"),
+        pytest.param([UNKNOWN] * 3, id="unknown-paths"),
+        pytest.param([("GET", "/docs", {}), ("GET", "/openapi.json", {}), BAD_JSON], id="docs-and-schema"),
+        pytest.param([("POST", "/upload", {"content": b"x" * 1001})] * 3, id="bodies-over-the-limit"),
+    ],
+)
+def test_every_request_takes_a_token_before_its_body_is_read(build, spent_on):
+    with TestClient(build(rate_limit_capacity=3, rate_limit_refill_per_second=0.01, max_body_bytes=1000)) as client:
+        spent = _burn(client, spent_on)
+        for response in spent:
+            assert response.status_code in (200, 404, 413, 422), explain(
+                response, "one of a burst of 3 (rate_limit_capacity=3): answered as usual"
+            )
+        for method, path, kwargs in (BAD_JSON, UNKNOWN, ("GET", "/docs", {}), ("GET", "/products/1", {})):
+            response = client.request(method, path, **kwargs)
+            expect_error(
+                response, 429, "rate_limited",
+                f"the bucket is empty after 3 requests ({', '.join(r.request.method + ' ' + r.request.url.path for r in spent)}): "
+                "every request takes a token, malformed bodies and unknown paths too. A dependency runs only after "
+                "FastAPI has read the body and found a route: check the limit in a middleware",
+            )
+        expect_json(client.get("/health"), {"status": "ok"}, "/health is never limited")
+
+
+@pytest.mark.task("rate_limit")
+def test_preflights_are_answered_without_a_token(build):
+    with TestClient(build(rate_limit_capacity=1, rate_limit_refill_per_second=0.01)) as client:
+        for _ in range(3):
+            expect_status(preflight(client, SHOP), 200, "a CORS preflight is answered by CORS before the limiter")
+        expect_status(client.get("/products/1"), 200, "the preflights took no token: the one token is still there")
+        expect_error(client.get("/products/1"), 429, "rate_limited", "now the bucket is empty")
+
+
+def _as(app, host):
+    return TestClient(app, client=(host, 50000))
+
+
+@pytest.mark.task("rate_limit")
+def test_the_limiter_forgets_the_least_recently_seen_client_past_its_cap(build):
+    app = build(rate_limit_capacity=1, rate_limit_refill_per_second=0.001, rate_limit_max_clients=2)
+    a, b, c = _as(app, "10.0.0.1"), _as(app, "10.0.0.2"), _as(app, "10.0.0.3")
+    expect_status(a.get("/products/1"), 200, "10.0.0.1 uses its one token")
+    expect_status(b.get("/products/1"), 200, "10.0.0.2 uses its one token")
+    expect_status(a.get("/products/1"), 429, "10.0.0.1 has no token left (and is now the most recently seen)")
+    expect_status(c.get("/products/1"), 200, "a third client, 10.0.0.3: past rate_limit_max_clients=2, one bucket is dropped")
+    expect_status(
+        a.get("/products/1"), 429,
+        "10.0.0.1 was seen more recently than 10.0.0.2, so 10.0.0.2's bucket was the one dropped, not 10.0.0.1's "
+        "(least recently seen first out: an OrderedDict, moving a client to the end on every request)",
+    )
+    expect_status(
+        b.get("/products/1"), 200,
+        "10.0.0.2 was forgotten, so it starts again with a full bucket: the limiter keeps at most "
+        "rate_limit_max_clients=2 clients (README)",
+    )
+    expect_status(
+        a.get("/products/1"), 429,
+        "10.0.0.1 keeps coming back, so it is never the least recently seen: its bucket stays, empty",
+    )
+
+
 @pytest.mark.task("rate_limit")
 def test_each_client_has_its_own_limit(build):
     app = build(rate_limit_capacity=2, rate_limit_refill_per_second=0.5)
@@ -442,6 +538,45 @@ def test_method_not_allowed_keeps_its_allow_header(client):
     response = client.post("/health")
     expect_error(response, 405, "method_not_allowed")
     expect_header(response, "allow", "GET", "the handler keeps the exception's headers")
+    response = client.put("/products")
+    expect_error(response, 405, "method_not_allowed")
+    allow = {method.strip() for method in response.headers.get("allow", "").split(",")}
+    assert {"GET", "POST"} <= allow and "PUT" not in allow, explain(
+        response,
+        "Allow lists every method /products accepts, GET and POST (two routes); Starlette's own header names only "
+        f"the first route it tried. Got Allow: {response.headers.get('allow')!r}",
+    )
+
+
+DOCUMENTED = {
+    ("/health", "get"): {"200", "413"},
+    ("/products", "get"): {"200", "304", "413", "429"},
+    ("/products", "post"): {"201", "400", "413", "422", "429"},
+    ("/products/{product_id}", "get"): {"200", "404", "413", "422", "429"},
+    ("/reports/summary", "get"): {"200", "413", "429"},
+    ("/upload", "post"): {"200", "413", "429"},
+}
+
+
+@pytest.mark.task("errors")
+def test_every_status_is_documented_with_the_error_body(client):
+    response = client.get("/openapi.json")
+    document = json_of(response)
+    schemas = document.get("components", {}).get("schemas", {})
+    problems = []
+    for (path, method), codes in DOCUMENTED.items():
+        answers = document.get("paths", {}).get(path, {}).get(method, {}).get("responses", {})
+        for code in sorted(codes - set(answers)):
+            problems.append(f"{method.upper()} {path} does not document {code}")
+        for code in sorted(c for c in codes & set(answers) if c.startswith(("4", "5"))):
+            schema = answers[code].get("content", {}).get("application/json", {}).get("schema", {})
+            schema = schemas.get(schema.get("$ref", "").rsplit("/", 1)[-1], schema)
+            if "error" not in schema.get("properties", {}):
+                problems.append(f"{method.upper()} {path} documents {code} without the error body's schema")
+    assert not problems, explain(
+        response, "every status each route can answer, errors with the error body's model (responses=...):\n    "
+        + "\n    ".join(problems),
+    )
 
 
 @pytest.mark.task("errors")
@@ -464,3 +599,87 @@ def test_an_unexpected_exception_is_a_500_that_leaks_nothing(client):
     for secret in ("Traceback", "RuntimeError", "hunter2", "db.internal", 'File "'):
         assert secret not in response.text, explain(response, f"a body that says nothing about the cause; it contains {secret!r}")
     assert response.headers.get("content-type", "").startswith("application/json"), explain(response, "a JSON error body")
+
+
+# ------------------------------------------------------------------------------ numbers
+
+# Values no product may carry, as raw JSON: infinity and NaN in every spelling Python's json
+# and Pydantic's lax mode read, integers far too large, strings and booleans, and values just
+# past the README's bounds.
+NOT_A_PRICE = ["1e309", "-1e309", "NaN", "Infinity", "-Infinity", '"inf"', '"NaN"', '"1e309"', '"12.5"', "true",
+               str(10**400), str(2**63), "1000000.5", "0", "-1"]
+NOT_A_STOCK = ["1e309", "NaN", "Infinity", '"inf"', '"7"', "true", "false", str(10**400), str(2**63), "1000001", "-1", "2.5"]
+
+
+def _post_raw(client, price="2.5", stock="3", name="bounded"):
+    body = f'{{"name": "{name}", "price": {price}, "stock": {stock}}}'
+    return client.post("/products", content=body, headers={"content-type": "application/json"})
+
+
+def _finite_json(response, why):
+    """The body, parsed with NaN and Infinity refused: a number JSON cannot carry fails here."""
+    def refuse(name):
+        raise ValueError(name)
+
+    try:
+        return json.loads(response.text, parse_constant=refuse)
+    except ValueError:
+        pytest.fail(explain(response, f"a JSON body with finite numbers only ({why})"), pytrace=False)
+
+
+@pytest.mark.task("numbers")
+def test_infinite_huge_and_non_numeric_values_are_refused_and_never_stored(build):
+    with TestClient(build(), raise_server_exceptions=False) as client:
+        before = client.get("/products").json()
+        for field, raws in (("price", NOT_A_PRICE), ("stock", NOT_A_STOCK)):
+            for raw in raws:
+                response = _post_raw(client, **{field: raw})
+                expect_error(
+                    response, 422, "validation_error",
+                    f"{field} {raw}: price is a JSON number in (0, 1000000], stock a whole JSON number in [0, 1000000], "
+                    "both finite (Field(..., allow_inf_nan=False, le=...)); a 500 here may be a 422 handler echoing the input",
+                )
+        for raw in ("0", "-1", "2147483648", str(10**400), "1e309", "inf", "nan", "1.5"):
+            response = client.get(f"/products/{raw}")
+            expect_error(response, 422, "validation_error", f"product_id {raw}: an id is from 1 to 2147483647")
+        after = client.get("/products")
+        assert after.json() == before, explain(after, "none of the refused products was stored: the same 40 products")
+
+
+@pytest.mark.task("numbers")
+def test_no_accepted_product_breaks_another_route(build):
+    # Everything a client might try, the extremes the README allows among it: whatever is accepted
+    # must leave every other route answering 200 with finite numbers.
+    candidates = [("1000000", "1000000"), ("1000000", "1000000"), ("1e-300", "1000000"), ("5e-324", "0"),
+                  ("999999.99", "999999"), ("1e309", "1"), ("NaN", "1"), ("1", str(10**30)), ("1e308", "1000000"),
+                  ("1000000", "1e6"), ("1", str(2**63 - 1))]
+    with TestClient(build(), raise_server_exceptions=False) as client:
+        created = []
+        for n, (price, stock) in enumerate(candidates):
+            response = _post_raw(client, price, stock, name=f"extreme {n}")
+            if response.status_code == 201:
+                created.append(json_of(response).get("id"))
+            else:
+                expect_status(response, 422, f"price {price}, stock {stock}: accepted (201) or refused as invalid (422)")
+        routes = ["/products", "/reports/summary"] + [f"/products/{product_id}" for product_id in created]
+        for path in routes:
+            response = client.get(path)
+            expect_status(
+                response, 200,
+                f"GET {path} after POST /products accepted {len(created)} of {len(candidates)} extreme products: "
+                "no accepted input may break another route (bound the numbers so the summary stays finite)",
+            )
+            _finite_json(response, f"GET {path}")
+        response = client.get("/reports/summary")
+        summary, products = json_of(response), client.get("/products").json()
+        expected = sum(p["price"] * p["stock"] for p in products)  # may be inf, if the bounds are missing
+        value = summary.get("stock_value") if isinstance(summary, dict) else None
+        ok = (
+            summary.get("products") == len(products) and isinstance(value, (int, float)) and math.isfinite(expected)
+            and math.isclose(value, expected, rel_tol=1e-9, abs_tol=0.01)
+        )
+        assert ok, explain(
+            response,
+            f"the summary of the {len(products)} products, a finite stock_value of about {expected} "
+            "(an infinite value is written as null, or breaks the response)",
+        )

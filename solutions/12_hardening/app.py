@@ -5,20 +5,22 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, status
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Clock = Callable[[], float]
@@ -37,6 +39,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     rate_limit_capacity: int = Field(default=60, gt=0)
     rate_limit_refill_per_second: float = Field(default=10.0, gt=0)
+    rate_limit_max_clients: int = Field(default=10_000, gt=0)
     gzip_minimum_size: int = Field(default=1000, ge=0)
     summary_ttl_seconds: float = Field(default=30.0, gt=0)
 
@@ -84,6 +87,29 @@ SECURITY_HEADERS = {
 }
 
 
+class Problem(BaseModel):
+    loc: list[str | int]
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    code: str
+    message: str
+    details: list[Problem] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The one error body, for the OpenAPI document (error_response writes it)."""
+
+    error: ErrorDetail
+
+
+def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for error statuses, each with the error body's schema."""
+    return {code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in codes}
+
+
 def error_code(status_code: int) -> str:
     if status_code in ERROR_CODES:
         return ERROR_CODES[status_code]
@@ -101,9 +127,26 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route accepts at this path.
+
+    The router's own 405 lists only the methods of the first route whose path matched; with
+    GET and POST /products on two routes, that would be half the truth.
+    """
+    routes = request.app.router.routes
+    methods = [
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
+    return ", ".join(methods)
+
+
 async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     # Registered for Starlette's class, so the router's own 404 and 405 use this shape as well.
     headers = dict(exc.headers or {})  # keep Allow, Retry-After, WWW-Authenticate
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        headers["Allow"] = allowed_methods(request)
     if exc.status_code in (204, 304) or exc.status_code < 200:
         return Response(status_code=exc.status_code, headers=headers)
     message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
@@ -123,6 +166,20 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 
 
 # --------------------------------------------------------------------------- middleware
+
+
+class CORSMiddlewareWithErrorBody(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight answers in this API's one error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        # Starlette explains the refusal in plain text ("Disallowed CORS origin"); keep its
+        # reason and its headers (never an Allow-Origin for a refused origin), in our body.
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        reason = bytes(response.body).decode() + "."
+        return error_response(response.status_code, reason, headers=headers)
 
 
 class SecurityHeadersMiddleware:
@@ -189,50 +246,69 @@ class BodySizeLimitMiddleware:
 class RateLimiter:
     """A token bucket per client: `capacity` requests in a burst, refilled at `rate` per second.
 
+    At most `max_clients` buckets are kept, least recently seen first out, so that a flood of
+    new addresses costs bounded memory and O(1) per check. A forgotten client comes back with a
+    full bucket, which is what it would have after a short wait anyway.
+
     The state lives in this process. With several replicas each would allow the full rate, so
     a shared store (Redis) has to hold the buckets instead; see the lesson.
     """
 
-    MAX_CLIENTS = 10_000
-
-    def __init__(self, capacity: int, rate: float, clock: Clock) -> None:
+    def __init__(self, capacity: int, rate: float, clock: Clock, max_clients: int) -> None:
         self.capacity = capacity
         self.rate = rate
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last update)
+        self.max_clients = max_clients
+        # key -> (tokens, last update), in the order the clients were last seen.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def acquire(self, key: str) -> float:
         """Take a token for `key`: 0.0 when allowed, else the seconds until one is available."""
         # No await in here, so no other request can interleave between the read and the write.
         now = self.clock()
-        tokens, updated = self._buckets.get(key, (float(self.capacity), now))
+        # pop, then store again: the client moves to the most recently seen end, in O(1).
+        tokens, updated = self._buckets.pop(key, (float(self.capacity), now))
         tokens = min(float(self.capacity), tokens + (now - updated) * self.rate)
-        if tokens >= 1:
-            self._store(key, tokens - 1, now)
-            return 0.0
-        self._store(key, tokens, now)
-        return (1 - tokens) / self.rate
-
-    def _store(self, key: str, tokens: float, now: float) -> None:
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self.MAX_CLIENTS:
-            # Forget clients whose bucket has refilled: they are indistinguishable from new ones.
-            full_after = self.capacity / self.rate
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1 if wait == 0.0 else tokens, now)
+        if len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)  # the least recently seen client
+        return wait
 
 
-async def rate_limit(request: Request) -> None:
-    limiter: RateLimiter = request.app.state.rate_limiter
-    # The peer address. Behind a proxy, run uvicorn with --proxy-headers and
-    # --forwarded-allow-ips so that this is the real client, not the proxy.
-    key = request.client.host if request.client else "unknown"
-    wait = limiter.acquire(key)
-    if wait > 0:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            "Too many requests; slow down.",
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-        )
+class RateLimitMiddleware:
+    """Every request but the exempt paths takes a token first, before anything reads its body.
+
+    A dependency would be too late: FastAPI reads and parses the body before it runs any
+    dependency, so a flood of malformed JSON (422) or of unknown paths (404) would never be
+    counted.
+    """
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, exempt: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        # The peer address. Behind a proxy, run uvicorn with --proxy-headers and
+        # --forwarded-allow-ips so that this is the real client, not the proxy.
+        client = scope.get("client")
+        wait = self.limiter.acquire(client[0] if client else "unknown")
+        if wait > 0:
+            response = error_response(
+                status.HTTP_429_TOO_MANY_REQUESTS,
+                "Too many requests; slow down.",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- caching
@@ -276,10 +352,27 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 # --------------------------------------------------------------------------- the catalogue
 
 
+MAX_ID = 2**31 - 1
+MAX_PRICE = 1_000_000
+MAX_STOCK = 1_000_000
+
+
 class ProductIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
-    price: float = Field(gt=0)
-    stock: int = Field(ge=0)
+    # Finite and bounded: 1e309 is infinity to Python's json, and one infinite or huge value
+    # would make every later summary infinite, or a 500 when it is written as JSON.
+    price: float = Field(gt=0, le=MAX_PRICE, allow_inf_nan=False)
+    stock: int = Field(ge=0, le=MAX_STOCK)
+
+    @field_validator("price", "stock", mode="before")
+    @classmethod
+    def a_json_number(cls, value: object) -> object:
+        # Pydantic's lax mode would read "inf" or "12" from a string and 1 from true; the
+        # schema promises a JSON number. (strict=True would also refuse 3.0 for the stock,
+        # which JSON Schema counts as an integer.)
+        if isinstance(value, (str, bool)):
+            raise ValueError("must be a JSON number, not a string or a boolean")
+        return value
 
 
 class Product(ProductIn):
@@ -298,10 +391,12 @@ def seed_products() -> dict[int, Product]:
 
 async def build_summary(products: list[Product]) -> dict[str, Any]:
     # Stands in for the expensive call (a slow aggregate query, a call to another service).
+    # Every term is at most MAX_PRICE * MAX_STOCK (1e12), so no number of products can push the
+    # sum past a float's range; fsum adds them without piling up rounding errors.
     return {
         "products": len(products),
         "total_stock": sum(p.stock for p in products),
-        "stock_value": round(sum(p.price * p.stock for p in products), 2),
+        "stock_value": round(math.fsum(p.price * p.stock for p in products), 2),
     }
 
 
@@ -320,15 +415,22 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
             Exception: unexpected_error,
         },
     )
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_capacity, settings.rate_limit_refill_per_second, clock)
+    limiter = RateLimiter(
+        settings.rate_limit_capacity, settings.rate_limit_refill_per_second, clock, settings.rate_limit_max_clients
+    )
     products = seed_products()
     cache = TTLCache(settings.summary_ttl_seconds, clock)
 
     # add_middleware puts each new one outside the previous: the last added runs first.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_minimum_size)
+    # Outside the body limit, so that a flood of oversized bodies is counted too; inside CORS,
+    # so that a 429 carries the CORS headers a browser script needs to read it. Preflights are
+    # answered by CORS before it: one costs no more than the 429 that would refuse it.
+    # /health is exempt: a throttled probe would get a healthy replica restarted.
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, exempt=frozenset({"/health"}))
     app.add_middleware(
-        CORSMiddleware,
+        CORSMiddlewareWithErrorBody,
         allow_origins=settings.cors_origins,
         allow_credentials=settings.cors_allow_credentials,
         allow_methods=["GET", "POST"],
@@ -339,14 +441,21 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
     )
     app.add_middleware(SecurityHeadersMiddleware)
 
-    @app.get("/health", tags=["ops"])
+    # Every route can answer 413 (the body limit runs before routing); all but /health 429.
+    @app.get("/health", tags=["ops"], responses=documented(413))
     async def health() -> dict[str, str]:
-        # Not rate limited: a throttled probe would get a healthy replica restarted.
         return {"status": "ok"}
 
-    api = APIRouter(dependencies=[Depends(rate_limit)])
+    api = APIRouter(responses=documented(413, 429))
 
-    @api.get("/products", tags=["products"])
+    @api.get(
+        "/products",
+        tags=["products"],
+        responses={
+            200: {"model": list[Product], "description": "The products"},
+            304: {"description": "The client's copy (If-None-Match) is current"},
+        },
+    )
     async def list_products(request: Request) -> Response:
         body = PRODUCT_LIST.dump_json(list(products.values()))
         # Weak: the same content may go out gzip-compressed or not, byte-for-byte different.
@@ -357,14 +466,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
-    @api.get("/products/{product_id}", tags=["products"])
-    async def read_product(product_id: int) -> Product:
+    @api.get("/products/{product_id}", tags=["products"], responses=documented(404, 422))
+    async def read_product(product_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Product:
         product = products.get(product_id)
         if product is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"Product {product_id} not found.")
         return product
 
-    @api.post("/products", status_code=status.HTTP_201_CREATED, tags=["products"])
+    # 400: FastAPI's own answer to a body that cannot be decoded at all (not UTF-8).
+    @api.post("/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=documented(400, 422))
     async def create_product(payload: ProductIn, response: Response) -> Product:
         product = Product(id=max(products, default=0) + 1, **payload.model_dump())
         products[product.id] = product
