@@ -38,6 +38,8 @@ from fastapi import (
     WebSocketDisconnect,
     status,
 )
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -369,6 +371,13 @@ async def notes_feed(websocket: WebSocket, api_key: str | None = None) -> None:
             forwarder.cancel()
 
 
+async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each rejected `input`, and a number JSON cannot write back
+    # (1e309 reads as infinity, NaN) would turn that 422 into a 500. Same shape, no input.
+    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
+
+
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -392,6 +401,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Notes", version="1.0.0", lifespan=lifespan)
     app.state.settings = settings
+    app.add_exception_handler(RequestValidationError, validation_error_without_input)
     app.add_api_route("/health", health, methods=["GET"], tags=["ops"])
     app.include_router(router)
     app.add_api_websocket_route("/ws/notes", notes_feed)

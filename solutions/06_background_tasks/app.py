@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, EmailStr, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -38,11 +40,31 @@ class ErrorMessage(BaseModel):
     detail: str
 
 
-# What POST /signup can answer besides 201 and FastAPI's own 422, so the OpenAPI document is complete.
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ValidationErrorBody(BaseModel):
+    """This service's 422: FastAPI's shape without the rejected `input`."""
+
+    detail: list[FieldError]
+
+
+# What POST /signup can answer besides 201, so the OpenAPI document is complete.
 SIGNUP_ERRORS: dict[int | str, dict[str, Any]] = {
     status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"},
     status.HTTP_409_CONFLICT: {"model": ErrorMessage, "description": "This e-mail address is already registered"},
+    status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": ValidationErrorBody, "description": "The body broke a rule"},
 }
+
+
+async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each rejected `input`: an e-mail address travels back, and a
+    # number JSON cannot write (1e309 reads as infinity, NaN) turns the 422 into a 500.
+    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
 @dataclass
@@ -117,6 +139,7 @@ def create_app(outbox_dir: Path | str | None = None) -> FastAPI:
         logger.info("shutdown: %d welcome messages sent, %d failed", state.sent, state.failed)
 
     app = FastAPI(title="Signup service", version="0.6.0", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, validation_error_without_input)
 
     @app.post(
         "/signup",

@@ -1,0 +1,80 @@
+"""Attacks on the notes service of exercise 09 (`exercises/09_testing/service.py`): the defences hold.
+
+Ids and page numbers past SQLite's 64-bit integers, bodies whose values JSON cannot write back,
+concurrent creates and deletes on the one shared connection, and API keys that differ late: each
+answer is the promised 4xx (a missing note is a 404 however large its id, a page past the end is
+empty), never a 5xx, and concurrent requests each get their own, committed result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi.testclient import TestClient
+
+from grader.loader import load_module
+
+from .conftest import ROOT
+
+SERVICE = ROOT / "exercises" / "09_testing"
+KEY = "k" * 32
+JSON = {"content-type": "application/json", "x-api-key": KEY}
+
+
+@pytest.fixture(scope="module")
+def service():
+    return load_module(Path(SERVICE), "service")
+
+
+@pytest.fixture
+def app(service, tmp_path):
+    return service.create_app(service.Settings(database_path=tmp_path / "notes.db", audit_path=tmp_path / "audit.jsonl",
+                                               api_key=KEY))
+
+
+@pytest.fixture
+def client(app):
+    with TestClient(app, raise_server_exceptions=False, headers={"x-api-key": KEY}) as client:
+        yield client
+
+
+@pytest.mark.parametrize("note_id", [str(2**63), str(-(2**63) - 1), str(10**30), "9" * 400])
+def test_ids_past_sqlite_integers_are_404(client, note_id):
+    assert client.get(f"/notes/{note_id}").status_code == 404
+    assert client.delete(f"/notes/{note_id}").status_code == 404
+
+
+@pytest.mark.parametrize("page", [str(2**63), str(10**30)])
+def test_pages_past_sqlite_integers_are_empty(client, page):
+    response = client.get("/notes", params={"page": page, "size": 50})
+    assert response.status_code == 200, response.text
+    assert response.json()["items"] == []
+
+
+@pytest.mark.parametrize("raw", ["1e309", "NaN", "-Infinity", str(10**400)])
+def test_values_json_cannot_write_back_are_a_422(client, raw):
+    response = client.post("/notes", content=f'{{"title": {raw}}}', headers=JSON)
+    assert response.status_code == 422, response.text
+    assert client.get("/notes").json()["total"] == 0
+
+
+def test_a_key_that_differs_only_at_the_end_is_refused(client):
+    assert client.get("/notes", headers={"x-api-key": KEY[:-1] + "x"}).status_code == 401
+
+
+@pytest.mark.asyncio
+async def test_concurrent_creates_and_deletes_share_the_connection_safely(app):
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers={"x-api-key": KEY}) as client:
+            created = await asyncio.gather(*(client.post("/notes", json={"title": f"n{n}"}) for n in range(20)))
+            ids = [response.json()["id"] for response in created]
+            deleted = await asyncio.gather(*(client.delete(f"/notes/{note_id}") for note_id in ids[::2]))
+            listing = (await client.get("/notes", params={"size": 50})).json()
+    assert [response.status_code for response in created] == [201] * 20 and len(set(ids)) == 20
+    assert [response.status_code for response in deleted] == [204] * 10
+    assert sorted(note["id"] for note in listing["items"]) == sorted(ids[1::2]) and listing["total"] == 10
