@@ -268,6 +268,11 @@ async def test_orders_answers_from_what_inventory_says(inventory: ModuleType, or
         expect_json(unknown, {"detail": "Unknown SKU unobtainium"}, exact=True)
         expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 0}), 422, "quantity ≥ 1")
         expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 101}), 422, "quantity ≤ 100")
+        for number in ("1e309", "NaN", "-Infinity"):
+            hostile = await client.post("/orders", content=f'{{"sku": "widget", "quantity": {number}}}'.encode(),
+                                        headers={"content-type": "application/json"})
+            expect_status(hostile, 422, f"quantity {number}: not a whole number (a 422 must not echo the infinite or NaN "
+                          "input: JSON cannot carry it, and the answer would become a 500)")
 
 
 @pytest.mark.task("shared_client")
@@ -581,6 +586,9 @@ async def test_inventory_applies_an_event_once(inventory: ModuleType) -> None:
         expect_status(await client.post("/events", json=event("evt-2", quantity=9)), 202, "an event that oversells")
         expect_json(await client.get("/stock/widget"), {"available": 0}, "9 taken from 7: stock never goes below 0")
         expect_status(await client.post("/events", json={"type": "OrderPlaced"}), 422, "an event without its fields")
+        nan = await client.post("/events", content=json.dumps(event("evt-3")).replace('"quantity": 3', '"quantity": NaN').encode(),
+                                headers={"content-type": "application/json"})
+        expect_status(nan, 422, "an event whose quantity is NaN (the 422 must not echo it: JSON cannot carry NaN)")
 
 
 @pytest.mark.task("events")

@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, HTTPException, status
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -119,6 +121,13 @@ def create_app(stock: Mapping[str, int] | None = None, *, broker: Subscribable |
 
     app = FastAPI(title="Inventory", version="1.0.0", lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422 without each error's "input" and "ctx": the input may be the infinity or
+        # NaN that was refused (1e309 in the JSON), which JSON cannot carry: the 422 would be a 500.
+        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Header, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -309,6 +310,13 @@ def create_app(
     @app.exception_handler(UpstreamError)
     async def upstream_failed(request: Request, exc: UpstreamError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422 without each error's "input" and "ctx": the input may be the infinity or
+        # NaN that was refused (1e309 in the JSON), which JSON cannot carry: the 422 would be a 500.
+        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
