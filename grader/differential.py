@@ -883,7 +883,7 @@ class Pair:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.aliases = {}
+        self.aliases: dict[str, str] = {}  # a free value of the reference's -> the learner's own
         self.learner_module = session.load_learner()
         self.reference_module = session.load_reference()
         for module in (self.learner_module, self.reference_module):
@@ -897,8 +897,6 @@ class Pair:
         except Exception as exc:  # noqa: BLE001 - the learner's startup failed: every test says so
             self.reference.stop()
             raise Unstartable(f"your app's startup (its lifespan) raised {type(exc).__name__}: {exc}") from exc
-
-    aliases: dict[str, str]
 
     def send(self, request: Request) -> tuple[Answer, Answer]:
         reference = self.reference.send(request)
@@ -977,16 +975,15 @@ class Session:
 
     def __init__(self, load_learner: Callable[[], Any], load_reference: Callable[[], Any], promises: Promises, *,
                  app: str = "app", prepare: Callable[[Any], None] | None = None,
-                 state: Callable[[Any], Any] | None = None, lesson: Callable[[str], str] | None = None) -> None:
+                 state: Callable[[Any], Any] | None = None) -> None:
         self.load_learner, self.load_reference = load_learner, load_reference
         self.promises, self.app_name = promises, app
-        self.prepare, self.state, self.lesson = prepare, state, lesson
+        self.prepare, self.state = prepare, state
         self.loop: asyncio.AbstractEventLoop | None = None
         self.differences: dict[str, Difference] = {}  # input key -> its first difference
         self.compared: dict[str, int] = {}  # task -> requests compared without a difference
         self.reference_failures: list[tuple[Request, Answer]] = []
         self.broken = ""
-        self.generator: Generator | None = None
         self.ran = False
         self.seconds = 0.0
 
@@ -1032,7 +1029,7 @@ class Session:
         rng = random.Random(self.promises.seed)
         pair = self._fresh()
         try:
-            generator = self.generator = Generator(
+            generator = Generator(
                 pair.reference.app.openapi() if hasattr(pair.reference.app, "openapi") else {}, self.promises, rng)
         except BaseException:
             pair.close()
@@ -1077,13 +1074,9 @@ class Session:
                 if not where:
                     self.compared[target.task] = self.compared.get(target.task, 0) + 1
                     continue
-                whole = self.differences.get(f"{target.operation}|")
                 if learner.crash == HUNG:
                     # replaying a request that hangs would only wait again
                     self.differences[key] = Difference(target, [request], reference, learner, where, fresh=len(history) == 1)
-                elif target.name and whole is not None and whole.where:
-                    # the operation differs whatever this input is: no need to shrink again
-                    self.differences[key] = Difference(target, [request], reference, learner, where, blocked_by=whole)
                 else:
                     self.differences[key] = self._shrink(history, target, (reference, learner, where, states))
                 if request.method in ("GET", "HEAD", "OPTIONS") and not learner.crash:
