@@ -84,6 +84,24 @@ class Screen:
         os.close(self.master)
 
 
+def warm_start(exercise, runs: int = 5) -> float:
+    """What a forked run costs before its first test: pytest's configuration and collection."""
+    from grader.warm import WarmRunner
+
+    runner = WarmRunner(exercise)
+    runner.warm()
+    plain = runner._args
+    runner._args = lambda report: [*plain(report), "--solution", "--collect-only"]  # type: ignore[method-assign]
+    costs = []
+    for _ in range(runs):
+        run = runner.start()
+        while not runner.finished(run):
+            time.sleep(0.001)
+        runner.result(run)
+        costs.append(run.ended - run.started)
+    return statistics.median(costs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exercise", nargs="?", default="02")
@@ -118,11 +136,13 @@ def main() -> None:
                 inside.append(float(verdict.group(3)))
         finally:
             screen.close()
+    start_cost = warm_start(exercise)
     median = statistics.median(times)
     print(f"{exercise.name}: grader watch, save to verdict on screen, {len(times)} saves")
     print(f"  median {median:.3f} s   best {min(times):.3f} s   worst {max(times):.3f} s   "
           f"(target {TARGET} s: {'met' if median <= TARGET else 'NOT met'})")
     print(f"  of which the run itself (fork to report): median {statistics.median(inside):.3f} s")
+    print(f"  pytest's own start and collection in a warm fork (--collect-only): median {start_cost:.3f} s")
     print(f"  first verdict after start (warm-up included): {first:.2f} s")
     print(f"  for comparison, a cold grader check: median {statistics.median(cold):.2f} s")
     print(f"  load average now: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
