@@ -87,7 +87,10 @@ class Watchdog:
     def __init__(self, is_learners: Callable[[str], bool], give_up: Callable[[Stuck], None]) -> None:
         self.is_learners = is_learners
         self.give_up = give_up
-        self.main = threading.main_thread().ident
+        # the thread that runs the tests (created at a test's setup); signals reach it only if it is
+        # the interpreter's main thread (pytest-xdist's workers may run tests in another one)
+        self.main = threading.get_ident()
+        self._can_signal = threading.current_thread() is threading.main_thread()
         self._lock = threading.Condition()
         self._armed: tuple[str, float, float, str] | None = None  # nodeid, limit, deadline, test file
         self._generation = 0
@@ -95,7 +98,7 @@ class Watchdog:
         self._main_pending = False
         self.stuck: dict[str, Stuck] = {}
         self.last: Stuck | None = None
-        self._previous = signal.signal(SIGNAL, self._on_signal)
+        self._previous = signal.signal(SIGNAL, self._on_signal) if self._can_signal else None
         self._thread = threading.Thread(target=self._run, name="grader-watchdog", daemon=True)
         self._closed = False
         self._wake = 0.0  # when the watchdog wakes up next, at the latest
@@ -129,7 +132,7 @@ class Watchdog:
             self._armed = None
             self._lock.notify()
         self._thread.join(1)
-        if signal.getsignal(SIGNAL) == self._on_signal:
+        if self._can_signal and signal.getsignal(SIGNAL) == self._on_signal:
             signal.signal(SIGNAL, self._previous)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -241,8 +244,10 @@ class Watchdog:
             if self._generation != generation:
                 return
             self._main_pending = True
-        if self.main is not None:
+        if self._can_signal:
             signal.pthread_kill(self.main, SIGNAL)
+        else:
+            _set_async_exc(self.main, HungThread)  # ends a pure-Python loop there, not a blocking call
 
     def _learner_threads(self) -> list[int]:
         mine = threading.get_ident()
