@@ -772,10 +772,14 @@ class Generator:
         return self.rng.choice(values)
 
     def sweep(self) -> list[tuple[Input, Any]]:
-        """Every operation as declared, and every value the declaration names, once each."""
+        """Every operation as declared (first, in the declaration's order), then every value the
+        declaration names, each schema edge and each input left out, once each, shuffled."""
+        first = [(target, UNSET) for target in self.inputs if not target.name]
         planned: list[tuple[Input, Any]] = []
         for target in self.inputs:
-            if not target.name or "=" in target.name:
+            if not target.name:
+                continue
+            if "=" in target.name:
                 planned.append((target, UNSET))
             elif target.name == "+":
                 planned += [(target, None)] * 3  # three requests with two inputs changed at once
@@ -786,7 +790,7 @@ class Generator:
                     chosen = [*chosen, MISSING]  # and left out
                 planned += [(target, value) for value in chosen]
         self.rng.shuffle(planned)
-        return planned
+        return first + planned
 
     def request(self, target: Input, value: Any = None) -> Request:
         """A request for ``target``: its operation, with ``value`` (or one from its pool) for its input."""
