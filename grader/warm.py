@@ -174,3 +174,181 @@ def _forget_modules(files: list[str]) -> None:
         path = getattr(module, "__file__", None)
         if path and str(Path(path).resolve()) in changed:
             del sys.modules[name]
+
+
+class HeldRunner(WarmRunner):
+    """Like :class:`WarmRunner`, with pytest's start paid once too.
+
+    A helper process (forked from this one, so its imports are done) runs ``pytest.main`` up to
+    the point where the tests would start (``pytest_runtestloop``), as the class grader's
+    exercise zygote does, and waits there. Each run is a fork of it that returns from that hook
+    into pytest's own test loop with its own report path: configuration, plugins and
+    collection are not paid again. The helper is started anew when a graded file changes.
+    """
+
+    def __init__(self, exercise: Exercise) -> None:
+        super().__init__(exercise)
+        self.helper: int | None = None
+        self._to: int | None = None
+        self._from: int | None = None
+        self._buffer = b""
+        self._done: dict[int, int] = {}
+
+    def warm(self) -> float:
+        started = time.monotonic()
+        self.stop()
+        files = [*self.exercise.test_files, self.exercise.folder / "conftest.py"]
+        self.warmed = {str(path): _mtime(path) for path in files}
+        to_read, to_write = os.pipe()
+        from_read, from_write = os.pipe()
+        args = self._args(Path(os.devnull)) + ["--capture=sys"]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(to_write)
+            os.close(from_read)
+            _serve(args, to_read, from_write, self.exercise)  # never returns in the helper
+        os.close(to_read)
+        os.close(from_write)
+        self.helper, self._to, self._from = pid, to_write, from_read
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.helper is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.helper, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.helper, 0)
+        for fd in (self._to, self._from):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.helper = self._to = self._from = None
+
+    def _messages(self, wait: float = 0.0) -> list[list[str]]:
+        assert self._from is not None
+        ready, _, _ = select_module().select([self._from], [], [], wait)
+        if ready:
+            data = os.read(self._from, 65536)
+            if not data:
+                raise OSError("the warm helper ended")
+            self._buffer += data
+        lines, _, self._buffer = self._buffer.rpartition(b"\n")
+        return [line.decode().split() for line in lines.split(b"\n") if line]
+
+    def start(self) -> Run:
+        stale = [name for name, when in self.warmed.items() if _mtime(Path(name)) != when]
+        if stale or self.helper is None:
+            self.warm()
+        scratch = Path(tempfile.mkdtemp(prefix="grader-watch-"))
+        assert self._to is not None
+        os.write(self._to, f"run {scratch}\n".encode())
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            for message in self._messages(0.05):
+                if message[0] == "pid":
+                    return Run(self.exercise, int(message[1]), scratch, time.monotonic(), self.exercise.timeout)
+                if message[0] == "done":
+                    self._done[int(message[1])] = int(message[2])
+        raise OSError("the warm helper did not start a run")
+
+    def finished(self, run: Run) -> bool:
+        if run.returncode is not None:
+            return True
+        with contextlib.suppress(OSError):
+            for message in self._messages(0.0):
+                if message[0] == "done":
+                    self._done[int(message[1])] = int(message[2])
+        if run.pid in self._done:
+            run.returncode = self._done.pop(run.pid)
+            run.ended = time.monotonic()
+            return True
+        if self.helper is not None and os.waitpid(self.helper, os.WNOHANG)[0] != 0:
+            self.helper = None  # the helper died: this run is lost, the next start makes a new one
+            run.returncode, run.ended = 70, time.monotonic()
+            return True
+        if time.monotonic() - run.started > run.limit + KILL_AFTER:
+            self.cancel(run)
+            run.returncode = -9
+            return True
+        return False
+
+    def cancel(self, run: Run) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.pid, signal.SIGKILL)
+        shutil.rmtree(run.scratch, ignore_errors=True)
+
+
+def select_module():
+    import select
+
+    return select
+
+
+def _serve(args: list[str], commands: int, replies: int, exercise: Exercise) -> None:
+    """The helper: pytest up to its test loop, then one fork per run (see HeldRunner)."""
+    code = 70
+    try:
+        os.setpgid(0, 0)
+        for key in _STRIPPED_ENV:
+            os.environ.pop(key, None)
+        os.chdir(exercise.root)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        import pytest
+
+        class Hold:
+            """Waits in pytest_runtestloop; each fork returns from it into pytest's own test loop."""
+
+            @pytest.hookimpl(tryfirst=True)
+            def pytest_runtestloop(self, session: pytest.Session) -> object:
+                scratch = _wait_for_run(commands, replies)
+                report = Path(scratch) / "report.json"
+                session.config.option.grader_report = str(report)
+                session.config._grader_started = time.monotonic()  # type: ignore[attr-defined]
+                _redirect(Path(scratch) / "output.txt")
+                return None  # pytest's own loop runs the tests
+
+        code = int(pytest.main(args, plugins=[Hold()]))
+    except BaseException:  # noqa: BLE001 - a helper or a run must end here, whatever happened
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_for_run(commands: int, replies: int) -> str:
+    """In the helper: wait for a command, fork, and return its folder in the run (never in the helper)."""
+    import select
+
+    buffer = b""
+    running: set[int] = set()
+    while True:
+        ready, _, _ = select.select([commands], [], [], 0.02)
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                running.discard(pid)
+                os.write(replies, f"done {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
+        if not ready:
+            continue
+        data = os.read(commands, 4096)
+        if not data:  # grader watch ended
+            os._exit(0)
+        buffer += data
+        while b"\n" in buffer:
+            line, _, buffer = buffer.partition(b"\n")
+            _, _, scratch = line.decode().partition(" ")
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, 0)
+                os.close(commands)
+                os.close(replies)
+                return scratch
+            running.add(pid)
+            os.write(replies, f"pid {pid}\n".encode())

@@ -9,8 +9,9 @@ The loop, as a learner lives in it:
 - keys: ``h`` the next hint, ``r`` run again, ``n`` the next exercise, ``q`` quit;
 - when the exercise passes it says so and waits for a key before moving on.
 
-Runs are forked from this process after it collected the suite once (:mod:`grader.warm`),
-so a run costs the tests, not pytest's start. Saves are noticed by polling the files'
+Runs are forked from a helper that has imported everything and collected the suite once,
+and waits where pytest would start the tests (:class:`grader.warm.HeldRunner`): a run costs
+the tests, not pytest's start. Saves are noticed by polling the files'
 modification times every few milliseconds: that works on every file system (network
 drives and container mounts that never deliver file events too) and keeps this process
 single-threaded, which forking needs. Without a terminal (stdin is not a TTY) there are no
@@ -132,7 +133,7 @@ class Keys:
 def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, console: Console,
                show: Callable[..., None]) -> None:
     """The loop (see the module's docstring). ``force_polling`` is accepted for compatibility: it always polls."""
-    from grader.warm import WarmRunner
+    from grader.warm import HeldRunner
 
     state, pristine = State(root), Pristine(root)
     exercises = all_exercises(root)
@@ -148,7 +149,11 @@ def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, conso
     current = start or pending(None)
     with Keys() as keys:
         while current is not None:
-            step = _watch_one(current, WarmRunner(current), keys, state, console, show)
+            runner = HeldRunner(current)
+            try:
+                step = _watch_one(current, runner, keys, state, console, show)
+            finally:
+                runner.stop()
             if step == "quit":
                 console.print("[dim]stopped watching.[/]")
                 return
