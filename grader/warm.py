@@ -239,6 +239,18 @@ class HeldRunner(WarmRunner):
         return [line.decode().split() for line in lines.split(b"\n") if line]
 
     def start(self) -> Run:
+        try:
+            return self._start_held()
+        except OSError:  # no helper (pytest stopped before its test loop): a run forked from here
+            self.stop()
+            return WarmRunner.start(self)
+
+    def finished(self, run: Run) -> bool:
+        if self.helper is None and run.returncode is None:
+            return WarmRunner.finished(run)
+        return self._finished_held(run)
+
+    def _start_held(self) -> Run:
         stale = [name for name, when in self.warmed.items() if _mtime(Path(name)) != when]
         if stale or self.helper is None:
             self.warm()
@@ -254,7 +266,7 @@ class HeldRunner(WarmRunner):
                     self._done[int(message[1])] = int(message[2])
         raise OSError("the warm helper did not start a run")
 
-    def finished(self, run: Run) -> bool:
+    def _finished_held(self, run: Run) -> bool:
         if run.returncode is not None:
             return True
         with contextlib.suppress(OSError):
@@ -276,6 +288,9 @@ class HeldRunner(WarmRunner):
         return False
 
     def cancel(self, run: Run) -> None:
+        if self.helper is None:  # forked from here, so reaped here
+            WarmRunner.cancel(run)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.pid, signal.SIGKILL)
         shutil.rmtree(run.scratch, ignore_errors=True)
