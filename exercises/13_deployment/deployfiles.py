@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 import shlex
 import sys
@@ -171,6 +172,17 @@ class Healthcheck:
     line: int = 0
 
 
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Copy:
+    sources: tuple[str, ...]
+    destination: str  # absolute: relative destinations are resolved against WORKDIR
+    stage: str | None  # the --from value, None for the build context
+    line: int
+
+
 @dataclass
 class Image:
     """The configuration the final stage ends up with (inherited from earlier stages when it
@@ -185,6 +197,15 @@ class Image:
     healthcheck: Healthcheck | None = None
     copies_from: list[str] = field(default_factory=list)  # COPY --from=... in the final stage
     env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    copies: list[Copy] = field(default_factory=list)  # COPY/ADD of this stage (and the stage it is FROM)
+    runs: list[str] = field(default_factory=list)  # RUN commands of this stage (and the stage it is FROM)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> list[str]:
+        """The directories of PATH in the final stage (the official python images' default when unset)."""
+        return [part for part in self.env.get("PATH", DEFAULT_PATH).split(":") if part]
 
     @property
     def runs_as_root(self) -> bool:
@@ -238,9 +259,14 @@ def final_image(instructions: list[Instruction]) -> Image:
                     cmd=inherited.cmd,
                     healthcheck=inherited.healthcheck,
                     env=dict(inherited.env),
+                    workdir=inherited.workdir,
+                    copies=list(inherited.copies),
+                    runs=list(inherited.runs),
+                    labels=dict(inherited.labels),
                 )
             else:
-                current = Image(stages=stages, env=dict(global_args))
+                # A base image's own PATH (the official python images set this one).
+                current = Image(stages=stages, env={"PATH": DEFAULT_PATH, **global_args})
             per_stage.append(current)
             if name:
                 names[name] = len(per_stage) - 1
@@ -268,11 +294,55 @@ def final_image(instructions: list[Instruction]) -> Image:
             current.cmd = instruction
         elif keyword == "HEALTHCHECK":
             current.healthcheck = _healthcheck(instruction)
-        elif keyword in ("COPY", "ADD") and "from" in instruction.flags:
-            current.copies_from.append(instruction.flags["from"])
+        elif keyword == "WORKDIR":
+            current.workdir = _absolute(expand(instruction.value.strip().strip("\"'"), current.env), current.workdir)
+        elif keyword == "RUN":
+            current.runs.append(instruction.value)
+        elif keyword == "LABEL":
+            current.labels.update(env_assignments(instruction.value))
+        elif keyword in ("COPY", "ADD"):
+            if "from" in instruction.flags:
+                current.copies_from.append(instruction.flags["from"])
+            parts = instruction.exec_form or instruction.value.split()
+            if len(parts) >= 2:
+                destination = _absolute(expand(parts[-1], current.env), current.workdir)
+                if parts[-1].endswith("/") and not destination.endswith("/"):
+                    destination += "/"
+                current.copies.append(Copy(tuple(parts[:-1]), destination, instruction.flags.get("from"), instruction.line))
     if current is None:
         raise DockerfileError("the Dockerfile has no FROM instruction")
     return current
+
+
+def _absolute(path: str, workdir: str) -> str:
+    """A Dockerfile path made absolute against WORKDIR, `.` and `..` resolved."""
+    trailing = path.endswith("/") and path != "/"
+    resolved = posixpath.normpath(posixpath.join(workdir, path))
+    return resolved + "/" if trailing else resolved
+
+
+def stage_reference_problems(instructions: list[Instruction]) -> list[str]:
+    """Every `COPY --from=` / `ADD --from=` that names no stage defined before it.
+
+    A stage is named by its `AS` name or its index (0 for the first FROM); a value with `:`,
+    `/` or `@` is an image reference, which docker pulls (that is allowed)."""
+    problems, names, count = [], set(), 0
+    for instruction in instructions:
+        if instruction.keyword == "FROM":
+            tokens = instruction.value.split()
+            if len(tokens) >= 3 and tokens[1].upper() == "AS":
+                names.add(tokens[2].lower())
+            count += 1
+        elif instruction.keyword in ("COPY", "ADD") and "from" in instruction.flags:
+            source = instruction.flags["from"]
+            if any(mark in source for mark in ":/@"):
+                continue
+            if source.isdigit():
+                if int(source) >= count - 1:
+                    problems.append(f"{instruction}: stage {source} is not an earlier stage (stages so far: 0..{count - 2})")
+            elif source.lower() not in names:
+                problems.append(f"{instruction}: no earlier stage is named {source!r} (named so far: {sorted(names) or 'none'})")
+    return problems
 
 
 def arg_defaults(value: str) -> dict[str, str]:
@@ -433,7 +503,7 @@ def memory_bytes(quantity: str | int | float) -> float:
 
 
 def allowed_workers(cpu_limit: float) -> int:
-    """At most one worker per whole CPU the container may use, and at least one."""
+    """The CPU limit rounded up (500m allows 1 worker, 1.5 allows 2), and at least one."""
     return max(1, math.ceil(cpu_limit))
 
 
@@ -473,3 +543,130 @@ def healthcheck_text(healthcheck: dict | None) -> str:
     if isinstance(test, list):
         return " ".join(str(part) for part in test)
     return str(test or "")
+
+
+# ---------------------------------------------------------------------------------------
+# What the final image holds: programs and files
+# ---------------------------------------------------------------------------------------
+
+# What the official `python:<tag>` images ship, by variant: the full Debian image has curl and
+# wget, the slim one neither, the Alpine one busybox's wget. Python itself is in all of them.
+_PYTHON_IMAGE_PROGRAMS = {
+    "slim": {"python", "python3", "pip", "sh"},
+    "alpine": {"python", "python3", "pip", "sh", "wget"},
+    "full": {"python", "python3", "pip", "sh", "curl", "wget"},
+}
+_INSTALL = re.compile(r"\b(?:apt-get|apt)\s+(?:-\S+\s+)*install\b([^;&|]*)|\bapk\s+add\b([^;&|]*)")
+
+
+def installed_packages(runs: list[str]) -> set[str]:
+    """Package names that `apt-get install` / `apk add` in these RUN commands install."""
+    found: set[str] = set()
+    for run in runs:
+        for match in _INSTALL.finditer(run.replace("\\\n", " ")):
+            found |= {word for word in (match.group(1) or match.group(2) or "").split() if not word.startswith("-")}
+    return found
+
+
+def base_programs(base: str) -> set[str] | None:
+    """The programs of a known base image, or None when the image is not one the tests know."""
+    name, _, tag = base.partition(":")
+    if name.split("/")[-1] != "python":
+        return None
+    variant = "alpine" if "alpine" in tag else "slim" if "slim" in tag else "full"
+    return _PYTHON_IMAGE_PROGRAMS[variant]
+
+
+def venv_directories(image: Image) -> list[str]:
+    """Where the final stage gets Python packages from an earlier stage: the destinations of its
+    COPY --from (a virtual environment, whose programs live in <dir>/bin)."""
+    return [copy.destination.rstrip("/") or "/" for copy in image.copies if copy.stage is not None]
+
+
+def program_problem(image: Image, argv: list[str]) -> str:
+    """Why the final image could not start `argv` (uvicorn, or python -m uvicorn), or "".
+
+    uvicorn is in the image when a RUN of the final stage pip-installs it (into the system
+    Python, whose bin is on PATH), or when it comes from an earlier stage: then the program is
+    called by an absolute path inside what was copied, or found through a PATH entry that is
+    the bin directory of a copied directory."""
+    if any(re.search(r"\bpip3?\s+install\b|\buv\s+pip\s+install\b|-m\s+pip\s+install\b", run) for run in image.runs):
+        return ""
+    program = argv[0]
+    copied = venv_directories(image)
+    if program.startswith("/"):
+        if any(program.startswith(directory.rstrip("/") + "/") for directory in copied):
+            return ""
+        return f"{program} is in no directory the final stage copies from an earlier stage ({copied or 'none'})"
+    for directory in image.path:
+        if any(directory.rstrip("/") == d.rstrip("/") or directory.startswith(d.rstrip("/") + "/") for d in copied):
+            return ""
+    return (f"`{program}` is looked up on PATH {':'.join(image.path)}, and no directory of it comes from "
+            f"what the final stage copies from the builder ({copied or 'nothing'}): the system Python there "
+            "has no uvicorn")
+
+
+def app_file_problem(image: Image, module: str, app_dir: str | None) -> str:
+    """Why `module`'s file (app.py for `app:app`) would not be in the directory uvicorn imports
+    from (WORKDIR, or --app-dir), or ""."""
+    filename = module.replace(".", "/") + ".py"
+    directory = _absolute(app_dir, image.workdir) if app_dir else image.workdir
+    target = posixpath.join(directory, filename)
+    for copy in image.copies:
+        if copy.stage is not None:
+            continue
+        for source in copy.sources:
+            source = posixpath.normpath(source)
+            if copy.destination.endswith("/") or len(copy.sources) > 1 or source in (".", "*.py", "*"):
+                # a directory destination: the source keeps its name inside it (a directory source, its content)
+                placed = posixpath.join(copy.destination, filename if source in (".", "*.py", "*") else posixpath.basename(source))
+            else:
+                placed = copy.destination
+            if posixpath.normpath(placed) == posixpath.normpath(target) and (source in (".", "*.py", "*") or source == filename):
+                return ""
+            if source == filename and posixpath.normpath(copy.destination) == posixpath.normpath(directory):
+                return ""  # COPY app.py /srv with WORKDIR /srv: an existing directory keeps the name
+    return f"no COPY of {filename} into {directory} (uvicorn imports `{module}` from there)"
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets anywhere
+# ---------------------------------------------------------------------------------------
+
+
+def strings_in(document: object, where: str = "") -> list[tuple[str, str, str]]:
+    """(where, key, value) for every string value in a loaded YAML document, with the key that
+    holds it (for a `NAME=value` list item or a `{name: X, value: Y}` pair, the variable's name)."""
+    found: list[tuple[str, str, str]] = []
+    if isinstance(document, dict):
+        name = document.get("name") if isinstance(document.get("name"), str) else None
+        for key, value in document.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                holder = name if key == "value" and name else str(key)
+                found.append((here, holder, str(value)))
+            else:
+                found += strings_in(value, here)
+    elif isinstance(document, list):
+        for index, item in enumerate(document):
+            here = f"{where}[{index}]"
+            if isinstance(item, str):
+                key, equals, value = item.partition("=")
+                found.append((here, key if equals else "", value if equals else item))
+            else:
+                found += strings_in(item, here)
+    return found
+
+
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+def secret_problem(key: str, value: str) -> str:
+    """Why `key: value` writes a secret in clear, or ""."""
+    if clear_password_in_url(value):
+        return "a URL with a password written in it"
+    if _PRIVATE_KEY.search(value):
+        return "a private key"
+    if looks_secret(key) and value.strip() and not interpolated(value) and not value.strip().startswith("/"):
+        return f"{key!r} names a secret and holds a literal value"
+    return ""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
+import json
 import math
 import re
 import shlex
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -191,6 +195,7 @@ def status_of(app: Any, path: str, *, lifespan: bool) -> int:
 
 
 @pytest.mark.task("app")
+@pytest.mark.promise("P1")
 def test_health_answers_even_before_startup(load):
     # No `with`: the lifespan has not run. A liveness route must not care.
     response = TestClient(load("app").app).get("/health")
@@ -198,6 +203,7 @@ def test_health_answers_even_before_startup(load):
 
 
 @pytest.mark.task("app")
+@pytest.mark.promise("P2")
 def test_ready_only_between_startup_and_shutdown(load):
     app = load("app").app
     before = TestClient(app).get("/ready")
@@ -213,6 +219,7 @@ def test_ready_only_between_startup_and_shutdown(load):
 
 
 @pytest.mark.task("app")
+@pytest.mark.promise("P3")
 @pytest.mark.asyncio
 async def test_slow_route_waits_within_bounds(load):
     app = load("app").app
@@ -239,12 +246,16 @@ async def test_slow_route_waits_within_bounds(load):
 
 
 @pytest.mark.task("dockerfile")
+@pytest.mark.promise("P4")
 def test_build_has_a_builder_and_a_runtime_stage(target_dir):
     image = read_image(target_dir)
     if len(image.stages) < 2:
         problem("Dockerfile", "at least two stages (two FROM lines): one that installs, one that ships",
                 f"{len(image.stages)} stage: {image.stages}",
                 "build tools and pip caches stay behind in the builder; the final stage copies the result.")
+    for found in deploy.stage_reference_problems(deploy.parse_dockerfile(read_text(target_dir, "Dockerfile"))):
+        problem("Dockerfile", "every COPY --from=<stage> names a stage defined before it (its AS name, or its index)",
+                found, "docker would try to pull an image of that name, and the build fails.")
     earlier = {name for _, name in image.stages[:-1] if name} | {str(i) for i in range(len(image.stages) - 1)}
     if not set(image.copies_from) & earlier:
         problem("Dockerfile, final stage", "a COPY --from=<earlier stage> that brings in what the builder made",
@@ -252,6 +263,7 @@ def test_build_has_a_builder_and_a_runtime_stage(target_dir):
 
 
 @pytest.mark.task("dockerfile")
+@pytest.mark.promise("P5")
 def test_final_stage_runs_as_a_non_root_user(target_dir):
     image = read_image(target_dir)
     if image.runs_as_root:
@@ -263,6 +275,7 @@ def test_final_stage_runs_as_a_non_root_user(target_dir):
 
 
 @pytest.mark.task("dockerfile")
+@pytest.mark.promise("P6")
 def test_healthcheck_probes_the_health_route(target_dir, load):
     image = read_image(target_dir)
     check = image.healthcheck
@@ -275,12 +288,14 @@ def test_healthcheck_probes_the_health_route(target_dir, load):
                 check.text, "the slim Python image has no curl; python -c with urllib.request works.")
     # The program the check runs: argv[0] of the exec form, the first word of the shell form.
     shell_form = not check.command or check.command[:2] == ["/bin/sh", "-c"]
-    program = Path(((check.text.split() if shell_form else check.command) or [""])[0]).name
+    written = ((check.text.split() if shell_form else check.command) or [""])[0]
+    program = Path(written).name
     base = image.stages[-1][0]
-    installs = " ".join(i.value for i in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")) if i.keyword == "RUN")
-    if program in ("curl", "wget") and "slim" in base and program not in installs:
+    known = deploy.base_programs(base)
+    copied = written.startswith("/") and deploy.program_problem(image, [written]) == ""
+    if known is not None and program not in known | deploy.installed_packages(image.runs) and not copied:
         problem(f"Dockerfile line {check.line}: HEALTHCHECK", f"a command that exists in {base}, e.g. python -c with urllib.request",
-                f"{program}, which {base} does not have (and no RUN installs it)",
+                f"{program}, which {base} does not have (it ships {sorted(known)}, and no RUN of the final stage installs it)",
                 "the check would fail every time and docker would mark the container unhealthy.")
     port, path = urls[0]
     status = status_of(load("app").app, path, lifespan=True)
@@ -294,6 +309,7 @@ def test_healthcheck_probes_the_health_route(target_dir, load):
 
 
 @pytest.mark.task("dockerfile")
+@pytest.mark.promise("P8")
 def test_command_starts_uvicorn_for_the_container(target_dir):
     command = command_of(read_image(target_dir))
     module, _, attribute = command.app.partition(":")
@@ -308,6 +324,24 @@ def test_command_starts_uvicorn_for_the_container(target_dir):
                 f"{command.argv}",
                 "without it uvicorn waits for every open connection, and the orchestrator's SIGKILL "
                 "ends the process before the lifespan shutdown runs.")
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P7")
+def test_final_image_holds_what_the_command_needs(target_dir):
+    image = read_image(target_dir)
+    command = command_of(image)
+    argv = image.command
+    missing = deploy.program_problem(image, argv)
+    if missing:
+        problem(f"Dockerfile, final stage (CMD {argv})", "the program the CMD starts is in the final image", missing,
+                'put the venv\'s bin first on PATH (ENV PATH="/opt/venv/bin:$PATH") or call /opt/venv/bin/uvicorn.')
+    module = command.app.partition(":")[0]
+    app_dir = command.params.get("app_dir") if "--app-dir" in " ".join(command.argv) else None
+    absent = deploy.app_file_problem(image, module, app_dir)
+    if absent:
+        problem(f"Dockerfile, final stage (WORKDIR {image.workdir})", f"COPY {module}.py into the directory uvicorn starts in",
+                absent, "uvicorn imports the app from its working directory: `COPY app.py ./` after `WORKDIR /srv`.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,6 +397,7 @@ def running(server: RunningImageCommand) -> str:
 
 
 @pytest.mark.task("serve")
+@pytest.mark.promise("P8", "P2")
 @pytest.mark.slow
 @pytest.mark.servers
 def test_image_command_serves_health_and_ready(image_server):
@@ -375,6 +410,7 @@ def test_image_command_serves_health_and_ready(image_server):
 
 
 @pytest.mark.task("serve")
+@pytest.mark.promise("P9", "P3")
 @pytest.mark.slow
 @pytest.mark.servers
 def test_sigterm_lets_an_in_flight_request_finish(image_server):
@@ -419,6 +455,7 @@ def test_sigterm_lets_an_in_flight_request_finish(image_server):
 
 
 @pytest.mark.task("compose")
+@pytest.mark.promise("P12")
 def test_compose_runs_the_api_with_postgres_and_redis(target_dir):
     compose = read_compose(target_dir)
     name, api = api_service(compose)
@@ -429,6 +466,7 @@ def test_compose_runs_the_api_with_postgres_and_redis(target_dir):
 
 
 @pytest.mark.task("compose")
+@pytest.mark.promise("P13")
 def test_dependencies_have_health_checks(target_dir):
     compose = read_compose(target_dir)
     for prefix, what, tool in (("postgres", "PostgreSQL", "pg_isready"), ("redis", "Redis", "redis-cli ping")):
@@ -440,6 +478,7 @@ def test_dependencies_have_health_checks(target_dir):
 
 
 @pytest.mark.task("compose")
+@pytest.mark.promise("P13")
 def test_api_waits_until_dependencies_are_healthy(target_dir):
     compose = read_compose(target_dir)
     name, api = api_service(compose)
@@ -453,12 +492,77 @@ def test_api_waits_until_dependencies_are_healthy(target_dir):
                     "the list form only waits until the container has started, not until the database accepts connections.")
 
 
+def compose_schema() -> dict:
+    # The Compose Specification's JSON schema, as check-jsonschema (pinned in pyproject.toml)
+    # ships it: no network needed, the same schema every time.
+    files = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads(files.joinpath("compose-spec.json").read_text(encoding="utf-8"))
+
+
+def schema_error_text(error: Any) -> str:
+    where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+    # The deepest error says what is wrong; "is not valid under any of the given schemas" does not.
+    best = jsonschema.exceptions.best_match([error, *(error.context or [])])
+    return f"at {where}: {best.message}"
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P11", "P12")
+def test_compose_file_follows_the_compose_specification(target_dir):
+    compose = read_compose(target_dir)
+    # The whole system first: the schema of a file still missing its services proves little.
+    api_service(compose)
+    service_with_image(compose, "postgres", "PostgreSQL")
+    service_with_image(compose, "redis", "Redis")
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        problem("compose.yaml", "a file that the Compose Specification's JSON schema accepts (docker compose checks it the same way)",
+                "\n          ".join(schema_error_text(e) for e in errors[:5]),
+                "a misspelt key, a number where compose wants a duration (`interval: 5s`), a list where it wants a mapping...")
+    for name, service in compose["services"].items():
+        depends = (service or {}).get("depends_on") or []
+        for dependency in depends if isinstance(depends, (list, dict)) else []:
+            if dependency not in compose["services"]:
+                problem(f"compose.yaml service {name!r}", f"depends_on naming services of this file: {sorted(compose['services'])}",
+                        f"depends_on {dependency!r}", "compose refuses to start a service that depends on one it does not know.")
+
+
 # ---------------------------------------------------------------------------------------
 # kubernetes: Deployment and Service
 # ---------------------------------------------------------------------------------------
 
+# The Kubernetes release whose API the manifests are written for (the schemas ship with
+# kubernetes-validate, pinned in pyproject.toml).
+KUBERNETES = "1.37"
+
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P14", "P15")
+def test_manifests_follow_the_kubernetes_schemas(target_dir):
+    documents = read_manifests(target_dir)
+    # Both resources first: the schema of a file still missing its Service proves little.
+    deployment_of(documents)
+    service_of(documents)
+    for index, document in enumerate(documents):
+        what = f"k8s.yaml document {index + 1} ({document.get('kind')} {(document.get('metadata') or {}).get('name')!r})"
+        if "apiVersion" not in document or "kind" not in document:
+            problem(what, "apiVersion and kind", f"keys {sorted(document)}")
+        try:
+            kubernetes_validate.validate(document, KUBERNETES, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            problem(what, f"a kind and apiVersion that Kubernetes {KUBERNETES} serves",
+                    f"kind {document.get('kind')!r}, apiVersion {document.get('apiVersion')!r}",
+                    "the API server refuses a resource it has no schema for (removed API versions included).")
+        except kubernetes_validate.ValidationError as exc:
+            problem(what, f"a manifest that Kubernetes {KUBERNETES}'s published schema accepts (kubectl apply checks the same)",
+                    schema_error_text(exc),
+                    "a misspelt field is refused (strict schema); numbers, strings and lists must be of the kind the field takes.")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P15")
 def test_service_selects_the_deployments_pods(target_dir):
     documents = read_manifests(target_dir)
     deployment, service = deployment_of(documents), service_of(documents)
@@ -474,6 +578,7 @@ def test_service_selects_the_deployments_pods(target_dir):
 
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P16")
 def test_probes_point_at_the_right_routes(target_dir, load):
     container = container_of(deployment_of(read_manifests(target_dir)))
     app = load("app").app
@@ -498,6 +603,7 @@ def test_probes_point_at_the_right_routes(target_dir, load):
 
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P17")
 def test_resources_have_requests_and_limits(target_dir):
     container = container_of(deployment_of(read_manifests(target_dir)))
     resources = container.get("resources") or {}
@@ -515,6 +621,7 @@ def test_resources_have_requests_and_limits(target_dir):
 
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P10")
 def test_workers_fit_the_cpu_limit(target_dir):
     command = command_of(read_image(target_dir), exec_form=False)
     container = container_of(deployment_of(read_manifests(target_dir)))
@@ -530,6 +637,7 @@ def test_workers_fit_the_cpu_limit(target_dir):
 
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P19")
 def test_grace_period_covers_the_graceful_shutdown(target_dir):
     command = command_of(read_image(target_dir), exec_form=False)
     spec = pod_spec(deployment_of(read_manifests(target_dir)))
@@ -554,6 +662,7 @@ def test_grace_period_covers_the_graceful_shutdown(target_dir):
 
 
 @pytest.mark.task("kubernetes")
+@pytest.mark.promise("P18")
 def test_pod_refuses_to_run_as_root(target_dir):
     spec = pod_spec(deployment_of(read_manifests(target_dir)))
     container = container_of(deployment_of(read_manifests(target_dir)))
@@ -577,6 +686,7 @@ def test_pod_refuses_to_run_as_root(target_dir):
 
 
 @pytest.mark.task("ports")
+@pytest.mark.promise("P20")
 def test_dockerfile_exposes_the_port_uvicorn_listens_on(target_dir):
     port = app_port(target_dir)
     image = read_image(target_dir)
@@ -585,6 +695,7 @@ def test_dockerfile_exposes_the_port_uvicorn_listens_on(target_dir):
 
 
 @pytest.mark.task("ports")
+@pytest.mark.promise("P20")
 def test_compose_publishes_and_probes_the_same_port(target_dir):
     port = app_port(target_dir)
     name, api = api_service(read_compose(target_dir))
@@ -599,6 +710,7 @@ def test_compose_publishes_and_probes_the_same_port(target_dir):
 
 
 @pytest.mark.task("ports")
+@pytest.mark.promise("P20")
 def test_kubernetes_ports_lead_to_uvicorn(target_dir):
     port = app_port(target_dir)
     documents = read_manifests(target_dir)
@@ -624,6 +736,7 @@ def test_kubernetes_ports_lead_to_uvicorn(target_dir):
 
 
 @pytest.mark.task("secrets")
+@pytest.mark.promise("P21")
 def test_dockerfile_bakes_in_no_secret(target_dir):
     for instruction in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")):
         if instruction.keyword == "ENV":
@@ -636,6 +749,39 @@ def test_dockerfile_bakes_in_no_secret(target_dir):
             if (deploy.looks_secret(name) and value) or deploy.clear_password_in_url(value):
                 problem(f"Dockerfile {instruction}", "no secret in ENV or ARG (anyone who pulls the image reads it)",
                         f"{name}={value}", "runtime secrets come from the platform; build secrets from RUN --mount=type=secret.")
+
+
+# Keys that name a secret rather than hold one (a Secret's name, a key inside it, a file path).
+_REFERENCE_KEY = re.compile(r"^(name|key|kind|file)$|Name$|Ref$")
+
+
+@pytest.mark.task("secrets")
+@pytest.mark.promise("P21")
+def test_no_secret_in_any_string_of_any_file(target_dir):
+    for filename, documents in (("compose.yaml", [read_compose(target_dir)]), ("k8s.yaml", read_manifests(target_dir))):
+        for index, document in enumerate(documents):
+            for where, key, value in deploy.strings_in(document):
+                if _REFERENCE_KEY.search(key):
+                    continue
+                found = deploy.secret_problem(key, value)
+                if found:
+                    place = f"{filename}" + (f" document {index + 1}" if filename == "k8s.yaml" else "")
+                    problem(f"{place} at {where}", "no secret written anywhere in the file (any key, any kind of resource)",
+                            f"{value!r}: {found}",
+                            "a ConfigMap, an annotation or a command argument is as public as the file; "
+                            "a secret belongs in a Secret created out of band, or the environment.")
+    for instruction in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")):
+        if instruction.keyword in ("ENV", "LABEL"):
+            pairs = deploy.env_assignments(instruction.value)
+        elif instruction.keyword == "ARG":
+            pairs = deploy.arg_defaults(instruction.value)
+        else:
+            pairs = {"": instruction.value}
+        for key, value in pairs.items():
+            found = deploy.secret_problem(key, value)
+            if found:
+                problem(f"Dockerfile {instruction}", "no secret in any instruction (every layer and setting is readable in the image)",
+                        found, "build secrets come from RUN --mount=type=secret; runtime secrets from the platform.")
 
 
 # ${VAR:-default} and ${VAR-default}: the default is what compose uses when VAR is not set.
@@ -652,6 +798,7 @@ def secret_defaults(variable: str, value: str) -> list[str]:
 
 
 @pytest.mark.task("secrets")
+@pytest.mark.promise("P22")
 def test_compose_reads_secrets_from_the_environment(target_dir):
     compose = read_compose(target_dir)
     for name, service in compose["services"].items():
@@ -675,6 +822,7 @@ def test_compose_reads_secrets_from_the_environment(target_dir):
 
 
 @pytest.mark.task("secrets")
+@pytest.mark.promise("P23")
 def test_kubernetes_takes_secrets_from_a_secret(target_dir):
     documents = read_manifests(target_dir)
     for document in documents:

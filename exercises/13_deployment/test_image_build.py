@@ -49,6 +49,7 @@ def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.task("dockerfile")
+@pytest.mark.promise("P5", "P7", "P8", "P9")
 @pytest.mark.slow
 @pytest.mark.timeout(280)
 def test_image_builds_runs_as_non_root_and_becomes_healthy(target_dir):
