@@ -30,13 +30,16 @@ TOKENS: dict[str, str] = {
 class ConnectionManager:
     """Who is connected, who is in which room, and delivery that survives bad sockets.
 
-    A socket is anything with `async def send_json(self, data)`: FastAPI's WebSocket, or the
-    stand-ins the tests use. The bookkeeping methods are plain (not async) methods.
+    A socket is anything with `async def send_json(self, data)` and
+    `async def close(self, code=1000, reason=None)`: FastAPI's WebSocket, or the stand-ins the
+    tests use. The bookkeeping methods are plain (not async) methods.
     """
 
-    def __init__(self, send_timeout: float = 1.0) -> None:
+    def __init__(self, send_timeout: float = 1.0, max_rooms: int = 20) -> None:
         self.send_timeout = send_timeout
-        # TODO: remember which user each socket belongs to, and which sockets are in each room.
+        self.max_rooms = max_rooms
+        # TODO: remember which user each socket belongs to, which sockets are in each room, and
+        #       which rooms each socket is in (so that disconnect visits only those).
 
     def connect(self, websocket: Any, user: str) -> None:
         """Register an accepted socket as belonging to `user`."""
@@ -46,9 +49,10 @@ class ConnectionManager:
         """Forget the socket everywhere: its user and every room. Calling it twice is harmless."""
         # TODO
 
-    def join(self, websocket: Any, room: str) -> None:
+    def join(self, websocket: Any, room: str) -> bool:
+        """Add the socket to `room`; False (and no change) when it is in `max_rooms` rooms already."""
         # TODO
-        pass
+        return False
 
     def leave(self, websocket: Any, room: str) -> None:
         # TODO
@@ -68,7 +72,8 @@ class ConnectionManager:
         """Send `message` to every socket in `room`; return how many sends succeeded.
 
         A send that raises, or takes longer than `send_timeout` seconds, must not stop or delay
-        the others: drop that socket (disconnect it) and carry on.
+        the others: drop that socket (disconnect it, and close it with code 1013 without
+        waiting for the close to finish) and carry on.
         """
         # TODO
         return 0
@@ -81,7 +86,8 @@ manager = ConnectionManager()
 
 
 # TODO: WebSocket /ws/chat
-#   - the user comes from the token in the query (?token=...) or in the cookie "token";
+#   - the user comes from the token in the query (?token=...) or in the cookie "token"
+#     (the query's token when both are sent);
 #     without a valid one, close with code 1008 BEFORE accepting (raise WebSocketException);
 #   - after accepting: register with the manager and send {"type": "welcome", "user": "<name>"};
 #   - then, for every frame: validate it; a bad one gets {"type": "error", "detail": "...",

@@ -225,6 +225,24 @@ def test_a_token_in_a_cookie_identifies_the_user(client):
 
 
 @pytest.mark.task("auth")
+def test_the_query_token_wins_over_the_cookie(client):
+    with connect(client, "/ws/chat?token=token-alice", "alice (query) with bob's cookie",
+                 headers={"cookie": "token=token-bob"}) as peer:
+        peer.expect({"type": "welcome", "user": "alice"}, "both sent: the query's token is the one checked (README)")
+    code: int | None = None
+    try:
+        with client.websocket_connect("/ws/chat?token=token-mallory", headers={"cookie": "token=token-bob"}):
+            pass
+    except WebSocketDisconnect as exc:
+        code = getattr(exc, "code", -1)
+    if code != 1008:
+        pytest.fail("\nsent:     WebSocket handshake to /ws/chat?token=token-mallory with the cookie token=token-bob\n"
+                    "expected: closed with 1008 before accept(): the query's token is checked, and it is invalid; "
+                    "a valid cookie does not rescue it\n"
+                    f"got:      {'the connection accepted' if code is None else f'closed with code {code}'}", pytrace=False)
+
+
+@pytest.mark.task("auth")
 @pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=", "/ws/chat?token=token-mallory"])
 def test_no_valid_token_closes_with_1008_before_accepting(client, path):
     expected = "the handshake refused: closed with code 1008 (policy violation) before accept()"
@@ -347,6 +365,44 @@ def test_saying_something_in_a_room_you_are_not_in_is_an_error(client):
 
 
 @pytest.mark.task("rooms")
+def test_rooms_belong_to_the_connection_not_the_user(client):
+    with user(client, "alice", "den") as phone, user(client, "alice") as laptop:
+        laptop.send({"type": "say", "room": "den", "text": "from the laptop"})
+        laptop.expect_error("alice's phone joined the den, her laptop did not: rooms belong to connections (README)")
+        phone.send({"type": "say", "room": "den", "text": "from the phone"})
+        phone.expect({"type": "message", "room": "den", "from": "alice", "text": "from the phone"})
+        laptop.send({"type": "join", "room": "porch"})
+        laptop.expect({"type": "joined", "room": "porch"},
+                      "the laptop is not in the den, so the den's message went to the phone only")
+
+
+CAP = 20  # rooms per connection, README
+
+
+@pytest.mark.task("rooms")
+def test_a_connection_may_be_in_at_most_20_rooms(client):
+    rooms = [f"cap-{n}" for n in range(CAP + 1)]
+    with user(client, "carol") as carol, user(client, "carol") as other:
+        for room in rooms[:CAP]:
+            carol.send({"type": "join", "room": room})
+            carol.expect({"type": "joined", "room": room}, f"one of the first {CAP} rooms of this connection")
+        carol.send({"type": "join", "room": rooms[CAP]})
+        carol.expect_error(f"a {CAP + 1}st room: a connection may be in at most {CAP} rooms (README)")
+        carol.send({"type": "say", "room": rooms[CAP], "text": "am I in?"})
+        carol.expect_error(f"the refused join left the connection out of {rooms[CAP]}")
+        carol.send({"type": "join", "room": rooms[3]})
+        carol.expect({"type": "joined", "room": rooms[3]}, "joining a room the connection is already in is always fine")
+        carol.send({"type": "say", "room": rooms[0], "text": "still here"})
+        carol.expect({"type": "message", "room": rooms[0], "text": "still here"}, "the connection kept its 20 rooms")
+        carol.send({"type": "leave", "room": rooms[0]})
+        carol.expect({"type": "left", "room": rooms[0]})
+        carol.send({"type": "join", "room": rooms[CAP]})
+        carol.expect({"type": "joined", "room": rooms[CAP]}, "after leaving one of its 20 rooms, it may join another")
+        other.send({"type": "join", "room": rooms[0]})
+        other.expect({"type": "joined", "room": rooms[0]}, "the cap counts per connection: carol's other connection has its own")
+
+
+@pytest.mark.task("rooms")
 def test_after_leave_the_room_is_silent(client):
     with user(client, "alice", "studio") as alice, user(client, "bob", "studio") as bob:
         bob.send({"type": "leave", "room": "studio"})
@@ -398,13 +454,17 @@ def test_a_closed_connection_leaves_its_rooms(client):
 
 
 class Recorder:
-    """A healthy socket: keeps what it was sent."""
+    """A healthy socket: keeps what it was sent, and the codes it was closed with."""
 
     def __init__(self) -> None:
         self.received: list[Any] = []
+        self.closed: list[int] = []
 
     async def send_json(self, data: Any) -> None:
         self.received.append(data)
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append(code)
 
 
 class Broken:
@@ -413,10 +473,15 @@ class Broken:
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.attempts = 0
+        self.closed: list[int] = []
 
     async def send_json(self, data: Any) -> None:
         self.attempts += 1
         raise self.error
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed.append(code)
+        raise self.error  # a socket whose client vanished fails to close too
 
 
 class Stuck:
@@ -424,9 +489,15 @@ class Stuck:
 
     def __init__(self) -> None:
         self.attempts = 0
+        self.closed: list[int] = []
 
     async def send_json(self, data: Any) -> None:
         self.attempts += 1
+        await asyncio.Event().wait()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        # Over a real server, the close frame waits behind the data the client has not read.
+        self.closed.append(code)
         await asyncio.Event().wait()
 
 
@@ -673,3 +744,107 @@ async def test_a_real_client_talks_to_a_real_server(load):
         finally:
             await alice.close()
             await bob.close()
+
+
+async def closed_with(socket: Any) -> list[int]:
+    """The codes `socket` was closed with, waiting up to WAIT for a close the manager started in the background."""
+    deadline = time.perf_counter() + WAIT
+    while not socket.closed and time.perf_counter() < deadline:
+        await asyncio.sleep(0.005)
+    return socket.closed
+
+
+DROPPED = [
+    pytest.param(lambda: Broken(WebSocketDisconnect(1006)), id="send-raises"),
+    pytest.param(lambda: Broken(RuntimeError("Unexpected ASGI message")), id="send-and-close-raise"),
+    pytest.param(Stuck, id="send-and-close-never-finish"),
+]
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+@pytest.mark.parametrize("make", DROPPED)
+async def test_a_dropped_socket_is_closed_with_1013_and_forgotten_everywhere(module, make):
+    manager = module.ConnectionManager(send_timeout=0.05)
+    bad, healthy = make(), Recorder()
+    manager.connect(bad, "ghost")
+    manager.connect(healthy, "alice")
+    for room in ("lobby", "attic", "garden"):
+        manager.join(bad, room)
+    manager.join(healthy, "lobby")
+    called = f"manager.broadcast('lobby', ...) with send_timeout=0.05, alice healthy and ghost's {type(bad).__name__} socket"
+    started = time.perf_counter()
+    delivered = await run(manager.broadcast("lobby", {"n": 1}), called)
+    elapsed = time.perf_counter() - started
+    require(delivered == 1 and healthy.received == [{"n": 1}], called, "alice served and 1 returned",
+            f"it returned {delivered!r}, alice received {healthy.received}")
+    require(elapsed < 0.5, called, "done in about send_timeout, even though closing the dropped socket may hang too "
+            "(close it in the background, or with a timeout)", f"{elapsed:.2f} s")
+    codes = await closed_with(bad)
+    require(codes[:1] == [1013], called, "the dropped socket closed with code 1013 (try again later), so that its client "
+            "learns it was cut off", f"close codes {codes}" if codes else "close() was never called")
+    require(healthy.closed == [], called, "the healthy socket left open", f"it was closed with {healthy.closed}")
+    for room in ("attic", "garden"):
+        members = manager.members(room)
+        require(members == [], f"manager.members({room!r}) after the drop", "[]: a dropped socket leaves every room",
+                repr(members))
+    nobody = await run(manager.send_personal("ghost", {"n": 2}), "manager.send_personal('ghost', ...) after the drop")
+    require(nobody == 0, "manager.send_personal('ghost', ...) after the drop", "0: the dropped socket's user is forgotten",
+            repr(nobody))
+    require(bad.attempts == 1, called, "the dropped socket tried once", f"{bad.attempts} attempts")
+
+
+@pytest.mark.task("resilience")
+def test_join_is_capped_per_socket(module):
+    manager = module.ConnectionManager(max_rooms=3)
+    phone, laptop = Recorder(), Recorder()
+    manager.connect(phone, "bob")
+    manager.connect(laptop, "bob")
+    results = [manager.join(phone, room) for room in ("a", "b", "c", "d")]
+    require(results == [True, True, True, False], "manager.join(phone, room) for rooms a, b, c, d with max_rooms=3",
+            "[True, True, True, False]: the fourth room is refused", repr(results))
+    require(manager.members("d") == [], "manager.members('d') after the refused join", "[]: nothing changed",
+            repr(manager.members("d")))
+    again = manager.join(phone, "a")
+    require(again is True, "manager.join(phone, 'a') when phone is in a, b, c", "True: a room it is already in", repr(again))
+    require(manager.join(laptop, "d") is True, "manager.join(laptop, 'd')", "True: the cap counts per socket, not per user",
+            "False")
+    manager.leave(phone, "a")
+    require(manager.join(phone, "d") is True, "manager.join(phone, 'd') after manager.leave(phone, 'a')",
+            "True: leaving a room makes space", "False")
+    parameter = inspect.signature(module.ConnectionManager).parameters.get("max_rooms")
+    require(parameter is not None and parameter.default == 20, "ConnectionManager()",
+            "max_rooms defaults to 20, as README.md promises",
+            "no max_rooms parameter" if parameter is None else f"the default is {parameter.default!r}")
+
+
+@pytest.mark.task("resilience")
+def test_disconnect_costs_the_sockets_own_rooms_not_every_room(module):
+    manager = module.ConnectionManager(max_rooms=20)
+    for n in range(1_000):  # 20 000 rooms held by others
+        other = Recorder()
+        manager.connect(other, f"user{n}")
+        for room in range(20):
+            manager.join(other, f"room-{n}-{room}")
+    leaving = [Recorder() for _ in range(100)]
+    for n, socket in enumerate(leaving):
+        manager.connect(socket, f"leaver{n}")
+        manager.join(socket, "hall")
+    present = manager.members("hall")
+    require(len(present) == 100, "manager.members('hall') after 100 sockets joined it", "their 100 user names",
+            f"{len(present)} names")
+    # A pass over the 20 000 rooms per disconnect takes seconds for the 100; the socket's own room,
+    # microseconds. Stop as soon as the budget is spent, so that a slow version fails quickly.
+    started, done = time.perf_counter(), 0
+    for socket in leaving:
+        manager.disconnect(socket)
+        done += 1
+        if time.perf_counter() - started > 0.2:
+            break
+    elapsed = time.perf_counter() - started
+    require(done == 100 and elapsed <= 0.2,
+            "manager.disconnect(socket) for 100 sockets in one room each, with 20 000 rooms held by others",
+            "done at once: keep each socket's rooms (a dict socket -> set of rooms) and visit only those",
+            f"{done} of the 100 disconnects in {elapsed:.2f} s")
+    require(manager.members("hall") == [], "manager.members('hall') after they all disconnected", "[]",
+            repr(manager.members("hall")))

@@ -77,6 +77,17 @@ class JSONSender(Protocol):
 
     async def send_json(self, data: Any) -> None: ...
 
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+# The close code of a socket the manager drops (its send failed or took too long): 1013,
+# "try again later". The client learns it was cut off, and may reconnect, instead of
+# silently missing every message from then on.
+DROPPED = status.WS_1013_TRY_AGAIN_LATER
+# How long a dropped socket's close frame may wait for a client that stopped reading: it is
+# queued behind whatever that client has not read yet.
+CLOSE_TIMEOUT = 10.0
+
 
 class ConnectionManager:
     """Who is connected, who is in which room, and delivery that survives bad sockets.
@@ -85,24 +96,44 @@ class ConnectionManager:
     in the middle of them, so a room never holds a half-registered socket.
     """
 
-    def __init__(self, send_timeout: float = 1.0) -> None:
+    def __init__(self, send_timeout: float = 1.0, max_rooms: int = 20) -> None:
         self.send_timeout = send_timeout
+        self.max_rooms = max_rooms
         self._users: dict[JSONSender, str] = {}
         self._rooms: dict[str, set[JSONSender]] = {}
+        # Each socket's rooms too, so that forgetting a socket costs its own rooms, not a scan
+        # of every room on the server.
+        self._joined: dict[JSONSender, set[str]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def connect(self, websocket: JSONSender, user: str) -> None:
         self._users[websocket] = user
 
+    def is_connected(self, websocket: JSONSender) -> bool:
+        return websocket in self._users
+
     def disconnect(self, websocket: JSONSender) -> None:
         """Forget a socket everywhere. Safe to call twice (the endpoint and a failed send may both)."""
         self._users.pop(websocket, None)
-        for room in list(self._rooms):
-            self.leave(websocket, room)
+        for room in self._joined.pop(websocket, set()):
+            self._remove_member(websocket, room)
 
-    def join(self, websocket: JSONSender, room: str) -> None:
+    def join(self, websocket: JSONSender, room: str) -> bool:
+        """Add the socket to `room`; False (and no change) when it is in `max_rooms` rooms already."""
+        rooms = self._joined.setdefault(websocket, set())
+        if room not in rooms and len(rooms) >= self.max_rooms:
+            return False
+        rooms.add(room)
         self._rooms.setdefault(room, set()).add(websocket)
+        return True
 
     def leave(self, websocket: JSONSender, room: str) -> None:
+        rooms = self._joined.get(websocket)
+        if rooms is not None:
+            rooms.discard(room)
+        self._remove_member(websocket, room)
+
+    def _remove_member(self, websocket: JSONSender, room: str) -> None:
         members = self._rooms.get(room)
         if members is not None:
             members.discard(websocket)
@@ -137,9 +168,29 @@ class ConnectionManager:
             # Gone (WebSocketDisconnect), already closed (a RuntimeError from Starlette), a broken
             # transport (OSError) or too slow to keep up (TimeoutError): drop it, serve the others.
             log.warning("dropping a socket of %s: %r", self._users.get(websocket, "?"), exc)
-            self.disconnect(websocket)
+            self.drop(websocket)
             return False
         return True
+
+    def drop(self, websocket: JSONSender) -> None:
+        """Forget the socket now, and close it with DROPPED in the background.
+
+        The close frame waits behind whatever the client has not read yet, so it must not hold
+        up this broadcast; a task that outlives the call sends it (or gives up after
+        CLOSE_TIMEOUT, when the server's keep-alive pings will end the connection anyway).
+        """
+        self.disconnect(websocket)
+        task = asyncio.get_running_loop().create_task(self._close(websocket))
+        self._closing.add(task)  # a reference, or the task could be collected half-way
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(websocket: JSONSender) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await websocket.close(code=DROPPED, reason="too slow or unreachable")
+        except Exception:  # noqa: BLE001 - already closed or gone: nothing left to tell it
+            pass
 
 
 manager = ConnectionManager()
@@ -187,6 +238,8 @@ async def chat(websocket: WebSocket, user: CurrentUser) -> None:
         await websocket.send_json({"type": "welcome", "user": user})
         while True:
             raw = await receive_frame(websocket)
+            if not manager.is_connected(websocket):
+                continue  # dropped by the manager: its close frame is on the way; serve it no more
             try:
                 message = client_message.validate_json(raw)
             except ValidationError as exc:
@@ -204,7 +257,10 @@ async def chat(websocket: WebSocket, user: CurrentUser) -> None:
 async def handle(websocket: WebSocket, user: str, message: Join | Leave | Say | Direct) -> None:
     match message:
         case Join(room=room):
-            manager.join(websocket, room)
+            if not manager.join(websocket, room):
+                # An error frame, not a close: the client may leave a room and try again.
+                await websocket.send_json(error_frame(f"a connection may be in at most {manager.max_rooms} rooms"))
+                return
             await websocket.send_json({"type": "joined", "room": room, "members": manager.members(room)})
         case Leave(room=room):
             manager.leave(websocket, room)
