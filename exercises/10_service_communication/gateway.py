@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     timeout: float = Field(default=2.0, gt=0)
     retries: int = Field(default=1, ge=0)
     backoff: float = Field(default=0.05, ge=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_reset: float = Field(default=10.0, gt=0)
+    max_concurrent: int = Field(default=64, ge=1)
 
 
 def create_app(
@@ -50,4 +53,8 @@ def create_app(
     #       Location rewritten to /api/... . Down -> 503, timeout -> 504; retry GET only, with
     #       backoff and jitter. settings.timeout bounds the whole answer (asyncio.timeout_at a
     #       deadline), and every call carries X-Timeout-Ms: the milliseconds still left.
+    #       Honour a Retry-After on a 503; send one with your own 503.
+    # TODO: per service, a circuit breaker (breaker_failures failed calls in a row open it for
+    #       breaker_reset seconds: 503 + Retry-After at once, then one trial call) and a bulkhead
+    #       (at most max_concurrent calls in flight; one more: 503 + Retry-After at once).
     return app

@@ -85,7 +85,8 @@ def tcp() -> httpx.AsyncHTTPTransport:
 class FakeUpstream(httpx.AsyncBaseTransport):
     """A scripted upstream: each request takes the next step (the last one repeats).
 
-    A step is "down" (connection refused), "slow" (the read timed out), or (status, json).
+    A step is "down" (connection refused), "slow" (the read timed out), (status, json) or
+    (status, json, headers).
     Every request is recorded, and using the transport after it was closed is an error,
     as it is for a real one.
     """
@@ -106,8 +107,8 @@ class FakeUpstream(httpx.AsyncBaseTransport):
             raise httpx.ConnectError("connection refused", request=request)
         if step == "slow":
             raise httpx.ReadTimeout("timed out", request=request)
-        status_code, body = step
-        return httpx.Response(status_code, json=body, request=request)
+        status_code, body, *headers = step
+        return httpx.Response(status_code, json=body, headers=headers[0] if headers else None, request=request)
 
     async def aclose(self) -> None:
         self.closed += 1
@@ -410,6 +411,39 @@ async def test_retries_give_up(orders: ModuleType) -> None:
     response = await place(orders, upstream, retries=2)
     expect_status(response, 503, "inventory stayed down through every retry")
     assert len(upstream.requests) == 3, explain(response, f"1 call + 2 retries = 3, got {len(upstream.requests)}")
+
+
+@pytest.mark.task("retries")
+@pytest.mark.asyncio
+async def test_retry_after_is_honoured_and_sent(orders: ModuleType, gateway: ModuleType) -> None:
+    busy = FakeUpstream((503, {"detail": "restarting"}, {"Retry-After": "3"}))
+    started = time.perf_counter()
+    response = await place(orders, busy, retries=2, backoff=0.0, timeout=1.0)
+    elapsed = time.perf_counter() - started
+    expect_status(response, 502, "inventory answered 503 and asked for 3 s (Retry-After: 3)")
+    assert len(busy.requests) == 1 and elapsed < 0.9, explain(
+        response, "one call, answered at once: inventory asked not to be called again for 3 s (Retry-After: 3), "
+        f"and the request has 1 s; a retry before then would ignore what it asked; got {len(busy.requests)} calls "
+        f"in {elapsed:.2f} s"
+    )
+    reading = FakeUpstream((503, {"detail": "restarting"}, {"Retry-After": "3"}))
+    app = gateway.create_app(gateway.Settings(timeout=1.0, retries=2, backoff=0.0),
+                             transports={"orders": FakeUpstream(), "inventory": reading})
+    async with serving(app) as running, client_for(running) as client:
+        passed_on = await client.get("/api/stock/widget")
+    expect_status(passed_on, 503, "the gateway: inventory's 503, passed on")
+    expect_header(passed_on, "retry-after", "3", "inventory's Retry-After, passed on to the client")
+    assert len(reading.requests) == 1, explain(passed_on, f"one call from the gateway too; got {len(reading.requests)}")
+    down = await place(orders, FakeUpstream("down"), retries=0)
+    expect_status(down, 503, "inventory cannot be reached")
+    waited = expect_header(down, "retry-after", why="a 503 says when to try again (whole seconds)")
+    assert waited.isdigit() and 1 <= int(waited) <= 3600, explain(down, f"Retry-After in whole seconds, 1 to 3600; got {waited!r}")
+    app = gateway.create_app(transports={"orders": FakeUpstream("down"), "inventory": FakeUpstream()})
+    async with serving(app) as running, client_for(running) as client:
+        unreachable = await client.post("/api/orders", json=ORDER)
+    expect_status(unreachable, 503, "orders cannot be reached")
+    waited = expect_header(unreachable, "retry-after", why="the gateway's own 503 says when to try again too")
+    assert waited.isdigit() and 1 <= int(waited) <= 3600, explain(unreachable, f"Retry-After in whole seconds; got {waited!r}")
 
 
 @pytest.mark.task("retries")
@@ -946,6 +980,96 @@ async def test_no_order_is_placed_after_the_caller_got_504(
         "its remaining budget on (X-Timeout-Ms), and orders places nothing once that budget is spent; "
         f"yet orders published {published}"
     )
+
+
+# --- A circuit breaker and a bulkhead per service ----------------------------------------------------------------
+
+
+def retry_after_of(response: httpx.Response) -> int | None:
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.isdigit() else None
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
+    stock = FakeUpstream("down", "down", "down", "down", (200, {"sku": "widget", "available": 10}))
+    placing = FakeUpstream((201, {"id": "abc"}))
+    settings = gateway.Settings(retries=0, breaker_failures=3, breaker_reset=0.5)
+    app = gateway.create_app(settings, transports={"orders": placing, "inventory": stock})
+    async with serving(app) as running, client_for(running) as client:
+        failing = [(await client.get("/api/stock/widget")).status_code for _ in range(3)]
+        refused = [await client.get("/api/stock/widget") for _ in range(3)]
+        calls_while_open = len(stock.requests)
+        placed = await client.post("/api/orders", json=ORDER)
+        await asyncio.sleep(0.7)
+        failed_trial = await client.get("/api/stock/widget")
+        refused_again = await client.get("/api/stock/widget")
+        calls_after_failed_trial = len(stock.requests)
+        await asyncio.sleep(0.7)
+        good_trial = await client.get("/api/stock/widget")
+        closed = await client.get("/api/stock/widget")
+    assert failing == [503, 503, 503] and calls_while_open == 3 and all(r.status_code == 503 for r in refused), explain(
+        refused[-1], "with breaker_failures=3: three failed calls reach inventory (503 each), then its circuit is "
+        "open and the next calls are answered 503 at once, without calling it; got "
+        f"{failing + [r.status_code for r in refused]} with {calls_while_open} calls to inventory"
+    )
+    waits = [retry_after_of(response) for response in refused]
+    assert all(wait is not None and 1 <= wait <= 3600 for wait in waits), explain(
+        refused[-1], f"each refusal says when to come back: Retry-After in whole seconds (1 to 3600); got {waits}"
+    )
+    expect_status(placed, 201, "orders is another service with its own circuit: inventory's open circuit does not stop it")
+    assert failed_trial.status_code == 503 and refused_again.status_code == 503 and calls_after_failed_trial == 4, explain(
+        refused_again, "after breaker_reset (0.5 s) one trial call reaches inventory; it failed, so the circuit opens "
+        f"again and the next call is refused at once; inventory was called {calls_after_failed_trial} times in all "
+        "(expected 4)"
+    )
+    expect_status(good_trial, 200, "after another 0.5 s a trial call goes through, and inventory answers")
+    expect_status(closed, 200, "the trial succeeded: the circuit is closed again")
+    assert len(stock.requests) == 6, explain(closed, f"6 calls to inventory in all; got {len(stock.requests)}")
+
+
+class Held(httpx.AsyncBaseTransport):
+    """An upstream that holds every request until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        await self.release.wait()
+        return httpx.Response(200, json={"sku": "widget", "available": 10}, request=request)
+
+
+@pytest.mark.task("resilience")
+@pytest.mark.asyncio
+async def test_a_bulkhead_bounds_the_calls_to_each_service(gateway: ModuleType) -> None:
+    held, placing = Held(), FakeUpstream((201, {"id": "abc"}))
+    settings = gateway.Settings(max_concurrent=2, timeout=3.0, retries=0)
+    app = gateway.create_app(settings, transports={"orders": placing, "inventory": held})
+    async with serving(app) as running, client_for(running) as client:
+        waiting = [asyncio.create_task(client.get("/api/stock/widget")) for _ in range(2)]
+        try:
+            await eventually(lambda: len(held.requests) >= 2)
+            started = time.perf_counter()
+            third = await client.get("/api/stock/widget")
+            elapsed = time.perf_counter() - started
+            placed = await client.post("/api/orders", json=ORDER)
+            in_flight = len(held.requests)
+        finally:
+            held.release.set()
+        first_two = [(await task).status_code for task in waiting]
+        later = await client.get("/api/stock/widget")
+    assert third.status_code == 503 and in_flight == 2 and elapsed < 2.0, explain(
+        third, "with max_concurrent=2 and two calls to inventory in flight, a third is answered 503 at once and "
+        f"never sent; got {third.status_code} after {elapsed:.2f} s, with {in_flight} requests at inventory"
+    )
+    wait = retry_after_of(third)
+    assert wait is not None and 1 <= wait <= 3600, explain(third, f"Retry-After in whole seconds (1 to 3600); got {wait}")
+    expect_status(placed, 201, "orders has its own bulkhead: a saturated inventory does not stop orders")
+    assert first_two == [200, 200], explain(later, f"the two calls in flight answered 200 once released; got {first_two}")
+    expect_status(later, 200, "the calls in flight are over: the bulkhead has room again")
 
 
 # --- The contract: every status code in the OpenAPI schema ---------------------------------------------------------

@@ -6,12 +6,15 @@ Each service file stands alone, as separately deployed services do: they share c
 
 import asyncio
 import logging
+import math
 import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -48,10 +51,14 @@ class Settings(BaseSettings):
     timeout: float = Field(default=2.0, gt=0, le=60)  # seconds for the whole answer, retries included
     retries: int = Field(default=1, ge=0, le=10)
     backoff: float = Field(default=0.05, ge=0, le=10)
+    breaker_failures: int = Field(default=5, ge=1, le=1000)  # failed calls in a row that open a service's circuit
+    breaker_reset: float = Field(default=10.0, gt=0, le=3600)  # seconds it stays open before one trial call
+    max_concurrent: int = Field(default=64, ge=1, le=10_000)  # calls in flight per service (the bulkhead)
 
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+RETRY_AFTER_SECONDS = 1  # what our own 503 asks for: a restarting service is usually back by then
 
 
 class Detail(BaseModel):
@@ -63,12 +70,28 @@ class UpstreamError(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        # A 503 tells its caller when to try again, so that retries do not come back at once.
+        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
     """Exponential backoff with jitter: between 1 and 1.5 times backoff * 2**(attempt-1), so that
     many callers that failed together do not all retry at the same instant."""
     return backoff * 2 ** (attempt - 1) * (1 + random.random() / 2)
+
+
+def retry_after(outcome: "httpx.Response | UpstreamError") -> float:
+    """The seconds a 503 (or 429) asks its caller to wait before trying again: its Retry-After,
+    in seconds or as an HTTP date; 0 when there is none or it makes no sense."""
+    if not isinstance(outcome, httpx.Response) or outcome.status_code not in (429, 503):
+        return 0.0
+    value = outcome.headers.get("retry-after", "").strip()
+    if value.isdigit() and len(value) <= 9:
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
 
 
 async def call_upstream(
@@ -94,7 +117,8 @@ async def call_upstream(
     outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
     for attempt in range(attempts):
         if attempt:
-            delay = backoff_delay(backoff, attempt)
+            # The service may say how long it needs (Retry-After): never come back sooner.
+            delay = max(backoff_delay(backoff, attempt), retry_after(outcome))
             if loop.time() + delay >= deadline:
                 break  # no time left to wait and try again: answer with the last failure now
             await asyncio.sleep(delay)
@@ -113,6 +137,47 @@ async def call_upstream(
     if isinstance(outcome, httpx.Response):
         return outcome  # the service's own 502/503/504, after the retries: passed on as it is
     raise outcome
+
+
+class CircuitBreaker:
+    """Stops calling a service that keeps failing, and tries it again after a while.
+
+    Closed: calls go through; `failures` failed calls in a row open it. Open: for `reset` seconds
+    every call is refused at once, without touching the service, which gets time to recover
+    instead of a queue of callers waiting on it. Then half-open: one trial call goes through (the
+    others are still refused); its success closes the circuit, its failure opens it again.
+    """
+
+    def __init__(self, failures: int, reset: float) -> None:
+        self.threshold, self.reset = failures, reset
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.trial_running = False
+
+    def retry_after(self, now: float) -> float:
+        """0 when a call may go through now, else the seconds until the circuit lets one through."""
+        if self.opened_at is None:
+            return 0.0
+        left = self.opened_at + self.reset - now
+        if left > 0:
+            return left
+        return self.reset if self.trial_running else 0.0
+
+    def allow(self, now: float) -> bool:
+        if self.retry_after(now) > 0:
+            return False
+        if self.opened_at is not None:
+            self.trial_running = True  # half-open: this call is the one trial
+        return True
+
+    def record(self, ok: bool, now: float) -> None:
+        self.trial_running = False
+        if ok:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = now  # opened, or a failed trial: open again for `reset`
 
 
 class RequestIdMiddleware:
@@ -171,7 +236,11 @@ def create_app(
                 )
                 for name, url in urls.items()
             }
-            yield {"clients": clients}
+            # One breaker and one bulkhead per service: a failing or saturated inventory must not
+            # stop orders from being placed.
+            breakers = {name: CircuitBreaker(settings.breaker_failures, settings.breaker_reset) for name in urls}
+            bulkheads = {name: asyncio.Semaphore(settings.max_concurrent) for name in urls}
+            yield {"clients": clients, "breakers": breakers, "bulkheads": bulkheads}
 
     app = FastAPI(title="Gateway", version="1.0.0", lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)
@@ -187,15 +256,33 @@ def create_app(
         path = template.format(**{name: quote(value, safe="") for name, value in params.items()})
         headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}
         headers["X-Request-ID"] = request_id_var.get()  # passed on, so logs of every hop match
-        deadline = asyncio.get_running_loop().time() + settings.timeout  # one budget for everything below
-        try:
-            upstream = await call_upstream(
-                request.state.clients[service], request.method, path,
-                service=service, retries=settings.retries, backoff=settings.backoff, deadline=deadline,
-                params=request.query_params.multi_items(), content=await request.body(), headers=headers,
-            )
-        except UpstreamError as exc:
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.timeout  # one budget for everything below
+        breaker: CircuitBreaker = request.state.breakers[service]
+        bulkhead: asyncio.Semaphore = request.state.bulkheads[service]
+        if bulkhead.locked() or not breaker.allow(loop.time()):
+            # Refused at once, the service untouched: it is failing (the circuit is open) or as busy
+            # as we let it be (the bulkhead is full). Retry-After says when to come back.
+            wait = max(1, math.ceil(breaker.retry_after(loop.time())))
+            return JSONResponse({"detail": f"{service} service unavailable"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+                                headers={"Retry-After": str(wait)})
+        async with bulkhead:
+            succeeded: bool | None = None
+            try:
+                upstream = await call_upstream(
+                    request.state.clients[service], request.method, path,
+                    service=service, retries=settings.retries, backoff=settings.backoff, deadline=deadline,
+                    params=request.query_params.multi_items(), content=await request.body(), headers=headers,
+                )
+                succeeded = upstream.status_code not in RETRYABLE_STATUS
+            except UpstreamError as exc:
+                succeeded = False
+                return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+            finally:
+                if succeeded is None:  # cancelled (the client left): no verdict on the service
+                    breaker.trial_running = False
+                else:
+                    breaker.record(succeeded, loop.time())
         answer = {name: upstream.headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in upstream.headers}
         if answer.get("location", "").startswith("/"):
             answer["location"] = "/api" + answer["location"]  # the client only knows the gateway's paths

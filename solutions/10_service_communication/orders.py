@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import quote
 
@@ -52,6 +53,7 @@ class Settings(BaseSettings):
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+RETRY_AFTER_SECONDS = 1  # what our own 503 asks for: a restarting service is usually back by then
 
 
 class UpstreamError(Exception):
@@ -61,12 +63,28 @@ class UpstreamError(Exception):
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
+        # A 503 tells its caller when to try again, so that retries do not come back at once.
+        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
     """Exponential backoff with jitter: between 1 and 1.5 times backoff * 2**(attempt-1), so that
     many callers that failed together do not all retry at the same instant."""
     return backoff * 2 ** (attempt - 1) * (1 + random.random() / 2)
+
+
+def retry_after(outcome: "httpx.Response | UpstreamError") -> float:
+    """The seconds a 503 (or 429) asks its caller to wait before trying again: its Retry-After,
+    in seconds or as an HTTP date; 0 when there is none or it makes no sense."""
+    if not isinstance(outcome, httpx.Response) or outcome.status_code not in (429, 503):
+        return 0.0
+    value = outcome.headers.get("retry-after", "").strip()
+    if value.isdigit() and len(value) <= 9:
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
 
 
 async def call_upstream(
@@ -92,7 +110,8 @@ async def call_upstream(
     outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
     for attempt in range(attempts):
         if attempt:
-            delay = backoff_delay(backoff, attempt)
+            # The service may say how long it needs (Retry-After): never come back sooner.
+            delay = max(backoff_delay(backoff, attempt), retry_after(outcome))
             if loop.time() + delay >= deadline:
                 break  # no time left to wait and try again
             await asyncio.sleep(delay)
@@ -309,7 +328,7 @@ def create_app(
 
     @app.exception_handler(UpstreamError)
     async def upstream_failed(request: Request, exc: UpstreamError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
