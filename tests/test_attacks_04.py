@@ -98,3 +98,14 @@ def test_04_dependencies_hostile_headers_are_401_not_500(module):
         ):
             response = client.post("/admin/books", headers=headers, json={"title": "Kindred", "author": "O. E. Butler"})
             assert response.status_code == 401, (headers, response.status_code)
+
+
+@pytest.mark.parametrize("number", ["1e309", "-1e309", "NaN", "Infinity", "1" * 5000])
+def test_04_dependencies_numbers_json_cannot_write_back_are_4xx(module, number):
+    with TestClient(module.app, raise_server_exceptions=False) as client:
+        headers = {**ADMIN, "Content-Type": "application/json"}
+        for url, body in (("/admin/books", f'{{"title": {number}, "author": "A"}}'),
+                          ("/admin/books/import", f'[{{"title": "T", "author": {number}}}]'),
+                          ("/admin/books/import", f"[{number}]"), ("/admin/books/import", number)):
+            response = client.post(url, content=body, headers=headers)
+            assert response.status_code in (400, 422), (url, body[:40], response.status_code, response.text[:200])

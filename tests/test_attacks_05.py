@@ -188,3 +188,15 @@ def test_05_auth_scope_requests_never_widen_a_token(module):
             assert set(granted) <= {"items:read"}, (asked[:40], granted)
             claims = jwt.decode(response.json()["access_token"], SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
             assert claims["scope"] == response.json()["scope"]
+
+
+@pytest.mark.parametrize("number", ["1e309", "-1e309", "NaN", "Infinity", "1" * 5000])
+def test_05_auth_numbers_json_cannot_write_back_are_4xx(module, number):
+    app = module.create_app(module.Settings(jwt_secret=SECRET, argon2_time_cost=1, argon2_memory_kib=64, argon2_parallelism=1))
+    module.add_user(app, "bob", "the-builder", scopes=["items:read", "items:write"])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        token = client.post("/token", data={"username": "bob", "password": "the-builder"}).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        for body in (f'{{"name": {number}}}', number, f"[{number}]"):
+            response = client.post("/items", content=body, headers=headers)
+            assert response.status_code in (400, 422), (body[:40], response.status_code, response.text[:200])

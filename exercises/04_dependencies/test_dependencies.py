@@ -596,3 +596,26 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
                 f"{method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model\n"
                 f"got:      {documented[code]}",
             )
+
+
+NOT_JSON_NUMBERS = ["1e309", "-1e309", "NaN", "Infinity"]
+
+
+def expect_422_without_input(client, url, body, **kwargs):
+    try:
+        response = client.post(url, content=body, headers={"Content-Type": "application/json", **kwargs.get("headers", {})})
+    except Exception as exc:  # the TestClient re-raises what the app raised
+        pytest.fail(f"\nsent:     POST {url}\n          body {body}\ngot:      the app raised {type(exc).__name__}: {exc}"
+                    f"\nexpected: 422, " + "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input", pytrace=False)
+    expect_status(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input")
+    errors = json_of(response).get("detail")
+    check(isinstance(errors, list) and errors and all(isinstance(e, dict) and "input" not in e for e in errors), response,
+          '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}: where and why, never the refused "input"')
+
+
+@pytest.mark.task("contract")
+def test_an_invalid_body_is_422_whatever_it_holds(scratch):
+    _, client, _ = scratch
+    for number in NOT_JSON_NUMBERS:
+        expect_422_without_input(client, "/admin/books", f'{{"title": {number}, "author": "A"}}', headers=ADMIN)
+        expect_422_without_input(client, "/admin/books/import", f'[{{"title": "T", "author": {number}}}]', headers=ADMIN)

@@ -33,7 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     #   GET  /health/db
     #   POST /authors                    GET /authors/{author_id}
     #   POST /authors/{author_id}/books  GET /books?offset=0&limit=20&author_id=
-    # and exception handlers: NotFound -> 404, Conflict -> 409, both {"detail": "..."}.
+    # and exception handlers: NotFound -> 404, Conflict -> 409, both {"detail": "..."}, and one
+    # for RequestValidationError that answers the 422 without the refused input (1e309 is a 500
+    # with FastAPI's default, which echoes it).
+    # Bound every integer where FastAPI reads it: author_id 1..MAX_INT (Path, and the Query
+    # filter), offset 0..MAX_INT, limit 1..100. Declare every status each route answers with
+    # responses={404: {"model": ErrorMessage, "description": ...}, ...}.
 
     return app
 

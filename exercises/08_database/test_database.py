@@ -276,6 +276,9 @@ def call(client: TestClient | SharedApp, method: str, url: str, **kwargs: Any) -
                 "commit (async_sessionmaker(engine, expire_on_commit=False)).")
     elif name == "IntegrityError":
         hint = "\nwhy:      the database refused a duplicate. Catch IntegrityError at the flush and answer 409."
+    elif "Out of range float" in text:
+        hint = ("\nwhy:      FastAPI's default 422 echoes the refused input, and 1e309 (infinity) or NaN cannot be "
+                "written as JSON. Register a RequestValidationError handler that answers the errors without their input.")
     elif name == "ArgumentError" and "text(" in text:
         hint = "\nwhy:      raw SQL strings must be wrapped: session.execute(text('SELECT 1'))."
     pytest.fail(f"\nsent:     {method} {url}{body}\ngot:      the app raised {name}: {text[:600]}{hint}", pytrace=False)
@@ -612,6 +615,51 @@ def test_invalid_input_is_422(shared):
     expect_status(response, 201, "the year 2100 is allowed (1450-2100, both included)")
 
 
+MAX_INT = 2**31 - 1  # README.md: ids and offsets stay within a PostgreSQL INTEGER
+# Integers no column of this service can hold: past 32 bits, around 2**53 (where floats stop
+# being exact), at and past SQLite's 64 bits, far past anything, and negative ones.
+HUGE = [2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63), -(2**63) - 1, -(10**30)]
+
+
+@pytest.mark.task("constraints")
+def test_integers_out_of_range_are_422_everywhere(shared):
+    author = create_author(shared, {"name": "Range Checker"})
+    book = {"title": "Huge", "isbn": isbn(70), "year": 2000}
+    # Every integer the API takes, with the request that carries it.
+    places = {
+        "GET /authors/{n}": lambda n: ("GET", f"/authors/{n}", {}),
+        "POST /authors/{n}/books": lambda n: ("POST", f"/authors/{n}/books", {"json": book}),
+        "GET /books?author_id=n": lambda n: ("GET", "/books", {"params": {"author_id": n}}),
+        "GET /books?offset=n": lambda n: ("GET", "/books", {"params": {"offset": n}}),
+        "GET /books?limit=n": lambda n: ("GET", "/books", {"params": {"limit": n}}),
+        "POST /authors/{id}/books with year n": lambda n: (
+            "POST", f"/authors/{author['id']}/books", {"json": book | {"year": n}}),
+        "POST /authors with a book of year n": lambda n: (
+            "POST", "/authors", {"json": {"name": f"Year {n}", "books": [book | {"year": n}]}}),
+    }
+    for place, build in places.items():
+        for number in HUGE:
+            method, url, kwargs = build(number)
+            response = call(shared, method, url, **kwargs)
+            check(response.status_code == 422, explain(
+                response,
+                f"422 for {place} with n = {number}: no column can hold it (ids and offsets go up to "
+                f"2**31 - 1 = {MAX_INT}). Bound every integer where FastAPI reads it: "
+                "Path(ge=1, le=...), Query(ge=0, le=...), Field(ge=..., le=...). Unbounded, it reaches "
+                "the database driver, which fails with OverflowError (a 500)."))
+    for place, number in (("GET /authors/{n}", 0), ("GET /authors/{n}", -1), ("GET /books?author_id=n", 0)):
+        method, url, kwargs = places[place](number)
+        response = call(shared, method, url, **kwargs)
+        check(response.status_code == 422, explain(response, f"422 for {place} with n = {number}: ids start at 1"))
+    # The largest allowed values are allowed: they name nothing, and say so.
+    response = call(shared, "GET", f"/authors/{MAX_INT}")
+    expect_status(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
+    response = call(shared, "POST", f"/authors/{MAX_INT}/books", json=book)
+    expect_status(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
+    response = call(shared, "GET", "/books", params={"offset": MAX_INT})
+    expect_json(response, {"items": [], "offset": MAX_INT}, f"offset {MAX_INT} (2**31 - 1) is allowed: a page past the end is empty")
+
+
 # --- pagination ---------------------------------------------------------------------------------
 
 TITLES = ["Kindred", "Dawn", "Parable of the Sower", "Dawn", "Bloodchild", "Fledgling", "Dawn"]
@@ -676,6 +724,17 @@ def test_the_default_page_and_the_author_filter(shelved):
 
 
 @pytest.mark.task("pagination")
+def test_an_author_filter_that_names_nobody_is_an_empty_page(shelved):
+    books, client = stocked(shelved), shelved
+    nobody = max(book["author_id"] for book in books) + 1000
+    for author_id in (nobody, MAX_INT):
+        response = call(client, "GET", "/books", params={"author_id": author_id, "limit": 5})
+        expect_status(response, 200, f"no author has the id {author_id}: a filter that matches nothing is not an error")
+        expect_json(response, {"items": [], "total": 0, "offset": 0, "limit": 5},
+                    "an empty page: no items, a total of 0", exact=True)
+
+
+@pytest.mark.task("pagination")
 def test_page_parameters_are_bounded(shared):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}):
         expect_status(call(shared, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
@@ -701,3 +760,63 @@ def test_finding_the_books_of_an_author_uses_an_index(shared):
         f"\nasked:    EXPLAIN QUERY PLAN {query}\nexpected: SEARCH books USING INDEX ... (author_id=?)\n"
         f"got:      {plan} — a SCAN reads every row of the table. Give books.author_id an index "
         "(mapped_column(..., index=True)): foreign keys are not indexed by themselves."))
+
+
+# --- contract -----------------------------------------------------------------------------------
+
+DOCUMENTED = {
+    ("get", "/health/db"): {"200", "503"},
+    ("post", "/authors"): {"201", "400", "409", "422"},
+    ("get", "/authors/{author_id}"): {"200", "404", "422"},
+    ("post", "/authors/{author_id}/books"): {"201", "400", "404", "409", "422"},
+    ("get", "/books"): {"200", "422"},
+}
+
+
+@pytest.mark.task("contract")
+def test_the_openapi_schema_lists_every_status_each_route_answers(shared):
+    response = call(shared, "GET", "/openapi.json")
+    expect_status(response, 200, "the app serves its OpenAPI schema")
+    paths = json_of(response).get("paths", {})
+    for (method, path), wanted in DOCUMENTED.items():
+        operation = paths.get(path, {}).get(method)
+        check(operation is not None, explain(response, f"the route {method.upper()} {path} in the schema's paths"))
+        documented = operation.get("responses", {})
+        missing = sorted(wanted - set(documented))
+        check(not missing, (
+            f"\nsent:     GET /openapi.json"
+            f"\nexpected: {method.upper()} {path} documents every status it answers: {sorted(wanted)}"
+            f"\ngot:      {sorted(documented)}; missing {missing}. Declare them on the route: "
+            "responses={404: {'model': ErrorMessage, 'description': ...}, ...}"))
+        for code in wanted - {"200", "201", "422"}:
+            content = documented[code].get("content", {}).get("application/json", {})
+            check("schema" in content, (
+                f"\nsent:     GET /openapi.json"
+                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model"
+                f"\ngot:      {documented[code]}"))
+        parameters = {parameter.get("name"): parameter.get("schema", {}) for parameter in operation.get("parameters", [])}
+        for name in ("author_id", "offset"):
+            if name in parameters:
+                bounds = parameters[name]
+                if "anyOf" in bounds:  # an optional parameter: int | None
+                    bounds = next((part for part in bounds["anyOf"] if part.get("type") == "integer"), {})
+                check(bounds.get("maximum") == MAX_INT, (
+                    f"\nsent:     GET /openapi.json"
+                    f"\nexpected: {method.upper()} {path}'s parameter {name} has the maximum {MAX_INT} (le=2**31 - 1)"
+                    f"\ngot:      {parameters[name]}"))
+
+
+@pytest.mark.task("contract")
+def test_an_invalid_body_is_422_whatever_it_holds(shared):
+    author = create_author(shared, {"name": "Not A Number"})
+    for number in ("1e309", "-1e309", "NaN", "Infinity"):
+        for url, body in (
+            ("/authors", f'{{"name": {number}}}'),
+            ("/authors", f'{{"name": "N", "books": [{{"title": "T", "isbn": "{isbn(80)}", "year": {number}}}]}}'),
+            (f"/authors/{author['id']}/books", f'{{"title": "T", "isbn": "{isbn(81)}", "year": {number}}}'),
+        ):
+            response = call(shared, "POST", url, content=body, headers={"Content-Type": "application/json"})
+            expect_status(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input")
+            errors = json_of(response).get("detail")
+            check(isinstance(errors, list) and bool(errors) and all(isinstance(e, dict) and "input" not in e for e in errors),
+                  explain(response, '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}: where and why, never the refused "input"'))

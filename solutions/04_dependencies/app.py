@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -328,6 +329,14 @@ async def import_books(
     return {"imported": len(batch)}
 
 
+async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
+    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
+    # travel back to the client. Say where and why, never what.
+    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 async def on_commit_failed(request: Request, exc: CommitFailed) -> JSONResponse:
     return JSONResponse({"detail": "The change could not be saved; try again"},
                         status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
@@ -336,5 +345,6 @@ async def on_commit_failed(request: Request, exc: CommitFailed) -> JSONResponse:
 app = FastAPI(title="Catalogue", version="4.0.0")
 app.state.db = FakeDatabase()
 app.add_exception_handler(CommitFailed, on_commit_failed)
+app.add_exception_handler(RequestValidationError, validation_error_without_input)
 app.include_router(public)
 app.include_router(admin)

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import anyio
 import jwt
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
@@ -276,6 +278,14 @@ async def create_item(
     return created
 
 
+async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
+    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
+    # travel back to the client. Say where and why, never what.
+    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. Without ``settings``, they are read from the environment now."""
     settings = settings or Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
@@ -296,5 +306,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hash_limiter = anyio.CapacityLimiter(settings.max_concurrent_hashes)
     app.state.users = {}
     app.state.items = []
+    app.add_exception_handler(RequestValidationError, validation_error_without_input)
     app.include_router(router)
     return app

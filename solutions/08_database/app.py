@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event
@@ -16,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from .models import Base
-from .schemas import AuthorDetail, AuthorIn, BookIn, BookOut, Page
+from .schemas import MAX_INT, AuthorDetail, AuthorIn, BookIn, BookOut, ErrorMessage, Page
 from .services import Conflict, Library, NotFound
 
 
@@ -61,6 +62,30 @@ def get_library(session: SessionDep) -> Library:
 
 LibraryDep = Annotated[Library, Depends(get_library)]
 
+# Path and query integers with the bounds of an INTEGER column (see schemas.MAX_INT).
+AuthorId = Annotated[int, Path(ge=1, le=MAX_INT, description="The author's id")]
+AuthorFilter = Annotated[int | None, Query(ge=1, le=MAX_INT, description="Only this author's books")]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+def error(description: str) -> dict[str, Any]:
+    return {"model": ErrorMessage, "description": description}
+
+
+# Every status a route can answer is in the OpenAPI schema, with the body it carries.
+UNREADABLE: dict[int | str, dict[str, Any]] = {400: error("The body is not valid JSON")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: error("No author has this id")}
+CONFLICT: dict[int | str, dict[str, Any]] = {409: error("The name or an ISBN exists already")}
+
+
+async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
+    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
+    # travel back to the client. Say where and why, never what.
+    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -86,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan)
 
+    app.add_exception_handler(RequestValidationError, validation_error_without_input)
+
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
@@ -94,7 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def conflict(_request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
 
-    @app.get("/health/db")
+    @app.get("/health/db", responses={503: error("The database is unavailable")})
     async def database_health(library: LibraryDep) -> dict[str, str]:
         try:
             await library.ping()
@@ -102,25 +129,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable") from exc
         return {"database": "ok"}
 
-    @app.post("/authors", status_code=status.HTTP_201_CREATED)
+    @app.post("/authors", status_code=status.HTTP_201_CREATED, responses=UNREADABLE | CONFLICT)
     async def create_author(data: AuthorIn, library: LibraryDep) -> AuthorDetail:
         return AuthorDetail.model_validate(await library.create_author(data))
 
-    @app.get("/authors/{author_id}")
-    async def read_author(author_id: int, library: LibraryDep) -> AuthorDetail:
+    @app.get("/authors/{author_id}", responses=NOT_FOUND)
+    async def read_author(author_id: AuthorId, library: LibraryDep) -> AuthorDetail:
         return AuthorDetail.model_validate(await library.get_author(author_id))
 
-    @app.post("/authors/{author_id}/books", status_code=status.HTTP_201_CREATED)
-    async def add_book(author_id: int, data: BookIn, library: LibraryDep) -> BookOut:
+    @app.post("/authors/{author_id}/books", status_code=status.HTTP_201_CREATED, responses=UNREADABLE | NOT_FOUND | CONFLICT)
+    async def add_book(author_id: AuthorId, data: BookIn, library: LibraryDep) -> BookOut:
         return BookOut.model_validate(await library.add_book(author_id, data))
 
     @app.get("/books")
     async def list_books(
-        library: LibraryDep,
-        offset: Annotated[int, Query(ge=0)] = 0,
-        limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        author_id: int | None = None,
+        library: LibraryDep, offset: Offset = 0, limit: Limit = 20, author_id: AuthorFilter = None
     ) -> Page[BookOut]:
+        # An author_id that names nobody is a filter that matches nothing: 200 and an empty page.
         books, total = await library.list_books(offset, limit, author_id)
         return Page[BookOut](
             items=[BookOut.model_validate(book) for book in books], total=total, offset=offset, limit=limit

@@ -6,6 +6,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
+# The largest value of an INTEGER column in PostgreSQL, where this service may run too (SQLite's
+# go to 2**63 - 1). An id or an offset past it cannot name a row, and sent to the database
+# it fails inside the driver (OverflowError, a 500): refuse it at the edge with a 422.
+MAX_INT = 2**31 - 1
+
+
+class ErrorMessage(BaseModel):
+    """The body of every error this service answers: FastAPI's HTTPException shape."""
+
+    detail: str
+
 
 class BookIn(BaseModel):
     title: Annotated[str, Field(min_length=1, max_length=200)]
