@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import itertools
+import json
+import random
 import sys
+import threading
 import time
 import types
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,11 +41,14 @@ from grader.live import free_port, http_only, serve_in_process
 from grader.pytest_plugin import target_folder
 
 SECRET = "capstone-test-secret-0123456789abcdef"  # shared by the services, as in production
+INTERNAL = "capstone-internal-token-0123456789abcdef"  # the service credential, shared the same way
+SERVICE = {"Authorization": f"Bearer {INTERNAL}"}  # what orders sends to the internal routes
 ISSUER = "microshop-users"
 ADMIN = {"username": "admin", "password": "admin-password-1"}
 CUSTOMER_SCOPES = ["orders:read", "orders:write"]
 # Argon2 at production cost takes ~0.3 s of CPU per hash; tests hash a lot, so they pass a cheap one.
 FAST_HASH = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
+MAX_ATTEMPTS = 3  # outbox_max_attempts in the in-process shop
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,18 +80,17 @@ def sqlite(tmp_path: Path, name: str) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / name}.db"
 
 
-def users_app(load, tmp_path: Path):
+def users_app(load, tmp_path: Path, password_hash: PasswordHash | None = None, **overrides: Any):
     module = load("microshop/users")
-    settings = module.Settings(
-        database_url=sqlite(tmp_path, "users"), jwt_secret=SECRET,
-        admin_username=ADMIN["username"], admin_password=ADMIN["password"],
-    )
-    return module.create_app(settings, password_hash=FAST_HASH)
+    fields = {"database_url": sqlite(tmp_path, "users"), "jwt_secret": SECRET, "internal_token": INTERNAL,
+              "admin_username": ADMIN["username"], "admin_password": ADMIN["password"]}
+    settings = module.Settings(**(fields | overrides))
+    return module.create_app(settings, password_hash=password_hash or FAST_HASH)
 
 
 def catalog_app(load, tmp_path: Path):
     module = load("microshop/catalog")
-    return module.create_app(module.Settings(database_url=sqlite(tmp_path, "catalog"), jwt_secret=SECRET))
+    return module.create_app(module.Settings(database_url=sqlite(tmp_path, "catalog"), jwt_secret=SECRET, internal_token=INTERNAL))
 
 
 @contextlib.asynccontextmanager
@@ -111,15 +119,27 @@ class Network(httpx.AsyncBaseTransport):
     "error_after":      matching requests reach the service, then the caller gets a 500
     "lose_reply":       matching requests reach the service, the reply never comes back
     "hang":             matching requests never reach the service and nothing comes back
+    "reject":           matching requests never reach the service; the caller gets a 500
+
+    `mode`, `method` and `path` make one rule; `also` holds more (mode, method, path) rules, and
+    `when` narrows every rule to the requests it accepts.
     """
 
     def __init__(self, app: Any, mode: str | None = None, method: str = "", path: str = "") -> None:
         self.inner = httpx.ASGITransport(app=app)
         self.mode, self.method, self.path = mode, method, path
+        self.also: list[tuple[str, str, str]] = []
+        self.when: Callable[[httpx.Request], bool] | None = None
         self.seen: list[httpx.Request] = []
 
-    def matches(self, request: httpx.Request) -> bool:
-        return (not self.method or request.method == self.method) and request.url.path.startswith(self.path)
+    def rule_for(self, request: httpx.Request) -> str | None:
+        if self.when is not None and not self.when(request):
+            return None
+        rules = ([(self.mode, self.method, self.path)] if self.mode else []) + self.also
+        for mode, method, path in rules:
+            if (not method or request.method == method) and request.url.path.startswith(path):
+                return mode
+        return None
 
     async def wait_for_the_callers_deadline(self, request: httpx.Request) -> None:
         # A real socket honours httpx's read timeout; so does this one. Without any timeout,
@@ -130,15 +150,18 @@ class Network(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(request)
-        if self.mode is None or not self.matches(request):
+        mode = self.rule_for(request)
+        if mode is None:
             return await self.inner.handle_async_request(request)
-        if self.mode == "refuse":
+        if mode == "refuse":
             raise httpx.ConnectError("connection refused", request=request)
-        if self.mode == "hang":
+        if mode == "reject":
+            return httpx.Response(500, json={"detail": "internal error"}, request=request)
+        if mode == "hang":
             await self.wait_for_the_callers_deadline(request)
         reply = await self.inner.handle_async_request(request)
         await reply.aread()
-        if self.mode == "error_after":
+        if mode == "error_after":
             return httpx.Response(500, json={"detail": "internal error"}, request=request)
         await self.wait_for_the_callers_deadline(request)  # "lose_reply"
         raise AssertionError("unreachable")
@@ -166,9 +189,10 @@ async def open_shop(
     orders = load("microshop/orders")
     o_app = orders.create_app(
         orders.Settings(
-            database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET,
+            database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET, internal_token=INTERNAL,
             catalog_url="http://catalog", users_url="http://users",
             catalog_timeout=catalog_timeout, events_timeout=catalog_timeout, outbox_interval=0,
+            outbox_max_attempts=MAX_ATTEMPTS,
         ),
         catalog_transport=catalog_wire, users_transport=users_wire,
     )
@@ -350,6 +374,122 @@ async def test_the_admin_from_settings_may_write_the_catalog(load, tmp_path):
         )
 
 
+class SlowHasher(Argon2Hasher):
+    """A cheap Argon2 that, once armed, takes SLOW seconds per hash or check, as the real cost
+    does. It sleeps instead of computing, so it costs no CPU on a busy machine, and it blocks
+    the thread that calls it exactly as a real hash would. It counts how many run at once, and
+    how many /health answers arrive while it runs (`answered` is the probe's counter)."""
+
+    SLOW = 0.15
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.armed = False
+        self.running = self.most = 0
+        self.answered = [0]
+        self.answered_meanwhile = 0
+        self.lock = threading.Lock()
+
+    def slowly(self, work: Callable[[], Any]) -> Any:
+        if not self.armed:
+            return work()
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        before = self.answered[0]
+        try:
+            time.sleep(self.SLOW)
+            return work()
+        finally:
+            with self.lock:
+                self.running -= 1
+                # On the event loop, no other request moves while this thread sleeps: 0.
+                self.answered_meanwhile += self.answered[0] - before
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        return self.slowly(lambda: super(SlowHasher, self).hash(password, salt=salt))
+
+    def verify(self, password: str | bytes, hash: str | bytes) -> bool:
+        return self.slowly(lambda: super(SlowHasher, self).verify(password, hash))
+
+
+async def probe_health(client: httpx.AsyncClient, until: asyncio.Event, answered: list[int]) -> list[float]:
+    """GET /health back to back until `until` is set, counting the answers. Each latency counts
+    from the moment the probe gives the other tasks their turn (in process, a request may never
+    pause by itself) until its answer."""
+    latencies: list[float] = []
+    while not until.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(0)
+        expect_status(await client.get("/health"), 200, "GET /health")
+        latencies.append(time.perf_counter() - started)
+        answered[0] += 1
+    return latencies
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_password_hashing_never_stops_the_service(load, tmp_path):
+    slow = SlowHasher()
+    app = users_app(load, tmp_path, PasswordHash((slow,)), admin_username=None, max_concurrent_hashes=2)
+    async with serving(app) as users:
+        expect_status(await users.post("/users", json={"username": "ada", "password": "lovelace-1815"}), 201)
+        slow.armed = True
+        done = asyncio.Event()
+
+        async def hashing() -> list[httpx.Response]:
+            try:
+                return await asyncio.gather(
+                    users.post("/token", data={"username": "ada", "password": "lovelace-1815"}),
+                    users.post("/token", data={"username": "ada", "password": "not-her-password"}),
+                    users.post("/users", json={"username": "grace", "password": "hopper-1906"}),
+                )
+            finally:
+                done.set()
+
+        replies, latencies = await asyncio.gather(hashing(), probe_health(users, done, slow.answered))
+        slow.armed = False
+        assert [r.status_code for r in replies] == [200, 401, 201], explain(
+            replies[0], f"two logins (right and wrong password) and a registration; got {[r.status_code for r in replies]}"
+        )
+        assert slow.answered_meanwhile > 0, (
+            f"\nsent:     two logins and a registration at once (each hash takes {slow.SLOW} s), and GET /health "
+            f"back to back meanwhile\nexpected: /health keeps answering while the passwords are hashed\n"
+            f"got:      not one /health answered while a hash ran; the slowest took {max(latencies, default=0):.2f} s\n"
+            "Argon2 is a blocking call: in an async def route it stops the event loop, and every other request "
+            "waits. Run it in a worker thread: await anyio.to_thread.run_sync(hasher.verify, ..., limiter=...)."
+        )
+        assert slow.most <= 2, (
+            f"\nsent:     three requests that hash at once, with max_concurrent_hashes=2\n"
+            f"expected: at most 2 hashes at the same time (each holds argon2_memory_kib of memory)\n"
+            f"got:      {slow.most} at once. Pass a limiter: anyio.CapacityLimiter(settings.max_concurrent_hashes)"
+        )
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_a_422_never_repeats_a_password(load, tmp_path):
+    async with serving(users_app(load, tmp_path, admin_username=None)) as users:
+        huge = "correct-horse-" * 75_000  # about a megabyte
+        for what, request in (
+            ("a password too short", users.post("/users", json={"username": "ada", "password": "hunter2"})),
+            ("a password too long", users.post("/users", json={"username": "ada", "password": "hunter2-" * 20})),
+            ("a megabyte of password", users.post("/users", json={"username": "ada", "password": huge})),
+            ("a password that is a number", users.post("/users", json={"username": "ada", "password": 7_345_678_901})),
+            ("a valid password with an invalid username",
+             users.post("/users", json={"username": "Ada Lovelace", "password": "hunter2-hunter2"})),
+            ("a login without a username", users.post("/token", data={"password": "hunter2-hunter2"})),
+            ("a login with a password too long", users.post("/token", data={"username": "ada", "password": "hunter2-" * 20})),
+        ):
+            response = await request
+            expect_status(response, 422, f"{what} is invalid")
+            secret = next(s for s in ("correct-horse-", "hunter2", "7345678901") if s in (response.request.content or b"").decode())
+            assert secret not in response.text and len(response.content) < 4096, explain(
+                response, f"{what}: a 422 that says where and why, never the value sent: {secret!r} must not come "
+                          f"back ({len(response.content)} bytes came back). Drop \"input\" from the validation errors."
+            )
+
+
 # ---------------------------------------------------------------------------------------
 # Step 2 — catalog: products and stock reservations
 # ---------------------------------------------------------------------------------------
@@ -398,15 +538,15 @@ async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
         await add_product(catalog, "PEN-1", 1, 150)
         # The failing line comes last, in the request and by SKU: a line-by-line reservation
         # would already have taken the first one.
-        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))})
+        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))}, headers=SERVICE)
         expect_status(too_much, 409, "PEN-1 has 1 left, 2 were asked")
         assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (5, 1), explain(
             too_much, "no stock taken at all when one line fails: INK-2 still 5, PEN-1 still 1 (all or nothing)"
         )
-        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))})
+        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))}, headers=SERVICE)
         expect_status(unknown, 404, "an unknown SKU")
         assert await stock_of(catalog, "INK-2") == 5, explain(unknown, "INK-2 untouched after the failed reservation")
-        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))})
+        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))}, headers=SERVICE)
         expect_status(ok, 201, "enough stock for every line")
         expect_json(ok, {"order_id": "o-3", "status": "held", "total_cents": 950})
         lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in json_of(ok)["items"])
@@ -420,9 +560,9 @@ async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "PEN-1", 5)
         body = {"order_id": "o-1", **order_body(("PEN-1", 2))}
-        first = await catalog.post("/reservations", json=body)
+        first = await catalog.post("/reservations", json=body, headers=SERVICE)
         expect_status(first, 201)
-        again = await catalog.post("/reservations", json=body)
+        again = await catalog.post("/reservations", json=body, headers=SERVICE)
         expect_status(again, 200, "a retry of the same reservation answers 200 with the same reservation")
         expect_json(again, json_of(first), exact=True)
         assert await stock_of(catalog, "PEN-1") == 3, explain(again, "stock taken once (5 -> 3), not twice: the order ID is the idempotency key")
@@ -433,15 +573,15 @@ async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
 async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "PEN-1", 5)
-        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))})
-        released = await catalog.delete("/reservations/o-1")
+        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))}, headers=SERVICE)
+        released = await catalog.delete("/reservations/o-1", headers=SERVICE)
         expect_status(released, 204, "releasing a reservation")
         assert await stock_of(catalog, "PEN-1") == 5, explain(released, "the 2 units are back: stock 5")
-        again = await catalog.delete("/reservations/o-1")
+        again = await catalog.delete("/reservations/o-1", headers=SERVICE)
         expect_status(again, 204, "releasing twice is harmless")
         assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
-        expect_status(await catalog.delete("/reservations/never-made"), 204, "releasing what was never reserved is harmless too")
-        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))})
+        expect_status(await catalog.delete("/reservations/never-made", headers=SERVICE), 204, "releasing what was never reserved is harmless too")
+        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=SERVICE)
         expect_status(late, 409, "a reservation arriving after its order was released is refused")
         assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")
 
@@ -452,7 +592,7 @@ async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "LAST-1", 1)
         replies = await asyncio.gather(*(
-            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}) for i in range(4)
+            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}, headers=SERVICE) for i in range(4)
         ))
         codes = sorted(reply.status_code for reply in replies)
         stock = await stock_of(catalog, "LAST-1")
@@ -462,6 +602,76 @@ async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
             "Check and take the stock in one statement (UPDATE ... WHERE stock >= quantity), "
             "not read-then-write."
         )
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 100)
+
+        async def at_once(calls: list[tuple[str, str, int]]) -> list[tuple[str, str, httpx.Response]]:
+            random.Random(14).shuffle(calls)
+            replies = await asyncio.gather(*(
+                catalog.post("/reservations", json={"order_id": order_id, **order_body(("PEN-1", quantity))}, headers=SERVICE)
+                if method == "POST" else catalog.delete(f"/reservations/{order_id}", headers=SERVICE)
+                for method, order_id, quantity in calls
+            ))
+            failed = [f"{method} {order_id}: {reply.status_code}" for (method, order_id, _), reply in zip(calls, replies, strict=True)
+                      if reply.status_code >= 500 or (method == "DELETE" and reply.status_code != 204)
+                      or reply.status_code not in (200, 201, 204, 409)]
+            assert not failed, (
+                f"\nsent:     {len(calls)} reservations and releases at once, several for the same order\n"
+                f"expected: no 5xx; each reservation 201, 200 (the same order again) or 409, each release 204\n"
+                f"got:      {failed[:6]}\nA race on one order_id is the normal case for an idempotent "
+                "route: insert the reservation with ON CONFLICT DO NOTHING (or catch the IntegrityError) "
+                "and answer as for a repeat."
+            )
+            return [(method, order_id, reply) for (method, order_id, _), reply in zip(calls, replies, strict=True)]
+
+        # Each order reserved twice and released, all at once: whichever runs first, every
+        # order ends released and every unit back on the shelf.
+        await at_once([(m, f"a-{i}", 3) for i in range(6) for m in ("POST", "POST", "DELETE")])
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100, (
+            "\nsent:     6 orders, each reserved twice (3 units) and released, all at the same time\n"
+            f"expected: every order released in the end, so stock 100\ngot:      stock {stock}: "
+            f"{'units lost' if stock < 100 else 'units given back twice'}"
+        )
+        # Each order reserved three times at once: one 201, two 200 with the same reservation.
+        replies = await at_once([("POST", f"b-{i}", 2) for i in range(5) for _ in range(3)])
+        for i in range(5):
+            mine = [reply for _, order_id, reply in replies if order_id == f"b-{i}"]
+            codes = sorted(reply.status_code for reply in mine)
+            assert codes == [200, 200, 201] and all(json_of(r) == json_of(mine[0]) for r in mine), explain(
+                mine[0], f"the same reservation of order b-{i} three times at once: one 201 and two 200, all with the "
+                         f"same reservation; got {codes}"
+            )
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100 - 5 * 2, (
+            f"\nexpected: 5 reservations of 2 units held once each: stock + reserved == 100, so stock 90\ngot:      stock {stock}"
+        )
+        # Each of them released twice at once: the units come back once.
+        await at_once([("DELETE", f"b-{i}", 0) for i in range(5) for _ in range(2)])
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100, f"\nsent:     5 held reservations, each released twice at once\nexpected: stock 100\ngot:      stock {stock}"
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        largest = {"sku": "BIG-1", "name": "Big", "price_cents": 100_000_000, "stock": 1_000_000}
+        expect_status(await catalog.post("/products", json=largest, headers=ADMIN_HEADERS), 201,
+                      "price_cents 100,000,000 and stock 1,000,000 are the largest allowed")
+        for field_name, value in (("price_cents", "100000001"), ("stock", "1000001"), ("price_cents", str(2**63)),
+                                  ("stock", str(2**63)), ("stock", str(2**64 + 1)), ("price_cents", "1" + "0" * 40),
+                                  ("stock", "1e309"), ("price_cents", "NaN"), ("stock", "-" + str(2**63 + 1))):
+            raw = json.dumps(largest | {"sku": "BIG-2", field_name: 0}).replace(f'"{field_name}": 0', f'"{field_name}": {value}')
+            response = await catalog.post("/products", content=raw, headers=ADMIN_HEADERS | {"Content-Type": "application/json"})
+            expect_status(response, 422, f"{field_name} {value[:24]} is out of range: refused before it reaches the database "
+                                         "(SQLite stores 64-bit integers; past that is a 500)")
+        expect_status(await catalog.get("/products/BIG-2"), 404, "none of them was created")
 
 
 # ---------------------------------------------------------------------------------------
@@ -612,6 +822,34 @@ async def test_a_hanging_catalog_does_not_hang_the_order(load, tmp_path):
         await expect_nothing_placed(shop, response, 504, "the catalog never answered")
 
 
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        # The catalog reserves and then fails, and the release cannot reach it either.
+        shop.catalog_wire.mode, shop.catalog_wire.method, shop.catalog_wire.path = "error_after", "POST", "/reservations"
+        shop.catalog_wire.also = [("refuse", "DELETE", "/reservations")]
+        response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+        expect_status(response, 502, "the catalog failed after reserving")
+        assert await stock_of(shop.catalog, "PEN-1") == 3, "the release could not reach the catalog: 2 units still held"
+        still_down = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_status(still_down, 200, "a dispatch while the catalog still refuses")
+        shop.catalog_wire.mode, shop.catalog_wire.also = None, []
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_status(dispatched, 200, "POST /outbox/dispatch with the service token")
+        stock = await stock_of(shop.catalog, "PEN-1")
+        releases = [r.url.path for r in shop.catalog_wire.seen if r.method == "DELETE"]
+        assert stock == 5, explain(
+            dispatched, f"the release that failed is retried once the catalog is back: stock 5 again (got {stock}). "
+                        f"orders sent these releases: {releases}. Write the release down (a table of pending "
+                        "releases) and retry it on every dispatch until the catalog answers 2xx."
+        )
+        await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "a confirmed release is not sent again"
+        assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, "and no order was stored"
+
+
 # ---------------------------------------------------------------------------------------
 # Step 5 — events: OrderPlaced feeds the users' read model, exactly once in effect
 # ---------------------------------------------------------------------------------------
@@ -633,13 +871,28 @@ async def test_the_same_event_twice_changes_nothing(load, tmp_path):
     async with serving(users_app(load, tmp_path)) as users:
         ada = await customer(users)
         event = order_placed("evt-1", total_cents=450)
-        first = await users.post("/events", json=event)
+        first = await users.post("/events", json=event, headers=SERVICE)
         expect_json(first, {"status": "applied"}, "a new event is applied", exact=True)
-        second = await users.post("/events", json=event)
+        second = await users.post("/events", json=event, headers=SERVICE)
         expect_json(second, {"status": "duplicate"}, "the same event_id again is recognised", exact=True)
         assert await stats(users, ada) == (1, 450), explain(second, "orders_placed 1 and total_spent_cents 450: counted once")
-        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50)), {"status": "applied"})
+        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50), headers=SERVICE), {"status": "applied"})
         assert await stats(users, ada) == (2, 500), "a different event_id is a different order: 2 orders, 500 cents"
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_an_event_total_too_large_to_store_is_refused(load, tmp_path):
+    async with serving(users_app(load, tmp_path, admin_username=None)) as users:
+        ada = await customer(users)
+        largest = await users.post("/events", json=order_placed("evt-max", total_cents=10**12), headers=SERVICE)
+        expect_json(largest, {"status": "applied"}, "total_cents 10**12 is the largest an event may carry", exact=True)
+        for value in (str(10**12 + 1), str(2**63), str(2**64), "1e309", "NaN", "-1"):
+            raw = json.dumps(order_placed(f"evt-{value[:8]}", total_cents=0)).replace('"total_cents": 0', f'"total_cents": {value}')
+            response = await users.post("/events", content=raw, headers=SERVICE | {"Content-Type": "application/json"})
+            expect_status(response, 422, f"an OrderPlaced with total_cents {value[:24]}: outside 0-10**12, refused before it "
+                                         "reaches the database (SQLite stores 64-bit integers; past that is a 500)")
+        assert await stats(users, ada) == (1, 10**12), "only the valid event was counted"
 
 
 @pytest.mark.task("events")
@@ -665,6 +918,48 @@ async def _stats_are(users: httpx.AsyncClient, headers: dict[str, str], wanted: 
 
 @pytest.mark.task("events")
 @pytest.mark.asyncio
+async def test_an_event_users_keeps_refusing_is_set_aside_and_blocks_no_other(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        # users answers 500 to every event about mallory's orders, and takes every other event.
+        shop.users_wire.mode, shop.users_wire.path = "reject", "/events"
+        shop.users_wire.when = lambda request: b'"mallory"' in request.content
+        poison = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=mint("mallory", CUSTOMER_SCOPES))
+        expect_status(poison, 201, "mallory's order is placed; only its event is refused")
+        for quantity in (1, 2):
+            expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", quantity)), headers=ada), 201)
+        got_through = await eventually(lambda: _stats_are(shop.users, ada, (2, 450)), 1.0)
+        assert got_through, (
+            "\nsent:     an order by mallory whose event users refuses (500), then two orders by ada\n"
+            "expected: ada's events delivered anyway, without waiting for mallory's to be set aside: "
+            f"orders_placed 2, total_spent_cents 450\ngot:      {await stats(shop.users, ada)}\n"
+            "A refused event must not block the events behind it: count the attempt and go on."
+        )
+        for _ in range(MAX_ATTEMPTS + 1):
+            dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            if json_of(dispatched).get("pending") == 0:
+                break
+        expect_json(dispatched, {"pending": 0, "dead": 1},
+                    f"after outbox_max_attempts ({MAX_ATTEMPTS}) refusals, mallory's event is dead: set aside, not pending")
+        tries = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 1},
+                    "a dead event is not sent again", exact=True)
+        again = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
+        assert len(tries) == MAX_ATTEMPTS and len(again) == len(tries), explain(
+            dispatched, f"mallory's event sent exactly outbox_max_attempts ({MAX_ATTEMPTS}) times, then never again; "
+                        f"it was sent {len(tries)} times, then {len(again) - len(tries)} more"
+        )
+        dead = await shop.orders.get("/outbox/dead", headers=SERVICE)
+        expect_status(dead, 200, "GET /outbox/dead lists the dead letters")
+        letters = json_of(dead)
+        assert [(d.get("payload", {}).get("username"), d.get("attempts")) for d in letters] == [("mallory", MAX_ATTEMPTS)], explain(
+            dead, f'one dead letter: mallory\'s OrderPlaced as "payload", with "attempts": {MAX_ATTEMPTS} and "last_error"'
+        )
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
 async def test_events_wait_out_a_users_outage(load, tmp_path):
     async with open_shop(load, tmp_path) as shop:
         await add_product(shop.catalog, "PEN-1", 10, 150)
@@ -674,11 +969,16 @@ async def test_events_wait_out_a_users_outage(load, tmp_path):
         expect_status(placed, 201, "the order does not depend on the users service being up")
         await asyncio.sleep(0.05)
         assert await stats(shop.users, ada) == (0, 0), explain(placed, "while users is down, its read model has not changed")
+        for _ in range(MAX_ATTEMPTS + 1):
+            waiting = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            expect_json(waiting, {"delivered": 0, "pending": 1, "dead": 0},
+                        f"users cannot be reached: the event waits, however often it is tried (outbox_max_attempts "
+                        f"is {MAX_ATTEMPTS}, but an outage is not the event's fault)", exact=True)
         shop.users_wire.mode = None
-        dispatched = await shop.orders.post("/outbox/dispatch")
-        expect_json(dispatched, {"delivered": 1, "pending": 0}, "the kept event is delivered once users is back", exact=True)
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the kept event is delivered once users is back", exact=True)
         assert await stats(shop.users, ada) == (1, 300), explain(dispatched, "the read model now counts the order")
-        expect_json(await shop.orders.post("/outbox/dispatch"), {"delivered": 0, "pending": 0}, "nothing left to deliver", exact=True)
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 0}, "nothing left to deliver", exact=True)
 
 
 @pytest.mark.task("events")
@@ -692,8 +992,8 @@ async def test_a_redelivered_event_is_counted_once(load, tmp_path):
         expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada), 201)
         await asyncio.sleep(0.05)
         shop.users_wire.mode = None
-        dispatched = await shop.orders.post("/outbox/dispatch")
-        expect_json(dispatched, {"delivered": 1, "pending": 0}, "the unacknowledged event is delivered again", exact=True)
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the unacknowledged event is delivered again", exact=True)
         deliveries = [r for r in shop.users_wire.seen if r.url.path == "/events"]
         assert await stats(shop.users, ada) == (1, 150), explain(
             dispatched, f"the order counted once although the event was delivered {len(deliveries)} times"
@@ -733,6 +1033,30 @@ async def test_the_gateway_routes_the_public_api(load, tmp_path):
         expect_header(anonymous, "www-authenticate", "Bearer", "the upstream WWW-Authenticate is kept")
 
 
+# The internal routes, as (method, path) on the service. An order ID and an event that would
+# do harm if they got through: a release of a real reservation, an inflated total.
+INTERNAL_ROUTES = (
+    ("POST", "reservations"), ("DELETE", "reservations/{order}"), ("POST", "events"), ("POST", "outbox/dispatch"),
+)
+PUBLIC_PREFIXES = ("users", "token", "products", "orders", "users/me", "products/PEN-1", "orders/o-1")
+# Ways to write "../" that a server decodes into it, or that a proxy may resolve after decoding.
+DOT_DOT_SLASH = ("..%2F", "..%2f", "%2E%2E%2F", "%2e%2e/", ".%2E/", "%2E./", "..%5C", "%2E%2E%5C", "..%252F",
+                 "%2e%2e%2f%2e%2e%2f", "..%2F..%2F")
+
+
+def traversal_attempts(order_id: str) -> list[tuple[str, str]]:
+    """(method, path) pairs that name an internal route through a public one."""
+    attempts = []
+    for i, (dots, (method, route)) in enumerate(itertools.product(DOT_DOT_SLASH, INTERNAL_ROUTES)):
+        prefix = PUBLIC_PREFIXES[i % len(PUBLIC_PREFIXES)]  # every encoding, every route, every prefix
+        up = "..%2F" * prefix.count("/")  # climb out of every segment of the prefix first
+        attempts.append((method, f"/api/{prefix}/{up}{dots}{route.format(order=order_id)}"))
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # a bare dot segment, any method
+        for path in ("/api/products/%2E%2E", "/api/orders/%2e", "/api/products/..%2F", "/api/users/%2E%2E%2Fusers%2Fme"):
+            attempts.append((method, path))
+    return attempts
+
+
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_the_gateway_hides_internal_routes(load, tmp_path):
@@ -746,9 +1070,66 @@ async def test_the_gateway_hides_internal_routes(load, tmp_path):
             ("POST", "/api/events", order_placed("evt-x")),
             ("POST", "/api/outbox/dispatch", None),
         ):
-            response = await shop.gateway.request(method, path, json=body)
+            response = await shop.gateway.request(method, path, json=body, headers=SERVICE)
             expect_status(response, 404, "internal routes are not part of the public API")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "nothing reserved through the gateway"
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_no_encoding_of_dot_dot_reaches_an_internal_route(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        held = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+        order_id = expect_json(held, {"status": "placed"}, "an order to try to release behind its back")["id"]
+        before = {name: len(wire.seen) for name, wire in shop.gateway_wires.items()}
+        attempts = traversal_attempts(order_id)
+        bodies = {"reservations": {"order_id": "evil", **order_body(("PEN-1", 3))}, "events": order_placed("evil", "ada", 999_999)}
+        headers = mint("ada", CUSTOMER_SCOPES)
+        for method, path in attempts:
+            body = next((b for name, b in bodies.items() if path.endswith(name)), None)
+            response = await shop.gateway.request(method, path, json=body, headers=headers)
+            forwarded = [(name, f"{r.method} {r.url.path}") for name, wire in shop.gateway_wires.items()
+                         for r in wire.seen[before[name]:]]
+            assert response.status_code in (404, 405) and not forwarded, explain(
+                response, f"path traversal: {method} {path} is decoded to a path that is not public. 404 (or 405), and "
+                          f"nothing forwarded; the gateway sent {forwarded}. Forward only an allow-list of exact routes, "
+                          "and refuse a path segment that is empty, '.', '..' or holds '/' or '\\' once decoded."
+            )
+        assert await stock_of(shop.catalog, "PEN-1") == 3, f"after {len(attempts)} attempts the stock is as the order left it"
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_internal_routes_need_the_service_token(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        near_miss = {"Authorization": f"Bearer {INTERNAL[:-1]}{'x' if INTERNAL[-1] != 'x' else 'y'}"}
+        admin_jwt = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+        for client, method, path, body in (
+            (shop.catalog, "POST", "/reservations", {"order_id": "o-9", **order_body(("PEN-1", 5))}),
+            (shop.catalog, "DELETE", "/reservations/o-9", None),
+            (shop.users, "POST", "/events", order_placed("evt-9", "ada", 999)),
+            (shop.orders, "POST", "/outbox/dispatch", None),
+        ):
+            for who, headers in (("no credential", {}), ("a wrong token", near_miss), ("a user's token, even the admin's", admin_jwt),
+                                 ("a token in the wrong scheme", {"Authorization": f"Basic {INTERNAL}"})):
+                response = await client.request(method, path, json=body, headers=headers)
+                expect_status(response, 401, f"{method} {path} with {who}: internal routes answer only the services "
+                                             "that hold internal_token, even when the gateway is bypassed")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "no refused request reserved anything"
+        release = await shop.catalog.delete("/reservations/o-9", headers=SERVICE)
+        expect_status(release, 204, "with the service token, the internal route works")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_refuses_a_body_too_large(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        huge = b'{"username": "ada", "password": "' + b"x" * (1024 * 1024) + b'"}'
+        response = await shop.gateway.post("/api/users", content=huge, headers={"Content-Type": "application/json"})
+        expect_status(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
+        assert not shop.gateway_wires["users"].seen, explain(response, "and never forwarded")
 
 
 @pytest.mark.task("gateway")
@@ -806,6 +1187,58 @@ async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_
         expect_json(not_ready, {"status": "not ready", "services": {"users": "up", "catalog": "down", "orders": "up"}}, exact=True)
 
 
+# The status codes each route must document in its service's OpenAPI schema (README.md).
+DOCUMENTED = {
+    "users": {("post", "/users"): {201, 409, 422}, ("post", "/token"): {200, 401, 422}, ("get", "/users/me"): {200, 401},
+              ("post", "/events"): {200, 401, 422}},
+    "catalog": {("post", "/products"): {201, 401, 403, 409, 422}, ("get", "/products"): {200},
+                ("get", "/products/{sku}"): {200, 404}, ("post", "/reservations"): {200, 201, 401, 404, 409, 422},
+                ("delete", "/reservations/{order_id}"): {204, 401}},
+    "orders": {("post", "/orders"): {201, 401, 403, 409, 422, 502, 503, 504}, ("get", "/orders"): {200, 401, 403},
+               ("get", "/orders/{order_id}"): {200, 401, 403, 404}, ("post", "/outbox/dispatch"): {200, 401},
+               ("get", "/outbox/dead"): {200, 401}},
+    "gateway": {("get", "/ready"): {200, 503}, ("post", "/api/users"): {201, 409, 413, 422, 503, 504},
+                ("post", "/api/token"): {200, 401, 413, 422, 503, 504}, ("get", "/api/users/me"): {200, 401, 503, 504},
+                ("post", "/api/products"): {201, 401, 403, 409, 413, 422, 503, 504}, ("get", "/api/products"): {200, 503, 504},
+                ("get", "/api/products/{sku}"): {200, 404, 503, 504},
+                ("post", "/api/orders"): {201, 401, 403, 409, 413, 422, 502, 503, 504},
+                ("get", "/api/orders"): {200, 401, 403, 503, 504}, ("get", "/api/orders/{order_id}"): {200, 401, 403, 404, 503, 504}},
+}
+
+
+def build_app(load, tmp_path: Path, service: str) -> Any:
+    if service == "users":
+        return users_app(load, tmp_path, admin_username=None)
+    if service == "catalog":
+        return catalog_app(load, tmp_path)
+    module = load(f"microshop/{service}")
+    if service == "orders":
+        return module.create_app(module.Settings(database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET,
+                                                 internal_token=INTERNAL, outbox_interval=0))
+    return module.create_app(module.Settings())
+
+
+@pytest.mark.parametrize("service", [pytest.param(name, marks=pytest.mark.task(name))
+                                     for name in DOCUMENTED])
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status(load, tmp_path, service):
+    app = build_app(load, tmp_path, service)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
+        response = await client.get("/openapi.json")
+    schema = expect_json(response, {"paths": {}}, f"the {service} service serves its OpenAPI schema")
+    missing = {}
+    for (method, path), codes in DOCUMENTED[service].items():
+        documented = {int(code) for code in schema["paths"].get(path, {}).get(method, {}).get("responses", {})
+                      if str(code).isdigit()}
+        if codes - documented:
+            missing[f"{method.upper()} {path}"] = sorted(codes - documented)
+    assert not missing, (
+        f"\nexpected: the {service} service's OpenAPI schema lists every status code each route answers\n"
+        f"got:      missing {missing}\nDeclare them in the route decorator: responses={{404: {{\"model\": ErrorOut}}, ...}}; "
+        "a client generated from the schema knows only the statuses it lists."
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Step 7 — end to end: in process, then as real processes
 # ---------------------------------------------------------------------------------------
@@ -853,11 +1286,12 @@ class LiveShop:
         self.ports = {name: free_port() for name in SERVICES}
         self.url = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         self.env = {
-            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET,
+            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET, "USERS_INTERNAL_TOKEN": INTERNAL,
             "USERS_ADMIN_USERNAME": ADMIN["username"], "USERS_ADMIN_PASSWORD": ADMIN["password"],
             "USERS_ARGON2_TIME_COST": "1", "USERS_ARGON2_MEMORY_KIB": "1024",  # as cheap as FAST_HASH
             "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_JWT_SECRET": SECRET,
-            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET,
+            "CATALOG_INTERNAL_TOKEN": INTERNAL,
+            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET, "ORDERS_INTERNAL_TOKEN": INTERNAL,
             "ORDERS_CATALOG_URL": self.url["catalog"], "ORDERS_USERS_URL": self.url["users"],
             "ORDERS_CATALOG_TIMEOUT": "2", "ORDERS_OUTBOX_INTERVAL": "0.5",
             "GATEWAY_USERS_URL": self.url["users"], "GATEWAY_CATALOG_URL": self.url["catalog"],
@@ -925,6 +1359,53 @@ async def test_a_shopping_trip_across_real_processes(live_shop):
     live(live_shop, *SERVICES)
     async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
         await shopping_trip(gateway)
+
+
+def raw_request(base_url: str, method: str, path: str, body: Any = None) -> int:
+    """One request with the path exactly as written: an HTTP client library would resolve "..",
+    a client that means harm does not."""
+    parts = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        content = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, body=content, headers={"Content-Type": "application/json"} | SERVICE)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.asyncio
+async def test_literal_dot_dot_through_the_real_gateway_reaches_nothing_internal(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
+        await add_product(gateway, "DOT-9", 4, 300, prefix="/api", headers=ADMIN_HEADERS)
+        placed = await gateway.post("/api/orders", json=order_body(("DOT-9", 1)), headers=mint("turing", CUSTOMER_SCOPES))
+        order_id = expect_json(placed, {"status": "placed"}, "an order whose reservation an attacker would release")["id"]
+        reserve = {"order_id": "evil-1", **order_body(("DOT-9", 3))}
+        attempts = [
+            ("POST", "/api/products/../reservations", reserve), ("POST", "/api/products/%2E%2E/reservations", reserve),
+            ("DELETE", f"/api/products/../reservations/{order_id}", None),
+            ("DELETE", f"/api/orders/../reservations/{order_id}", None),
+            ("DELETE", f"/api/products/..%2Freservations%2F{order_id}", None),
+            ("POST", "/api/users/../events", order_placed("evil-2", "turing", 10**9)),
+            ("POST", "/api/users/me/../../events", order_placed("evil-3", "turing", 10**9)),
+            ("POST", "/api/orders/../outbox/dispatch", None), ("POST", "/api/orders/./../outbox/dispatch", None),
+            ("POST", "/api/orders/..%2Foutbox%2Fdispatch", None), ("POST", "/api/../reservations", reserve),
+        ]
+        for method, path, body in attempts:
+            status = await asyncio.to_thread(raw_request, live_shop.url["gateway"], method, path, body)
+            assert status in (400, 404, 405), (
+                f"\nsent:     {method} {path} to the gateway, a real uvicorn process, with the path as written\n"
+                f"expected: 404 (or 405, or 400): the path is not a public route, however it resolves\n"
+                f"got:      {status}: the gateway forwarded it to a service"
+            )
+        expect_json(await gateway.get("/api/products/DOT-9"), {"stock": 3},
+                    "the stock is as the order left it: nothing reserved or released through the gateway")
 
 
 @pytest.mark.task("end_to_end")

@@ -14,7 +14,15 @@ from sqlalchemy import String
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .common import Principal, RequestContextMiddleware, SessionDep, current_principal, health_router, todo
+from .common import (
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    add_error_handlers,
+    current_principal,
+    health_router,
+    todo,
+)
 
 SKU = Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
 
@@ -26,6 +34,7 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./catalog.db"
     jwt_secret: SecretStr = Field(min_length=32)
+    internal_token: SecretStr = Field(min_length=32)  # the service credential (README: internal routes)
 
 
 class Base(DeclarativeBase):
@@ -45,6 +54,8 @@ class Product(Base):
 #   (a JSON column is fine) and its total.
 
 
+# TODO (step 2): upper bounds too: price_cents at most 100_000_000, stock at most 1_000_000.
+#   SQLite stores 64-bit integers; 2**63 would reach the database and come back as a 500.
 class ProductIn(BaseModel):
     sku: SKU
     name: Annotated[str, Field(min_length=1, max_length=100)]
@@ -93,7 +104,9 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     # TODO: all lines or none, in one transaction; take the stock with a conditional UPDATE
     #   (... WHERE stock >= quantity), never read-then-write. 404 unknown SKU, 409 not enough.
     #   The same order_id again: 200 with the existing reservation (nothing taken twice);
-    #   an order_id that was released: 409.
+    #   an order_id that was released: 409. The same order_id twice *at once* too: claim it
+    #   first with an INSERT ... ON CONFLICT DO NOTHING (sqlalchemy.dialects.sqlite.insert).
+    #   Internal: only with the service credential (dependencies=[Depends(require_service)]).
     todo("step 2: POST /reservations")
 
 
@@ -101,6 +114,8 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
 async def release(order_id: str, session: SessionDep) -> None:
     # TODO: give a held reservation's stock back and mark it released; 204 every time, even
     #   for an unknown order_id (then remember it as released, so a late reservation is refused).
+    #   Safe against a concurrent reservation or release of the same order: held -> released
+    #   in one conditional UPDATE. Internal, like POST /reservations.
     todo("step 2: DELETE /reservations/{order_id}")
 
 
@@ -121,6 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))
     app.include_router(router)

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     catalog_url: str = "http://127.0.0.1:8002"
     orders_url: str = "http://127.0.0.1:8003"
     timeout: float = 5.0
+    max_body_bytes: int = 1024 * 1024  # a larger body answers 413 and is not forwarded
 
 
 SERVICES = ("users", "catalog", "orders")
@@ -60,10 +61,14 @@ def create_app(
 
     @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def proxy(path: str, request: Request) -> Response:
-        # TODO: only users, token, products and orders are public (else 404). Forward the
-        #   method, path, query, body and the Authorization, Content-Type, Accept and
-        #   X-Request-ID headers; return the status, body, Content-Type, WWW-Authenticate and
-        #   Location (prefixed with /api). Unreachable: 503; slower than settings.timeout: 504.
+        # TODO: replace this catch-all by one route per public route of README.md (an
+        #   allow-list of exact methods and paths); anything else is 404 and reaches no service,
+        #   however its path is encoded (%2F, %2E%2E, ..). A path parameter that is empty, "."
+        #   or "..", or holds "/" or "\\" once decoded: 404. Forward the method, path, query,
+        #   body (at most settings.max_body_bytes, else 413) and the Authorization,
+        #   Content-Type, Accept and X-Request-ID headers; return the status, body,
+        #   Content-Type, WWW-Authenticate and Location (prefixed with /api). Unreachable: 503;
+        #   slower than settings.timeout: 504. Declare each route's statuses with responses=.
         todo("step 6: the proxy")
 
     return app

@@ -22,6 +22,7 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
+    add_error_handlers,
     current_principal,
     health_router,
     todo,
@@ -36,11 +37,13 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./orders.db"
     jwt_secret: SecretStr = Field(min_length=32)
+    internal_token: SecretStr = Field(min_length=32)  # sent to catalog and users, asked on /outbox
     catalog_url: str = "http://127.0.0.1:8002"
     users_url: str = "http://127.0.0.1:8001"
     catalog_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one call to the catalog
     events_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one event delivery
     outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
+    outbox_max_attempts: int = Field(5, ge=1, le=100)  # refusals of one event before it is dead
 
 
 class Base(DeclarativeBase):
@@ -87,7 +90,8 @@ async def place_order(
     #   201 with the order and Location: /orders/{id}. Catalog 409 -> 409, 404 -> 422.
     # TODO (step 4): a deadline on the catalog call (settings.catalog_timeout). No order when
     #   the catalog is unreachable (503), slow (504) or failing (502), and the reservation
-    #   released (DELETE /reservations/{order_id}) whenever it may have been made.
+    #   released (DELETE /reservations/{order_id}) whenever it may have been made; a release
+    #   the catalog does not confirm is written down and retried by every dispatch.
     # TODO (step 5): store an OrderPlaced event in the outbox, in the same commit as the order,
     #   and deliver it after the response (background.add_task).
     todo("step 3: POST /orders")
@@ -111,9 +115,18 @@ async def read_order(
 
 @router.post("/outbox/dispatch")
 async def dispatch_now(request: Request) -> dict[str, int]:
-    # TODO (step 5): deliver the pending events to users (POST /events) in order, stop at the
-    #   first failure; {"delivered": n, "pending": m}.
+    # TODO (step 5): retry the unconfirmed releases, then deliver the pending events to users
+    #   (POST /events), oldest first: users unreachable -> stop, count nothing; users refuses
+    #   an event -> count an attempt and go on; settings.outbox_max_attempts refusals -> the
+    #   event is dead. {"delivered": n, "pending": m, "dead": d}. Internal (service credential).
     todo("step 5: POST /outbox/dispatch")
+
+
+@router.get("/outbox/dead")
+async def dead_letters(session: SessionDep) -> list[dict]:
+    # TODO (step 5): the dead events, oldest first: [{"event_id", "attempts", "last_error",
+    #   "payload"}]. Internal (service credential).
+    todo("step 5: GET /outbox/dead")
 
 
 def create_app(
@@ -133,6 +146,7 @@ def create_app(
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
         async with (
+            # TODO (steps 3, 5): every call to catalog and users carries the service credential.
             httpx.AsyncClient(base_url=settings.catalog_url, transport=catalog_transport) as catalog,
             httpx.AsyncClient(base_url=settings.users_url, transport=users_transport) as users,
         ):
@@ -146,6 +160,8 @@ def create_app(
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="orders")
     app.include_router(health_router("orders"))
     app.include_router(router)

@@ -24,6 +24,7 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
+    add_error_handlers,
     current_principal,
     health_router,
     todo,
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     # third of a second of CPU here). A test environment lowers them; production tunes them.
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=64)
+    max_concurrent_hashes: int = Field(2, ge=1, le=64)  # hashes running at once, at most
+    internal_token: SecretStr = Field(min_length=32)  # the service credential (README: internal routes)
 
 
 class Base(DeclarativeBase):
@@ -69,6 +72,7 @@ class User(Base):
 
 class UserCreate(BaseModel):
     # TODO (step 1): username 3-32 characters of a-z, 0-9 and _; password 8-128 characters.
+    #   A 422 never repeats the values sent (see add_error_handlers in common.py).
     username: str
     password: SecretStr
 
@@ -84,7 +88,9 @@ router = APIRouter()
 @router.post("/users", status_code=status.HTTP_201_CREATED)
 async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> dict:
     # TODO (step 1): store the user with a hashed password and the customer scopes;
-    #   201 {"username", "scopes"}; 409 when the username is taken.
+    #   201 {"username", "scopes"}; 409 when the username is taken. Hash in a worker thread
+    #   (anyio.to_thread.run_sync with a CapacityLimiter of settings.max_concurrent_hashes):
+    #   Argon2 blocks whatever thread runs it, and on the event loop that is every request.
     todo("step 1: POST /users")
 
 
@@ -92,7 +98,8 @@ async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> 
 async def token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], request: Request, session: SessionDep, hasher: HasherDep
 ) -> dict:
-    # TODO (step 1): verify the password (also for unknown users, against a dummy hash);
+    # TODO (step 1): verify the password (also for unknown users, against a dummy hash), in a
+    #   worker thread like the hash; a password longer than 128 characters is a 422;
     #   401 with WWW-Authenticate: Bearer when wrong; grant the requested scopes the user has
     #   (all of them when none are requested); {"access_token": ..., "token_type": "bearer"}.
     todo("step 1: POST /token")
@@ -107,7 +114,8 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
 @router.post("/events")
 async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
     # TODO (step 5): apply an OrderPlaced event to the read model once: {"status": "applied"};
-    #   an event_id seen before changes nothing: {"status": "duplicate"}.
+    #   an event_id seen before changes nothing: {"status": "duplicate"}. Internal: only with
+    #   the service credential (dependencies=[Depends(require_service)], common.py).
     todo("step 5: POST /events")
 
 
@@ -133,6 +141,8 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app.state.sessions = sessions
     app.state.password_hash = hasher
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="users")
     app.include_router(health_router("users"))
     app.include_router(router)

@@ -4,6 +4,8 @@
 
 A reservation is keyed by the order ID that the orders service chose, which makes both
 calls safe to repeat: reserving twice for one order reserves once, releasing twice releases once.
+They are also safe to *race*: the same reservation twice at once, or a reservation and its
+release at once, leave every unit either on the shelf or in exactly one held reservation.
 """
 
 from collections.abc import AsyncIterator
@@ -11,26 +13,45 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Response, Security, status
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Response, Security, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String, select, update
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .common import Principal, RequestContextMiddleware, SessionDep, UTCDateTime, current_principal, health_router, utcnow
+from .common import (
+    SERVICE_ONLY,
+    Principal,
+    RequestContextMiddleware,
+    SessionDep,
+    UTCDateTime,
+    add_error_handlers,
+    create_engine,
+    current_principal,
+    errors,
+    health_router,
+    utcnow,
+)
 
 SKU = Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
+OrderId = Annotated[str, Field(min_length=1, max_length=64)]
+# Upper bounds keep every number inside SQLite's 64-bit integers, including the totals built
+# from them: 20 lines x 100 units x MAX_PRICE_CENTS is far below 2**63.
+MAX_PRICE_CENTS = 100_000_000
+MAX_STOCK = 1_000_000
 
 
 class Settings(BaseSettings):
-    """CATALOG_DATABASE_URL, CATALOG_JWT_SECRET (environment variables, prefix CATALOG_)."""
+    """CATALOG_DATABASE_URL, CATALOG_JWT_SECRET, CATALOG_INTERNAL_TOKEN (prefix CATALOG_)."""
 
     model_config = SettingsConfigDict(env_prefix="CATALOG_")
 
     database_url: str = "sqlite+aiosqlite:///./catalog.db"
     jwt_secret: SecretStr = Field(min_length=32)
+    internal_token: SecretStr = Field(min_length=32)  # what orders must present on /reservations
 
 
 # ---------------------------------------------------------------------------------------
@@ -69,8 +90,8 @@ class Reservation(Base):
 class ProductIn(BaseModel):
     sku: SKU
     name: Annotated[str, Field(min_length=1, max_length=100)]
-    price_cents: Annotated[int, Field(gt=0)]
-    stock: Annotated[int, Field(ge=0)]
+    price_cents: Annotated[int, Field(gt=0, le=MAX_PRICE_CENTS)]
+    stock: Annotated[int, Field(ge=0, le=MAX_STOCK)]
 
 
 class ProductOut(ProductIn):
@@ -83,7 +104,7 @@ class Line(BaseModel):
 
 
 class ReservationIn(BaseModel):
-    order_id: Annotated[str, Field(min_length=1, max_length=64)]
+    order_id: OrderId
     items: Annotated[list[Line], Field(min_length=1, max_length=20)]
 
 
@@ -110,7 +131,9 @@ def reservation_out(reservation: Reservation) -> ReservationOut:
 router = APIRouter()
 
 
-@router.post("/products", status_code=status.HTTP_201_CREATED, tags=["products"])
+@router.post(
+    "/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=errors(400, 401, 403, 409)
+)
 async def create_product(
     body: ProductIn,
     response: Response,
@@ -133,7 +156,7 @@ async def list_products(session: SessionDep) -> list[ProductOut]:
     return [ProductOut.model_validate(p) for p in products]
 
 
-@router.get("/products/{sku}", tags=["products"])
+@router.get("/products/{sku}", tags=["products"], responses=errors(404))
 async def read_product(sku: str, session: SessionDep) -> ProductOut:
     product = await session.get(Product, sku)
     if product is None:
@@ -141,46 +164,59 @@ async def read_product(sku: str, session: SessionDep) -> ProductOut:
     return ProductOut.model_validate(product)
 
 
+# Both internal routes start with an INSERT ... ON CONFLICT DO NOTHING of the order's row. Two
+# things follow. The unique order ID settles every race: of two requests for one order, exactly
+# one inserts the row and the other finds it; no IntegrityError to catch, no 500. And on SQLite
+# that first statement takes the database's write lock for the whole transaction, so the stock
+# updates that follow never interleave with another reservation's or release's.
+
+
 @router.post(
     "/reservations",
     status_code=status.HTTP_201_CREATED,
     tags=["internal"],
     summary="Reserve stock for an order, all lines or none (not routed by the gateway)",
+    dependencies=SERVICE_ONLY,
+    responses={200: {"description": "The same order ID again: the reservation made before"}} | errors(400, 401, 404, 409),
 )
 async def reserve(body: ReservationIn, response: Response, session: SessionDep) -> ReservationOut:
-    async with session.begin():
-        existing = await session.get(Reservation, body.order_id)
-        if existing is not None:
-            if existing.status == "released":
+    wanted: dict[str, int] = {}
+    for line in body.items:
+        wanted[line.sku] = wanted.get(line.sku, 0) + line.quantity
+    async with session.begin():  # commits at the end; an exception rolls back every statement
+        claimed = await session.execute(
+            insert(Reservation)
+            .values(order_id=body.order_id, status="held", lines=[], total_cents=0, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=[Reservation.order_id])
+        )
+        if claimed.rowcount == 0:  # reserved (or released) before: answer as then, take nothing
+            existing = await session.get(Reservation, body.order_id)
+            if existing is None or existing.status == "released":
                 raise HTTPException(status.HTTP_409_CONFLICT, detail=f"reservation {body.order_id} was released")
-            response.status_code = status.HTTP_200_OK  # a retry: same answer, no second reservation
+            response.status_code = status.HTTP_200_OK
             return reservation_out(existing)
-        wanted: dict[str, int] = {}
-        for line in body.items:
-            wanted[line.sku] = wanted.get(line.sku, 0) + line.quantity
         lines = []
         for sku, quantity in sorted(wanted.items()):
             # Check and decrement in one statement: two orders racing for the last unit cannot
-            # both see "1 left". Raising inside `session.begin()` rolls back every line so far.
-            result = await session.execute(
+            # both see "1 left". Raising here rolls back the lines so far and the claimed row.
+            price = await session.scalar(
                 update(Product)
                 .where(Product.sku == sku, Product.stock >= quantity)
                 .values(stock=Product.stock - quantity)
+                .returning(Product.price_cents)
             )
-            product = await session.get(Product, sku)
-            if product is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown product {sku}")
-            if result.rowcount != 1:
+            if price is None:
+                if await session.get(Product, sku) is None:
+                    raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"unknown product {sku}")
                 raise HTTPException(status.HTTP_409_CONFLICT, detail=f"insufficient stock for {sku}")
-            lines.append({"sku": sku, "quantity": quantity, "price_cents": product.price_cents})
-        reservation = Reservation(
-            order_id=body.order_id,
-            status="held",
-            lines=lines,
-            total_cents=sum(line["quantity"] * line["price_cents"] for line in lines),
+            lines.append({"sku": sku, "quantity": quantity, "price_cents": price})
+        total = sum(line["quantity"] * line["price_cents"] for line in lines)
+        await session.execute(
+            update(Reservation).where(Reservation.order_id == body.order_id).values(lines=lines, total_cents=total)
         )
-        session.add(reservation)
-    return reservation_out(reservation)
+    return ReservationOut(
+        order_id=body.order_id, status="held", items=[ReservedLine(**line) for line in lines], total_cents=total
+    )
 
 
 @router.delete(
@@ -188,20 +224,31 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     status_code=status.HTTP_204_NO_CONTENT,
     tags=["internal"],
     summary="Release an order's stock; safe to repeat (not routed by the gateway)",
+    dependencies=SERVICE_ONLY,
+    responses=errors(401),
 )
-async def release(order_id: str, session: SessionDep) -> None:
+async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], session: SessionDep) -> None:
     async with session.begin():
-        reservation = await session.get(Reservation, order_id)
-        if reservation is None:
+        tombstone = await session.execute(
+            insert(Reservation)
+            .values(order_id=order_id, status="released", lines=[], total_cents=0, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=[Reservation.order_id])
+        )
+        if tombstone.rowcount == 1:
             # Released before it was ever made (the reservation request may still be on its
-            # way): leave a tombstone so that a late reservation for this order is refused.
-            session.add(Reservation(order_id=order_id, status="released", lines=[], total_cents=0))
-        elif reservation.status == "held":
-            for line in reservation.lines:
-                await session.execute(
-                    update(Product).where(Product.sku == line["sku"]).values(stock=Product.stock + line["quantity"])
-                )
-            reservation.status = "released"
+            # way): the tombstone makes a late reservation for this order a 409.
+            return
+        # Held -> released in one conditional statement: of two releases, one gets the lines back.
+        lines = await session.scalar(
+            update(Reservation)
+            .where(Reservation.order_id == order_id, Reservation.status == "held")
+            .values(status="released")
+            .returning(Reservation.lines)
+        )
+        for line in lines or []:
+            await session.execute(
+                update(Product).where(Product.sku == line["sku"]).values(stock=Product.stock + line["quantity"])
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +259,7 @@ async def release(order_id: str, session: SessionDep) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the catalog service. With no settings, they are read from the environment."""
     settings = settings or Settings()
-    engine = create_async_engine(settings.database_url)
+    engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -226,6 +273,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))
     app.include_router(router)

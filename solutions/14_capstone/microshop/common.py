@@ -1,10 +1,12 @@
 """What every service of the shop shares: request IDs and access logs, tokens and scopes,
+the service credential of the internal routes, error bodies that never repeat a secret,
 database sessions, the health route and the event contract.
 
 This is shared *code*, not shared state: each service imports its own copy and runs in its
 own process, with its own database. Services only talk to each other over HTTP.
 """
 
+import hmac
 import json
 import logging
 import re
@@ -13,15 +15,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import jwt
-from fastapi import APIRouter, Depends, HTTPException, Request, status
-from fastapi.security import OAuth2PasswordBearer, SecurityScopes
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2PasswordBearer, SecurityScopes
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import DateTime, TypeDecorator
+from sqlalchemy import DateTime, TypeDecorator, event
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -151,8 +156,110 @@ async def current_principal(
 
 
 # ---------------------------------------------------------------------------------------
+# The service credential: internal routes answer only the shop's own services
+# ---------------------------------------------------------------------------------------
+
+# The gateway does not route to /reservations, /events or /outbox/..., but hiding is not
+# protecting: anyone who reaches a service directly (a neighbour on the network, a gateway bug)
+# could call them. So they also demand a credential that only the services hold: one shared
+# internal token from the settings, sent as "Authorization: Bearer <token>".
+service_bearer = HTTPBearer(
+    scheme_name="ServiceToken",
+    description="The internal token that the shop's services share (settings: internal_token)",
+    auto_error=False,
+)
+
+
+async def require_service(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(service_bearer)],
+) -> None:
+    """Let a request through only when it carries the internal token."""
+    expected: bytes = request.app.state.internal_token
+    presented = credentials.credentials.encode() if credentials is not None else b""
+    # compare_digest takes as long for a near miss as for a far one: timing does not tell an
+    # attacker how many leading characters they guessed right.
+    if not hmac.compare_digest(presented, expected):
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="this route is for the shop's services only",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+SERVICE_ONLY = [Depends(require_service)]  # dependencies=SERVICE_ONLY on every internal route
+
+
+def service_headers(internal_token: str) -> dict[str, str]:
+    """The header a service sends with its calls to another service's internal routes."""
+    return {"Authorization": f"Bearer {internal_token}"}
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: documented, and never repeating what the client sent
+# ---------------------------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    """The body of every error the services answer, as HTTPException writes it."""
+
+    detail: str
+
+
+_ERRORS = {
+    400: "The request could not be read",
+    401: "No valid credential: a missing, malformed, expired or wrongly signed token",
+    403: "The token lacks a scope this route needs",
+    404: "No such resource",
+    409: "Conflicts with the current state",
+    413: "The body is larger than the gateway accepts",
+    502: "The service behind this one failed",
+    503: "The service behind this one cannot be reached; retry later",
+    504: "The service behind this one did not answer in time; retry later",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: every error status it can answer, with the body's model, so
+    that the OpenAPI schema is the whole contract (FastAPI adds 422 by itself)."""
+    return {code: {"model": ErrorOut, "description": _ERRORS[code]} for code in codes}
+
+
+async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 that says where and why, never what: FastAPI's default repeats every invalid value
+    ("input"), and the invalid value may be a password, a token, or a megabyte of anything."""
+    details = [{"type": e["type"], "loc": e["loc"], "msg": e["msg"]} for e in exc.errors()]
+    return JSONResponse({"detail": jsonable_encoder(details)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_failed)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
 # Database sessions and health
 # ---------------------------------------------------------------------------------------
+
+
+def create_engine(database_url: str) -> AsyncEngine:
+    """The engine of a service's own SQLite database, set for many requests at once.
+
+    WAL (write-ahead logging): readers go on while one writer writes, and a commit appends to
+    the log instead of rewriting the database. synchronous=NORMAL: a commit does not wait for
+    the disk; a power cut may lose the last commits, never corrupt the file. That is the usual
+    choice for a web service on SQLite: a commit costs microseconds, not milliseconds, so the
+    one writer SQLite allows holds its lock for less time, and the others wait less.
+    """
+    engine = create_async_engine(database_url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def configure(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -197,6 +304,12 @@ def health_router(service: str) -> APIRouter:
 # ---------------------------------------------------------------------------------------
 
 
+# SQLite stores integers in 64 bits. A number past that is not a big number to it but an error
+# (OverflowError, a 500), so every integer a client sends has an upper bound in its schema.
+INT64_MAX = 2**63 - 1
+MAX_ORDER_TOTAL_CENTS = 10**12  # 20 lines x 100 units x the catalog's highest price, with room
+
+
 class OrderPlaced(BaseModel):
     """Published by orders once an order is stored; consumed by users for its read model.
 
@@ -207,8 +320,8 @@ class OrderPlaced(BaseModel):
     event_id: str = Field(min_length=1, max_length=64)
     type: Literal["OrderPlaced"] = "OrderPlaced"
     order_id: str = Field(min_length=1, max_length=64)
-    username: str
-    total_cents: int = Field(ge=0)
+    username: str = Field(min_length=1, max_length=32)
+    total_cents: int = Field(ge=0, le=MAX_ORDER_TOTAL_CENTS)
     occurred_at: datetime
 
 

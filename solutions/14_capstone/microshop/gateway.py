@@ -1,5 +1,5 @@
-"""The gateway: the one public entry point. It routes /api/... to the service that owns it,
-hides the internal routes, and turns an unreachable or slow service into a clean 503 or 504.
+"""The gateway: the one public entry point. It forwards exactly the public routes to the
+service that owns them, and turns an unreachable or slow service into a clean 503 or 504.
 
     uvicorn microshop.gateway:create_app --factory --port 8000
 
@@ -7,19 +7,23 @@ It holds no business logic and no data: authentication is checked by each servic
 """
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Request, Response, status
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .common import RequestContextMiddleware, health_router, outgoing_headers
+from .common import RequestContextMiddleware, add_error_handlers, errors, health_router, outgoing_headers
 
 
 class Settings(BaseSettings):
-    """GATEWAY_USERS_URL, GATEWAY_CATALOG_URL, GATEWAY_ORDERS_URL, GATEWAY_TIMEOUT (prefix GATEWAY_)."""
+    """GATEWAY_USERS_URL, GATEWAY_CATALOG_URL, GATEWAY_ORDERS_URL, GATEWAY_TIMEOUT,
+    GATEWAY_MAX_BODY_BYTES (prefix GATEWAY_)."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
@@ -27,19 +31,124 @@ class Settings(BaseSettings):
     catalog_url: str = "http://127.0.0.1:8002"
     orders_url: str = "http://127.0.0.1:8003"
     timeout: float = 5.0
+    max_body_bytes: int = Field(1024 * 1024, ge=1)  # the largest body forwarded; larger: 413
 
 
-# The public surface, by first path segment. Everything else (/reservations, /events,
-# /outbox/...) is internal and answers 404 here.
-PUBLIC_ROUTES: Mapping[str, str] = {
-    "users": "users",
-    "token": "users",
-    "products": "catalog",
-    "orders": "orders",
-}
 SERVICES = ("users", "catalog", "orders")
 FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
 FORWARDED_RESPONSE_HEADERS = ("content-type", "www-authenticate", "retry-after")
+
+# A path parameter is forwarded only if it is one plain segment: unreserved characters, and not
+# "." or ".." (nor empty). By the time a route sees a parameter, uvicorn has decoded it: "%2F" is
+# a "/" and "%2E%2E" is "..". Forwarded as they are, httpx would resolve the dot segments
+# (/products/../reservations is /reservations) and the request would reach a route that is not
+# public. A segment that passes this check has nothing left to decode or to resolve.
+PLAIN_SEGMENT = re.compile(r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,127}$")
+Segment = Annotated[str, Path(description="One plain path segment: letters, digits, '.', '_', '~', '-'")]
+
+# Everything the public may call through the gateway answers one of these, from the gateway
+# itself (404 for a path it refuses, 413, 503, 504) or from the service (the rest).
+GATEWAY_ERRORS = (404, 413, 503, 504)
+
+
+def plain(segment: str) -> str:
+    if not PLAIN_SEGMENT.match(segment):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Not Found")
+    return segment
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 once it is larger than `limit`: never a whole gigabyte in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the body is larger than {limit} bytes")
+    return bytes(body)
+
+
+async def forward(request: Request, service: str, path: str) -> Response:
+    """Send the request to `service` at `path` (built by a public route from plain segments)."""
+    app = request.app
+    settings: Settings = app.state.settings
+    headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
+    headers.update(outgoing_headers())
+    body = await read_body(request, settings.max_body_bytes)
+    target = path + (f"?{request.url.query}" if request.url.query else "")
+    try:
+        async with asyncio.timeout(settings.timeout):
+            reply = await app.state.clients[service].request(request.method, target, content=body, headers=headers)
+    except (TimeoutError, httpx.TimeoutException):
+        return JSONResponse({"detail": f"the {service} service timed out"}, status_code=status.HTTP_504_GATEWAY_TIMEOUT)
+    except httpx.HTTPError:
+        return JSONResponse({"detail": f"the {service} service is unavailable"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+    answer = {k: v for k, v in reply.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
+    if "location" in reply.headers and reply.headers["location"].startswith("/"):
+        answer["location"] = "/api" + reply.headers["location"]  # a path the client can follow
+    return Response(content=reply.content, status_code=reply.status_code, headers=answer)
+
+
+def public(*codes: int, invalid: bool = False) -> dict[str, Any]:
+    """The route options of a public route: what the service may answer, and the gateway too."""
+    responses = errors(*sorted({*codes, *GATEWAY_ERRORS}))
+    if invalid:  # the service's 422, passed on as it is
+        responses[422] = {"description": "The service found the request invalid"}
+    return {"responses": responses, "response_class": Response}
+
+
+# The public API, route by route: an allow-list of exact methods and paths. Anything else,
+# including /reservations, /events and /outbox/..., and every path that would only become one
+# of these after decoding or resolving "..", is not here, and answers 404 (405 for a public path
+# with another method) without reaching any service.
+public_api = APIRouter(prefix="/api", tags=["public"])
+
+
+@public_api.post("/users", status_code=status.HTTP_201_CREATED, **public(400, 409, invalid=True))
+async def register(request: Request) -> Response:
+    return await forward(request, "users", "/users")
+
+
+@public_api.post("/token", **public(400, 401, invalid=True))
+async def token(request: Request) -> Response:
+    return await forward(request, "users", "/token")
+
+
+@public_api.get("/users/me", **public(401))
+async def me(request: Request) -> Response:
+    return await forward(request, "users", "/users/me")
+
+
+@public_api.post("/products", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, invalid=True))
+async def create_product(request: Request) -> Response:
+    return await forward(request, "catalog", "/products")
+
+
+@public_api.get("/products", **public())
+async def list_products(request: Request) -> Response:
+    return await forward(request, "catalog", "/products")
+
+
+@public_api.get("/products/{sku}", **public())
+async def read_product(sku: Segment, request: Request) -> Response:
+    return await forward(request, "catalog", f"/products/{plain(sku)}")
+
+
+@public_api.post("/orders", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, 502, invalid=True))
+async def place_order(request: Request) -> Response:
+    return await forward(request, "orders", "/orders")
+
+
+@public_api.get("/orders", **public(401, 403))
+async def list_orders(request: Request) -> Response:
+    return await forward(request, "orders", "/orders")
+
+
+@public_api.get("/orders/{order_id}", **public(401, 403))
+async def read_order(order_id: Segment, request: Request) -> Response:
+    return await forward(request, "orders", f"/orders/{plain(order_id)}")
 
 
 def create_app(
@@ -66,11 +175,20 @@ def create_app(
             for client in clients.values():
                 await client.aclose()
 
-    app = FastAPI(title="gateway", version="1.0.0", lifespan=lifespan)
+    # redirect_slashes=False: "/api/products/" is not a public route, and a redirect to
+    # whatever the path becomes without its slash is not the gateway's to make.
+    app = FastAPI(title="gateway", version="1.0.0", lifespan=lifespan, redirect_slashes=False)
+    app.state.settings = settings
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="gateway")
     app.include_router(health_router("gateway"))
 
-    @app.get("/ready", tags=["ops"], summary="Readiness: every service behind the gateway answers")
+    @app.get(
+        "/ready",
+        tags=["ops"],
+        summary="Readiness: every service behind the gateway answers",
+        responses={503: {"description": "At least one service is down"}},
+    )
     async def ready() -> JSONResponse:
         async def probe(name: str) -> str:
             try:
@@ -87,26 +205,5 @@ def create_app(
             status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
 
-    @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], tags=["proxy"])
-    async def proxy(path: str, request: Request) -> Response:
-        service = PUBLIC_ROUTES.get(path.split("/", 1)[0])
-        if service is None:
-            return JSONResponse({"detail": "Not Found"}, status_code=status.HTTP_404_NOT_FOUND)
-        headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
-        headers.update(outgoing_headers())
-        target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
-        try:
-            async with asyncio.timeout(settings.timeout):
-                reply = await app.state.clients[service].request(
-                    request.method, target, content=await request.body(), headers=headers
-                )
-        except (TimeoutError, httpx.TimeoutException):
-            return JSONResponse({"detail": f"the {service} service timed out"}, status_code=status.HTTP_504_GATEWAY_TIMEOUT)
-        except httpx.HTTPError:
-            return JSONResponse({"detail": f"the {service} service is unavailable"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-        answer = {k: v for k, v in reply.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
-        if "location" in reply.headers and reply.headers["location"].startswith("/"):
-            answer["location"] = "/api" + reply.headers["location"]  # a path the client can follow
-        return Response(content=reply.content, status_code=reply.status_code, headers=answer)
-
+    app.include_router(public_api)
     return app

@@ -5,7 +5,9 @@
 The rule that keeps the system consistent: an order is stored only after the catalog has
 reserved its stock, and if anything goes wrong after the reservation may have happened, the
 reservation is released (a compensating action). The OrderPlaced event is written to an outbox
-in the same transaction as the order, then delivered; undelivered events are retried.
+in the same transaction as the order, then delivered; undelivered events are retried, and an
+event that users keeps refusing is set aside (dead-lettered) so that it blocks no other.
+A release that fails is written down too and retried until the catalog confirms it.
 """
 
 import asyncio
@@ -21,20 +23,26 @@ import httpx
 from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, Response, Security, status
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import JSON, String, select
+from sqlalchemy import JSON, String, delete, func, select
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
+    SERVICE_ONLY,
     OrderPlaced,
     Principal,
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
+    add_error_handlers,
+    create_engine,
     current_principal,
+    errors,
     health_router,
     outgoing_headers,
+    service_headers,
     utcnow,
 )
 
@@ -42,17 +50,22 @@ logger = logging.getLogger("microshop.orders")
 
 
 class Settings(BaseSettings):
-    """ORDERS_DATABASE_URL, ORDERS_JWT_SECRET, ORDERS_CATALOG_URL, ... (prefix ORDERS_)."""
+    """ORDERS_DATABASE_URL, ORDERS_JWT_SECRET, ORDERS_INTERNAL_TOKEN, ORDERS_CATALOG_URL, ...
+    (prefix ORDERS_)."""
 
     model_config = SettingsConfigDict(env_prefix="ORDERS_")
 
     database_url: str = "sqlite+aiosqlite:///./orders.db"
     jwt_secret: SecretStr = Field(min_length=32)
+    internal_token: SecretStr = Field(min_length=32)  # sent to catalog and users; asked on /outbox
     catalog_url: str = "http://127.0.0.1:8002"
     users_url: str = "http://127.0.0.1:8001"
     catalog_timeout: float = Field(2.0, gt=0, le=30)  # a deadline for each call, in seconds
     events_timeout: float = Field(2.0, gt=0, le=30)
     outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
+    # Refusals users may answer to one event before it is set aside: a poison event must not
+    # be retried forever, nor hold up the events behind it.
+    outbox_max_attempts: int = Field(5, ge=1, le=100)
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,6 +98,19 @@ class OutboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    attempts: Mapped[int] = mapped_column(default=0)  # deliveries that users refused
+    last_error: Mapped[str | None] = mapped_column(String(200), default=None)
+    # The dead letters: set aside after outbox_max_attempts refusals, kept for an operator.
+    dead_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class PendingRelease(Base):
+    """A compensation the catalog has not confirmed yet: retried until it does."""
+
+    __tablename__ = "pending_releases"
+
+    order_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,6 +140,19 @@ class OrderOut(BaseModel):
     created_at: datetime
 
 
+class DispatchOut(BaseModel):
+    delivered: int  # events delivered by this pass
+    pending: int  # events still waiting
+    dead: int  # events set aside for good
+
+
+class DeadEvent(BaseModel):
+    event_id: str
+    attempts: int
+    last_error: str | None
+    payload: dict[str, Any]
+
+
 def order_out(order: Order) -> OrderOut:
     return OrderOut(
         id=order.id,
@@ -136,16 +175,34 @@ def upstream_failed(status_code: int, detail: str) -> HTTPException:
 
 
 async def release_stock(app: FastAPI, order_id: str) -> bool:
-    """Compensation: undo a reservation that may exist. Safe to call when none does."""
+    """Undo a reservation that may exist (safe when none does). True once the catalog confirms."""
     settings: Settings = app.state.settings
     try:
         async with asyncio.timeout(settings.catalog_timeout):
             reply = await app.state.catalog.delete(f"/reservations/{order_id}", headers=outgoing_headers())
         return reply.is_success
     except (TimeoutError, httpx.HTTPError):
-        # A real system hands this to a retry queue; here it is logged for an operator.
-        logger.error("could not release the reservation of order %s", order_id)
         return False
+
+
+async def compensate(app: FastAPI, order_id: str) -> None:
+    """Release now; when the catalog cannot confirm it, write the release down for the dispatcher.
+
+    Not a retry loop inside the request: the catalog that just failed is likely to fail again
+    for a while, the customer would wait for nothing, and a loop dies with the process. A row
+    in this service's database outlives both, and every dispatch pass retries it (a release is
+    idempotent, so retrying one that did arrive changes nothing).
+    """
+    if await release_stock(app, order_id):
+        return
+    logger.warning("the release of order %s is not confirmed; it will be retried", order_id)
+    try:
+        async with app.state.sessions() as session, session.begin():
+            await session.execute(
+                insert(PendingRelease).values(order_id=order_id, created_at=utcnow()).on_conflict_do_nothing()
+            )
+    except SQLAlchemyError:
+        logger.exception("could not record the pending release of order %s: release it by hand", order_id)
 
 
 async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[str, Any]:
@@ -161,21 +218,23 @@ async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[
         raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog is unavailable; no order was placed") from None
     except (TimeoutError, httpx.TimeoutException):
         # The request may have arrived and the stock may be reserved: undo, then report.
-        await release_stock(app, order_id)
+        await compensate(app, order_id)
         raise upstream_failed(status.HTTP_504_GATEWAY_TIMEOUT, "the catalog did not answer in time; no order was placed") from None
     except httpx.TransportError:
         # The connection broke half-way (reset, protocol error): the same doubt, so release too.
-        await release_stock(app, order_id)
+        await compensate(app, order_id)
         raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog connection failed; no order was placed") from None
     if reply.status_code in (status.HTTP_200_OK, status.HTTP_201_CREATED):
         return reply.json()
     detail = reply.json().get("detail") if reply.headers.get("content-type") == "application/json" else None
     if reply.status_code == status.HTTP_404_NOT_FOUND:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail or "unknown product")
+        # From the customer's side the order is invalid: a 422 shaped like every other 422.
+        problem = {"type": "unknown_product", "loc": ["body", "items"], "msg": detail or "unknown product"}
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[problem])
     if reply.status_code == status.HTTP_409_CONFLICT:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=detail or "insufficient stock")
     # A 5xx (or anything unexpected): the catalog may have reserved before failing.
-    await release_stock(app, order_id)
+    await compensate(app, order_id)
     raise upstream_failed(status.HTTP_502_BAD_GATEWAY, "the catalog failed; no order was placed")
 
 
@@ -184,27 +243,83 @@ async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[
 # ---------------------------------------------------------------------------------------
 
 
-async def dispatch_outbox(app: FastAPI) -> dict[str, int]:
-    """Deliver pending events in order; stop at the first failure and leave the rest pending.
-    A delivery can succeed and still be retried (the reply was lost): consumers deduplicate."""
+# Answers that say "users is not taking anything right now", not "users refuses this event".
+UNAVAILABLE = frozenset({408, 429, 502, 503, 504})
+
+
+class ConsumerUnavailable(Exception):
+    """users cannot take events now: nothing after this one would get through either."""
+
+
+async def deliver(app: FastAPI, event: OutboxEvent) -> str | None:
+    """Deliver one event. None when users acknowledged it, else why users refused it."""
+    settings: Settings = app.state.settings
+    try:
+        async with asyncio.timeout(settings.events_timeout):
+            reply = await app.state.users.post("/events", json=event.payload, headers=outgoing_headers())
+    except (TimeoutError, httpx.HTTPError) as exc:
+        raise ConsumerUnavailable(type(exc).__name__) from None
+    if reply.status_code in UNAVAILABLE:
+        raise ConsumerUnavailable(str(reply.status_code))
+    if reply.is_success:
+        return None
+    return f"{reply.status_code} {reply.text}"[:200]
+
+
+async def retry_releases(app: FastAPI) -> None:
+    async with app.state.sessions() as session:
+        for order_id in list(await session.scalars(select(PendingRelease.order_id).order_by(PendingRelease.created_at))):
+            if not await release_stock(app, order_id):
+                break  # the catalog is still failing: the next pass tries again
+            await session.execute(delete(PendingRelease).where(PendingRelease.order_id == order_id))
+            await session.commit()
+            logger.info("the release of order %s is confirmed", order_id)
+
+
+async def deliver_events(app: FastAPI) -> DispatchOut:
+    """Deliver pending events, oldest first. A delivery can succeed and still be retried (the
+    reply was lost): consumers deduplicate.
+
+    - users unavailable (no answer, or 408/429/502/503/504): stop this pass, count nothing; an
+      outage is not the event's fault, and every later event would fail the same way;
+    - users refuses the event (any other error): count an attempt, go on with the next event;
+      after outbox_max_attempts refusals the event is dead: set aside, kept, never sent again.
+    """
     settings: Settings = app.state.settings
     delivered = 0
-    async with app.state.dispatch_lock, app.state.sessions() as session:
+    async with app.state.sessions() as session:
         pending = list(await session.scalars(
-            select(OutboxEvent).where(OutboxEvent.delivered_at.is_(None)).order_by(OutboxEvent.created_at)
+            select(OutboxEvent)
+            .where(OutboxEvent.delivered_at.is_(None), OutboxEvent.dead_at.is_(None))
+            .order_by(OutboxEvent.created_at)
         ))
         for event in pending:
             try:
-                async with asyncio.timeout(settings.events_timeout):
-                    reply = await app.state.users.post("/events", json=event.payload, headers=outgoing_headers())
-                reply.raise_for_status()
-            except (TimeoutError, httpx.HTTPError):
-                logger.warning("event %s not delivered; will retry", event.event_id)
+                refused = await deliver(app, event)
+            except ConsumerUnavailable as exc:
+                logger.warning("users is unavailable (%s); the events left wait for the next pass", exc)
                 break
-            event.delivered_at = utcnow()
+            if refused is None:
+                event.delivered_at = utcnow()
+                delivered += 1
+            else:
+                event.attempts += 1
+                event.last_error = refused
+                if event.attempts >= settings.outbox_max_attempts:
+                    event.dead_at = utcnow()
+                    logger.error("event %s dead after %d refusals: %s", event.event_id, event.attempts, refused)
             await session.commit()
-            delivered += 1
-    return {"delivered": delivered, "pending": len(pending) - delivered}
+        count = select(func.count()).select_from(OutboxEvent)
+        waiting = await session.scalar(count.where(OutboxEvent.delivered_at.is_(None), OutboxEvent.dead_at.is_(None)))
+        dead = await session.scalar(count.where(OutboxEvent.dead_at.is_not(None)))
+    return DispatchOut(delivered=delivered, pending=waiting or 0, dead=dead or 0)
+
+
+async def dispatch_outbox(app: FastAPI) -> DispatchOut:
+    """One pass: retry the unconfirmed releases, then deliver the pending events."""
+    async with app.state.dispatch_lock:  # one dispatcher at a time: no event sent twice at once
+        await retry_releases(app)
+        return await deliver_events(app)
 
 
 async def dispatch_forever(app: FastAPI, interval: float) -> None:
@@ -212,7 +327,7 @@ async def dispatch_forever(app: FastAPI, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await dispatch_outbox(app)
-        except SQLAlchemyError:
+        except Exception:  # whatever one pass met, the next pass must still run
             logger.exception("outbox dispatch failed")
 
 
@@ -223,7 +338,9 @@ async def dispatch_forever(app: FastAPI, interval: float) -> None:
 router = APIRouter()
 
 
-@router.post("/orders", status_code=status.HTTP_201_CREATED, tags=["orders"])
+@router.post(
+    "/orders", status_code=status.HTTP_201_CREATED, tags=["orders"], responses=errors(400, 401, 403, 409, 502, 503, 504)
+)
 async def place_order(
     body: OrderIn,
     request: Request,
@@ -255,7 +372,7 @@ async def place_order(
         await session.commit()
     except SQLAlchemyError:
         await session.rollback()
-        await release_stock(app, order_id)
+        await compensate(app, order_id)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail="the order could not be stored; its stock was released"
         ) from None
@@ -264,7 +381,7 @@ async def place_order(
     return order_out(order)
 
 
-@router.get("/orders", tags=["orders"])
+@router.get("/orders", tags=["orders"], responses=errors(401, 403))
 async def list_orders(
     session: SessionDep,
     principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])],
@@ -275,7 +392,7 @@ async def list_orders(
     return [order_out(order) for order in orders]
 
 
-@router.get("/orders/{order_id}", tags=["orders"])
+@router.get("/orders/{order_id}", tags=["orders"], responses=errors(401, 403, 404))
 async def read_order(
     order_id: str,
     session: SessionDep,
@@ -287,9 +404,31 @@ async def read_order(
     return order_out(order)
 
 
-@router.post("/outbox/dispatch", tags=["internal"], summary="Deliver pending events now (not routed by the gateway)")
-async def dispatch_now(request: Request) -> dict[str, int]:
+@router.post(
+    "/outbox/dispatch",
+    tags=["internal"],
+    summary="Retry pending releases and deliver pending events now (not routed by the gateway)",
+    dependencies=SERVICE_ONLY,
+    responses=errors(401),
+)
+async def dispatch_now(request: Request) -> DispatchOut:
     return await dispatch_outbox(request.app)
+
+
+@router.get(
+    "/outbox/dead",
+    tags=["internal"],
+    summary="The dead letters: events set aside after too many refusals (not routed by the gateway)",
+    dependencies=SERVICE_ONLY,
+    responses=errors(401),
+)
+async def dead_letters(session: SessionDep) -> list[DeadEvent]:
+    dead = await session.scalars(
+        select(OutboxEvent).where(OutboxEvent.dead_at.is_not(None)).order_by(OutboxEvent.created_at)
+    )
+    return [
+        DeadEvent(event_id=e.event_id, attempts=e.attempts, last_error=e.last_error, payload=e.payload) for e in dead
+    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +445,7 @@ def create_app(
     """Build the orders service. The transports replace the network (tests wire the other
     services in with httpx.ASGITransport); without them, the URLs in the settings are used."""
     settings = settings or Settings()
-    engine = create_async_engine(settings.database_url)
+    engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -314,9 +453,15 @@ def create_app(
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
         limits = httpx.Timeout(settings.catalog_timeout)
+        # Every call these clients make is to an internal route: each carries the credential.
+        credential = service_headers(settings.internal_token.get_secret_value())
         async with (
-            httpx.AsyncClient(base_url=settings.catalog_url, transport=catalog_transport, timeout=limits) as catalog,
-            httpx.AsyncClient(base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout) as users,
+            httpx.AsyncClient(
+                base_url=settings.catalog_url, transport=catalog_transport, timeout=limits, headers=credential
+            ) as catalog,
+            httpx.AsyncClient(
+                base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout, headers=credential
+            ) as users,
         ):
             app.state.catalog, app.state.users = catalog, users
             app.state.dispatch_lock = asyncio.Lock()  # one dispatcher at a time keeps events in order
@@ -334,6 +479,8 @@ def create_app(
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="orders")
     app.include_router(health_router("orders"))
     app.include_router(router)

@@ -9,24 +9,30 @@ from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
-from fastapi.security import OAuth2PasswordRequestForm
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Security, status
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import String, select
+from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
+    INT64_MAX,
+    SERVICE_ONLY,
     OrderPlaced,
     Principal,
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
+    add_error_handlers,
+    create_engine,
     current_principal,
+    errors,
     health_router,
     issue_token,
     utcnow,
@@ -43,6 +49,7 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./users.db"
     jwt_secret: SecretStr = Field(min_length=32)  # required: no default for a secret
+    internal_token: SecretStr = Field(min_length=32)  # what orders must present on /events
     token_ttl_minutes: int = Field(30, ge=1, le=24 * 60)
     admin_username: str | None = None  # seeded at startup with the catalog:write scope
     admin_password: SecretStr | None = None
@@ -50,6 +57,9 @@ class Settings(BaseSettings):
     # third of a second of CPU here). A test environment lowers them; production tunes them.
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=64)
+    # Each hash holds argon2_memory_kib while it runs: at most this many run at once, the other
+    # logins wait their turn (a coroutine each, not a thread and 64 MiB each).
+    max_concurrent_hashes: int = Field(2, ge=1, le=64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,9 +104,26 @@ class ProcessedEvent(Base):
 # ---------------------------------------------------------------------------------------
 
 
+Username = Annotated[str, Field(pattern=r"^[a-z0-9_]{3,32}$")]
+# An upper bound on passwords too: Argon2 reads all of it, and nobody types a megabyte.
+Password = Annotated[SecretStr, Field(min_length=8, max_length=128)]
+
+
 class UserCreate(BaseModel):
-    username: Annotated[str, Field(pattern=r"^[a-z0-9_]{3,32}$")]
-    password: Annotated[SecretStr, Field(min_length=8, max_length=128)]
+    username: Username
+    password: Password
+
+
+class LoginForm(BaseModel):
+    """The OAuth2 password form (username, password, scope), with lengths bounded."""
+
+    username: Annotated[str, Field(min_length=1, max_length=32)]
+    password: Annotated[SecretStr, Field(min_length=1, max_length=128)]
+    scope: Annotated[str, Field(max_length=200)] = ""
+
+    @property
+    def scopes(self) -> list[str]:
+        return self.scope.split()
 
 
 class UserOut(BaseModel):
@@ -114,19 +141,35 @@ class Token(BaseModel):
     token_type: str = "bearer"
 
 
-def get_password_hash(request: Request) -> PasswordHash:
-    return request.app.state.password_hash
+class Hashing:
+    """Argon2 off the event loop. A hash is a third of a second of CPU on purpose: run in an
+    `async def` route, it would stop every other request of this service for that long. In a
+    worker thread it stops nothing, and the limiter keeps the threads (and their memory) few."""
+
+    def __init__(self, hasher: PasswordHash, max_concurrent: int) -> None:
+        self.hasher = hasher
+        self.limiter = anyio.CapacityLimiter(max_concurrent)
+
+    async def hash(self, password: str) -> str:
+        return await anyio.to_thread.run_sync(self.hasher.hash, password, limiter=self.limiter)
+
+    async def verify(self, password: str, stored: str) -> bool:
+        return await anyio.to_thread.run_sync(self.hasher.verify, password, stored, limiter=self.limiter)
 
 
-HasherDep = Annotated[PasswordHash, Depends(get_password_hash)]
+def get_hashing(request: Request) -> Hashing:
+    return request.app.state.hashing
+
+
+HashingDep = Annotated[Hashing, Depends(get_hashing)]
 router = APIRouter()
 
 
-@router.post("/users", status_code=status.HTTP_201_CREATED, response_model=UserOut, tags=["users"])
-async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> UserOut:
+@router.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], responses=errors(400, 409))
+async def register(body: UserCreate, session: SessionDep, hashing: HashingDep) -> UserOut:
     user = User(
         username=body.username,
-        password_hash=hasher.hash(body.password.get_secret_value()),
+        password_hash=await hashing.hash(body.password.get_secret_value()),
         scopes=" ".join(sorted(CUSTOMER_SCOPES)),
     )
     session.add(user)
@@ -137,17 +180,17 @@ async def register(body: UserCreate, session: SessionDep, hasher: HasherDep) -> 
     return UserOut(username=user.username, scopes=user.scopes.split())
 
 
-@router.post("/token", response_model=Token, tags=["users"])
+@router.post("/token", tags=["users"], responses=errors(400, 401))
 async def token(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    form: Annotated[LoginForm, Form()],
     request: Request,
     session: SessionDep,
-    hasher: HasherDep,
+    hashing: HashingDep,
 ) -> Token:
     user = await session.get(User, form.username)
     # Verify against a dummy hash for unknown users too: the answer takes as long either way.
     stored = user.password_hash if user else request.app.state.dummy_hash
-    if not hasher.verify(form.password, stored) or user is None:
+    if not await hashing.verify(form.password.get_secret_value(), stored) or user is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="wrong username or password",
@@ -163,7 +206,7 @@ async def token(
     return Token(access_token=access)
 
 
-@router.get("/users/me", response_model=Me, tags=["users"])
+@router.get("/users/me", tags=["users"], responses=errors(401, 404))
 async def me(principal: Annotated[Principal, Security(current_principal)], session: SessionDep) -> Me:
     user = await session.get(User, principal.username)
     if user is None:
@@ -177,26 +220,40 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
     )
 
 
-@router.post("/events", tags=["internal"], summary="Consume an OrderPlaced event (not routed by the gateway)")
+@router.post(
+    "/events",
+    tags=["internal"],
+    summary="Consume an OrderPlaced event (not routed by the gateway)",
+    dependencies=SERVICE_ONLY,
+    responses=errors(400, 401, 409),
+)
 async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
-    # The event's row and the read-model update commit together, or not at all: a duplicate
-    # violates the primary key and takes the increment down with it, even when two deliveries
-    # of the same event race each other.
-    if await session.get(ProcessedEvent, event.event_id) is not None:
-        return {"status": "duplicate"}  # the common case, answered without a failed insert
-    try:
-        session.add(ProcessedEvent(event_id=event.event_id))
-        await session.flush()
-        stats = await session.get(CustomerStats, event.username)
-        if stats is None:
-            stats = CustomerStats(username=event.username, orders_placed=0, total_spent_cents=0)
-            session.add(stats)
-        stats.orders_placed += 1
-        stats.total_spent_cents += event.total_cents
-        await session.commit()
-    except IntegrityError:
-        await session.rollback()
-        return {"status": "duplicate"}
+    # The event's row and the read-model update commit together, or not at all. Both are
+    # single statements that settle a race in the database: of two deliveries of one event,
+    # exactly one inserts its ID; of two first orders of one customer, one inserts the row and
+    # the other adds to it.
+    async with session.begin():
+        recorded = await session.execute(
+            insert(ProcessedEvent).values(event_id=event.event_id, processed_at=utcnow()).on_conflict_do_nothing()
+        )
+        if recorded.rowcount == 0:
+            return {"status": "duplicate"}
+        counted = await session.execute(
+            insert(CustomerStats)
+            .values(username=event.username, orders_placed=1, total_spent_cents=event.total_cents)
+            .on_conflict_do_update(
+                index_elements=[CustomerStats.username],
+                set_={
+                    "orders_placed": CustomerStats.orders_placed + 1,
+                    "total_spent_cents": CustomerStats.total_spent_cents + event.total_cents,
+                },
+                # A total past SQLite's 64-bit integers would be an OverflowError, a 500, and
+                # an event that no redelivery could ever apply. Refuse it instead.
+                where=CustomerStats.total_spent_cents <= INT64_MAX - event.total_cents,
+            )
+        )
+        if counted.rowcount == 0:
+            raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the total of {event.username} would overflow")
     return {"status": "applied"}
 
 
@@ -211,7 +268,8 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     hasher = password_hash or PasswordHash(
         (Argon2Hasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib),)
     )
-    engine = create_async_engine(settings.database_url)
+    hashing = Hashing(hasher, settings.max_concurrent_hashes)
+    engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -223,7 +281,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
                 if await session.scalar(select(User).where(User.username == settings.admin_username)) is None:
                     session.add(User(
                         username=settings.admin_username,
-                        password_hash=hasher.hash(settings.admin_password.get_secret_value()),
+                        password_hash=await hashing.hash(settings.admin_password.get_secret_value()),
                         scopes=" ".join(sorted(ADMIN_SCOPES)),
                     ))
                     await session.commit()
@@ -233,9 +291,12 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app = FastAPI(title="users", version="1.0.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
-    app.state.password_hash = hasher
+    app.state.hashing = hashing
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
+    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    # Same cost as a real hash, so checking an unknown user takes as long as checking a known one.
     app.state.dummy_hash = hasher.hash("not-a-real-password")
+    add_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, service="users")
     app.include_router(health_router("users"))
     app.include_router(router)
