@@ -94,11 +94,11 @@ class Feedback:
         if isinstance(exc, (pytest.fail.Exception, pytest.skip.Exception, KeyboardInterrupt)):
             return None
         full = excinfo.traceback
-        mine = [entry for entry in full if self.is_learners(entry.path)]
+        mine = [entry for entry in full if self.is_learners(_filename(entry))]
         if not mine:
             return None
-        test_file = Path(str(item.path))
-        kept = full.filter(lambda entry: self.is_learners(entry.path) or Path(entry.path) == test_file)
+        test_file = str(item.path)
+        kept = full.filter(lambda entry: self.is_learners(_filename(entry)) or _filename(entry) == test_file)
         innermost = mine[-1]
         where = f"{self.shown(innermost.path)}:{innermost.lineno + 1} in {innermost.name}"
         excinfo.traceback = kept
@@ -251,6 +251,7 @@ class FeedbackPlugin:
         self.watchdog: Any = None
         self.stopped_for_time = ""
         self.timed_out = False
+        self.first_test: float | None = None
 
     # ------------------------------------------------------------------ limits
 
@@ -270,8 +271,11 @@ class FeedbackPlugin:
         return float(given) if given else default_test_limit(self.suite_limit(exercise))
 
     def _deadline(self, exercise: Any) -> float:
-        started = self.config._grader_started  # type: ignore[attr-defined]
-        return started + self.suite_limit(exercise) - MARGIN
+        # Counted from the first test: pytest's own start (seconds on a loaded machine) is not the
+        # tests' time. The runner kills the process only well after this (runner.KILL_AFTER).
+        if self.first_test is None:
+            self.first_test = time.monotonic()
+        return self.first_test + self.suite_limit(exercise) - MARGIN
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
@@ -279,7 +283,9 @@ class FeedbackPlugin:
         exercise = self._exercise(item)
         if exercise is None or not self.stopped_for_time and self._deadline(exercise) - time.monotonic() > 0.2:
             return None
-        reason = self.stopped_for_time or "the exercise's time limit ran out"
+        reason = self.stopped_for_time or f"the exercise's time limit ({self.suite_limit(exercise):g} s) ran out"
+        self.stopped_for_time = reason
+        self.timed_out = True
         item.session.shouldstop = reason
         return True  # the item stays out of the report; pytest_sessionfinish lists it as not run
 
@@ -316,16 +322,16 @@ class FeedbackPlugin:
     def test_line(self, item: pytest.Item, excinfo: pytest.ExceptionInfo[BaseException]) -> str:
         """Which line of the test failed, so that a check made on the way (a control request, a
         setup step) is not read as the check the test's name promises."""
-        test_file = Path(str(item.path))
-        entries = [entry for entry in excinfo.traceback if Path(entry.path) == test_file]
+        test_file = str(item.path)
+        entries = [entry for entry in excinfo.traceback if _filename(entry) == test_file]
         if not entries:
             return ""
         entry = entries[-1]
         # the line itself, not pytest's statement (that parses the whole test file: 0.1 s per failure)
-        statement = linecache.getline(str(entry.path), entry.lineno + 1).strip()
+        statement = linecache.getline(_filename(entry), entry.lineno + 1).strip()
         if len(statement) > 100:
             statement = statement[:98] + " …"
-        where = f"{self.feedback.shown(entry.path)}:{entry.lineno + 1}"
+        where = f"{self.feedback.shown(_filename(entry))}:{entry.lineno + 1}"
         return f"\n\nfailed at {where} in {entry.name}: {statement}" if statement else f"\n\nfailed at {where}"
 
     def hang_message(self, item: pytest.Item, stuck: Any) -> str:
@@ -375,13 +381,13 @@ class FeedbackPlugin:
             return
         try:
             if not (excinfo.errisinstance(_hung()) or
-                    any(self.feedback.is_learners(entry.path) for entry in excinfo.traceback)):
+                    any(self.feedback.is_learners(_filename(entry)) for entry in excinfo.traceback)):
                 return
             if excinfo.errisinstance((pytest.fail.Exception, pytest.skip.Exception)):
                 return
-            test_file = Path(str(item.path))
+            test_file = str(item.path)
             kept = excinfo.traceback.filter(
-                lambda entry: self.feedback.is_learners(entry.path) or Path(entry.path) == test_file)
+                lambda entry: self.feedback.is_learners(_filename(entry)) or _filename(entry) == test_file)
             if kept:
                 excinfo.traceback = kept
         except Exception:  # noqa: BLE001 - pytest's own report stands
@@ -463,6 +469,11 @@ class FeedbackPlugin:
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.watchdog is not None:
             self.watchdog.close()
+
+
+def _filename(entry: Any) -> str:
+    """A traceback entry's file name, without building a Path (pytest's ``entry.path`` stats the file)."""
+    return entry.frame.code.raw.co_filename
 
 
 def _hung() -> tuple[type[BaseException], ...]:
