@@ -516,7 +516,8 @@ def test_compose_file_follows_the_compose_specification(target_dir):
     service_with_image(compose, "redis", "Redis")
     schema = compose_schema()
     validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = sorted(validator.iter_errors(compose), key=lambda e: list(map(str, e.absolute_path)))
+    # The deepest errors first: they name the value; "unevaluated properties" above them follow from them.
+    errors = sorted(validator.iter_errors(compose), key=lambda e: (-len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         problem("compose.yaml", "a file that the Compose Specification's JSON schema accepts (docker compose checks it the same way)",
                 "\n          ".join(schema_error_text(e) for e in errors[:5]),
