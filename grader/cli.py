@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -332,11 +331,11 @@ cli_grade.register(app)  # the instructors' commands: grade, merge (listed befor
 @app.command(rich_help_panel=MAINTAINER)
 def verify(
     exercises: Annotated[list[str] | None, typer.Argument(help="Only these exercises (default: all).")] = None,
-    jobs: Annotated[int, typer.Option(help="Suites to run at once.")] = max(os.cpu_count() or 1, 1),
+    jobs: Annotated[int, typer.Option(help="Runs at once (default: cores + 1).")] = 0,
 ) -> None:
     """Course integrity: every solution passes, every stub fails and earns no points, every mutant is caught.
     Example: [bold]grader verify 03[/]."""
-    from grader.integrity import Check, plan_checks, run_check
+    from grader.integrity import Check, plan_checks, run_checks
 
     root = _root()
     chosen = [find_exercise(key, root) for key in exercises] if exercises else all_exercises(root)
@@ -344,8 +343,9 @@ def verify(
     table = Table(title="Course integrity", title_justify="left")
     for column in ("exercise", "copy", "expected", "got", "verdict"):
         table.add_column(column)
-    with console.status(f"running {len(checks)} graded suites…"), ThreadPoolExecutor(max_workers=jobs) as pool:
-        outcomes = list(pool.map(run_check, checks))
+    # One warm engine grades every copy: the imports are paid once, each run is a fork.
+    with console.status(f"running {len(checks)} graded suites…"):
+        outcomes = run_checks(checks, jobs or None)
     bad = 0
     for outcome in outcomes:
         ok = outcome.ok
@@ -357,6 +357,15 @@ def verify(
         console.print(f"[red bold]{bad} of {len(outcomes)} checks are wrong.[/]")
         raise typer.Exit(1)
     console.print(f"[green bold]All {len(outcomes)} checks hold.[/]")
+
+
+@app.command(rich_help_panel=MAINTAINER, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def mutate(ctx: typer.Context) -> None:
+    """Mutation testing of a reference through its whole graded suite; writes solutions/NN/mutation.toml.
+    Example: [bold]grader mutate 03[/] (see [bold]grader mutate -- --help[/])."""
+    from grader.mutation import main as mutation_main
+
+    raise typer.Exit(mutation_main(list(ctx.args)))
 
 
 def _version(value: bool) -> None:
