@@ -374,8 +374,16 @@ def test_framework_errors_use_the_error_body(catalogue):
     fix = "the router raises Starlette's HTTPException for these: handle starlette.exceptions.HTTPException"
     response = catalogue.client.get("/api/v9/nothing-here")
     expect_error(response, 404, "http_404", "the framework's own 404 for an unknown path, in the shared shape", fix)
-    response = catalogue.client.patch("/api/v1/items")
-    expect_error(response, 405, "http_405", "the framework's own 405 for a method the path does not allow", fix)
+    for version in ("v1", "v2"):
+        for path, allowed in ((f"/api/{version}/items", {"GET", "POST"}), (f"/api/{version}/items/1", {"GET", "PUT", "DELETE"})):
+            response = catalogue.client.patch(path)
+            expect_error(response, 405, "http_405", "the framework's own 405 for a method the path does not allow", fix)
+            got = {method.strip() for method in response.headers.get("allow", "").split(",") if method.strip()}
+            check(
+                allowed <= got and "PATCH" not in got, response,
+                f"an Allow header listing every method {path} accepts ({', '.join(sorted(allowed))}); Starlette's own "
+                f"names only the first route it tried (README). Got Allow: {response.headers.get('allow')!r}",
+            )
 
 
 # --- paginate --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 # ---------------------------------------------------------------------------------------
 # Models: what a client sends, what it gets back, and what every error looks like.
@@ -94,10 +95,27 @@ async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status_code, exc.code, exc.message)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route accepts at this path.
+
+    The router's own 405 names only the methods of the first route whose path matched: with
+    GET and POST /items on two routes, a PATCH would be told "Allow: POST", half the truth.
+    """
+    routes = request.app.router.routes
+    return ", ".join(
+        method
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
+
+
 async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Starlette's HTTPException covers the framework's own 404 (no route) and 405 (wrong
     # method); keeping its headers preserves e.g. the Allow header of a 405.
-    return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        headers["Allow"] = allowed_methods(request)
+    return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=headers)
 
 
 async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
