@@ -224,7 +224,11 @@ def test_ready_only_between_startup_and_shutdown(load):
 async def test_slow_route_waits_within_bounds(load):
     app = load("app").app
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        expect_json(await client.get("/slow", params={"seconds": 0.01}), {"slept": 0.01}, exact=True)
+        started = time.monotonic()
+        expect_json(await client.get("/slow", params={"seconds": 0.2}), {"slept": 0.2}, exact=True)
+        if time.monotonic() - started < 0.18:  # a lower bound only: a loaded machine is slower, never faster
+            pytest.fail("\nsent:     GET /slow?seconds=0.2\nexpected: the answer after waiting 0.2 s\n"
+                        f"got:      the answer after {time.monotonic() - started:.3f} s: the route did not wait", pytrace=False)
         # 0 is one of the bounds, so it is allowed: the route answers at once.
         expect_json(await client.get("/slow", params={"seconds": 0}), {"slept": 0}, "seconds lies between 0 and 10, 0 included", exact=True)
         for seconds in (-1, 11):
