@@ -11,7 +11,6 @@ from typing import Literal
 from grader import patches
 from grader.catalog import Exercise
 from grader.results import ExerciseResult
-from grader.runner import run_suite
 from grader.targets import mutant_description, mutant_target
 
 Kind = Literal["solution", "stub", "mutant"]
@@ -89,8 +88,8 @@ def run_checks(checks: list[Check], slots: int | None = None,
     """Every check at once through the warm engine (``grader.batch``), in the order given.
 
     One interpreter imports pytest, FastAPI and the graded suites once, then forks a run per
-    check, cores + 1 at a time: the same runs as ``run_check``'s fresh ``pytest`` each, without
-    paying the start-up hundreds of times.
+    check, cores + 1 at a time: the same runs as a fresh ``pytest`` each, without paying the
+    start-up hundreds of times.
     """
     from grader.batch import FileSet, grade_file_sets
 
@@ -110,19 +109,3 @@ def run_checks(checks: list[Check], slots: int | None = None,
     if sets:
         results.update(grade_file_sets(checks[0].exercise.root, sets, slots, report))
     return [Outcome(check, results[label]) for label, check in labels.items()]
-
-
-def run_check(check: Check) -> Outcome:
-    exercise = check.exercise
-    if check.kind == "solution":
-        result, _ = run_suite(exercise, exercise.solution_folder)
-    elif check.kind == "stub":
-        result, _ = run_suite(exercise, exercise.folder)
-    else:
-        assert check.mutant is not None
-        folder = mutant_target(exercise, check.mutant)
-        try:
-            result, _ = run_suite(exercise, folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    return Outcome(check, result)
