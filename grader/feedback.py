@@ -252,6 +252,10 @@ class FeedbackPlugin:
         self.stopped_for_time = ""
         self.timed_out = False
         self.first_test: float | None = None
+        # On CI (the CI variable set), pytest prints each failure's whole message again in the
+        # short summary; the messages this plugin writes are already shown in full above it.
+        if getattr(config.option, "verbose", 0) < 2 and hasattr(config.option, "force_short_summary"):
+            config.option.force_short_summary = True
 
     # ------------------------------------------------------------------ limits
 

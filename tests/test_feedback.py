@@ -37,6 +37,8 @@ def broken(tmp_path: Path, old: str, new: str) -> Path:
 def pytest_run(target: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env["COLUMNS"] = "120"
+    # As on CI, where pytest would print every failure's whole message again in its short summary.
+    env["CI"] = "true"
     return subprocess.run(
         [sys.executable, "-m", "pytest", str(SUITE), "--grader-target", str(target), "-p", "no:cacheprovider",
          "--color=no", *args],
