@@ -139,6 +139,16 @@ def fingerprint(exercise: Exercise) -> str:
     return digest.hexdigest()
 
 
+# Exercises that changed their folder name: progress saved under the old name carries over.
+# The messaging lesson became 11 (December 2026); the four after it moved up one number.
+RENAMED = {
+    "14_capstone": "15_capstone",
+    "13_deployment": "14_deployment",
+    "12_hardening": "13_hardening",
+    "11_observability": "12_observability",
+}
+
+
 class State:
     """The small JSON file holding cached results and hints used."""
 
@@ -153,6 +163,25 @@ class State:
             self.data = {}
         self.data.setdefault("results", {})
         self.data.setdefault("hints", {})
+        if self.carry_over():
+            self.save()
+
+    def carry_over(self) -> bool:
+        """Progress saved under an exercise's old name moves to its new one (see RENAMED)."""
+        moved = False
+        for old, new in RENAMED.items():
+            for table in ("results", "hints"):
+                if old in self.data[table] and new not in self.data[table]:
+                    entry = self.data[table].pop(old)
+                    if table == "results":
+                        entry = json.loads(json.dumps(entry).replace(f"exercises/{old}/", f"exercises/{new}/"))
+                    self.data[table][new] = entry
+                    moved = True
+            backups = self.folder / "backups"
+            if (backups / old).is_dir() and not (backups / new).exists():
+                (backups / old).rename(backups / new)
+                moved = True
+        return moved
 
     def save(self) -> None:
         self.folder.mkdir(exist_ok=True)

@@ -34,7 +34,7 @@ def defer_httpx_cli() -> None:
 
     httpx's ``__init__`` imports ``httpx._main``, its CLI, whenever click, rich and pygments are
     installed, and this course installs them for the ``grader`` command. That costs 50-90 ms in
-    every run whose tests or code import httpx (01, 09, 10, 12, 13, 14), for a command no test
+    every run whose tests or code import httpx (01, 09, 10, 13, 14, 15), for a command no test
     runs. A stand-in takes the CLI module's place; its ``main`` imports the real one when called,
     so ``httpx.main()`` still works. Nothing changes once httpx is imported already.
     """

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CURRICULUM = [
     "01_async_routes", "02_validation", "03_rest_resources", "04_dependencies", "05_auth",
     "06_background_tasks", "07_websockets", "08_database", "09_testing", "10_service_communication",
-    "11_observability", "12_hardening", "13_deployment", "14_capstone",
+    "12_observability", "13_hardening", "14_deployment", "15_capstone",
 ]
 
 

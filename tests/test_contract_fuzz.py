@@ -182,7 +182,7 @@ def build_11(build: Build) -> list[Target]:
     access = logging.getLogger("inventory.access")
     access.handlers[:] = [logging.NullHandler()]
     access.propagate = False
-    module = load(SOLUTIONS / "11_observability")
+    module = load(SOLUTIONS / "12_observability")
     module.get_settings.cache_clear()  # settings from this environment, not a cached copy
     build.stack.callback(module.get_settings.cache_clear)
     return [Target("", module.create_app())]
@@ -195,7 +195,7 @@ def restore_logger(logger: logging.Logger, saved: tuple[int, list[logging.Handle
 
 
 class FakeClock:
-    """12's suite drives the rate limiter and the cache with a clock that never moves."""
+    """13's suite drives the rate limiter and the cache with a clock that never moves."""
 
     def __call__(self) -> float:
         return 1000.0
@@ -203,7 +203,7 @@ class FakeClock:
 
 def build_12(build: Build) -> list[Target]:
     build.stack.enter_context(settings_environment("HARD_", build.folder))
-    module = load(SOLUTIONS / "12_hardening")
+    module = load(SOLUTIONS / "13_hardening")
     # The graded suite's shared app: a bucket far larger than any test's requests.
     settings = module.Settings(
         cors_origins=["https://shop.example"], max_body_bytes=1000, gzip_minimum_size=500,
@@ -228,7 +228,7 @@ def build_14(build: Build) -> list[Target]:
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
-    folder = SOLUTIONS / "14_capstone"
+    folder = SOLUTIONS / "15_capstone"
     users, catalog, orders, gateway = (
         load(folder, f"microshop/{name}") for name in ("users", "catalog", "orders", "gateway")
     )
@@ -283,10 +283,10 @@ BUILDERS: dict[str, Callable[[Build], list[Target]]] = {
     "08_database": build_08,
     "09_testing": build_09,
     "10_service_communication": build_10,
-    "11_observability": build_11,
-    "12_hardening": build_12,
-    "13_deployment": module_app("13_deployment", pinned={"GET /slow": NO_WAIT}),
-    "14_capstone": build_14,
+    "12_observability": build_11,
+    "13_hardening": build_12,
+    "14_deployment": module_app("14_deployment", pinned={"GET /slow": NO_WAIT}),
+    "15_capstone": build_14,
 }
 
 

@@ -1,0 +1,98 @@
+"""Exercise 12: make the inventory service observable.
+
+Read README.md in this folder for the full task. Run `pytest exercises/12_observability`
+(or `grader check 12`) to see what is still missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, status
+from pydantic_settings import BaseSettings
+
+# ----------------------------------------------------------------------------- settings
+
+
+class Settings(BaseSettings):
+    """TODO: read OBS_* environment variables and a .env file (SettingsConfigDict).
+
+    Fields: app_name (str, "inventory"), environment ("dev" | "staging" | "prod", "dev"),
+    database_url (str, "sqlite+aiosqlite:///./inventory.db"), log_level ("DEBUG" | "INFO" |
+    "WARNING" | "ERROR", "INFO"), ready_timeout (float > 0, 2.0) and secret_key: a SecretStr
+    with NO default.
+    """
+
+    app_name: str = "inventory"
+
+
+def get_settings() -> Settings:
+    # TODO: one Settings object per process (functools.lru_cache), so cache_clear() exists.
+    return Settings()
+
+
+# ----------------------------------------------------------------------------- logging
+
+ACCESS_LOGGER_NAME = "inventory.access"
+access_log = logging.getLogger(ACCESS_LOGGER_NAME)
+
+
+class JsonFormatter(logging.Formatter):
+    """TODO: one line of JSON per record.
+
+    Keys: timestamp (ISO 8601 with a time zone), level, logger, message, and every field
+    passed with `extra={...}`.
+    """
+
+
+# ----------------------------------------------------------------------------- the app
+
+ITEMS: dict[int, dict[str, Any]] = {
+    1: {"id": 1, "name": "keyboard"},
+    2: {"id": 2, "name": "mouse"},
+    3: {"id": 3, "name": "monitor"},
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # TODO: read the settings here (a bad value must stop the start), configure logging at
+    #       settings.log_level, create the async engine for settings.database_url, and
+    #       dispose of it on the way out.
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan)
+
+    # TODO: a CollectorRegistry for this app, a Counter http_requests_total
+    #       (method, route, status) and a Histogram http_request_duration_seconds
+    #       (method, route), fed by a middleware that also logs one line per request on
+    #       "inventory.access" and sets the X-Request-ID response header.
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        # TODO: {"status": "ok"}, checking nothing outside the process.
+        return {}
+
+    # TODO: GET /ready -> 200 {"status": "ready", "checks": {"database": "ok"}} after
+    #       SELECT 1 succeeds; 503 {"status": "unavailable", "checks": {"database": "down"}}.
+
+    # TODO: GET /info -> {"app_name": ..., "environment": ...} from Depends(get_settings).
+
+    @app.get("/items/{item_id}")
+    async def read_item(item_id: int) -> dict[str, Any]:
+        item = ITEMS.get(item_id)
+        if item is None:
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+        return item
+
+    # TODO: GET /metrics -> generate_latest(registry) with media_type CONTENT_TYPE_LATEST.
+
+    return app
+
+
+app = create_app()

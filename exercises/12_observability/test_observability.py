@@ -1,0 +1,694 @@
+"""Graded tests for exercise 12. Run: pytest exercises/12_observability"""
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import types
+from contextlib import ExitStack
+from datetime import datetime
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+
+from grader.environment import settings_environment
+from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain
+
+SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
+# The longest incoming X-Request-ID that must be reused: 64 characters, every allowed kind.
+LONGEST_REQUEST_ID = "req-42.a_b-" + "0123456789" * 5 + "xyz"
+ACCESS_LOGGER = "inventory.access"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A clean environment for the whole file: no stray OBS_* variable, no .env from elsewhere."""
+    folder = tmp_path_factory.mktemp("observability")
+    database_url = f"sqlite+aiosqlite:///{folder / 'inventory.db'}"
+    with settings_environment("OBS_", folder, OBS_SECRET_KEY=SECRET, OBS_DATABASE_URL=database_url):
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def env(workdir, monkeypatch):
+    """What a test changes in the environment (or the working directory) is undone after it."""
+    return monkeypatch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_loggers():
+    """Logging is global to the process: start this file from unconfigured loggers, restore them after.
+
+    Every app here comes from the same module, so each one configures the loggers the same way.
+    """
+    loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
+    saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.NOTSET)
+        logger.handlers.clear()
+        logger.propagate = True
+    yield
+    for logger, level, handlers, propagate in saved:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+
+@pytest.fixture(scope="module")
+def module(load):
+    # One import per file: create_app() builds every app's state, and get_settings() is
+    # cleared around each test (below), so tests still start from what the environment says.
+    return load("app", fresh=False)
+
+
+def clear_settings_cache(module) -> None:
+    clear = getattr(getattr(module, "get_settings", None), "cache_clear", None)
+    if callable(clear):
+        clear()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings(module, env):
+    """get_settings() reads the environment of this test, whatever an earlier test cached."""
+    clear_settings_cache(module)
+    yield
+    clear_settings_cache(module)
+
+
+@pytest.fixture(scope="module")
+def client(module, workdir, clean_loggers):
+    """One running app (the module's `app`) for the tests that need no fresh state of their own."""
+    clear_settings_cache(module)
+    app = getattr(module, "app", None)
+    if app is None:
+        yield StartupFailed("\nexpected: app.py defines `app = create_app()`\ngot:      no name `app`")
+        return
+    with ExitStack() as stack:
+        try:
+            client = stack.enter_context(TestClient(app))
+        except Exception as exc:  # the learner's lifespan failed: every test that needs the app fails
+            client = StartupFailed(
+                f"\nexpected: the app starts (`with TestClient(app)` runs its lifespan) with OBS_SECRET_KEY and "
+                f"OBS_DATABASE_URL set\ngot:      {type(exc).__name__}: {exc}"
+            )
+        yield client
+
+
+def new_app(module):
+    """A new app from create_app(), as the README promises; a failure reads as one."""
+    try:
+        return module.create_app()
+    except Exception as exc:
+        hint = (
+            "\nMetrics registered on prometheus_client's global REGISTRY collide the second time: "
+            "give every app its own CollectorRegistry."
+            if isinstance(exc, ValueError) else ""
+        )
+        pytest.fail(
+            "\nexpected: create_app() builds a new, independent app every time it is called\n"
+            f"got:      {type(exc).__name__}: {exc}{hint}",
+            pytrace=False,
+        )
+
+
+class JsonLines(logging.Handler):
+    """Formats every record of the access logger with the learner's JsonFormatter, as it is emitted."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def access_lines(module, client):
+    """The JSON lines written on the access logger while the test runs (after startup)."""
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def parse_lines(lines: list[str], response) -> list[dict]:
+    entries = []
+    for line in lines:
+        assert "\n" not in line, explain(response, f"one log line per record; this one spans several:\n{line}")
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(explain(response, f"every access log line to be JSON (JsonFormatter); got:\n    {line}"), pytrace=False)
+    return entries
+
+
+def one_entry_for(lines: list[str], response) -> dict:
+    entries = parse_lines(lines, response)
+    if len(entries) != 1:
+        pytest.fail(
+            explain(
+                response,
+                f"exactly one record on the {ACCESS_LOGGER!r} logger for this request, at INFO "
+                f"(is the level set from settings.log_level at startup?); got {len(entries)}: {entries}",
+            ),
+            pytrace=False,
+        )
+    return entries[0]
+
+
+def expect_header_logged(response, entry: dict) -> None:
+    """The response carries an X-Request-ID, and it is the one in the request's log line."""
+    header = expect_header(response, "x-request-id", why="every response carries its request ID, an error too")
+    assert entry.get("request_id") == header, explain(
+        response, f"the log line's request_id equals the X-Request-ID header {header!r}; got {entry.get('request_id')!r}"
+    )
+
+
+def samples(client) -> tuple[object, list]:
+    """GET /metrics and parse it the way Prometheus does; return the response and every sample."""
+    response = client.get("/metrics")
+    expect_status(response, 200, "/metrics serves the metrics")
+    try:
+        families = list(text_string_to_metric_families(response.text))
+    except Exception as exc:  # the parser raises plain ValueErrors and friends on bad input
+        pytest.fail(explain(response, f"the Prometheus text exposition format (parser said: {exc})"), pytrace=False)
+    return response, [sample for family in families for sample in family.samples]
+
+
+def value_of(found: list, name: str, **labels: str) -> float | None:
+    for sample in found:
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return sample.value
+    return None
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def field(settings, name: str):
+    if not hasattr(settings, name):
+        pytest.fail(f"\nexpected: Settings has a field {name!r} (see the README)\ngot:      {settings!r}", pytrace=False)
+    return getattr(settings, name)
+
+
+def secret_of(settings) -> str:
+    secret = field(settings, "secret_key")
+    if not hasattr(secret, "get_secret_value"):
+        pytest.fail(f"\nexpected: secret_key is a pydantic SecretStr\ngot:      {type(secret).__name__}", pytrace=False)
+    return secret.get_secret_value()
+
+
+@pytest.mark.task("settings")
+def test_settings_come_from_the_environment_with_types(module, env):
+    env.delenv("OBS_DATABASE_URL")  # only the required secret is left set
+    defaults = {"app_name": "inventory", "environment": "dev", "database_url": "sqlite+aiosqlite:///./inventory.db",
+                "log_level": "INFO", "ready_timeout": 2.0}
+    settings = module.Settings()
+    got = {name: field(settings, name) for name in defaults}
+    wrong = {name: value for name, value in got.items() if value != defaults[name]}
+    assert not wrong, (
+        f"\nset:      only OBS_SECRET_KEY\nexpected: the defaults of the README's table {defaults}\n"
+        f"got:      {wrong} (the other fields as expected)"
+    )
+    env.setenv("OBS_APP_NAME", "stockroom")
+    env.setenv("OBS_ENVIRONMENT", "staging")
+    env.setenv("OBS_READY_TIMEOUT", "0.5")
+    settings = module.Settings()
+    got = tuple(field(settings, name) for name in ("app_name", "environment", "ready_timeout"))
+    assert got == ("stockroom", "staging", 0.5), (
+        f"\nset:      OBS_APP_NAME=stockroom OBS_ENVIRONMENT=staging OBS_READY_TIMEOUT=0.5\n"
+        f"expected: Settings() reads them (env_prefix='OBS_'), ready_timeout as the float 0.5\n"
+        f"got:      app_name={got[0]!r}, environment={got[1]!r}, ready_timeout={got[2]!r}"
+    )
+
+
+@pytest.mark.task("settings")
+def test_the_secret_is_required_and_hidden(module, env):
+    settings = module.Settings()
+    assert secret_of(settings) == SECRET, "Settings().secret_key holds the value of OBS_SECRET_KEY"
+    assert SECRET not in repr(settings) and SECRET not in str(settings.secret_key), (
+        "\nexpected: the secret is masked when the settings are printed or logged (declare it as SecretStr)\n"
+        f"got:      {settings!r}"
+    )
+    env.delenv("OBS_SECRET_KEY")
+    with pytest.raises(ValidationError):
+        module.Settings()
+        pytest.fail(
+            "\nunset:    OBS_SECRET_KEY\nexpected: Settings() raises a ValidationError (a required secret has no default)\n"
+            "got:      Settings() was created anyway",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("settings")
+@pytest.mark.parametrize(("name", "value"), [
+    ("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production"), ("OBS_LOG_LEVEL", "LOUD"),
+])
+def test_malformed_values_are_rejected(module, env, name, value):
+    env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        module.Settings()
+        pytest.fail(
+            f"\nset:      {name}={value}\nexpected: a ValidationError (ready_timeout is a float > 0; "
+            "environment is one of dev, staging, prod; log_level one of DEBUG, INFO, WARNING, ERROR)\n"
+            "got:      Settings() accepted it",
+            pytrace=False,
+        )
+
+
+@pytest.mark.task("settings")
+def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
+    env.chdir(tmp_path)  # a folder of its own: the .env written here must not reach other tests
+    env.delenv("OBS_SECRET_KEY")
+    (tmp_path / ".env").write_text(
+        "# read from the working directory\nOBS_SECRET_KEY=from-dotenv\nOBS_APP_NAME=from-dotenv\nUNRELATED_TOOL=1\n",
+        encoding="utf-8",
+    )
+    env.setenv("OBS_APP_NAME", "from-environment")
+    settings = module.Settings()
+    got = (secret_of(settings), field(settings, "app_name"))
+    assert got == ("from-dotenv", "from-environment"), (
+        "\n.env:     OBS_SECRET_KEY=from-dotenv, OBS_APP_NAME=from-dotenv, UNRELATED_TOOL=1\n"
+        "env:      OBS_APP_NAME=from-environment\n"
+        "expected: the secret from .env (env_file='.env'), the app name from the environment (it wins)\n"
+        f"got:      secret={got[0]!r}, app_name={got[1]!r}"
+    )
+
+
+@pytest.mark.task("settings")
+def test_the_app_refuses_to_start_without_its_secret(module, env, load):
+    env.delenv("OBS_SECRET_KEY")
+    try:
+        load("app")  # a fresh import, without the secret: only starting the app may read the settings
+        failed = ""
+    except pytest.fail.Exception as exc:
+        failed = str(exc).splitlines()[0]
+    if failed:  # failed outside the `except`, so the message is not buried under the import's traceback
+        pytest.fail(
+            "\nunset:    OBS_SECRET_KEY\nexpected: importing app.py reads no settings (the lifespan does, at startup), "
+            f"so it imports without the secret\ngot:      {failed}",
+            pytrace=False,
+        )
+    try:
+        with TestClient(new_app(module)) as client:
+            response = client.get("/health")
+    except ValidationError:
+        return
+    pytest.fail(
+        explain(response, "the app to fail at startup (in the lifespan, by calling get_settings()) with a ValidationError, "
+                "because OBS_SECRET_KEY is unset; it started and answered instead"),
+        pytrace=False,
+    )
+
+
+@pytest.mark.task("settings")
+def test_get_settings_is_cached_and_can_be_cleared(module, env):
+    first = module.get_settings()
+    if module.get_settings() is not first or not hasattr(module.get_settings, "cache_clear"):
+        pytest.fail(
+            "\nexpected: get_settings() returns the same Settings object every time, and has cache_clear() "
+            "(decorate it with functools.lru_cache)\ngot:      a new object on every call",
+            pytrace=False,
+        )
+    env.setenv("OBS_APP_NAME", "renamed")
+    module.get_settings.cache_clear()
+    renamed = field(module.get_settings(), "app_name")
+    assert renamed == "renamed", f"after get_settings.cache_clear() the environment is read again; got app_name={renamed!r}"
+
+
+@pytest.mark.task("settings")
+def test_info_uses_the_settings_dependency_and_hides_the_secret(module, client):
+    response = client.get("/info")
+    expect_json(response, {"app_name": "inventory", "environment": "dev"}, "the defaults", exact=True)
+    module.app.dependency_overrides[module.get_settings] = lambda: module.Settings(
+        app_name="overridden", environment="prod", secret_key="another-secret-value"
+    )
+    try:
+        response = client.get("/info")
+    finally:
+        module.app.dependency_overrides.clear()
+    expect_json(
+        response, {"app_name": "overridden", "environment": "prod"},
+        "/info takes its settings from Depends(get_settings), so app.dependency_overrides replaces them", exact=True,
+    )
+    assert "another-secret-value" not in response.text, explain(response, "no secret in the body")
+
+
+# ------------------------------------------------------------------------------ health
+
+
+@pytest.mark.task("health")
+def test_liveness_and_readiness_when_the_database_is_up(client):
+    expect_json(client.get("/health"), {"status": "ok"}, exact=True)
+    response = client.get("/ready")
+    expect_status(response, 200, "the database answers SELECT 1, so the service is ready")
+    expect_json(response, {"status": "ready", "checks": {"database": "ok"}}, exact=True)
+
+
+@pytest.mark.task("health")
+def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, env, tmp_path):
+    # SQLite cannot create a file in a folder that does not exist: the database is "down".
+    missing = tmp_path / "not-there-yet"
+    env.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{missing / 'inventory.db'}")
+    with TestClient(new_app(module)) as client:
+        response = client.get("/ready")
+        expect_status(response, 503, "the database cannot be reached, so the service is not ready: 503")
+        expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
+        expect_json(
+            client.get("/health"), {"status": "ok"},
+            "liveness checks only the process: a database outage must not get healthy pods restarted", exact=True,
+        )
+        missing.mkdir()
+        response = client.get("/ready")
+        expect_status(response, 200, "once the database is back, /ready checks again (on every call) and says ready")
+
+
+class SlowToConnect:
+    """A database URL whose connections take HANG seconds to open, awaiting all the while.
+
+    The dialect is SQLAlchemy's aiosqlite one, registered under another name, with a connect()
+    that first awaits asyncio.sleep: a check bounded by a timeout is cancelled during that sleep.
+    """
+
+    NAME = "slowsqlite"
+    HANG = 5.0
+
+    @classmethod
+    def url(cls, path) -> str:
+        from sqlalchemy.dialects import registry
+        from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+        from sqlalchemy.util import await_
+
+        hang = cls.HANG
+
+        class Dialect(SQLiteDialect_aiosqlite):
+            supports_statement_cache = True
+
+            def connect(self, *cargs, **cparams):
+                await_(asyncio.sleep(hang))
+                return super().connect(*cargs, **cparams)
+
+        holder = types.ModuleType("grader_slow_database")
+        holder.Dialect = Dialect
+        sys.modules[holder.__name__] = holder
+        registry.register(f"{cls.NAME}.aiosqlite", holder.__name__, "Dialect")
+        return f"{cls.NAME}+aiosqlite:///{path}"
+
+
+@pytest.mark.task("health")
+def test_readiness_gives_up_after_ready_timeout(module, env, tmp_path):
+    env.setenv("OBS_DATABASE_URL", SlowToConnect.url(tmp_path / "inventory.db"))
+    env.setenv("OBS_READY_TIMEOUT", "0.2")
+    with TestClient(new_app(module)) as client:
+        started = time.perf_counter()
+        response = client.get("/ready")
+        took = time.perf_counter() - started
+    expect_status(
+        response, 503,
+        f"a database that takes {SlowToConnect.HANG:.0f} s to accept a connection, with OBS_READY_TIMEOUT=0.2: the "
+        "check gives up after ready_timeout seconds (asyncio.timeout around connecting and SELECT 1) and answers 503; "
+        "a probe that hangs is as bad as one that fails",
+    )
+    expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
+    assert took < SlowToConnect.HANG - 1, explain(
+        response, f"the answer within about ready_timeout (0.2 s); it took {took:.1f} s"
+    )
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+@pytest.mark.task("logging")
+def test_the_service_writes_its_logs_to_stdout_as_json(module, capfd):
+    loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
+    saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
+    try:
+        capfd.readouterr()  # start from nothing
+        with TestClient(new_app(module)) as client:
+            response = client.get("/items/1")
+        out = capfd.readouterr().out
+    finally:  # the app's handlers write to this test's captured stdout: take them away again
+        for logger, level, handlers, propagate in saved:
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+    lines = [line for line in out.splitlines() if line.strip()]
+    not_json = []
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            not_json.append(line)
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            not_json.append(line)
+    assert lines and not not_json, explain(
+        response,
+        "the service's own log records on standard output, each one line of JSON (a StreamHandler on sys.stdout "
+        f"with JsonFormatter, set up by the lifespan); stdout held {len(lines)} line(s), these not JSON: {not_json[:3]}",
+    )
+    header = response.headers.get("x-request-id")
+    access = [entry for entry in entries if entry.get("logger") == ACCESS_LOGGER and entry.get("request_id") == header]
+    assert len(access) == 1, explain(
+        response,
+        f"exactly one JSON line on stdout from {ACCESS_LOGGER!r} with this request's request_id {header!r}; "
+        f"got {len(access)} among {entries}",
+    )
+
+
+@pytest.mark.task("logging")
+def test_one_json_line_per_request_with_the_route_template(client, access_lines):
+    response = client.get("/items/2", headers={"X-Request-ID": LONGEST_REQUEST_ID})
+    expect_status(response, 200)
+    expect_header(
+        response, "x-request-id", LONGEST_REQUEST_ID,
+        "the incoming ID is reused: 64 characters (the most allowed) of letters, digits, '.', '_' and '-'",
+    )
+    entry = one_entry_for(access_lines, response)
+    expected = {"method": "GET", "route": "/items/{item_id}", "status": 200, "request_id": LONGEST_REQUEST_ID,
+                "level": "INFO", "logger": ACCESS_LOGGER}
+    wrong = {key: entry.get(key) for key, value in expected.items() if entry.get(key) != value}
+    assert not wrong, explain(response, f"a log line with {expected} (route is the template, not /items/2); wrong: {wrong}\nline:     {entry}")
+    duration = entry.get("duration_ms")
+    assert isinstance(duration, (int, float)) and duration >= 0, explain(response, f"duration_ms, a number of milliseconds; got {duration!r}")
+    try:
+        stamp = datetime.fromisoformat(str(entry.get("timestamp")))
+    except ValueError:
+        stamp = None
+    assert stamp is not None and stamp.tzinfo is not None, explain(
+        response, f"an ISO 8601 timestamp with a time zone, like 2026-01-31T12:00:00+00:00; got {entry.get('timestamp')!r}"
+    )
+
+
+@pytest.mark.task("logging")
+def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
+    response = client.get("/items/99")
+    entry = one_entry_for(access_lines, response)
+    assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("/items/{item_id}", 404, "INFO"), explain(
+        response, f"route '/items/{{item_id}}', status 404 and level INFO in the log line (every request logs at INFO); got {entry}"
+    )
+    expect_header_logged(response, entry)
+    access_lines.clear()
+    response = client.get("/no/such/page")
+    entry = one_entry_for(access_lines, response)
+    assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("unmatched", 404, "INFO"), explain(
+        response,
+        "route 'unmatched' (no route matched, and raw paths are never logged as routes), status 404 and level INFO; "
+        f"got {entry}",
+    )
+    expect_header_logged(response, entry)
+
+
+@pytest.mark.task("logging")
+def test_a_request_that_crashes_is_logged_too(module):
+    app = new_app(module)
+
+    @app.get("/crash")
+    async def crash() -> dict:
+        raise RuntimeError("a bug in a route")
+
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    # raise_server_exceptions=False: answer 500 as a real server would, instead of re-raising here.
+    with TestClient(app, raise_server_exceptions=False) as client:
+        logger.addHandler(handler)
+        try:
+            response = client.get("/crash")
+        finally:
+            logger.removeHandler(handler)
+    entries = parse_lines(handler.lines, response)
+    if [(entry.get("route"), entry.get("status")) for entry in entries] != [("/crash", 500)]:
+        pytest.fail(explain(
+            response,
+            "one access log line with route '/crash' and status 500, although the route raised. Log in a `finally` "
+            "around the call to the app: the exception passes through your middleware (call_next re-raises it), "
+            f"so code after the call never runs; got {entries}",
+        ), pytrace=False)
+
+
+@pytest.mark.task("logging")
+def test_the_log_level_comes_from_the_settings(module, env):
+    # Logging is global: put back the levels these apps set, so later tests log at INFO again.
+    loggers = [logging.getLogger(name) for name in ("", "inventory", ACCESS_LOGGER)]
+    levels = [logger.level for logger in loggers]
+    access = logging.getLogger(ACCESS_LOGGER)
+    try:
+        for level, lines in (("DEBUG", 1), ("WARNING", 0)):
+            env.setenv("OBS_LOG_LEVEL", level)
+            clear_settings_cache(module)  # the lifespan reads this level, not the one cached before
+            handler = JsonLines(module.JsonFormatter())
+            with TestClient(new_app(module)) as client:
+                access.addHandler(handler)
+                try:
+                    response = client.get("/health")
+                finally:
+                    access.removeHandler(handler)
+            if lines:
+                one_entry_for(handler.lines, response)
+            else:
+                assert not handler.lines, explain(
+                    response,
+                    "no INFO access line from an app started with OBS_LOG_LEVEL=WARNING: the lifespan configures "
+                    f"logging at settings.log_level, not at a fixed level; got {handler.lines}",
+                )
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@pytest.mark.task("logging")
+def test_a_request_id_is_generated_and_returned(client, access_lines):
+    first = client.get("/health")
+    second = client.get("/health")
+    one = expect_header(first, "x-request-id", why="every response carries its request ID")
+    two = expect_header(second, "x-request-id")
+    assert one != two, explain(second, f"a new ID for every request; both got {one!r}")
+    logged = [entry.get("request_id") for entry in parse_lines(access_lines, second)]
+    assert logged == [one, two], explain(second, f"the log lines carry the same IDs as the headers {[one, two]}; got {logged}")
+
+
+@pytest.mark.task("logging")
+@pytest.mark.parametrize("incoming", ["x" * 65, "two words", "<script>", ""])
+def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
+    first = client.get("/health", headers={"X-Request-ID": incoming})
+    got = expect_header(first, "x-request-id")
+    assert got and got != incoming, explain(
+        first, f"a fresh request ID: the incoming {incoming[:20]!r} is not 1-64 letters, digits, '.', '_' or '-'"
+    )
+    second = client.get("/health", headers={"X-Request-ID": incoming})
+    again = expect_header(second, "x-request-id")
+    assert again != got, explain(
+        second,
+        f"a new, unique ID each time the unsafe {incoming[:20]!r} is sent (not a cut or cleaned copy of it); "
+        f"both requests got {got!r}",
+    )
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.task("metrics")
+def test_requests_are_counted_by_route_template(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    with TestClient(new_app(module)) as client:
+        for path in ("/items/1", "/items/2", "/items/3", "/items/99"):
+            client.get(path)
+        response, found = samples(client)
+    ok = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
+    missing = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="404")
+    assert (ok, missing) == (3.0, 1.0), explain(
+        response,
+        'http_requests_total{method="GET",route="/items/{item_id}",status="200"} 3.0 and the same with status="404" 1.0; '
+        f"got {ok} and {missing}",
+    )
+    labels = sorted({tuple(sorted(s.labels)) for s in found if s.name.startswith("http_requests_total")})
+    assert labels == [("method", "route", "status")], explain(
+        response, f"http_requests_total is labelled by method, route and status, no others; got label sets {labels}"
+    )
+    raw = sorted({s.labels["route"] for s in found if s.labels.get("route", "").startswith("/items/") and "{" not in s.labels["route"]})
+    assert not raw, explain(response, f"no label with a raw path (one series per item id grows without end); found routes {raw}")
+
+
+@pytest.mark.task("metrics")
+def test_unmatched_paths_share_one_label(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    with TestClient(new_app(module)) as client:
+        for path in ("/wp-login.php", "/a/b/c", "/items"):
+            client.get(path)
+        response, found = samples(client)
+    count = value_of(found, "http_requests_total", method="GET", route="unmatched", status="404")
+    assert count == 3.0, explain(response, f'http_requests_total{{method="GET",route="unmatched",status="404"}} 3.0; got {count}')
+
+
+@pytest.mark.task("metrics")
+def test_latency_histogram_by_route_template(module):
+    # Exact counts: a new app from create_app(), whose metrics start from zero.
+    handler = JsonLines(module.JsonFormatter())
+    logger = logging.getLogger(ACCESS_LOGGER)
+    with TestClient(new_app(module)) as client:
+        logger.addHandler(handler)
+        try:
+            client.get("/items/1")
+            client.get("/items/2")
+        finally:
+            logger.removeHandler(handler)
+        response, found = samples(client)
+    assert response.headers.get("content-type", "").startswith("text/plain"), explain(
+        response, "Content-Type text/plain (prometheus_client.CONTENT_TYPE_LATEST)"
+    )
+    count = value_of(found, "http_request_duration_seconds_count", method="GET", route="/items/{item_id}")
+    everything = value_of(found, "http_request_duration_seconds_bucket", method="GET", route="/items/{item_id}", le="+Inf")
+    total = value_of(found, "http_request_duration_seconds_sum", method="GET", route="/items/{item_id}")
+    assert count == 2.0 and everything == 2.0 and total is not None and total >= 0, explain(
+        response,
+        'a histogram http_request_duration_seconds{method="GET",route="/items/{item_id}"} with _count 2 '
+        f"and a +Inf bucket of 2; got _count={count}, +Inf bucket={everything}, _sum={total}",
+    )
+    labels = sorted({
+        tuple(sorted(set(s.labels) - {"le"})) for s in found if s.name.startswith("http_request_duration_seconds")
+    })
+    assert labels == [("method", "route")], explain(
+        response, f"the histogram's labels are method and route, no others; got label sets {labels}"
+    )
+    # The log lines and the histogram time the same two requests: one in milliseconds, the other in seconds.
+    logged = [entry.get("duration_ms") for entry in parse_lines(handler.lines, response)]
+    milliseconds = sum(value for value in logged if isinstance(value, (int, float)))
+    # A wide margin (100x either way) for timing jitter; a mix-up of units is a factor of 1000.
+    if milliseconds > 0 and total > 0:
+        assert 0.01 < milliseconds / (total * 1000) < 100, explain(
+            response,
+            f"duration_ms in milliseconds and http_request_duration_seconds in seconds for the same requests; "
+            f"the log lines say {logged} ms, the histogram's _sum {total} s",
+        )
+
+
+@pytest.mark.task("metrics")
+def test_each_app_has_its_own_registry(module, client):
+    # `app` is already one app from create_app(); build a second one next to it.
+    try:
+        second = module.create_app()
+    except ValueError as exc:
+        pytest.fail(
+            "\nexpected: create_app() can be called again in a process that already has `app` (tests, reloads)\n"
+            f"got:      ValueError: {exc}\n"
+            "Metrics registered on prometheus_client's global REGISTRY collide the second time: "
+            "give every app its own CollectorRegistry.",
+            pytrace=False,
+        )
+    client.get("/items/1")
+    with TestClient(second) as two:
+        response, found = samples(two)
+    count = value_of(found, "http_requests_total", method="GET", route="/items/{item_id}", status="200")
+    assert count is None, explain(
+        response,
+        "two apps from create_app() keep separate metrics (a CollectorRegistry per app); "
+        f"a new app reports the requests that `app` answered: {count}",
+    )

@@ -1,0 +1,850 @@
+"""Graded tests for exercise 14. Run: pytest exercises/14_deployment
+
+The deployment files are read as data (a Dockerfile parser, yaml.safe_load), never matched as
+strings, and the app is started exactly as the image's CMD says, on a real loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import json
+import math
+import re
+import shlex
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from grader.catalog import load_exercise
+from grader.expect import expect_json, expect_status
+from grader.live import http_only, serve_in_process
+from grader.loader import load_module
+from grader.pytest_plugin import target_folder
+
+# The parser lives next to this file (it is not one of your files): read it to see how
+# the tests understand your Dockerfile.
+deploy = load_module(Path(__file__).parent, "deployfiles")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the files, with failures that say which file and what is wrong
+# ---------------------------------------------------------------------------------------
+
+
+def problem(where: str, expected: str, got: str, hint: str = "") -> None:
+    message = f"\nin:       {where}\nexpected: {expected}\ngot:      {got}"
+    if hint:
+        message += f"\nhint:     {hint}"
+    pytest.fail(message, pytrace=False)
+
+
+def read_text(folder: Path, name: str) -> str:
+    path = folder / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing. This exercise expects you to write it.", pytrace=False)
+    return path.read_text(encoding="utf-8")
+
+
+def read_image(folder: Path) -> Any:
+    try:
+        return deploy.final_image(deploy.parse_dockerfile(read_text(folder, "Dockerfile")))
+    except deploy.DockerfileError as exc:
+        pytest.fail(f"The Dockerfile cannot be read: {exc}", pytrace=False)
+
+
+def read_compose(folder: Path) -> dict:
+    try:
+        document = yaml.safe_load(read_text(folder, "compose.yaml"))
+    except yaml.YAMLError as exc:
+        pytest.fail(f"compose.yaml is not valid YAML: {exc}", pytrace=False)
+    if not isinstance(document, dict) or not isinstance(document.get("services"), dict):
+        pytest.fail("compose.yaml must be a mapping with a `services:` mapping in it.", pytrace=False)
+    return document
+
+
+def read_manifests(folder: Path) -> list[dict]:
+    try:
+        documents = [d for d in yaml.safe_load_all(read_text(folder, "k8s.yaml")) if d is not None]
+    except yaml.YAMLError as exc:
+        pytest.fail(f"k8s.yaml is not valid YAML: {exc}", pytrace=False)
+    if not all(isinstance(d, dict) for d in documents):
+        pytest.fail("every document in k8s.yaml must be a mapping (apiVersion, kind, metadata, spec).", pytrace=False)
+    return documents
+
+
+def command_of(image: Any, *, exec_form: bool = True) -> Any:
+    """The uvicorn command of the image, or a failure explaining why it cannot be run.
+
+    With exec_form=False a shell-form CMD is still read (split like a shell would), so that
+    checks about ports or workers can say something useful before the CMD is fixed."""
+    if image.shell_form and exec_form:
+        instruction = image.shell_form[0]
+        problem(
+            f"Dockerfile {instruction}",
+            'the exec form, a JSON array: CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000", ...]',
+            "the shell form, which docker runs as /bin/sh -c '...'",
+            "with the shell form, the shell is PID 1 and does not pass SIGTERM on to uvicorn: "
+            "no graceful shutdown, and a 10 s wait for SIGKILL on every stop.",
+        )
+    argv = image.command
+    if image.shell_form:
+        argv = []
+        for instruction in (image.entrypoint, image.cmd):
+            if instruction is not None:
+                argv += instruction.exec_form or shlex.split(instruction.value)
+    if not argv:
+        problem("Dockerfile", "a CMD (or ENTRYPOINT) in the final stage that starts uvicorn", "no command at all")
+    try:
+        return deploy.uvicorn_command(argv)
+    except deploy.CommandError as exc:
+        problem(f"Dockerfile {image.cmd or image.entrypoint}", "a command that starts uvicorn", str(exc))
+
+
+def app_port(folder: Path) -> int:
+    command = command_of(read_image(folder), exec_form=False)
+    if "--port" not in " ".join(command.argv):
+        problem("Dockerfile CMD", "an explicit --port", f"{command.argv}: uvicorn would pick its default, 8000",
+                "write the port down: every other file must agree with it.")
+    return command.port
+
+
+def deployment_of(documents: list[dict]) -> dict:
+    found = [d for d in documents if d.get("kind") == "Deployment"]
+    if len(found) != 1:
+        problem("k8s.yaml", "exactly one document with kind: Deployment (apiVersion: apps/v1)",
+                f"{len(found)} Deployment(s); kinds found: {[d.get('kind') for d in documents]}")
+    if found[0].get("apiVersion") != "apps/v1":
+        problem("k8s.yaml Deployment", "apiVersion: apps/v1", f"apiVersion: {found[0].get('apiVersion')}",
+                "extensions/v1beta1 and apps/v1beta* were removed in Kubernetes 1.16: the API server refuses them.")
+    return found[0]
+
+
+def service_of(documents: list[dict]) -> dict:
+    found = [d for d in documents if d.get("kind") == "Service"]
+    if len(found) != 1:
+        problem("k8s.yaml", "exactly one document with kind: Service (apiVersion: v1), after a `---` line",
+                f"{len(found)} Service(s); kinds found: {[d.get('kind') for d in documents]}")
+    if found[0].get("apiVersion") != "v1":
+        problem("k8s.yaml Service", "apiVersion: v1 (Service is in the core group)", f"apiVersion: {found[0].get('apiVersion')}")
+    return found[0]
+
+
+def pod_spec(deployment: dict) -> dict:
+    spec = (((deployment.get("spec") or {}).get("template") or {}).get("spec")) or {}
+    if not spec.get("containers"):
+        problem("k8s.yaml Deployment", "spec.template.spec.containers with the API container", "no containers")
+    return spec
+
+
+def container_of(deployment: dict) -> dict:
+    return pod_spec(deployment)["containers"][0]
+
+
+def named_ports(container: dict) -> dict[str, int]:
+    return {p["name"]: int(p["containerPort"]) for p in container.get("ports") or [] if "name" in p and "containerPort" in p}
+
+
+def resolve_port(port: Any, container: dict) -> int | None:
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str):
+        return int(port) if port.isdigit() else named_ports(container).get(port)
+    return None
+
+
+def api_service(compose: dict) -> tuple[str, dict]:
+    built = [(name, s) for name, s in compose["services"].items() if isinstance(s, dict) and "build" in s]
+    if len(built) != 1:
+        problem("compose.yaml", "one service (the API) with `build: .`, built from your Dockerfile",
+                f"{[name for name, _ in built] or 'no service'} with build:")
+    return built[0]
+
+
+def service_with_image(compose: dict, prefix: str, what: str) -> tuple[str, dict]:
+    for name, service in compose["services"].items():
+        image = str((service or {}).get("image", "")).split("/")[-1]
+        if image.startswith(prefix):
+            return name, service
+    problem("compose.yaml", f"a service for {what} (image: {prefix}:<version>)",
+            f"services {list(compose['services'])} with images "
+            f"{[str((s or {}).get('image')) for s in compose['services'].values()]}")
+    raise AssertionError  # unreachable: problem() fails
+
+
+def status_of(app: Any, path: str, *, lifespan: bool) -> int:
+    """The status the app answers at `path`, after its lifespan startup or without it."""
+    if lifespan:
+        with TestClient(app) as client:
+            return client.get(path).status_code
+    return TestClient(app).get(path).status_code
+
+
+# ---------------------------------------------------------------------------------------
+# app: liveness and readiness
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("app")
+@pytest.mark.promise("P1")
+def test_health_answers_even_before_startup(load):
+    # No `with`: the lifespan has not run. A liveness route must not care.
+    response = TestClient(load("app").app).get("/health")
+    expect_json(response, {"status": "ok"}, "liveness depends on nothing but the process being up", exact=True)
+
+
+@pytest.mark.task("app")
+@pytest.mark.promise("P2")
+def test_ready_only_between_startup_and_shutdown(load):
+    app = load("app").app
+    before = TestClient(app).get("/ready")
+    expect_status(before, 503, "before the lifespan startup has run, the app is not ready for traffic")
+    expect_json(before, {"status": "not ready"}, exact=True)
+    with TestClient(app) as client:
+        during = client.get("/ready")
+        expect_status(during, 200, "after startup, the app is ready")
+        expect_json(during, {"status": "ready"}, exact=True)
+    after = TestClient(app).get("/ready")
+    expect_status(after, 503, "once the lifespan shutdown has begun, readiness must go false again")
+    expect_json(after, {"status": "not ready"}, "after shutdown, the same answer as before startup", exact=True)
+
+
+@pytest.mark.task("app")
+@pytest.mark.promise("P3")
+@pytest.mark.asyncio
+async def test_slow_route_waits_within_bounds(load):
+    app = load("app").app
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        started = time.monotonic()
+        expect_json(await client.get("/slow", params={"seconds": 0.2}), {"slept": 0.2}, exact=True)
+        if time.monotonic() - started < 0.18:  # a lower bound only: a loaded machine is slower, never faster
+            pytest.fail("\nsent:     GET /slow?seconds=0.2\nexpected: the answer after waiting 0.2 s\n"
+                        f"got:      the answer after {time.monotonic() - started:.3f} s: the route did not wait", pytrace=False)
+        # 0 is one of the bounds, so it is allowed: the route answers at once.
+        expect_json(await client.get("/slow", params={"seconds": 0}), {"slept": 0}, "seconds lies between 0 and 10, 0 included", exact=True)
+        for seconds in (-1, 11):
+            try:
+                # An unbounded route would sleep for the value it was given: do not wait for it.
+                response = await asyncio.wait_for(client.get("/slow", params={"seconds": seconds}), timeout=2)
+            except TimeoutError:
+                pytest.fail(
+                    f"\nsent:     GET /slow?seconds={seconds}\nexpected: status 422 (seconds lies between 0 and 10)\n"
+                    "got:      no answer within 2 s: the route started sleeping instead of refusing the value",
+                    pytrace=False,
+                )
+            expect_status(response, 422, "seconds lies between 0 and 10")
+
+
+# ---------------------------------------------------------------------------------------
+# dockerfile: multi-stage, non-root, health check, exec-form uvicorn
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P4")
+def test_build_has_a_builder_and_a_runtime_stage(target_dir):
+    image = read_image(target_dir)
+    if len(image.stages) < 2:
+        problem("Dockerfile", "at least two stages (two FROM lines): one that installs, one that ships",
+                f"{len(image.stages)} stage: {image.stages}",
+                "build tools and pip caches stay behind in the builder; the final stage copies the result.")
+    for found in deploy.stage_reference_problems(deploy.parse_dockerfile(read_text(target_dir, "Dockerfile"))):
+        problem("Dockerfile", "every COPY --from=<stage> names a stage defined before it (its AS name, or its index)",
+                found, "docker would try to pull an image of that name, and the build fails.")
+    earlier = {name for _, name in image.stages[:-1] if name} | {str(i) for i in range(len(image.stages) - 1)}
+    if not set(image.copies_from) & earlier:
+        problem("Dockerfile, final stage", "a COPY --from=<earlier stage> that brings in what the builder made",
+                f"COPY --from values {image.copies_from or 'none'}; earlier stages {sorted(earlier)}")
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P5")
+def test_final_stage_runs_as_a_non_root_user(target_dir):
+    image = read_image(target_dir)
+    if image.runs_as_root:
+        got = "no USER in the final stage, so docker's default: root" if image.user is None else (
+            f"line {image.user_line}: USER {image.user}")
+        problem("Dockerfile, final stage", "a USER that is not root (e.g. USER 10001:10001)", got,
+                "create the user with a RUN before switching to it, and put USER after every RUN that "
+                "needs root.")
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P6")
+def test_healthcheck_probes_the_health_route(target_dir, load):
+    image = read_image(target_dir)
+    check = image.healthcheck
+    if check is None or check.disabled:
+        problem("Dockerfile, final stage", "a HEALTHCHECK CMD that requests the app's health route",
+                "HEALTHCHECK NONE" if check else "no HEALTHCHECK")
+    urls = deploy.local_urls(check.text)
+    if not urls:
+        problem(f"Dockerfile line {check.line}: HEALTHCHECK", "a URL such as http://127.0.0.1:8000/health in the command",
+                check.text, "the slim Python image has no curl; python -c with urllib.request works.")
+    # The program the check runs: argv[0] of the exec form, the first word of the shell form.
+    shell_form = not check.command or check.command[:2] == ["/bin/sh", "-c"]
+    written = ((check.text.split() if shell_form else check.command) or [""])[0]
+    program = Path(written).name
+    base = image.stages[-1][0]
+    known = deploy.base_programs(base)
+    copied = written.startswith("/") and deploy.program_problem(image, [written]) == ""
+    if known is not None and program not in known | deploy.installed_packages(image.runs) and not copied:
+        problem(f"Dockerfile line {check.line}: HEALTHCHECK", f"a command that exists in {base}, e.g. python -c with urllib.request",
+                f"{program}, which {base} does not have (it ships {sorted(known)}, and no RUN of the final stage installs it)",
+                "the check would fail every time and docker would mark the container unhealthy.")
+    port, path = urls[0]
+    status = status_of(load("app").app, path, lifespan=True)
+    if status != 200:
+        problem(f"Dockerfile line {check.line}: HEALTHCHECK", "a path that the app answers with 200",
+                f"GET {path} answers {status} from app.py")
+    expected = app_port(target_dir)
+    if port != expected:
+        problem(f"Dockerfile line {check.line}: HEALTHCHECK", f"port {expected}, the port uvicorn listens on",
+                f"port {port} in {check.text}")
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P8")
+def test_command_starts_uvicorn_for_the_container(target_dir):
+    command = command_of(read_image(target_dir))
+    module, _, attribute = command.app.partition(":")
+    if not (target_dir / f"{module.replace('.', '/')}.py").is_file() or attribute != "app":
+        problem("Dockerfile CMD", "the app `app:app` (the object `app` in app.py)", f"{command.app!r}")
+    if command.host not in ("0.0.0.0", "::"):
+        problem("Dockerfile CMD", "--host 0.0.0.0", f"--host {command.host}",
+                "inside a container, 127.0.0.1 is the container's own loopback: nothing outside it "
+                "(the published port, the kubelet's probes, other pods) can reach the server.")
+    if not command.graceful_timeout:
+        problem("Dockerfile CMD", "--timeout-graceful-shutdown <seconds>, a bound on the wait for in-flight requests",
+                f"{command.argv}",
+                "without it uvicorn waits for every open connection, and the orchestrator's SIGKILL "
+                "ends the process before the lifespan shutdown runs.")
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P7")
+def test_final_image_holds_what_the_command_needs(target_dir):
+    image = read_image(target_dir)
+    command = command_of(image)
+    argv = image.command
+    missing = deploy.program_problem(image, argv)
+    if missing:
+        problem(f"Dockerfile, final stage (CMD {argv})", "the program the CMD starts is in the final image", missing,
+                'put the venv\'s bin first on PATH (ENV PATH="/opt/venv/bin:$PATH") or call /opt/venv/bin/uvicorn.')
+    module = command.app.partition(":")[0]
+    app_dir = command.params.get("app_dir") if "--app-dir" in " ".join(command.argv) else None
+    absent = deploy.app_file_problem(image, module, app_dir)
+    if absent:
+        problem(f"Dockerfile, final stage (WORKDIR {image.workdir})", f"COPY {module}.py into the directory uvicorn starts in",
+                absent, "uvicorn imports the app from its working directory: `COPY app.py ./` after `WORKDIR /srv`.")
+
+
+# ---------------------------------------------------------------------------------------
+# serve: the image's command, run here on a real port
+# ---------------------------------------------------------------------------------------
+
+
+class RunningImageCommand:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.stack = contextlib.ExitStack()
+        self.base_url = ""
+        self.command: list[str] = []
+        self.error = ""
+
+    def start(self) -> None:
+        try:
+            uvicorn = command_of(read_image(self.folder))
+        except pytest.fail.Exception as exc:
+            self.error = str(exc)
+            return
+        self.command = deploy.local_command(uvicorn, self.folder)
+        try:
+            self.base_url = self.stack.enter_context(
+                serve_in_process(self.command, cwd=self.folder, ready_path="/health", timeout=15)
+            )
+        except RuntimeError as exc:
+            self.error = (
+                f"The app did not start when run as the Dockerfile says.\nran:      {' '.join(self.command)}\n"
+                f"got:      {exc} (its output is shown above)"
+            )
+
+    def stop(self) -> None:
+        self.stack.close()
+
+
+@pytest.fixture(scope="module")
+def image_server(request: pytest.FixtureRequest):
+    # One server for this module: it is started once, from the image's own command.
+    folder = target_folder(request.config, load_exercise(Path(__file__).parent))
+    server = RunningImageCommand(folder)
+    server.start()
+    yield server
+    server.stop()
+
+
+def running(server: RunningImageCommand) -> str:
+    if server.error:
+        pytest.fail(server.error, pytrace=False)
+    if not server.base_url:
+        pytest.fail("The server from the image's command was stopped by an earlier test.", pytrace=False)
+    return server.base_url
+
+
+@pytest.mark.task("serve")
+@pytest.mark.promise("P8", "P2")
+@pytest.mark.slow
+@pytest.mark.servers
+def test_image_command_serves_health_and_ready(image_server):
+    base_url = running(image_server)
+    with httpx.Client(base_url=base_url, timeout=5, verify=http_only()) as client:  # plain HTTP: no CA bundle
+        health = client.get("/health")
+        ready = client.get("/ready")
+    expect_json(health, {"status": "ok"}, f"the app started with: {' '.join(image_server.command)}", exact=True)
+    expect_status(ready, 200, "a started server has run its lifespan startup: it is ready")
+
+
+@pytest.mark.task("serve")
+@pytest.mark.promise("P9", "P3")
+@pytest.mark.slow
+@pytest.mark.servers
+def test_sigterm_lets_an_in_flight_request_finish(image_server):
+    base_url = running(image_server)
+    outcome: dict[str, Any] = {}
+    # One keep-alive connection, opened and used before the slow request: the server has
+    # accepted it, so the slow request is certain to reach the app rather than the backlog.
+    client = httpx.Client(base_url=base_url, timeout=10, verify=http_only())
+    expect_status(client.get("/health"), 200)
+
+    def slow_request() -> None:
+        try:
+            # No `seconds`: the default, 0.5, is long enough to still be running at SIGTERM.
+            outcome["response"] = client.get("/slow")
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    time.sleep(0.15)  # the request is now being served (its connection was accepted above)
+    started = time.monotonic()
+    image_server.stop()  # SIGTERM to the server, as `docker stop` and Kubernetes do
+    stopped_in = time.monotonic() - started
+    image_server.base_url = ""
+    worker.join(10)
+    client.close()
+    if "response" not in outcome:
+        pytest.fail(
+            "\nsent:     GET /slow (seconds defaults to 0.5), then SIGTERM to the server while it was being served\n"
+            "expected: the request finishes with 200, then the server exits (a graceful shutdown)\n"
+            f"got:      {outcome.get('error')!r}; the server stopped after {stopped_in:.1f} s\n"
+            "A server that drops in-flight requests on SIGTERM loses work on every deploy.",
+            pytrace=False,
+        )
+    expect_status(outcome["response"], 200, "SIGTERM stops new connections but lets in-flight requests finish")
+    expect_json(outcome["response"], {"slept": 0.5}, "without a `seconds` parameter, /slow waits its default, 0.5 s", exact=True)
+
+
+# ---------------------------------------------------------------------------------------
+# compose: the API with PostgreSQL and Redis
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P12")
+def test_compose_runs_the_api_with_postgres_and_redis(target_dir):
+    compose = read_compose(target_dir)
+    name, api = api_service(compose)
+    if not api.get("ports"):
+        problem(f"compose.yaml service {name!r}", "ports: a host port published to the API's container port", "no ports")
+    service_with_image(compose, "postgres", "PostgreSQL")
+    service_with_image(compose, "redis", "Redis")
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P13")
+def test_dependencies_have_health_checks(target_dir):
+    compose = read_compose(target_dir)
+    for prefix, what, tool in (("postgres", "PostgreSQL", "pg_isready"), ("redis", "Redis", "redis-cli ping")):
+        name, service = service_with_image(compose, prefix, what)
+        check = service.get("healthcheck") or {}
+        if check.get("disable") or not check.get("test") or check.get("test") in (["NONE"], "NONE"):
+            problem(f"compose.yaml service {name!r}", f"a healthcheck whose test asks {what} itself (e.g. {tool})",
+                    f"healthcheck: {check or 'none'}")
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P13")
+def test_api_waits_until_dependencies_are_healthy(target_dir):
+    compose = read_compose(target_dir)
+    name, api = api_service(compose)
+    depends = api.get("depends_on")
+    for prefix, what in (("postgres", "PostgreSQL"), ("redis", "Redis")):
+        dependency, _ = service_with_image(compose, prefix, what)
+        condition = (depends.get(dependency) or {}).get("condition") if isinstance(depends, dict) else None
+        if condition != "service_healthy":
+            problem(f"compose.yaml service {name!r}", f"depends_on: {{{dependency}: {{condition: service_healthy}}}}",
+                    f"depends_on: {depends}",
+                    "the list form only waits until the container has started, not until the database accepts connections.")
+
+
+def compose_schema() -> dict:
+    # The Compose Specification's JSON schema, as check-jsonschema (pinned in pyproject.toml)
+    # ships it: no network needed, the same schema every time.
+    files = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads(files.joinpath("compose-spec.json").read_text(encoding="utf-8"))
+
+
+def schema_error_text(error: Any) -> str:
+    where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
+    # The deepest error says what is wrong; "is not valid under any of the given schemas" does not.
+    best = jsonschema.exceptions.best_match([error, *(error.context or [])])
+    return f"at {where}: {best.message}"
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P11", "P12")
+def test_compose_file_follows_the_compose_specification(target_dir):
+    compose = read_compose(target_dir)
+    # The whole system first: the schema of a file still missing its services proves little.
+    api_service(compose)
+    service_with_image(compose, "postgres", "PostgreSQL")
+    service_with_image(compose, "redis", "Redis")
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    # The deepest errors first: they name the value; "unevaluated properties" above them follow from them.
+    errors = sorted(validator.iter_errors(compose), key=lambda e: (-len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        problem("compose.yaml", "a file that the Compose Specification's JSON schema accepts (docker compose checks it the same way)",
+                "\n          ".join(schema_error_text(e) for e in errors[:5]),
+                "a misspelt key, a number where compose wants a duration (`interval: 5s`), a list where it wants a mapping...")
+    for name, service in compose["services"].items():
+        depends = (service or {}).get("depends_on") or []
+        for dependency in depends if isinstance(depends, (list, dict)) else []:
+            if dependency not in compose["services"]:
+                problem(f"compose.yaml service {name!r}", f"depends_on naming services of this file: {sorted(compose['services'])}",
+                        f"depends_on {dependency!r}", "compose refuses to start a service that depends on one it does not know.")
+
+
+# ---------------------------------------------------------------------------------------
+# kubernetes: Deployment and Service
+# ---------------------------------------------------------------------------------------
+
+# The Kubernetes release whose API the manifests are written for (the schemas ship with
+# kubernetes-validate, pinned in pyproject.toml).
+KUBERNETES = "1.37"
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P14", "P15")
+def test_manifests_follow_the_kubernetes_schemas(target_dir):
+    documents = read_manifests(target_dir)
+    # Both resources first: the schema of a file still missing its Service proves little.
+    deployment_of(documents)
+    service_of(documents)
+    for index, document in enumerate(documents):
+        what = f"k8s.yaml document {index + 1} ({document.get('kind')} {(document.get('metadata') or {}).get('name')!r})"
+        if "apiVersion" not in document or "kind" not in document:
+            problem(what, "apiVersion and kind", f"keys {sorted(document)}")
+        try:
+            kubernetes_validate.validate(document, KUBERNETES, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            problem(what, f"a kind and apiVersion that Kubernetes {KUBERNETES} serves",
+                    f"kind {document.get('kind')!r}, apiVersion {document.get('apiVersion')!r}",
+                    "the API server refuses a resource it has no schema for (removed API versions included).")
+        except kubernetes_validate.ValidationError as exc:
+            problem(what, f"a manifest that Kubernetes {KUBERNETES}'s published schema accepts (kubectl apply checks the same)",
+                    schema_error_text(exc),
+                    "a misspelt field is refused (strict schema); numbers, strings and lists must be of the kind the field takes.")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P15")
+def test_service_selects_the_deployments_pods(target_dir):
+    documents = read_manifests(target_dir)
+    deployment, service = deployment_of(documents), service_of(documents)
+    labels = (((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+    selector = ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        problem("k8s.yaml Deployment", "spec.selector.matchLabels that the pod template's labels satisfy",
+                f"matchLabels {selector}, template labels {labels}")
+    chosen = (service.get("spec") or {}).get("selector") or {}
+    if not chosen or any(labels.get(k) != v for k, v in chosen.items()):
+        problem("k8s.yaml Service", "spec.selector matching the pod template's labels (else it routes nowhere)",
+                f"Service selector {chosen}, pod labels {labels}")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P16")
+def test_probes_point_at_the_right_routes(target_dir, load):
+    container = container_of(deployment_of(read_manifests(target_dir)))
+    app = load("app").app
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = (container.get(kind) or {}).get("httpGet")
+        if not probe or not probe.get("path"):
+            problem(f"k8s.yaml container {container.get('name')!r}", f"{kind}.httpGet with a path and a port",
+                    f"{kind}: {container.get(kind)}")
+    ready_path = container["readinessProbe"]["httpGet"]["path"]
+    live_path = container["livenessProbe"]["httpGet"]["path"]
+    if status_of(app, ready_path, lifespan=True) != 200 or status_of(app, ready_path, lifespan=False) != 503:
+        problem("k8s.yaml readinessProbe", "the path of the readiness route: 503 before startup, 200 once ready",
+                f"GET {ready_path} answers {status_of(app, ready_path, lifespan=False)} before startup and "
+                f"{status_of(app, ready_path, lifespan=True)} after it")
+    if status_of(app, live_path, lifespan=False) != 200:
+        problem("k8s.yaml livenessProbe", "the path of the liveness route: 200 whenever the process is up, ready or not",
+                f"GET {live_path} answers {status_of(app, live_path, lifespan=False)} while the app is not ready",
+                "a liveness probe on readiness restarts every pod when a dependency is down: make it /health.")
+    startup = (container.get("startupProbe") or {}).get("httpGet")
+    if startup and status_of(app, startup.get("path", "/"), lifespan=True) != 200:
+        problem("k8s.yaml startupProbe", "a path the app serves with 200", f"GET {startup.get('path')} does not")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P17")
+def test_resources_have_requests_and_limits(target_dir):
+    container = container_of(deployment_of(read_manifests(target_dir)))
+    resources = container.get("resources") or {}
+    for part in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in (resources.get(part) or {}):
+                problem(f"k8s.yaml container {container.get('name')!r}", f"resources.{part}.{resource}",
+                        f"resources: {resources or 'none'}",
+                        "requests are what the scheduler reserves; limits cap what the container may use.")
+    requests, limits = resources["requests"], resources["limits"]
+    if deploy.cpu_cores(requests["cpu"]) > deploy.cpu_cores(limits["cpu"]) or (
+        deploy.memory_bytes(requests["memory"]) > deploy.memory_bytes(limits["memory"])
+    ):
+        problem("k8s.yaml resources", "requests no larger than limits", f"requests {requests}, limits {limits}")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P10")
+def test_workers_fit_the_cpu_limit(target_dir):
+    command = command_of(read_image(target_dir), exec_form=False)
+    container = container_of(deployment_of(read_manifests(target_dir)))
+    limit = ((container.get("resources") or {}).get("limits") or {}).get("cpu")
+    if limit is None:
+        problem("k8s.yaml resources", "a CPU limit to size the worker count against", "no limits.cpu")
+    allowed = deploy.allowed_workers(deploy.cpu_cores(limit))
+    if command.workers > allowed:
+        problem("Dockerfile CMD and k8s.yaml", f"at most {allowed} uvicorn worker(s) for a CPU limit of {limit}",
+                f"--workers {command.workers}",
+                "workers beyond the CPUs the container may use only add memory and throttling; "
+                "in Kubernetes, run one worker and scale with replicas.")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P19")
+def test_grace_period_covers_the_graceful_shutdown(target_dir):
+    command = command_of(read_image(target_dir), exec_form=False)
+    spec = pod_spec(deployment_of(read_manifests(target_dir)))
+    grace = int(spec.get("terminationGracePeriodSeconds", 30))
+    pre_stop = (container_of(deployment_of(read_manifests(target_dir))).get("lifecycle") or {}).get("preStop") or {}
+    pause = 0
+    if "sleep" in pre_stop:
+        pause = int((pre_stop["sleep"] or {}).get("seconds", 0))
+    elif "exec" in pre_stop:
+        argv = [str(a) for a in (pre_stop["exec"] or {}).get("command") or []]
+        # ["sleep", "5"] as well as ["/bin/sh", "-c", "sleep 5"]: the number after `sleep`.
+        found = re.search(r"\bsleep\s+(\d+(?:\.\d+)?)", " ".join(argv))
+        pause = math.ceil(float(found.group(1))) if found else 0
+    if not command.graceful_timeout:
+        problem("Dockerfile CMD", "--timeout-graceful-shutdown <seconds>, to compare with the pod's grace period",
+                f"{command.argv}", "without it, uvicorn may still be waiting when the grace period ends.")
+    needed = pause + int(command.graceful_timeout)
+    if needed >= grace:
+        problem("k8s.yaml terminationGracePeriodSeconds", f"more than preStop pause ({pause} s) + "
+                f"--timeout-graceful-shutdown ({command.graceful_timeout} s) = {needed} s",
+                f"{grace} s", "SIGKILL comes when the grace period ends, whatever uvicorn is doing.")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P18")
+def test_pod_refuses_to_run_as_root(target_dir):
+    spec = pod_spec(deployment_of(read_manifests(target_dir)))
+    container = container_of(deployment_of(read_manifests(target_dir)))
+    pod_context, own_context = spec.get("securityContext") or {}, container.get("securityContext") or {}
+    if not own_context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+        problem("k8s.yaml", "securityContext.runAsNonRoot: true (on the pod or the container)",
+                f"pod securityContext {pod_context or 'none'}, container securityContext {own_context or 'none'}")
+    run_as = own_context.get("runAsUser", pod_context.get("runAsUser"))
+    user = (read_image(target_dir).user or "").split(":", 1)[0]
+    if run_as is None and not user.isdigit():
+        problem("Dockerfile USER and k8s.yaml", "a numeric user: USER 10001 in the image, or runAsUser: 10001",
+                f"USER {user or '(none)'} and no runAsUser",
+                "the kubelet cannot check that a user *name* is not root, so it refuses to start the pod.")
+    if run_as is not None and int(run_as) == 0:
+        problem("k8s.yaml", "runAsUser other than 0", "runAsUser: 0 (root)")
+
+
+# ---------------------------------------------------------------------------------------
+# ports: every file agrees with the port uvicorn listens on
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("ports")
+@pytest.mark.promise("P20")
+def test_dockerfile_exposes_the_port_uvicorn_listens_on(target_dir):
+    port = app_port(target_dir)
+    image = read_image(target_dir)
+    if port not in image.exposed:
+        problem("Dockerfile", f"EXPOSE {port} (uvicorn's --port)", f"EXPOSE {image.exposed or 'nothing'}")
+
+
+@pytest.mark.task("ports")
+@pytest.mark.promise("P20")
+def test_compose_publishes_and_probes_the_same_port(target_dir):
+    port = app_port(target_dir)
+    name, api = api_service(read_compose(target_dir))
+    targets = deploy.container_ports(api)
+    if port not in targets:
+        problem(f"compose.yaml service {name!r}", f'ports: ["<host>:{port}"] (the container side is uvicorn\'s --port)',
+                f"ports {api.get('ports')} (container side {targets})")
+    check = deploy.healthcheck_text(api.get("healthcheck"))
+    for found, path in deploy.local_urls(check):
+        if found != port:
+            problem(f"compose.yaml service {name!r} healthcheck", f"port {port}", f"{check}")
+
+
+@pytest.mark.task("ports")
+@pytest.mark.promise("P20")
+def test_kubernetes_ports_lead_to_uvicorn(target_dir):
+    port = app_port(target_dir)
+    documents = read_manifests(target_dir)
+    container = container_of(deployment_of(documents))
+    declared = [p.get("containerPort") for p in container.get("ports") or []]
+    if port not in declared:
+        problem(f"k8s.yaml container {container.get('name')!r}", f"ports: [{{containerPort: {port}}}]",
+                f"containerPort {declared}")
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        probe = (container.get(kind) or {}).get("httpGet")
+        if probe and resolve_port(probe.get("port"), container) != port:
+            problem(f"k8s.yaml {kind}", f"port {port} (or the name of that containerPort)", f"port {probe.get('port')!r}")
+    for entry in (service_of(documents).get("spec") or {}).get("ports") or []:
+        target = entry.get("targetPort", entry.get("port"))
+        if resolve_port(target, container) != port:
+            problem("k8s.yaml Service", f"targetPort {port} (or the containerPort's name)",
+                    f"targetPort {target!r}", "the Service forwards to targetPort on the pod; nothing listens elsewhere.")
+
+
+# ---------------------------------------------------------------------------------------
+# secrets: nothing in clear
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("secrets")
+@pytest.mark.promise("P21")
+def test_dockerfile_bakes_in_no_secret(target_dir):
+    for instruction in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")):
+        if instruction.keyword == "ENV":
+            variables = deploy.env_assignments(instruction.value)
+        elif instruction.keyword == "ARG":
+            variables = deploy.arg_defaults(instruction.value)
+        else:
+            continue
+        for name, value in variables.items():
+            if (deploy.looks_secret(name) and value) or deploy.clear_password_in_url(value):
+                problem(f"Dockerfile {instruction}", "no secret in ENV or ARG (anyone who pulls the image reads it)",
+                        f"{name}={value}", "runtime secrets come from the platform; build secrets from RUN --mount=type=secret.")
+
+
+# Keys that name a secret rather than hold one (a Secret's name, a key inside it, a file path).
+_REFERENCE_KEY = re.compile(r"^(name|key|kind|file)$|Name$|Ref$")
+
+
+@pytest.mark.task("secrets")
+@pytest.mark.promise("P21")
+def test_no_secret_in_any_string_of_any_file(target_dir):
+    for filename, documents in (("compose.yaml", [read_compose(target_dir)]), ("k8s.yaml", read_manifests(target_dir))):
+        for index, document in enumerate(documents):
+            for where, key, value in deploy.strings_in(document):
+                if _REFERENCE_KEY.search(key):
+                    continue
+                found = deploy.secret_problem(key, value)
+                if found:
+                    place = f"{filename}" + (f" document {index + 1}" if filename == "k8s.yaml" else "")
+                    problem(f"{place} at {where}", "no secret written anywhere in the file (any key, any kind of resource)",
+                            f"{value!r}: {found}",
+                            "a ConfigMap, an annotation or a command argument is as public as the file; "
+                            "a secret belongs in a Secret created out of band, or the environment.")
+    for instruction in deploy.parse_dockerfile(read_text(target_dir, "Dockerfile")):
+        if instruction.keyword in ("ENV", "LABEL"):
+            pairs = deploy.env_assignments(instruction.value)
+        elif instruction.keyword == "ARG":
+            pairs = deploy.arg_defaults(instruction.value)
+        else:
+            pairs = {"": instruction.value}
+        for key, value in pairs.items():
+            found = deploy.secret_problem(key, value)
+            if found:
+                problem(f"Dockerfile {instruction}", "no secret in any instruction (every layer and setting is readable in the image)",
+                        found, "build secrets come from RUN --mount=type=secret; runtime secrets from the platform.")
+
+
+# ${VAR:-default} and ${VAR-default}: the default is what compose uses when VAR is not set.
+_DEFAULTED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?-([^}]+)\}")
+
+
+def secret_defaults(variable: str, value: str) -> list[str]:
+    """The `${VAR:-default}` expressions in a compose value whose default is a secret in clear."""
+    return [
+        match.group(0)
+        for match in _DEFAULTED.finditer(value)
+        if (deploy.looks_secret(variable) or deploy.looks_secret(match.group(1))) and not deploy.interpolated(match.group(2))
+    ]
+
+
+@pytest.mark.task("secrets")
+@pytest.mark.promise("P22")
+def test_compose_reads_secrets_from_the_environment(target_dir):
+    compose = read_compose(target_dir)
+    for name, service in compose["services"].items():
+        for variable, value in deploy.compose_environment(service or {}).items():
+            if value is None:
+                continue  # `- NAME` alone: taken from the shell that runs compose
+            if (deploy.looks_secret(variable) and not deploy.interpolated(value)) or deploy.clear_password_in_url(value):
+                problem(f"compose.yaml service {name!r}", f"{variable} from the environment: ${{{variable}}} "
+                        "(or a secrets: file with a *_FILE variable)", f"{variable}: {value}",
+                        "this file is committed; a password in it is a published password.")
+            for expression in secret_defaults(variable, value):
+                problem(f"compose.yaml service {name!r}", f"{variable} from the environment with no default in clear: ${{VAR:?message}}",
+                        f"{variable}: {value}",
+                        f"the default in {expression} is a password in clear, used whenever the variable is unset; "
+                        "write ${VAR:?message} so compose stops and says the variable is missing.")
+    db, service = service_with_image(compose, "postgres", "PostgreSQL")
+    env = deploy.compose_environment(service)
+    if "POSTGRES_PASSWORD" not in env and "POSTGRES_PASSWORD_FILE" not in env:
+        problem(f"compose.yaml service {db!r}", "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD} (the image refuses to start without it)",
+                f"environment {env}")
+
+
+@pytest.mark.task("secrets")
+@pytest.mark.promise("P23")
+def test_kubernetes_takes_secrets_from_a_secret(target_dir):
+    documents = read_manifests(target_dir)
+    for document in documents:
+        if document.get("kind") == "Secret" and (document.get("data") or document.get("stringData")):
+            problem("k8s.yaml", "no Secret with values in a committed file (base64 is an encoding, not encryption)",
+                    f"Secret {(document.get('metadata') or {}).get('name')!r} with keys "
+                    f"{sorted({**(document.get('data') or {}), **(document.get('stringData') or {})})}",
+                    "create it out of band: kubectl create secret generic ... --from-literal=...")
+    container = container_of(deployment_of(documents))
+    from_secret = [e for e in container.get("env") or [] if ((e.get("valueFrom") or {}).get("secretKeyRef"))]
+    from_secret += [e for e in container.get("envFrom") or [] if e.get("secretRef")]
+    for entry in container.get("env") or []:
+        value = entry.get("value")
+        if value is not None and (deploy.looks_secret(entry.get("name", "")) or deploy.clear_password_in_url(str(value))):
+            problem(f"k8s.yaml container {container.get('name')!r}",
+                    f"{entry.get('name')} with valueFrom.secretKeyRef (a key of a Secret)", f"value: {value}")
+    if not from_secret:
+        problem(f"k8s.yaml container {container.get('name')!r}",
+                "the database URL (with its password) from a Secret: env[].valueFrom.secretKeyRef",
+                f"env {container.get('env') or 'none'}")

@@ -1,0 +1,1425 @@
+"""Graded tests for exercise 15, the capstone. Run: pytest exercises/15_capstone
+
+Most tests wire the four services together in this process (every call between them goes
+through httpx.ASGITransport, so no port is opened). The end_to_end tests start every service
+as a real uvicorn process on loopback, exactly as README.md says they are deployed.
+
+Tests of one step only need the services of that step: the users tests talk to users alone,
+the catalog tests to catalog alone, and so on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import itertools
+import json
+import random
+import sys
+import threading
+import time
+import types
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from asgi_lifespan import LifespanManager
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
+
+from grader.catalog import load_exercise
+from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.live import free_port, http_only, serve_in_process
+from grader.pytest_plugin import target_folder
+
+SECRET = "capstone-test-secret-0123456789abcdef"  # shared by the services, as in production
+INTERNAL = "capstone-internal-token-0123456789abcdef"  # the service credential, shared the same way
+SERVICE = {"Authorization": f"Bearer {INTERNAL}"}  # what orders sends to the internal routes
+ISSUER = "microshop-users"
+ADMIN = {"username": "admin", "password": "admin-password-1"}
+CUSTOMER_SCOPES = ["orders:read", "orders:write"]
+# Argon2 at production cost takes ~0.3 s of CPU per hash; tests hash a lot, so they pass a cheap one.
+FAST_HASH = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
+MAX_ATTEMPTS = 3  # outbox_max_attempts in the in-process shop
+
+
+# ---------------------------------------------------------------------------------------
+# Building the services in this process
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def _imported() -> dict[str, types.ModuleType]:
+    return {}
+
+
+@pytest.fixture
+def load(load, _imported):
+    """Each service module imported once per test module, not once per test: importing four
+    modules (their models, their routes) costs more than building their apps. Isolation
+    comes from `create_app`, which every test calls for a fresh app with a fresh database;
+    README.md asks you to keep all state in the app, none in module globals."""
+
+    def load_once(module: str) -> types.ModuleType:
+        if module not in _imported:
+            _imported[module] = load(module)  # a failed import fails this test and is retried by the next
+        return _imported[module]
+
+    return load_once
+
+
+def sqlite(tmp_path: Path, name: str) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+
+
+def users_app(load, tmp_path: Path, password_hash: PasswordHash | None = None, **overrides: Any):
+    module = load("microshop/users")
+    fields = {"database_url": sqlite(tmp_path, "users"), "jwt_secret": SECRET, "internal_token": INTERNAL,
+              "admin_username": ADMIN["username"], "admin_password": ADMIN["password"]}
+    settings = module.Settings(**(fields | overrides))
+    return module.create_app(settings, password_hash=password_hash or FAST_HASH)
+
+
+def catalog_app(load, tmp_path: Path):
+    module = load("microshop/catalog")
+    return module.create_app(module.Settings(database_url=sqlite(tmp_path, "catalog"), jwt_secret=SECRET, internal_token=INTERNAL))
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, base_url: str = "http://service") -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan, and give a client that calls it in process."""
+    failure: BaseException | None = None
+    async with LifespanManager(app, startup_timeout=10), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=base_url
+    ) as client:
+        try:
+            yield client
+        except Exception as exc:  # a failed check: still shut the app down (LifespanManager would not)
+            failure = exc
+        except pytest.fail.Exception as exc:
+            failure = exc
+    if failure is not None:
+        raise failure
+
+
+class Network(httpx.AsyncBaseTransport):
+    """The wire between two services, in process: passes requests to a real app, records them,
+    and can fail the way a network fails.
+
+    mode None:          pass everything through
+    "refuse":           matching requests fail to connect (nothing reaches the service)
+    "error_after":      matching requests reach the service, then the caller gets a 500
+    "lose_reply":       matching requests reach the service, the reply never comes back
+    "hang":             matching requests never reach the service and nothing comes back
+    "reject":           matching requests never reach the service; the caller gets a 500
+
+    `mode`, `method` and `path` make one rule; `also` holds more (mode, method, path) rules, and
+    `when` narrows every rule to the requests it accepts.
+    """
+
+    def __init__(self, app: Any, mode: str | None = None, method: str = "", path: str = "") -> None:
+        self.inner = httpx.ASGITransport(app=app)
+        self.mode, self.method, self.path = mode, method, path
+        self.also: list[tuple[str, str, str]] = []
+        self.when: Callable[[httpx.Request], bool] | None = None
+        self.seen: list[httpx.Request] = []
+
+    def rule_for(self, request: httpx.Request) -> str | None:
+        if self.when is not None and not self.when(request):
+            return None
+        rules = ([(self.mode, self.method, self.path)] if self.mode else []) + self.also
+        for mode, method, path in rules:
+            if (not method or request.method == method) and request.url.path.startswith(path):
+                return mode
+        return None
+
+    async def wait_for_the_callers_deadline(self, request: httpx.Request) -> None:
+        # A real socket honours httpx's read timeout; so does this one. Without any timeout,
+        # give up after 5 s so that the test can say what went wrong.
+        read_timeout = (request.extensions.get("timeout") or {}).get("read")
+        await asyncio.sleep(5.0 if read_timeout is None else read_timeout)
+        raise httpx.ReadTimeout("no reply", request=request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        mode = self.rule_for(request)
+        if mode is None:
+            return await self.inner.handle_async_request(request)
+        if mode == "refuse":
+            raise httpx.ConnectError("connection refused", request=request)
+        if mode == "reject":
+            return httpx.Response(500, json={"detail": "internal error"}, request=request)
+        if mode == "hang":
+            await self.wait_for_the_callers_deadline(request)
+        reply = await self.inner.handle_async_request(request)
+        await reply.aread()
+        if mode == "error_after":
+            return httpx.Response(500, json={"detail": "internal error"}, request=request)
+        await self.wait_for_the_callers_deadline(request)  # "lose_reply"
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class Shop:
+    """All four services, wired together in process."""
+
+    gateway: httpx.AsyncClient
+    users: httpx.AsyncClient
+    catalog: httpx.AsyncClient
+    orders: httpx.AsyncClient
+    catalog_wire: Network  # what orders sends to catalog
+    users_wire: Network  # what orders sends to users (events)
+    gateway_wires: dict[str, Network] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def open_shop(
+    load, tmp_path: Path, *, catalog_timeout: float = 2.0, gateway_timeout: float = 5.0,
+) -> AsyncIterator[Shop]:
+    u_app, c_app = users_app(load, tmp_path), catalog_app(load, tmp_path)
+    catalog_wire, users_wire = Network(c_app), Network(u_app)
+    orders = load("microshop/orders")
+    o_app = orders.create_app(
+        orders.Settings(
+            database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET, internal_token=INTERNAL,
+            catalog_url="http://catalog", users_url="http://users",
+            catalog_timeout=catalog_timeout, events_timeout=catalog_timeout, outbox_interval=0,
+            outbox_max_attempts=MAX_ATTEMPTS,
+        ),
+        catalog_transport=catalog_wire, users_transport=users_wire,
+    )
+    gateway = load("microshop/gateway")
+    wires = {"users": Network(u_app), "catalog": Network(c_app), "orders": Network(o_app)}
+    g_app = gateway.create_app(
+        gateway.Settings(users_url="http://users", catalog_url="http://catalog", orders_url="http://orders",
+                         timeout=gateway_timeout),
+        transports=wires,
+    )
+    async with (
+        serving(u_app, "http://users") as users,
+        serving(c_app, "http://catalog") as catalog,
+        serving(o_app, "http://orders") as orders_client,
+        serving(g_app, "http://gateway") as gateway_client,
+    ):
+        yield Shop(gateway_client, users, catalog, orders_client, catalog_wire, users_wire, wires)
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers that speak the contracts of README.md
+# ---------------------------------------------------------------------------------------
+
+
+def mint(username: str, scopes: list[str], *, minutes: int = 5) -> dict[str, str]:
+    """An Authorization header with a token exactly as users issues them (see README)."""
+    now = datetime.now(timezone.utc)
+    claims = {"sub": username, "scope": " ".join(scopes), "iss": ISSUER, "iat": now, "exp": now + timedelta(minutes=minutes)}
+    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+
+
+ADMIN_HEADERS = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+
+
+async def login(client: httpx.AsyncClient, username: str, password: str, prefix: str = "", scope: str = "") -> dict[str, str]:
+    form = {"username": username, "password": password} | ({"scope": scope} if scope else {})
+    response = await client.post(f"{prefix}/token", data=form)
+    expect_status(response, 200, f"POST {prefix}/token with the right username and password (a form, not JSON)")
+    body = json_of(response)
+    assert body.get("token_type", "").lower() == "bearer" and body.get("access_token"), explain(
+        response, '{"access_token": "<jwt>", "token_type": "bearer"}'
+    )
+    return {"Authorization": f"Bearer {body['access_token']}"}
+
+
+async def customer(client: httpx.AsyncClient, name: str = "ada", prefix: str = "") -> dict[str, str]:
+    password = f"{name}-secret-pw"
+    response = await client.post(f"{prefix}/users", json={"username": name, "password": password})
+    expect_status(response, 201, f"registering {name}")
+    return await login(client, name, password, prefix)
+
+
+async def add_product(client: httpx.AsyncClient, sku: str, stock: int, price_cents: int = 250, prefix: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+    response = await client.post(f"{prefix}/products", json={"sku": sku, "name": sku.title(), "price_cents": price_cents,
+                                                             "stock": stock}, headers=headers or ADMIN_HEADERS)
+    expect_status(response, 201, f"creating product {sku} with a catalog:write token")
+
+
+async def stock_of(catalog: httpx.AsyncClient, sku: str) -> int:
+    response = await catalog.get(f"/products/{sku}")
+    return expect_json(response, {"sku": sku}, "the product exists in the catalog")["stock"]
+
+
+async def order_count(orders: httpx.AsyncClient, headers: dict[str, str]) -> int:
+    response = await orders.get("/orders", headers=headers)
+    expect_status(response, 200, "GET /orders lists the caller's orders")
+    return len(json_of(response))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 3.0) -> bool:
+    """Events are delivered after the response: poll a little instead of sleeping a lot."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+def order_body(*lines: tuple[str, int]) -> dict[str, Any]:
+    return {"items": [{"sku": sku, "quantity": quantity} for sku, quantity in lines]}
+
+
+# ---------------------------------------------------------------------------------------
+# Step 1 — users: accounts and tokens with scopes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_register_answers_201_with_the_customer_scopes(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        response = await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        expect_status(response, 201, "a new account is created")
+        expect_json(response, {"username": "ada", "scopes": CUSTOMER_SCOPES}, "never the password, not even hashed", exact=True)
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_register_validates_and_refuses_duplicates(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        expect_status(await users.post("/users", json={"username": "ada", "password": "lovelace-1815"}), 201)
+        expect_status(await users.post("/users", json={"username": "ada", "password": "another-pass"}), 409,
+                      "the username is taken")
+        for body in ({"username": "Ada!", "password": "lovelace-1815"}, {"username": "ab", "password": "lovelace-1815"},
+                     {"username": "a" * 33, "password": "lovelace-1815"},
+                     {"username": "grace", "password": "short"}, {"username": "grace", "password": "p" * 129}):
+            expect_status(await users.post("/users", json=body), 422,
+                          "usernames are 3-32 of a-z 0-9 _, passwords 8-128 characters")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        response = await users.post("/token", data={"username": "ada", "password": "lovelace-1815"})
+        expect_status(response, 200, "the right password gets a token")
+        token = json_of(response).get("access_token", "")
+        try:
+            claims = jwt.decode(token, SECRET, algorithms=["HS256"], issuer=ISSUER, options={"require": ["sub", "exp", "iss"]})
+        except jwt.InvalidTokenError as exc:
+            pytest.fail(explain(response, f"an HS256 JWT signed with the jwt_secret, iss {ISSUER!r}, with sub and exp "
+                                          f"(decoding it said: {exc})"), pytrace=False)
+        assert claims["sub"] == "ada" and sorted(claims.get("scope", "").split()) == CUSTOMER_SCOPES, explain(
+            response, f'claims sub "ada" and scope "orders:read orders:write"; got {claims}'
+        )
+        lifetime = claims["exp"] - claims.get("iat", 0)
+        assert abs(lifetime - 30 * 60) <= 5, explain(
+            response, f"exp 30 minutes after iat (token_ttl_minutes defaults to 30); got {lifetime} s. "
+                      "timedelta(30) is 30 days: name the unit, timedelta(minutes=...)"
+        )
+        narrow = await users.post("/token", data={"username": "ada", "password": "lovelace-1815", "scope": "orders:read catalog:write"})
+        scope = jwt.decode(json_of(narrow)["access_token"], SECRET, algorithms=["HS256"], issuer=ISSUER).get("scope", "")
+        assert scope.split() == ["orders:read"], explain(
+            narrow, f"asking for 'orders:read catalog:write' grants only what ada may have: 'orders:read' (got {scope!r})"
+        )
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_token_refuses_wrong_credentials(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
+        wrong = await users.post("/token", data={"username": "ada", "password": "not-her-password"})
+        expect_status(wrong, 401, "a wrong password is 401")
+        expect_header(wrong, "www-authenticate", "Bearer")
+        expect_status(await users.post("/token", data={"username": "nobody", "password": "whatever-123"}), 401,
+                      "an unknown user gets the same 401 as a wrong password")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_me_needs_a_valid_token(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        headers = await customer(users)
+        expect_json(await users.get("/users/me", headers=headers),
+                    {"username": "ada", "scopes": CUSTOMER_SCOPES, "orders_placed": 0, "total_spent_cents": 0}, exact=True)
+        expect_status(await users.get("/users/me"), 401, "no token, no profile")
+        garbage = await users.get("/users/me", headers={"Authorization": "Bearer not-a-jwt"})
+        expect_status(garbage, 401, "a garbage token")
+        expect_header(garbage, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
+        expired = await users.get("/users/me", headers=mint("ada", CUSTOMER_SCOPES, minutes=-1))
+        expect_status(expired, 401, "an expired token")
+        expect_header(expired, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_the_admin_from_settings_may_write_the_catalog(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        headers = await login(users, ADMIN["username"], ADMIN["password"])
+        me = expect_json(await users.get("/users/me", headers=headers), {"username": "admin"})
+        assert sorted(me.get("scopes", [])) == ["catalog:write", *CUSTOMER_SCOPES], (
+            f"\nexpected: the admin seeded from Settings.admin_username/admin_password has the scopes "
+            f"catalog:write orders:read orders:write\ngot:      {me.get('scopes')}"
+        )
+
+
+class SlowHasher(Argon2Hasher):
+    """A cheap Argon2 that, once armed, takes SLOW seconds per hash or check, as the real cost
+    does. It sleeps instead of computing, so it costs no CPU on a busy machine, and it blocks
+    the thread that calls it exactly as a real hash would. It counts how many run at once, and
+    how many /health answers arrive while it runs (`answered` is the probe's counter)."""
+
+    SLOW = 0.15
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=1024, parallelism=1)
+        self.armed = False
+        self.running = self.most = 0
+        self.answered = [0]
+        self.answered_meanwhile = 0
+        self.lock = threading.Lock()
+
+    def slowly(self, work: Callable[[], Any]) -> Any:
+        if not self.armed:
+            return work()
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        before = self.answered[0]
+        try:
+            time.sleep(self.SLOW)
+            return work()
+        finally:
+            with self.lock:
+                self.running -= 1
+                # On the event loop, no other request moves while this thread sleeps: 0.
+                self.answered_meanwhile += self.answered[0] - before
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        return self.slowly(lambda: super(SlowHasher, self).hash(password, salt=salt))
+
+    def verify(self, password: str | bytes, hash: str | bytes) -> bool:
+        return self.slowly(lambda: super(SlowHasher, self).verify(password, hash))
+
+
+async def probe_health(client: httpx.AsyncClient, until: asyncio.Event, answered: list[int]) -> list[float]:
+    """GET /health back to back until `until` is set, counting the answers. Each latency counts
+    from the moment the probe gives the other tasks their turn (in process, a request may never
+    pause by itself) until its answer."""
+    latencies: list[float] = []
+    while not until.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(0)
+        expect_status(await client.get("/health"), 200, "GET /health")
+        latencies.append(time.perf_counter() - started)
+        answered[0] += 1
+    return latencies
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_password_hashing_never_stops_the_service(load, tmp_path):
+    slow = SlowHasher()
+    app = users_app(load, tmp_path, PasswordHash((slow,)), admin_username=None, max_concurrent_hashes=2)
+    async with serving(app) as users:
+        expect_status(await users.post("/users", json={"username": "ada", "password": "lovelace-1815"}), 201)
+        slow.armed = True
+        done = asyncio.Event()
+
+        async def hashing() -> list[httpx.Response]:
+            try:
+                return await asyncio.gather(
+                    users.post("/token", data={"username": "ada", "password": "lovelace-1815"}),
+                    users.post("/token", data={"username": "ada", "password": "not-her-password"}),
+                    users.post("/users", json={"username": "grace", "password": "hopper-1906"}),
+                )
+            finally:
+                done.set()
+
+        replies, latencies = await asyncio.gather(hashing(), probe_health(users, done, slow.answered))
+        slow.armed = False
+        assert [r.status_code for r in replies] == [200, 401, 201], explain(
+            replies[0], f"two logins (right and wrong password) and a registration; got {[r.status_code for r in replies]}"
+        )
+        assert slow.answered_meanwhile > 0, (
+            f"\nsent:     two logins and a registration at once (each hash takes {slow.SLOW} s), and GET /health "
+            f"back to back meanwhile\nexpected: /health keeps answering while the passwords are hashed\n"
+            f"got:      not one /health answered while a hash ran; the slowest took {max(latencies, default=0):.2f} s\n"
+            "Argon2 is a blocking call: in an async def route it stops the event loop, and every other request "
+            "waits. Run it in a worker thread: await anyio.to_thread.run_sync(hasher.verify, ..., limiter=...)."
+        )
+        assert slow.most <= 2, (
+            f"\nsent:     three requests that hash at once, with max_concurrent_hashes=2\n"
+            f"expected: at most 2 hashes at the same time (each holds argon2_memory_kib of memory)\n"
+            f"got:      {slow.most} at once. Pass a limiter: anyio.CapacityLimiter(settings.max_concurrent_hashes)"
+        )
+
+
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_a_422_never_repeats_a_password(load, tmp_path):
+    async with serving(users_app(load, tmp_path, admin_username=None)) as users:
+        huge = "correct-horse-" * 75_000  # about a megabyte
+        for what, request in (
+            ("a password too short", users.post("/users", json={"username": "ada", "password": "hunter2"})),
+            ("a password too long", users.post("/users", json={"username": "ada", "password": "hunter2-" * 20})),
+            ("a megabyte of password", users.post("/users", json={"username": "ada", "password": huge})),
+            ("a password that is a number", users.post("/users", json={"username": "ada", "password": 7_345_678_901})),
+            ("a valid password with an invalid username",
+             users.post("/users", json={"username": "Ada Lovelace", "password": "hunter2-hunter2"})),
+            ("a login without a username", users.post("/token", data={"password": "hunter2-hunter2"})),
+            ("a login with a password too long", users.post("/token", data={"username": "ada", "password": "hunter2-" * 20})),
+        ):
+            response = await request
+            expect_status(response, 422, f"{what} is invalid")
+            secret = next(s for s in ("correct-horse-", "hunter2", "7345678901") if s in (response.request.content or b"").decode())
+            assert secret not in response.text and len(response.content) < 4096, explain(
+                response, f"{what}: a 422 that says where and why, never the value sent: {secret!r} must not come "
+                          f"back ({len(response.content)} bytes came back). Drop \"input\" from the validation errors."
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 2 — catalog: products and stock reservations
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        body = {"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 10}
+        expect_status(await catalog.post("/products", json=body), 401, "no token")
+        expect_status(await catalog.post("/products", json=body, headers=mint("ada", CUSTOMER_SCOPES)), 403,
+                      "a customer token has no catalog:write scope")
+        created = await catalog.post("/products", json=body, headers=ADMIN_HEADERS)
+        expect_status(created, 201, "catalog:write may create products")
+        expect_json(created, body, exact=True)
+        expect_header(created, "location", "/products/PEN-1")
+        expect_status(await catalog.post("/products", json=body, headers=ADMIN_HEADERS), 409, "the SKU exists")
+        for invalid, why in (({"price_cents": 0}, "a price must be positive"), ({"stock": -1}, "stock cannot be negative"),
+                             ({"name": ""}, "a name has 1-100 characters"), ({"name": "n" * 101}, "a name has 1-100 characters")):
+            expect_status(await catalog.post("/products", json=body | {"sku": "PEN-2"} | invalid, headers=ADMIN_HEADERS),
+                          422, why)
+        expect_status(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_products_can_be_read_by_anyone(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 10, 150)
+        await add_product(catalog, "INK-2", 3, 400)
+        expect_json(await catalog.get("/products/INK-2"), {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3}, exact=True)
+        expect_status(await catalog.get("/products/NOPE-9"), 404, "an unknown SKU")
+        listed = expect_json(await catalog.get("/products"), [
+            {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3},
+            {"sku": "PEN-1", "name": "Pen-1", "price_cents": 150, "stock": 10},
+        ], "every product, sorted by SKU", exact=True)
+        assert listed
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "INK-2", 5, 400)
+        await add_product(catalog, "PEN-1", 1, 150)
+        # The failing line comes last, in the request and by SKU: a line-by-line reservation
+        # would already have taken the first one.
+        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))}, headers=SERVICE)
+        expect_status(too_much, 409, "PEN-1 has 1 left, 2 were asked")
+        assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (5, 1), explain(
+            too_much, "no stock taken at all when one line fails: INK-2 still 5, PEN-1 still 1 (all or nothing)"
+        )
+        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))}, headers=SERVICE)
+        expect_status(unknown, 404, "an unknown SKU")
+        assert await stock_of(catalog, "INK-2") == 5, explain(unknown, "INK-2 untouched after the failed reservation")
+        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))}, headers=SERVICE)
+        expect_status(ok, 201, "enough stock for every line")
+        expect_json(ok, {"order_id": "o-3", "status": "held", "total_cents": 950})
+        lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in json_of(ok)["items"])
+        assert lines == [("INK-2", 2, 400), ("PEN-1", 1, 150)], explain(ok, "items with sku, quantity and the current price_cents")
+        assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (3, 0), explain(ok, "stock taken: 3 and 0 left")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 5)
+        body = {"order_id": "o-1", **order_body(("PEN-1", 2))}
+        first = await catalog.post("/reservations", json=body, headers=SERVICE)
+        expect_status(first, 201)
+        again = await catalog.post("/reservations", json=body, headers=SERVICE)
+        expect_status(again, 200, "a retry of the same reservation answers 200 with the same reservation")
+        expect_json(again, json_of(first), exact=True)
+        assert await stock_of(catalog, "PEN-1") == 3, explain(again, "stock taken once (5 -> 3), not twice: the order ID is the idempotency key")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 5)
+        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))}, headers=SERVICE)
+        released = await catalog.delete("/reservations/o-1", headers=SERVICE)
+        expect_status(released, 204, "releasing a reservation")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(released, "the 2 units are back: stock 5")
+        again = await catalog.delete("/reservations/o-1", headers=SERVICE)
+        expect_status(again, 204, "releasing twice is harmless")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
+        expect_status(await catalog.delete("/reservations/never-made", headers=SERVICE), 204, "releasing what was never reserved is harmless too")
+        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=SERVICE)
+        expect_status(late, 409, "a reservation arriving after its order was released is refused")
+        assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "LAST-1", 1)
+        replies = await asyncio.gather(*(
+            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}, headers=SERVICE) for i in range(4)
+        ))
+        codes = sorted(reply.status_code for reply in replies)
+        stock = await stock_of(catalog, "LAST-1")
+        assert codes == [201, 409, 409, 409] and stock == 0, (
+            "\nsent:     four reservations of the last unit of LAST-1 at the same time\n"
+            f"expected: exactly one 201 and three 409, stock 0\ngot:      {codes}, stock {stock}\n"
+            "Check and take the stock in one statement (UPDATE ... WHERE stock >= quantity), "
+            "not read-then-write."
+        )
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        await add_product(catalog, "PEN-1", 100)
+
+        async def at_once(calls: list[tuple[str, str, int]]) -> list[tuple[str, str, httpx.Response]]:
+            random.Random(14).shuffle(calls)
+            replies = await asyncio.gather(*(
+                catalog.post("/reservations", json={"order_id": order_id, **order_body(("PEN-1", quantity))}, headers=SERVICE)
+                if method == "POST" else catalog.delete(f"/reservations/{order_id}", headers=SERVICE)
+                for method, order_id, quantity in calls
+            ))
+            failed = [f"{method} {order_id}: {reply.status_code}" for (method, order_id, _), reply in zip(calls, replies, strict=True)
+                      if reply.status_code >= 500 or (method == "DELETE" and reply.status_code != 204)
+                      or reply.status_code not in (200, 201, 204, 409)]
+            assert not failed, (
+                f"\nsent:     {len(calls)} reservations and releases at once, several for the same order\n"
+                f"expected: no 5xx; each reservation 201, 200 (the same order again) or 409, each release 204\n"
+                f"got:      {failed[:6]}\nA race on one order_id is the normal case for an idempotent "
+                "route: insert the reservation with ON CONFLICT DO NOTHING (or catch the IntegrityError) "
+                "and answer as for a repeat."
+            )
+            return [(method, order_id, reply) for (method, order_id, _), reply in zip(calls, replies, strict=True)]
+
+        # Each order reserved twice and released, all at once: whichever runs first, every
+        # order ends released and every unit back on the shelf.
+        await at_once([(m, f"a-{i}", 3) for i in range(6) for m in ("POST", "POST", "DELETE")])
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100, (
+            "\nsent:     6 orders, each reserved twice (3 units) and released, all at the same time\n"
+            f"expected: every order released in the end, so stock 100\ngot:      stock {stock}: "
+            f"{'units lost' if stock < 100 else 'units given back twice'}"
+        )
+        # Each order reserved three times at once: one 201, two 200 with the same reservation.
+        replies = await at_once([("POST", f"b-{i}", 2) for i in range(5) for _ in range(3)])
+        for i in range(5):
+            mine = [reply for _, order_id, reply in replies if order_id == f"b-{i}"]
+            codes = sorted(reply.status_code for reply in mine)
+            assert codes == [200, 200, 201] and all(json_of(r) == json_of(mine[0]) for r in mine), explain(
+                mine[0], f"the same reservation of order b-{i} three times at once: one 201 and two 200, all with the "
+                         f"same reservation; got {codes}"
+            )
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100 - 5 * 2, (
+            f"\nexpected: 5 reservations of 2 units held once each: stock + reserved == 100, so stock 90\ngot:      stock {stock}"
+        )
+        # Each of them released twice at once: the units come back once.
+        await at_once([("DELETE", f"b-{i}", 0) for i in range(5) for _ in range(2)])
+        stock = await stock_of(catalog, "PEN-1")
+        assert stock == 100, f"\nsent:     5 held reservations, each released twice at once\nexpected: stock 100\ngot:      stock {stock}"
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        largest = {"sku": "BIG-1", "name": "Big", "price_cents": 100_000_000, "stock": 1_000_000}
+        expect_status(await catalog.post("/products", json=largest, headers=ADMIN_HEADERS), 201,
+                      "price_cents 100,000,000 and stock 1,000,000 are the largest allowed")
+        for field_name, value in (("price_cents", "100000001"), ("stock", "1000001"), ("price_cents", str(2**63)),
+                                  ("stock", str(2**63)), ("stock", str(2**64 + 1)), ("price_cents", "1" + "0" * 40),
+                                  ("stock", "1e309"), ("price_cents", "NaN"), ("stock", "-" + str(2**63 + 1))):
+            raw = json.dumps(largest | {"sku": "BIG-2", field_name: 0}).replace(f'"{field_name}": 0', f'"{field_name}": {value}')
+            response = await catalog.post("/products", content=raw, headers=ADMIN_HEADERS | {"Content-Type": "application/json"})
+            expect_status(response, 422, f"{field_name} {value[:24]} is out of range: refused before it reaches the database "
+                                         "(SQLite stores 64-bit integers; past that is a 500)")
+        expect_status(await catalog.get("/products/BIG-2"), 404, "none of them was created")
+
+
+# ---------------------------------------------------------------------------------------
+# Step 3 — orders: placing an order reserves stock over HTTP
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_placing_an_order_reserves_stock_and_stores_it(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5, 150)
+        await add_product(shop.catalog, "INK-2", 5, 400)
+        ada = mint("ada", CUSTOMER_SCOPES)
+        response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2), ("INK-2", 1)), headers=ada)
+        expect_status(response, 201, "an order with enough stock is placed")
+        order = expect_json(response, {"username": "ada", "status": "placed", "total_cents": 700})
+        expect_header(response, "location", f"/orders/{order.get('id')}")
+        lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in order.get("items", []))
+        assert lines == [("INK-2", 1, 400), ("PEN-1", 2, 150)], explain(response, "the items with the catalog's prices")
+        assert "created_at" in order, explain(response, "a created_at timestamp")
+        assert (await stock_of(shop.catalog, "PEN-1"), await stock_of(shop.catalog, "INK-2")) == (3, 4), explain(
+            response, "the catalog's stock went down: PEN-1 3, INK-2 4"
+        )
+        expect_json(await shop.orders.get(f"/orders/{order['id']}", headers=ada), order, "the stored order reads back the same", exact=True)
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_orders_check_scopes(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        body = order_body(("PEN-1", 1))
+        expect_status(await shop.orders.post("/orders", json=body), 401, "no token")
+        expect_status(await shop.orders.post("/orders", json=body, headers=mint("ada", ["orders:read"])), 403,
+                      "placing an order needs orders:write")
+        expect_status(await shop.orders.get("/orders", headers=mint("ada", ["orders:write"])), 403,
+                      "reading orders needs orders:read")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "a refused order must not touch the stock"
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_customers_only_see_their_own_orders(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        ada, bob = mint("ada", CUSTOMER_SCOPES), mint("bob", CUSTOMER_SCOPES)
+        placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada)
+        order_id = expect_json(placed, {"username": "ada"})["id"]
+        expect_status(await shop.orders.get(f"/orders/{order_id}", headers=bob), 404, "bob cannot see ada's order: for him it does not exist")
+        expect_status(await shop.orders.get("/orders/no-such-order", headers=ada), 404, "an order that does not exist")
+        assert await order_count(shop.orders, bob) == 0, "GET /orders for bob lists none of ada's orders"
+        second = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        second_id = expect_json(second, {"username": "ada"})["id"]
+        listed = await shop.orders.get("/orders", headers=ada)
+        ids = [o.get("id") for o in json_of(listed)]
+        assert ids == [second_id, order_id], explain(
+            listed, f"ada's two orders, newest first: {[second_id, order_id]}; got {ids}"
+        )
+
+
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_orders_that_cannot_be_served_place_nothing(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 1)
+        ada = mint("ada", CUSTOMER_SCOPES)
+        short = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        expect_status(short, 409, "the catalog has too little stock: the catalog's 409 is passed on")
+        unknown = await shop.orders.post("/orders", json=order_body(("NOPE-9", 1)), headers=ada)
+        expect_status(unknown, 422, "the catalog does not know the SKU: the order is invalid")
+        for body, why in (({"items": []}, "no lines"), (order_body(("PEN-1", 0)), "a quantity of 0"),
+                          (order_body(("PEN-1", 101)), "a quantity above 100"),
+                          (order_body(*[(f"SKU-{i}", 1) for i in range(21)]), "21 lines, at most 20"),
+                          (order_body(("pen lowercase", 1)), "a malformed SKU")):
+            expect_status(await shop.orders.post("/orders", json=body, headers=ada), 422,
+                          f"invalid order lines ({why}): orders validates them itself")
+        assert await order_count(shop.orders, ada) == 0, "none of these orders may be stored"
+        assert await stock_of(shop.catalog, "PEN-1") == 1, "and the stock is untouched"
+
+
+# ---------------------------------------------------------------------------------------
+# Step 4 — failures: a failing catalog leaves no half-placed order
+# ---------------------------------------------------------------------------------------
+
+
+FAILURE_STATUS = {
+    502: "502 Bad Gateway, the catalog failed",
+    503: "503 Service Unavailable, the catalog cannot be reached",
+    504: "504 Gateway Timeout, the catalog did not answer in time",
+}
+
+
+async def failed_order(shop: Shop, mode: str) -> tuple[httpx.Response, float]:
+    await add_product(shop.catalog, "PEN-1", 5)
+    shop.catalog_wire.mode, shop.catalog_wire.method, shop.catalog_wire.path = mode, "POST", "/reservations"
+    started = time.monotonic()
+    response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+    elapsed = time.monotonic() - started
+    shop.catalog_wire.mode = None
+    return response, elapsed
+
+
+async def expect_nothing_placed(shop: Shop, response: httpx.Response, status: int, what: str) -> None:
+    expect_status(response, status, f"{what}: {FAILURE_STATUS[status]}")
+    assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, explain(response, f"{what}: no order stored")
+    stock = await stock_of(shop.catalog, "PEN-1")
+    assert stock == 5, explain(
+        response, f"{what}: the stock back at 5 (got {stock}). If the catalog may have reserved, release the "
+                  "reservation (DELETE /reservations/{order_id}) before answering."
+    )
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_an_unreachable_catalog_places_nothing(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        response, _ = await failed_order(shop, "refuse")
+        await expect_nothing_placed(shop, response, 503, "the catalog refused the connection")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_catalog_error_after_reserving_is_compensated(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        response, _ = await failed_order(shop, "error_after")
+        await expect_nothing_placed(shop, response, 502, "the catalog reserved, then answered 500")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_lost_reply_times_out_and_is_compensated(load, tmp_path):
+    async with open_shop(load, tmp_path, catalog_timeout=0.3) as shop:
+        response, elapsed = await failed_order(shop, "lose_reply")
+        assert elapsed < 2.5, explain(
+            response, f"an answer within about catalog_timeout (0.3 s), not after {elapsed:.1f} s: "
+                      "put a deadline on the call to the catalog"
+        )
+        await expect_nothing_placed(shop, response, 504, "the catalog reserved but its reply never came")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_hanging_catalog_does_not_hang_the_order(load, tmp_path):
+    async with open_shop(load, tmp_path, catalog_timeout=0.3) as shop:
+        response, elapsed = await failed_order(shop, "hang")
+        assert elapsed < 2.5, explain(response, f"an answer within about catalog_timeout (0.3 s), not after {elapsed:.1f} s")
+        await expect_nothing_placed(shop, response, 504, "the catalog never answered")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.asyncio
+async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        # The catalog reserves and then fails, and the release cannot reach it either.
+        shop.catalog_wire.mode, shop.catalog_wire.method, shop.catalog_wire.path = "error_after", "POST", "/reservations"
+        shop.catalog_wire.also = [("refuse", "DELETE", "/reservations")]
+        response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+        expect_status(response, 502, "the catalog failed after reserving")
+        assert await stock_of(shop.catalog, "PEN-1") == 3, "the release could not reach the catalog: 2 units still held"
+        still_down = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_status(still_down, 200, "a dispatch while the catalog still refuses")
+        shop.catalog_wire.mode, shop.catalog_wire.also = None, []
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_status(dispatched, 200, "POST /outbox/dispatch with the service token")
+        stock = await stock_of(shop.catalog, "PEN-1")
+        releases = [r.url.path for r in shop.catalog_wire.seen if r.method == "DELETE"]
+        assert stock == 5, explain(
+            dispatched, f"the release that failed is retried once the catalog is back: stock 5 again (got {stock}). "
+                        f"orders sent these releases: {releases}. Write the release down (a table of pending "
+                        "releases) and retry it on every dispatch until the catalog answers 2xx."
+        )
+        await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "a confirmed release is not sent again"
+        assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, "and no order was stored"
+
+
+# ---------------------------------------------------------------------------------------
+# Step 5 — events: OrderPlaced feeds the users' read model, exactly once in effect
+# ---------------------------------------------------------------------------------------
+
+
+def order_placed(event_id: str, username: str = "ada", total_cents: int = 300) -> dict[str, Any]:
+    return {"event_id": event_id, "type": "OrderPlaced", "order_id": f"order-{event_id}", "username": username,
+            "total_cents": total_cents, "occurred_at": datetime.now(timezone.utc).isoformat()}
+
+
+async def stats(users: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, int]:
+    me = json_of(await users.get("/users/me", headers=headers))
+    return me.get("orders_placed"), me.get("total_spent_cents")
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_the_same_event_twice_changes_nothing(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        ada = await customer(users)
+        event = order_placed("evt-1", total_cents=450)
+        first = await users.post("/events", json=event, headers=SERVICE)
+        expect_json(first, {"status": "applied"}, "a new event is applied", exact=True)
+        second = await users.post("/events", json=event, headers=SERVICE)
+        expect_json(second, {"status": "duplicate"}, "the same event_id again is recognised", exact=True)
+        assert await stats(users, ada) == (1, 450), explain(second, "orders_placed 1 and total_spent_cents 450: counted once")
+        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50), headers=SERVICE), {"status": "applied"})
+        assert await stats(users, ada) == (2, 500), "a different event_id is a different order: 2 orders, 500 cents"
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_an_event_total_too_large_to_store_is_refused(load, tmp_path):
+    async with serving(users_app(load, tmp_path, admin_username=None)) as users:
+        ada = await customer(users)
+        largest = await users.post("/events", json=order_placed("evt-max", total_cents=10**12), headers=SERVICE)
+        expect_json(largest, {"status": "applied"}, "total_cents 10**12 is the largest an event may carry", exact=True)
+        for value in (str(10**12 + 1), str(2**63), str(2**64), "1e309", "NaN", "-1"):
+            raw = json.dumps(order_placed(f"evt-{value[:8]}", total_cents=0)).replace('"total_cents": 0', f'"total_cents": {value}')
+            response = await users.post("/events", content=raw, headers=SERVICE | {"Content-Type": "application/json"})
+            expect_status(response, 422, f"an OrderPlaced with total_cents {value[:24]}: outside 0-10**12, refused before it "
+                                         "reaches the database (SQLite stores 64-bit integers; past that is a 500)")
+        assert await stats(users, ada) == (1, 10**12), "only the valid event was counted"
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_placing_orders_updates_the_read_model(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        for quantity in (1, 3):
+            expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", quantity)), headers=ada), 201)
+        updated = await eventually(lambda: _stats_are(shop.users, ada, (2, 600)))
+        got = await stats(shop.users, ada)
+        assert updated, (
+            "\nsent:     two orders by ada (150 and 450 cents)\n"
+            "expected: GET /users/me soon shows orders_placed 2 and total_spent_cents 600, fed by OrderPlaced events\n"
+            f"got:      {got}; orders sent these requests to users: {[str(r.url) for r in shop.users_wire.seen] or 'none'}"
+        )
+
+
+async def _stats_are(users: httpx.AsyncClient, headers: dict[str, str], wanted: tuple[int, int]) -> bool:
+    return await stats(users, headers) == wanted
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_an_event_users_keeps_refusing_is_set_aside_and_blocks_no_other(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        # users answers 500 to every event about mallory's orders, and takes every other event.
+        shop.users_wire.mode, shop.users_wire.path = "reject", "/events"
+        shop.users_wire.when = lambda request: b'"mallory"' in request.content
+        poison = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=mint("mallory", CUSTOMER_SCOPES))
+        expect_status(poison, 201, "mallory's order is placed; only its event is refused")
+        for quantity in (1, 2):
+            expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", quantity)), headers=ada), 201)
+        got_through = await eventually(lambda: _stats_are(shop.users, ada, (2, 450)), 1.0)
+        assert got_through, (
+            "\nsent:     an order by mallory whose event users refuses (500), then two orders by ada\n"
+            "expected: ada's events delivered anyway, without waiting for mallory's to be set aside: "
+            f"orders_placed 2, total_spent_cents 450\ngot:      {await stats(shop.users, ada)}\n"
+            "A refused event must not block the events behind it: count the attempt and go on."
+        )
+        for _ in range(MAX_ATTEMPTS + 1):
+            dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            if json_of(dispatched).get("pending") == 0:
+                break
+        expect_json(dispatched, {"pending": 0, "dead": 1},
+                    f"after outbox_max_attempts ({MAX_ATTEMPTS}) refusals, mallory's event is dead: set aside, not pending")
+        tries = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 1},
+                    "a dead event is not sent again", exact=True)
+        again = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
+        assert len(tries) == MAX_ATTEMPTS and len(again) == len(tries), explain(
+            dispatched, f"mallory's event sent exactly outbox_max_attempts ({MAX_ATTEMPTS}) times, then never again; "
+                        f"it was sent {len(tries)} times, then {len(again) - len(tries)} more"
+        )
+        dead = await shop.orders.get("/outbox/dead", headers=SERVICE)
+        expect_status(dead, 200, "GET /outbox/dead lists the dead letters")
+        letters = json_of(dead)
+        assert [(d.get("payload", {}).get("username"), d.get("attempts")) for d in letters] == [("mallory", MAX_ATTEMPTS)], explain(
+            dead, f'one dead letter: mallory\'s OrderPlaced as "payload", with "attempts": {MAX_ATTEMPTS} and "last_error"'
+        )
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_events_wait_out_a_users_outage(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        shop.users_wire.mode, shop.users_wire.path = "refuse", "/events"
+        placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        expect_status(placed, 201, "the order does not depend on the users service being up")
+        await asyncio.sleep(0.05)
+        assert await stats(shop.users, ada) == (0, 0), explain(placed, "while users is down, its read model has not changed")
+        for _ in range(MAX_ATTEMPTS + 1):
+            waiting = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            expect_json(waiting, {"delivered": 0, "pending": 1, "dead": 0},
+                        f"users cannot be reached: the event waits, however often it is tried (outbox_max_attempts "
+                        f"is {MAX_ATTEMPTS}, but an outage is not the event's fault)", exact=True)
+        shop.users_wire.mode = None
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the kept event is delivered once users is back", exact=True)
+        assert await stats(shop.users, ada) == (1, 300), explain(dispatched, "the read model now counts the order")
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 0}, "nothing left to deliver", exact=True)
+
+
+@pytest.mark.task("events")
+@pytest.mark.asyncio
+async def test_a_redelivered_event_is_counted_once(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 10, 150)
+        ada = await customer(shop.users)
+        # users applies the event, but orders never hears the 200: it must deliver again.
+        shop.users_wire.mode, shop.users_wire.path = "error_after", "/events"
+        expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada), 201)
+        await asyncio.sleep(0.05)
+        shop.users_wire.mode = None
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the unacknowledged event is delivered again", exact=True)
+        deliveries = [r for r in shop.users_wire.seen if r.url.path == "/events"]
+        assert await stats(shop.users, ada) == (1, 150), explain(
+            dispatched, f"the order counted once although the event was delivered {len(deliveries)} times"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 6 — gateway: one public entry point
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_routes_the_public_api(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        gateway = shop.gateway
+        admin = await login(gateway, ADMIN["username"], ADMIN["password"], prefix="/api")
+        created = await gateway.post("/api/products", json={"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 5}, headers=admin)
+        expect_status(created, 201, "POST /api/products reaches the catalog, with the Authorization header passed on")
+        expect_header(created, "location", "/api/products/PEN-1", "a Location the client can follow through the gateway")
+        ada = await customer(gateway, prefix="/api")
+        placed = await gateway.post("/api/orders", json=order_body(("PEN-1", 2)), headers=ada)
+        order = expect_json(placed, {"username": "ada", "total_cents": 300})
+        expect_header(placed, "location", f"/api/orders/{order.get('id')}")
+        expect_json(await gateway.get(f"/api/orders/{order['id']}", headers=ada), {"id": order["id"]})
+        expect_json(await gateway.get("/api/products/PEN-1"), {"stock": 3})
+        products = json_of(await gateway.get("/api/products"))
+        assert [p.get("sku") for p in products] == ["PEN-1"], f"\nexpected: GET /api/products lists PEN-1\ngot:      {products}"
+        queried = await gateway.get("/api/products?color=blue&page=2")
+        forwarded = [r.url.raw_path.decode() for r in shop.gateway_wires["catalog"].seen]
+        assert forwarded[-1:] == ["/products?color=blue&page=2"], explain(
+            queried, f"the catalog asked for /products?color=blue&page=2 (the query string kept); it was asked for {forwarded[-1:]}"
+        )
+        expect_json(await gateway.get("/api/users/me", headers=ada), {"username": "ada"})
+        anonymous = await gateway.get("/api/users/me", headers={"Authorization": "Bearer not-a-jwt"})
+        expect_status(anonymous, 401, "users refuses the token; the gateway passes its answer on")
+        expect_header(anonymous, "www-authenticate", "Bearer", "the upstream WWW-Authenticate is kept")
+
+
+# The internal routes, as (method, path) on the service. An order ID and an event that would
+# do harm if they got through: a release of a real reservation, an inflated total.
+INTERNAL_ROUTES = (
+    ("POST", "reservations"), ("DELETE", "reservations/{order}"), ("POST", "events"), ("POST", "outbox/dispatch"),
+)
+PUBLIC_PREFIXES = ("users", "token", "products", "orders", "users/me", "products/PEN-1", "orders/o-1")
+# Ways to write "../" that a server decodes into it, or that a proxy may resolve after decoding.
+DOT_DOT_SLASH = ("..%2F", "..%2f", "%2E%2E%2F", "%2e%2e/", ".%2E/", "%2E./", "..%5C", "%2E%2E%5C", "..%252F",
+                 "%2e%2e%2f%2e%2e%2f", "..%2F..%2F")
+
+
+def traversal_attempts(order_id: str) -> list[tuple[str, str]]:
+    """(method, path) pairs that name an internal route through a public one."""
+    attempts = []
+    for i, (dots, (method, route)) in enumerate(itertools.product(DOT_DOT_SLASH, INTERNAL_ROUTES)):
+        prefix = PUBLIC_PREFIXES[i % len(PUBLIC_PREFIXES)]  # every encoding, every route, every prefix
+        up = "..%2F" * prefix.count("/")  # climb out of every segment of the prefix first
+        attempts.append((method, f"/api/{prefix}/{up}{dots}{route.format(order=order_id)}"))
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):  # a bare dot segment, any method
+        for path in ("/api/products/%2E%2E", "/api/orders/%2e", "/api/products/..%2F", "/api/users/%2E%2E%2Fusers%2Fme"):
+            attempts.append((method, path))
+    return attempts
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_hides_internal_routes(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        public = await shop.gateway.get("/api/products/PEN-1")
+        expect_status(public, 200, "the public route next to them is forwarded (a gateway that 404s everything hides nothing)")
+        for method, path, body in (
+            ("POST", "/api/reservations", {"order_id": "x", **order_body(("PEN-1", 5))}),
+            ("DELETE", "/api/reservations/x", None),
+            ("POST", "/api/events", order_placed("evt-x")),
+            ("POST", "/api/outbox/dispatch", None),
+        ):
+            response = await shop.gateway.request(method, path, json=body, headers=SERVICE)
+            expect_status(response, 404, "internal routes are not part of the public API")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "nothing reserved through the gateway"
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_no_encoding_of_dot_dot_reaches_an_internal_route(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        held = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
+        order_id = expect_json(held, {"status": "placed"}, "an order to try to release behind its back")["id"]
+        before = {name: len(wire.seen) for name, wire in shop.gateway_wires.items()}
+        attempts = traversal_attempts(order_id)
+        bodies = {"reservations": {"order_id": "evil", **order_body(("PEN-1", 3))}, "events": order_placed("evil", "ada", 999_999)}
+        headers = mint("ada", CUSTOMER_SCOPES)
+        for method, path in attempts:
+            body = next((b for name, b in bodies.items() if path.endswith(name)), None)
+            response = await shop.gateway.request(method, path, json=body, headers=headers)
+            forwarded = [(name, f"{r.method} {r.url.path}") for name, wire in shop.gateway_wires.items()
+                         for r in wire.seen[before[name]:]]
+            assert response.status_code in (404, 405) and not forwarded, explain(
+                response, f"path traversal: {method} {path} is decoded to a path that is not public. 404 (or 405), and "
+                          f"nothing forwarded; the gateway sent {forwarded}. Forward only an allow-list of exact routes, "
+                          "and refuse a path segment that is empty, '.', '..' or holds '/' or '\\' once decoded."
+            )
+        assert await stock_of(shop.catalog, "PEN-1") == 3, f"after {len(attempts)} attempts the stock is as the order left it"
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_internal_routes_need_the_service_token(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        near_miss = {"Authorization": f"Bearer {INTERNAL[:-1]}{'x' if INTERNAL[-1] != 'x' else 'y'}"}
+        admin_jwt = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+        for client, method, path, body in (
+            (shop.catalog, "POST", "/reservations", {"order_id": "o-9", **order_body(("PEN-1", 5))}),
+            (shop.catalog, "DELETE", "/reservations/o-9", None),
+            (shop.users, "POST", "/events", order_placed("evt-9", "ada", 999)),
+            (shop.orders, "POST", "/outbox/dispatch", None),
+        ):
+            for who, headers in (("no credential", {}), ("a wrong token", near_miss), ("a user's token, even the admin's", admin_jwt),
+                                 ("a token in the wrong scheme", {"Authorization": f"Basic {INTERNAL}"})):
+                response = await client.request(method, path, json=body, headers=headers)
+                expect_status(response, 401, f"{method} {path} with {who}: internal routes answer only the services "
+                                             "that hold internal_token, even when the gateway is bypassed")
+        assert await stock_of(shop.catalog, "PEN-1") == 5, "no refused request reserved anything"
+        release = await shop.catalog.delete("/reservations/o-9", headers=SERVICE)
+        expect_status(release, 204, "with the service token, the internal route works")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_refuses_a_body_too_large(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        huge = b'{"username": "ada", "password": "' + b"x" * (1024 * 1024) + b'"}'
+        response = await shop.gateway.post("/api/users", content=huge, headers={"Content-Type": "application/json"})
+        expect_status(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
+        assert not shop.gateway_wires["users"].seen, explain(response, "and never forwarded")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_reports_unavailable_services(load, tmp_path):
+    async with open_shop(load, tmp_path, gateway_timeout=0.3) as shop:
+        shop.gateway_wires["catalog"].mode = "refuse"
+        down = await shop.gateway.get("/api/products/PEN-1")
+        expect_status(down, 503, "the catalog cannot be reached: 503 Service Unavailable")
+        assert "detail" in json_of(down), explain(down, 'a JSON body {"detail": "..."}')
+        shop.gateway_wires["catalog"].mode = "hang"
+        started = time.monotonic()
+        slow = await shop.gateway.get("/api/products/PEN-1")
+        expect_status(slow, 504, "the catalog did not answer within the gateway's timeout: 504 Gateway Timeout")
+        assert time.monotonic() - started < 2.5, explain(slow, "an answer within about the gateway timeout (0.3 s)")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_a_request_id_follows_the_request_through_every_service(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        headers = mint("ada", CUSTOMER_SCOPES) | {"X-Request-ID": "trace-42"}
+        placed = await shop.gateway.post("/api/orders", json=order_body(("PEN-1", 1)), headers=headers)
+        expect_status(placed, 201)
+        expect_header(placed, "x-request-id", "trace-42", "the gateway answers with the caller's request ID")
+        to_orders = [r.headers.get("x-request-id") for r in shop.gateway_wires["orders"].seen]
+        to_catalog = [r.headers.get("x-request-id") for r in shop.catalog_wire.seen if r.url.path == "/reservations"]
+        assert to_orders == ["trace-42"] and to_catalog == ["trace-42"], explain(
+            placed, f"X-Request-ID trace-42 on the gateway's call to orders and on orders' call to catalog; "
+                    f"got {to_orders} and {to_catalog}"
+        )
+        fresh = await shop.gateway.get("/health")
+        assert fresh.headers.get("x-request-id"), explain(fresh, "a request without an ID gets one, returned in X-Request-ID")
+        for forged in ("two words", "x" * 129):
+            refused = await shop.gateway.get("/health", headers={"X-Request-ID": forged})
+            got = refused.headers.get("x-request-id")
+            assert got and got != forged, explain(
+                refused, f"X-Request-ID {forged[:20]!r}... is not at most 128 letters, digits, '.', '_' or '-': "
+                         f"a new ID instead of the caller's; got {got!r}"
+            )
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_path):
+    async with open_shop(load, tmp_path, gateway_timeout=0.3) as shop:
+        for name, client in (("users", shop.users), ("catalog", shop.catalog), ("orders", shop.orders), ("gateway", shop.gateway)):
+            expect_json(await client.get("/health"), {"status": "ok", "service": name}, exact=True)
+        expect_json(await shop.gateway.get("/ready"),
+                    {"status": "ready", "services": {"users": "up", "catalog": "up", "orders": "up"}}, exact=True)
+        shop.gateway_wires["catalog"].mode = "refuse"
+        not_ready = await shop.gateway.get("/ready")
+        expect_status(not_ready, 503, "a service behind the gateway is down")
+        expect_json(not_ready, {"status": "not ready", "services": {"users": "up", "catalog": "down", "orders": "up"}}, exact=True)
+
+
+# The status codes each route must document in its service's OpenAPI schema (README.md).
+DOCUMENTED = {
+    "users": {("post", "/users"): {201, 409, 422}, ("post", "/token"): {200, 401, 422}, ("get", "/users/me"): {200, 401},
+              ("post", "/events"): {200, 401, 422}},
+    "catalog": {("post", "/products"): {201, 401, 403, 409, 422}, ("get", "/products"): {200},
+                ("get", "/products/{sku}"): {200, 404}, ("post", "/reservations"): {200, 201, 401, 404, 409, 422},
+                ("delete", "/reservations/{order_id}"): {204, 401}},
+    "orders": {("post", "/orders"): {201, 401, 403, 409, 422, 502, 503, 504}, ("get", "/orders"): {200, 401, 403},
+               ("get", "/orders/{order_id}"): {200, 401, 403, 404}, ("post", "/outbox/dispatch"): {200, 401},
+               ("get", "/outbox/dead"): {200, 401}},
+    "gateway": {("get", "/ready"): {200, 503}, ("post", "/api/users"): {201, 409, 413, 422, 503, 504},
+                ("post", "/api/token"): {200, 401, 413, 422, 503, 504}, ("get", "/api/users/me"): {200, 401, 503, 504},
+                ("post", "/api/products"): {201, 401, 403, 409, 413, 422, 503, 504}, ("get", "/api/products"): {200, 503, 504},
+                ("get", "/api/products/{sku}"): {200, 404, 503, 504},
+                ("post", "/api/orders"): {201, 401, 403, 409, 413, 422, 502, 503, 504},
+                ("get", "/api/orders"): {200, 401, 403, 503, 504}, ("get", "/api/orders/{order_id}"): {200, 401, 403, 404, 503, 504}},
+}
+
+
+def build_app(load, tmp_path: Path, service: str) -> Any:
+    if service == "users":
+        return users_app(load, tmp_path, admin_username=None)
+    if service == "catalog":
+        return catalog_app(load, tmp_path)
+    module = load(f"microshop/{service}")
+    if service == "orders":
+        return module.create_app(module.Settings(database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET,
+                                                 internal_token=INTERNAL, outbox_interval=0))
+    return module.create_app(module.Settings())
+
+
+@pytest.mark.parametrize("service", [pytest.param(name, marks=pytest.mark.task(name))
+                                     for name in DOCUMENTED])
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status(load, tmp_path, service):
+    app = build_app(load, tmp_path, service)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
+        response = await client.get("/openapi.json")
+    schema = expect_json(response, {"paths": {}}, f"the {service} service serves its OpenAPI schema")
+    missing = {}
+    for (method, path), codes in DOCUMENTED[service].items():
+        documented = {int(code) for code in schema["paths"].get(path, {}).get(method, {}).get("responses", {})
+                      if str(code).isdigit()}
+        if codes - documented:
+            missing[f"{method.upper()} {path}"] = sorted(codes - documented)
+    assert not missing, (
+        f"\nexpected: the {service} service's OpenAPI schema lists every status code each route answers\n"
+        f"got:      missing {missing}\nDeclare them in the route decorator: responses={{404: {{\"model\": ErrorOut}}, ...}}; "
+        "a client generated from the schema knows only the statuses it lists."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Step 7 — end to end: in process, then as real processes
+# ---------------------------------------------------------------------------------------
+
+
+async def shopping_trip(gateway: httpx.AsyncClient) -> None:
+    """The whole story through the gateway: the admin stocks a product, a customer registers,
+    logs in, orders, and sees the order and the updated profile."""
+    admin = await login(gateway, ADMIN["username"], ADMIN["password"], prefix="/api")
+    await add_product(gateway, "MUG-7", 4, 900, prefix="/api", headers=admin)
+    grace = await customer(gateway, "grace", prefix="/api")
+    placed = await gateway.post("/api/orders", json=order_body(("MUG-7", 3)), headers=grace | {"X-Request-ID": "e2e-1"})
+    order = expect_json(placed, {"username": "grace", "status": "placed", "total_cents": 2700})
+    expect_header(placed, "x-request-id", "e2e-1")
+    expect_json(await gateway.get("/api/products/MUG-7"), {"stock": 1}, "the catalog's stock went down")
+    listed = json_of(await gateway.get("/api/orders", headers=grace))
+    assert [o.get("id") for o in listed] == [order["id"]], f"\nexpected: GET /api/orders lists grace's order\ngot:      {listed}"
+    refused = await gateway.post("/api/orders", json=order_body(("MUG-7", 2)), headers=grace)
+    expect_status(refused, 409, "only 1 mug is left")
+
+    async def profile_updated() -> bool:
+        me = json_of(await gateway.get("/api/users/me", headers=grace))
+        return (me.get("orders_placed"), me.get("total_spent_cents")) == (1, 2700)
+
+    assert await eventually(profile_updated, 5.0), (
+        "\nexpected: GET /api/users/me shows orders_placed 1 and total_spent_cents 2700 within 5 s of the order\n"
+        f"got:      {json_of(await gateway.get('/api/users/me', headers=grace))}"
+    )
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.asyncio
+async def test_a_shopping_trip_in_process(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await shopping_trip(shop.gateway)
+
+
+SERVICES = ("users", "catalog", "orders", "gateway")
+
+
+class LiveShop:
+    """The four services as real uvicorn processes on loopback ports, as in production."""
+
+    def __init__(self, folder: Path, data: Path) -> None:
+        self.ports = {name: free_port() for name in SERVICES}
+        self.url = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.env = {
+            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET, "USERS_INTERNAL_TOKEN": INTERNAL,
+            "USERS_ADMIN_USERNAME": ADMIN["username"], "USERS_ADMIN_PASSWORD": ADMIN["password"],
+            "USERS_ARGON2_TIME_COST": "1", "USERS_ARGON2_MEMORY_KIB": "1024",  # as cheap as FAST_HASH
+            "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_JWT_SECRET": SECRET,
+            "CATALOG_INTERNAL_TOKEN": INTERNAL,
+            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET, "ORDERS_INTERNAL_TOKEN": INTERNAL,
+            "ORDERS_CATALOG_URL": self.url["catalog"], "ORDERS_USERS_URL": self.url["users"],
+            "ORDERS_CATALOG_TIMEOUT": "2", "ORDERS_OUTBOX_INTERVAL": "0.5",
+            "GATEWAY_USERS_URL": self.url["users"], "GATEWAY_CATALOG_URL": self.url["catalog"],
+            "GATEWAY_ORDERS_URL": self.url["orders"], "GATEWAY_TIMEOUT": "3",
+        }
+        self.folder, self.data = folder, data
+        self.running: dict[str, contextlib.AbstractContextManager] = {}
+        self.error = ""
+
+    def command(self, name: str) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", f"microshop.{name}:create_app", "--factory",
+                "--app-dir", str(self.folder), "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+
+    def start(self) -> None:
+        # Start all four at once: each needs a second or so to import its libraries.
+        managers = {name: serve_in_process(self.command(name), cwd=self.data, env=self.env, port=self.ports[name],
+                                           ready_path="/health", timeout=30) for name in SERVICES}
+        with ThreadPoolExecutor(len(managers)) as pool:
+            futures = {name: pool.submit(manager.__enter__) for name, manager in managers.items()}
+        for name, future in futures.items():
+            try:
+                future.result()
+                self.running[name] = managers[name]
+            except RuntimeError as exc:
+                self.error += f"\n{name}: {exc}"
+        if self.error:
+            self.error = ("Not every service started as a uvicorn process (their output is shown above):" + self.error
+                          + "\nEach one runs as: " + " ".join(self.command("<service>")))
+
+    def stop(self, name: str) -> None:
+        manager = self.running.pop(name, None)
+        if manager is not None:
+            manager.__exit__(None, None, None)
+
+    def stop_all(self) -> None:
+        # In parallel: each uvicorn takes a moment to shut down gracefully.
+        names = list(self.running)
+        if names:
+            with ThreadPoolExecutor(len(names)) as pool:
+                list(pool.map(self.stop, names))
+
+
+@pytest.fixture(scope="module")
+def live_shop(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    folder = target_folder(request.config, load_exercise(Path(__file__).parent))
+    shop = LiveShop(folder, tmp_path_factory.mktemp("live-shop"))
+    shop.start()
+    yield shop
+    shop.stop_all()
+
+
+def live(shop: LiveShop, *needed: str) -> None:
+    if shop.error:
+        pytest.fail(shop.error, pytrace=False)
+    gone = [name for name in needed if name not in shop.running]
+    if gone:
+        pytest.fail(f"{gone} were stopped by an earlier test of this module.", pytrace=False)
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.asyncio
+async def test_a_shopping_trip_across_real_processes(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
+        await shopping_trip(gateway)
+
+
+def raw_request(base_url: str, method: str, path: str, body: Any = None) -> int:
+    """One request with the path exactly as written: an HTTP client library would resolve "..",
+    a client that means harm does not."""
+    parts = urllib.parse.urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        content = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, body=content, headers={"Content-Type": "application/json"} | SERVICE)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.asyncio
+async def test_literal_dot_dot_through_the_real_gateway_reaches_nothing_internal(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
+        await add_product(gateway, "DOT-9", 4, 300, prefix="/api", headers=ADMIN_HEADERS)
+        placed = await gateway.post("/api/orders", json=order_body(("DOT-9", 1)), headers=mint("turing", CUSTOMER_SCOPES))
+        order_id = expect_json(placed, {"status": "placed"}, "an order whose reservation an attacker would release")["id"]
+        reserve = {"order_id": "evil-1", **order_body(("DOT-9", 3))}
+        attempts = [
+            ("POST", "/api/products/../reservations", reserve), ("POST", "/api/products/%2E%2E/reservations", reserve),
+            ("DELETE", f"/api/products/../reservations/{order_id}", None),
+            ("DELETE", f"/api/orders/../reservations/{order_id}", None),
+            ("DELETE", f"/api/products/..%2Freservations%2F{order_id}", None),
+            ("POST", "/api/users/../events", order_placed("evil-2", "turing", 10**9)),
+            ("POST", "/api/users/me/../../events", order_placed("evil-3", "turing", 10**9)),
+            ("POST", "/api/orders/../outbox/dispatch", None), ("POST", "/api/orders/./../outbox/dispatch", None),
+            ("POST", "/api/orders/..%2Foutbox%2Fdispatch", None), ("POST", "/api/../reservations", reserve),
+        ]
+        for method, path, body in attempts:
+            status = await asyncio.to_thread(raw_request, live_shop.url["gateway"], method, path, body)
+            assert status in (400, 404, 405), (
+                f"\nsent:     {method} {path} to the gateway, a real uvicorn process, with the path as written\n"
+                f"expected: 404 (or 405, or 400): the path is not a public route, however it resolves\n"
+                f"got:      {status}: the gateway forwarded it to a service"
+            )
+        expect_json(await gateway.get("/api/products/DOT-9"), {"stock": 3},
+                    "the stock is as the order left it: nothing reserved or released through the gateway")
+
+
+@pytest.mark.task("end_to_end")
+@pytest.mark.slow
+@pytest.mark.servers
+@pytest.mark.asyncio
+async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
+    live(live_shop, *SERVICES)
+    async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
+        # Tokens made here, as users would issue them: logging in was the trip's job.
+        await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=ADMIN_HEADERS)
+        hopper = mint("hopper", CUSTOMER_SCOPES)
+        live_shop.stop("catalog")  # SIGTERM: the process is gone, its port refuses connections
+        response = await gateway.post("/api/orders", json=order_body(("CUP-3", 1)), headers=hopper)
+        expect_status(response, 503, "orders cannot reach the catalog: no order now, try later")
+        listed = json_of(await gateway.get("/api/orders", headers=hopper))
+        assert listed == [], explain(response, f"no order stored for hopper; GET /api/orders lists {listed}")

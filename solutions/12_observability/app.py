@@ -1,0 +1,312 @@
+"""Lesson 12 reference: settings from the environment, health probes, JSON access logs, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# --------------------------------------------------------------------------- settings
+
+
+class Settings(BaseSettings):
+    """Every value comes from OBS_* environment variables or a .env file, checked by type."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OBS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        # A shared .env often holds other tools' variables too; they are not our business.
+        extra="ignore",
+    )
+
+    app_name: str = "inventory"
+    environment: Literal["dev", "staging", "prod"] = "dev"
+    database_url: str = "sqlite+aiosqlite:///./inventory.db"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ready_timeout: float = Field(default=2.0, gt=0)
+    # No default on purpose: a service that starts without its secret fails later, and worse.
+    secret_key: SecretStr
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The one Settings object of the process; tests override it or call cache_clear()."""
+    # Fields come from the environment and .env; a missing or malformed one raises ValidationError.
+    return Settings()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# --------------------------------------------------------------------------- logging
+
+LOGGER_NAME = "inventory"
+ACCESS_LOGGER_NAME = "inventory.access"
+log = logging.getLogger(LOGGER_NAME)
+access_log = logging.getLogger(ACCESS_LOGGER_NAME)
+
+# The request being served, so that any log line written during it can carry its ID.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a record as one line of JSON: the standard fields plus everything from `extra`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD_ATTRIBUTES)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        # json.dumps escapes newlines, so a multi-line message still makes exactly one line.
+        return json.dumps(entry, default=str)
+
+
+class RequestIdFilter(logging.Filter):
+    """Copy the current request's ID into every record, so lines written in a route carry it too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = request_id_var.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """Send the service's logs to stdout as JSON lines; idempotent, so reloads add no duplicates."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    # The platform (Docker, Kubernetes) collects stdout; the root logger's handlers would print twice.
+    log.propagate = False
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class HttpMetrics:
+    """The RED metrics of an HTTP service: rate and errors (a counter), duration (a histogram)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests answered, by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by method and route template.",
+            ["method", "route"],
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status_code: int, seconds: float) -> None:
+        self.requests.labels(method=method, route=route, status=str(status_code)).inc()
+        self.duration.labels(method=method, route=route).observe(seconds)
+
+
+# --------------------------------------------------------------------------- middleware
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Reuse a caller's ID only when it is short and plain: it ends up in every log line.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            return candidate if _VALID_REQUEST_ID.fullmatch(candidate) else None
+    return None
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template ('/items/{item_id}'), never the raw path: labels must stay few."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI middleware: a request ID, one access-log line and the metrics for every request.
+
+    Written as plain ASGI rather than with @app.middleware("http") so that it adds no extra
+    task per request and never buffers a streaming response.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status_code = 500  # what the client gets if the app raises before it answers
+        started = time.perf_counter()
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        finally:
+            seconds = time.perf_counter() - started
+            # Routing has run by now, so the scope knows which route (if any) matched.
+            route = route_template(scope)
+            self.metrics.observe(scope["method"], route, status_code, seconds)
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status_code,
+                    "duration_ms": round(seconds * 1000, 3),
+                },
+            )
+            request_id_var.reset(token)
+
+
+# --------------------------------------------------------------------------- the app
+
+class ErrorMessage(BaseModel):
+    """The body of an HTTPException."""
+
+    detail: str
+
+
+class Readiness(BaseModel):
+    """What /ready answers, with 200 or 503: documented so a probe's author knows both."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, Literal["ok", "down"]]
+
+
+ITEMS: dict[int, dict[str, Any]] = {
+    1: {"id": 1, "name": "keyboard"},
+    2: {"id": 2, "name": "mouse"},
+    3: {"id": 3, "name": "monitor"},
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Reading the settings here validates every value before the first request is accepted:
+    # a missing secret or a malformed number stops the start, with a message naming the field.
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    # create_async_engine does not connect yet, so a database that is down does not stop the
+    # process: it stays alive (liveness) and reports itself not ready (readiness) instead.
+    app.state.engine = create_async_engine(settings.database_url)
+    log.info("started", extra={"app_name": settings.app_name, "environment": settings.environment})
+    try:
+        yield
+    finally:
+        await app.state.engine.dispose()
+
+
+def get_engine(request: Request) -> AsyncEngine:
+    return request.app.state.engine
+
+
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan)
+
+    # One registry per app. The module-level default REGISTRY is shared by the whole process:
+    # building a second app (a test, a reload) would register the same metric names twice
+    # and fail with "Duplicated timeseries in CollectorRegistry".
+    registry = CollectorRegistry()
+    app.add_middleware(ObservabilityMiddleware, metrics=HttpMetrics(registry))
+
+    @app.get("/health", tags=["ops"], summary="Liveness: the process is up")
+    async def health() -> dict[str, str]:
+        # Deliberately checks nothing outside the process: a database outage must not make
+        # the orchestrator restart healthy replicas in a loop.
+        return {"status": "ok"}
+
+    @app.get(
+        "/ready",
+        tags=["ops"],
+        summary="Readiness: the dependencies answer",
+        responses={
+            status.HTTP_200_OK: {"model": Readiness},
+            status.HTTP_503_SERVICE_UNAVAILABLE: {"model": Readiness, "description": "A dependency cannot be reached"},
+        },
+    )
+    async def ready(engine: EngineDep, settings: SettingsDep, response: Response) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(settings.ready_timeout):
+                async with engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            log.warning("database not ready", extra={"error": f"{type(exc).__name__}: {exc}"})
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+            return {"status": "unavailable", "checks": {"database": "down"}}
+        return {"status": "ready", "checks": {"database": "ok"}}
+
+    @app.get("/info", tags=["ops"], summary="Public configuration")
+    async def info(settings: SettingsDep) -> dict[str, str]:
+        # Only what is safe to show: never the secret, never the database URL (it holds a password).
+        return {"app_name": settings.app_name, "environment": settings.environment}
+
+    @app.get(
+        "/items/{item_id}",
+        tags=["items"],
+        summary="Read one item",
+        responses={status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"}},
+    )
+    async def read_item(item_id: int) -> dict[str, Any]:
+        item = ITEMS.get(item_id)
+        if item is None:
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+        return item
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# `uvicorn app:app` serves this one; importing the module reads no settings yet.
+app = create_app()
