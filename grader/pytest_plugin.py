@@ -17,8 +17,9 @@ import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,6 +219,16 @@ def reference(request: pytest.FixtureRequest, exercise: Exercise) -> Callable[..
 
     return _reference
 
+
+
+@pytest.fixture
+def nats_server() -> Iterator[Any]:
+    """A real NATS server with JetStream for one test (``grader.broker.NatsServer``), on a free port
+    of 127.0.0.1 with its own storage; stopped, and its files removed, after the test."""
+    from grader.broker import NatsServer  # only the tests that ask for a broker pay for it
+
+    with NatsServer() as server:
+        yield server
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
