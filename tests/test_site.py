@@ -1,0 +1,69 @@
+"""The course as a site (mkdocs.yml): it builds strictly, and holds every lesson and exercise.
+
+`mkdocs build --strict` turns every warning into a failure: a link to a page or file that is
+not there, an anchor no heading makes, a page left out of the navigation. The lessons' links
+are the ones GitHub follows too, so this also keeps the repository's own links honest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    environment = os.environ | {"NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its successor
+    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240, env=environment)
+    warnings = [line for line in build.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert build.returncode == 0, "mkdocs build --strict failed:\n" + ("\n".join(warnings) or build.stderr[-4000:])
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_every_lesson_and_exercise_is_a_page(site):
+    sources = [*ROOT.glob("lessons/[0-9][0-9]_*.md"), *ROOT.glob("lessons/appendices/*.md"),
+               *ROOT.glob("exercises/*/README.md"), *ROOT.glob("docs/*.md")]
+    missing = []
+    for source in sources:
+        page = source.relative_to(ROOT).with_suffix("")
+        page = page.parent if page.name == "README" else page
+        if not (site / page / "index.html").is_file():
+            missing.append(source.relative_to(ROOT).as_posix())
+    assert not missing, f"these pages are not in the site: {missing}"
+    assert (site / "index.html").is_file(), "README.md is the home page"
+
+
+@pytest.mark.timeout(300)
+def test_lessons_are_in_order_and_point_to_their_practice(site):
+    home = (site / "index.html").read_text(encoding="utf-8")
+    linked = re.findall(r'href="lessons/(\d\d)_\w+/"', home)
+    numbers = list(dict.fromkeys(linked))
+    assert numbers == sorted(numbers) and numbers, f"the navigation lists the lessons in order: {numbers}"
+    for lesson in sorted(ROOT.glob("lessons/[0-9][0-9]_*.md")):
+        if not (ROOT / "exercises" / lesson.stem / "exercise.toml").is_file():
+            continue  # a lesson still being written
+        html = (site / "lessons" / lesson.stem / "index.html").read_text(encoding="utf-8")
+        assert f"../../notebooks/{lesson.stem}.ipynb" in html, f"{lesson.name}: its page links its notebook"
+        assert f"../../exercises/{lesson.stem}/" in html, f"{lesson.name}: its page links its exercise"
+        assert f"grader check {lesson.stem[:2]}" in html, f"{lesson.name}: its page says how to check the exercise"
+
+
+@pytest.mark.timeout(300)
+def test_mermaid_blocks_become_diagrams(site):
+    for lesson in sorted(ROOT.glob("lessons/**/*.md")):
+        blocks = lesson.read_text(encoding="utf-8").count("```mermaid")
+        if not blocks:
+            continue
+        page = site / lesson.relative_to(ROOT).with_suffix("") / "index.html"
+        drawn = page.read_text(encoding="utf-8").count('class="mermaid"')
+        assert drawn == blocks, f"{lesson.name}: {blocks} mermaid blocks, {drawn} handed to Mermaid on the page"
