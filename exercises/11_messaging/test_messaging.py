@@ -1,0 +1,502 @@
+"""Graded tests for exercise 11: orders and shipping, through a real NATS server with JetStream.
+
+Every test starts its own nats-server (the `nats_server` fixture of the grader's plugin), runs
+your apps in this process (their lifespans included) and talks to them over HTTP and through the
+broker. Waits are for events, with generous limits: nothing here depends on a fast machine.
+"""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import httpx
+import nats
+import nats.js.errors
+import pytest
+from asgi_lifespan import LifespanManager
+
+from grader.expect import describe, expect_status
+
+WAIT = 15.0  # seconds: the longest any test waits for something that should happen
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def said(what: str, expected: Any, got: Any) -> str:
+    """A failure message: what was checked, what was expected, what came back (bounded)."""
+    shown = got if isinstance(got, str) else repr(got)
+    return f"\n{what}\nexpected: {expected}\ngot:      {shown[:600]}"
+
+
+@asynccontextmanager
+async def running(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app, startup_timeout=WAIT, shutdown_timeout=WAIT) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT) -> None:
+    """Wait until `check()` is true; fail saying `what` did not happen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"{what} (waited {timeout:g} s)", pytrace=False)
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def broker(server: Any) -> AsyncIterator[Any]:
+    nc = await nats.connect(server.url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def stream_messages(js: Any, stream: str) -> list[Any]:
+    """Every message stored in `stream`, oldest first (read directly, without a consumer)."""
+    try:
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return []
+    found = []
+    for sequence in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+        try:
+            found.append(await js.get_msg(stream, sequence))
+        except nats.js.errors.NotFoundError:
+            continue
+    return found
+
+
+async def stream_exists(js: Any, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+def order_event(order_id: str | None = None, event_id: str | None = None, **changes: Any) -> dict[str, Any]:
+    return {"type": "OrderPlaced", "event_id": event_id or uuid.uuid4().hex, "order_id": order_id or uuid.uuid4().hex,
+            "sku": "widget", "quantity": 2, "occurred_at": "2026-12-07T10:00:00+00:00", **changes}
+
+
+async def publish(js: Any, event: dict[str, Any] | bytes, msg_id: str | None = None) -> None:
+    data = event if isinstance(event, bytes) else json.dumps(event).encode()
+    await js.publish("orders.placed", data, headers={"Nats-Msg-Id": msg_id or uuid.uuid4().hex})
+
+
+class Carrier:
+    """A fake carrier: records every booking; can hold some orders, fail others, or take its time."""
+
+    def __init__(self, *, hold: set[str] | None = None, hold_all: bool = False, fail: set[str] | None = None,
+                 delay: float = 0.0) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.active = 0
+        self.peak = 0
+        self.hold, self.hold_all, self.fail, self.delay = hold or set(), hold_all, fail or set(), delay
+        self.release = asyncio.Event()
+
+    async def __call__(self, shipment: dict[str, Any]) -> None:
+        self.calls.append(dict(shipment))
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            if shipment.get("order_id") in self.fail:
+                raise RuntimeError("the carrier is down")
+            if self.hold_all or shipment.get("order_id") in self.hold:
+                await self.release.wait()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+
+    def count(self, order_id: str) -> int:
+        return sum(call.get("order_id") == order_id for call in self.calls)
+
+
+@pytest.fixture
+def shipping_app(load, nats_server, tmp_path):
+    """shipping_app(carrier, **settings) builds the learner's shipping app on this test's broker."""
+    module = load("shipping")
+
+    def build(carrier: Any = None, **settings: Any) -> Any:
+        options = {"nats_url": nats_server.url, "database": str(tmp_path / "shipping.db"), **settings}
+        return module.create_app(module.Settings(**options), carrier=carrier)
+
+    return build
+
+
+@pytest.fixture
+def orders_app(load, nats_server, tmp_path):
+    module = load("orders")
+
+    def build(**settings: Any) -> Any:
+        options = {"nats_url": nats_server.url, "database": str(tmp_path / "orders.db"), **settings}
+        return module.create_app(module.Settings(**options))
+
+    return build
+
+
+async def consumer_settled(js: Any, at_least: int) -> bool:
+    """The durable consumer `shipping` has been handed `at_least` messages and has none left to settle."""
+    try:
+        info = await js.consumer_info("ORDERS", "shipping")
+    except nats.js.errors.NotFoundError:
+        return False
+    return info.delivered.stream_seq >= at_least and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def shipped(client: httpx.AsyncClient, order_id: str) -> bool:
+    return (await client.get(f"/shipments/{order_id}")).status_code == 200
+
+
+async def expect_ready(js: Any) -> None:
+    """Shipping's lifespan startup has created the streams and its durable consumer (checked at once)."""
+    for stream in ("ORDERS", "DEADLETTER"):
+        assert await stream_exists(js, stream), said(
+            f"the {stream} stream once shipping's lifespan startup has finished",
+            expected="created at startup (when it did not exist yet)", got="no such stream")
+    try:
+        await js.consumer_info("ORDERS", "shipping")
+    except nats.js.errors.NotFoundError:
+        pytest.fail(said("the durable consumer once shipping's lifespan startup has finished",
+                         expected='a durable pull consumer named "shipping" on the ORDERS stream', got="none"),
+                    pytrace=False)
+
+
+# --- orders: the outbox -----------------------------------------------------------------------
+
+@pytest.mark.task("outbox")
+@pytest.mark.promise("P1", "P3")
+async def test_an_order_is_placed_and_its_event_reaches_the_stream(orders_app, nats_server):
+    async with running(orders_app()) as client, broker(nats_server) as js:
+        response = await client.post("/orders", json={"sku": "widget", "quantity": 3})
+        expect_status(response, 201, "POST /orders with a valid order answers 201 Created")
+        order = response.json()
+        assert set(order) >= {"id", "sku", "quantity", "status"} and order["status"] == "placed", said(
+            "the created order", expected='{"id": ..., "sku": "widget", "quantity": 3, "status": "placed"}',
+            got=describe(response))
+        assert response.headers.get("location") == f"/orders/{order['id']}", said(
+            "the Location header of the created order", expected=f"/orders/{order['id']}",
+            got=response.headers.get("location"))
+        read = await client.get(f"/orders/{order['id']}")
+        expect_status(read, 200, "GET /orders/{id} finds the order just placed")
+        expect_status(await client.get("/orders/no-such-order"), 404, "GET /orders/{id} of an unknown id")
+
+        async def published() -> bool:
+            return len(await stream_messages(js, "ORDERS")) >= 1
+
+        await eventually(published, "no message reached the ORDERS stream after an order was placed: the outbox "
+                         "relay must publish each event to the subject orders.placed")
+        [message] = await stream_messages(js, "ORDERS")
+        assert message.subject == "orders.placed", said(
+            "the subject of the OrderPlaced event", expected="orders.placed", got=message.subject)
+        event = json.loads(message.data)
+        for key, value in {"type": "OrderPlaced", "order_id": order["id"], "sku": "widget", "quantity": 3}.items():
+            assert event.get(key) == value, said(
+                f"the event's {key!r}", expected=repr(value), got=f"the event {event}")
+        assert isinstance(event.get("event_id"), str) and event["event_id"], said(
+            "the event's event_id", expected="a non-empty string", got=f"the event {event}")
+        datetime.fromisoformat(event["occurred_at"])
+        msg_id = (message.headers or {}).get("Nats-Msg-Id")
+        assert msg_id == event["event_id"], said(
+            "the Nats-Msg-Id header of the published event (JetStream deduplicates by it: a publish repeated "
+            "after a lost acknowledgement must carry the same id)", expected=event["event_id"], got=msg_id)
+
+
+@pytest.mark.task("outbox")
+@pytest.mark.promise("P2")
+async def test_invalid_orders_are_422_and_publish_nothing(orders_app, nats_server):
+    bodies = [{"sku": "widget", "quantity": 0}, {"sku": "widget", "quantity": 101},
+              {"sku": "widget", "quantity": 2**63}, {"sku": "../etc", "quantity": 1}, {"sku": "", "quantity": 1},
+              {"quantity": 1}, {"sku": "widget"}]
+    async with running(orders_app()) as client, broker(nats_server) as js:
+        for body in bodies:
+            response = await client.post("/orders", json=body)
+            expect_status(response, 422, f"POST /orders with an invalid order {body}")
+        for raw in (b'{"sku": "widget", "quantity": 1e309}', b'{"sku": "widget", "quantity": NaN}'):
+            response = await client.post("/orders", content=raw, headers={"content-type": "application/json"})
+            expect_status(response, 422, f"POST /orders with the body {raw.decode()} (a number JSON cannot carry "
+                          "back: the 422 must not echo it)")
+        outbox = await client.get("/outbox")
+        expect_status(outbox, 200, "GET /outbox")
+        assert outbox.json() == {"pending": 0}, said("the outbox after only refused orders",
+                                                        expected='{"pending": 0}', got=describe(outbox))
+        assert await stream_messages(js, "ORDERS") == [], said(
+            "the ORDERS stream after only refused orders", expected="no event", got="events were published")
+
+
+@pytest.mark.task("outbox")
+@pytest.mark.promise("P3")
+async def test_each_order_has_exactly_one_event(orders_app, nats_server):
+    async with running(orders_app()) as client, broker(nats_server) as js:
+        responses = await asyncio.gather(*(client.post("/orders", json={"sku": "gadget", "quantity": n})
+                                           for n in range(1, 9)))
+        for response in responses:
+            expect_status(response, 201, "POST /orders, eight at once")
+        ids = {response.json()["id"] for response in responses}
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json().get("pending") == 0
+
+        await eventually(drained, "GET /outbox still counts pending events: the relay did not publish them")
+        events = [json.loads(message.data) for message in await stream_messages(js, "ORDERS")]
+        got = sorted(event.get("order_id") for event in events)
+        assert got == sorted(ids), said("one OrderPlaced event per order placed",
+                                           expected=f"{len(ids)} events, one per order",
+                                           got=f"{len(events)} events for orders {got}")
+        assert len({event.get("event_id") for event in events}) == len(events), said(
+            "the event ids", expected="a different event_id for every event", got=events)
+
+
+@pytest.mark.task("broker_down")
+@pytest.mark.promise("P4")
+async def test_orders_are_taken_while_the_broker_is_down_and_published_when_it_is_back(orders_app, nats_server):
+    async with running(orders_app()) as client:
+        await asyncio.to_thread(nats_server.halt)
+        try:
+            async with asyncio.timeout(WAIT):
+                response = await client.post("/orders", json={"sku": "widget", "quantity": 1})
+        except TimeoutError:
+            pytest.fail("POST /orders did not answer while the broker was down: an order is stored with its event "
+                        "in the outbox and answered at once; the relay publishes later", pytrace=False)
+        expect_status(response, 201, "POST /orders while the broker is down (the order stands; its event waits "
+                      "in the outbox)")
+        order_id = response.json()["id"]
+        outbox = await client.get("/outbox")
+        assert outbox.json() == {"pending": 1}, said(
+            "GET /outbox while the broker is down, after one order", expected='{"pending": 1}', got=describe(outbox))
+
+        await asyncio.to_thread(nats_server.start)
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json().get("pending") == 0
+
+        await eventually(drained, "the broker came back but the outbox was not published: the relay must keep "
+                         "trying (reconnect, retry with backoff) until JetStream acknowledges each event")
+        async with broker(nats_server) as js:
+            events = [json.loads(message.data) for message in await stream_messages(js, "ORDERS")]
+        assert [event.get("order_id") for event in events] == [order_id], said(
+            "the ORDERS stream after the broker came back", expected=f"exactly one event, for order {order_id}",
+            got=[event.get("order_id") for event in events])
+
+
+# --- the streams are on disk ------------------------------------------------------------------
+
+@pytest.mark.task("durable")
+@pytest.mark.promise("P5")
+async def test_a_broker_restart_loses_no_event(orders_app, shipping_app, nats_server):
+    async with running(orders_app()) as client:
+        ids = []
+        for quantity in (1, 2, 3):
+            response = await client.post("/orders", json={"sku": "widget", "quantity": quantity})
+            expect_status(response, 201, "POST /orders")
+            ids.append(response.json()["id"])
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json().get("pending") == 0
+
+        await eventually(drained, "the outbox was not published")
+    await asyncio.to_thread(nats_server.restart)
+    async with running(shipping_app(Carrier())) as client:
+        for order_id in ids:
+            await eventually(lambda order_id=order_id: shipped(client, order_id),
+                             f"order {order_id} was published before the broker restarted and never shipped after: "
+                             "the ORDERS stream must keep its messages on disk (file storage)")
+
+
+# --- shipping: at least once, applied once ----------------------------------------------------
+
+@pytest.mark.task("ack_after_work")
+@pytest.mark.promise("P6", "P12")
+async def test_an_event_is_shipped_and_can_be_read(shipping_app, nats_server):
+    async with running(shipping_app(carrier := Carrier())) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        event = order_event(sku="gizmo", quantity=4)
+        await publish(js, event)
+        await eventually(lambda: shipped(client, event["order_id"]),
+                         "an OrderPlaced event was published but GET /shipments/{order_id} never found its shipment")
+        response = await client.get(f"/shipments/{event['order_id']}")
+        expected = {key: event[key] for key in ("order_id", "sku", "quantity", "event_id")}
+        assert response.json() == expected, said("GET /shipments/{order_id}", expected=expected,
+                                                    got=describe(response))
+        assert carrier.count(event["order_id"]) == 1, said(
+            "the carrier's bookings for the event", expected="1", got=carrier.calls)
+        expect_status(await client.get("/shipments/unknown-order"), 404, "GET /shipments/{order_id} of no order")
+        await eventually(lambda: consumer_settled(js, 1), "the event was never acknowledged to the broker")
+
+
+@pytest.mark.task("ack_after_work")
+@pytest.mark.promise("P6")
+async def test_a_consumer_stopped_mid_work_gets_the_event_again(shipping_app, nats_server):
+    held = order_event()
+    async with broker(nats_server) as js:
+        first = Carrier(hold={held["order_id"]})
+        async with running(shipping_app(first, ack_wait=1.0)):
+            await expect_ready(js)
+            await publish(js, held)
+            await eventually(lambda: asyncio.sleep(0, first.count(held["order_id"]) == 1),
+                             "the event was never handed to the carrier")
+        # The service stopped while the carrier was still working: nothing was booked, nothing may be acknowledged.
+        second = Carrier()
+        async with running(shipping_app(second, ack_wait=1.0)) as client:
+            await eventually(lambda: shipped(client, held["order_id"]),
+                             "the service stopped while the carrier was booking an event; after a restart that event "
+                             "was never shipped: it was acknowledged before the work was done (ack only after the "
+                             "shipment is booked and recorded)")
+        assert second.count(held["order_id"]) == 1, said(
+            "the carrier's bookings after the restart", expected="1", got=second.calls)
+
+
+@pytest.mark.task("idempotent")
+@pytest.mark.promise("P7")
+async def test_a_duplicate_event_is_applied_once(shipping_app, nats_server):
+    async with running(shipping_app(carrier := Carrier())) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        event = order_event()
+        # The same event twice, past the broker's duplicate window (different Nats-Msg-Id): the consumer decides.
+        await publish(js, event)
+        await eventually(lambda: shipped(client, event["order_id"]), "the event was never shipped")
+        await publish(js, event)
+        await eventually(lambda: consumer_settled(js, 2), "the duplicate was never acknowledged")
+        assert carrier.count(event["order_id"]) == 1, said(
+            "the same OrderPlaced event (same event_id) delivered twice", expected="the carrier booked once",
+            got=f"{carrier.count(event['order_id'])} bookings")
+
+
+@pytest.mark.task("idempotent")
+@pytest.mark.promise("P7")
+async def test_concurrent_duplicates_are_applied_once(shipping_app, nats_server):
+    async with running(shipping_app(carrier := Carrier(delay=0.3))) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        event = order_event()
+        for _ in range(3):
+            await publish(js, event)
+        await eventually(lambda: consumer_settled(js, 3), "the three copies were never all acknowledged")
+        assert await shipped(client, event["order_id"]), said(
+            "GET /shipments/{order_id} after three copies of one event", expected="200", got="no shipment")
+        assert carrier.count(event["order_id"]) == 1, said(
+            "three copies of one event in flight at the same time (the carrier takes 0.3 s)",
+            expected="the carrier booked once: a second copy waits for the first, then sees it done",
+            got=f"{carrier.count(event['order_id'])} bookings")
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+@pytest.mark.task("dead_letters")
+@pytest.mark.promise("P8")
+async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_server):
+    poison, fine = order_event(), order_event()
+    carrier = Carrier(fail={poison["order_id"]})
+    async with running(shipping_app(carrier, max_deliver=3, backoff=0.05)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        await publish(js, poison)
+        await publish(js, fine)
+        await eventually(lambda: shipped(client, fine["order_id"]),
+                         "an event published after a failing one was never shipped")
+
+        async def dead() -> bool:
+            return len(await stream_messages(js, "DEADLETTER")) >= 1
+
+        await eventually(dead, "an event whose carrier call always fails never reached the DEADLETTER stream "
+                         "after max_deliver deliveries")
+        await eventually(lambda: consumer_settled(js, 2), "the failing event was never settled (term or ack)")
+        [letter] = await stream_messages(js, "DEADLETTER")
+        assert letter.subject == "dead.orders.placed", said(
+            "the dead letter's subject", expected="dead.orders.placed", got=letter.subject)
+        assert json.loads(letter.data) == poison, said(
+            "the dead letter's body", expected="the original event, unchanged", got=letter.data[:300])
+        assert (letter.headers or {}).get("Dead-Reason"), said(
+            "the dead letter's headers", expected="a Dead-Reason header saying why", got=letter.headers)
+        assert carrier.count(poison["order_id"]) == 3, said(
+            "carrier calls for an event that always fails, with max_deliver = 3",
+            expected="3 (one per delivery, then the dead-letter stream)", got=carrier.count(poison["order_id"]))
+        expect_status(await client.get(f"/shipments/{poison['order_id']}"), 404,
+                      "GET /shipments/{order_id} of a dead-lettered event")
+
+
+@pytest.mark.task("dead_letters")
+@pytest.mark.promise("P9")
+async def test_an_event_that_can_never_be_processed_is_dead_lettered_at_once(shipping_app, nats_server):
+    carrier = Carrier()
+    garbage = [b"not json at all", json.dumps({"type": "OrderPlaced", "order_id": "x"}).encode(),
+               json.dumps(order_event(quantity=2**63)).encode(), json.dumps(order_event(type="OrderCancelled")).encode()]
+    async with running(shipping_app(carrier, max_deliver=5, backoff=0.05)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        for data in garbage:
+            await publish(js, data)
+        good = order_event()
+        await publish(js, good)
+        await eventually(lambda: shipped(client, good["order_id"]), "a valid event after invalid ones was never shipped")
+
+        async def all_dead() -> bool:
+            return len(await stream_messages(js, "DEADLETTER")) >= len(garbage)
+
+        await eventually(all_dead, "invalid events (not JSON, missing fields, a quantity of 2**63, another type) "
+                         "never all reached the DEADLETTER stream")
+        letters = await stream_messages(js, "DEADLETTER")
+        assert sorted(letter.data for letter in letters) == sorted(garbage), said(
+            "the dead letters", expected="each invalid message once, its body unchanged",
+            got=[letter.data[:80] for letter in letters])
+        await eventually(lambda: consumer_settled(js, len(garbage) + 1), "the events were never all settled")
+        # The consumer sequence counts every delivery, redeliveries included.
+        deliveries = (await js.consumer_info("ORDERS", "shipping")).delivered.consumer_seq
+        assert deliveries == len(garbage) + 1, said(
+            f"deliveries of {len(garbage)} invalid events and a valid one",
+            expected=f"{len(garbage) + 1}: an event that can never succeed is dead-lettered at its first delivery, "
+            "not retried", got=f"{deliveries} deliveries")
+        assert [call.get("order_id") for call in carrier.calls] == [good["order_id"]], said(
+            "carrier calls", expected="only the valid event's", got=carrier.calls)
+
+
+# --- flow: slow events, bounded work ----------------------------------------------------------
+
+@pytest.mark.task("flow")
+@pytest.mark.promise("P10")
+async def test_a_slow_event_does_not_hold_up_the_others(shipping_app, nats_server):
+    slow = order_event()
+    carrier = Carrier(hold={slow["order_id"]})
+    async with running(shipping_app(carrier)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        await publish(js, slow)
+        await eventually(lambda: asyncio.sleep(0, carrier.count(slow["order_id"]) == 1),
+                         "the first event never reached the carrier")
+        others = [order_event() for _ in range(3)]
+        for event in others:
+            await publish(js, event)
+        for event in others:
+            await eventually(lambda event=event: shipped(client, event["order_id"]),
+                             "while the carrier was still busy with one event, the events behind it were not shipped: "
+                             "handle several events at once (up to max_in_flight)")
+        carrier.release.set()
+        await eventually(lambda: shipped(client, slow["order_id"]), "the slow event was never shipped")
+
+
+@pytest.mark.task("flow")
+@pytest.mark.promise("P11")
+async def test_no_more_than_max_in_flight_events_are_worked_on_at_once(shipping_app, nats_server):
+    carrier = Carrier(hold_all=True)
+    async with running(shipping_app(carrier, max_in_flight=3)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        events = [order_event() for _ in range(9)]
+        for event in events:
+            await publish(js, event)
+        await eventually(lambda: asyncio.sleep(0, carrier.active >= 3),
+                         "with max_in_flight = 3 and a carrier that holds every call, three calls never ran at once")
+        await asyncio.sleep(0.5)  # room for a fourth, if the service would start one
+        assert carrier.peak <= 3, said(
+            "carrier calls in progress at once, with max_in_flight = 3", expected="at most 3", got=carrier.peak)
+        carrier.release.set()
+        for event in events:
+            await eventually(lambda event=event: shipped(client, event["order_id"]),
+                             "after the carrier let go, not every event was shipped")
+        assert carrier.peak <= 3, said("carrier calls in progress at once, with max_in_flight = 3",
+                                          expected="at most 3", got=carrier.peak)
