@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -99,6 +99,7 @@ class Operation:
     only_values: bool = False  # send only the declared values (an input that sleeps, say)
     free: tuple[str, ...] = ()  # JSON paths free in this operation's answers only
     promises: tuple[str, ...] = ()  # the README's promises (P1, P2, …) this operation's answers keep
+    free_values: dict[str, tuple] = field(default_factory=dict)  # input name -> values the README leaves free: never sent
 
     @property
     def method(self) -> str:
@@ -120,12 +121,14 @@ class Promises:
     ignore: tuple[str, ...] = ()  # JSON paths dropped before comparing
     validation: str = "loc"  # 422 bodies: "loc" (the set of locations), "exact" or "status"
     free_errors: tuple[tuple[tuple, str], ...] = ()  # 422 errors (loc, type or "") that may be there or not
+    validation_at: str = "$.detail"  # where a 422 body lists its errors (each with a `loc`)
     requests: int = REQUESTS
     seed: int = SEED
 
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
-        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "requests", "seed"}
+        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at",
+                 "requests", "seed"}
         stray = set(table) - known
         if stray:
             raise ValueError(f"{where}: [differential] has unknown key(s) {sorted(stray)}; known: {sorted(known)}")
@@ -133,7 +136,7 @@ class Promises:
         for key, spec in table.get("operations", {}).items():
             _check_key(key, where)
             allowed = {"task", "values", "tasks", "examples", "equal", "combined_task", "weight", "only_values", "free",
-                       "promises"}
+                       "promises", "free_values"}
             if set(spec) - allowed:
                 raise ValueError(f"{where}: operation {key!r} has unknown key(s) {sorted(set(spec) - allowed)}")
             if "task" not in spec:
@@ -150,6 +153,7 @@ class Promises:
                 combined_task=str(spec.get("combined_task", "")), weight=float(spec.get("weight", 1.0)),
                 only_values=bool(spec.get("only_values", False)), free=tuple(spec.get("free", ())),
                 promises=tuple(str(p) for p in spec.get("promises", ())),
+                free_values={name: tuple(items) for name, items in spec.get("free_values", {}).items()},
             )
         if table.get("validation", "loc") not in ("loc", "exact", "status"):
             raise ValueError(f"{where}: [differential] validation is 'loc', 'exact' or 'status'")
@@ -162,6 +166,7 @@ class Promises:
             free=tuple(table.get("free", ())), ignore=tuple(table.get("ignore", ())),
             validation=str(table.get("validation", "loc")),
             free_errors=tuple((tuple(entry["loc"]), str(entry.get("type", ""))) for entry in table.get("free_errors", ())),
+            validation_at=str(table.get("validation_at", "$.detail")),
             requests=int(table.get("requests", REQUESTS)),
             seed=int(table.get("seed", SEED)),
         )
@@ -618,13 +623,26 @@ def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] 
     for path in (*promises.free, *free):
         _apply(body, _path_parts(path), lambda node, key: node.__setitem__(key, FREE))
     if status == 422 and promises.validation != "exact" and isinstance(body, dict):
-        detail = body.get("detail")
         if promises.validation == "status":
             return "<a validation error>"
-        if isinstance(detail, list) and all(isinstance(e, dict) and isinstance(e.get("loc"), list) for e in detail):
-            kept = [e for e in detail if not any(tuple(e["loc"]) == loc and (not kind or e.get("type") == kind)
-                                                 for loc, kind in promises.free_errors)]
-            return {"detail: the locations of the errors": sorted({json.dumps(e["loc"]) for e in kept})}
+
+        def locations(detail: Any) -> list | None:
+            if isinstance(detail, list) and all(isinstance(e, dict) and isinstance(e.get("loc"), list) for e in detail):
+                kept = [e for e in detail if not any(tuple(e["loc"]) == loc and (not kind or e.get("type") == kind)
+                                                     for loc, kind in promises.free_errors)]
+                return sorted({json.dumps(e["loc"]) for e in kept})
+            return None
+
+        if promises.validation_at == "$.detail":
+            found = locations(body.get("detail"))
+            if found is not None:
+                return {"detail: the locations of the errors": found}
+        else:  # the errors sit inside an error body of the exercise's own: the rest of it is compared
+            def swap(node: dict, key: str) -> None:
+                found = locations(node[key])
+                if found is not None:
+                    node[key] = {"the locations of the errors": found}
+            _apply(body, _path_parts(promises.validation_at), swap)
     return body
 
 
@@ -666,6 +684,15 @@ def _first_difference(expected: Any, actual: Any, where: str = "$") -> str:
     return ""
 
 
+def _same_origin(url: str) -> str:
+    """A URL of the host the request was sent to (http://testserver) as its path and query: for a
+    client, ``Location: /items/1`` and ``Location: http://testserver/items/1`` name the same place."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "") and parts.netloc in ("testserver", "testserver:80"):
+        return urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    return url
+
+
 def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[str, ...] = ()) -> str:
     """Where the learner's answer differs from the reference's, in one line; "" when it does not.
 
@@ -679,6 +706,8 @@ def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[
         one, other = reference.headers.get(name), learner.headers.get(name)
         if name == "content-type" and one and other:
             one, other = one.split(";")[0].strip().lower(), other.split(";")[0].strip().lower()
+        if name in ("location", "content-location") and one and other:
+            one, other = _same_origin(one), _same_origin(other)
         if one != other:
             return f"the {name} header: {one!r} from the reference, {other!r} from your app"
     expected, actual = reference.json(), learner.json()
@@ -745,7 +774,8 @@ class Generator:
         if name != "*" and not operation.only_values:
             own += [value for value in edges(schema, self.document, self.rng) if not _among(value, own)]
         self.declared[operation.key, name] = len(own)
-        self.pools[operation.key, name] = own + [v for v in generated if not _among(v, own)]
+        never = list(operation.free_values.get(name, ()))
+        self.pools[operation.key, name] = own + [v for v in generated if not _among(v, own) and not _among(v, never)]
         task = operation.tasks.get(name, operation.task)
         self.inputs.append(Input(operation.key, name, where, task))
         for value, value_task in operation.values.get(name, ()):

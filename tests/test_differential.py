@@ -184,6 +184,43 @@ def test_422_bodies_compare_where_the_errors_are_not_their_wording():
     assert differential.compare(one, other, exact) != ""
 
 
+def test_422_errors_inside_an_error_body_of_the_exercises_own():
+    promises = differential.Promises.parse({"operations": {}, "validation_at": "$.error.details", "free": ["$.error.message"]})
+
+    def answer(code: str, loc: str, msg: str) -> differential.Answer:
+        return differential.Answer(422, {}, ('{"error":{"code":"%s","message":"%s","details":[{"loc":["body","%s"],'
+                                             '"msg":"%s","type":"x"}]}}' % (code, msg, loc, msg)).encode())
+
+    one = answer("validation_error", "price", "too big")
+    assert differential.compare(one, answer("validation_error", "price", "Input should be <= 5"), promises) == ""
+    assert "details" in differential.compare(one, answer("validation_error", "name", "too big"), promises)
+    assert "$.error.code" in differential.compare(one, answer("invalid", "price", "too big"), promises)
+
+
+def test_a_location_header_may_be_absolute_on_the_host_the_request_reached():
+    promises = differential.Promises.parse({"operations": {}, "headers": ["location"]})
+    path = differential.Answer(201, {"location": "/items/1"}, b"{}")
+    absolute = differential.Answer(201, {"location": "http://testserver/items/1"}, b"{}")
+    elsewhere = differential.Answer(201, {"location": "http://evil.example/items/1"}, b"{}")
+    other = differential.Answer(201, {"location": "/items/2"}, b"{}")
+    assert differential.compare(path, absolute, promises) == ""
+    assert "location" in differential.compare(path, elsewhere, promises)
+    assert "location" in differential.compare(path, other, promises)
+    assert "location" in differential.compare(path, differential.Answer(201, {}, b"{}"), promises)
+
+
+def test_values_the_readme_leaves_free_are_never_sent():
+    import random
+
+    table = {"operations": {"POST /notes": {"task": "notes", "free_values": {"stars": [True, "3"]}}}}
+    promises = differential.Promises.parse(table)
+    generator = differential.Generator(build().app.openapi(), promises, random.Random(1))
+    stars = generator.pools["POST /notes", "stars"]
+    assert {0, 1, 5, 6} <= {v for v in stars if type(v) is int}  # the schema's edges are still sent
+    assert not differential._among(True, stars) and not differential._among("3", stars)
+    assert differential._among(42, generator.pools["POST /notes", "text"])  # other inputs keep their pools
+
+
 def test_ignored_and_free_paths():
     promises = differential.Promises.parse({"operations": {}, "ignore": ["$..created_at"], "free": ["$.items[*].id"]})
     body = {"items": [{"id": 7, "created_at": 1}], "created_at": 2}

@@ -87,7 +87,7 @@ class ItemStore:
     # TODO: page(offset, limit) -> (items ordered by id, total)
 
 
-def get_store(request: Request) -> ItemStore:
+async def get_store(request: Request) -> ItemStore:
     """The store of the application that is serving this request."""
     return request.app.state.store
 

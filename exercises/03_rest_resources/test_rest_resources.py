@@ -104,12 +104,14 @@ def listing(client):
 
 
 @pytest.mark.task("create")
+@pytest.mark.promise("P2")
 def test_create_answers_201_with_the_item(client):
     response = create(client, "pen", 1.5)
     expect_json(response, {"id": 1, "name": "pen", "price": 1.5}, "the item, with the id the server chose", exact=True)
 
 
 @pytest.mark.task("create")
+@pytest.mark.promise("P2")
 def test_create_sets_a_location_header_that_leads_to_the_item(shared):
     create(shared, "pencil")
     response = create(shared, "eraser")
@@ -122,6 +124,7 @@ def test_create_sets_a_location_header_that_leads_to_the_item(shared):
 
 
 @pytest.mark.task("create")
+@pytest.mark.promise("P1")
 def test_every_app_starts_with_its_own_empty_store(module, catalogue):
     catalogue.twelve()  # one app made by create_app() that holds items "item 01".."item 12"
     second = module.create_app()
@@ -142,6 +145,7 @@ def test_every_app_starts_with_its_own_empty_store(module, catalogue):
 
 
 @pytest.mark.task("create")
+@pytest.mark.promise("P3")
 def test_invalid_item_is_not_created(shared):
     _, before = listing(shared)
     for body in ({"name": "", "price": 1}, {"name": "free pen", "price": 0}, {"price": 1}):
@@ -165,6 +169,7 @@ def post_raw(client, url, body_text, method="POST"):
 
 
 @pytest.mark.task("create")
+@pytest.mark.promise("P3", "P14")
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_infinite_nan_and_huge_prices_are_refused_and_never_stored(shared, version):
     _, before = listing(shared)
@@ -184,6 +189,7 @@ def test_infinite_nan_and_huge_prices_are_refused_and_never_stored(shared, versi
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P3", "P8")
 def test_a_replacement_with_an_infinite_or_huge_price_changes_nothing(shared):
     item_id = id_of(create(shared, "abacus", 3.0))
     for raw in NOT_A_PRICE:
@@ -201,6 +207,7 @@ NOT_AN_ID = ["0", "-1", "2147483648", "99999999999999999999", str(10**400), "1e3
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P6")
 def test_ids_in_the_url_are_bounded(catalogue):
     for version in ("v1", "v2"):
         for raw in NOT_AN_ID:
@@ -219,12 +226,14 @@ def test_ids_in_the_url_are_bounded(catalogue):
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P7")
 def test_read_one_item(shared):
     item_id = id_of(create(shared, "ruler", 2.0))
     expect_json(shared.get(f"/api/v1/items/{item_id}"), {"id": item_id, "name": "ruler", "price": 2.0}, exact=True)
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P8")
 def test_put_replaces_the_item(shared):
     item_id = id_of(create(shared, "ballpoint", 2.0))
     response = shared.put(f"/api/v1/items/{item_id}", json={"name": "fountain pen", "price": 30})
@@ -242,6 +251,7 @@ def test_put_replaces_the_item(shared):
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P9")
 def test_delete_answers_204_and_the_item_is_gone(shared):
     item_id = id_of(create(shared, "scissors"))
     response = shared.delete(f"/api/v1/items/{item_id}")
@@ -251,6 +261,7 @@ def test_delete_answers_204_and_the_item_is_gone(shared):
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P7", "P8", "P9")
 def test_missing_item_is_404(shared):
     create(shared, "stapler")
     for method, body in (("GET", None), ("PUT", {"name": "stapler", "price": 1}), ("DELETE", None)):
@@ -262,6 +273,7 @@ def test_missing_item_is_404(shared):
 
 
 @pytest.mark.task("crud")
+@pytest.mark.promise("P4")
 def test_ids_are_never_reused(shared):
     create(shared, "stamp")
     second = id_of(create(shared, "folder"))
@@ -277,6 +289,7 @@ def test_ids_are_never_reused(shared):
 
 
 @pytest.mark.task("conflict")
+@pytest.mark.promise("P4", "P5")
 def test_duplicate_name_is_409(shared):
     item_id = id_of(create(shared, "Brush"))
     response = shared.post("/api/v1/items", json={"name": "brush", "price": 9})
@@ -292,6 +305,7 @@ def test_duplicate_name_is_409(shared):
 
 
 @pytest.mark.task("conflict")
+@pytest.mark.promise("P8")
 def test_put_to_another_items_name_is_409_but_own_name_is_fine(shared):
     create(shared, "marker")
     item_id = id_of(create(shared, "crayon"))
@@ -324,6 +338,7 @@ def expect_error(response, status, code, why, fix="raise your exception class; o
 
 
 @pytest.mark.task("errors")
+@pytest.mark.promise("P13")
 def test_not_found_uses_the_error_body(shared):
     # 7070: an id the shared app never reaches; a correct app creates and removes nothing here.
     for method, body in (("GET", None), ("PUT", {"name": "no such item", "price": 1}), ("DELETE", None)):
@@ -333,6 +348,7 @@ def test_not_found_uses_the_error_body(shared):
 
 
 @pytest.mark.task("errors")
+@pytest.mark.promise("P13")
 def test_conflict_uses_the_error_body(shared):
     create(shared, "glue")
     response = shared.post("/api/v1/items", json={"name": "glue", "price": 1})
@@ -340,6 +356,7 @@ def test_conflict_uses_the_error_body(shared):
 
 
 @pytest.mark.task("errors")
+@pytest.mark.promise("P14")
 def test_validation_errors_use_the_error_body_with_details(shared):
     # An invalid body and an invalid query parameter: both are validation errors, in one shape.
     for response, field, why in (
@@ -370,6 +387,21 @@ def test_validation_errors_use_the_error_body_with_details(shared):
 
 
 @pytest.mark.task("errors")
+@pytest.mark.promise("P15")
+def test_a_body_that_is_not_utf8_is_a_400_in_the_error_body(shared):
+    _, before = listing(shared)
+    for method, url in (("POST", "/api/v1/items"), ("POST", "/api/v2/items"), ("PUT", "/api/v1/items/1")):
+        response = shared.request(method, url, content=b'{"name": "caf\xe9", "price": 1}',
+                                  headers={"content-type": "application/json"})
+        expect_error(response, 400, "http_400",
+                     f"{method} {url} with a body that is not UTF-8 (a Latin-1 'é'): it cannot even be decoded",
+                     "FastAPI answers 400 itself; your handler for Starlette's HTTPException gives it the shared shape")
+    response, after = listing(shared)
+    check(after == before, response, "nothing was stored or changed by those requests")
+
+
+@pytest.mark.task("errors")
+@pytest.mark.promise("P16")
 def test_framework_errors_use_the_error_body(catalogue):
     fix = "the router raises Starlette's HTTPException for these: handle starlette.exceptions.HTTPException"
     response = catalogue.client.get("/api/v9/nothing-here")
@@ -390,6 +422,7 @@ def test_framework_errors_use_the_error_body(catalogue):
 
 
 @pytest.mark.task("paginate")
+@pytest.mark.promise("P10")
 def test_list_defaults_to_the_first_ten(catalogue):
     response = catalogue.twelve().get("/api/v1/items")
     body = json_of(response)
@@ -401,6 +434,7 @@ def test_list_defaults_to_the_first_ten(catalogue):
 
 
 @pytest.mark.task("paginate")
+@pytest.mark.promise("P10")
 def test_limit_and_offset_select_a_page(catalogue):
     twelve = catalogue.twelve()
     response = twelve.get("/api/v1/items", params={"limit": 3, "offset": 4})
@@ -415,6 +449,7 @@ PAST_THE_BOUNDS = ["inf", "-inf", "nan", "1e309", str(10**400), "1.5"]
 
 
 @pytest.mark.task("paginate")
+@pytest.mark.promise("P6", "P10")
 def test_page_parameters_are_bounded(catalogue):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "ten"}):
         response = catalogue.client.get("/api/v1/items", params=params)
@@ -433,6 +468,7 @@ def test_page_parameters_are_bounded(catalogue):
 
 
 @pytest.mark.task("paginate")
+@pytest.mark.promise("P8", "P10")
 def test_order_is_by_id_and_survives_updates(shared):
     ids = [id_of(create(shared, name)) for name in ("order c", "order a", "order b")]
     expect_status(shared.put(f"/api/v1/items/{ids[0]}", json={"name": "order z", "price": 1}), 200)
@@ -449,6 +485,7 @@ def test_order_is_by_id_and_survives_updates(shared):
 
 
 @pytest.mark.task("versions")
+@pytest.mark.promise("P12")
 def test_v2_lists_in_a_page_envelope(catalogue):
     twelve = catalogue.twelve()
     response = twelve.get("/api/v2/items", params={"limit": 4, "offset": 4})
@@ -473,6 +510,7 @@ def test_v2_lists_in_a_page_envelope(catalogue):
 
 
 @pytest.mark.task("versions")
+@pytest.mark.promise("P12")
 def test_v2_envelope_on_an_empty_store(client):
     expect_json(
         client.get("/api/v2/items"),
@@ -483,6 +521,7 @@ def test_v2_envelope_on_an_empty_store(client):
 
 
 @pytest.mark.task("versions")
+@pytest.mark.promise("P10", "P11")
 def test_v1_still_answers_a_plain_list(catalogue):
     response = catalogue.twelve().get("/api/v1/items", params={"limit": 2})
     body = json_of(response)
@@ -494,6 +533,7 @@ def test_v1_still_answers_a_plain_list(catalogue):
 
 
 @pytest.mark.task("versions")
+@pytest.mark.promise("P11")
 def test_both_versions_serve_the_same_items(shared):
     response = create(shared, "notebook", version="v2")
     item_id = id_of(response)
@@ -529,6 +569,7 @@ DOCUMENTED_ERRORS = {
 
 
 @pytest.mark.task("docs")
+@pytest.mark.promise("P17")
 def test_operations_have_tags_and_summaries(catalogue):
     response = catalogue.client.get("/openapi.json")
     paths = json_of(response).get("paths", {})
@@ -557,6 +598,7 @@ def _schema_of(document, answer):
 
 
 @pytest.mark.task("docs")
+@pytest.mark.promise("P18")
 def test_error_responses_are_documented(catalogue):
     response = catalogue.client.get("/openapi.json")
     document = json_of(response)

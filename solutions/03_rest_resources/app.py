@@ -179,7 +179,7 @@ class ItemStore:
         return ordered[offset : offset + limit], len(ordered)
 
 
-def get_store(request: Request) -> ItemStore:
+async def get_store(request: Request) -> ItemStore:
     return request.app.state.store
 
 
