@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -49,8 +49,32 @@ def mint(username: str, scopes: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
-ADMIN = mint("admin", "catalog:write orders:read orders:write")
-CUSTOMER = mint("eve", "orders:read orders:write")
+class Minted(Mapping[str, str]):
+    """Headers with a token minted when they are sent: the suite may reach a test long after
+    this module was imported (the whole course suite takes minutes), and a token minted at
+    import would have expired by then."""
+
+    def __init__(self, username: str, scopes: str) -> None:
+        self.username, self.scopes = username, scopes
+
+    def _headers(self) -> dict[str, str]:
+        return mint(self.username, self.scopes)
+
+    def __getitem__(self, key: str) -> str:
+        return self._headers()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return 1
+
+    def __or__(self, other: Mapping[str, str]) -> dict[str, str]:
+        return self._headers() | dict(other)
+
+
+ADMIN = Minted("admin", "catalog:write orders:read orders:write")
+CUSTOMER = Minted("eve", "orders:read orders:write")
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,10 @@ def mint(username: str, scopes: list[str], *, minutes: int = 5) -> dict[str, str
     return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
-ADMIN_HEADERS = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+def admin_headers() -> dict[str, str]:
+    """An admin's Authorization header, minted when it is used (a watch session may reuse this
+    module for longer than a token lives)."""
+    return mint("admin", ["catalog:write", "orders:read", "orders:write"])
 
 
 async def login(client: httpx.AsyncClient, username: str, password: str, prefix: str = "", scope: str = "") -> dict[str, str]:
@@ -248,7 +251,7 @@ async def customer(client: httpx.AsyncClient, name: str = "ada", prefix: str = "
 async def add_product(client: httpx.AsyncClient, sku: str, stock: int, price_cents: int = 250, prefix: str = "",
                       headers: dict[str, str] | None = None) -> None:
     response = await client.post(f"{prefix}/products", json={"sku": sku, "name": sku.title(), "price_cents": price_cents,
-                                                             "stock": stock}, headers=headers or ADMIN_HEADERS)
+                                                             "stock": stock}, headers=headers or admin_headers())
     expect_status(response, 201, f"creating product {sku} with a catalog:write token")
 
 
@@ -503,14 +506,14 @@ async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
         expect_status(await catalog.post("/products", json=body), 401, "no token")
         expect_status(await catalog.post("/products", json=body, headers=mint("ada", CUSTOMER_SCOPES)), 403,
                       "a customer token has no catalog:write scope")
-        created = await catalog.post("/products", json=body, headers=ADMIN_HEADERS)
+        created = await catalog.post("/products", json=body, headers=admin_headers())
         expect_status(created, 201, "catalog:write may create products")
         expect_json(created, body, exact=True)
         expect_header(created, "location", "/products/PEN-1")
-        expect_status(await catalog.post("/products", json=body, headers=ADMIN_HEADERS), 409, "the SKU exists")
+        expect_status(await catalog.post("/products", json=body, headers=admin_headers()), 409, "the SKU exists")
         for invalid, why in (({"price_cents": 0}, "a price must be positive"), ({"stock": -1}, "stock cannot be negative"),
                              ({"name": ""}, "a name has 1-100 characters"), ({"name": "n" * 101}, "a name has 1-100 characters")):
-            expect_status(await catalog.post("/products", json=body | {"sku": "PEN-2"} | invalid, headers=ADMIN_HEADERS),
+            expect_status(await catalog.post("/products", json=body | {"sku": "PEN-2"} | invalid, headers=admin_headers()),
                           422, why)
         expect_status(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
 
@@ -662,13 +665,13 @@ async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
 async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         largest = {"sku": "BIG-1", "name": "Big", "price_cents": 100_000_000, "stock": 1_000_000}
-        expect_status(await catalog.post("/products", json=largest, headers=ADMIN_HEADERS), 201,
+        expect_status(await catalog.post("/products", json=largest, headers=admin_headers()), 201,
                       "price_cents 100,000,000 and stock 1,000,000 are the largest allowed")
         for field_name, value in (("price_cents", "100000001"), ("stock", "1000001"), ("price_cents", str(2**63)),
                                   ("stock", str(2**63)), ("stock", str(2**64 + 1)), ("price_cents", "1" + "0" * 40),
                                   ("stock", "1e309"), ("price_cents", "NaN"), ("stock", "-" + str(2**63 + 1))):
             raw = json.dumps(largest | {"sku": "BIG-2", field_name: 0}).replace(f'"{field_name}": 0', f'"{field_name}": {value}')
-            response = await catalog.post("/products", content=raw, headers=ADMIN_HEADERS | {"Content-Type": "application/json"})
+            response = await catalog.post("/products", content=raw, headers=admin_headers() | {"Content-Type": "application/json"})
             expect_status(response, 422, f"{field_name} {value[:24]} is out of range: refused before it reaches the database "
                                          "(SQLite stores 64-bit integers; past that is a 500)")
         expect_status(await catalog.get("/products/BIG-2"), 404, "none of them was created")
@@ -1383,7 +1386,7 @@ def raw_request(base_url: str, method: str, path: str, body: Any = None) -> int:
 async def test_literal_dot_dot_through_the_real_gateway_reaches_nothing_internal(live_shop):
     live(live_shop, *SERVICES)
     async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
-        await add_product(gateway, "DOT-9", 4, 300, prefix="/api", headers=ADMIN_HEADERS)
+        await add_product(gateway, "DOT-9", 4, 300, prefix="/api", headers=admin_headers())
         placed = await gateway.post("/api/orders", json=order_body(("DOT-9", 1)), headers=mint("turing", CUSTOMER_SCOPES))
         order_id = expect_json(placed, {"status": "placed"}, "an order whose reservation an attacker would release")["id"]
         reserve = {"order_id": "evil-1", **order_body(("DOT-9", 3))}
@@ -1416,7 +1419,7 @@ async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
     live(live_shop, *SERVICES)
     async with httpx.AsyncClient(base_url=live_shop.url["gateway"], timeout=10, verify=http_only()) as gateway:
         # Tokens made here, as users would issue them: logging in was the trip's job.
-        await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=ADMIN_HEADERS)
+        await add_product(gateway, "CUP-3", 2, 500, prefix="/api", headers=admin_headers())
         hopper = mint("hopper", CUSTOMER_SCOPES)
         live_shop.stop("catalog")  # SIGTERM: the process is gone, its port refuses connections
         response = await gateway.post("/api/orders", json=order_body(("CUP-3", 1)), headers=hopper)
