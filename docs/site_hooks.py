@@ -4,7 +4,8 @@ The lessons link to `../exercises/NN_topic/README.md` and `../notebooks/NN_topic
 those links must work on GitHub too. So instead of copying the pages into a docs folder, the
 site takes them from the repository root under their repository paths, and every link keeps
 its meaning. The navigation is built from the folders in lesson order, so a new lesson appears
-in the site without an edit here.
+in the site without an edit here, once its three parts exist (lesson, notebook, exercise
+README): a lesson still being written links to parts that are not there yet.
 """
 
 from __future__ import annotations
@@ -18,8 +19,20 @@ from mkdocs.structure.files import File, Files
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the site holds: the pages, and the files they link to (notebooks are offered as downloads).
-PAGES = ["README.md", "lessons/*.md", "lessons/appendices/*.md", "exercises/*/README.md", "docs/*.md"]
-LINKED_FILES = ["notebooks/*.ipynb", "docs/*.json", "docs/examples/*"]
+PAGES = ["README.md", "lessons/appendices/*.md", "docs/*.md"]
+LINKED_FILES = ["docs/*.json", "docs/examples/*"]
+
+
+def published() -> list[str]:
+    """The lessons whose lesson, notebook and exercise README all exist, in order."""
+    return [path.stem for path in sorted(ROOT.glob("lessons/[0-9][0-9]_*.md"))
+            if (ROOT / "notebooks" / f"{path.stem}.ipynb").is_file()
+            and (ROOT / "exercises" / path.stem / "README.md").is_file()]
+
+
+def lesson_parts() -> list[Path]:
+    return [part for name in published() for part in (
+        ROOT / "lessons" / f"{name}.md", ROOT / "notebooks" / f"{name}.ipynb", ROOT / "exercises" / name / "README.md")]
 
 
 def _title(path: Path) -> str:
@@ -35,8 +48,8 @@ def _numbered(paths: list[Path], number_of) -> list[dict[str, str]]:
 
 
 def on_config(config: MkDocsConfig) -> MkDocsConfig:
-    lessons = sorted(ROOT.glob("lessons/[0-9][0-9]_*.md"))
-    exercises = sorted(ROOT.glob("exercises/[0-9][0-9]_*/README.md"))
+    lessons = [ROOT / "lessons" / f"{name}.md" for name in published()]
+    exercises = [ROOT / "exercises" / name / "README.md" for name in published()]
     config.nav = [
         {"Home": "README.md"},
         {"Lessons": _numbered(lessons, lambda path: path.name[:2])},
@@ -52,10 +65,9 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     """Replace the docs folder's files with the course's, under their repository paths."""
     course = Files([])
-    for pattern in PAGES + LINKED_FILES:
-        for path in sorted(ROOT.glob(pattern)):
-            course.append(File(path.relative_to(ROOT).as_posix(), src_dir=str(ROOT), dest_dir=config.site_dir,
-                               use_directory_urls=config.use_directory_urls))
+    for path in [*lesson_parts(), *(path for pattern in PAGES + LINKED_FILES for path in sorted(ROOT.glob(pattern)))]:
+        course.append(File(path.relative_to(ROOT).as_posix(), src_dir=str(ROOT), dest_dir=config.site_dir,
+                           use_directory_urls=config.use_directory_urls))
     for file in files:
         if file.src_uri.startswith("assets/") or not file.src_dir:  # the theme's own files
             course.append(file)
