@@ -124,11 +124,14 @@ class Promises:
     validation_at: str = "$.detail"  # where a 422 body lists its errors (each with a `loc`)
     requests: int = REQUESTS
     seed: int = SEED
+    bearer: Bearer | None = None  # where answers hand out bearer tokens, and other Authorization values
+    settle: bool = False  # after each request, wait for the tasks it left running (background work)
+    views: tuple[tuple[str, Callable[[Any], Any]], ...] = ()  # JSON path -> what of its value is promised
 
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
         known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at",
-                 "requests", "seed"}
+                 "requests", "seed", "bearer", "settle"}
         stray = set(table) - known
         if stray:
             raise ValueError(f"{where}: [differential] has unknown key(s) {sorted(stray)}; known: {sorted(known)}")
@@ -160,6 +163,17 @@ class Promises:
         skip = tuple(table.get("skip", ()))
         for key in skip:
             _check_key(key, where)
+        bearer = None
+        if "bearer" in table:
+            spec = table["bearer"]
+            if set(spec) - {"token", "values", "task"} or "token" not in spec:
+                raise ValueError(f"{where}: [differential.bearer] takes token (a JSON path), values and task")
+            if spec["token"] not in table.get("free", ()):
+                raise ValueError(f"{where}: [differential.bearer] token {spec['token']!r} must be free too (each app's own "
+                                 "token is sent to it)")
+            bearer = Bearer(token=str(spec["token"]), task=str(spec.get("task", "")), values=tuple(
+                (item["value"], item.get("task")) if isinstance(item, dict) and "value" in item else (item, None)
+                for item in spec.get("values", ())))
         return cls(
             operations=operations, skip=skip,
             headers=tuple(h.lower() for h in table.get("headers", ("content-type",))),
@@ -169,6 +183,8 @@ class Promises:
             validation_at=str(table.get("validation_at", "$.detail")),
             requests=int(table.get("requests", REQUESTS)),
             seed=int(table.get("seed", SEED)),
+            bearer=bearer,
+            settle=bool(table.get("settle", False)),
         )
 
     def tasks(self) -> list[str]:
@@ -176,6 +192,11 @@ class Promises:
         found: dict[str, None] = {}
         for operation in self.operations.values():
             found[operation.task] = None
+            if self.bearer is not None and self.bearer.task:
+                found[self.bearer.task] = None
+            for _, task in self.bearer.values if self.bearer is not None else ():
+                if task:
+                    found[task] = None
             for task in operation.tasks.values():
                 found[task] = None
             for values in operation.values.values():
@@ -185,6 +206,21 @@ class Promises:
             if operation.combined_task:
                 found[operation.combined_task] = None
         return list(found)
+
+
+@dataclass(frozen=True)
+class Bearer:
+    """``[differential.bearer]``: the routes whose OpenAPI operation has a ``security`` requirement
+    get an ``authorization`` header input: by default ``Bearer <a token the reference handed out at
+    token>`` (each app gets its own, since ``token`` is free), or one of ``values``."""
+
+    token: str  # "$.access_token"
+    values: tuple[tuple[Any, str | None], ...] = ()  # other Authorization values (value, task or None)
+    task: str = ""  # the task of a difference in the Authorization header ("": the operation's)
+
+
+A_TOKEN = "<a token handed out earlier>"  # an authorization value: "Bearer " + one of them, if any
+BEARER_JUNK = ["", "Bearer", "Bearer ", "Bearer not-a-jwt", "Bearer a.b.c", "Basic YWxpY2U6d29uZGVybGFuZA==", "Token x"]
 
 
 def _check_key(key: str, where: str) -> None:
@@ -422,12 +458,15 @@ class Request:
     input: Input | None = None  # what this request varies
     operation: str = ""
     headers: list[tuple[str, str]] = field(default_factory=list)  # header and cookie parameters
+    form: bool = False  # a dict body is sent as application/x-www-form-urlencoded
 
     def show(self) -> str:
         text = f"{self.method} {self.path}" + (f"?{urlencode(self.query, quote_via=quote)}" if self.query else "")
         for name, value in self.headers:
             text += f"\n       {name}: {_cut(value, 200)}"
-        if self.body is not MISSING:
+        if self.form and isinstance(self.body, dict):
+            text += f"\n       form {_cut(_form(self.body).decode('ascii'), 400)}"
+        elif self.body is not MISSING:
             body = self.body.decode("utf-8", "replace") if isinstance(self.body, bytes) else json.dumps(self.body, ensure_ascii=False)
             text += f"\n       body {_cut(body, 400)}"
         return text
@@ -455,6 +494,13 @@ class Answer:
         return f"{self.status} {_cut(body, 500)}"
 
 
+def _form(body: dict) -> bytes:
+    """A body as an HTML form sends it (a list is the field repeated)."""
+    pairs = [(name, _text(item)) for name, value in body.items()
+             for item in (value if isinstance(value, list) else [value])]
+    return urlencode(pairs, quote_via=quote).encode("ascii")
+
+
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " … (cut)"
 
@@ -474,8 +520,8 @@ class AppRunner:
     """One ASGI app on an event loop of its own, its lifespan started: requests go straight
     to the app's callable (no sockets, no threads)."""
 
-    def __init__(self, app: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.app, self.loop = app, loop
+    def __init__(self, app: Any, loop: asyncio.AbstractEventLoop, settle: bool = False) -> None:
+        self.app, self.loop, self.settle = app, loop, settle
         self.state: dict = {}
         self._lifespan: asyncio.Task | None = None
         self._incoming: asyncio.Queue | None = None
@@ -522,9 +568,22 @@ class AppRunner:
     def send(self, request: Request) -> Answer:
         return self.loop.run_until_complete(self._send(request))
 
+    @staticmethod
+    async def _settle(before: set) -> None:
+        """Wait until the tasks the request started (work it handed to the event loop, to run
+        after the response) have finished, so that what they store is compared once it is there."""
+        for _ in range(100):
+            await asyncio.sleep(0)  # let a task that was just scheduled start (and start others)
+            left = {task for task in asyncio.all_tasks() - before if not task.done() and task is not asyncio.current_task()}
+            if not left:
+                return
+            await asyncio.wait(left, timeout=ANSWER_SECONDS)
+
     async def _send(self, request: Request) -> Answer:
         if request.body is MISSING:
             content, headers = b"", []
+        elif request.form and isinstance(request.body, dict):
+            content, headers = _form(request.body), [(b"content-type", b"application/x-www-form-urlencoded")]
         elif isinstance(request.body, bytes):
             content, headers = request.body, [(b"content-type", b"application/json")]
         else:
@@ -563,8 +622,11 @@ class AppRunner:
                 if not message.get("more_body", False):
                     finished.set()
 
+        before = asyncio.all_tasks()
         try:
             await asyncio.wait_for(self.app(scope, receive, send), ANSWER_SECONDS)
+            if self.settle:
+                await self._settle(before)
         except TimeoutError:
             return Answer(0, {}, b"", crash=HUNG)
         except Exception as exc:  # noqa: BLE001 - the app crashed: that is an answer to compare
@@ -620,8 +682,12 @@ def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] 
     body = json.loads(json.dumps(body))  # a deep copy
     for path in promises.ignore:
         _apply(body, _path_parts(path), lambda node, key: node.pop(key, None))
+    views = dict(promises.views)
+    for path, view in views.items():
+        _apply(body, _path_parts(path), lambda node, key, view=view: node.__setitem__(key, view(node[key])))
     for path in (*promises.free, *free):
-        _apply(body, _path_parts(path), lambda node, key: node.__setitem__(key, FREE))
+        if path not in views:
+            _apply(body, _path_parts(path), lambda node, key: node.__setitem__(key, FREE))
     if status == 422 and promises.validation != "exact" and isinstance(body, dict):
         if promises.validation == "status":
             return "<a validation error>"
@@ -737,6 +803,9 @@ class Generator:
         self.specs: dict[str, dict] = {}
         self.pools: dict[tuple[str, str], list] = {}
         self.seen_ids: list[Any] = []
+        self.tokens: list[str] = []  # bearer tokens the reference handed out, oldest first
+        self.forms: set[str] = set()  # operations whose body is a form
+        self.secured: set[str] = set()  # operations that need a bearer token (OpenAPI `security`)
         self.declared: dict[tuple[str, str], int] = {}  # how many of an input's pool the declaration gave
         self.turns: dict[tuple[str, str], int] = {}
         paths = document.get("paths", {})
@@ -749,7 +818,11 @@ class Generator:
             for parameter in spec.get("parameters", []):
                 name, where = parameter["name"], parameter["in"]
                 self._add_input(operation, name, where, parameter.get("schema", {}))
-            body = _resolve(spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"), document)
+            body = self._body_schema(key, spec)
+            if promises.bearer is not None and self._needs_bearer(spec):
+                self.secured.add(key)
+                self._add_input(operation, "authorization", "header", {}, generated=[*BEARER_JUNK, A_TOKEN],
+                                task=promises.bearer.task or None, more=promises.bearer.values)
             if isinstance(body, dict):
                 for name, schema in body.get("properties", {}).items():
                     self._add_input(operation, name, "body", schema)
@@ -763,8 +836,28 @@ class Generator:
                 raise ValueError(f"[differential] names inputs of {key} that its OpenAPI document does not have: "
                                  f"{sorted(unknown)}")
 
-    def _add_input(self, operation: Operation, name: str, where: str, schema: dict) -> None:
-        if name == "*":
+    def _body_schema(self, key: str, spec: dict) -> Any:
+        """The schema of the operation's JSON body, or of its form body (remembered as one)."""
+        content = spec.get("requestBody", {}).get("content", {})
+        if "application/json" not in content and "application/x-www-form-urlencoded" in content:
+            self.forms.add(key)
+            return _resolve(content["application/x-www-form-urlencoded"].get("schema"), self.document)
+        return _resolve(content.get("application/json", {}).get("schema"), self.document)
+
+    def _needs_bearer(self, spec: dict) -> bool:
+        schemes = self.document.get("components", {}).get("securitySchemes", {})
+        for requirement in spec.get("security", self.document.get("security", [])):
+            for name in requirement:
+                scheme = schemes.get(name, {})
+                if scheme.get("type") == "oauth2" or (scheme.get("type") == "http" and scheme.get("scheme", "").lower() == "bearer"):
+                    return True
+        return False
+
+    def _add_input(self, operation: Operation, name: str, where: str, schema: dict, *, generated: list | None = None,
+                   task: str | None = None, more: tuple = ()) -> None:
+        if generated is not None:
+            pass
+        elif name == "*":
             generated = [True, "x", None]
         elif operation.only_values and name in operation.values:
             generated = []
@@ -773,12 +866,13 @@ class Generator:
         own = [value for value, value_task in operation.values.get(name, ()) if not value_task]
         if name != "*" and not operation.only_values:
             own += [value for value in edges(schema, self.document, self.rng) if not _among(value, own)]
+        own += [value for value, value_task in more if not value_task and not _among(value, own)]
         self.declared[operation.key, name] = len(own)
         never = list(operation.free_values.get(name, ()))
         self.pools[operation.key, name] = own + [v for v in generated if not _among(v, own) and not _among(v, never)]
-        task = operation.tasks.get(name, operation.task)
+        task = operation.tasks.get(name, task or operation.task)
         self.inputs.append(Input(operation.key, name, where, task))
-        for value, value_task in operation.values.get(name, ()):
+        for value, value_task in (*operation.values.get(name, ()), *more):
             if value_task and value_task != task:
                 self.inputs.append(Input(operation.key, f"{name}={json.dumps(value)}", where, value_task))
 
@@ -860,8 +954,14 @@ class Generator:
                 cookies.append(f"{name}={quote(_text(value), safe='')}")
         if cookies:
             headers.append(("cookie", "; ".join(cookies)))
+        if target.operation in self.secured:
+            value = varied.get("authorization", A_TOKEN)
+            if value == A_TOKEN:
+                value = f"Bearer {self.rng.choice(self.tokens)}" if self.tokens else MISSING
+            if value is not MISSING:
+                headers.append(("authorization", _text(value)))
         body: Any = MISSING
-        schema = _resolve(spec.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema"), self.document)
+        schema = self._body_schema(target.operation, spec)
         if isinstance(schema, dict):
             if operation.examples:
                 body = json.loads(json.dumps(self.rng.choice(operation.examples)))
@@ -886,11 +986,17 @@ class Generator:
                                     body[other] = value
             if not varied and target.name == "" and self.rng.random() < 0.1:
                 body = self.rng.choice([{}, [], "text", None, b"{not json", b""])
-        return Request(operation.method, path, query, body, target, target.operation, headers)
+        return Request(operation.method, path, query, body, target, target.operation, headers,
+                       form=target.operation in self.forms)
 
     def learn(self, answer: Answer) -> None:
-        """Ids the reference handed out become values for later requests' id parameters."""
+        """Ids the reference handed out become values for later requests' id parameters, and its
+        bearer tokens values for later requests' Authorization header."""
         body = answer.json()
+        if self.promises.bearer is not None and 200 <= answer.status < 300:
+            for token in free_values(body, self.promises.bearer.token):
+                if isinstance(token, str) and token and token not in self.tokens:
+                    self.tokens.append(token)
         if isinstance(body, dict):
             for key, value in body.items():
                 if (key == "id" or key.endswith("_id")) and isinstance(value, (int, str)) and value not in self.seen_ids:
@@ -923,8 +1029,9 @@ class Pair:
         for module in (self.learner_module, self.reference_module):
             if session.prepare is not None:
                 session.prepare(module)
-        self.learner = AppRunner(session.app_of(self.learner_module, "your"), session.loop)
-        self.reference = AppRunner(session.app_of(self.reference_module, "the reference's"), session.loop)
+        settle = session.promises.settle
+        self.learner = AppRunner(session.app_of(self.learner_module, "your"), session.loop, settle)
+        self.reference = AppRunner(session.app_of(self.reference_module, "the reference's"), session.loop, settle)
         self.reference.start()
         try:
             self.learner.start()
@@ -1008,9 +1115,11 @@ class Session:
     """
 
     def __init__(self, load_learner: Callable[[], Any], load_reference: Callable[[], Any], promises: Promises, *,
-                 app: str = "app", prepare: Callable[[Any], None] | None = None,
-                 state: Callable[[Any], Any] | None = None) -> None:
+                 app: str | Callable[[Any], Any] = "app", prepare: Callable[[Any], None] | None = None,
+                 state: Callable[[Any], Any] | None = None, views: dict[str, Callable[[Any], Any]] | None = None) -> None:
         self.load_learner, self.load_reference = load_learner, load_reference
+        if views:
+            promises = replace(promises, views=tuple(views.items()))
         self.promises, self.app_name = promises, app
         self.prepare, self.state = prepare, state
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -1022,7 +1131,13 @@ class Session:
         self.seconds = 0.0
 
     def app_of(self, module: Any, whose: str) -> Any:
-        """``module.app``, or what ``module.create_app()`` builds when the name is given as "create_app()"."""
+        """``module.app``, or what ``module.create_app()`` builds when the name is given as "create_app()",
+        or what ``app(module)`` builds when ``app`` is a function (a factory called with settings, say)."""
+        if callable(self.app_name):
+            try:
+                return self.app_name(module)
+            except Exception as exc:  # noqa: BLE001 - the learner's factory failed: every test says so
+                raise Unstartable(f"building {whose} app raised {type(exc).__name__}: {exc}") from exc
         name = self.app_name.removesuffix("()")
         app = getattr(module, name, None)
         if app is None:
@@ -1250,7 +1365,11 @@ class Session:
         if self.promises.validation == "loc" and difference.reference.status == difference.learner.status == 422:
             lines.append("(for a 422, the locations of the errors are compared, not their wording)")
         if self.promises.free or self.promises.ignore:
-            lines.append("not compared, because the README leaves them free: " + ", ".join((*self.promises.free, *self.promises.ignore)))
+            viewed = [path for path, _ in self.promises.views]
+            lines.append("not compared, because the README leaves them free: " + ", ".join(
+                path for path in (*self.promises.free, *self.promises.ignore) if path not in viewed))
+        if self.promises.views:
+            lines.append("compared only in what the README promises of them: " + ", ".join(p for p, _ in self.promises.views))
         if count > 1:
             lines.append(f"({count - 1} more input(s) of this task differ as well; fix this one and run the tests again.)")
         return "\n".join(lines)

@@ -1,7 +1,9 @@
 """The differential grader (grader.differential): a tiny reference and tiny wrong apps side by side."""
 
+import importlib.util
 import os
 import stat
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -259,11 +261,22 @@ def _quick_hashing(module) -> None:
 DECLARED = [exercise for exercise in all_exercises(ROOT) if "differential" in exercise.extra]
 
 
+def _session_options(exercise) -> dict:
+    """How the exercise's own differential suite builds its apps: ``SESSION_OPTIONS`` in its
+    test_differential.py (an app built by a factory with settings, say), else the defaults."""
+    path = exercise.folder / "test_differential.py"
+    spec = importlib.util.spec_from_file_location(f"_course_differential_{exercise.name}", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    return getattr(suite, "SESSION_OPTIONS", None) or {"prepare": _quick_hashing}
+
+
 @pytest.mark.parametrize("exercise", DECLARED, ids=lambda e: e.name)
 def test_every_operation_of_the_reference_is_declared_or_skipped(exercise):
     promises = differential.Promises.parse(exercise.extra["differential"], exercise.name)
     module = load_module(exercise.solution_folder, exercise.editable[0])
-    assert not differential.undeclared(module.app.openapi(), promises), (
+    session = differential.Session(lambda: module, lambda: module, promises, **_session_options(exercise))
+    assert not differential.undeclared(session.app_of(module, "the reference's").openapi(), promises), (
         "add each operation to [differential.operations] (with its task) or to skip, with the reason in a comment")
     tasks = {task.id for task in exercise.tasks}
     assert set(promises.tasks()) <= tasks, f"tasks exercise.toml does not define: {set(promises.tasks()) - tasks}"
@@ -275,7 +288,7 @@ def test_the_reference_answers_every_generated_request(exercise):
     promises = differential.Promises.parse(exercise.extra["differential"], exercise.name)
     session = differential.Session(lambda: load_module(exercise.solution_folder, exercise.editable[0]),
                                    lambda: load_module(exercise.solution_folder, exercise.editable[0]), promises,
-                                   prepare=_quick_hashing)
+                                   **_session_options(exercise))
     session.run()
     assert not session.broken and not session.differences
     assert not session.reference_failures, [(r.show(), a.show()) for r, a in session.reference_failures[:3]]
@@ -341,3 +354,119 @@ def test_free_ids_are_followed_from_one_request_to_the_next():
     wrong.run()
     message = failure(wrong, "read")
     assert "POST /things" in message and "GET /things/" in message and "404" in message
+
+
+def build_login(*, anyone_is_alice: bool = False, accepts_junk: bool = False) -> SimpleNamespace:
+    """A form login that hands out random tokens, and a route that needs one: each app knows only its own."""
+    import uuid
+
+    from fastapi import Depends, Form
+    from fastapi.security import OAuth2PasswordBearer
+
+    app = FastAPI()
+    scheme = OAuth2PasswordBearer(tokenUrl="login")
+    tokens: dict[str, str] = {}
+
+    @app.post("/login")
+    async def login(username: str = Form(), password: str = Form()) -> dict:
+        if password != f"{username}-pw":
+            raise HTTPException(401, "Wrong password", headers={"WWW-Authenticate": "Bearer"})
+        token = uuid.uuid4().hex
+        tokens[token] = username
+        return {"token": token, "user": username}
+
+    @app.get("/me")
+    async def me(token: str = Depends(scheme)) -> dict:
+        if token not in tokens and not (accepts_junk and token == "not-a-jwt"):
+            raise HTTPException(401, "Who are you?", headers={"WWW-Authenticate": "Bearer"})
+        return {"user": "alice" if anyone_is_alice else tokens.get(token, "alice")}
+
+    return SimpleNamespace(made=lambda: app)
+
+
+LOGIN = {
+    "free": ["$.token"],
+    "requests": 30,
+    "bearer": {"token": "$.token", "values": ["Bearer not-a-jwt"], "task": "tokens"},
+    "operations": {
+        "POST /login": {"task": "login", "examples": [{"username": "ada", "password": "ada-pw"},
+                                                       {"username": "bob", "password": "bob-pw"}]},
+        "GET /me": {"task": "me"},
+    },
+}
+
+
+def test_form_bodies_and_bearer_tokens_each_app_gets_its_own():
+    promises = differential.Promises.parse(LOGIN)
+    assert promises.tasks() == ["login", "tokens", "me"]
+    made = differential.Session(lambda: build_login(), lambda: build_login(), promises, app=lambda module: module.made())
+    sent: list = []
+    original = differential.Pair.send
+
+    def spy(pair, request):
+        answers = original(pair, request)
+        sent.append((request, answers[0]))
+        return answers
+
+    differential.Pair.send = spy
+    try:
+        made.run()
+    finally:
+        differential.Pair.send = original
+    assert not made.broken and not made.differences, [made.message(d, 1) for d in made.differences.values()]
+    logins = [request for request, _ in sent if request.operation == "POST /login"]
+    assert logins and all(request.form for request in logins) and "form username=" in logins[0].show()
+    # the route that needs a token got one the reference handed out (and the learner's app its own)
+    assert any(request.operation == "GET /me" and answer.status == 200 for request, answer in sent)
+    assert any(("authorization", "Bearer not-a-jwt") in request.headers for request, _ in sent)
+    for wrong, task in ((dict(anyone_is_alice=True), "me"), (dict(accepts_junk=True), "tokens")):
+        session = differential.Session(lambda wrong=wrong: build_login(**wrong), lambda: build_login(), promises,
+                                       app=lambda module: module.made())
+        assert "GET /me" in failure(session, task)
+
+
+def test_a_free_value_can_be_compared_through_what_the_readme_promises_of_it():
+    promises = differential.Promises.parse({"operations": {}, "free": ["$.token"]})
+    viewed = replace(promises, views=(("$.token", lambda token: token.count(".")),))
+    one = differential.Answer(200, {}, b'{"token": "a.b.c", "n": 1}')
+    other = differential.Answer(200, {}, b'{"token": "x.y.z", "n": 1}')
+    broken = differential.Answer(200, {}, b'{"token": "xyz", "n": 1}')
+    assert differential.compare(one, broken, promises) == ""  # free: not compared
+    assert differential.compare(one, other, viewed) == ""
+    assert "$.token" in differential.compare(one, broken, viewed)
+    with pytest.raises(ValueError, match="must be free"):
+        differential.Promises.parse({"operations": {}, "bearer": {"token": "$.token"}})
+
+
+def build_later(*, delay: float | None) -> SimpleNamespace:
+    """A route that hands its work to the event loop, to finish after the response (or, with no
+    delay, does it before answering)."""
+    import asyncio
+
+    app = FastAPI()
+    done: list[str] = []
+
+    async def later(name: str) -> None:
+        await asyncio.sleep(delay)
+        done.append(name)
+
+    @app.post("/jobs/{name}", status_code=202)
+    async def job(name: str) -> dict:
+        if delay is None:
+            done.append(name)
+        else:
+            asyncio.get_running_loop().create_task(later(name))  # noqa: RUF006 - the test's point
+        return {"queued": name}
+
+    return SimpleNamespace(app=app, DONE=done)
+
+
+def test_settle_waits_for_the_work_a_request_left_running():
+    table = {"requests": 4, "operations": {"POST /jobs/{name}": {"task": "jobs", "values": {"name": ["a", "b"]}}}}
+    state = lambda module: list(module.DONE)  # noqa: E731
+    for settle, differs in ((True, False), (False, True)):
+        promises = differential.Promises.parse(table | {"settle": settle})
+        session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=None), promises,
+                                       state=state)
+        session.run()
+        assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]

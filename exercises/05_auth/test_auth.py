@@ -188,6 +188,7 @@ def expect_refused(response, why):
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P4")
 def test_login_with_the_form_returns_a_bearer_token(client):
     response = login(client, "alice", "wonderland")
     expect_status(response, 200, "the right username and password, sent as a form, get a token")
@@ -200,6 +201,7 @@ def test_login_with_the_form_returns_a_bearer_token(client):
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P5")
 def test_wrong_password_is_refused(client, alice_token):
     alice_token()  # the control: her right password works
     response = login(client, "alice", "not-her-password")
@@ -207,7 +209,9 @@ def test_wrong_password_is_refused(client, alice_token):
     expect_json(response, {"detail": "Incorrect username or password"}, exact=True)
 
 
-@pytest.mark.task("passwords")
+# The task's main promise: a login that tells who has an account costs most of the task's points.
+@pytest.mark.task("passwords", weight=12)
+@pytest.mark.promise("P5")
 def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client, alice_token):
     alice_token()  # the control: a known user with the right password works
     response = login(client, "mallory", "wonderland")
@@ -221,6 +225,7 @@ def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client, alice_tok
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P1", "P2")
 def test_passwords_are_stored_as_salted_argon2_hashes(module, app, monkeypatch):
     first = seed(module, app, "dave", "same-password")
     second = seed(module, app, "erin", "same-password")
@@ -266,6 +271,7 @@ def test_passwords_are_stored_as_salted_argon2_hashes(module, app, monkeypatch):
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P6")
 def test_disabled_user_gets_no_token(client):
     guess = login(client, "carol", "not-her-password")
     expect_refused(guess, "a wrong password is refused the same way for every account, disabled or not")
@@ -281,6 +287,7 @@ def test_disabled_user_gets_no_token(client):
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P3")
 def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
     # A cost where one Argon2 check takes a couple of milliseconds. The test measures the CPU
     # time of authenticate_user itself (thread_time), which other busy processes do not inflate.
@@ -344,6 +351,7 @@ class CountingHasher:
 
 
 @pytest.mark.task("passwords")
+@pytest.mark.promise("P7")
 def test_concurrent_logins_never_run_more_hashes_than_the_settings_allow(module):
     # Each Argon2 check holds argon2_memory_kib (64 MiB by default) while it runs. Without a
     # bound, 40 logins at once (the threadpool's size) need 2.5 GiB: a login flood kills the pod.
@@ -399,6 +407,7 @@ def local_time_far_from_utc():
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P8")
 def test_the_token_carries_sub_scope_iat_and_exp(client, local_time_far_from_utc):
     token = token_for(client, "bob", "the-builder")
     header = jwt.get_unverified_header(token)
@@ -445,6 +454,7 @@ def test_the_token_carries_sub_scope_iat_and_exp(client, local_time_far_from_utc
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P1", "P8")
 def test_the_secret_comes_from_the_environment(module, monkeypatch):
     other_secret = "from-the-environment-0123456789abcdef-0123456789"
     monkeypatch.setenv("JWT_SECRET", other_secret)
@@ -490,6 +500,7 @@ def test_the_secret_comes_from_the_environment(module, monkeypatch):
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P1")
 def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
     for secret, why in ((None, "JWT_SECRET is not set"), ("too-short-31-bytes-0123456789ab", "JWT_SECRET has 31 bytes")):
         if secret is None:
@@ -530,6 +541,7 @@ def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P8", "P13")
 def test_a_token_signed_with_the_settings_secret_is_accepted(client):
     # The control for the attacks below: a well-formed token made with the right key works.
     response = client.get("/users/me", headers=bearer(forge()))
@@ -557,6 +569,11 @@ def bad_tokens():
         "without_iss": forge(iss=None),
         "issued_in_the_future": forge(iat=now + 3600, exp=now + 7200),
         "not_valid_before_an_hour": forge(nbf=now + 3600),
+        "issued_a_minute_from_now": forge(iat=now + 60, exp=now + 360),
+        "not_valid_before_a_minute": forge(nbf=now + 60),
+        "lives_longer_than_issued": forge(exp=now + 5 * 60 + 60),
+        "expires_at_2_to_the_64": forge(exp=2**64),
+        "issued_a_day_ago_lives_on": forge(iat=now - 86400, exp=now + 60),
         "iat_not_a_number": forge(iat="yesterday"),
     }
 
@@ -577,6 +594,11 @@ WHAT_IS_WRONG = {
     "without_iss": "correctly signed but has no iss claim: nothing says who issued it",
     "issued_in_the_future": "correctly signed but its iat is an hour from now: not valid yet",
     "not_valid_before_an_hour": "correctly signed but its nbf (not before) is an hour from now",
+    "issued_a_minute_from_now": "correctly signed but its iat is a minute from now: not valid yet (no leeway)",
+    "not_valid_before_a_minute": "correctly signed but its nbf is a minute from now: not valid yet (no leeway)",
+    "lives_longer_than_issued": "correctly signed but it lives 6 minutes, longer than access_token_minutes (5)",
+    "expires_at_2_to_the_64": "correctly signed but its exp is 2**64: it claims to live far longer than the service issues",
+    "issued_a_day_ago_lives_on": "correctly signed, issued a day ago and valid another minute: 24 hours of life, not 5 minutes",
     "iat_not_a_number": "correctly signed but its iat is the string 'yesterday', not a number",
 }
 
@@ -596,6 +618,7 @@ def send(client, method, path, token, what, **kwargs):
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P10")
 @pytest.mark.parametrize("kind", list(WHAT_IS_WRONG))
 def test_a_bad_token_is_401(client, good_token_works, kind):
     good_token_works()  # the control first, so the 401 below is about this token, not the app
@@ -604,6 +627,7 @@ def test_a_bad_token_is_401(client, good_token_works, kind):
 
 
 @pytest.mark.task("tokens")
+@pytest.mark.promise("P10", "P12")
 def test_a_forged_token_is_401_before_any_scope_check(client, good_token_works):
     good_token_works()
     forged_scope = forge(key=OTHER_KEY, sub="bob", scope="items:read items:write")
@@ -617,6 +641,7 @@ def test_a_forged_token_is_401_before_any_scope_check(client, good_token_works):
 
 
 @pytest.mark.task("current_user")
+@pytest.mark.promise("P13")
 def test_me_shows_the_public_profile_and_never_the_hash(client, alice_token):
     response = client.get("/users/me", headers=bearer(alice_token()))
     expect_status(response, 200, "a logged-in user can read their own profile")
@@ -631,6 +656,7 @@ def test_me_shows_the_public_profile_and_never_the_hash(client, alice_token):
 
 
 @pytest.mark.task("current_user")
+@pytest.mark.promise("P11")
 def test_a_user_disabled_after_login_is_refused(module, app, client):
     # dora is this test's own user: disabling her leaves the shared app's other users as they were.
     seed(module, app, "dora", "dora-the-reader", scopes=["items:read"], full_name="Dora")
@@ -644,6 +670,7 @@ def test_a_user_disabled_after_login_is_refused(module, app, client):
 
 
 @pytest.mark.task("current_user")
+@pytest.mark.promise("P10", "P12")
 def test_a_user_deleted_after_login_is_refused(module, app, client):
     # dan is this test's own user: deleting him leaves the shared app's other users as they were.
     seed(module, app, "dan", "dan-the-reader", scopes=["items:read"], full_name="Dan")
@@ -668,6 +695,7 @@ def test_a_user_deleted_after_login_is_refused(module, app, client):
 
 
 @pytest.mark.task("scopes")
+@pytest.mark.promise("P14", "P15")
 def test_scopes_open_the_routes_that_need_them(client, fresh_client):
     # First bob posts to the shared app. Each app keeps its own items (app.state), so the new
     # app below must not see this one, and its ids must still start at 1.
@@ -694,6 +722,7 @@ def test_scopes_open_the_routes_that_need_them(client, fresh_client):
 
 
 @pytest.mark.task("scopes")
+@pytest.mark.promise("P12")
 def test_a_valid_token_without_the_scope_is_403(client, alice_token):
     alice = bearer(alice_token())
     expect_status(client.get("/items", headers=alice), 200, "alice's token is valid and holds items:read")
@@ -703,6 +732,7 @@ def test_a_valid_token_without_the_scope_is_403(client, alice_token):
 
 
 @pytest.mark.task("scopes")
+@pytest.mark.promise("P9")
 def test_a_client_cannot_grant_itself_scopes(client):
     response = login(client, "alice", "wonderland", scope="items:read items:write")
     expect_status(response, 200, "alice logs in; she asked for a scope she lacks, which is left out")
@@ -722,6 +752,7 @@ def test_a_client_cannot_grant_itself_scopes(client):
 
 
 @pytest.mark.task("scopes")
+@pytest.mark.promise("P9", "P13")
 def test_asking_for_fewer_scopes_narrows_the_token(client):
     token = token_for(client, "bob", "the-builder", scope="items:read")
     expect_status(client.get("/items", headers=bearer(token)), 200, "bob asked for items:read and got it")
@@ -733,6 +764,7 @@ def test_asking_for_fewer_scopes_narrows_the_token(client):
 
 
 @pytest.mark.task("scopes")
+@pytest.mark.promise("P9")
 def test_asking_only_for_scopes_the_user_lacks_grants_none(client):
     for asked in ("items:write", "admin", "items:write admin items:read:all"):
         response = login(client, "alice", "wonderland", scope=asked)
@@ -760,6 +792,7 @@ DOCUMENTED = {
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P17")
 def test_the_openapi_schema_lists_every_status_each_route_answers(client):
     response = client.get("/openapi.json")
     expect_status(response, 200, "the app serves its OpenAPI schema")
@@ -785,6 +818,7 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P16")
 def test_an_invalid_body_is_422_whatever_it_holds(client):
     headers = {**bearer(token_for(client, "bob", "the-builder")), "Content-Type": "application/json"}
     for number in ("1e309", "-1e309", "NaN", "Infinity"):

@@ -186,6 +186,10 @@ async def get_current_user(
         # InvalidTokenError covers expired, not yet valid, forged, malformed, alg-mismatched
         # tokens and tokens for another audience or from another issuer.
         raise credentials_error from None
+    if claims.exp - claims.iat > settings.access_token_minutes * 60:
+        # This service never issues a token that lives longer: one that claims to (an exp of
+        # 2**64, say) was minted elsewhere, with a leaked key or old settings. Not ours.
+        raise credentials_error
     # Look the user up on every request: a deleted account's tokens must stop working now.
     user: UserInDB | None = request.app.state.users.get(claims.sub)
     if user is None:
