@@ -120,6 +120,7 @@ def repair_outbox(outbox):
 
 
 @pytest.mark.task("after_response")
+@pytest.mark.promise("P2", "P6", "P7")
 def test_signup_answers_201_and_the_welcome_arrives(client, outbox):
     response = post_signup(client, ADA)
     expect_status(response, 201, "a signup creates a user")
@@ -148,6 +149,7 @@ def test_signup_answers_201_and_the_welcome_arrives(client, outbox):
 
 
 @pytest.mark.task("after_response")
+@pytest.mark.promise("P6")
 @pytest.mark.asyncio
 async def test_the_response_is_complete_before_the_welcome_is_written(app, outbox):
     usable(app)
@@ -190,6 +192,7 @@ async def test_the_response_is_complete_before_the_welcome_is_written(app, outbo
 
 
 @pytest.mark.task("after_response")
+@pytest.mark.promise("P3", "P4", "P5")
 def test_a_rejected_signup_sends_no_welcome(client, outbox):
     expect_status(post_signup(client, ADA), 201)
     duplicate = post_signup(client, {"email": "ada@example.com", "name": "Ada again"})
@@ -217,6 +220,7 @@ def test_a_rejected_signup_sends_no_welcome(client, outbox):
 
 
 @pytest.mark.task("dependency")
+@pytest.mark.promise("P6", "P7")
 def test_the_audit_dependency_and_the_route_share_their_tasks(client):
     expect_status(post_signup(client, ADA), 201)
     expect_status(post_signup(client, BOB), 201)
@@ -234,6 +238,7 @@ def test_the_audit_dependency_and_the_route_share_their_tasks(client):
 
 
 @pytest.mark.task("failures")
+@pytest.mark.promise("P8")
 def test_a_failing_welcome_leaves_the_response_alone_and_is_logged(client, outbox, caplog):
     usable(client)
     caplog.set_level(logging.INFO, logger="signup")
@@ -252,6 +257,7 @@ def test_a_failing_welcome_leaves_the_response_alone_and_is_logged(client, outbo
 
 
 @pytest.mark.task("failures")
+@pytest.mark.promise("P8")
 def test_the_service_goes_on_after_a_failed_welcome(client, outbox):
     usable(client)
     break_outbox(outbox)
@@ -269,6 +275,7 @@ def test_the_service_goes_on_after_a_failed_welcome(client, outbox):
 
 
 @pytest.mark.task("lifespan")
+@pytest.mark.promise("P1", "P9")
 def test_the_outbox_is_prepared_at_startup_not_before(module, app, outbox, tmp_path, monkeypatch):
     usable(app)
     assert not outbox.exists(), (
@@ -305,6 +312,7 @@ def test_the_outbox_is_prepared_at_startup_not_before(module, app, outbox, tmp_p
 
 
 @pytest.mark.task("lifespan")
+@pytest.mark.promise("P10")
 def test_shutdown_reports_what_was_delivered(app, outbox, caplog):
     usable(app)
     caplog.set_level(logging.INFO, logger="signup")
@@ -324,6 +332,7 @@ def test_shutdown_reports_what_was_delivered(app, outbox, caplog):
 
 
 @pytest.mark.task("lifespan")
+@pytest.mark.promise("P2", "P9")
 def test_each_app_has_its_own_state(module, tmp_path):
     first, second = usable(build(module, tmp_path / "one")), usable(build(module, tmp_path / "two"))
     with TestClient(first) as one, TestClient(second) as two:
