@@ -152,6 +152,14 @@ HOSTILE_TOKENS = {
     "iss another": lambda: forge(iss="https://attacker.test"),
     "iss a number": lambda: raw_token(f'{{"iss":7,"aud":"{AUDIENCE}","sub":"alice","iat":{NOW},"exp":{NOW + 300}}}'),
     "iat 2**64": lambda: forge(iat=2**64, exp=2**64 + 60),
+    # Signed with our key, but claiming to live longer than the service issues (README P10).
+    "exp 2**64": lambda: forge(exp=2**64),
+    "exp 2**63 - 1": lambda: forge(exp=2**63 - 1),
+    "iat -2**63": lambda: forge(iat=-(2**63)),
+    "iat 0, exp in 5 minutes": lambda: forge(iat=0),
+    "a minute longer than issued": lambda: forge(exp=int(time.time()) + 15 * 60 + 60),
+    "iat a minute ahead (no leeway)": lambda: forge(iat=int(time.time()) + 60, exp=int(time.time()) + 360),
+    "nbf a minute ahead (no leeway)": lambda: forge(nbf=int(time.time()) + 60),
     "payload a list": lambda: raw_token("[1,2,3]"),
     "payload deeply nested": lambda: raw_token('{"sub":' + "[" * 5000 + "]" * 5000 + "}"),
 }
@@ -165,16 +173,6 @@ def test_05_auth_hostile_tokens_are_401(module, name):
         for path in ("/users/me", "/items"):
             response = client.get(path, headers={"Authorization": f"Bearer {HOSTILE_TOKENS[name]()}"})
             assert response.status_code == 401, (name, path, response.status_code, response.text)
-
-
-def test_05_auth_extreme_but_valid_times_are_no_500(module):
-    # Signed with our key, so not forged: whatever the service decides, it must not crash.
-    app = module.create_app(module.Settings(jwt_secret=SECRET, argon2_time_cost=1, argon2_memory_kib=64, argon2_parallelism=1))
-    module.add_user(app, "alice", "wonderland", scopes=["items:read"])
-    with TestClient(app, raise_server_exceptions=False) as client:
-        for token in (forge(exp=2**64), forge(exp=2**63 - 1), forge(iat=-(2**63)), forge(iat=0)):
-            response = client.get("/users/me", headers={"Authorization": f"Bearer {token}"})
-            assert response.status_code in (200, 401), response.text
 
 
 def test_05_auth_scope_requests_never_widen_a_token(module):
