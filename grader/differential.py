@@ -121,6 +121,7 @@ class Promises:
     ignore: tuple[str, ...] = ()  # JSON paths dropped before comparing
     validation: str = "loc"  # 422 bodies: "loc" (the set of locations), "exact" or "status"
     free_errors: tuple[tuple[tuple, str], ...] = ()  # 422 errors (loc, type or "") that may be there or not
+    free_by_status: dict[int, tuple[str, ...]] = field(default_factory=dict)  # status -> JSON paths free in its answers
     validation_at: str = "$.detail"  # where a 422 body lists its errors (each with a `loc`)
     requests: int = REQUESTS
     seed: int = SEED
@@ -131,7 +132,7 @@ class Promises:
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
         known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at",
-                 "requests", "seed", "bearer", "settle"}
+                 "requests", "seed", "bearer", "settle", "free_by_status", "websocket"}
         stray = set(table) - known
         if stray:
             raise ValueError(f"{where}: [differential] has unknown key(s) {sorted(stray)}; known: {sorted(known)}")
@@ -181,6 +182,7 @@ class Promises:
             validation=str(table.get("validation", "loc")),
             free_errors=tuple((tuple(entry["loc"]), str(entry.get("type", ""))) for entry in table.get("free_errors", ())),
             validation_at=str(table.get("validation_at", "$.detail")),
+            free_by_status={int(code): tuple(paths) for code, paths in table.get("free_by_status", {}).items()},
             requests=int(table.get("requests", REQUESTS)),
             seed=int(table.get("seed", SEED)),
             bearer=bearer,
@@ -685,7 +687,7 @@ def normalise(body: Any, promises: Promises, status: int, free: tuple[str, ...] 
     views = dict(promises.views)
     for path, view in views.items():
         _apply(body, _path_parts(path), lambda node, key, view=view: node.__setitem__(key, view(node[key])))
-    for path in (*promises.free, *free):
+    for path in (*promises.free, *free, *promises.free_by_status.get(status, ())):
         if path not in views:
             _apply(body, _path_parts(path), lambda node, key: node.__setitem__(key, FREE))
     if status == 422 and promises.validation != "exact" and isinstance(body, dict):

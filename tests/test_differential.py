@@ -223,6 +223,19 @@ def test_values_the_readme_leaves_free_are_never_sent():
     assert differential._among(42, generator.pools["POST /notes", "text"])  # other inputs keep their pools
 
 
+def test_paths_free_in_the_answers_of_one_status_only():
+    promises = differential.Promises.parse({"operations": {}, "free_by_status": {"409": ["$.detail"]}})
+
+    def answer(status: int, detail: str) -> differential.Answer:
+        return differential.Answer(status, {}, ('{"detail":"%s"}' % detail).encode())
+
+    assert differential.compare(answer(409, "name taken"), answer(409, "duplicate"), promises) == ""
+    assert "$.detail" in differential.compare(answer(404, "Author 1 not found"), answer(404, "missing"), promises)
+    assert "status" in differential.compare(answer(409, "x"), answer(404, "x"), promises)
+    with pytest.raises(ValueError):
+        differential.Promises.parse({"operations": {}, "free_by_status": {"conflict": ["$.detail"]}})
+
+
 def test_ignored_and_free_paths():
     promises = differential.Promises.parse({"operations": {}, "ignore": ["$..created_at"], "free": ["$.items[*].id"]})
     body = {"items": [{"id": 7, "created_at": 1}], "created_at": 2}

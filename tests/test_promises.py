@@ -86,14 +86,18 @@ def graded_checks(path: Path) -> dict[str, list[str]]:
 
 
 def differential_checks(exercise: Exercise) -> dict[str, list[str]]:
-    operations = exercise.extra.get("differential", {}).get("operations", {})
-    return {f"differential {key}": list(spec.get("promises", [])) for key, spec in operations.items()}
+    table = exercise.extra.get("differential", {})
+    checks = {f"differential {key}": list(spec.get("promises", [])) for key, spec in table.get("operations", {}).items()}
+    for number, script in enumerate(table.get("websocket", {}).get("scripts", []), 1):  # grader.differential_ws
+        checks[f"differential websocket script {script.get('name', number)!r}"] = list(script.get("promises", []))
+    return checks
 
 
 WITH_PROMISES = [e for e in all_exercises(ROOT) if readme_promises((e.folder / "README.md").read_text(encoding="utf-8"))]
 # Exercises whose README must keep a promise list (one is never dropped by accident); each
 # exercise joins once its promises are traced.
-REQUIRED = ["01_async_routes", "02_validation", "05_auth", "06_background_tasks", "11_messaging"]
+REQUIRED = ["01_async_routes", "02_validation", "05_auth", "06_background_tasks", "07_websockets", "08_database",
+            "11_messaging"]
 
 
 @pytest.mark.parametrize("name", REQUIRED)

@@ -199,6 +199,7 @@ def user(client: TestClient, name: str, room: str | None = None) -> Iterator[Pee
 
 
 @pytest.mark.task("echo")
+@pytest.mark.promise("P1")
 def test_echo_sends_every_text_frame_back(client):
     with connect(client, "/ws/echo", "anonymous") as peer:
         for text in ("hello", "a second frame", "ünïcode ✓"):
@@ -212,12 +213,14 @@ def test_echo_sends_every_text_frame_back(client):
 
 
 @pytest.mark.task("auth")
+@pytest.mark.promise("P2", "P3")
 def test_a_token_in_the_query_identifies_the_user(client):
     with connect(client, "/ws/chat?token=token-alice", "alice") as peer:
         peer.expect({"type": "welcome", "user": "alice"}, "token-alice belongs to alice")
 
 
 @pytest.mark.task("auth")
+@pytest.mark.promise("P2", "P3")
 def test_a_token_in_a_cookie_identifies_the_user(client):
     # Browsers cannot set headers on a WebSocket, but they do send cookies.
     with connect(client, "/ws/chat", "bob (cookie)", headers={"cookie": "token=token-bob"}) as peer:
@@ -225,6 +228,7 @@ def test_a_token_in_a_cookie_identifies_the_user(client):
 
 
 @pytest.mark.task("auth")
+@pytest.mark.promise("P2")
 def test_the_query_token_wins_over_the_cookie(client):
     with connect(client, "/ws/chat?token=token-alice", "alice (query) with bob's cookie",
                  headers={"cookie": "token=token-bob"}) as peer:
@@ -243,6 +247,7 @@ def test_the_query_token_wins_over_the_cookie(client):
 
 
 @pytest.mark.task("auth")
+@pytest.mark.promise("P2")
 @pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=", "/ws/chat?token=token-mallory"])
 def test_no_valid_token_closes_with_1008_before_accepting(client, path):
     expected = "the handshake refused: closed with code 1008 (policy violation) before accept()"
@@ -265,6 +270,7 @@ def test_no_valid_token_closes_with_1008_before_accepting(client, path):
 
 
 @pytest.mark.task("messages")
+@pytest.mark.promise("P9")
 def test_invalid_json_gets_an_error_frame_and_the_connection_stays_open(client):
     with user(client, "alice") as alice:
         alice.send("this is not JSON")
@@ -276,6 +282,7 @@ def test_invalid_json_gets_an_error_frame_and_the_connection_stays_open(client):
 
 
 @pytest.mark.task("messages")
+@pytest.mark.promise("P9")
 @pytest.mark.parametrize(
     "bad",
     [
@@ -308,6 +315,7 @@ def test_a_message_that_breaks_the_protocol_gets_an_error_frame(client, bad):
 
 
 @pytest.mark.task("messages")
+@pytest.mark.promise("P7", "P9")
 def test_a_room_of_50_and_a_text_of_1000_characters_are_allowed(client):
     room, text = "r" * 50, "t" * 1000  # the longest allowed: "1 to 50", "1 to 1000" include the bounds
     with user(client, "alice") as alice:
@@ -320,6 +328,7 @@ def test_a_room_of_50_and_a_text_of_1000_characters_are_allowed(client):
 
 
 @pytest.mark.task("messages")
+@pytest.mark.promise("P9")
 def test_a_binary_frame_does_not_crash_the_connection(client):
     with user(client, "alice") as alice:
         alice.send(b"\xff\x00 binary noise")
@@ -332,6 +341,7 @@ def test_a_binary_frame_does_not_crash_the_connection(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P4")
 def test_join_answers_with_the_members_of_the_room(client):
     with user(client, "bob", "book-club"), user(client, "alice") as alice:
         alice.send({"type": "join", "room": "book-club"})
@@ -340,6 +350,7 @@ def test_join_answers_with_the_members_of_the_room(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P7")
 def test_say_reaches_everyone_in_the_room_and_nobody_else(client):
     with user(client, "alice", "hall") as alice, user(client, "bob", "hall") as bob, \
             user(client, "carol", "kitchen") as carol:
@@ -353,6 +364,7 @@ def test_say_reaches_everyone_in_the_room_and_nobody_else(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P7")
 def test_saying_something_in_a_room_you_are_not_in_is_an_error(client):
     with user(client, "alice") as alice, user(client, "bob", "attic") as bob:
         alice.send({"type": "say", "room": "attic", "text": "anyone?"})
@@ -365,6 +377,7 @@ def test_saying_something_in_a_room_you_are_not_in_is_an_error(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P7")
 def test_rooms_belong_to_the_connection_not_the_user(client):
     with user(client, "alice", "den") as phone, user(client, "alice") as laptop:
         laptop.send({"type": "say", "room": "den", "text": "from the laptop"})
@@ -380,6 +393,7 @@ CAP = 20  # rooms per connection, README
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P5")
 def test_a_connection_may_be_in_at_most_20_rooms(client):
     rooms = [f"cap-{n}" for n in range(CAP + 1)]
     with user(client, "carol") as carol, user(client, "carol") as other:
@@ -403,6 +417,7 @@ def test_a_connection_may_be_in_at_most_20_rooms(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P6")
 def test_after_leave_the_room_is_silent(client):
     with user(client, "alice", "studio") as alice, user(client, "bob", "studio") as bob:
         bob.send({"type": "leave", "room": "studio"})
@@ -417,6 +432,7 @@ def test_after_leave_the_room_is_silent(client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P8")
 def test_a_direct_message_reaches_only_its_recipient(fresh_client):
     client = fresh_client
     with user(client, "alice") as alice, user(client, "bob") as bob, user(client, "carol") as carol:
@@ -429,6 +445,7 @@ def test_a_direct_message_reaches_only_its_recipient(fresh_client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P8")
 def test_a_direct_message_to_someone_offline_is_an_error(fresh_client):
     with user(fresh_client, "alice") as alice:
         alice.send({"type": "direct", "to": "carol", "text": "are you there?"})
@@ -438,6 +455,7 @@ def test_a_direct_message_to_someone_offline_is_an_error(fresh_client):
 
 
 @pytest.mark.task("rooms")
+@pytest.mark.promise("P11")
 def test_a_closed_connection_leaves_its_rooms(client):
     with user(client, "bob", "lounge"):
         pass  # bob closes the connection here
@@ -525,6 +543,7 @@ async def run(call: Any, called: str) -> Any:
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P12")
 @pytest.mark.asyncio
 async def test_broadcast_reaches_the_room_and_returns_the_count(module):
     manager = module.ConnectionManager()
@@ -565,6 +584,7 @@ async def test_broadcast_reaches_the_room_and_returns_the_count(module):
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P12")
 @pytest.mark.asyncio
 async def test_send_personal_reaches_every_connection_of_one_user(module):
     manager = module.ConnectionManager()
@@ -588,6 +608,7 @@ async def test_send_personal_reaches_every_connection_of_one_user(module):
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P13")
 @pytest.mark.asyncio
 @pytest.mark.parametrize("error", FAILURES)
 async def test_a_failing_socket_is_dropped_and_the_others_still_get_the_message(module, error):
@@ -627,6 +648,7 @@ async def test_a_failing_socket_is_dropped_and_the_others_still_get_the_message(
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P13")
 @pytest.mark.asyncio
 async def test_a_stuck_socket_does_not_hold_up_the_broadcast(module):
     manager = module.ConnectionManager(send_timeout=0.02)
@@ -668,6 +690,7 @@ async def test_a_stuck_socket_does_not_hold_up_the_broadcast(module):
 
 
 @pytest.mark.task("real_server")
+@pytest.mark.promise("P15")
 @pytest.mark.slow
 @pytest.mark.asyncio
 async def test_a_real_client_talks_to_a_real_server(load):
@@ -762,6 +785,7 @@ DROPPED = [
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P13")
 @pytest.mark.asyncio
 @pytest.mark.parametrize("make", DROPPED)
 async def test_a_dropped_socket_is_closed_with_1013_and_forgotten_everywhere(module, make):
@@ -795,6 +819,7 @@ async def test_a_dropped_socket_is_closed_with_1013_and_forgotten_everywhere(mod
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P5", "P12")
 def test_join_is_capped_per_socket(module):
     manager = module.ConnectionManager(max_rooms=3)
     phone, laptop = Recorder(), Recorder()
@@ -819,6 +844,7 @@ def test_join_is_capped_per_socket(module):
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P14")
 def test_disconnect_costs_the_sockets_own_rooms_not_every_room(module):
     manager = module.ConnectionManager(max_rooms=20)
     for n in range(1_000):  # 20 000 rooms held by others

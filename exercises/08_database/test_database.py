@@ -310,6 +310,7 @@ def isbn(number: int) -> str:
 
 
 @pytest.mark.task("setup")
+@pytest.mark.promise("P1")
 def test_settings_read_the_database_url_from_the_environment(module, module_folder, monkeypatch):
     database_file = module_folder / "settings.db"
     monkeypatch.setenv("DATABASE_URL", url_of(database_file))
@@ -323,6 +324,7 @@ def test_settings_read_the_database_url_from_the_environment(module, module_fold
 
 
 @pytest.mark.task("setup")
+@pytest.mark.promise("P1", "P2", "P3")
 def test_the_tables_are_created_at_startup_in_the_configured_database(imported, workdir):
     # The module-level `app`, built when app.py was imported with DATABASE_URL naming this file.
     module, database_file, found_after_import = imported
@@ -363,6 +365,7 @@ def test_the_tables_are_created_at_startup_in_the_configured_database(imported, 
 
 
 @pytest.mark.task("setup")
+@pytest.mark.promise("P2", "P4")
 def test_the_database_health_route_runs_a_query(shared):
     shared.start()
     engine = getattr(shared.app.state, "engine", None)
@@ -390,6 +393,7 @@ def test_the_database_health_route_runs_a_query(shared):
 
 
 @pytest.mark.task("sessions")
+@pytest.mark.promise("P5", "P6", "P11")
 def test_what_one_request_writes_the_next_one_reads(shared):
     author = create_author(shared, JEMISIN)
     response = call(shared, "GET", f"/authors/{author['id']}")
@@ -398,6 +402,7 @@ def test_what_one_request_writes_the_next_one_reads(shared):
 
 
 @pytest.mark.task("sessions")
+@pytest.mark.promise("P5", "P9", "P11")
 def test_a_request_that_fails_leaves_no_trace(client):
     create_author(client, URSULA)
     clash = {"name": "Ann Leckie", "books": [
@@ -463,6 +468,7 @@ async def post_raw(app: Any, payload: dict[str, Any], on_start: Callable[[], Non
 
 
 @pytest.mark.task("sessions")
+@pytest.mark.promise("P11")
 @pytest.mark.asyncio
 async def test_the_commit_happens_before_the_response_is_sent(module, database_file):
     # Spoken to in raw ASGI, so that the test sees the moment the response starts going out.
@@ -498,6 +504,7 @@ async def test_the_commit_happens_before_the_response_is_sent(module, database_f
 
 
 @pytest.mark.task("sessions")
+@pytest.mark.promise("P11", "P12")
 def test_every_request_gives_its_connection_back(client):
     author = create_author(client, URSULA)
     requests = [
@@ -521,6 +528,7 @@ def test_every_request_gives_its_connection_back(client):
 
 
 @pytest.mark.task("relationships")
+@pytest.mark.promise("P6", "P7")
 def test_an_author_comes_with_their_books_in_title_order(shared):
     author = create_author(shared, URSULA)
     add_book(shared, author["id"], "The Lathe of Heaven", isbn(7), 1971)
@@ -536,6 +544,7 @@ def test_an_author_comes_with_their_books_in_title_order(shared):
 
 
 @pytest.mark.task("relationships")
+@pytest.mark.promise("P5")
 def test_the_created_author_is_answered_with_their_books(shared):
     body = create_author(shared, CHAMBERS)
     books = body.get("books")
@@ -550,6 +559,7 @@ def test_the_created_author_is_answered_with_their_books(shared):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P9")
 def test_a_duplicate_author_name_is_409(shared):
     create_author(shared, {"name": "Octavia E. Butler"})
     response = call(shared, "POST", "/authors", json={"name": "Octavia E. Butler"})
@@ -559,6 +569,7 @@ def test_a_duplicate_author_name_is_409(shared):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P9")
 def test_a_duplicate_isbn_is_409_and_changes_nothing(shared):
     first = create_author(shared, BANKS)
     other = create_author(shared, {"name": "Somebody Else"})
@@ -575,6 +586,7 @@ def test_a_duplicate_isbn_is_409_and_changes_nothing(shared):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P6", "P7")
 def test_a_missing_author_is_404(shared):
     # The shared database holds a handful of authors, never 41.
     response = call(shared, "GET", "/authors/41")
@@ -600,6 +612,7 @@ INVALID = [
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P10")
 def test_invalid_input_is_422(shared):
     author = create_author(shared, {"name": "Existing"})  # so that /authors/{id}/books names a real author
     for url, payload in INVALID:
@@ -622,6 +635,7 @@ HUGE = [2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63), -(2*
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P10", "P12")
 def test_integers_out_of_range_are_422_everywhere(shared):
     author = create_author(shared, {"name": "Range Checker"})
     book = {"title": "Huge", "isbn": isbn(70), "year": 2000}
@@ -692,6 +706,7 @@ def expected_order(books: list[dict[str, Any]]) -> list[int]:
 
 
 @pytest.mark.task("pagination")
+@pytest.mark.promise("P8")
 def test_pages_follow_a_stable_title_then_id_order(shelved):
     books, client = stocked(shelved), shelved
     seen: list[int] = []
@@ -710,6 +725,7 @@ def test_pages_follow_a_stable_title_then_id_order(shelved):
 
 
 @pytest.mark.task("pagination")
+@pytest.mark.promise("P8")
 def test_the_default_page_and_the_author_filter(shelved):
     books, client = stocked(shelved), shelved
     response = call(client, "GET", "/books")
@@ -724,6 +740,7 @@ def test_the_default_page_and_the_author_filter(shelved):
 
 
 @pytest.mark.task("pagination")
+@pytest.mark.promise("P8")
 def test_an_author_filter_that_names_nobody_is_an_empty_page(shelved):
     books, client = stocked(shelved), shelved
     nobody = max(book["author_id"] for book in books) + 1000
@@ -735,6 +752,7 @@ def test_an_author_filter_that_names_nobody_is_an_empty_page(shelved):
 
 
 @pytest.mark.task("pagination")
+@pytest.mark.promise("P8", "P10")
 def test_page_parameters_are_bounded(shared):
     for params in ({"limit": 0}, {"limit": 101}, {"offset": -1}, {"limit": "many"}):
         expect_status(call(shared, "GET", "/books", params=params), 422, "offset >= 0 and 1 <= limit <= 100")
@@ -747,6 +765,7 @@ def test_page_parameters_are_bounded(shared):
 
 
 @pytest.mark.task("index")
+@pytest.mark.promise("P15")
 def test_finding_the_books_of_an_author_uses_an_index(shared):
     shared.start()  # the tables exist once the app has started
     found = tables(shared.database_file)
@@ -774,6 +793,7 @@ DOCUMENTED = {
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P14")
 def test_the_openapi_schema_lists_every_status_each_route_answers(shared):
     response = call(shared, "GET", "/openapi.json")
     expect_status(response, 200, "the app serves its OpenAPI schema")
@@ -807,6 +827,7 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(shared):
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P13")
 def test_an_invalid_body_is_422_whatever_it_holds(shared):
     author = create_author(shared, {"name": "Not A Number"})
     for number in ("1e309", "-1e309", "NaN", "Infinity"):
