@@ -100,6 +100,7 @@ class Operation:
     free: tuple[str, ...] = ()  # JSON paths free in this operation's answers only
     promises: tuple[str, ...] = ()  # the README's promises (P1, P2, …) this operation's answers keep
     free_values: dict[str, tuple] = field(default_factory=dict)  # input name -> values the README leaves free: never sent
+    usual: dict[str, tuple] = field(default_factory=dict)  # input name -> values sent when another input is varied
 
     @property
     def method(self) -> str:
@@ -123,6 +124,7 @@ class Promises:
     free_errors: tuple[tuple[tuple, str], ...] = ()  # 422 errors (loc, type or "") that may be there or not
     free_by_status: dict[int, tuple[str, ...]] = field(default_factory=dict)  # status -> JSON paths free in its answers
     validation_at: str = "$.detail"  # where a 422 body lists its errors (each with a `loc`)
+    ids: tuple[str, ...] = ()  # JSON paths of generated ids: free, followed, and one to one with the reference's
     requests: int = REQUESTS
     seed: int = SEED
     bearer: Bearer | None = None  # where answers hand out bearer tokens, and other Authorization values
@@ -131,7 +133,7 @@ class Promises:
 
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
-        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at",
+        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at", "ids",
                  "requests", "seed", "bearer", "settle", "free_by_status", "websocket"}
         stray = set(table) - known
         if stray:
@@ -140,7 +142,7 @@ class Promises:
         for key, spec in table.get("operations", {}).items():
             _check_key(key, where)
             allowed = {"task", "values", "tasks", "examples", "equal", "combined_task", "weight", "only_values", "free",
-                       "promises", "free_values"}
+                       "promises", "free_values", "usual"}
             if set(spec) - allowed:
                 raise ValueError(f"{where}: operation {key!r} has unknown key(s) {sorted(set(spec) - allowed)}")
             if "task" not in spec:
@@ -158,6 +160,8 @@ class Promises:
                 only_values=bool(spec.get("only_values", False)), free=tuple(spec.get("free", ())),
                 promises=tuple(str(p) for p in spec.get("promises", ())),
                 free_values={name: tuple(items) for name, items in spec.get("free_values", {}).items()},
+                usual={name: tuple(items) if isinstance(items, list) else (items,)
+                       for name, items in spec.get("usual", {}).items()},
             )
         if table.get("validation", "loc") not in ("loc", "exact", "status"):
             raise ValueError(f"{where}: [differential] validation is 'loc', 'exact' or 'status'")
@@ -178,10 +182,11 @@ class Promises:
         return cls(
             operations=operations, skip=skip,
             headers=tuple(h.lower() for h in table.get("headers", ("content-type",))),
-            free=tuple(table.get("free", ())), ignore=tuple(table.get("ignore", ())),
+            free=tuple(dict.fromkeys((*table.get("free", ()), *table.get("ids", ())))), ignore=tuple(table.get("ignore", ())),
             validation=str(table.get("validation", "loc")),
             free_errors=tuple((tuple(entry["loc"]), str(entry.get("type", ""))) for entry in table.get("free_errors", ())),
             validation_at=str(table.get("validation_at", "$.detail")),
+            ids=tuple(table.get("ids", ())),
             free_by_status={int(code): tuple(paths) for code, paths in table.get("free_by_status", {}).items()},
             requests=int(table.get("requests", REQUESTS)),
             seed=int(table.get("seed", SEED)),
@@ -884,6 +889,8 @@ class Generator:
         declared = [value for value, task in operation.values.get(name, ()) if task is None]
         if operation.only_values and declared:
             return self.rng.choice(declared)
+        if name in operation.usual:
+            return self.rng.choice(operation.usual[name])
         if name in ("item_id", "user_id", "id") or name.endswith("_id"):
             if self.seen_ids and self.rng.random() < 0.7:
                 return self.rng.choice(self.seen_ids)
@@ -941,7 +948,8 @@ class Generator:
             name, where = parameter["name"], parameter["in"]
             if name in varied:
                 value = varied[name]
-            elif parameter.get("required") or (operation.only_values and name in operation.values) or self.rng.random() < 0.5:
+            elif parameter.get("required") or name in operation.usual or (operation.only_values and name in operation.values) \
+                    or self.rng.random() < 0.5:
                 value = self._valid(operation, name, parameter.get("schema", {}))
             else:
                 value = MISSING
@@ -1026,6 +1034,9 @@ class Pair:
     def __init__(self, session: Session) -> None:
         self.session = session
         self.aliases: dict[str, str] = {}  # a free value of the reference's -> the learner's own
+        self.ids: dict[str, str] = {}  # an id of the reference's (``ids``) -> the learner's, and back:
+        self.ids_back: dict[str, str] = {}  # one to one, or the learner's app mixes up two things
+        self.clash = ""  # the last answer broke that: where and how
         self.learner_module = session.load_learner()
         self.reference_module = session.load_reference()
         for module in (self.learner_module, self.reference_module):
@@ -1052,9 +1063,21 @@ class Pair:
         later requests that carry the reference's value carry the learner's to the learner's app."""
         operation = self.session.promises.operations.get(request.operation)
         paths = (*self.session.promises.free, *(operation.free if operation else ()))
+        self.clash = ""
         if not paths or reference.status != learner.status:
             return
         one, other = reference.json(), learner.json()
+        for path in self.session.promises.ids:
+            for value, alias in zip(free_values(one, path), free_values(other, path), strict=False):
+                value, alias = json.dumps(value), json.dumps(alias)
+                if self.ids.setdefault(value, alias) != alias:
+                    self.clash = (f"{path}: {alias} in your app's answer, where the reference's {value} was "
+                                  f"{self.ids[value]} in your app before (ids are free, but each names one thing)")
+                elif self.ids_back.setdefault(alias, value) != value:
+                    self.clash = (f"{path}: {alias} in your app's answer names two things that the reference "
+                                  f"tells apart ({self.ids_back[alias]} and {value}): ids are free, but each names one thing")
+                if self.clash:
+                    return
         for path in paths:
             theirs, ours = free_values(one, path), free_values(other, path)
             for value, alias in zip(theirs, ours, strict=False):
@@ -1216,7 +1239,7 @@ class Session:
                     pair, history = self._fresh(), []
                     continue
                 generator.learn(reference)
-                where = compare(reference, learner, self.promises, self._free(request))
+                where = compare(reference, learner, self.promises, self._free(request)) or pair.clash
                 states = None
                 if not where and request.method not in ("GET", "HEAD", "OPTIONS"):
                     states = pair.states()
@@ -1256,7 +1279,7 @@ class Session:
                 if reference.crash or reference.status >= 500:
                     return None
                 last = index == len(requests) - 1
-                where = compare(reference, learner, self.promises, self._free(request))
+                where = compare(reference, learner, self.promises, self._free(request)) or pair.clash
                 states = None
                 if not where and last and request.method not in ("GET", "HEAD", "OPTIONS"):
                     states = pair.states()

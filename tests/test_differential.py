@@ -483,3 +483,80 @@ def test_settle_waits_for_the_work_a_request_left_running():
                                        state=state)
         session.run()
         assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]
+
+
+def build_counted(*, same_id: bool = False) -> SimpleNamespace:
+    """Things numbered by a counter the README leaves free; the wrong app answers id 1 for each."""
+    app = FastAPI()
+    things: dict[int, dict] = {}
+
+    @app.post("/things", status_code=201)
+    async def create(body: Note, x_key: str | None = Header(default=None)) -> dict:
+        if x_key != "k":
+            raise HTTPException(401, "No key")
+        thing = {"id": 1 if same_id else 100 + len(things), "text": body.text}
+        things[len(things)] = thing
+        return thing
+
+    @app.get("/things")
+    async def listing() -> list[dict]:
+        return list(things.values())
+
+    return SimpleNamespace(app=app)
+
+
+COUNTED = {
+    "ids": ["$.id", "$[*].id"],
+    "requests": 10,
+    "operations": {
+        "POST /things": {"task": "create", "examples": [{"text": "hi", "stars": 3}], "usual": {"x-key": "k"}},
+        "GET /things": {"task": "read"},
+    },
+}
+
+
+def test_ids_are_free_but_each_names_one_thing():
+    promises = differential.Promises.parse(COUNTED)
+    assert "$.id" in promises.free  # an id is free…
+    session = differential.Session(lambda: build_counted(), lambda: build_counted(), promises)
+    session.run()
+    assert not session.differences and session.compared["create"] > 1
+    # the usual key goes with every request that varies something else
+    import random
+
+    generator = differential.Generator(build_counted().app.openapi(), promises, random.Random(1))
+    text = next(i for i in generator.inputs if i.name == "text")
+    assert all(("x-key", "k") in generator.request(text).headers for _ in range(10))
+    wrong = differential.Session(lambda: build_counted(same_id=True), lambda: build_counted(), promises)
+    wrong.run()
+    message = failure(wrong, "create")
+    assert "names two things" in message, message
+
+
+def build_later(*, delay: float) -> SimpleNamespace:
+    """A route that hands its work to the event loop, to finish after the response."""
+    import asyncio
+
+    app = FastAPI()
+    done: list[str] = []
+
+    async def later(name: str) -> None:
+        await asyncio.sleep(delay)
+        done.append(name)
+
+    @app.post("/jobs/{name}", status_code=202)
+    async def job(name: str) -> dict:
+        asyncio.get_running_loop().create_task(later(name))  # noqa: RUF006 - the test's point
+        return {"queued": name}
+
+    return SimpleNamespace(app=app, DONE=done)
+
+
+def test_settle_waits_for_the_work_a_request_left_running():
+    table = {"requests": 4, "operations": {"POST /jobs/{name}": {"task": "jobs", "values": {"name": ["a", "b"]}}}}
+    state = lambda module: list(module.DONE)  # noqa: E731
+    for settle, differs in ((True, False), (False, True)):
+        promises = differential.Promises.parse(table | {"settle": settle})
+        session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=0), promises, state=state)
+        session.run()
+        assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]

@@ -96,7 +96,8 @@ def differential_checks(exercise: Exercise) -> dict[str, list[str]]:
 WITH_PROMISES = [e for e in all_exercises(ROOT) if readme_promises((e.folder / "README.md").read_text(encoding="utf-8"))]
 # Exercises whose README must keep a promise list (one is never dropped by accident); each
 # exercise joins once its promises are traced.
-REQUIRED = ["01_async_routes", "02_validation", "05_auth", "06_background_tasks", "07_websockets", "08_database",
+REQUIRED = ["01_async_routes", "02_validation", "03_rest_resources",
+            "04_dependencies", "05_auth", "06_background_tasks", "07_websockets", "08_database",
             "11_messaging"]
 
 

@@ -146,6 +146,7 @@ def catalogue(client):
 
 
 @pytest.mark.task("params")
+@pytest.mark.promise("P1")
 def test_books_page_defaults(client):
     response = client.get("/books")
     expect_json(response, {"search": None, "offset": 0, "limit": 10}, "offset defaults to 0, limit to 10, no search")
@@ -153,6 +154,7 @@ def test_books_page_defaults(client):
 
 
 @pytest.mark.task("params")
+@pytest.mark.promise("P1", "P4")
 def test_books_offset_and_limit(client):
     response = client.get("/books", params={"offset": 1, "limit": 2})
     expect_json(response, {"offset": 1, "limit": 2})
@@ -165,6 +167,7 @@ def test_books_offset_and_limit(client):
 
 
 @pytest.mark.task("params")
+@pytest.mark.promise("P4")
 def test_search_filters_title_and_author(client):
     response = client.get("/books", params={"q": "AUSTEN"})
     expect_json(response, {"search": "AUSTEN"}, "the search term is echoed back")
@@ -172,6 +175,7 @@ def test_search_filters_title_and_author(client):
 
 
 @pytest.mark.task("params")
+@pytest.mark.promise("P1", "P5")
 def test_authors_use_the_same_parameters(client):
     response = client.get("/authors", params={"limit": 2})
     expect_json(
@@ -191,6 +195,7 @@ def test_authors_use_the_same_parameters(client):
 
 
 @pytest.mark.task("params")
+@pytest.mark.promise("P1")
 @pytest.mark.parametrize("path", ["/books", "/authors"])
 def test_page_parameters_are_bounded_on_every_route(client, path):
     for params in ({"limit": 0}, {"limit": 51}, {"offset": -1}):
@@ -203,6 +208,7 @@ def test_page_parameters_are_bounded_on_every_route(client, path):
 
 
 @pytest.mark.task("subdeps")
+@pytest.mark.promise("P2")
 def test_search_falls_back_to_the_cookie(client):
     client.cookies.set("last_search", "gibson")
     response = client.get("/books")
@@ -212,6 +218,7 @@ def test_search_falls_back_to_the_cookie(client):
 
 
 @pytest.mark.task("subdeps")
+@pytest.mark.promise("P2")
 def test_query_wins_over_the_cookie(client):
     client.cookies.set("last_search", "gibson")
     response = client.get("/books", params={"q": "dune"})
@@ -223,6 +230,7 @@ def test_query_wins_over_the_cookie(client):
 
 
 @pytest.mark.task("session")
+@pytest.mark.promise("P13")
 def test_a_request_opens_one_connection_commits_and_closes_it(client, db):
     before = mark(db)
     response = client.get("/books")
@@ -231,6 +239,7 @@ def test_a_request_opens_one_connection_commits_and_closes_it(client, db):
 
 
 @pytest.mark.task("session")
+@pytest.mark.promise("P13")
 def test_the_user_lookup_and_the_route_share_one_connection(scratch):
     _, client, db = scratch
     before = mark(db)
@@ -247,6 +256,7 @@ class BugInARoute(Exception):
 
 
 @pytest.mark.task("session")
+@pytest.mark.promise("P13")
 def test_a_failing_request_still_closes_its_connection(scratch):
     module, client, db = scratch
     before = mark(db)
@@ -276,6 +286,7 @@ def test_a_failing_request_still_closes_its_connection(scratch):
 
 
 @pytest.mark.task("rollback")
+@pytest.mark.promise("P10")
 def test_an_import_commits_all_books(scratch):
     _, client, _ = scratch
     batch = [{"title": "Middlemarch", "author": "George Eliot"}, {"title": "Silas Marner", "author": "George Eliot"}]
@@ -290,6 +301,7 @@ def test_an_import_commits_all_books(scratch):
 
 
 @pytest.mark.task("rollback")
+@pytest.mark.promise("P11", "P13")
 def test_a_duplicate_title_is_409_and_rolled_back(scratch):
     _, client, db = scratch
     books = catalogue(client)
@@ -322,6 +334,7 @@ def test_a_duplicate_title_is_409_and_rolled_back(scratch):
 
 
 @pytest.mark.task("rollback")
+@pytest.mark.promise("P14")
 def test_a_failed_commit_answers_503_not_201(scratch):
     _, client, db = scratch
     books = catalogue(client)
@@ -352,6 +365,7 @@ def timed_import(client, first, count):
 
 
 @pytest.mark.task("bulk")
+@pytest.mark.promise("P15")
 def test_an_import_takes_linear_time(fresh):
     # The import runs on the event loop: while it works, no other request of this process is
     # served. Checking each title by reading the whole catalogue again (or scanning a list)
@@ -374,6 +388,7 @@ def test_an_import_takes_linear_time(fresh):
 
 
 @pytest.mark.task("bulk")
+@pytest.mark.promise("P10")
 def test_an_import_is_bounded(scratch):
     _, client, _ = scratch
     books = catalogue(client)
@@ -391,6 +406,7 @@ def test_an_import_is_bounded(scratch):
 
 
 @pytest.mark.task("api_key")
+@pytest.mark.promise("P7")
 @pytest.mark.parametrize(
     ("headers", "why"),
     [
@@ -410,6 +426,7 @@ def test_admin_routes_need_the_api_key(scratch, headers, why):
 
 
 @pytest.mark.task("api_key")
+@pytest.mark.promise("P7")
 def test_public_routes_need_no_api_key(client):
     for path in ("/books", "/authors"):
         expect_status(client.get(path), 200, "the API key guards the admin router only, not the whole app")
@@ -417,6 +434,7 @@ def test_public_routes_need_no_api_key(client):
 
 
 @pytest.mark.task("api_key")
+@pytest.mark.promise("P7")
 def test_the_api_key_comes_from_get_settings(scratch):
     module, client, _ = scratch
     overrides = module.app.dependency_overrides
@@ -435,17 +453,20 @@ def test_the_api_key_comes_from_get_settings(scratch):
 
 
 @pytest.mark.task("user")
+@pytest.mark.promise("P6")
 def test_me_returns_the_user(client):
     expect_json(client.get("/me", headers={"X-User": "ada"}), {"name": "ada", "role": "admin"}, exact=True)
 
 
 @pytest.mark.task("user")
+@pytest.mark.promise("P6")
 @pytest.mark.parametrize("headers", [{}, {"X-User": "mallory"}])
 def test_missing_or_unknown_user_is_401(client, headers):
     expect_status(client.get("/me", headers=headers), 401, "no X-User header, or a name the database does not know")
 
 
 @pytest.mark.task("user")
+@pytest.mark.promise("P8")
 def test_a_new_book_records_who_added_it(fresh):
     _, client = fresh
     response = client.post("/admin/books", headers={**ADMIN, "X-User": "linus"}, json={"title": "Kindred", "author": "O. Butler"})
@@ -453,6 +474,7 @@ def test_a_new_book_records_who_added_it(fresh):
 
 
 @pytest.mark.task("user")
+@pytest.mark.promise("P16")
 def test_the_aliases_compose_on_a_new_route(scratch):
     module, client, db = scratch
     for name in ("CurrentUser", "ConnectionDep"):
@@ -473,6 +495,7 @@ def test_the_aliases_compose_on_a_new_route(scratch):
 
 
 @pytest.mark.task("overrides")
+@pytest.mark.promise("P16")
 def test_get_current_user_can_be_overridden(scratch):
     module, client, _ = scratch
     overrides = module.app.dependency_overrides
@@ -527,6 +550,7 @@ def expect_source(client, value, why):
 
 
 @pytest.mark.task("overrides")
+@pytest.mark.promise("P17")
 def test_override_dependency_swaps_then_restores(tiny, override_dependency):
     app, client = tiny
     with override_dependency(app, real_source, lambda: "fake"):
@@ -536,6 +560,7 @@ def test_override_dependency_swaps_then_restores(tiny, override_dependency):
 
 
 @pytest.mark.task("overrides")
+@pytest.mark.promise("P17")
 def test_override_dependency_restores_even_when_the_block_raises(tiny, override_dependency):
     app, client = tiny
     with pytest.raises(ZeroDivisionError):
@@ -547,6 +572,7 @@ def test_override_dependency_restores_even_when_the_block_raises(tiny, override_
 
 
 @pytest.mark.task("overrides")
+@pytest.mark.promise("P17")
 def test_override_dependency_leaves_other_and_outer_overrides_alone(tiny, override_dependency):
     app, client = tiny
     elsewhere = lambda: "overridden elsewhere"  # noqa: E731
@@ -574,6 +600,7 @@ DOCUMENTED = {
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P18")
 def test_the_openapi_schema_lists_every_status_each_route_answers(client):
     response = client.get("/openapi.json")
     expect_status(response, 200, "the app serves its OpenAPI schema")
@@ -614,6 +641,7 @@ def expect_422_without_input(client, url, body, **kwargs):
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P12")
 def test_an_invalid_body_is_422_whatever_it_holds(scratch):
     _, client, _ = scratch
     for number in NOT_JSON_NUMBERS:

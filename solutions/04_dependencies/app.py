@@ -275,7 +275,7 @@ public = APIRouter(tags=["catalogue"])
 
 @public.get("/books", summary="Search the catalogue")
 async def list_books(page: PageDep, connection: ConnectionDep) -> BookPage:
-    found = [b for b in connection.books() if matches(f"{b.title} {b.author}", page.search)]
+    found = [b for b in connection.books() if matches(b.title, page.search) or matches(b.author, page.search)]
     return BookPage(items=found[page.offset : page.offset + page.limit], **asdict(page))
 
 
