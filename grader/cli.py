@@ -24,6 +24,7 @@ from rich.table import Table
 
 from grader import cli_grade
 from grader.catalog import CatalogError, Exercise, all_exercises, course_root, find_exercise
+from grader.platform_support import UnsupportedSystem
 from grader.progress import Pristine, State, graded_files
 from grader.results import ExerciseResult, one_line
 from grader.runner import run_suite
@@ -389,7 +390,7 @@ def _default(
 def main() -> None:
     try:
         app()
-    except (CatalogError, Abort, FileNotFoundError) as exc:
+    except (CatalogError, Abort, FileNotFoundError, UnsupportedSystem) as exc:
         console.print(f"[red]grader:[/] {escape(str(exc))}")
         sys.exit(2)
     except KeyboardInterrupt:

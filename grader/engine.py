@@ -26,7 +26,6 @@ from pathlib import Path
 from grader.catalog import Exercise
 from grader.hidden import HiddenSuite
 from grader.results import Protection
-from grader.sandbox import remove_slot_groups
 
 BACKSTOP = 30.0  # seconds past a job's own limit before the engine gives up on its warden
 MAX_RESTARTS = 10
@@ -71,6 +70,9 @@ def clean_environment() -> dict[str, str]:
 class Engine:
     def __init__(self, course_root: Path, slots: int, hide: Iterable[Path], modules: Iterable[str] = (),
                  disable: Iterable[str] = ()) -> None:
+        from grader.platform_support import require_linux
+
+        require_linux("Class grading (`grader grade`) and `grader verify`")
         self.course_root = course_root.resolve()
         self.slots = max(1, slots)
         self.work = Path(tempfile.mkdtemp(prefix="grader-work-"))
@@ -116,6 +118,8 @@ class Engine:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
+            from grader.sandbox import remove_slot_groups
+
             remove_slot_groups(self._process.pid)
             self._process = None
         if self._channel is not None:
@@ -147,7 +151,7 @@ class Engine:
 
     def log_tail(self) -> str:
         try:
-            return "\n".join(self._log.read_text(errors="replace").splitlines()[-20:])
+            return "\n".join(self._log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
         except OSError:
             return ""
 
@@ -294,6 +298,8 @@ class Engine:
             with contextlib.suppress(OSError, ValueError):
                 self._process.stdin.close()  # type: ignore[union-attr]
             self._process.wait()
+            from grader.sandbox import remove_slot_groups
+
             remove_slot_groups(self._process.pid)
         self._process = None
         self._start()

@@ -26,7 +26,6 @@ from grader.catalog import Exercise, all_exercises, find_exercise
 from grader.engine import Engine, Job, Prepared
 from grader.hidden import HiddenSuite, hidden_suite
 from grader.results import ClassResult, ExerciseInfo, ExerciseResult, LearnerResult, TestResult
-from grader.sandbox import Limits
 from grader.scoring import worths
 from grader.submissions import Submission, find_submissions, read_submission
 from grader.warmup import imports_of, with_lazy_imports
@@ -95,6 +94,8 @@ def _ended_early(outcome: dict, done: int, total: int) -> str:
     code = outcome.get("exit_code")
     fatal = outcome.get("fatal")
     if fatal == "memory":
+        from grader.sandbox import Limits  # Linux only: here, a run of the Linux-only engine ended
+
         return (f"The submission's code ran out of memory after {done} of {total} tests (a run may use at most "
                 f"{Limits().memory_bytes // 1024**2} MiB of address space); the tests after that did not run.")
     if fatal:

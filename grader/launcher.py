@@ -19,8 +19,8 @@ uvicorn's own graceful shutdown.
     parent (pytest) ──socket──► launcher ──fork──► server (own session, like start_new_session)
 
 Only ``[sys.executable, "-m", module, …]`` commands are launched this way; anything else, and
-every case where no launcher runs (no ``fork``, a notebook kernel with threads, a launcher that
-died), goes to ``subprocess.Popen`` as before.
+every case where no launcher runs (not Linux, ``GRADER_PORTABLE=1``, a notebook kernel with threads,
+a launcher that died), goes to ``subprocess.Popen`` as before.
 """
 
 from __future__ import annotations
@@ -213,8 +213,10 @@ def start(folder: Path | str | None = None) -> Launcher | None:
     global _launcher
     if _launcher is not None or deferred:
         return current()
-    if not sys.platform.startswith("linux") or threading.active_count() != 1:
-        return None
+    from grader import platform_support
+
+    if not platform_support.forking() or threading.active_count() != 1:
+        return None  # servers start as new interpreters (grader.live), as they would without the launcher
     parent_end, helper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -316,9 +318,9 @@ def _server(request: dict, fds: list[int], close: list[int]) -> None:
         for fd in {null, *fds}:
             if fd > 2:
                 os.close(fd)
-        sys.stdin = open(0, closefd=False)  # noqa: SIM115
-        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         cwd, args = request["cwd"], request["args"]
         os.chdir(cwd)
         os.environ.clear()

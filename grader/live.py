@@ -20,7 +20,6 @@ import functools
 import http.client
 import logging
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -30,6 +29,8 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from grader import platform_support
 
 HOST = "127.0.0.1"
 
@@ -179,7 +180,7 @@ def serve_in_process(
     """Start ``command`` as a child process (``{port}`` in it is replaced); yield its base URL.
 
     The child runs in its own process group, which is terminated (then killed) on exit,
-    so a server that forks workers leaves nothing behind.
+    so a server that forks workers leaves nothing behind (``grader.platform_support``).
 
     In a graded run whose tests are marked ``servers``, a ``python -m …`` command is forked
     from a warm launcher process instead of starting a new interpreter (``grader.launcher``):
@@ -199,7 +200,7 @@ def serve_in_process(
             cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            **platform_support.new_group(),
         )
     base_url = f"http://{HOST}:{port}"
     try:
@@ -210,14 +211,9 @@ def serve_in_process(
 
 
 def stop_process_group(process: Any, grace: float = 5.0) -> None:
-    """Stop a ``subprocess.Popen`` (or a launcher's server) and everything in its process group."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    """Stop a ``subprocess.Popen`` (or a launcher's server) and everything it started.
+
+    As a deployment does: a request to stop (SIGTERM to the process group; CTRL_BREAK on
+    Windows, which uvicorn handles the same way), then a kill after ``grace`` seconds.
+    """
+    platform_support.stop_tree(process, grace)

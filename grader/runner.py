@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from grader import platform_support
 from grader.catalog import Exercise
 from grader.results import ExerciseResult, TestResult, bounded
 from grader.scoring import worths
@@ -63,7 +64,7 @@ def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float 
         process = subprocess.Popen(
             pytest_command(exercise, target, report, extra_args, time_limit=limit),
             cwd=exercise.root, env=child_environment(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **platform_support.new_group(),
         )
         try:
             output, _ = process.communicate(timeout=limit + KILL_AFTER)
@@ -85,10 +86,7 @@ def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float 
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    platform_support.kill_tree(process.pid)
 
 
 def result_from_report(exercise: Exercise, report: Path, duration: float, returncode: int, output: str) -> ExerciseResult:
@@ -136,3 +134,69 @@ def score(exercise: Exercise, raw_tests: list[dict]) -> list[TestResult]:
             duration=float(raw.get("duration", 0.0)), message=bounded(str(raw.get("message", ""))),
         ))
     return results
+
+
+class PlainRun:
+    """One run of :class:`PlainRunner`: a ``pytest`` process writing into its scratch folder."""
+
+    def __init__(self, exercise: Exercise, process: subprocess.Popen, scratch: Path, limit: float) -> None:
+        self.exercise, self.process, self.scratch, self.limit = exercise, process, scratch, limit
+        self.pid = process.pid
+        self.started = time.monotonic()
+        self.returncode: int | None = None
+        self.ended = 0.0
+
+
+class PlainRunner:
+    """``grader watch``'s runs as new ``pytest`` processes: the portable way, on every system.
+
+    The same interface as :class:`grader.warm.HeldRunner`, which forks each run from a warm
+    helper where the system allows it (``grader.platform_support.forking``). A run here pays
+    pytest's start, and a cancelled run is killed with everything it started.
+    """
+
+    def __init__(self, exercise: Exercise) -> None:
+        self.exercise = exercise
+
+    def warm(self) -> float:
+        return 0.0  # nothing to keep warm: every run is a new interpreter
+
+    def stop(self) -> None:
+        pass
+
+    def start(self) -> PlainRun:
+        scratch = Path(tempfile.mkdtemp(prefix="grader-watch-"))
+        command = pytest_command(self.exercise, None, scratch / "report.json", time_limit=self.exercise.timeout)
+        with open(scratch / "output.txt", "wb") as output:
+            process = subprocess.Popen(command, cwd=self.exercise.root, env=child_environment(),
+                                       stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                       **platform_support.new_group())
+        return PlainRun(self.exercise, process, scratch, self.exercise.timeout)
+
+    def finished(self, run: PlainRun) -> bool:
+        if run.returncode is not None:
+            return True
+        code = run.process.poll()
+        if code is None:
+            if time.monotonic() - run.started > run.limit + KILL_AFTER:
+                self.cancel(run)
+                run.returncode = platform_support.KILLED
+                return True
+            return False
+        run.returncode, run.ended = code, time.monotonic()
+        return True
+
+    def cancel(self, run: PlainRun) -> None:
+        platform_support.kill_tree(run.pid)
+        run.process.wait()
+        shutil.rmtree(run.scratch, ignore_errors=True)
+
+    def result(self, run: PlainRun) -> tuple[ExerciseResult, str]:
+        try:
+            text = (run.scratch / "output.txt").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        duration = (run.ended or time.monotonic()) - run.started
+        result = result_from_report(self.exercise, run.scratch / "report.json", duration, run.returncode or 0, text)
+        shutil.rmtree(run.scratch, ignore_errors=True)
+        return result, text

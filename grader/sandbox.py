@@ -24,9 +24,14 @@ Everything here runs in a freshly forked child before any learner code is import
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import fcntl
+
+from grader.platform_support import require_linux
+
+require_linux("The class grader's sandbox")  # before the imports below, which fail elsewhere
+
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+import fcntl  # noqa: E402
 import grp
 import os
 import pwd
@@ -347,7 +352,7 @@ class SlotGroups:
                 folder.mkdir(exist_ok=True)
                 self.created.append(folder)
                 if controller == "pids":
-                    (folder / "pids.max").write_text(str(processes))
+                    (folder / "pids.max").write_text(str(processes), encoding="ascii")
 
     def folders(self, slot: int) -> list[Path]:
         return [CGROUP_V1 / controller / self.root_name / f"slot{slot}" for controller in ("cpu", "pids")]
@@ -356,7 +361,7 @@ class SlotGroups:
         """Does a process still live in one of the slots' groups?"""
         for folder in self.created:
             with contextlib.suppress(OSError):
-                if Path(folder, "cgroup.procs").read_text().strip():
+                if Path(folder, "cgroup.procs").read_text(encoding="ascii").strip():
                     return True
         return False
 
@@ -381,14 +386,14 @@ def remove_slot_groups(zygote_pid: int) -> None:
 
 def join_cgroups(folders: Iterable[str]) -> None:
     for folder in folders:
-        Path(folder, "cgroup.procs").write_text("0")
+        Path(folder, "cgroup.procs").write_text("0", encoding="ascii")
 
 
 def kill_cgroup(folder: str) -> None:
     procs = Path(folder, "cgroup.procs")
     for _ in range(50):
         try:
-            pids = [int(line) for line in procs.read_text().split()]
+            pids = [int(line) for line in procs.read_text(encoding="ascii").split()]
         except OSError:
             return
         if not pids:

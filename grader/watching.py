@@ -15,13 +15,16 @@ the tests, not pytest's start. Saves are noticed by polling the files'
 modification times every few milliseconds: that works on every file system (network
 drives and container mounts that never deliver file events too) and keeps this process
 single-threaded, which forking needs. Without a terminal (stdin is not a TTY) there are no
-keys: the loop moves on by itself when an exercise passes.
+keys: the loop moves on by itself when an exercise passes. Where the system cannot fork (Windows,
+macOS) or with ``GRADER_PORTABLE=1``, each run is a new ``pytest`` process instead
+(:class:`grader.runner.PlainRunner`): slower to start, the same results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import select
 import sys
 import threading
@@ -82,7 +85,7 @@ def snapshot(exercise: Exercise) -> dict[str, tuple[float, int]]:
     """Modification time and size of every file a run depends on (the learner's and the graded ones)."""
     seen = {}
     for folder, _dirs, files in os.walk(exercise.folder):
-        if "__pycache__" in folder or "/." in folder:
+        if "__pycache__" in folder or f"{os.sep}." in folder or "/." in folder:
             continue
         for name in files:
             if name.endswith(WATCHED_SUFFIXES) or name == "Dockerfile":
@@ -94,23 +97,43 @@ def snapshot(exercise: Exercise) -> dict[str, tuple[float, int]]:
 
 
 class Keys:
-    """Single key presses from a terminal, read without a thread; nothing when stdin is not a TTY."""
+    """Single key presses from a terminal, read without blocking; nothing when stdin is not a TTY.
+
+    POSIX: the terminal in cbreak mode (``termios``) and ``select`` on stdin, no thread (the
+    watch process forks its runs). Windows: ``msvcrt``'s console keys. Elsewhere, and with
+    ``GRADER_PORTABLE=1``: whole lines, read by a thread (a key, then Enter); the runs are
+    new processes then, not forks, so a thread does no harm.
+    """
 
     def __init__(self) -> None:
+        from grader import platform_support
+
         self.fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
         self._saved = None
+        self._lines: queue.Queue[str] | None = None
+        self.kind = "none"
+        if self.fd is not None:
+            if platform_support.WINDOWS:
+                self.kind = "console"
+            elif platform_support.portable() or not _has_module("termios"):
+                self.kind = "lines"
+            else:
+                self.kind = "terminal"
 
     def __enter__(self) -> Keys:
-        if self.fd is not None:
+        if self.kind == "terminal":
             import termios
             import tty
 
             self._saved = termios.tcgetattr(self.fd)
             tty.setcbreak(self.fd)
+        elif self.kind == "lines":
+            self._lines = queue.Queue()
+            threading.Thread(target=self._read_lines, name="grader-keys", daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.fd is not None and self._saved is not None:
+        if self.kind == "terminal" and self._saved is not None:
             import termios
 
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
@@ -119,10 +142,33 @@ class Keys:
     def interactive(self) -> bool:
         return self.fd is not None
 
+    def _read_lines(self) -> None:
+        assert self._lines is not None
+        while True:
+            line = sys.stdin.readline()
+            self._lines.put(line.strip()[:1].lower() or "\n" if line else "q")
+            if not line:
+                return
+
     def read(self, timeout: float) -> str | None:
-        if self.fd is None:
+        if self.kind == "none":
             time.sleep(timeout)
             return None
+        if self.kind == "lines":
+            assert self._lines is not None
+            try:
+                return self._lines.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        if self.kind == "console":
+            import msvcrt
+
+            end = time.monotonic() + timeout
+            while not msvcrt.kbhit():  # type: ignore[attr-defined]
+                if time.monotonic() >= end:
+                    return None
+                time.sleep(0.01)
+            return msvcrt.getwch().lower()  # type: ignore[attr-defined]
         ready, _, _ = select.select([self.fd], [], [], timeout)
         if not ready:
             return None
@@ -130,11 +176,28 @@ class Keys:
         return data[:1].lower() if data else "q"
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def runner_for(exercise: Exercise):
+    """Forked runs from a warm helper where the system allows it; new ``pytest`` processes elsewhere."""
+    from grader import platform_support
+
+    if platform_support.forking():
+        from grader.warm import HeldRunner
+
+        return HeldRunner(exercise)
+    from grader.runner import PlainRunner
+
+    return PlainRunner(exercise)
+
+
 def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, console: Console,
                show: Callable[..., None]) -> None:
     """The loop (see the module's docstring). ``force_polling`` is accepted for compatibility: it always polls."""
-    from grader.warm import HeldRunner
-
     state, pristine = State(root), Pristine(root)
     exercises = all_exercises(root)
 
@@ -149,7 +212,7 @@ def watch_loop(root: Path, start: Exercise | None, *, force_polling: bool, conso
     current = start or pending(None)
     with Keys() as keys:
         while current is not None:
-            runner = HeldRunner(current)
+            runner = runner_for(current)
             try:
                 step = _watch_one(current, runner, keys, state, console, show)
             finally:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from grader import patches
+from grader import patches, platform_support
 
 # What the service and typical tests of it import, imported here once: the child processes
 # that run your tests are forked from this one and start with all of it loaded.
@@ -268,15 +268,16 @@ def _cores() -> int:
 def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Path, nice: int = 0) -> int:
     """Start one child pytest in `workdir`; return its pid (it leads a process group of its own).
 
-    Where the system can fork, the child is a copy of this process, which has already
+    Where the system can fork (Linux), the child is a copy of this process, which has already
     imported pytest and FastAPI (most of the start-up time of a new interpreter), and runs
     pytest.main with the child's own settings. Elsewhere it is a new `python -m pytest`.
     A `nice` child gives way to the others when they all want the CPU.
     """
-    if not hasattr(os, "fork"):
+    if not platform_support.forking():  # Windows, macOS, GRADER_PORTABLE=1
         with open(log, "wb") as output:
             child = subprocess.Popen(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=output, stderr=subprocess.STDOUT, **platform_support.new_group())
+        _spawned[child.pid] = child
         return child.pid
     sys.stdout.flush()
     sys.stderr.flush()
@@ -320,6 +321,38 @@ def _start_child(command: list[str], env: dict[str, str], workdir: Path, log: Pa
         os._exit(code)
 
 
+# The children started as new processes (not forked), by pid: they are polled and stopped through
+# their Popen, which works on every system.
+_spawned: dict[int, subprocess.Popen] = {}
+
+
+def _poll(pid: int) -> int | None:
+    """A child's exit code once it has ended (it is then waited for); None while it runs."""
+    process = _spawned.get(pid)
+    if process is not None:
+        code = process.poll()
+        if code is not None:
+            del _spawned[pid]
+        return code
+    done, status = os.waitpid(pid, os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def _kill(pid: int, waited: bool) -> None:
+    """Kill a child and whatever it started (`waited`: its exit code was collected already)."""
+    process = _spawned.pop(pid, None)
+    if process is not None:
+        if process.poll() is None:
+            platform_support.kill_tree(pid)
+            process.wait()
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # the child leads its group: servers it started go too
+    if not waited:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 def _wait_all(pids: list[int], timeout: float) -> dict[int, int] | None:
     """Exit codes by pid, or None if the children were still running after `timeout`.
 
@@ -332,9 +365,9 @@ def _wait_all(pids: list[int], timeout: float) -> dict[int, int] | None:
         while len(codes) < len(pids):
             for pid in pids:
                 if pid not in codes:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                    if done:
-                        codes[pid] = os.waitstatus_to_exitcode(status)
+                    code = _poll(pid)
+                    if code is not None:
+                        codes[pid] = code
             if len(codes) < len(pids):
                 if time.monotonic() > deadline:
                     return None
@@ -342,11 +375,7 @@ def _wait_all(pids: list[int], timeout: float) -> dict[int, int] | None:
         return codes
     finally:
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)  # the child leads its group: servers it started go too
-            if pid not in codes:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+            _kill(pid, waited=pid in codes)
 
 
 def _run_learner_tests(tests_file: Path, service_dir: Path, workdir: Path, timeout: float) -> Run:
@@ -403,9 +432,9 @@ def _write(path: Path, value: object) -> None:
 def _wait_for_file(path: Path, child: Child, deadline: float) -> bool:
     """Until `path` exists (True), or the child has ended or the time is up (False)."""
     while not path.exists():
-        done, status = os.waitpid(child.pid, os.WNOHANG)
-        if done:
-            child.code = os.waitstatus_to_exitcode(status)
+        code = _poll(child.pid)
+        if code is not None:
+            child.code = code
             return path.exists()
         if time.monotonic() > deadline:
             return False
@@ -430,7 +459,7 @@ def _stop(children: list[Child]) -> None:
     if running:
         _wait_all(running, 0)
         for child in children:
-            child.code = -signal.SIGKILL if child.code is None else child.code
+            child.code = platform_support.KILLED if child.code is None else child.code
 
 
 def _start_children(groups: list[list[str]], env: dict[str, str], workdir: Path, name: str,
@@ -463,7 +492,7 @@ def _finish_children(run: Run, children: list[Child], deadline: float) -> dict[s
     codes = _wait_all(running, max(0.0, deadline - time.monotonic())) if running else {}
     for child in children:  # either way, none of them runs any more
         if child.code is None:
-            child.code = codes[child.pid] if codes is not None else -signal.SIGKILL
+            child.code = codes[child.pid] if codes is not None else platform_support.KILLED
     if codes is None:
         run.problem = (
             f"Your tests did not finish within {CHILD_TIMEOUT:.0f} s (against all services together). "
