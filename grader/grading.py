@@ -27,7 +27,7 @@ from grader.engine import Engine, Job, Prepared
 from grader.hidden import HiddenSuite, hidden_suite
 from grader.results import ClassResult, ExerciseInfo, ExerciseResult, LearnerResult, TestResult
 from grader.scoring import worths
-from grader.submissions import Submission, find_submissions, read_submission
+from grader.submissions import Submission, colliding, find_submissions, read_submission
 from grader.warmup import imports_of, with_lazy_imports
 
 OUTPUT_LINES = 15  # lines of a run's output kept in an error message
@@ -86,7 +86,12 @@ def select_exercises(root: Path, keys: list[str]) -> list[Exercise]:
 # --------------------------------------------------------------------------- scoring
 
 
-def _tail(text: str, lines: int = OUTPUT_LINES) -> str:
+def _tail(text: str, lines: int = OUTPUT_LINES, *, hidden: bool = False) -> str:
+    """The end of a run's output, for a run that ended in error. Withheld when the run held
+    hidden tests: what they print (or what the learner's code prints about their inputs) would
+    reach the learner's report."""
+    if hidden:
+        return "(The run's output is not shown: this exercise has hidden tests.)" if text.strip() else ""
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -166,11 +171,11 @@ def score_run(exercise: Exercise, hidden: HiddenSuite | None, prepared: Prepared
         return ExerciseResult(status="timeout", tests=results, points=points, **base,
                               message=f"The tests did not finish within {timeout:g} s (an endless loop, a blocking call, "
                                       f"a server that never stops?). {passed} of {len(graded)} tests passed before that "
-                                      f"and are counted.\n{_tail(outcome.get('output', ''))}".strip())
+                                      f"and are counted.\n{_tail(outcome.get('output', ''), hidden=hidden is not None)}".strip())
     if not outcome.get("ended") or outcome.get("exitstatus") in (2, 3, 4):
         done = sum(1 for t in results if t.outcome != "missing")
         return ExerciseResult(status="error", tests=results, points=points, **base,
-                              message=f"{_ended_early(outcome, done, len(results))}\n{_tail(outcome.get('output', ''))}".strip())
+                              message=f"{_ended_early(outcome, done, len(results))}\n{_tail(outcome.get('output', ''), hidden=hidden is not None)}".strip())
     if graded and passed == len(graded):
         return ExerciseResult(status="passed", tests=results, points=points, **base)
     import_failure = next((r for r in outcome.get("tests", []) if r.get("import_failure")), None)
@@ -206,10 +211,15 @@ def grade(options: GradingOptions, progress: Callable[[int], ProgressHook] | Non
             warnings.append(f"{exercise.name}: hidden tests ignored: {exc}")
             hidden[exercise.name] = None
     entries = find_submissions(options.submissions)
+    collisions = colliding(entries)  # over the whole class, before a shard takes its part
     shard = options.shard
     if shard is not None:
         entries = [entry for index, entry in enumerate(entries) if index % shard[1] == shard[0] - 1]
     submissions: list[Submission] = [read_submission(learner, entry, exercises) for learner, entry in entries]
+    for submission in submissions:
+        note = collisions.get(submission.learner)
+        if note:
+            submission.notes.append(note)
 
     hide = [root / "solutions", root / ".git", options.submissions, *options.extra_hide]
     if options.hidden is not None:

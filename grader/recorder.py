@@ -162,9 +162,8 @@ class Recorder:
             if fatal and self.fatal is None:
                 self.fatal = fatal
         if self.writer is not None and item.nodeid in self.hidden and report.failed:
-            # Never let a hidden test's source or values reach any output.
-            kind = call.excinfo.typename if call.excinfo is not None else "failure"
-            report.longrepr = f"A hidden test failed ({kind})."
+            # Never let a hidden test's source, values or even its exception's name reach any output.
+            report.longrepr = "A hidden test failed."
             report.sections = []
         return report
 

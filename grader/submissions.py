@@ -56,7 +56,12 @@ def learner_name(entry: Path) -> str:
 
 
 def find_submissions(folder: Path) -> list[tuple[str, Path]]:
-    """Every learner's entry in ``folder``, sorted by learner name."""
+    """Every learner's entry in ``folder``, sorted by learner name.
+
+    Two entries that would be the same learner (``ada/`` and ``ada.zip``) are both kept, each
+    under its whole entry name, and :func:`colliding` tells the report about them: neither
+    overwrites the other, and neither is silently dropped.
+    """
     found = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith((".", "_")):
@@ -65,7 +70,27 @@ def find_submissions(folder: Path) -> list[tuple[str, Path]]:
             found.append((entry.name, entry))  # reported as rejected, never followed
         elif entry.is_dir() or (entry.is_file() and entry.name.lower().endswith(ARCHIVE_SUFFIXES)):
             found.append((learner_name(entry), entry))
+    counts: dict[str, int] = {}
+    for name, _ in found:
+        counts[name] = counts.get(name, 0) + 1
+    found = [(entry.name if counts[name] > 1 else name, entry) for name, entry in found]
     return sorted(found, key=lambda item: item[0])
+
+
+def colliding(entries: list[tuple[str, Path]]) -> dict[str, str]:
+    """For each learner kept under a whole entry name because another entry has the same learner
+    name: the note the report shows."""
+    names: dict[str, list[str]] = {}
+    for learner, entry in entries:
+        names.setdefault(learner_name(entry), []).append(learner)
+    notes = {}
+    for base, kept in names.items():
+        if len(kept) > 1:
+            for learner in kept:
+                others = ", ".join(k for k in kept if k != learner)
+                notes[learner] = (f"two submissions are named {base!r} ({learner} and {others}): both are graded, "
+                                  "each under its whole name; ask the learner which one counts")
+    return notes
 
 
 # --------------------------------------------------------------------------- trees: folder or archive
@@ -124,13 +149,42 @@ def _read_regular(path: str) -> bytes:
         os.close(fd)
 
 
+def _declared_entries(path: Path) -> int | None:
+    """The entry count a zip's end-of-central-directory record declares (zip64 too), read before
+    zipfile parses every entry: a listing of millions of entries is refused without building it."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 65_557))
+        tail = handle.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    count = int.from_bytes(tail[at + 10:at + 12], "little")
+    locator = tail.rfind(b"PK\x06\x07", 0, at)
+    if count == 0xFFFF and locator >= 0:
+        offset = int.from_bytes(tail[locator + 8:locator + 16], "little")
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            record = handle.read(56)
+        if record[:4] == b"PK\x06\x06" and len(record) >= 40:
+            count = int.from_bytes(record[32:40], "little")
+    return count
+
+
 def _zip_tree(path: Path) -> dict[tuple[str, ...], _Member]:
     tree: dict[tuple[str, ...], _Member] = {}
     try:
+        declared = _declared_entries(path)
+    except OSError as exc:
+        raise Rejected(f"it is not a readable zip archive ({exc})") from None
+    if declared is not None and declared > MAX_MEMBERS:
+        raise Rejected(f"the zip archive declares {declared} entries: it holds more than {MAX_MEMBERS} entries")
+    try:
         archive = zipfile.ZipFile(path)
         infos = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise Rejected(f"it is not a readable zip archive ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many kinds; each is this archive's fault
+        raise Rejected(f"it is not a readable zip archive ({type(exc).__name__}: {exc})") from None
     if len(infos) > MAX_MEMBERS:
         raise Rejected(f"it holds more than {MAX_MEMBERS} entries")
     for info in infos:
@@ -148,8 +202,11 @@ def _zip_tree(path: Path) -> dict[tuple[str, ...], _Member]:
             kind = "file"
 
         def read(info: zipfile.ZipInfo = info) -> bytes:
-            with archive.open(info) as handle:
-                return handle.read(MAX_FILE_BYTES + 1)  # never trust the declared size of a member
+            try:
+                with archive.open(info) as handle:
+                    return handle.read(MAX_FILE_BYTES + 1)  # never trust the declared size of a member
+            except Exception as exc:  # noqa: BLE001 - a bad CRC, encryption, an unknown compression...
+                raise Rejected(f"{info.filename} cannot be read from the zip archive ({type(exc).__name__}: {exc})") from None
 
         tree[parts] = _Member(kind, info.file_size, read)
         for depth in range(1, len(parts)):
@@ -173,14 +230,19 @@ def _tar_tree(path: Path) -> dict[tuple[str, ...], _Member]:
                     else "other")
 
             def read(info: tarfile.TarInfo = info) -> bytes:
-                handle = archive.extractfile(info)
-                return handle.read(MAX_FILE_BYTES + 1) if handle is not None else b""
+                try:
+                    handle = archive.extractfile(info)
+                    return handle.read(MAX_FILE_BYTES + 1) if handle is not None else b""
+                except Exception as exc:  # noqa: BLE001 - a truncated or corrupt member is this archive's fault
+                    raise Rejected(f"{info.name} cannot be read from the tar archive ({type(exc).__name__}: {exc})") from None
 
             tree[parts] = _Member(kind, info.size, read)
             for depth in range(1, len(parts)):
                 tree.setdefault(parts[:depth], _Member("dir", 0, None))
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        raise Rejected(f"it is not a readable tar archive ({exc})") from None
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tarfile and its decompressors raise many kinds; each is this archive's fault
+        raise Rejected(f"it is not a readable tar archive ({type(exc).__name__}: {exc})") from None
     return tree
 
 
@@ -250,6 +312,10 @@ def read_submission(learner: str, entry: Path, exercises: list[Exercise]) -> Sub
         submission.notes.append(f"the submission was not read: {exc}")
         submission.missing = {exercise.name for exercise in exercises}
         return submission
+    except Exception as exc:  # noqa: BLE001 - whatever a submission holds, it is that learner's problem, never the batch's
+        submission.notes.append(f"the submission was not read: {type(exc).__name__}: {exc}")
+        submission.missing = {exercise.name for exercise in exercises}
+        return submission
     for exercise in exercises:
         folder = _exercise_folder(tree, exercise)
         if folder is None:
@@ -264,6 +330,9 @@ def read_submission(learner: str, entry: Path, exercises: list[Exercise]) -> Sub
             continue
         except (Rejected, OSError) as exc:
             submission.problems[exercise.name] = f"the submission's file was rejected: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - as above: this learner's file, this learner's error
+            submission.problems[exercise.name] = f"the submission's file was rejected: {type(exc).__name__}: {exc}"
             continue
         submission.files[exercise.name] = files
     return submission

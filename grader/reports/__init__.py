@@ -11,11 +11,30 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from grader.results import ClassResult
 
 
 FAILURES = "REPORT-ERRORS.txt"
+
+
+def safe_result(result: ClassResult) -> ClassResult:
+    """The result with every string made safe for every format (``escaping.safe_text``): learner
+    names, messages and output are learner-controlled, and no format may fail on them or pass
+    control characters and bidirectional overrides on to a reader."""
+    from grader.reports.escaping import safe_text
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return safe_text(value)
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        if isinstance(value, dict):
+            return {clean(key) if isinstance(key, str) else key: clean(item) for key, item in value.items()}
+        return value
+
+    return ClassResult.model_validate(clean(result.model_dump()))
 
 
 def write_reports(result: ClassResult, out: Path) -> list[str]:
@@ -24,6 +43,7 @@ def write_reports(result: ClassResult, out: Path) -> list[str]:
     from grader.reports import classroom, csv_report, html_report, json_report, junit, markdown
 
     reporters = (json_report, csv_report, junit, markdown, html_report, classroom)
+    result = safe_result(result)
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))

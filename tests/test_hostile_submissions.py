@@ -1,0 +1,147 @@
+"""Submissions and names built to break the class grader: each is that learner's problem only,
+and every report format carries every name and message safely."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from grader.catalog import all_exercises
+from grader.reports import write_reports
+from grader.reports.escaping import csv_cell, safe_text
+from grader import results
+from grader.submissions import MAX_MEMBERS, colliding, find_submissions, read_submission
+
+from .conftest import ROOT
+
+EXERCISES = [e for e in all_exercises(ROOT) if e.name == "01_async_routes"]
+APP = "exercises/01_async_routes/app.py"
+
+
+def zip_with(path: Path, data: bytes = b"x = 1\n", **info: object) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        handle.writestr(APP, data)
+    return path
+
+
+def patch(path: Path, offset_of: bytes, at: int, value: bytes, nth: int = 0) -> None:
+    raw = bytearray(path.read_bytes())
+    where = -1
+    for _ in range(nth + 1):
+        where = raw.index(offset_of, where + 1)
+    raw[where + at:where + at + len(value)] = value
+    path.write_bytes(bytes(raw))
+
+
+def bad_crc(path: Path) -> None:
+    patch(path, b"PK\x01\x02", 16, b"\xde\xad\xbe\xef")  # the central directory's CRC-32
+    patch(path, b"PK\x03\x04", 14, b"\xde\xad\xbe\xef")  # and the local header's
+
+
+def encrypted(path: Path) -> None:
+    patch(path, b"PK\x01\x02", 8, b"\x01\x00")  # general purpose flag bit 0: encrypted
+    patch(path, b"PK\x03\x04", 6, b"\x01\x00")
+
+
+def method_99(path: Path) -> None:
+    patch(path, b"PK\x01\x02", 10, b"\x63\x00")  # compression method 99 (AES), which zipfile cannot read
+    patch(path, b"PK\x03\x04", 8, b"\x63\x00")
+
+
+def millions_of_entries(path: Path) -> None:
+    patch(path, b"PK\x05\x06", 8, struct.pack("<HH", 0xFFFF, 0xFFFF))  # entries on this disk, and in all
+
+
+@pytest.mark.parametrize("spoil", [bad_crc, encrypted, method_99, millions_of_entries],
+                         ids=lambda f: f.__name__)
+def test_a_broken_zip_is_that_learners_error_only(tmp_path, spoil):
+    folder = tmp_path / "subs"
+    folder.mkdir()
+    spoil(zip_with(folder / "mallory.zip"))
+    submission = read_submission("mallory", folder / "mallory.zip", EXERCISES)
+    problems = " ".join([*submission.notes, *submission.problems.values()])
+    assert not submission.files, "nothing of a broken archive is graded"
+    assert "zip" in problems, problems
+
+
+def test_an_archive_declaring_millions_of_entries_is_refused_before_they_are_parsed(tmp_path):
+    path = zip_with(tmp_path / "many.zip")
+    raw = bytearray(path.read_bytes())
+    end = raw.rindex(b"PK\x05\x06")
+    raw[end + 8:end + 12] = struct.pack("<HH", MAX_MEMBERS + 1, MAX_MEMBERS + 1)
+    path.write_bytes(bytes(raw))
+    submission = read_submission("many", path, EXERCISES)
+    assert any(f"more than {MAX_MEMBERS} entries" in note for note in submission.notes), submission.notes
+
+
+def test_two_entries_of_one_learner_are_both_kept_and_flagged(tmp_path):
+    (tmp_path / "dup" / "exercises" / "01_async_routes").mkdir(parents=True)
+    (tmp_path / "dup" / APP).write_text("x = 1\n", encoding="utf-8")
+    zip_with(tmp_path / "dup.zip", b"x = 2\n")
+    entries = find_submissions(tmp_path)
+    assert sorted(name for name, _ in entries) == ["dup", "dup.zip"]
+    notes = colliding(entries)
+    assert set(notes) == {"dup", "dup.zip"} and all("two submissions are named 'dup'" in n for n in notes.values())
+    texts = {name: read_submission(name, entry, EXERCISES).files["01_async_routes"]["app.py"] for name, entry in entries}
+    assert texts == {"dup": "x = 1\n", "dup.zip": "x = 2\n"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="file names that are not UTF-8 are a Linux file system's")
+def test_a_folder_name_that_is_not_utf8_is_found_and_reported(tmp_path):
+    os.mkdir(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    [(learner, _)] = find_submissions(tmp_path)
+    assert safe_text(learner) == "caf\\xe9"
+
+
+HOSTILE = [
+    "caf\udce9",  # a name that was not UTF-8
+    " =HYPERLINK(\"http://evil\")",  # a formula after a blank
+    "\u3000@SUM(A1)",
+    "admin\u202e\u2066txt.exe",  # bidirectional overrides
+    "red\x1b[31m\x1b]0;title\x07bell\x08\x7f\x9b",  # terminal escapes and control characters
+    "lone \ud800 surrogate",
+]
+
+
+def hostile_result() -> results.ClassResult:
+    learners = []
+    for index, name in enumerate(HOSTILE):
+        test = results.TestResult(nodeid=f"exercises/01_async_routes/test_async_routes.py::test_{index}", task="t",
+                          outcome="failed", points=0.0, max_points=1.0, message=f"got {name}\nexpected ok")
+        exercise = results.ExerciseResult(exercise="01_async_routes", status="failed", max_points=1.0, tests=[test],
+                                  message=name)
+        learners.append(results.LearnerResult(learner=name, exercises=[exercise], problems=[name]))
+    return results.ClassResult(grader_version="test", generated_at="2026-12-07T00:00:00Z",
+                       exercises=[results.ExerciseInfo(name="01_async_routes", title="Async routes", max_points=1.0,
+                                               visible_max_points=1.0, tests=1)],
+                       learners=learners, warnings=HOSTILE[:1])
+
+
+def test_every_format_is_written_for_hostile_names_and_messages(tmp_path):
+    failures = write_reports(hostile_result(), tmp_path / "out")
+    assert failures == [], failures
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(written) > 6
+    for path in written:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")  # every file is valid UTF-8
+        for bad in ("\x1b", "\x07", "\x08", "\x7f", "\x9b", "\u202e", "\u2066", "\ud800"):
+            assert bad not in text, f"{path.name} carries {bad!r}"
+    with (tmp_path / "out" / "grades.csv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.reader(handle))
+    for row in rows[1:]:
+        assert not row[0].lstrip(" \u3000").startswith(("=", "+", "-", "@")), row[0]
+    data = json.loads(next(p for p in written if p.suffix == ".json" and p.parent.name == "out").read_text(encoding="utf-8"))
+    assert data["learners"][0]["learner"] == "caf\\xe9"
+
+
+@pytest.mark.parametrize("text", [" =1+1", "\t=1", "\u00a0+1", "\u3000@A1", "  -2"])
+def test_a_formula_after_blanks_is_neutralised(text):
+    assert csv_cell(text).startswith("'")
