@@ -14,11 +14,13 @@ import re
 from pathlib import Path
 
 from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# What the site holds: the pages, and the files they link to (notebooks are offered as downloads).
+# What the site holds besides the lessons' three parts (mkdocs-jupyter renders the notebooks):
+# the pages, and the files they link to.
 PAGES = ["README.md", "lessons/appendices/*.md", "docs/*.md"]
 LINKED_FILES = ["docs/*.json", "docs/examples/*"]
 
@@ -55,6 +57,8 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
         {"Lessons": _numbered(lessons, lambda path: path.name[:2])},
         {"Appendices": [{_title(path): path.relative_to(ROOT).as_posix()}
                         for path in sorted(ROOT.glob("lessons/appendices/*.md"))]},
+        {"Notebooks": [{f"{name[:2]} {_title(ROOT / 'lessons' / f'{name}.md')}": f"notebooks/{name}.ipynb"}
+                       for name in published()]},
         {"Exercises": _numbered(exercises, lambda path: path.parent.name[:2])},
         {"For instructors and maintainers": [{_title(path): path.relative_to(ROOT).as_posix()}
                                              for path in sorted(ROOT.glob("docs/*.md"))]},
@@ -62,6 +66,8 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
     return config
 
 
+# Before mkdocs-jupyter's own on_files, which turns the notebooks gathered here into pages.
+@event_priority(100)
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     """Replace the docs folder's files with the course's, under their repository paths."""
     course = Files([])
