@@ -523,6 +523,63 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+class _RequestTasks:
+    """An app's requests, each in a task of its own, all in one long-lived anyio task group.
+
+    A task of its own gives each request a fresh copy of the context, as a server does. The
+    group is for the worker threads of ``run_in_threadpool``: anyio stops them when the *root*
+    task of the request that started them ends. Sent by ``run_until_complete`` one by one,
+    every request was its own root, so each one that used a thread (02 hashes every
+    registration's password in one) started a new thread. In the group the root is the group's
+    long-lived task: the threads are reused from one request to the next, as under a server,
+    until the app is stopped.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._queue: asyncio.Queue | None = None
+        self._host: asyncio.Task | None = None
+
+    def run(self, coroutine: Any) -> Any:
+        if self._host is None or self._host.done():
+            self._queue = asyncio.Queue()
+            self._host = self.loop.create_task(self._serve(self._queue))
+        assert self._queue is not None
+        result = self.loop.create_future()
+        self._queue.put_nowait((coroutine, result))
+        return self.loop.run_until_complete(result)
+
+    @classmethod
+    async def _serve(cls, queue: asyncio.Queue) -> None:
+        import anyio
+
+        async with anyio.create_task_group() as group:
+            while True:
+                coroutine, result = await queue.get()
+                group.start_soon(cls._one, coroutine, result)
+
+    @staticmethod
+    async def _one(coroutine: Any, result: asyncio.Future) -> None:
+        try:
+            value = await coroutine
+        except asyncio.CancelledError:
+            result.cancel()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - it reaches the caller of run(), as it did before
+            if not result.done():
+                result.set_exception(exc)
+        else:
+            if not result.done():
+                result.set_result(value)
+
+    def close(self) -> None:
+        """End the group: its worker threads stop (each after the call it is running, if any)."""
+        host, self._host = self._host, None
+        if host is not None and not host.done():
+            host.cancel()
+            self.loop.run_until_complete(asyncio.gather(host, return_exceptions=True))
+
+
 class AppRunner:
     """One ASGI app on an event loop of its own, its lifespan started: requests go straight
     to the app's callable (no sockets, no threads)."""
@@ -533,6 +590,7 @@ class AppRunner:
         self._lifespan: asyncio.Task | None = None
         self._incoming: asyncio.Queue | None = None
         self._outgoing: asyncio.Queue | None = None
+        self._tasks = _RequestTasks(loop)
 
     def start(self) -> None:
         self.loop.run_until_complete(self._start())
@@ -563,6 +621,7 @@ class AppRunner:
     def stop(self) -> None:
         if self._lifespan is not None and not self._lifespan.done():
             self.loop.run_until_complete(self._stop())
+        self._tasks.close()
 
     async def _stop(self) -> None:
         assert self._incoming is not None and self._lifespan is not None
@@ -573,7 +632,7 @@ class AppRunner:
             self._lifespan.cancel()
 
     def send(self, request: Request) -> Answer:
-        return self.loop.run_until_complete(self._send(request))
+        return self._tasks.run(self._send(request))
 
     @staticmethod
     async def _settle(before: set) -> None:
@@ -631,7 +690,8 @@ class AppRunner:
 
         before = asyncio.all_tasks()
         try:
-            await asyncio.wait_for(self.app(scope, receive, send), ANSWER_SECONDS)
+            async with asyncio.timeout(ANSWER_SECONDS):  # in this task: wait_for would start another (_RequestTasks)
+                await self.app(scope, receive, send)
             if self.settle:
                 await self._settle(before)
         except TimeoutError:

@@ -198,6 +198,32 @@ def import_problem(config: pytest.Config, shown: Path, exc: BaseException | None
     return feedback.import_failed(shown, exc)
 
 
+# grader watch's helper imports the reference once, before it forks the runs (grader.warm):
+# (folder, module) -> that module. In a run (a fork) the first reference() takes it; later ones import anew.
+_primed: dict[tuple[str, str], types.ModuleType] = {}
+
+
+def prime_reference(folder: Path, module: str) -> types.ModuleType:
+    """Import the reference's ``module`` now, for the first ``reference(module)`` of each forked run.
+
+    The process that primes it must never use it: each run gets its own copy with the fork,
+    untouched, so the first ``reference()`` of a run is as fresh as an import made there.
+    """
+    name = module.removesuffix(".py")
+    loaded = load_module(folder, name)
+    _primed[(str(Path(folder).resolve()), name)] = loaded
+    return loaded
+
+
+def reference_module(folder: Path, module: str) -> types.ModuleType:
+    """The reference's ``module``: the primed copy the first time (if there is one), else a fresh import."""
+    name = module.removesuffix(".py")
+    primed = _primed.pop((str(Path(folder).resolve()), name), None)
+    if primed is not None:  # imported before this run was forked, and used by no one: as fresh as a new import
+        return primed
+    return load_module(folder, name)
+
+
 @pytest.fixture(scope="module")
 def reference(request: pytest.FixtureRequest, exercise: Exercise) -> Callable[..., types.ModuleType]:
     """``reference("app")`` imports the reference solution's ``app.py``, fresh on every call.
@@ -205,14 +231,15 @@ def reference(request: pytest.FixtureRequest, exercise: Exercise) -> Callable[..
     The other side of a differential test (``grader.differential``): the same loader as ``load``,
     a new package each time, so the learner's copy and the reference never share module state.
     Self-grading reads ``solutions/NN_topic``; a class grading run reads the instructor's copy
-    (``--grader-reference``, set by the grader).
+    (``--grader-reference``, set by the grader). In ``grader watch`` the first call of a run takes
+    the copy imported before the run was forked (:func:`prime_reference`): used by no one, as fresh.
     """
     folder = Path(request.config.getoption("--grader-reference") or exercise.solution_folder)
 
     def _reference(module: str | None = None) -> types.ModuleType:
         name = (module or exercise.editable[0]).removesuffix(".py")
         try:
-            return load_module(folder, name)
+            return reference_module(folder, name)
         except FileNotFoundError:
             pytest.fail(f"The reference solution ({folder / name}.py) is not here, and the differential tests "
                         "compare your app with it: restore the course's solutions/ folder.", pytrace=False)

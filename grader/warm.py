@@ -7,7 +7,9 @@ FastAPI and pydantic, and collecting the graded test files. ``grader watch`` pay
 Each run is then ``os.fork()`` and ``pytest.main`` in the child, the way the class grader's
 zygote (``grader/zygote.py``) forks its runs: the learner's files are imported fresh by the
 ``load`` fixture in every child (they are never imported in the parent), and a child that is
-cancelled because the learner saved again is killed with its process group.
+cancelled because the learner saved again is killed with its process group. For a differential
+suite the helper imports the reference solution once (:func:`_prime_reference`): each run's
+first ``reference()`` takes that copy, which no one has used, and later ones import anew.
 
 The watch process must stay single-threaded for this: it reads keys with ``select``, not a
 thread, and notices saves by polling the files' modification times.
@@ -197,7 +199,7 @@ class HeldRunner(WarmRunner):
     def warm(self) -> float:
         started = time.monotonic()
         self.stop()
-        files = [*self.exercise.test_files, self.exercise.folder / "conftest.py"]
+        files = [*self.exercise.test_files, self.exercise.folder / "conftest.py", *_reference_files(self.exercise)]
         self.warmed = {str(path): _mtime(path) for path in files}
         to_read, to_write = os.pipe()
         from_read, from_write = os.pipe()
@@ -315,11 +317,14 @@ def _serve(args: list[str], commands: int, replies: int, exercise: Exercise) -> 
             os.dup2(null, fd)
         import pytest
 
+        import grader.hangs  # noqa: F401 - else imported at the first test of every run (10-50 ms)
+
         class Hold:
             """Waits in pytest_runtestloop; each fork returns from it into pytest's own test loop."""
 
             @pytest.hookimpl(tryfirst=True)
             def pytest_runtestloop(self, session: pytest.Session) -> object:
+                _prime_reference(session.config, exercise)
                 scratch = _wait_for_run(commands, replies)
                 report = Path(scratch) / "report.json"
                 session.config.option.grader_report = str(report)
@@ -335,6 +340,45 @@ def _serve(args: list[str], commands: int, replies: int, exercise: Exercise) -> 
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _reference_files(exercise: Exercise) -> list[Path]:
+    """The reference's files, when the helper imports it before its forks (a change makes a new helper)."""
+    if "differential" not in exercise.extra or not exercise.solution_folder.is_dir():
+        return []
+    return sorted(exercise.solution_folder.glob("**/*.py"))
+
+
+def _prime_reference(config: object, exercise: Exercise) -> None:
+    """In the helper, before any fork: import the reference solution of a differential suite once.
+
+    The first ``reference()`` of each run takes the helper's copy, which no one has used (the
+    helper never runs a test): the import, and the libraries it imports late (FastAPI imports
+    ``pydantic.v1`` when it builds the first route, 20-50 ms), are not paid again in every run.
+    Its OpenAPI document is built now too (FastAPI keeps it on the app: the differential suite
+    starts from it). The learner's files are never imported here: every run imports them anew.
+    A reference solution's import must not start threads or open connections (the helper forks).
+    """
+    if "differential" not in exercise.extra:
+        return
+    import gc
+    import threading
+
+    from grader.pytest_plugin import prime_reference
+
+    folder = Path(config.getoption("--grader-reference") or exercise.solution_folder)  # type: ignore[attr-defined]
+    threads = threading.active_count()
+    try:
+        module = prime_reference(folder, exercise.editable[0])
+        app = getattr(module, "app", None)
+        if callable(getattr(app, "openapi", None)):
+            app.openapi()
+    except BaseException:  # noqa: BLE001 - the runs import it themselves and report what is wrong
+        return
+    finally:
+        if threading.active_count() != threads:  # a helper with threads must not fork: no helper at all
+            os._exit(71)
+    gc.freeze()  # the reference's objects join the frozen imports (grader.pytest_plugin.pytest_collection_finish)
 
 
 def _wait_for_run(commands: int, replies: int) -> str:

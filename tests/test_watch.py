@@ -3,6 +3,7 @@ run cancels it, every run clears the screen, and the keys do what the screen say
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import ROOT
 from .test_cli import EXERCISE, course, git, stub  # noqa: F401 - `course` is a fixture
 
 CLEAR = "\x1b[2J"
@@ -144,3 +146,75 @@ def test_keys_need_no_thread_and_a_pipe_is_not_a_terminal(tmp_path):
         sys.stdin = saved
         os.close(write)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- the warm helper's reference (grader.warm._prime_reference) ------------------------------------
+
+
+def test_a_primed_reference_is_taken_once_then_imported_anew(tmp_path):
+    from grader.pytest_plugin import prime_reference, reference_module
+
+    (tmp_path / "app.py").write_text("USERS = {}\n")
+    primed = prime_reference(tmp_path, "app")
+    first = reference_module(tmp_path, "app")
+    assert first is primed, "the first reference() of a run takes the copy imported before the fork"
+    first.USERS[1] = "ada"
+    second = reference_module(tmp_path, "app")
+    assert second is not first and second.USERS == {}, "a second reference() in the same run is a fresh import"
+
+
+HELD_RUNS = r"""
+import json, sys, time
+from pathlib import Path
+from grader.catalog import find_exercise
+from grader.warm import HeldRunner
+
+exercise = find_exercise("02", Path(sys.argv[1]))
+learner = exercise.folder / "app.py"
+solution = (exercise.solution_folder / "app.py").read_text()
+runner = HeldRunner(exercise)
+runner.warm()
+
+def run(label):
+    started = runner.start()
+    while not runner.finished(started):
+        time.sleep(0.01)
+    result, _ = runner.result(started)
+    failed = sorted(t.name for t in result.tests if t.outcome != "passed")
+    print(json.dumps({"label": label, "helper": runner.helper, "tests": len(result.tests), "failed": failed}), flush=True)
+
+learner.write_text(solution)
+run("solution")
+run("solution again")
+learner.write_text(solution.replace("ge=13, le=120", "ge=14, le=120"))
+run("age 13 refused")
+learner.write_text(solution + "\n# saved again\n")
+run("solution saved again")
+(exercise.solution_folder / "app.py").write_text(solution + "\n# the reference changed\n")
+run("reference changed")
+runner.stop()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_held_runs_import_the_learners_file_anew_and_start_from_a_pristine_reference(tmp_path):
+    """Runs forked from the warm helper of exercise 02 (which primes the reference): each run sees the
+    learner's last save, and no run sees what an earlier run did to the reference (its stored users)."""
+    root = tmp_path / "course"
+    for part in ("exercises/02_validation", "solutions/02_validation"):
+        shutil.copytree(ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "lessons").mkdir()
+    shutil.copy(ROOT / "lessons" / "02_validation.md", root / "lessons")
+    shutil.copy(ROOT / "pyproject.toml", root)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run([sys.executable, "-c", HELD_RUNS, str(root)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = {run["label"]: run for run in map(json.loads, done.stdout.splitlines())}
+    assert runs["solution"]["tests"] > 20 and runs["solution"]["failed"] == [], runs["solution"]
+    assert runs["solution again"]["failed"] == [], "the first run's registrations leaked into the next run"
+    assert "test_answers_like_the_reference[constraints]" in runs["age 13 refused"]["failed"], runs["age 13 refused"]
+    assert runs["solution saved again"]["failed"] == []
+    assert runs["solution saved again"]["helper"] == runs["solution"]["helper"], "a learner's save keeps the helper"
+    assert runs["reference changed"]["failed"] == []
+    assert runs["reference changed"]["helper"] != runs["solution"]["helper"], "a new reference, a new helper"
