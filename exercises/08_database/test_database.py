@@ -31,7 +31,9 @@ DEFAULT_URL = "sqlite+aiosqlite:///./library.db"
 # and Python reports "unclosed event loop" / "unclosed socket" ResourceWarnings at whatever moment
 # the collector happens to run, in whichever test is running then. The leak itself is reported,
 # clearly, by test_every_request_gives_its_connection_back; these echoes would only blame other tests.
-pytestmark = pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning"),
+              # the same leak, as aiosqlite reports a connection an undisposed engine left open
+              pytest.mark.filterwarnings("ignore:.*was deleted before being closed:ResourceWarning")]
 
 URSULA = {
     "name": "Ursula K. Le Guin",
@@ -333,18 +335,40 @@ def test_the_tables_are_created_at_startup_in_the_configured_database(imported, 
         f"\ngot:      tables already in {database_file.name} right after import: {sorted(found_after_import)}"))
     with TestClient(module.app):
         found = tables(database_file)
+        engine = getattr(module.app.state, "engine", None)
         check({"authors", "books"} <= found, (
             f"\nexpected: once the app has started, the tables authors and books exist in the database "
             f"DATABASE_URL names ({database_file.name})\ngot:      tables {sorted(found) or 'none'}"
             + ("; a library.db appeared in the working directory instead: is the URL taken from Settings?"
                if Path("library.db").exists() else "")))
+    pool = getattr(engine, "pool", None)
+    left_open = pool.checkedin() + pool.checkedout() if hasattr(pool, "checkedin") else 0
+    if left_open:  # close them now, or the garbage collector reports them later, in another test
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            asyncio.run(engine.dispose())
+    check(not left_open, (
+        "\nexpected: after the lifespan's shutdown, the engine is disposed of (await engine.dispose()): "
+        "no connection of app.state.engine's pool stays open\n"
+        f"got:      {left_open} connection(s) "
+        "still open after the app stopped" if pool is not None else "no app.state.engine"))
     with sqlite3.connect(database_file) as connection:
+        declared = {(table, row[1]): row[2].upper().replace(" ", "") for table in ("authors", "books")
+                    for row in connection.execute(f"PRAGMA table_info({table})")}
         columns = {table: {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
                    for table in ("authors", "books")}
         references = {(row[2], row[3], row[4]) for row in connection.execute("PRAGMA foreign_key_list(books)")}
     wanted = {"authors": {"id", "name"}, "books": {"id", "title", "isbn", "year", "author_id"}}
     check(all(wanted[table] <= columns[table] for table in wanted), (
         f"\nexpected: the columns {{table: columns}} {wanted}\ngot:      {columns}"))
+    lengths = {("authors", "name"): "VARCHAR(100)", ("books", "title"): "VARCHAR(200)", ("books", "isbn"): "VARCHAR(13)"}
+    wrong = {f"{table}.{column}": declared.get((table, column)) for (table, column), want in lengths.items()
+             if declared.get((table, column)) != want}
+    check(not wrong, (
+        f"\nexpected: the columns declared with the lengths README.md gives (String(n)): "
+        f"{ {f'{t}.{c}': w for (t, c), w in lengths.items()} }\ngot:      {wrong}\n"
+        "          SQLite ignores a declared length, but PostgreSQL (where the same code may run) enforces it: "
+        "a shorter column refuses what the API accepts, a longer one stores what it refuses"))
     check(("authors", "author_id", "id") in references, (
         "\nexpected: books.author_id is a foreign key to authors.id "
         "(mapped_column(ForeignKey(\"authors.id\")))"
@@ -387,6 +411,24 @@ def test_the_database_health_route_runs_a_query(shared):
         response, "the answer comes after a query really ran: no statement reached the database through "
         "app.state.engine. A readiness check that does not ask the database says ok when it is down: "
         'run session.execute(text("SELECT 1")).'))
+
+
+@pytest.mark.task("setup")
+@pytest.mark.promise("P4")
+def test_the_database_health_route_answers_503_when_the_database_is_unreachable(client, database_file):
+    expect_json(call(client, "GET", "/health/db"), {"database": "ok"}, "the database is there", exact=True)
+    # The database goes away: its file becomes a folder, which SQLite cannot open, and the
+    # connections the pool keeps are closed, so the next query must open a new one.
+    engine = getattr(client.app.state, "engine", None)
+    check(engine is not None, "\nexpected: the lifespan keeps the engine on app.state.engine\ngot:      no app.state.engine")
+    client.portal.call(engine.dispose)
+    database_file.unlink()
+    database_file.mkdir()
+    response = call(client, "GET", "/health/db")
+    expect_status(response, 503, "the database file cannot be opened: a readiness check that fails says 503, "
+                  "so that a load balancer stops sending traffic here")
+    detail = json_of(response).get("detail") if isinstance(json_of(response), dict) else None
+    check(isinstance(detail, str) and bool(detail), explain(response, 'a body {"detail": "..."} saying the database is unavailable'))
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -626,6 +668,12 @@ def test_invalid_input_is_422(shared):
     response = call(shared, "POST", f"/authors/{author['id']}/books",
                     json={"title": "Last year", "isbn": isbn(62), "year": 2100})
     expect_status(response, 201, "the year 2100 is allowed (1450-2100, both included)")
+    # One POST /authors carries at most 50 books: a body is bounded, like every input.
+    shelf = [{"title": f"Volume {n}", "isbn": isbn(7000 + n), "year": 2000} for n in range(51)]
+    response = call(shared, "POST", "/authors", json={"name": "Prolific", "books": shelf})
+    expect_status(response, 422, "51 books in one POST /authors: at most 50")
+    response = call(shared, "POST", "/authors", json={"name": "Prolific", "books": shelf[:50]})
+    expect_status(response, 201, "50 books in one POST /authors are allowed (at most 50, both ends included)")
 
 
 MAX_INT = 2**31 - 1  # README.md: ids and offsets stay within a PostgreSQL INTEGER
