@@ -40,6 +40,7 @@ import signal
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ def reserve_uid_base(slots: int, lock_folder: Path | None = None) -> tuple[int, 
     uids and cannot stop each other's runs. The uids must also belong to no account. Without
     a free block: the first one, and no lock.
     """
-    folder = lock_folder or next((Path(p) for p in ("/run/lock", "/var/lock", "/tmp") if os.access(p, os.W_OK)), None)
+    folder = lock_folder or _lock_folder()
     if folder is None or slots > UID_BLOCK:
         return SLOT_UID_BASE, None
     for block in range(UID_BLOCKS):
@@ -191,9 +192,14 @@ def reserve_uid_base(slots: int, lock_folder: Path | None = None) -> tuple[int, 
         if not all(_free_id(base + slot) for slot in range(slots)):
             continue
         try:
-            fd = os.open(folder / f"grader-uids-{base}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # never through a link someone planted under the lock's name; never a folder or a FIFO
+            fd = os.open(folder / f"grader-uids-{base}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError:
-            return SLOT_UID_BASE, None
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -201,6 +207,26 @@ def reserve_uid_base(slots: int, lock_folder: Path | None = None) -> tuple[int, 
             continue
         return base, fd
     return SLOT_UID_BASE, None
+
+
+LOCK_FOLDER = "/run/grader-uid-locks"
+
+
+def _lock_folder() -> Path | None:
+    """A folder for the uid locks that only the grader's own user can write: a run's uid (or
+    any other user) cannot plant files, folders or links under a lock's name there. The
+    shared ``/run/lock`` is writable by every user, so it is used only through this folder."""
+    folder = LOCK_FOLDER if os.geteuid() == 0 else os.path.join(tempfile.gettempdir(), f"grader-uid-locks-{os.geteuid()}")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        return None  # a link, or a folder someone else made or can write: not to be trusted
+    return Path(folder)
 
 
 def _free_id(uid: int) -> bool:
@@ -452,7 +478,7 @@ def hide_paths(paths: Iterable[str]) -> list[str]:
 
 
 def private_mounts(tmp_bytes: int, new_proc: bool, keep: Iterable[str] = (), staging: str = "") -> None:
-    """A fresh, size-limited ``/tmp`` (and ``/dev/shm``, ``/var/tmp``) for the run.
+    """A fresh, size-limited ``/tmp`` (and ``/dev/shm``, ``/var/tmp``, ``/run/lock``) for the run.
 
     Paths the run needs that live inside one of them (a course cloned under ``/tmp``, its
     virtual environment) are mounted back into the fresh file system before it takes the
@@ -463,7 +489,9 @@ def private_mounts(tmp_bytes: int, new_proc: bool, keep: Iterable[str] = (), sta
     if new_proc:
         mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     kept = sorted({os.path.realpath(p) for p in keep})
-    for path in ("/tmp", "/dev/shm", "/var/tmp"):
+    # /run/lock is shared by every user and outlives a run: private too, so that no run finds
+    # what an earlier one left there
+    for path in ("/tmp", "/dev/shm", "/var/tmp", "/run/lock"):
         if not os.path.isdir(path) or os.path.islink(path):
             continue
         inside = [p for p in kept if p.startswith(path.rstrip("/") + "/")]

@@ -115,6 +115,11 @@ def test_hidden_tests_score_apart_and_never_show_their_source(graded):
             assert SECRET not in path.read_text(encoding="utf-8", errors="replace"), path
 
 
+def test_nothing_a_run_leaves_in_shared_folders_outlives_it(graded):
+    # the sandbox probe writes /run/lock/left-by-a-learner; every run has a /run/lock of its own
+    assert not Path("/run/lock/left-by-a-learner").exists()
+
+
 def test_the_class_run_reports_its_protections(graded):
     result, _ = graded
     names = {p.name: p.active for p in result.protections}

@@ -145,3 +145,31 @@ def test_every_format_is_written_for_hostile_names_and_messages(tmp_path):
 @pytest.mark.parametrize("text", [" =1+1", "\t=1", "\u00a0+1", "\u3000@A1", "  -2"])
 def test_a_formula_after_blanks_is_neutralised(text):
     assert csv_cell(text).startswith("'")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="class grading runs on Linux")
+def test_uid_locks_never_follow_what_someone_planted(tmp_path):
+    from grader.sandbox import SLOT_UID_BASE, UID_BLOCK, reserve_uid_base
+
+    folder = tmp_path / "locks"
+    folder.mkdir(mode=0o700)
+    target = tmp_path / "victim"
+    os.symlink(target, folder / f"grader-uids-{SLOT_UID_BASE}.lock")  # a link under the first lock's name
+    (folder / f"grader-uids-{SLOT_UID_BASE + UID_BLOCK}.lock").mkdir()  # a folder under the second
+    base, lock = reserve_uid_base(2, folder)
+    try:
+        assert not target.exists(), "the lock was created through a planted link"
+        assert lock is not None and base not in (SLOT_UID_BASE, SLOT_UID_BASE + UID_BLOCK)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="class grading runs on Linux")
+def test_the_default_lock_folder_is_private_to_the_grader():
+    from grader.sandbox import _lock_folder
+
+    folder = _lock_folder()
+    assert folder is not None
+    info = os.lstat(folder)
+    assert info.st_uid == os.geteuid() and not info.st_mode & 0o077 and not os.path.islink(folder)
