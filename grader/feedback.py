@@ -432,8 +432,9 @@ class FeedbackPlugin:
             "\n\nIts thread could not be stopped (it waits inside a call that cannot be interrupted), "
             "so the run ended here.")
         outcomes = self.config._grader_outcomes  # type: ignore[attr-defined]
-        task = dict(item.user_properties).get("task") if item is not None else None
-        outcomes[stuck.nodeid] = {"nodeid": stuck.nodeid, "task": task, "outcome": "error", "duration": stuck.limit,
+        properties = dict(item.user_properties) if item is not None else {}
+        outcomes[stuck.nodeid] = {"nodeid": stuck.nodeid, "task": properties.get("task"),
+                                  "weight": properties.get("weight", 1.0), "outcome": "error", "duration": stuck.limit,
                                   "message": message, "phases": ["setup"]}
         self.timed_out = True
         self.stopped_for_time = f"{name} hung and could not be stopped"
@@ -456,7 +457,8 @@ class FeedbackPlugin:
         for item in session.items:
             if item.nodeid not in outcomes and self._exercise(item) is not None:
                 outcomes[item.nodeid] = {
-                    "nodeid": item.nodeid, "task": dict(item.user_properties).get("task"), "outcome": "error",
+                    "nodeid": item.nodeid, "task": dict(item.user_properties).get("task"),
+                    "weight": dict(item.user_properties).get("weight", 1.0), "outcome": "error",
                     "duration": 0.0, "phases": [], "message": f"not run: {self.stopped_for_time}.",
                 }
 

@@ -12,7 +12,7 @@
     [[tasks]]
     id = "robustness"              # @pytest.mark.task("robustness") in a hidden test
     title = "Survives odd input"
-    points = 4                     # shared equally by the hidden tests of this task
+    points = 4                     # shared by the hidden tests of this task (by their weights)
 
 Hidden points come on top of the exercise's own (visible) points and are reported apart.
 A hidden test marked with a task of ``exercise.toml`` that ``hidden.toml`` does not list is

@@ -25,6 +25,7 @@ import pytest
 
 from grader.catalog import CatalogError, Exercise, load_exercise
 from grader.loader import load_module
+from grader.scoring import DEFAULT_WEIGHT, weight_of
 from grader.text import bounded
 
 MESSAGE_LIMIT = 4000  # characters of a failure kept in a report
@@ -72,7 +73,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "task(id): the exercise task (from exercise.toml) that this test grades")
+    config.addinivalue_line("markers", "task(id, weight=1): the exercise task (from exercise.toml) that this test grades; "
+                            "the task's points are shared by its tests in proportion to their weights")
     config.addinivalue_line("markers", "promise(*ids): the promises of the exercise README (P1, P2, …) this test checks")
     config.addinivalue_line("markers", "slow: starts real servers or processes; still part of the graded suite")
     config.addinivalue_line("markers", "servers: starts the graded code as real server processes "
@@ -265,6 +267,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         task = exercise.task(str(marker.args[0]))
         item.user_properties.append(("task", str(marker.args[0])))
+        item.user_properties.append(("weight", weight_of(marker)))
         if task is not None and task.section:
             item.user_properties.append(("lesson", exercise.lesson_link(task.section)))
 
@@ -284,7 +287,8 @@ def _record(config: pytest.Config, report: pytest.TestReport) -> None:
     outcomes: dict[str, dict] = config._grader_outcomes  # type: ignore[attr-defined]
     entry = outcomes.setdefault(
         report.nodeid,
-        {"nodeid": report.nodeid, "task": dict(report.user_properties).get("task"), "outcome": "passed",
+        {"nodeid": report.nodeid, "task": dict(report.user_properties).get("task"),
+         "weight": dict(report.user_properties).get("weight", DEFAULT_WEIGHT), "outcome": "passed",
          "duration": 0.0, "message": "", "phases": []},
     )
     entry["phases"].append(report.when)

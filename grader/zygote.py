@@ -209,12 +209,19 @@ class ExerciseSession:
             send(self.channel, {"op": "prepare_failed", "exercise": exercise,
                                 "why": f"tests with the same name in different hidden files: {', '.join(twice[:5])}; rename them"})
             return True
+        from grader.scoring import weight_of
+
         for item in session.items:
             shown = self.display_id(item, hidden_root)
             marker = item.get_closest_marker("task")
             is_hidden = shown != item.nodeid
+            try:
+                weight = weight_of(marker)
+            except ValueError as exc:
+                send(self.channel, {"op": "prepare_failed", "exercise": exercise, "why": f"{shown}: {exc}"})
+                return True
             tests.append({"nodeid": shown, "task": str(marker.args[0]) if marker and marker.args else None,
-                          "hidden": is_hidden})
+                          "hidden": is_hidden, "weight": weight})
             display[item.nodeid] = shown
             if is_hidden:
                 hidden.add(item.nodeid)
