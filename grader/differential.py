@@ -985,6 +985,22 @@ class Generator:
         self.rng.shuffle(planned)
         return first + planned
 
+    def pristine_reads(self) -> list[tuple[Input, Any]]:
+        """Each declared value of a read's path parameters, to send before anything is written.
+
+        An app may start with data the README promises (01's ITEMS): shuffled into the sweep, a
+        read of item 1 can come after the delete of item 1, and the item as the app started with
+        it is never seen. Draws no random numbers, so the rest of the run is the same without it.
+        """
+        reads = []
+        for target in self.inputs:
+            operation = self.promises.operations[target.operation]
+            if target.where == "path" and "=" not in target.name and operation.method in ("GET", "HEAD") \
+                    and not operation.only_values:
+                declared = self.pools[target.operation, target.name][: self.declared[target.operation, target.name]]
+                reads += [(target, value) for value in declared]
+        return reads
+
     def request(self, target: Input, value: Any = None) -> Request:
         """A request for ``target``: its operation, with ``value`` (or one from its pool) for its input."""
         operation = self.promises.operations[target.operation]
@@ -1270,6 +1286,14 @@ class Session:
             raise
         # first every declared value once, then requests with values drawn from the pools
         planned = generator.sweep()
+        # right after the operations as declared, the reads of what the app starts with; they draw
+        # their other inputs from a generator of their own and teach no ids, so that the rest of
+        # the run sends what it would have sent without them
+        pristine = generator.pristine_reads()
+        quiet = {id(entry) for entry in pristine}
+        first = sum(1 for i in generator.inputs if not i.name)
+        planned = planned[:first] + pristine + planned[first:]
+        quiet_rng = random.Random(self.promises.seed + 1)
         weights = {key: operation.weight for key, operation in self.promises.operations.items()}
         schedule = [i for i in generator.inputs if "=" not in i.name for _ in range(max(1, round(weights[i.operation] * 2)))]
         drawn: list[tuple[Input, Any]] = []
@@ -1279,7 +1303,8 @@ class Session:
         planned += drawn[: self.promises.requests]
         history: list[Request] = []
         try:
-            for target, value in planned:
+            for entry in planned:
+                target, value = entry
                 key = f"{target.operation}|{target.name}"
                 if key in self.differences:
                     continue
@@ -1288,7 +1313,14 @@ class Session:
                     # the operation differs whatever its inputs are: that comes first
                     self.differences[key] = replace(whole, input=target, blocked_by=whole)
                     continue
-                request = generator.request(target, value)
+                if id(entry) in quiet:
+                    loud_rng, generator.rng = generator.rng, quiet_rng
+                    try:
+                        request = generator.request(target, value)
+                    finally:
+                        generator.rng = loud_rng
+                else:
+                    request = generator.request(target, value)
                 history.append(request)
                 reference, learner = pair.send(request)
                 if reference.crash or reference.status >= 500:
@@ -1298,7 +1330,8 @@ class Session:
                     pair.close()
                     pair, history = self._fresh(), []
                     continue
-                generator.learn(reference)
+                if id(entry) not in quiet:
+                    generator.learn(reference)
                 where = compare(reference, learner, self.promises, self._free(request)) or pair.clash
                 states = None
                 if not where and request.method not in ("GET", "HEAD", "OPTIONS"):
