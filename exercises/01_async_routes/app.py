@@ -33,8 +33,9 @@ async def health() -> dict[str, str]:
 # TODO: GET /items/{item_id} -> the item, or 404 {"detail": "Item 7 not found"}
 
 
-# TODO: DELETE /items/{item_id} -> 204 with no body, or 404 when the item does not exist.
+# TODO: DELETE /items/{item_id} -> 204 with no body, or 404 {"detail": "Item 7 not found"} when the
+#       item does not exist.
 
 
 # TODO: GET /wait?seconds=0.1 -> {"waited": 0.1} after waiting that long, without blocking
-#       other requests. `seconds` defaults to 0.1 and must lie between 0 and 2.
+#       other requests. `seconds` defaults to 0.1 and must lie between 0 and 2 (both allowed).
