@@ -126,6 +126,7 @@ def expect_rejected(response, field: str, why: str) -> None:
 
 
 @pytest.mark.task("register")
+@pytest.mark.promise("P1")
 def test_register_answers_201_with_the_public_profile(registered):
     response = registered.response(0)
     expect_status(response, 201, "a successful registration creates a user: 201 Created")
@@ -133,6 +134,7 @@ def test_register_answers_201_with_the_public_profile(registered):
 
 
 @pytest.mark.task("register")
+@pytest.mark.promise("P5")
 def test_age_is_optional(client):
     body = registration()
     del body["age"]
@@ -142,6 +144,7 @@ def test_age_is_optional(client):
 
 
 @pytest.mark.task("register")
+@pytest.mark.promise("P3")
 def test_users_can_be_read_back_by_id(registered):
     expect_status(registered.response(0), 201, "the first registration succeeds")
     second = registered.response(1)
@@ -152,6 +155,7 @@ def test_users_can_be_read_back_by_id(registered):
 
 
 @pytest.mark.task("register")
+@pytest.mark.promise("P2")
 def test_the_store_keeps_a_hash_not_the_password(registered):
     response = registered.response(0)
     expect_status(response, 201, "the registration succeeds")
@@ -168,6 +172,7 @@ def test_the_store_keeps_a_hash_not_the_password(registered):
 
 
 @pytest.mark.task("register")
+@pytest.mark.promise("P3")
 def test_unknown_user_is_404(registered):
     response = registered.client.get("/users/9")  # at most two users exist in this app
     expect_status(response, 404, "there is no user 9")
@@ -178,6 +183,7 @@ def test_unknown_user_is_404(registered):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P4")
 def test_username_follows_the_pattern(client):
     for username, problem in [
         ("ab", "is too short"),
@@ -191,6 +197,7 @@ def test_username_follows_the_pattern(client):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P5")
 def test_age_bounds_are_inclusive(client):
     youngest = client.post("/users", json=registration(username="young", age=13))
     expect_status(youngest, 201, "13 is the lowest age allowed, and it is allowed")
@@ -199,12 +206,14 @@ def test_age_bounds_are_inclusive(client):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P5")
 def test_age_outside_the_bounds_is_rejected(client):
     for age in (12, 121, -1):
         expect_rejected(client.post("/users", json=registration(age=age)), "age", f"age {age} is outside 13..120")
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P6")
 def test_password_length_is_bounded(client):
     for password, problem in [("abc1234", "7 characters, fewer than 8"), ("a1" * 64 + "a", "129 characters, more than 128")]:
         response = client.post("/users", json=registration(password=password, password_confirm=password))
@@ -216,6 +225,7 @@ def test_password_length_is_bounded(client):
 
 
 @pytest.mark.task("constraints")
+@pytest.mark.promise("P9")
 def test_unknown_fields_are_refused(client):
     response = client.post("/users", json=registration(is_admin=True))
     expect_rejected(response, "is_admin", "a field the model does not declare is refused, not silently dropped")
@@ -225,6 +235,7 @@ def test_unknown_fields_are_refused(client):
 
 
 @pytest.mark.task("validators")
+@pytest.mark.promise("P4")
 def test_username_is_trimmed_and_lowercased_before_the_pattern(client):
     response = client.post("/users", json=registration(username="  Ada_L "))
     expect_status(response, 201, "'  Ada_L ' is cleaned up to 'ada_l' before the pattern is checked")
@@ -235,6 +246,7 @@ def test_username_is_trimmed_and_lowercased_before_the_pattern(client):
 
 
 @pytest.mark.task("validators")
+@pytest.mark.promise("P6")
 def test_password_needs_a_letter_and_a_digit(client):
     for password, problem in [
         ("abcdefghij", "has no digit"),
@@ -251,6 +263,7 @@ def test_password_needs_a_letter_and_a_digit(client):
 
 
 @pytest.mark.task("validators")
+@pytest.mark.promise("P7")
 def test_passwords_must_match(client):
     response = client.post("/users", json=registration(password_confirm="analytical2"))
     expect_status(response, 422, "password and password_confirm differ: a validation error, like any other bad input")
@@ -266,6 +279,7 @@ def test_passwords_must_match(client):
 
 
 @pytest.mark.task("email")
+@pytest.mark.promise("P8")
 def test_email_must_be_an_email_address(client):
     for email in ("not-an-email", "ada@", "@example.com", "ada@exa mple.com"):
         expect_rejected(client.post("/users", json=registration(email=email)), "email", f"{email!r} is not an email address")
@@ -275,6 +289,7 @@ def test_email_must_be_an_email_address(client):
 
 
 @pytest.mark.task("no_leaks")
+@pytest.mark.promise("P10")
 def test_responses_never_contain_the_password(registered):
     created = registered.response(0)
     expect_status(created, 201, "the registration succeeds")
@@ -302,6 +317,7 @@ def _response_schema(document: dict, path: str, method: str, code: str) -> dict:
 
 
 @pytest.mark.task("no_leaks")
+@pytest.mark.promise("P11")
 def test_openapi_documents_the_output_model(client):
     response = client.get("/openapi.json")
     document = json_of(response)
@@ -316,10 +332,43 @@ def test_openapi_documents_the_output_model(client):
         )
 
 
+@pytest.mark.task("register")
+@pytest.mark.promise("P11")
+def test_openapi_documents_the_404_of_a_read(client):
+    response = client.get("/openapi.json")
+    document = json_of(response)
+    responses = document.get("paths", {}).get("/users/{user_id}", {}).get("get", {}).get("responses", {})
+    schema = responses.get("404", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    check(bool(schema), response, "GET /users/{user_id} documents its 404 with a model for the body "
+          f"(`responses={{404: {{\"model\": ...}}}}`); documented: {sorted(responses)}")
+
+
 # --- error_body -----------------------------------------------------------------------------
 
 
 @pytest.mark.task("error_body")
+@pytest.mark.promise("P11")
+def test_openapi_documents_the_422_as_it_is_sent(client):
+    response = client.get("/openapi.json")
+    document = json_of(response)
+    for path, method in [("/users", "post"), ("/users/{user_id}", "get")]:
+        error_body = _response_schema(document, path, method, "422")
+        detail = error_body.get("properties", {}).get("detail", {})
+        item = detail.get("items", {})
+        if "$ref" in item:
+            item = document.get("components", {}).get("schemas", {}).get(item["$ref"].rsplit("/", 1)[1], {})
+        fields = set(item.get("properties", {}))
+        check(
+            {"type", "loc", "msg"} <= fields and "input" not in fields,
+            response,
+            f"the 422 of {method.upper()} {path} documented as this service sends it: each error with `type`, "
+            f"`loc` and `msg`, and no `input`; found {sorted(fields) or 'no schema'}. FastAPI's own description "
+            "lists the `input` your handler removes: declare your error body with `responses={422: {\"model\": ...}}`",
+        )
+
+
+@pytest.mark.task("error_body")
+@pytest.mark.promise("P12")
 def test_422_body_lists_every_problem_with_type_loc_and_msg(client):
     response = client.post("/users", json=registration(age=12, email="nope", password_confirm="analytical2"))
     expect_status(response, 422, "two invalid fields (and passwords that differ)")
@@ -349,6 +398,7 @@ def test_422_body_lists_every_problem_with_type_loc_and_msg(client):
 
 
 @pytest.mark.task("error_body")
+@pytest.mark.promise("P13")
 def test_422_body_does_not_echo_the_input(client):
     cases = [
         ({"password_confirm": "analytical2"}, "passwords that do not match"),
@@ -372,6 +422,7 @@ def test_422_body_does_not_echo_the_input(client):
 
 
 @pytest.mark.task("from_attributes")
+@pytest.mark.promise("P14")
 def test_user_out_is_built_from_an_object_with_attributes(load):
     module = load("app", fresh=False)
     user_out = getattr(module, "UserOut", None)
