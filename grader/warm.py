@@ -386,15 +386,20 @@ def _wait_for_run(commands: int, replies: int) -> str:
     import select
 
     buffer = b""
-    running: set[int] = set()
+    running: dict[int, int | None] = {}  # pid -> a pidfd, readable once the run has ended (Linux)
     while True:
-        ready, _, _ = select.select([commands], [], [], 0.02)
-        for pid in list(running):
+        ends = [fd for fd in running.values() if fd is not None]
+        # a run's end wakes the helper at once where pidfds exist; elsewhere it is polled
+        wait = 0.02 if len(ends) < len(running) else None
+        ready, _, _ = select.select([commands, *ends], [], [], wait)
+        for pid, fd in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                running.discard(pid)
+                del running[pid]
+                if fd is not None:
+                    os.close(fd)
                 os.write(replies, f"done {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
-        if not ready:
+        if commands not in ready:
             continue
         data = os.read(commands, 4096)
         if not data:  # grader watch ended
@@ -406,8 +411,15 @@ def _wait_for_run(commands: int, replies: int) -> str:
             pid = os.fork()
             if pid == 0:
                 os.setpgid(0, 0)
-                os.close(commands)
-                os.close(replies)
+                for fd in (commands, replies, *(fd for fd in running.values() if fd is not None)):
+                    os.close(fd)
                 return scratch
-            running.add(pid)
+            running[pid] = _pidfd(pid)
             os.write(replies, f"pid {pid}\n".encode())
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)  # Linux 5.3+
+    except (AttributeError, OSError):
+        return None

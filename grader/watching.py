@@ -70,7 +70,10 @@ def file_events_arrive(folder: Path) -> bool:
 
 
 POLL = 0.03  # seconds between two looks at the files and the keyboard
-SETTLE = 0.05  # an editor's save is often several writes: wait this long after the last one
+POLL_RUNNING = 0.005  # the same while a run goes on, so that its end is seen at once (a look costs ~0.1 ms)
+# An editor's save is often several writes: the run starts this long after the first one is seen.
+# A write that comes later still is a save like any other: it cancels the run and starts a new one.
+SETTLE = 0.015
 WATCHED_SUFFIXES = (".py", ".toml", ".yaml", ".yml", ".txt", ".json", ".cfg", ".ini")
 CLEAR = "\x1b[2J\x1b[3J\x1b[H"
 REST = 8  # failing tests listed one line each under the first, so that a run fits on one screen
@@ -272,7 +275,7 @@ def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Co
                 console.print("[red]The graded tests of this exercise were changed: restore them to move on.[/]")
             console.print(keys_line)
             run, cancelled = None, 0
-        key = keys.read(POLL)
+        key = keys.read(POLL if run is None else POLL_RUNNING)
         if key == "q":
             if run is not None:
                 runner.cancel(run)
