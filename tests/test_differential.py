@@ -594,3 +594,30 @@ def test_settle_waits_for_the_work_a_request_left_running():
         session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=0), promises, state=state)
         session.run()
         assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]
+
+
+def test_shrinking_tries_the_accepted_writes_alone_first(monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(differential, "SHRINK_SECONDS", 0)  # no time for cutting chunks: the first tries must do
+    promises = differential.Promises.parse(TABLE)
+    session = differential.Session(lambda: build(delete_forgets=True), lambda: build(), promises)
+    reads = [differential.Request("GET", "/double", [("n", str(n))], operation="GET /double") for n in range(6)]
+    refused = differential.Request("DELETE", "/items/7", operation="DELETE /items/{item_id}")
+    delete = differential.Request("DELETE", "/items/2", operation="DELETE /items/{item_id}")
+    last = differential.Request("GET", "/items/2", operation="GET /items/{item_id}")
+    history = [*reads[:3], refused, delete, *reads[3:], last]
+    session.refused.add(id(refused))
+    session.loop = asyncio.new_event_loop()
+    try:
+        pair = differential.Pair(session)
+        for request in history:
+            answers = pair.send(request)
+        pair.close()
+        observed = (*answers, differential.compare(*answers, promises), None)
+        assert observed[2]  # 404 from the reference, 200 from the app that forgets
+        target = differential.Input("GET /items/{item_id}", "", "", "items")
+        difference = session._shrink(history, target, observed)
+    finally:
+        session.loop.close()
+    assert difference.requests == [delete, last]
