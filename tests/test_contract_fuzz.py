@@ -166,6 +166,21 @@ def build_10(_: Build) -> list[Target]:
     ]
 
 
+def build_messaging(build: Build) -> list[Target]:
+    # 11's services talk to a real NATS server, as in their graded suite; it stops with the build.
+    from grader.broker import NatsServer
+
+    server = build.stack.enter_context(NatsServer())
+    folder = SOLUTIONS / "11_messaging"
+    orders, shipping = load(folder, "orders"), load(folder, "shipping")
+    return [
+        Target("orders", orders.create_app(orders.Settings(nats_url=server.url,
+                                                           database=str(build.folder / "orders.db")))),
+        Target("shipping", shipping.create_app(shipping.Settings(nats_url=server.url,
+                                                                 database=str(build.folder / "shipping.db")))),
+    ]
+
+
 OBS_SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 
 
@@ -283,6 +298,7 @@ BUILDERS: dict[str, Callable[[Build], list[Target]]] = {
     "08_database": build_08,
     "09_testing": build_09,
     "10_service_communication": build_10,
+    "11_messaging": build_messaging,
     "12_observability": build_11,
     "13_hardening": build_12,
     "14_deployment": module_app("14_deployment", pinned={"GET /slow": NO_WAIT}),

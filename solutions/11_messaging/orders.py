@@ -86,6 +86,20 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 
+
+# The client's events in this service's log, one line each (nats-py would log a traceback per error).
+async def broker_error(error: Exception) -> None:
+    logger.warning("broker: %r", error)
+
+
+async def broker_disconnected() -> None:
+    logger.warning("broker: disconnected; reconnecting")
+
+
+async def broker_reconnected() -> None:
+    logger.info("broker: reconnected")
+
+
 @dataclass
 class Relay:
     """Publishes the outbox, oldest first, and deletes each event once JetStream has stored it."""
@@ -101,7 +115,8 @@ class Relay:
         if self.nc is None or self.nc.is_closed:
             # Reconnect for ever, quickly: the outbox holds what cannot be published meanwhile.
             self.nc = await nats.connect(self.settings.nats_url, connect_timeout=2, reconnect_time_wait=0.25,
-                                         max_reconnect_attempts=-1)
+                                         max_reconnect_attempts=-1, error_cb=broker_error,
+                                         disconnected_cb=broker_disconnected, reconnected_cb=broker_reconnected)
             js = self.nc.jetstream()
             with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists, with an operator's settings
                 await js.add_stream(stream_config())
@@ -181,7 +196,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "orders"}
 
-    @app.post("/orders", status_code=status.HTTP_201_CREATED)
+    @app.post("/orders", status_code=status.HTTP_201_CREATED,
+              responses={400: {"model": Detail, "description": "The body is not JSON"}})
     async def place_order(payload: OrderIn, request: Request, response: Response) -> Order:
         order = Order(id=uuid.uuid4().hex, sku=payload.sku, quantity=payload.quantity)
         event = {"type": "OrderPlaced", "event_id": uuid.uuid4().hex, "order_id": order.id, "sku": order.sku,

@@ -97,6 +97,20 @@ def streams() -> list[StreamConfig]:
     ]
 
 
+
+# The client's events in this service's log, one line each (nats-py would log a traceback per error).
+async def broker_error(error: Exception) -> None:
+    logger.warning("broker: %r", error)
+
+
+async def broker_disconnected() -> None:
+    logger.warning("broker: disconnected; reconnecting")
+
+
+async def broker_reconnected() -> None:
+    logger.info("broker: reconnected")
+
+
 @dataclass
 class Consumer:
     db: aiosqlite.Connection
@@ -104,6 +118,8 @@ class Consumer:
     carrier: Carrier
     nc: NATS | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Set by the client's first error: at startup, "the broker is not there" rather than "slow".
+    unreachable: asyncio.Event = field(default_factory=asyncio.Event)
     # One lock per event being handled: two deliveries of one event never book it twice.
     locks: weakref.WeakValueDictionary[str, asyncio.Lock] = field(default_factory=weakref.WeakValueDictionary)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -119,7 +135,8 @@ class Consumer:
     async def subscribe(self) -> Any:
         if self.nc is None or self.nc.is_closed:
             self.nc = await nats.connect(self.settings.nats_url, connect_timeout=2, reconnect_time_wait=0.25,
-                                         max_reconnect_attempts=-1)
+                                         max_reconnect_attempts=-1, error_cb=self.broker_error,
+                                         disconnected_cb=broker_disconnected, reconnected_cb=broker_reconnected)
         js = self.nc.jetstream()
         for config in streams():
             with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists, with an operator's settings
@@ -127,13 +144,19 @@ class Consumer:
         await js.add_consumer(STREAM, self.consumer_config())  # creates it, or updates its settings
         return await js.pull_subscribe_bind(durable=DURABLE, stream=STREAM)
 
-    async def run(self, subscription: Any = None) -> None:
+    async def broker_error(self, error: Exception) -> None:
+        self.unreachable.set()
+        await broker_error(error)
+
+    async def run(self, connecting: asyncio.Task[Any]) -> None:
         slots = asyncio.Semaphore(self.settings.max_in_flight)
         delay = self.settings.backoff
+        subscription, first = None, connecting  # the first attempt was begun at startup
         while True:
             try:
                 if subscription is None:
-                    subscription = await self.subscribe()
+                    attempt, first = first or asyncio.create_task(self.subscribe()), None
+                    subscription = await attempt
                 await slots.acquire()
                 free = 1
                 while free < self.settings.max_in_flight and not slots.locked():
@@ -255,14 +278,16 @@ def create_app(settings: Settings | None = None, *, carrier: Carrier | None = No
             await db.commit()
             consumer = Consumer(db, settings, carrier or no_carrier)
             app.state.db = db
-            try:
-                # Streams and the durable consumer exist before the first request; a broker that is
-                # away now is not fatal: the consumer task keeps trying.
-                subscription = await asyncio.wait_for(consumer.subscribe(), timeout=5.0)
-            except (nats.errors.Error, OSError, TimeoutError) as error:
-                logger.warning("broker unreachable at startup: %r; retrying in the background", error)
-                subscription = None
-            task = asyncio.create_task(consumer.run(subscription), name="shipping-consumer")
+            # Streams and the durable consumer exist before the first request, however long that
+            # takes on a busy machine; a broker that refuses the connection is not fatal: the same
+            # attempt goes on in the background and the consumer starts once it succeeds.
+            connecting = asyncio.create_task(consumer.subscribe())
+            refused = asyncio.create_task(consumer.unreachable.wait())
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+            refused.cancel()
+            if not connecting.done():
+                logger.warning("broker unreachable at startup; consuming once it is back")
+            task = asyncio.create_task(consumer.run(connecting), name="shipping-consumer")
             try:
                 yield
             finally:
