@@ -48,6 +48,7 @@ import pytest
 SEED = 20260
 REQUESTS = 20  # requests drawn at random after the sweep, shared by every input
 SHRINK_SECONDS = 2.0  # at most this long shrinking one difference
+SHRINK_BUDGET = 6.0  # and this long shrinking all the differences of one run (a mutant with many stays in time)
 ANSWER_SECONDS = 3.0  # an app that takes longer to answer one request has not answered
 MISSING = object()  # an input left out of the request
 UNSET = object()  # no value chosen yet
@@ -1228,6 +1229,7 @@ class Session:
         self.compared: dict[str, int] = {}  # task -> requests compared without a difference
         self.reference_failures: list[tuple[Request, Answer]] = []
         self.refused: set[int] = set()  # id() of the requests the reference refused (4xx): shrinking drops them first
+        self.shrink_spent = 0.0  # seconds spent shrinking in this run (at most SHRINK_BUDGET, then no more chunks)
         self.broken = ""
         self.ran = False
         self.seconds = 0.0
@@ -1394,7 +1396,8 @@ class Session:
 
         ``history`` went to a fresh pair, and ``observed`` is what its last request got.
         """
-        deadline = time.perf_counter() + SHRINK_SECONDS
+        started = time.perf_counter()
+        deadline = started + max(0.0, min(SHRINK_SECONDS, SHRINK_BUDGET - self.shrink_spent))
         last = history[-1]
         current = list(history)
         # most differences need no history: try the last request alone first
@@ -1432,6 +1435,7 @@ class Session:
                 index += chunk
             if not shrunk:
                 chunk //= 2
+        self.shrink_spent += time.perf_counter() - started
         reference, learner, where, states = found
         difference = Difference(target, current, reference, learner, where, states)
         return difference

@@ -621,3 +621,10 @@ def test_shrinking_tries_the_accepted_writes_alone_first(monkeypatch):
     finally:
         session.loop.close()
     assert difference.requests == [delete, last]
+
+
+def test_all_the_shrinking_of_a_run_has_one_budget(monkeypatch):
+    monkeypatch.setattr(differential, "SHRINK_BUDGET", 0.0)  # spent: no more chunks are cut
+    session = run(delete_forgets=True, off_by_one=True, greeting="Hi")
+    assert len(session.differences) >= 3 and session.shrink_spent < 1.0
+    assert "GET /greet/" in failure(session, "greet")  # every difference is still reported
