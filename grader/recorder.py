@@ -33,6 +33,8 @@ WATCHED_MODULES = (
     "_pytest.assertion.util", "_pytest.logging", "_pytest.warnings", "_pytest.unraisableexception",
     "pluggy", "pluggy._hooks", "pluggy._callers", "pluggy._manager", "pluggy._result",
     "grader.expect", "grader.loader", "grader.pytest_plugin", "grader.channel", "grader.recorder", "grader.differential",
+    "grader.differential_ws", "grader.feedback", "grader.hangs", "grader.scoring", "grader.live", "grader.launcher",
+    "grader.broker", "grader.environment", "grader.text", "grader.platform_support", "grader.zygote",
     "starlette.testclient", "fastapi.testclient", "httpx", "httpx2",
 )
 WATCHED_HOOKS = ("pytest_runtest_protocol", "pytest_runtest_makereport", "pytest_runtest_logreport",
@@ -62,6 +64,8 @@ class Snapshot:
     """
 
     watched: list[tuple[str, Mapping[str, object], str, object]] = field(default_factory=list)
+    codes: list[tuple[str, types.FunctionType, types.CodeType]] = field(default_factory=list)
+    instances: list[tuple[str, object, dict[str, object]]] = field(default_factory=list)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     hooks: dict[str, list[object]] = field(default_factory=dict)
     plugins: set[int] = field(default_factory=set)
@@ -76,6 +80,9 @@ class Snapshot:
             if module is not None:
                 snapshot.modules[name] = module
                 snapshot.watched.extend(_watched_attributes(module))
+        # a function's code can be swapped in place (``f.__code__ = ...``): its identity stays
+        snapshot.codes = [(label, value, value.__code__) for label, _, _, value in snapshot.watched
+                          if isinstance(value, types.FunctionType)]
         for hook in WATCHED_HOOKS:
             caller = getattr(config.hook, hook, None)
             if caller is not None:
@@ -83,9 +90,19 @@ class Snapshot:
         snapshot.plugins = {id(plugin) for plugin in config.pluginmanager.get_plugins()}
         return snapshot
 
+    def watch_instance(self, label: str, instance: object) -> None:
+        """Also watch one object's own attributes: a method set on the instance shadows its class's."""
+        self.instances.append((label, instance, {name: value for name, value in vars(instance).items() if callable(value)}))
+
     def differences(self, config: pytest.Config) -> list[str]:
         changed = [f"sys.modules[{name!r}] was replaced" for name, module in self.modules.items()
                    if sys.modules.get(name) is not module]
+        changed += [f"the code of {label} was replaced" for label, function, code in self.codes
+                    if function.__code__ is not code]
+        for label, instance, callables in self.instances:
+            now = {name: value for name, value in vars(instance).items() if callable(value)}
+            if now.keys() != callables.keys() or any(now[name] is not value for name, value in callables.items()):
+                changed.append(f"a method of the {label} was replaced on the object itself")
         changed += [f"{label} was replaced" for label, namespace, name, value in self.watched
                     if namespace.get(name, _GONE) is not value]
         for hook, functions in self.hooks.items():
@@ -143,6 +160,9 @@ class Recorder:
 
     def start(self, writer: ChannelWriter) -> None:
         self.writer = writer
+        if self.snapshot is not None:
+            self.snapshot.watch_instance("result channel's writer", writer)
+            self.snapshot.watch_instance("recorder", self)
         writer.send({"type": "start"})
 
     def _check(self) -> None:

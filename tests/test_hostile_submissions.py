@@ -173,3 +173,31 @@ def test_the_default_lock_folder_is_private_to_the_grader():
     assert folder is not None
     info = os.lstat(folder)
     assert info.st_uid == os.geteuid() and not info.st_mode & 0o077 and not os.path.islink(folder)
+
+
+def test_the_recorder_sees_code_swapped_in_place_and_methods_set_on_objects():
+    import types
+
+    from grader import expect
+    from grader.recorder import Snapshot
+
+    class Writer:
+        def send(self, message: object) -> None:
+            pass
+
+    config = types.SimpleNamespace(hook=types.SimpleNamespace(),
+                                   pluginmanager=types.SimpleNamespace(get_plugins=lambda: []))
+    snapshot = Snapshot.take(config)  # type: ignore[arg-type]
+    writer = Writer()
+    snapshot.watch_instance("writer", writer)
+    assert snapshot.differences(config) == []  # type: ignore[arg-type]
+
+    original = expect.expect_status.__code__
+    try:
+        expect.expect_status.__code__ = (lambda *args, **kwargs: None).__code__
+        writer.send = lambda message: None  # type: ignore[method-assign]
+        found = " | ".join(snapshot.differences(config))  # type: ignore[arg-type]
+    finally:
+        expect.expect_status.__code__ = original
+    assert "the code of grader.expect.expect_status was replaced" in found
+    assert "a method of the writer was replaced on the object itself" in found
