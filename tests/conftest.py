@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CURRICULUM = [
     "01_async_routes", "02_validation", "03_rest_resources", "04_dependencies", "05_auth",
     "06_background_tasks", "07_websockets", "08_database", "09_testing", "10_service_communication",
-    "12_observability", "13_hardening", "14_deployment", "15_capstone",
+    "11_messaging", "12_observability", "13_hardening", "14_deployment", "15_capstone",
 ]
 
 
@@ -43,3 +43,11 @@ def present(names: list[str]) -> list[str]:
 @pytest.fixture(scope="session")
 def exercises():
     return {exercise.name: exercise for exercise in all_exercises(ROOT)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The course suite names its ten slowest tests at the end (issue: keep the slow ones honest);
+    ``--durations`` given on the command line wins."""
+    if getattr(config.option, "durations", None) is None:
+        config.option.durations = 10
+        config.option.durations_min = 1.0
