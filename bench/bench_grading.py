@@ -1,6 +1,6 @@
 """Benchmark instructor grading: a synthetic class, graded by ``grader grade`` and naively.
 
-    python bench/bench_grading.py                     # 50 learners × exercises 01–13, then the capstone
+    python bench/bench_grading.py                     # 50 learners × exercises 01–14, then the capstone
     python bench/bench_grading.py --learners 10 --baseline-samples 1
 
 The class mixes, per learner and exercise, the reference solution, the stub and each mutant in
@@ -10,7 +10,7 @@ runs those once and shares the result (the default); the class is graded a secon
 per learner and exercise, run ``--jobs`` at a time like the grader. Running it for the whole
 class would take as long as the problem it measures, so it is timed on a sample (per exercise:
 solution, stub and a mutant, ``--baseline-samples`` rounds) and extrapolated to the class's
-mix; the output says so. The capstone (14), whose tests start real server processes, is graded
+mix; the output says so. The capstone (15), whose tests start real server processes, is graded
 on its own and reported beside the class. Targets (issue 6): the class in < 60 s on 2 cores,
 and ≥ 3× faster than the naive baseline.
 """
