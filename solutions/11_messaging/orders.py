@@ -110,6 +110,7 @@ class Relay:
     # One connection, one transaction at a time: the routes and the relay write through this lock.
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     nc: NATS | None = None
+    stream_ready: bool = False
 
     async def connect(self) -> NATS:
         if self.nc is None or self.nc.is_closed:
@@ -117,9 +118,10 @@ class Relay:
             self.nc = await nats.connect(self.settings.nats_url, connect_timeout=2, reconnect_time_wait=0.25,
                                          max_reconnect_attempts=-1, error_cb=broker_error,
                                          disconnected_cb=broker_disconnected, reconnected_cb=broker_reconnected)
-            js = self.nc.jetstream()
+        if not self.stream_ready:  # until it succeeds once, even if the connection did earlier
             with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists, with an operator's settings
-                await js.add_stream(stream_config())
+                await self.nc.jetstream().add_stream(stream_config())
+            self.stream_ready = True
         return self.nc
 
     async def publish_pending(self) -> int:

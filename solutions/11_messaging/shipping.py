@@ -187,9 +187,9 @@ class Consumer:
     async def handle(self, message: Msg, slots: asyncio.Semaphore) -> None:
         try:
             await self.process(message)
-        except (nats.errors.Error, OSError) as error:
-            # Not acknowledged: the broker delivers it again after ack_wait.
-            logger.warning("event at stream sequence %s not settled: %r", message.metadata.sequence.stream, error)
+        except Exception:  # the broker or the database failed us: nothing was acknowledged
+            # The broker delivers it again after ack_wait; the event_id check makes that safe.
+            logger.exception("event at stream sequence %s not settled", message.metadata.sequence.stream)
         finally:
             slots.release()
 
@@ -213,8 +213,11 @@ class Consumer:
                 await self.failed(message, error)
                 return
             async with self.write_lock:
-                await self.db.execute("INSERT INTO shipments (event_id, order_id, sku, quantity) VALUES (?, ?, ?, ?)",
-                                      (shipment.event_id, shipment.order_id, shipment.sku, shipment.quantity))
+                # ON CONFLICT: another replica sharing this table may have recorded it meanwhile.
+                await self.db.execute(
+                    "INSERT INTO shipments (event_id, order_id, sku, quantity) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (event_id) DO NOTHING",
+                    (shipment.event_id, shipment.order_id, shipment.sku, shipment.quantity))
                 await self.db.commit()
             await message.ack()  # only now: the work is done and recorded
 
