@@ -392,7 +392,7 @@ async def test_concurrent_duplicates_are_applied_once(shipping_app, nats_server)
 # --- dead letters -----------------------------------------------------------------------------
 
 @pytest.mark.task("dead_letters")
-@pytest.mark.promise("P8")
+@pytest.mark.promise("P8", "P5")
 async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_server):
     poison, fine = order_event(), order_event()
     carrier = Carrier(fail={poison["order_id"]})
@@ -421,6 +421,11 @@ async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_
             expected="3 (one per delivery, then the dead-letter stream)", got=carrier.count(poison["order_id"]))
         expect_status(await client.get(f"/shipments/{poison['order_id']}"), 404,
                       "GET /shipments/{order_id} of a dead-lettered event")
+    await asyncio.to_thread(nats_server.restart)
+    async with broker(nats_server) as js:
+        kept = await stream_messages(js, "DEADLETTER")
+    assert len(kept) == 1, said("the DEADLETTER stream after a broker restart",
+                                expected="the dead letter, still there (file storage)", got=f"{len(kept)} messages")
 
 
 @pytest.mark.task("dead_letters")
