@@ -190,9 +190,9 @@ def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbo
                   f"{result.points:g} of {result.max_points:g} points.[/] ({result.duration:.1f} s)")
 
 
-def edited_tests_message(exercise: Exercise) -> str | None:
-    """Says plainly which graded files differ from the course's copy, if any."""
-    edited = Pristine(exercise.root).edited(graded_files(exercise))
+def edited_tests_message(exercise: Exercise, pristine: Pristine | None = None) -> str | None:
+    """Says plainly which graded files differ from the course's copy (``pristine``: read anew if not given), if any."""
+    edited = (pristine or Pristine(exercise.root)).edited(graded_files(exercise))
     if not edited:
         return None
     names = ", ".join(path.relative_to(exercise.root).as_posix() for path in edited)
@@ -202,8 +202,8 @@ def edited_tests_message(exercise: Exercise) -> str | None:
             "(or HEAD instead of @{upstream}; in a zip download, take them from a fresh download).")
 
 
-def mark_edited_tests(exercise: Exercise, result: ExerciseResult) -> ExerciseResult:
-    message = edited_tests_message(exercise)
+def mark_edited_tests(exercise: Exercise, result: ExerciseResult, pristine: Pristine | None = None) -> ExerciseResult:
+    message = edited_tests_message(exercise, pristine)
     if message is None:
         return result
     return result.model_copy(update={"status": "tampering", "message": message})

@@ -236,6 +236,34 @@ def _hint(exercise: Exercise, state: State, console: Console) -> None:
                         title_align="left", border_style="cyan"))
 
 
+class CourseCopy:
+    """The course's copy of an exercise's graded files (:class:`Pristine`), for the check after each run.
+
+    Reading it asks git (two or three processes, 40-70 ms): that is done once, and again only
+    when a graded file changes (a ``git pull`` of the course, or an edit), not after every run.
+    """
+
+    def __init__(self, exercise: Exercise) -> None:
+        self.exercise = exercise
+        self._stamp: list[tuple[float, int] | None] | None = None
+        self._pristine: Pristine | None = None
+
+    def get(self) -> Pristine:
+        stamp = [_stamp(path) for path in graded_files(self.exercise)]
+        if self._pristine is None or stamp != self._stamp:
+            self._pristine, self._stamp = Pristine(self.exercise.root), stamp
+            _ = self._pristine.blobs  # read now, once
+        return self._pristine
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime, info.st_size
+
+
 def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Console,
                show: Callable[..., None]) -> str:
     """Watch one exercise until it passes and a key says what next; returns "next" or "quit"."""
@@ -245,6 +273,8 @@ def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Co
                  if keys.interactive else "[dim](Ctrl-C to stop)[/]")
     console.print(f"[dim]warming up {exercise.name} (imports and collection, once)…[/]")
     runner.warm()
+    course_copy = CourseCopy(exercise)
+    course_copy.get()
     seen = snapshot(exercise)
     console.print("[dim]running…[/]")
     run = runner.start()
@@ -253,7 +283,7 @@ def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Co
     while True:
         if run is not None and runner.finished(run):
             result, output = runner.result(run)
-            result = mark_edited_tests(exercise, result)
+            result = mark_edited_tests(exercise, result, course_copy.get())
             state.remember(exercise, result)
             if keys.interactive:
                 console.file.write(CLEAR)

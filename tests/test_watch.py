@@ -218,3 +218,23 @@ def test_held_runs_import_the_learners_file_anew_and_start_from_a_pristine_refer
     assert runs["solution saved again"]["helper"] == runs["solution"]["helper"], "a learner's save keeps the helper"
     assert runs["reference changed"]["failed"] == []
     assert runs["reference changed"]["helper"] != runs["solution"]["helper"], "a new reference, a new helper"
+
+
+def test_the_course_copy_is_read_from_git_once_and_again_when_a_graded_file_changes(course, monkeypatch):  # noqa: F811
+    from grader import progress
+    from grader.catalog import find_exercise
+    from grader.watching import CourseCopy
+
+    exercise = find_exercise(EXERCISE, course)
+    calls: list[tuple[str, ...]] = []
+    real = progress.Pristine._git
+    monkeypatch.setattr(progress.Pristine, "_git", lambda self, *args: calls.append(args) or real(self, *args))
+    copy = CourseCopy(exercise)
+    first = copy.get()
+    asked = len(calls)
+    assert asked > 0 and copy.get() is first and len(calls) == asked, "after each run: no git, the same copy"
+    tests = exercise.folder / "test_async_routes.py"
+    tests.write_text(tests.read_text() + "\n# edited\n")
+    again = copy.get()
+    assert again is not first, "a changed graded file: the course's copy is read again"
+    assert [path.name for path in again.edited(progress.graded_files(exercise))] == ["test_async_routes.py"]
