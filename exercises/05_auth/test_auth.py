@@ -499,6 +499,44 @@ def test_the_secret_comes_from_the_environment(module, monkeypatch):
     )
 
 
+# (field, the values it accepts at its bounds, the values just past them): README.md's Settings row.
+BOUNDS = [
+    ("access_token_minutes", (1, 1440), (0, 1441)),
+    ("max_concurrent_hashes", (1, 64), (0, 65)),
+    ("argon2_time_cost", (1,), (0,)),
+    ("argon2_memory_kib", (8,), (7,)),
+    ("argon2_parallelism", (1,), (0,)),
+    ("jwt_issuer", ("i",), ("",)),
+    ("jwt_audience", ("a",), ("",)),
+]
+
+
+def check_bounds_and_defaults(module, monkeypatch):
+    """The rest of README.md's Settings row: the other fields' defaults and bounds."""
+    for name in ("ACCESS_TOKEN_MINUTES", "MAX_CONCURRENT_HASHES", "JWT_ISSUER", "JWT_AUDIENCE"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = module.Settings(jwt_secret=SECRET)
+    found = {name: getattr(defaults, name, None) for name in ("access_token_minutes", "max_concurrent_hashes")}
+    assert found == {"access_token_minutes": 15, "max_concurrent_hashes": 2}, (
+        "\nsent:     Settings(jwt_secret=...) with nothing else in the environment"
+        f"\nexpected: the defaults README.md promises: access_token_minutes 15, max_concurrent_hashes 2\ngot:      {found}"
+    )
+    for name, accepted, refused in BOUNDS:
+        for value in accepted:
+            try:
+                module.Settings(jwt_secret=SECRET, **{name: value})
+            except ValidationError as exc:
+                pytest.fail(f"\nsent:     Settings({name}={value!r})\nexpected: accepted: README.md's bounds include"
+                            f" their ends\ngot:      ValidationError: {' '.join(str(exc).split())[:300]}", pytrace=False)
+        for value in refused:
+            try:
+                module.Settings(jwt_secret=SECRET, **{name: value})
+            except ValidationError:
+                continue
+            pytest.fail(f"\nsent:     Settings({name}={value!r})\nexpected: pydantic's ValidationError: README.md"
+                        f" bounds {name} ({accepted[0]!r} is the edge)\ngot:      settings that accept it", pytrace=False)
+
+
 @pytest.mark.task("tokens")
 @pytest.mark.promise("P1")
 def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
@@ -538,6 +576,7 @@ def test_the_app_refuses_to_start_without_a_strong_secret(module, monkeypatch):
             f"\ngot:      {error}",
             pytrace=False,
         )
+    check_bounds_and_defaults(module, monkeypatch)
 
 
 @pytest.mark.task("tokens")
@@ -571,7 +610,7 @@ def bad_tokens():
         "not_valid_before_an_hour": forge(nbf=now + 3600),
         "issued_a_minute_from_now": forge(iat=now + 60, exp=now + 360),
         "not_valid_before_a_minute": forge(nbf=now + 60),
-        "lives_longer_than_issued": forge(exp=now + 5 * 60 + 60),
+        "lives_longer_than_issued": forge(exp=now + 5 * 60 + 1),
         "expires_at_2_to_the_64": forge(exp=2**64),
         "issued_a_day_ago_lives_on": forge(iat=now - 86400, exp=now + 60),
         "iat_not_a_number": forge(iat="yesterday"),
@@ -596,7 +635,7 @@ WHAT_IS_WRONG = {
     "not_valid_before_an_hour": "correctly signed but its nbf (not before) is an hour from now",
     "issued_a_minute_from_now": "correctly signed but its iat is a minute from now: not valid yet (no leeway)",
     "not_valid_before_a_minute": "correctly signed but its nbf is a minute from now: not valid yet (no leeway)",
-    "lives_longer_than_issued": "correctly signed but it lives 6 minutes, longer than access_token_minutes (5)",
+    "lives_longer_than_issued": "correctly signed but it lives 5 minutes and 1 second, longer than access_token_minutes (5)",
     "expires_at_2_to_the_64": "correctly signed but its exp is 2**64: it claims to live far longer than the service issues",
     "issued_a_day_ago_lives_on": "correctly signed, issued a day ago and valid another minute: 24 hours of life, not 5 minutes",
     "iat_not_a_number": "correctly signed but its iat is the string 'yesterday', not a number",
@@ -729,6 +768,10 @@ def test_a_valid_token_without_the_scope_is_403(client, alice_token):
     response = client.post("/items", json={"name": "hammer"}, headers=alice)
     expect_status(response, 403, "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
     expect_json(response, {"detail": "Not enough permissions"}, exact=True)
+    challenge = response.headers.get("www-authenticate", "")
+    assert challenge.startswith('Bearer error="insufficient_scope"'), explain(
+        response, "a WWW-Authenticate header starting with 'Bearer error=\"insufficient_scope\"' (RFC 6750, section 3.1):"
+        " it tells the client which scope to ask for, where a bare 403 leaves it guessing")
 
 
 @pytest.mark.task("scopes")
@@ -815,6 +858,21 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
                 f"\nexpected: {method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model"
                 f"\ngot:      {documented[code]}"
             )
+    schemes = json_of(response).get("components", {}).get("securitySchemes", {})
+    listed = {scope for scheme in schemes.values() if scheme.get("type") == "oauth2"
+              for scope in scheme.get("flows", {}).get("password", {}).get("scopes", {})}
+    assert {"items:read", "items:write"} <= listed, (
+        "\nsent:     GET /openapi.json"
+        "\nexpected: the OAuth2 password scheme lists the scopes items:read and items:write (with a description"
+        " each), so that the docs' Authorize button offers them: OAuth2PasswordBearer(tokenUrl=..., scopes={...})"
+        f"\ngot:      {schemes}"
+    )
+    for (method, path), scope in {("get", "/items"): "items:read", ("post", "/items"): "items:write"}.items():
+        needed = [s for requirement in paths[path][method].get("security", []) for s in requirement.values()]
+        assert any(scope in names for names in needed), (
+            f"\nsent:     GET /openapi.json\nexpected: {method.upper()} {path} names the scope it needs, {scope},"
+            f" in its security requirement (Security(..., scopes=[{scope!r}]))\ngot:      {needed}"
+        )
 
 
 @pytest.mark.task("contract")
