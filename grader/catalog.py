@@ -159,9 +159,10 @@ def all_exercises(root: Path | None = None) -> list[Exercise]:
 
 
 def find_exercise(key: str, root: Path | None = None) -> Exercise:
-    """Accept ``3``, ``03``, ``03_rest_resources`` or ``rest_resources``."""
+    """Accept ``3``, ``03``, ``03_rest_resources`` or ``rest_resources``, also as a path a shell
+    completed (``exercises/03_rest_resources/``, ``.\\exercises\\03_rest_resources\\`` in PowerShell)."""
     exercises = all_exercises(root)
-    key = key.strip().strip("/").removeprefix("exercises/")
+    key = key.strip().replace("\\", "/").removeprefix("./").strip("/").removeprefix("exercises/")
     for exercise in exercises:
         if key in (exercise.name, exercise.topic) or (key.isdigit() and int(key) == int(exercise.number)):
             return exercise

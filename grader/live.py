@@ -195,13 +195,13 @@ def serve_in_process(
     if launcher.can_launch(args, env):
         process = launcher.launch(args, cwd, full_env)
     if process is None:
-        process = subprocess.Popen(
+        process = platform_support.leads_group(subprocess.Popen(
             args,
             cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,
             **platform_support.new_group(),
-        )
+        ))
     base_url = f"http://{HOST}:{port}"
     try:
         wait_until_up(base_url + ready_path, timeout=timeout, process=process)

@@ -36,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import weakref
 from typing import Any
 
 SETTING = "GRADER_PORTABLE"
@@ -86,6 +87,18 @@ def new_group() -> dict[str, Any]:
     return {}
 
 
+# Popen objects started with new_group() by the grader: on Windows, Ctrl-Break goes to these only. (Sent
+# to a process that leads no group of its own, the console would deliver it to every process attached
+# to it, the tests' own included.)
+_leaders: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def leads_group(process: subprocess.Popen) -> subprocess.Popen:
+    """Note that ``process`` was started with :func:`new_group` (see :func:`stop_tree`); returns it."""
+    _leaders.add(process)
+    return process
+
+
 def _tree(pid: int) -> list[Any]:
     """The process ``pid`` and every process it started, children first (psutil, on every system)."""
     import psutil
@@ -120,8 +133,9 @@ def stop_tree(process: Any, grace: float = 5.0) -> None:
     """Ask ``process`` (a ``subprocess.Popen`` started with :func:`new_group`, or a launcher's server)
     and everything it started to stop, as a deployment does; kill what still runs after ``grace`` s.
 
-    POSIX: SIGTERM to its process group. Windows: CTRL_BREAK to its process group (uvicorn stops
-    gracefully on it, as on SIGTERM). In portable mode elsewhere: psutil's terminate of the tree.
+    POSIX: SIGTERM to its process group. Windows: CTRL_BREAK to its process group, if it was
+    started with :func:`new_group` and noted with :func:`leads_group` (uvicorn stops gracefully
+    on it, as on SIGTERM). Otherwise, and in portable mode: psutil's terminate of the tree.
     """
     if process.poll() is not None:
         return
@@ -131,7 +145,7 @@ def stop_tree(process: Any, grace: float = 5.0) -> None:
         tree = []
     else:
         tree = _tree(process.pid)  # now: once the parent has exited, its children cannot be found from it
-        if WINDOWS and isinstance(process, subprocess.Popen):
+        if WINDOWS and process in _leaders:
             with contextlib.suppress(OSError):
                 process.send_signal(signal.CTRL_BREAK_EVENT)
         else:

@@ -58,7 +58,7 @@ def run_suite(exercise: Exercise, target: Path | None = None, *, timeout: float 
               extra_args: tuple[str, ...] = ()) -> tuple[ExerciseResult, str]:
     """Grade ``target`` (default: the learner's exercise folder). Returns the result and pytest's output."""
     limit = timeout or exercise.timeout
-    with tempfile.TemporaryDirectory(prefix="grader-run-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="grader-run-", ignore_cleanup_errors=True) as scratch:
         report = Path(scratch) / "report.json"
         started = time.monotonic()
         process = subprocess.Popen(
