@@ -107,9 +107,12 @@ class Pristine:
         if original is None:
             return False
         try:
-            return git_blob_hash(path.read_bytes()) == original
+            data = path.read_bytes()
         except OSError:
             return False
+        # Git for Windows checks text files out with CRLF (core.autocrlf) while it stores LF: the
+        # same file, as git itself would say.
+        return git_blob_hash(data) == original or (b"\r\n" in data and git_blob_hash(data.replace(b"\r\n", b"\n")) == original)
 
     def edited(self, paths: list[Path]) -> list[Path] | None:
         """Which of ``paths`` differ from the course's copy (None when neither git nor the manifest can tell)."""

@@ -107,6 +107,19 @@ def test_the_grader_reads_and_writes_text_as_utf_8_explicitly():
                       "machines): pass encoding=\"utf-8\":\n" + "\n".join(found)
 
 
+def test_a_graded_file_checked_out_with_crlf_is_still_the_courses(course):  # noqa: F811
+    """Git for Windows checks text out with CRLF line endings: that is not an edit of the tests."""
+    from grader.catalog import find_exercise
+    from grader.progress import Pristine
+
+    tests = find_exercise("01", course).test_files[0]
+    lf = tests.read_bytes()
+    tests.write_bytes(lf.replace(b"\n", b"\r\n"))
+    assert Pristine(course).is_pristine(tests) is True
+    tests.write_bytes(lf.replace(b"\n", b"\r\n").replace(b"assert", b"assert True or", 1))
+    assert Pristine(course).is_pristine(tests) is False, "an edit with CRLF line endings is still an edit"
+
+
 def test_an_exercise_is_found_by_the_path_a_shell_completed():
     from grader.catalog import find_exercise
 
