@@ -375,16 +375,26 @@ async def test_a_duplicate_event_is_applied_once(shipping_app, nats_server):
 @pytest.mark.task("idempotent")
 @pytest.mark.promise("P7")
 async def test_concurrent_duplicates_are_applied_once(shipping_app, nats_server):
-    async with running(shipping_app(carrier := Carrier(delay=0.3))) as client, broker(nats_server) as js:
+    carrier = Carrier(hold_all=True)
+    async with running(shipping_app(carrier)) as client, broker(nats_server) as js:
         await expect_ready(js)
         event = order_event()
         for _ in range(3):
             await publish(js, event)
+
+        async def all_handed_out() -> bool:
+            info = await js.consumer_info("ORDERS", "shipping")
+            return info.num_ack_pending == 3
+
+        # All three copies are with the service at once (none acknowledged) before the carrier answers.
+        await eventually(all_handed_out, "the three copies of one event were never in flight together: fetch "
+                         "several messages at once (up to max_in_flight)")
+        carrier.release.set()
         await eventually(lambda: consumer_settled(js, 3), "the three copies were never all acknowledged")
         assert await shipped(client, event["order_id"]), said(
             "GET /shipments/{order_id} after three copies of one event", expected="200", got="no shipment")
         assert carrier.count(event["order_id"]) == 1, said(
-            "three copies of one event in flight at the same time (the carrier takes 0.3 s)",
+            "three copies of one event in flight at the same time",
             expected="the carrier booked once: a second copy waits for the first, then sees it done",
             got=f"{carrier.count(event['order_id'])} bookings")
 
