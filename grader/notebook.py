@@ -6,7 +6,8 @@ route cell safe to run again.
     check(lambda: client.get("/cubes/3").json() == {"number": 3, "cube": 27},
           "GET /cubes/3 answers {'number': 3, 'cube': 27}: annotate `number: int`")
 
-A check prints "Right." or raises `AssertionError("Not yet: <what the lesson teaches>")`, also
+`await acheck(...)` is the same for an answer that runs on the notebook's event loop. A check
+prints "Right." or raises `AssertionError("Not yet: <what the lesson teaches>")`, also
 when checking the answer raises (a stub left as `...` usually does). The course suite runs every
 notebook twice: with the reference answers (each check says "Right.") and as committed, with the
 stubs (each check says "Not yet: ...", and every other cell still runs). See "notebooks" in
@@ -21,7 +22,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["check", "forget"]
+__all__ = ["acheck", "check", "forget"]
 
 
 def check(ok: Callable[[], Any], lesson: str) -> None:
@@ -34,6 +35,21 @@ def check(ok: Callable[[], Any], lesson: str) -> None:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 right = pool.submit(asyncio.run, right).result()
     except Exception as exc:  # a wrong answer may fail in any way: it is still a wrong answer
+        raise AssertionError(f"Not yet: {lesson}\n(checking your answer raised {type(exc).__name__}: {exc})") from None
+    if not right:
+        raise AssertionError(f"Not yet: {lesson}")
+    print("Right.")
+
+
+async def acheck(ok: Callable[[], Any], lesson: str) -> None:
+    """`check` for answers that must run on the notebook's own event loop (an async engine, a
+    client bound to this loop): `await acheck(lambda: orders_of(...), "...")`. `ok` may return
+    an awaitable; it is awaited here."""
+    try:
+        right = ok()
+        if inspect.isawaitable(right):
+            right = await right
+    except Exception as exc:
         raise AssertionError(f"Not yet: {lesson}\n(checking your answer raised {type(exc).__name__}: {exc})") from None
     if not right:
         raise AssertionError(f"Not yet: {lesson}")
