@@ -485,40 +485,6 @@ def test_a_free_value_can_be_compared_through_what_the_readme_promises_of_it():
         differential.Promises.parse({"operations": {}, "bearer": {"token": "$.token"}})
 
 
-def build_later(*, delay: float | None) -> SimpleNamespace:
-    """A route that hands its work to the event loop, to finish after the response (or, with no
-    delay, does it before answering)."""
-    import asyncio
-
-    app = FastAPI()
-    done: list[str] = []
-
-    async def later(name: str) -> None:
-        await asyncio.sleep(delay)
-        done.append(name)
-
-    @app.post("/jobs/{name}", status_code=202)
-    async def job(name: str) -> dict:
-        if delay is None:
-            done.append(name)
-        else:
-            asyncio.get_running_loop().create_task(later(name))  # noqa: RUF006 - the test's point
-        return {"queued": name}
-
-    return SimpleNamespace(app=app, DONE=done)
-
-
-def test_settle_waits_for_the_work_a_request_left_running():
-    table = {"requests": 4, "operations": {"POST /jobs/{name}": {"task": "jobs", "values": {"name": ["a", "b"]}}}}
-    state = lambda module: list(module.DONE)  # noqa: E731
-    for settle, differs in ((True, False), (False, True)):
-        promises = differential.Promises.parse(table | {"settle": settle})
-        session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=None), promises,
-                                       state=state)
-        session.run()
-        assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]
-
-
 def build_counted(*, same_id: bool = False) -> SimpleNamespace:
     """Things numbered by a counter the README leaves free; the wrong app answers id 1 for each."""
     app = FastAPI()
@@ -567,8 +533,9 @@ def test_ids_are_free_but_each_names_one_thing():
     assert "names two things" in message, message
 
 
-def build_later(*, delay: float) -> SimpleNamespace:
-    """A route that hands its work to the event loop, to finish after the response."""
+def build_later(*, delay: float | None) -> SimpleNamespace:
+    """A route that hands its work to the event loop, to finish after the response (or, with no
+    delay, does it before answering)."""
     import asyncio
 
     app = FastAPI()
@@ -580,7 +547,10 @@ def build_later(*, delay: float) -> SimpleNamespace:
 
     @app.post("/jobs/{name}", status_code=202)
     async def job(name: str) -> dict:
-        asyncio.get_running_loop().create_task(later(name))  # noqa: RUF006 - the test's point
+        if delay is None:
+            done.append(name)
+        else:
+            asyncio.get_running_loop().create_task(later(name))  # noqa: RUF006 - the test's point
         return {"queued": name}
 
     return SimpleNamespace(app=app, DONE=done)
@@ -591,7 +561,8 @@ def test_settle_waits_for_the_work_a_request_left_running():
     state = lambda module: list(module.DONE)  # noqa: E731
     for settle, differs in ((True, False), (False, True)):
         promises = differential.Promises.parse(table | {"settle": settle})
-        session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=0), promises, state=state)
+        session = differential.Session(lambda: build_later(delay=0.01), lambda: build_later(delay=None), promises,
+                                       state=state)
         session.run()
         assert bool(session.differences) is differs, [session.message(d, 1) for d in session.differences.values()]
 
