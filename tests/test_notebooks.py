@@ -26,7 +26,7 @@ UNTAGGED = {
     "11_messaging": "its Your-turn cells ship their answers and carry no `answer`/`check` tags yet "
                     "(see the notebooks section of docs/AUTHORING.md)",
     **{name: "its exercises are being written" for name in (
-        "09_testing", "10_service_communication",
+        
         "12_observability", "13_hardening", "14_deployment", "15_capstone")},
 }
 
