@@ -403,6 +403,9 @@ def test_an_import_is_bounded(scratch):
     response = client.post("/admin/books/import", headers=ADMIN, json=[])
     expect_status(response, 201, "an empty list imports nothing, and that is fine")
     expect_json(response, {"imported": 0}, exact=True)
+    response = client.post("/admin/books/import", headers=ADMIN, json=batch[:5000])
+    expect_status(response, 201, "5,000 books is the largest import allowed (MAX_IMPORT = 5000): it is accepted whole")
+    expect_json(response, {"imported": 5000}, exact=True)
 
 
 # --- api_key: one router guarded, the rest public --------------------------------------
