@@ -121,13 +121,14 @@ class NatsServer:
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes], run_dir: Path, log: Path) -> int:
         """The client port, once the server answers on it with its INFO line."""
-        ports_file = run_dir / f"{Path(EXECUTABLE).stem}_{process.pid}.ports"
+        # "<executable name>_<pid>.ports"; the name may keep its ".exe" on Windows, so match the pid only.
+        pattern = f"*_{process.pid}.ports"
         deadline = time.monotonic() + START_TIMEOUT
         delay = 0.005
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise BrokerUnavailable(f"nats-server exited with {process.returncode} at start:\n{_tail(log)}")
-            port = _port_from(ports_file)
+            port = next(filter(None, map(_port_from, run_dir.glob(pattern))), None)
             if port is not None and _answers(port):
                 return port
             time.sleep(delay)
