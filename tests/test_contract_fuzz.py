@@ -166,7 +166,7 @@ def build_10(_: Build) -> list[Target]:
     ]
 
 
-def build_messaging(build: Build) -> list[Target]:
+def build_11(build: Build) -> list[Target]:
     # 11's services talk to a real NATS server, as in their graded suite; it stops with the build.
     from grader.broker import NatsServer
 
@@ -184,7 +184,7 @@ def build_messaging(build: Build) -> list[Target]:
 OBS_SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 
 
-def build_11(build: Build) -> list[Target]:
+def build_12(build: Build) -> list[Target]:
     build.stack.enter_context(settings_environment(
         "OBS_", build.folder, OBS_SECRET_KEY=OBS_SECRET, OBS_DATABASE_URL=build.sqlite("inventory")
     ))
@@ -216,7 +216,7 @@ class FakeClock:
         return 1000.0
 
 
-def build_12(build: Build) -> list[Target]:
+def build_13(build: Build) -> list[Target]:
     build.stack.enter_context(settings_environment("HARD_", build.folder))
     module = load(SOLUTIONS / "13_hardening")
     # The graded suite's shared app: a bucket far larger than any test's requests.
@@ -239,7 +239,7 @@ def settings_of(module: ModuleType, **values: Any) -> Any:
     return module.Settings(**{name: value for name, value in values.items() if name in module.Settings.model_fields})
 
 
-def build_14(build: Build) -> list[Target]:
+def build_15(build: Build) -> list[Target]:
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
@@ -298,11 +298,11 @@ BUILDERS: dict[str, Callable[[Build], list[Target]]] = {
     "08_database": build_08,
     "09_testing": build_09,
     "10_service_communication": build_10,
-    "11_messaging": build_messaging,
-    "12_observability": build_11,
-    "13_hardening": build_12,
+    "11_messaging": build_11,
+    "12_observability": build_12,
+    "13_hardening": build_13,
     "14_deployment": module_app("14_deployment", pinned={"GET /slow": NO_WAIT}),
-    "15_capstone": build_14,
+    "15_capstone": build_15,
 }
 
 
