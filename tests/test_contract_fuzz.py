@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
+import httpx
 import hypothesis
 import pytest
 from fastapi import FastAPI, HTTPException, Path as PathParam
@@ -200,7 +201,11 @@ def build_12(build: Build) -> list[Target]:
     module = load(SOLUTIONS / "12_observability")
     module.get_settings.cache_clear()  # settings from this environment, not a cached copy
     build.stack.callback(module.get_settings.cache_clear)
-    return [Target("", module.create_app())]
+    # The warehouse behind GET /items/{item_id}/stock answers in this process, as in the graded suite.
+    warehouse = httpx.MockTransport(
+        lambda request: httpx.Response(200, json={"item_id": int(request.url.path.rsplit("/", 1)[-1]), "quantity": 7})
+    )
+    return [Target("", module.create_app(transport=warehouse))]
 
 
 def restore_logger(logger: logging.Logger, saved: tuple[int, list[logging.Handler], bool]) -> None:

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, HTTPException, status
+from opentelemetry import trace
 from pydantic_settings import BaseSettings
 
 # ----------------------------------------------------------------------------- settings
@@ -22,8 +24,8 @@ class Settings(BaseSettings):
 
     Fields: app_name (str, "inventory"), environment ("dev" | "staging" | "prod", "dev"),
     database_url (str, "sqlite+aiosqlite:///./inventory.db"), log_level ("DEBUG" | "INFO" |
-    "WARNING" | "ERROR", "INFO"), ready_timeout (float > 0, 2.0) and secret_key: a SecretStr
-    with NO default.
+    "WARNING" | "ERROR", "INFO"), ready_timeout (float > 0, 2.0), warehouse_url (str,
+    "http://127.0.0.1:8001") and secret_key: a SecretStr with NO default.
     """
 
     app_name: str = "inventory"
@@ -43,8 +45,9 @@ access_log = logging.getLogger(ACCESS_LOGGER_NAME)
 class JsonFormatter(logging.Formatter):
     """TODO: one line of JSON per record.
 
-    Keys: timestamp (ISO 8601 with a time zone), level, logger, message, and every field
-    passed with `extra={...}`.
+    Keys: timestamp (ISO 8601 with a time zone), level, logger, message, every field
+    passed with `extra={...}`, and trace_id / span_id of the span current while the line is
+    written (see "Traces" in the README).
     """
 
 
@@ -65,8 +68,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-def create_app() -> FastAPI:
+def create_app(
+    tracer_provider: trace.TracerProvider | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
     app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan)
+
+    # TODO: a tracer from tracer_provider (or a TracerProvider of the app's own, never the
+    #       global one); the middleware continues an incoming traceparent with a SERVER span
+    #       named "GET /items/{item_id}" and puts trace_id / span_id in the access line. A
+    #       request ID you make up is the trace ID.
 
     # TODO: a CollectorRegistry for this app, a Counter http_requests_total
     #       (method, route, status) and a Histogram http_request_duration_seconds
@@ -89,6 +100,10 @@ def create_app() -> FastAPI:
         if item is None:
             raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
         return item
+
+    # TODO: GET /items/{item_id}/stock -> 404 for an unknown item; else ask the warehouse
+    #       GET {warehouse_url}/stock/{item_id} through an httpx.AsyncClient (transport=transport)
+    #       whose requests carry the current traceparent; 502 when it fails.
 
     # TODO: GET /metrics -> generate_latest(registry) with media_type CONTENT_TYPE_LATEST.
 

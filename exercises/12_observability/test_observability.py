@@ -3,14 +3,20 @@
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 import types
 from contextlib import ExitStack
 from datetime import datetime
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
@@ -204,10 +210,11 @@ def secret_of(settings) -> str:
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_settings_come_from_the_environment_with_types(module, env):
     env.delenv("OBS_DATABASE_URL")  # only the required secret is left set
     defaults = {"app_name": "inventory", "environment": "dev", "database_url": "sqlite+aiosqlite:///./inventory.db",
-                "log_level": "INFO", "ready_timeout": 2.0}
+                "log_level": "INFO", "ready_timeout": 2.0, "warehouse_url": "http://127.0.0.1:8001"}
     settings = module.Settings()
     got = {name: field(settings, name) for name in defaults}
     wrong = {name: value for name, value in got.items() if value != defaults[name]}
@@ -228,6 +235,7 @@ def test_settings_come_from_the_environment_with_types(module, env):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_the_secret_is_required_and_hidden(module, env):
     settings = module.Settings()
     assert secret_of(settings) == SECRET, "Settings().secret_key holds the value of OBS_SECRET_KEY"
@@ -246,6 +254,7 @@ def test_the_secret_is_required_and_hidden(module, env):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 @pytest.mark.parametrize(("name", "value"), [
     ("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production"), ("OBS_LOG_LEVEL", "LOUD"),
 ])
@@ -262,6 +271,7 @@ def test_malformed_values_are_rejected(module, env, name, value):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
     env.chdir(tmp_path)  # a folder of its own: the .env written here must not reach other tests
     env.delenv("OBS_SECRET_KEY")
@@ -281,6 +291,7 @@ def test_a_dotenv_file_is_read_and_the_environment_wins(module, env, tmp_path):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_the_app_refuses_to_start_without_its_secret(module, env, load):
     env.delenv("OBS_SECRET_KEY")
     try:
@@ -307,6 +318,7 @@ def test_the_app_refuses_to_start_without_its_secret(module, env, load):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_get_settings_is_cached_and_can_be_cleared(module, env):
     first = module.get_settings()
     if module.get_settings() is not first or not hasattr(module.get_settings, "cache_clear"):
@@ -322,6 +334,7 @@ def test_get_settings_is_cached_and_can_be_cleared(module, env):
 
 
 @pytest.mark.task("settings")
+@pytest.mark.promise("P1")
 def test_info_uses_the_settings_dependency_and_hides_the_secret(module, client):
     response = client.get("/info")
     expect_json(response, {"app_name": "inventory", "environment": "dev"}, "the defaults", exact=True)
@@ -343,6 +356,7 @@ def test_info_uses_the_settings_dependency_and_hides_the_secret(module, client):
 
 
 @pytest.mark.task("health")
+@pytest.mark.promise("P2")
 def test_liveness_and_readiness_when_the_database_is_up(client):
     expect_json(client.get("/health"), {"status": "ok"}, exact=True)
     response = client.get("/ready")
@@ -351,6 +365,7 @@ def test_liveness_and_readiness_when_the_database_is_up(client):
 
 
 @pytest.mark.task("health")
+@pytest.mark.promise("P2")
 def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, env, tmp_path):
     # SQLite cannot create a file in a folder that does not exist: the database is "down".
     missing = tmp_path / "not-there-yet"
@@ -401,6 +416,7 @@ class SlowToConnect:
 
 
 @pytest.mark.task("health")
+@pytest.mark.promise("P2")
 def test_readiness_gives_up_after_ready_timeout(module, env, tmp_path):
     env.setenv("OBS_DATABASE_URL", SlowToConnect.url(tmp_path / "inventory.db"))
     env.setenv("OBS_READY_TIMEOUT", "0.2")
@@ -424,6 +440,7 @@ def test_readiness_gives_up_after_ready_timeout(module, env, tmp_path):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_the_service_writes_its_logs_to_stdout_as_json(module, capfd):
     loggers = [logging.getLogger(name) for name in ("inventory", ACCESS_LOGGER)]
     saved = [(logger, logger.level, logger.handlers[:], logger.propagate) for logger in loggers]
@@ -465,6 +482,7 @@ def test_the_service_writes_its_logs_to_stdout_as_json(module, capfd):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_one_json_line_per_request_with_the_route_template(client, access_lines):
     response = client.get("/items/2", headers={"X-Request-ID": LONGEST_REQUEST_ID})
     expect_status(response, 200)
@@ -489,6 +507,7 @@ def test_one_json_line_per_request_with_the_route_template(client, access_lines)
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
     response = client.get("/items/99")
     entry = one_entry_for(access_lines, response)
@@ -508,6 +527,7 @@ def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_a_request_that_crashes_is_logged_too(module):
     app = new_app(module)
 
@@ -535,6 +555,7 @@ def test_a_request_that_crashes_is_logged_too(module):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_the_log_level_comes_from_the_settings(module, env):
     # Logging is global: put back the levels these apps set, so later tests log at INFO again.
     loggers = [logging.getLogger(name) for name in ("", "inventory", ACCESS_LOGGER)]
@@ -565,6 +586,7 @@ def test_the_log_level_comes_from_the_settings(module, env):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 def test_a_request_id_is_generated_and_returned(client, access_lines):
     first = client.get("/health")
     second = client.get("/health")
@@ -576,6 +598,7 @@ def test_a_request_id_is_generated_and_returned(client, access_lines):
 
 
 @pytest.mark.task("logging")
+@pytest.mark.promise("P3")
 @pytest.mark.parametrize("incoming", ["x" * 65, "two words", "<script>", ""])
 def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
     first = client.get("/health", headers={"X-Request-ID": incoming})
@@ -596,6 +619,7 @@ def test_an_unsafe_incoming_request_id_is_replaced(client, incoming):
 
 
 @pytest.mark.task("metrics")
+@pytest.mark.promise("P4")
 def test_requests_are_counted_by_route_template(module):
     # Exact counts: a new app from create_app(), whose metrics start from zero.
     with TestClient(new_app(module)) as client:
@@ -618,6 +642,7 @@ def test_requests_are_counted_by_route_template(module):
 
 
 @pytest.mark.task("metrics")
+@pytest.mark.promise("P4")
 def test_unmatched_paths_share_one_label(module):
     # Exact counts: a new app from create_app(), whose metrics start from zero.
     with TestClient(new_app(module)) as client:
@@ -629,6 +654,7 @@ def test_unmatched_paths_share_one_label(module):
 
 
 @pytest.mark.task("metrics")
+@pytest.mark.promise("P4")
 def test_latency_histogram_by_route_template(module):
     # Exact counts: a new app from create_app(), whose metrics start from zero.
     handler = JsonLines(module.JsonFormatter())
@@ -671,6 +697,7 @@ def test_latency_histogram_by_route_template(module):
 
 
 @pytest.mark.task("metrics")
+@pytest.mark.promise("P4")
 def test_each_app_has_its_own_registry(module, client):
     # `app` is already one app from create_app(); build a second one next to it.
     try:
@@ -691,4 +718,229 @@ def test_each_app_has_its_own_registry(module, client):
         response,
         "two apps from create_app() keep separate metrics (a CollectorRegistry per app); "
         f"a new app reports the requests that `app` answered: {count}",
+    )
+
+
+# ------------------------------------------------------------------------------ tracing
+
+# A caller's trace: trace ID and parent span ID as W3C Trace Context writes them, sampled.
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+class Warehouse:
+    """The warehouse service behind httpx.MockTransport: records each request, answers with stock."""
+
+    def __init__(self, answer=None) -> None:
+        self.requests: list[httpx.Request] = []
+        self.answer = answer or (lambda request: httpx.Response(200, json={"item_id": int(request.url.path.rsplit("/", 1)[-1]), "quantity": 7}))
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.answer(request)
+
+
+def traced_app(module, warehouse: Warehouse | None = None):
+    """A new app from create_app(tracer_provider=..., transport=...), its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    transport = httpx.MockTransport(warehouse or Warehouse())
+    try:
+        app = module.create_app(tracer_provider=provider, transport=transport)
+    except TypeError as exc:
+        pytest.fail(
+            "\nexpected: create_app(tracer_provider=provider, transport=transport), as the README promises\n"
+            f"got:      TypeError: {exc}",
+            pytrace=False,
+        )
+    return app, exporter
+
+
+def server_spans(exporter, response) -> list:
+    spans = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
+    if len(spans) != 1:
+        pytest.fail(
+            explain(
+                response,
+                "exactly one server span (kind SERVER) per request, ended and given to the tracer provider "
+                f"passed to create_app(); got {len(spans)}: {[span.name for span in spans]}",
+            ),
+            pytrace=False,
+        )
+    return spans
+
+
+def hex_ids(span) -> tuple[str, str]:
+    return format_trace_id(span.context.trace_id), format_span_id(span.context.span_id)
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P5")
+@pytest.mark.parametrize(("path", "template", "code"), [
+    ("/items/1", "/items/{item_id}", 200),
+    ("/items/99", "/items/{item_id}", 404),
+    ("/health", "/health", 200),
+])
+def test_an_incoming_traceparent_is_continued(module, path, template, code):
+    app, exporter = traced_app(module)
+    with TestClient(app) as client:
+        response = client.get(path, headers={"traceparent": CALLER_TRACEPARENT})
+        expect_status(response, code)
+    (span,) = server_spans(exporter, response)
+    trace_id, _ = hex_ids(span)
+    parent = format_span_id(span.parent.span_id) if span.parent is not None else None
+    assert (trace_id, parent) == (CALLER_TRACE, CALLER_SPAN), explain(
+        response,
+        f"sent traceparent {CALLER_TRACEPARENT}: the server span continues that trace (trace ID {CALLER_TRACE}) "
+        f"as a child of the caller's span {CALLER_SPAN}; got trace ID {trace_id}, parent {parent} "
+        "(a new trace per service breaks the request's story in two: extract the context from the headers)",
+    )
+    assert span.name == f"GET {template}", explain(
+        response,
+        f"the server span is named by the method and the route template, {'GET ' + template!r}; got {span.name!r} "
+        "(a raw path with an id makes one span name per item)",
+    )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P5")
+def test_without_a_traceparent_every_request_starts_its_own_trace(module):
+    app, exporter = traced_app(module)
+    with TestClient(app) as client:
+        for _ in range(2):
+            response = client.get("/items/1")
+            expect_status(response, 200)
+    spans = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.SERVER]
+    traces = {hex_ids(span)[0] for span in spans}
+    assert len(spans) == 2 and len(traces) == 2 and all(span.parent is None for span in spans), explain(
+        response,
+        "with no traceparent, each request is the root of a new trace: two requests, two server spans, two trace IDs, "
+        f"no parent; got {len(spans)} server span(s) in trace(s) {sorted(traces)}",
+    )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P6")
+@pytest.mark.parametrize("incoming", [CALLER_TRACEPARENT, None], ids=["continued", "new"])
+def test_the_trace_goes_on_to_the_warehouse(module, incoming):
+    warehouse = Warehouse()
+    app, exporter = traced_app(module, warehouse)
+    headers = {"traceparent": incoming} if incoming else {}
+    with TestClient(app) as client:
+        response = client.get("/items/2/stock", headers=headers)
+        expect_status(response, 200)
+        expect_json(response, {"item_id": 2, "quantity": 7}, "the stock the warehouse answered", exact=True)
+    (server,) = server_spans(exporter, response)
+    trace_id, _ = hex_ids(server)
+    ours = {hex_ids(span)[1] for span in exporter.get_finished_spans() if hex_ids(span)[0] == trace_id}
+    sent = [request.headers.get_list("traceparent") for request in warehouse.requests]
+    assert len(sent) == 1 and len(sent[0]) == 1, explain(
+        response, f"one call to the warehouse carrying one traceparent header; got the headers {sent}"
+    )
+    match = TRACEPARENT.fullmatch(sent[0][0])
+    assert match is not None, explain(
+        response, f"the warehouse call carries a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); got {sent[0][0]!r}"
+    )
+    assert match[1] == trace_id and match[2] in ours, explain(
+        response,
+        f"sent traceparent {incoming}: the call to the warehouse carries the same trace ({trace_id}) and names one "
+        f"of this service's spans {sorted(ours)} as its parent; got {sent[0][0]!r}",
+    )
+    assert int(match[3], 16) & 1, explain(response, f"the sampled flag goes on with the trace; got {sent[0][0]!r}")
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P9")
+@pytest.mark.parametrize("failure", ["status 500", "connection refused", "not JSON", "negative quantity", "another item"])
+def test_a_failing_warehouse_answers_502(module, failure):
+    def answer(request: httpx.Request) -> httpx.Response:
+        if failure == "connection refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        return {
+            "status 500": httpx.Response(500, json={"detail": "boom"}),
+            "not JSON": httpx.Response(200, text="<html>"),
+            "negative quantity": httpx.Response(200, json={"item_id": 3, "quantity": -1}),
+            "another item": httpx.Response(200, json={"item_id": 1, "quantity": 4}),
+        }[failure]
+
+    app, _ = traced_app(module, Warehouse(answer))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/items/3/stock")
+        expect_status(response, 502, f"the warehouse fails ({failure}): a 502, never a 500 or its answer passed on")
+        missing = client.get("/items/99/stock")
+        expect_status(missing, 404, "an item the service does not have: 404, without asking the warehouse")
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P7")
+def test_every_log_line_carries_the_trace(module):
+    warehouse = Warehouse(lambda request: httpx.Response(503))
+    app, exporter = traced_app(module, warehouse)
+    handler = JsonLines(module.JsonFormatter())
+    service = logging.getLogger("inventory")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        service.addHandler(handler)  # after startup: the lifespan sets the logger's own handlers
+        try:
+            response = client.get("/items/1/stock", headers={"traceparent": CALLER_TRACEPARENT})
+        finally:
+            service.removeHandler(handler)
+    (server,) = server_spans(exporter, response)
+    trace_id, span_id = hex_ids(server)
+    ours = {hex_ids(span)[1] for span in exporter.get_finished_spans()}
+    entries = parse_lines(handler.lines, response)
+    access = [entry for entry in entries if entry.get("logger") == ACCESS_LOGGER]
+    assert len(access) == 1, explain(response, f"one access line for the request; got {entries}")
+    assert (access[0].get("trace_id"), access[0].get("span_id")) == (trace_id, span_id), explain(
+        response,
+        f"the access line carries the server span's trace_id {trace_id!r} and span_id {span_id!r} (32 and 16 "
+        f"lower-case hex digits); got trace_id={access[0].get('trace_id')!r}, span_id={access[0].get('span_id')!r}",
+    )
+    wrong = [entry for entry in entries if entry.get("trace_id") != trace_id or entry.get("span_id") not in ours]
+    assert not wrong, explain(
+        response, f"every line logged while serving the request carries its trace_id {trace_id!r} and a span_id of it; got {wrong}"
+    )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P7")
+def test_a_new_request_id_is_the_trace_id(module):
+    app, exporter = traced_app(module)
+    with TestClient(app) as client:
+        response = client.get("/items/1", headers={"X-Request-ID": "not a valid id"})
+    (server,) = server_spans(exporter, response)
+    trace_id, _ = hex_ids(server)
+    got = expect_header(response, "x-request-id")
+    assert got == trace_id, explain(
+        response, f"without a valid X-Request-ID, the request ID is the trace ID {trace_id!r} (one rule); got {got!r}"
+    )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P8")
+@pytest.mark.parametrize("malformed", [
+    "",
+    "garbage",
+    f"ff-{CALLER_TRACE}-{CALLER_SPAN}-01",  # version ff is forbidden
+    f"00-{'0' * 32}-{CALLER_SPAN}-01",  # all-zero trace ID
+    f"00-{CALLER_TRACE}-{'0' * 16}-01",  # all-zero parent ID
+    f"00-{CALLER_TRACE.upper()}-{CALLER_SPAN}-01",  # upper-case hex
+    f"00-{CALLER_TRACE[:-1]}-{CALLER_SPAN}-01",  # one digit short
+    f"00-{CALLER_TRACE}-{CALLER_SPAN}-01-extra",  # version 00 has exactly four fields
+    f"00-{CALLER_TRACE}-{CALLER_SPAN}-zz",
+    f"00-{CALLER_TRACE}-{CALLER_SPAN}-01\u00e9".encode("latin-1"),  # a byte outside ASCII
+])
+def test_a_malformed_traceparent_starts_a_new_trace(module, malformed):
+    app, exporter = traced_app(module)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/items/1", headers={"traceparent": malformed})
+        expect_status(response, 200, f"a malformed traceparent {malformed!r} is ignored, never an error")
+    (span,) = server_spans(exporter, response)
+    trace_id, _ = hex_ids(span)
+    assert span.parent is None and trace_id != CALLER_TRACE and span.context.trace_id != 0, explain(
+        response,
+        f"sent the malformed traceparent {malformed!r}: a new trace (a root span, a fresh trace ID); "
+        f"got trace ID {trace_id}, parent {span.parent}",
     )

@@ -1,4 +1,4 @@
-"""Lesson 12 reference: settings from the environment, health probes, JSON access logs, metrics."""
+"""Lesson 12 reference: settings from the environment, health probes, JSON access logs, metrics, traces."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import re
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -16,7 +15,13 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
+import httpx
 from fastapi import Depends, FastAPI, HTTPException, Request, Response, status
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +50,8 @@ class Settings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./inventory.db"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ready_timeout: float = Field(default=2.0, gt=0)
+    # The warehouse service that knows the stock (GET /items/{item_id}/stock asks it).
+    warehouse_url: str = "http://127.0.0.1:8001"
     # No default on purpose: a service that starts without its secret fails later, and worse.
     secret_key: SecretStr
 
@@ -83,6 +90,12 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update((key, value) for key, value in record.__dict__.items() if key not in _STANDARD_ATTRIBUTES)
+        # A record formatted while a span is current belongs to that span's trace. Formatting
+        # runs in the thread (and context) that logged, so the current span is the right one.
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            entry.setdefault("trace_id", format_trace_id(context.trace_id))
+            entry.setdefault("span_id", format_span_id(context.span_id))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         # json.dumps escapes newlines, so a multi-line message still makes exactly one line.
@@ -135,6 +148,26 @@ class HttpMetrics:
         self.duration.labels(method=method, route=route).observe(seconds)
 
 
+# --------------------------------------------------------------------------- tracing
+
+# W3C Trace Context, named explicitly: the global propagator can be changed by OTEL_PROPAGATORS,
+# and this service promises `traceparent`.
+PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def incoming_headers(scope: Scope) -> dict[str, str]:
+    """The request's headers as a carrier for the propagator (ASGI names are lower case already)."""
+    carrier: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        carrier.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return carrier
+
+
+def default_tracer_provider() -> TracerProvider:
+    """Spans with real IDs and nowhere to go: a deployment adds an exporter (see the lesson)."""
+    return TracerProvider(resource=Resource.create({"service.name": "inventory"}))
+
+
 # --------------------------------------------------------------------------- middleware
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -163,45 +196,68 @@ class ObservabilityMiddleware:
     task per request and never buffers a streaming response.
     """
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, tracer: trace.Tracer) -> None:
         self.app = app
         self.metrics = metrics
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        status_code = 500  # what the client gets if the app raises before it answers
-        started = time.perf_counter()
+        # Continue the caller's trace when its traceparent is valid; a missing or malformed one
+        # extracts to an empty context, and the span below starts a new trace (never an error).
+        parent = PROPAGATOR.extract(incoming_headers(scope))
+        # The name is the method until routing has run; then the route template (never the raw
+        # path: span names are grouped on, and ids in them make one group per item).
+        with self.tracer.start_as_current_span(
+            scope["method"], context=parent, kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False
+        ) as span:
+            context = span.get_span_context()
+            trace_id, span_id = format_trace_id(context.trace_id), format_span_id(context.span_id)
+            # One rule: a caller's plain ID is kept; otherwise the request ID is the trace ID.
+            request_id = _incoming_request_id(scope) or trace_id
+            token = request_id_var.set(request_id)
+            status_code = 500  # what the client gets if the app raises before it answers
+            started = time.perf_counter()
 
-        async def send_with_request_id(message: Message) -> None:
-            nonlocal status_code
-            if message["type"] == "http.response.start":
-                status_code = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
+            async def send_with_request_id(message: Message) -> None:
+                nonlocal status_code
+                if message["type"] == "http.response.start":
+                    status_code = message["status"]
+                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_request_id)
-        finally:
-            seconds = time.perf_counter() - started
-            # Routing has run by now, so the scope knows which route (if any) matched.
-            route = route_template(scope)
-            self.metrics.observe(scope["method"], route, status_code, seconds)
-            access_log.info(
-                "request",
-                extra={
-                    "request_id": request_id,
-                    "method": scope["method"],
-                    "route": route,
-                    "status": status_code,
-                    "duration_ms": round(seconds * 1000, 3),
-                },
-            )
-            request_id_var.reset(token)
+            try:
+                await self.app(scope, receive, send_with_request_id)
+            except Exception as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                seconds = time.perf_counter() - started
+                # Routing has run by now, so the scope knows which route (if any) matched.
+                route = route_template(scope)
+                span.update_name(f"{scope['method']} {route}")
+                span.set_attribute("http.request.method", scope["method"])
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status_code)
+                if status_code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                self.metrics.observe(scope["method"], route, status_code, seconds)
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "trace_id": trace_id,
+                        "span_id": span_id,
+                        "method": scope["method"],
+                        "route": route,
+                        "status": status_code,
+                        "duration_ms": round(seconds * 1000, 3),
+                    },
+                )
+                request_id_var.reset(token)
 
 
 # --------------------------------------------------------------------------- the app
@@ -210,6 +266,13 @@ class ErrorMessage(BaseModel):
     """The body of an HTTPException."""
 
     detail: str
+
+
+class Stock(BaseModel):
+    """How many of an item the warehouse holds."""
+
+    item_id: int
+    quantity: int = Field(ge=0)
 
 
 class Readiness(BaseModel):
@@ -235,11 +298,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # create_async_engine does not connect yet, so a database that is down does not stop the
     # process: it stays alive (liveness) and reports itself not ready (readiness) instead.
     app.state.engine = create_async_engine(settings.database_url)
+    # One client for the app's life: its connections are reused. Every request it sends carries
+    # the current trace context (inject_trace_context below).
+    app.state.warehouse = httpx.AsyncClient(
+        base_url=settings.warehouse_url,
+        transport=app.state.warehouse_transport,
+        timeout=httpx.Timeout(5.0),
+        event_hooks={"request": [inject_trace_context]},
+    )
     log.info("started", extra={"app_name": settings.app_name, "environment": settings.environment})
     try:
         yield
     finally:
+        await app.state.warehouse.aclose()
         await app.state.engine.dispose()
+
+
+async def inject_trace_context(request: httpx.Request) -> None:
+    """Write the current span's traceparent into an outgoing request, so the trace continues."""
+    PROPAGATOR.inject(request.headers)
 
 
 def get_engine(request: Request) -> AsyncEngine:
@@ -249,14 +326,21 @@ def get_engine(request: Request) -> AsyncEngine:
 EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan)
+def create_app(
+    tracer_provider: trace.TracerProvider | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """A new app. Tests hand in a tracer provider (with an in-memory exporter) and the transport
+    the warehouse client sends through; nothing here touches OpenTelemetry's global provider."""
+    app = FastAPI(title="Inventory", version="1.2.0", lifespan=lifespan)
+    tracer = (tracer_provider or default_tracer_provider()).get_tracer("inventory")
+    app.state.warehouse_transport = transport
 
     # One registry per app. The module-level default REGISTRY is shared by the whole process:
     # building a second app (a test, a reload) would register the same metric names twice
     # and fail with "Duplicated timeseries in CollectorRegistry".
     registry = CollectorRegistry()
-    app.add_middleware(ObservabilityMiddleware, metrics=HttpMetrics(registry))
+    app.add_middleware(ObservabilityMiddleware, metrics=HttpMetrics(registry), tracer=tracer)
 
     @app.get("/health", tags=["ops"], summary="Liveness: the process is up")
     async def health() -> dict[str, str]:
@@ -300,6 +384,35 @@ def create_app() -> FastAPI:
         if item is None:
             raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
         return item
+
+    @app.get(
+        "/items/{item_id}/stock",
+        tags=["items"],
+        summary="How many the warehouse holds",
+        responses={
+            status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"},
+            status.HTTP_502_BAD_GATEWAY: {"model": ErrorMessage, "description": "The warehouse failed to answer"},
+        },
+    )
+    async def read_stock(item_id: int, request: Request) -> Stock:
+        if item_id not in ITEMS:
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+        client: httpx.AsyncClient = request.app.state.warehouse
+        # A client span for the call: the warehouse's server span becomes its child.
+        with tracer.start_as_current_span("GET /stock/{item_id}", kind=SpanKind.CLIENT) as span:
+            try:
+                answer = await client.get(f"/stock/{item_id}")
+                span.set_attribute("http.response.status_code", answer.status_code)
+                answer.raise_for_status()
+                stock = Stock.model_validate_json(answer.content)
+            except (httpx.HTTPError, ValueError) as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                log.warning("warehouse failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer") from None
+        if stock.item_id != item_id:
+            log.warning("warehouse answered for another item", extra={"asked": item_id, "got": stock.item_id})
+            raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer")
+        return stock
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
     async def metrics() -> Response:
