@@ -192,7 +192,8 @@ def main() -> None:
     print(f"{exercise.name}: grader watch, save to verdict on screen, {len(times)} saves")
     print(f"  median {median:.3f} s   best {min(times):.3f} s   worst {max(times):.3f} s")
     print(f"  TARGET {'MET' if met else 'NOT MET'}: median {median:.3f} s {'<=' if met else '>'} {TARGET} s")
-    print(f"  of which the run itself (fork to report): median {statistics.median(inside):.3f} s")
+    print(f"  of which the run itself (fork to report, to 0.1 s as the screen shows it): "
+          f"median {statistics.median(inside):.1f} s")
     print(f"  machine floor, same run (before / after the saves): a held run of no test "
           f"{floors[0]:.3f} / {floors[1]:.3f} s; a busy loop got {shares[0]:.0%} / {shares[1]:.0%} of a core")
     print(f"  one run forked after imports only (pytest configures and collects again): "
