@@ -876,6 +876,17 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P15")
+def test_an_item_name_is_1_to_100_characters(client):
+    bob = bearer(token_for(client, "bob", "the-builder"))
+    for name, wanted in (("a", 201), ("é" * 100, 201), ("", 422), ("é" * 101, 422)):
+        response = client.post("/items", json={"name": name}, headers=bob)
+        shown = name if len(name) < 5 else f"{name[0]!r} * {len(name)}"
+        expect_status(response, wanted, f"POST /items as bob with a name of {len(name)} characters ({shown}):"
+                      " README.md promises 1 to 100 characters, both ends included")
+
+
+@pytest.mark.task("contract")
 @pytest.mark.promise("P16")
 def test_an_invalid_body_is_422_whatever_it_holds(client):
     headers = {**bearer(token_for(client, "bob", "the-builder")), "Content-Type": "application/json"}
