@@ -69,11 +69,11 @@ def file_events_arrive(folder: Path) -> bool:
     return seen.is_set()
 
 
-POLL = 0.03  # seconds between two looks at the files and the keyboard
-POLL_RUNNING = 0.005  # the same while a run goes on, so that its end is seen at once (a look costs ~0.1 ms)
+POLL = 0.01  # seconds between two looks at the files and the keyboard (a look costs ~0.1 ms)
+POLL_RUNNING = 0.005  # the same while a run goes on, so that its end is seen at once
 # An editor's save is often several writes: the run starts this long after the first one is seen.
 # A write that comes later still is a save like any other: it cancels the run and starts a new one.
-SETTLE = 0.015
+SETTLE = 0.005
 WATCHED_SUFFIXES = (".py", ".toml", ".yaml", ".yml", ".txt", ".json", ".cfg", ".ini")
 CLEAR = "\x1b[2J\x1b[3J\x1b[H"
 REST = 8  # failing tests listed one line each under the first, so that a run fits on one screen
