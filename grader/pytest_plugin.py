@@ -249,7 +249,6 @@ def reference(request: pytest.FixtureRequest, exercise: Exercise) -> Callable[..
     return _reference
 
 
-
 @pytest.fixture
 def nats_server() -> Iterator[Any]:
     """A real NATS server with JetStream for one test (``grader.broker.NatsServer``), on a free port
@@ -258,6 +257,7 @@ def nats_server() -> Iterator[Any]:
 
     with NatsServer() as server:
         yield server
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
