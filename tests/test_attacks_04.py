@@ -33,10 +33,12 @@ def batch(first: int, count: int) -> list[dict[str, str]]:
 def test_04_dependencies_the_largest_import_is_linear(module):
     with TestClient(module.app) as client:
         def timed(first: int, count: int) -> float:
-            started = time.perf_counter()
+            # CPU seconds of this process (the app runs in TestClient's thread): a busy machine
+            # stretches the wall clock of one import, not the work it does
+            started = time.process_time()
             response = client.post("/admin/books/import", headers=ADMIN, json=batch(first, count))
             assert response.status_code == 201, response.text[:200]
-            return time.perf_counter() - started
+            return time.process_time() - started
 
         small = min(timed(0, 1250), timed(10_000, 1250))
         large = min(timed(20_000, module.MAX_IMPORT), timed(30_000, module.MAX_IMPORT))
