@@ -260,11 +260,13 @@ async def test_15_capstone_logins_do_not_stop_health(shop):
         while not logins.done():
             busy.append(await health())
         assert all(r.status_code == 401 for r in await logins)
-        # Blocked, one probe would wait for a whole hash (about one login); free, it answers
-        # as fast as when idle. Half a login, and never less than ten times the idle worst.
+        # Blocked, every probe waits for a whole hash (about one login), so the typical probe
+        # takes about a login; free, the typical probe answers about as fast as when idle. The
+        # median, not the worst: on a busy machine one probe may wait for the CPU now and then.
         limit = max(one_login / 2, 10 * max(idle))
-        assert max(busy) < limit, (f"/health took {max(busy) * 1000:.0f} ms during logins (one login: "
-                                   f"{one_login * 1000:.0f} ms, idle median {statistics.median(idle) * 1000:.1f} ms)")
+        assert statistics.median(busy) < limit, (
+            f"/health took {statistics.median(busy) * 1000:.0f} ms (median of {len(busy)} probes) during logins "
+            f"(one login: {one_login * 1000:.0f} ms, idle median {statistics.median(idle) * 1000:.1f} ms)")
 
 
 @pytest.mark.slow

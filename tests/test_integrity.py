@@ -138,9 +138,11 @@ def test_no_course_module_shadows_a_library():
 
     taken = (set(sys.stdlib_module_names) | set(packages_distributions())) - {"grader"}
     offenders = []
-    for top in ("exercises", "solutions", "grader", "tests", "bench"):
+    # grader/ is a package: grader/notebook.py is imported as grader.notebook and shadows nothing.
+    # node_modules holds the diagram renderer's JavaScript (tests/diagrams), never imported by Python.
+    for top in ("exercises", "solutions", "tests", "bench"):
         for path in (ROOT / top).rglob("*"):
-            if "__pycache__" in path.parts or path.name.startswith("."):
+            if "__pycache__" in path.parts or "node_modules" in path.parts or path.name.startswith("."):
                 continue
             name = path.stem if path.suffix == ".py" else (path.name if path.is_dir() else None)
             if name in taken:
