@@ -148,3 +148,22 @@ def test_no_course_module_shadows_a_library():
             if name in taken:
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"these names shadow a library or a standard module: {offenders}"
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.name)
+def test_files_given_beside_the_solution_are_the_learners_copies(exercise):
+    """A file the learner is given (not editable, not a test) and the reference also has, such as
+    08's Alembic environment, is the same file in both places: the reference is graded with what
+    the learner has."""
+    solution = exercise.solution_folder
+    drifted = []
+    for path in solution.rglob("*"):
+        relative = path.relative_to(solution)
+        if (not path.is_file() or relative.parts[0] in ("mutants", "__pycache__", ".hypothesis")
+                or "__pycache__" in relative.parts or path.name == "mutation.toml"
+                or relative.as_posix() in exercise.editable):
+            continue
+        given = exercise.folder / relative
+        if not given.is_file() or given.read_bytes() != path.read_bytes():
+            drifted.append(relative.as_posix())
+    assert not drifted, f"{exercise.name}: not the same in exercises/ and solutions/: {drifted}"
