@@ -389,6 +389,14 @@ async def test_concurrent_duplicates_are_applied_once(shipping_app, nats_server)
         # All three copies are with the service at once (none acknowledged) before the carrier answers.
         await eventually(all_handed_out, "the three copies of one event were never in flight together: fetch "
                          "several messages at once (up to max_in_flight)")
+        # Handed out is not yet at the carrier: give every copy the time to get as far as it
+        # will while the first booking is held. A service that lets copies through together
+        # shows it as a second call; one that makes them wait never will (then this waits the
+        # whole grace, which is the price of checking a race without a clock in the service).
+        loop = asyncio.get_running_loop()
+        grace = loop.time() + 1.5
+        while len(carrier.calls) < 2 and loop.time() < grace:
+            await asyncio.sleep(0.01)
         carrier.release.set()
         await eventually(lambda: consumer_settled(js, 3), "the three copies were never all acknowledged")
         assert await shipped(client, event["order_id"]), said(
