@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -49,32 +49,14 @@ def mint(username: str, scopes: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
 
 
-class Minted(Mapping[str, str]):
-    """Headers with a token minted when they are sent: the suite may reach a test long after
-    this module was imported (the whole course suite takes minutes), and a token minted at
-    import would have expired by then."""
-
-    def __init__(self, username: str, scopes: str) -> None:
-        self.username, self.scopes = username, scopes
-
-    def _headers(self) -> dict[str, str]:
-        return mint(self.username, self.scopes)
-
-    def __getitem__(self, key: str) -> str:
-        return self._headers()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._headers())
-
-    def __len__(self) -> int:
-        return 1
-
-    def __or__(self, other: Mapping[str, str]) -> dict[str, str]:
-        return self._headers() | dict(other)
+def admin() -> dict[str, str]:
+    """An admin's headers, minted when sent: the course suite may reach a test long after this
+    module was imported, and a token minted at import would have expired by then."""
+    return mint("admin", "catalog:write orders:read orders:write")
 
 
-ADMIN = Minted("admin", "catalog:write orders:read orders:write")
-CUSTOMER = Minted("eve", "orders:read orders:write")
+def customer() -> dict[str, str]:
+    return mint("eve", "orders:read orders:write")
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +129,9 @@ PREFIXES = ("products", "users", "orders", "token", "products/PEN-1", "users/me"
 async def test_15_capstone_no_spelling_of_dot_dot_gets_through_the_real_gateway(shop):
     async with client(shop["gateway"]) as gateway, client(shop["users"]) as users, client(shop["catalog"]) as catalog:
         created = await gateway.post("/api/products", json={"sku": "GADGET", "name": "Gadget", "price_cents": 999, "stock": 7},
-                                     headers=ADMIN)
+                                     headers=admin())
         assert created.status_code == 201, created.text
-        placed = await gateway.post("/api/orders", json={"items": [{"sku": "GADGET", "quantity": 2}]}, headers=CUSTOMER)
+        placed = await gateway.post("/api/orders", json={"items": [{"sku": "GADGET", "quantity": 2}]}, headers=customer())
         assert placed.status_code == 201, placed.text
         order_id = placed.json()["id"]
         registered = await gateway.post("/api/users", json={"username": "victim", "password": "victim-password"})
@@ -194,7 +176,7 @@ async def test_15_capstone_internal_routes_stay_closed_without_the_gateway(shop)
         ("orders", "GET", "/outbox/dead", None),
     ]
     for service, method, path, body in attempts:
-        for headers in ({}, near_miss, ADMIN, {"Authorization": INTERNAL}, {"X-Internal-Token": INTERNAL}):
+        for headers in ({}, near_miss, admin(), {"Authorization": INTERNAL}, {"X-Internal-Token": INTERNAL}):
             status = await asyncio.to_thread(raw, shop[service], method, path, body, headers)
             assert status == 401, f"{method} {service}{path} with {list(headers.values())[:1]}: {status}, expected 401"
 
@@ -210,7 +192,7 @@ async def test_15_capstone_internal_routes_stay_closed_without_the_gateway(shop)
 async def test_15_capstone_racing_reserve_and_release_lose_no_stock(shop):
     async with client(shop["catalog"]) as catalog:
         created = await catalog.post("/products", json={"sku": "RACE-1", "name": "Race", "price_cents": 100, "stock": 500},
-                                     headers=ADMIN)
+                                     headers=admin())
         assert created.status_code == 201, created.text
 
         def reserve(order_id: str) -> Any:
@@ -296,14 +278,14 @@ async def test_15_capstone_numbers_past_64_bits_are_a_422(shop):
             for field in ("price_cents", "stock"):
                 body = {"sku": "BIG-1", "name": "Big", "price_cents": 100, "stock": 1}
                 raw_body = json.dumps(body).replace(f'"{field}": {body[field]}', f'"{field}": {number}')
-                response = await catalog.post("/products", content=raw_body, headers=ADMIN | {"Content-Type": "application/json"})
+                response = await catalog.post("/products", content=raw_body, headers=admin() | {"Content-Type": "application/json"})
                 assert response.status_code == 422, (field, number, response.status_code, response.text[:200])
             event = ('{"event_id": "big", "type": "OrderPlaced", "order_id": "x", "username": "victim", '
                      f'"total_cents": {number}, "occurred_at": "2026-01-01T00:00:00Z"}}')
             response = await users.post("/events", content=event, headers=SERVICE | {"Content-Type": "application/json"})
             assert response.status_code == 422, (number, response.status_code, response.text[:200])
             order = f'{{"items": [{{"sku": "GADGET", "quantity": {number}}}]}}'
-            response = await orders.post("/orders", content=order, headers=CUSTOMER | {"Content-Type": "application/json"})
+            response = await orders.post("/orders", content=order, headers=customer() | {"Content-Type": "application/json"})
             assert response.status_code == 422, (number, response.status_code, response.text[:200])
 
 
@@ -348,7 +330,7 @@ async def test_15_capstone_a_poison_event_blocks_no_other(tmp_path):
         httpx.AsyncClient(transport=httpx.ASGITransport(app=users_app), base_url="http://users") as users,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=orders_app), base_url="http://orders") as orders,
     ):
-        await catalog.post("/products", json={"sku": "PEN-1", "name": "Pen", "price_cents": 100, "stock": 50}, headers=ADMIN)
+        await catalog.post("/products", json={"sku": "PEN-1", "name": "Pen", "price_cents": 100, "stock": 50}, headers=admin())
         await users.post("/users", json={"username": "ada", "password": "ada-password"})
         body = {"items": [{"sku": "PEN-1", "quantity": 1}]}
         assert (await orders.post("/orders", json=body, headers=mint("mallory", "orders:write"))).status_code == 201
