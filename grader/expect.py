@@ -106,6 +106,53 @@ def expect_header(response: Any, name: str, value: str | None = None, why: str =
     return actual
 
 
+PROBLEM_LESSON = "lesson 3, Errors as problem details (RFC 9457)"
+
+
+def expect_problem(response: Any, status: int, why: str = "", lesson: str = PROBLEM_LESSON, *, instance: str | None = None,
+                   type: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status (the course's error contract).
+
+    Checks the status code, the media type ``application/problem+json`` and the members every
+    problem has: ``type`` and ``title`` (strings), ``status`` (equal to the response's),
+    ``detail`` (a string) and ``instance`` (the path of the request, or ``instance`` when given).
+    ``type`` when given must match too (else any string; ``about:blank`` needs the status phrase
+    as its title). Returns the body for further checks.
+    """
+    expect_status(response, status, why, lesson)
+    media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/problem+json":
+        pytest.fail(explain(response, f"Content-Type application/problem+json (an error is a problem, not {media_type or 'untyped'})"
+                            + (f" ({why})" if why else ""), lesson), pytrace=False)
+    body = json_of(response, lesson)
+    wrong: list[str] = []
+    if not isinstance(body, Mapping):
+        wrong.append("the body is a JSON object")
+    else:
+        for member in ("type", "title", "detail", "instance"):
+            if not isinstance(body.get(member), str):
+                wrong.append(f"a string member {member!r}")
+        if body.get("status") != status or isinstance(body.get("status"), bool):
+            wrong.append(f'"status": {status} (the response\'s own status code)')
+        if type is not None and body.get("type") != type:
+            wrong.append(f'"type": {json.dumps(type)}')
+        if body.get("type") == "about:blank":
+            from http import HTTPStatus
+
+            if body.get("title") != HTTPStatus(status).phrase:
+                wrong.append(f'"title": {json.dumps(HTTPStatus(status).phrase)} (the status phrase, as "about:blank" requires)')
+        wanted_instance = instance
+        if wanted_instance is None:
+            request = getattr(response, "request", None)
+            url = getattr(request, "url", None)
+            wanted_instance = getattr(url, "path", None)
+        if wanted_instance is not None and isinstance(body.get("instance"), str) and body["instance"] != wanted_instance:
+            wrong.append(f'"instance": {json.dumps(wanted_instance)} (the path of the request)')
+    if wrong:
+        pytest.fail(explain(response, "a problem with " + "; ".join(wrong) + (f" ({why})" if why else ""), lesson), pytrace=False)
+    return dict(body)
+
+
 class StartupFailed:
     """Stands in for an app, or its client, that could not be built or started: each test that
     uses it fails and says why.
