@@ -119,6 +119,7 @@ class Promises:
     operations: dict[str, Operation]
     skip: tuple[str, ...] = ()  # operations of the reference not compared, each with a reason
     headers: tuple[str, ...] = ("content-type",)
+    free_headers: tuple[str, ...] = ()  # headers compared by presence only: their values are free (a request ID)
     free: tuple[str, ...] = ()  # JSON paths whose values are not compared (the key must be there)
     ignore: tuple[str, ...] = ()  # JSON paths dropped before comparing
     validation: str = "loc"  # 422 bodies: "loc" (the set of locations), "exact" or "status"
@@ -134,7 +135,7 @@ class Promises:
 
     @classmethod
     def parse(cls, table: dict, where: str = "exercise.toml") -> Promises:
-        known = {"operations", "skip", "headers", "free", "ignore", "validation", "free_errors", "validation_at", "ids",
+        known = {"operations", "skip", "headers", "free_headers", "free", "ignore", "validation", "free_errors", "validation_at", "ids",
                  "requests", "seed", "bearer", "settle", "free_by_status", "websocket"}
         stray = set(table) - known
         if stray:
@@ -183,6 +184,7 @@ class Promises:
         return cls(
             operations=operations, skip=skip,
             headers=tuple(h.lower() for h in table.get("headers", ("content-type",))),
+            free_headers=tuple(h.lower() for h in table.get("free_headers", ())),
             free=tuple(dict.fromkeys((*table.get("free", ()), *table.get("ids", ())))), ignore=tuple(table.get("ignore", ())),
             validation=str(table.get("validation", "loc")),
             free_errors=tuple((tuple(entry["loc"]), str(entry.get("type", ""))) for entry in table.get("free_errors", ())),
@@ -844,6 +846,11 @@ def compare(reference: Answer, learner: Answer, promises: Promises, free: tuple[
             one, other = _same_origin(one), _same_origin(other)
         if one != other:
             return f"the {name} header: {one!r} from the reference, {other!r} from your app"
+    for name in promises.free_headers:
+        one, other = reference.headers.get(name), learner.headers.get(name)
+        if (one is None) != (other is None):
+            return f"the {name} header: " + ("the reference sends one (any value), your app none" if other is None
+                                             else "your app sends one, the reference none")
     expected, actual = reference.json(), learner.json()
     if expected is MISSING or actual is MISSING:
         if reference.content != learner.content:

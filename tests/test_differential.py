@@ -211,6 +211,15 @@ def test_a_location_header_may_be_absolute_on_the_host_the_request_reached():
     assert "location" in differential.compare(path, differential.Answer(201, {}, b"{}"), promises)
 
 
+def test_a_free_header_must_be_there_whatever_its_value():
+    promises = differential.Promises.parse({"operations": {}, "free_headers": ["X-Request-ID"]})
+    one = differential.Answer(200, {"x-request-id": "4bf92f3577b34da6a3ce929d0e0e4736"}, b"{}")
+    other = differential.Answer(200, {"x-request-id": "req-1"}, b"{}")
+    assert differential.compare(one, other, promises) == ""
+    assert "x-request-id" in differential.compare(one, differential.Answer(200, {}, b"{}"), promises)
+    assert "x-request-id" in differential.compare(differential.Answer(200, {}, b"{}"), one, promises)
+
+
 def test_values_the_readme_leaves_free_are_never_sent():
     import random
 
