@@ -91,6 +91,22 @@ class Exercise:
     def test_files(self) -> tuple[Path, ...]:
         return tuple(sorted(self.folder.glob("test_*.py")))
 
+    @cached_property
+    def given(self) -> tuple[str, ...]:
+        """Files the learner is given beside the editable ones (04's `problems.py`, 08's Alembic
+        environment): every file of the solution folder that is not editable, a mutant or the
+        mutation record, as a path relative to the folder. A graded copy holding only the
+        editable files (a mutant, a class-grading run) gets them from the exercise folder."""
+        found = []
+        for path in sorted(self.solution_folder.rglob("*")):
+            relative = path.relative_to(self.solution_folder)
+            if (not path.is_file() or relative.parts[0] in ("mutants", "__pycache__", ".hypothesis")
+                    or "__pycache__" in relative.parts or path.name == "mutation.toml"
+                    or relative.as_posix() in self.editable or not (self.folder / relative).is_file()):
+                continue
+            found.append(relative.as_posix())
+        return tuple(found)
+
     def task(self, task_id: str) -> Task | None:
         return next((t for t in self.tasks if t.id == task_id), None)
 

@@ -2,7 +2,7 @@
 
 A target is a folder holding every editable file of an exercise: the learner's exercise
 folder, the reference solution, or a temporary folder built for a mutant (the solution's
-files with the mutant's diff applied).
+files with the mutant's diff applied, and the files the learner is given beside them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ def copy_editable(exercise: Exercise, source: Path, into: Path) -> Path:
     return into
 
 
+def copy_given(exercise: Exercise, into: Path) -> Path:
+    """Copy the files the learner is given (``Exercise.given``) from the exercise folder into ``into``."""
+    for name in exercise.given:
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(exercise.folder / name, into / name)
+    return into
+
+
 def mutant_target(exercise: Exercise, mutant: str | Path) -> Path:
     """A fresh temporary folder holding the solution with one mutant applied."""
     path = Path(mutant) if Path(mutant).is_absolute() else exercise.mutants_folder / str(mutant)
@@ -34,6 +42,7 @@ def mutant_target(exercise: Exercise, mutant: str | Path) -> Path:
         raise FileNotFoundError(f"{exercise.name} has no mutant {Path(mutant).stem!r} (known: {known}).")
     into = Path(tempfile.mkdtemp(prefix=f"mutant-{exercise.number}-{path.stem}-"))
     copy_editable(exercise, exercise.solution_folder, into)
+    copy_given(exercise, into)
     _, file_patches = patches.parse(path.read_text(encoding="utf-8"))
     for file_patch in file_patches:
         if file_patch.path not in exercise.editable:

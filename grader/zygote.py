@@ -181,6 +181,7 @@ class ExerciseSession:
         self.recorder = None
         self.exitcode = 0
         self.reference = reference_files(setup.course_root, prepare["exercise"])
+        self.given = given_files(setup.course_root, prepare["exercise"])
 
     @staticmethod
     def display_id(item, hidden_root: str | None) -> str:
@@ -257,7 +258,9 @@ class ExerciseSession:
         signal.signal(signal.SIGCHLD, reap)
         for line in jobs:
             job = json.loads(line)
-            job["reference"] = self.reference
+            # the files the learner is given (04's problems.py) beside the submission's and the reference's
+            job["files"] = {**self.given, **job["files"]}
+            job["reference"] = {**self.given, **self.reference} if self.reference else {}
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
             pid = os.fork()
             if pid != 0:
@@ -367,6 +370,18 @@ def reference_files(root: str, exercise_name: str) -> dict[str, str]:
         if path.is_file():
             files[name] = path.read_text(encoding="utf-8")
     return files
+
+
+def given_files(root: str, exercise_name: str) -> dict[str, str]:
+    """The files the learner is given beside the editable ones (``Exercise.given``), from the
+    course's exercise folder: a run's folder holds the submission's editable files and these."""
+    from grader.catalog import CatalogError, load_exercise
+
+    try:
+        exercise = load_exercise(Path(root, "exercises", exercise_name), Path(root))
+    except CatalogError:
+        return {}
+    return {name: (exercise.folder / name).read_text(encoding="utf-8") for name in exercise.given}
 
 
 def write_reference(files: dict[str, str], folder: str) -> None:
