@@ -14,6 +14,7 @@ for the life of the process, keyed by the exact source bytes, so a graded suite 
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -21,7 +22,7 @@ import importlib.util
 import itertools
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,4 +118,30 @@ def load_module(folder: Path, module: str = "app", *, transform: Transform | Non
     if transform is not None or inject:
         package.__grader_load__ = {"transform": transform, "inject": inject}  # read by _GradedFinder
     sys.modules[package_name] = package
-    return importlib.import_module(f"{package_name}.{module}")
+    with _siblings_importable(folder):
+        return importlib.import_module(f"{package_name}.{module}")
+
+
+@contextlib.contextmanager
+def _siblings_importable(folder: Path) -> Iterator[None]:
+    """While a load runs, the files beside the module import by their plain names too.
+
+    A file that production runs as a top-level module (14's `uvicorn app:app` in the image's
+    WORKDIR) imports the given file beside it as `from problems import ...`, which no package
+    path finds. So the folder is first on `sys.path` during the load, and afterwards the top-level
+    modules found there are forgotten: the next load (another copy, a mutant) imports its own.
+    A name imported that way is bound when the module runs; an import inside a function, run
+    later, would no longer find the folder.
+    """
+    entry = str(folder)
+    before = set(sys.modules)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules.get(name), "__file__", None)
+            if not name.startswith(PREFIX) and file and Path(file).resolve().is_relative_to(folder):
+                del sys.modules[name]

@@ -37,3 +37,21 @@ def test_a_class_grading_run_gets_the_given_files_from_the_course():
     files = given_files(str(ROOT), exercise.name)
     assert set(files) == set(exercise.given)
     assert files["alembic.ini"] == (exercise.folder / "alembic.ini").read_text(encoding="utf-8")
+
+
+def test_a_module_run_top_level_in_production_imports_its_siblings_by_name(tmp_path):
+    # 14's app.py runs as `uvicorn app:app` in the image's WORKDIR: `from problems import ...`.
+    import sys
+
+    from grader.loader import load_module
+
+    loaded = []
+    for value in ("one", "two"):
+        folder = tmp_path / value
+        folder.mkdir()
+        (folder / "given_beside.py").write_text(f"VALUE = {value!r}\n", encoding="utf-8")
+        (folder / "app.py").write_text("from given_beside import VALUE\n", encoding="utf-8")
+        loaded.append(load_module(folder, "app").VALUE)
+        assert "given_beside" not in sys.modules  # forgotten: the next load imports its own
+        assert str(folder) not in sys.path
+    assert loaded == ["one", "two"]
