@@ -10,7 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import FastAPI, Query, Response
+from fastapi import FastAPI, Query
+
+# The given problems.py (do not edit it): every error of the app is a problem (RFC 9457).
+# uvicorn imports app.py as a top-level module, so problems.py is imported by its plain name,
+# and the image needs both files.
+from problems import ProblemError, install_problem_details, problem_responses
+
+# The problem type of /ready's 503 (README, Promises).
+NOT_READY = "https://course.example/problems/not-ready"
 
 
 @asynccontextmanager
@@ -20,7 +28,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # TODO: ...and stops being ready as soon as the shutdown begins.
 
 
-app = FastAPI(title="Deploy demo", version="1.0.0", lifespan=lifespan)
+app = FastAPI(title="Deploy demo", version="1.0.0", lifespan=lifespan, responses=problem_responses(422))
+# TODO: make every error a problem: install_problem_details(app), from the given problems.py.
 
 
 @app.get("/health")
@@ -29,10 +38,12 @@ async def health() -> dict[str, str]:
     return {}
 
 
-@app.get("/ready")
-async def ready(response: Response) -> dict[str, str]:
-    # TODO: 200 {"status": "ready"} between startup and shutdown,
-    #       503 {"status": "not ready"} before startup and once shutdown has begun.
+@app.get("/ready", responses=problem_responses(503))
+async def ready() -> dict[str, str]:
+    # TODO: 200 {"status": "ready"} between startup and shutdown; before startup and once
+    #       shutdown has begun, a 503 problem:
+    #       raise ProblemError(503, "The service is starting up or shutting down.",
+    #                          type=NOT_READY, title="Not ready")
     return {"status": "ready"}
 
 

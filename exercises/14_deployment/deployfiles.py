@@ -629,6 +629,35 @@ def app_file_problem(image: Image, module: str, app_dir: str | None) -> str:
     return f"no COPY of {filename} into {directory} (uvicorn imports `{module}` from there)"
 
 
+def local_imports(folder: Path, module: str) -> list[str]:
+    """The modules of `folder` that `module` imports by plain name (`import problems`,
+    `from problems import ...`), directly or through another module of the folder: what must sit
+    beside it wherever it runs as a top-level module, as uvicorn runs `app:app`."""
+    import ast
+
+    found: list[str] = []
+    pending = [module]
+    while pending:
+        path = folder / (pending.pop().replace(".", "/") + ".py")
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a file that does not parse: the tests that import it say why
+        names = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.append(node.module)
+        for name in names:
+            top = name.split(".", 1)[0]
+            local = (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
+            if local and top != module and top not in found:
+                found.append(top)
+                pending.append(top)
+    return found
+
+
 # ---------------------------------------------------------------------------------------
 # Secrets anywhere
 # ---------------------------------------------------------------------------------------

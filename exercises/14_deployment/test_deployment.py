@@ -26,7 +26,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from grader.catalog import load_exercise
-from grader.expect import expect_json, expect_status
+from grader.expect import StartupFailed, expect_json, expect_problem, expect_status
 from grader.live import http_only, serve_in_process
 from grader.loader import load_module
 from grader.pytest_plugin import target_folder
@@ -193,6 +193,16 @@ def status_of(app: Any, path: str, *, lifespan: bool) -> int:
 # app: liveness and readiness
 # ---------------------------------------------------------------------------------------
 
+# The problem type of /ready's 503 (README, P2).
+NOT_READY = "https://course.example/problems/not-ready"
+
+
+def expect_not_ready(response: Any, why: str) -> None:
+    body = expect_problem(response, 503, why, type=NOT_READY)
+    if body.get("title") != "Not ready":
+        pytest.fail(f"\nsent:     GET /ready\nexpected: the not-ready problem's title, \"Not ready\" ({why})\n"
+                    f"got:      {json.dumps(body)}", pytrace=False)
+
 
 @pytest.mark.task("app")
 @pytest.mark.promise("P1")
@@ -207,15 +217,13 @@ def test_health_answers_even_before_startup(load):
 def test_ready_only_between_startup_and_shutdown(load):
     app = load("app").app
     before = TestClient(app).get("/ready")
-    expect_status(before, 503, "before the lifespan startup has run, the app is not ready for traffic")
-    expect_json(before, {"status": "not ready"}, exact=True)
+    expect_not_ready(before, "before the lifespan startup has run, the app is not ready for traffic")
     with TestClient(app) as client:
         during = client.get("/ready")
         expect_status(during, 200, "after startup, the app is ready")
         expect_json(during, {"status": "ready"}, exact=True)
     after = TestClient(app).get("/ready")
-    expect_status(after, 503, "once the lifespan shutdown has begun, readiness must go false again")
-    expect_json(after, {"status": "not ready"}, "after shutdown, the same answer as before startup", exact=True)
+    expect_not_ready(after, "once the lifespan shutdown has begun, readiness goes false again: the same problem as before startup")
 
 
 @pytest.mark.task("app")
@@ -231,17 +239,79 @@ async def test_slow_route_waits_within_bounds(load):
                         f"got:      the answer after {time.monotonic() - started:.3f} s: the route did not wait", pytrace=False)
         # 0 is one of the bounds, so it is allowed: the route answers at once.
         expect_json(await client.get("/slow", params={"seconds": 0}), {"slept": 0}, "seconds lies between 0 and 10, 0 included", exact=True)
-        for seconds in (-1, 11):
+        for seconds in ("-1", "-0.001", "10.001", "11", "nan", "inf", "1e309", "half"):
             try:
                 # An unbounded route would sleep for the value it was given: do not wait for it.
                 response = await asyncio.wait_for(client.get("/slow", params={"seconds": seconds}), timeout=2)
             except TimeoutError:
                 pytest.fail(
-                    f"\nsent:     GET /slow?seconds={seconds}\nexpected: status 422 (seconds lies between 0 and 10)\n"
+                    f"\nsent:     GET /slow?seconds={seconds}\nexpected: status 422 (seconds is a number between 0 and 10)\n"
                     "got:      no answer within 2 s: the route started sleeping instead of refusing the value",
                     pytrace=False,
                 )
-            expect_status(response, 422, "seconds lies between 0 and 10")
+            expect_status(response, 422, f"seconds={seconds}: seconds is a number between 0 and 10, both included")
+        # 10 is the other bound, so it is allowed: the route starts its ten-second wait. A route that
+        # refuses it answers 422 at once; one that accepts it has not answered after half a second.
+        try:
+            response = await asyncio.wait_for(client.get("/slow", params={"seconds": 10}), timeout=0.5)
+        except TimeoutError:
+            pass
+        else:
+            pytest.fail(
+                "\nsent:     GET /slow?seconds=10\nexpected: a ten-second wait (seconds lies between 0 and 10, 10 included)\n"
+                f"got:      status {response.status_code} at once: {response.text[:200]}",
+                pytrace=False,
+            )
+
+
+@pytest.fixture(scope="module")
+def started(load):
+    # One started app for the tests that only read: every request of theirs is refused. An app
+    # that cannot be loaded or started fails each of them with the reason, rather than erroring.
+    try:
+        client = TestClient(load("app").app)
+        client.__enter__()
+    except pytest.fail.Exception as exc:
+        yield StartupFailed(str(exc))
+        return
+    except Exception as exc:  # noqa: BLE001 - the learner's lifespan failed at startup
+        yield StartupFailed(f"The app's lifespan startup raised {type(exc).__name__}: {exc}")
+        return
+    try:
+        yield client
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.task("app")
+@pytest.mark.promise("P24")
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/nowhere", 404),
+        ("GET", "/health/extra", 404),
+        ("GET", "/%2e%2e/health", 404),
+        ("POST", "/health", 405),
+        ("DELETE", "/ready", 405),
+        ("PUT", "/slow", 405),
+        ("GET", "/slow?seconds=eleven", 422),
+        ("GET", "/slow?seconds=-1", 422),
+    ],
+)
+def test_every_error_is_a_problem(started, method, path, status):
+    response = started.request(method, path)
+    # instance: the path the app was asked for (decoded, without the query), as expect_problem reads it
+    body = expect_problem(response, status, "every error of the app is a problem (the given problems.py, installed)")
+    if status == 405:
+        allowed = {m.strip() for m in response.headers.get("allow", "").split(",") if m.strip()}
+        if "GET" not in allowed:
+            pytest.fail(f"\nsent:     {method} {path}\nexpected: an Allow header naming the path's methods (GET)\n"
+                        f"got:      Allow: {response.headers.get('allow')!r}", pytrace=False)
+    if status == 422:
+        errors = body.get("errors")
+        if not errors or not all(isinstance(e, dict) and {"loc", "msg", "type"} <= set(e) and "input" not in e for e in errors):
+            pytest.fail(f"\nsent:     {method} {path}\nexpected: \"errors\": a list of {{loc, msg, type}}, never the refused input\n"
+                        f"got:      {json.dumps(body)[:400]}", pytrace=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,6 +416,15 @@ def test_final_image_holds_what_the_command_needs(target_dir):
     if absent:
         problem(f"Dockerfile, final stage (WORKDIR {image.workdir})", f"COPY {module}.py into the directory uvicorn starts in",
                 absent, "uvicorn imports the app from its working directory: `COPY app.py ./` after `WORKDIR /srv`.")
+    # What the app imports from this folder must be beside it in the image: it runs there as a
+    # top-level module, and `from problems import ...` finds only what sits in the same directory.
+    for imported in deploy.local_imports(target_dir, module):
+        absent = deploy.app_file_problem(image, imported, app_dir)
+        if absent:
+            problem(f"Dockerfile, final stage (WORKDIR {image.workdir})",
+                    f"{imported}.py beside {module}.py: {module}.py imports `{imported}`", absent,
+                    f"in the image, `import {imported}` would fail and the container would exit at start: "
+                    f"copy every file the app imports (`COPY {module}.py {imported}.py ./`).")
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,10 +11,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Query, Response, status
+from fastapi import FastAPI, Query, status
 from pydantic import BaseModel
 
+# The given problems.py, beside this file in the image's WORKDIR: uvicorn imports `app` as a
+# top-level module there, so the import is by plain name (the Dockerfile copies both files).
+from problems import ProblemError, install_problem_details, problem_responses
+
 logger = logging.getLogger("deploy-demo")
+
+# The problem type of /ready's 503, the same in every service of this course.
+NOT_READY = "https://course.example/problems/not-ready"
 
 
 class Readiness:
@@ -29,7 +36,7 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    status: Literal["ready", "not ready"]
+    status: Literal["ready"] = "ready"
 
 
 @asynccontextmanager
@@ -48,7 +55,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.info("shutdown: drained, resources released")
 
 
-app = FastAPI(title="Deploy demo", version="1.0.0", lifespan=lifespan)
+app = FastAPI(title="Deploy demo", version="1.0.0", lifespan=lifespan, responses=problem_responses(422))
+install_problem_details(app)  # every error is a problem: the 404 of an unknown path, a 405, a 422, a 500
 # Set at import, so /ready can answer 503 even when the lifespan has not run (yet).
 app.state.readiness = Readiness()
 
@@ -63,13 +71,18 @@ async def health() -> Health:
     "/ready",
     tags=["ops"],
     summary="Readiness: send traffic here",
-    responses={503: {"model": Ready, "description": "Starting up or shutting down"}},
+    responses=problem_responses(status.HTTP_503_SERVICE_UNAVAILABLE),
 )
-async def ready(response: Response) -> Ready:
+async def ready() -> Ready:
     if not app.state.readiness.ready:
-        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        return Ready(status="not ready")
-    return Ready(status="ready")
+        # A probe reads only the status code; the problem says the same to a person.
+        raise ProblemError(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "The service is starting up or shutting down.",
+            type=NOT_READY,
+            title="Not ready",
+        )
+    return Ready()
 
 
 @app.get("/slow", tags=["demo"], summary="A request that takes a while (to watch a graceful shutdown)")
