@@ -303,6 +303,11 @@ def write_record(exercise: Exercise, record: Record) -> Path:
         f"# Mutation record of solutions/{exercise.name}, written by `grader mutate {exercise.number}`.",
         "# Every survivor needs a reason: \"equivalent: …\" (no client could tell the difference; not",
         "# counted) or why the README does not promise it (counted as a survivor). Better still, a test.",
+    ]
+    unmutated = [name for name in exercise.editable if not name.endswith(".py")]
+    if unmutated:  # the operators change Python only: the hand-written mutants cover the rest
+        lines.append(f"# Not mutated (not Python): {', '.join(unmutated)}; the hand-written mutants in mutants/ cover them.")
+    lines += [
         f"solution = {_toml_string(record.solution)}",
         f"mutants = {record.mutants}",
         f"killed = {record.killed}",
