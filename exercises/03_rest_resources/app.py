@@ -5,14 +5,16 @@ Read README.md in this folder for the full task. Run `pytest exercises/03_rest_r
 """
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from http import HTTPStatus  # noqa: F401
+from typing import Annotated, Any  # noqa: F401
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, status  # noqa: F401 (you will need them)
 from fastapi.encoders import jsonable_encoder  # noqa: F401
 from fastapi.exceptions import RequestValidationError  # noqa: F401
 from fastapi.responses import JSONResponse  # noqa: F401
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: F401
+from starlette.routing import Match  # noqa: F401
 
 # --- Models (ready to use) ---------------------------------------------------------------
 
@@ -33,16 +35,29 @@ class Item(BaseModel):
     price: float
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: list[Any] | None = None
+# Every error is a problem (RFC 9457), served as application/problem+json (README, "Errors").
+PROBLEM_JSON = "application/problem+json"
+ABOUT_BLANK = "about:blank"
+PROBLEMS = "https://course.example/problems/"
 
 
-class ErrorBody(BaseModel):
-    """The one error shape: {"error": {"code": ..., "message": ...}}."""
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
 
-    error: ErrorDetail
+
+class Problem(BaseModel):
+    """The body of every error response: use it in `responses=` so the OpenAPI schema says so."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = ABOUT_BLANK
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[FieldError] | None = None
 
 
 # TODO: the v2 list envelope: items, total, limit, offset, next (a path or None).
@@ -53,21 +68,26 @@ class ErrorBody(BaseModel):
 
 
 class APIError(Exception):
-    """Base class of the API's own errors. Each subclass sets its status code and code."""
+    """Base class of the API's own errors. Each subclass sets its status code, type and title."""
 
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
-    code = "internal_error"
+    type = ABOUT_BLANK
+    title = "Internal Server Error"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
-# TODO: class ItemNotFound(APIError): 404, code "item_not_found", message "Item 7 not found".
-# TODO: class DuplicateItem(APIError): 409, code "duplicate_item".
-# TODO: exception handlers that answer ErrorBody for APIError, for RequestValidationError
-#       (422, code "validation_error", with "details") and for Starlette's HTTPException
-#       (code "http_<status>"). Register them in create_app().
+# TODO: class ItemNotFound(APIError): 404, type PROBLEMS + "item-not-found", title "Item not found",
+#       a detail that names the id ("No item has the id 7.").
+# TODO: class DuplicateItem(APIError): 409, type PROBLEMS + "duplicate-name", title "Name taken".
+# TODO: problem(request, status_code, detail, ...) -> JSONResponse: the five members, instance =
+#       request.url.path, media_type=PROBLEM_JSON.
+# TODO: exception handlers that answer a problem for APIError, for RequestValidationError (422,
+#       with "errors": loc, msg and type of each, never input or ctx), for Starlette's
+#       HTTPException (a 405 with an Allow header naming every method of the path) and for
+#       Exception (500). Register them in create_app().
 
 
 # --- Storage -------------------------------------------------------------------------------

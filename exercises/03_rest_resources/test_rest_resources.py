@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.expect import expect_header, expect_json, expect_problem, expect_status, explain, json_of
 
 # Every app here comes from the README's create_app(), in one of three ways:
 # - `client`: a new, empty app per test, for a test that counts on a clean state (ids from
@@ -177,10 +177,10 @@ def test_infinite_nan_and_huge_prices_are_refused_and_never_stored(shared, versi
         body = f'{{"name": "priceless {version} {raw}", "price": {raw}}}'
         response = post_raw(shared, f"/api/{version}/items", body)
         expect_error(
-            response, 422, "validation_error",
+            response, 422, ABOUT_BLANK,
             f"price {raw} is not a finite number from above 0 to 1000000: Field(gt=0, le=..., allow_inf_nan=False)",
             "validate the price in the model; a 500 here means the 422 handler echoed the refused input, "
-            "which JSON cannot carry (infinity, NaN): keep only loc and msg in details",
+            "which JSON cannot carry (infinity, NaN): keep only loc, msg and type in errors",
         )
     response, after = listing(shared)
     check(after == before, response, f"none of those items was stored: the same items as before, ids {ids_of(before)}")
@@ -194,7 +194,7 @@ def test_a_replacement_with_an_infinite_or_huge_price_changes_nothing(shared):
     item_id = id_of(create(shared, "abacus", 3.0))
     for raw in NOT_A_PRICE:
         response = post_raw(shared, f"/api/v1/items/{item_id}", f'{{"name": "abacus", "price": {raw}}}', "PUT")
-        expect_error(response, 422, "validation_error", f"PUT with price {raw}: PUT validates with the same rules as POST")
+        expect_error(response, 422, ABOUT_BLANK, f"PUT with price {raw}: PUT validates with the same rules as POST")
     expect_json(
         shared.get(f"/api/v1/items/{item_id}"), {"id": item_id, "name": "abacus", "price": 3.0},
         "the refused replacements changed nothing", exact=True,
@@ -214,12 +214,12 @@ def test_ids_in_the_url_are_bounded(catalogue):
             for method, body in (("GET", None), ("PUT", {"name": "unbounded", "price": 1}), ("DELETE", None)):
                 response = catalogue.client.request(method, f"/api/{version}/items/{raw}", json=body)
                 expect_error(
-                    response, 422, "validation_error",
+                    response, 422, ABOUT_BLANK,
                     f"{method} with item_id {raw}: an id is an integer from 1 to 2147483647, anything else is invalid "
                     "(Path(ge=1, le=2147483647)), not a 404 and never a 500",
                 )
         response = catalogue.client.get(f"/api/{version}/items/2147483647")
-        expect_error(response, 404, "item_not_found", "2147483647 is a valid id that no item has yet")
+        expect_error(response, 404, ITEM_NOT_FOUND, "2147483647 is a valid id that no item has yet")
 
 
 # --- crud ------------------------------------------------------------------------------
@@ -317,99 +317,100 @@ def test_put_to_another_items_name_is_409_but_own_name_is_fine(shared):
 
 # --- errors ----------------------------------------------------------------------------
 
+ABOUT_BLANK = "about:blank"
+ITEM_NOT_FOUND = "https://course.example/problems/item-not-found"
+DUPLICATE_NAME = "https://course.example/problems/duplicate-name"
+TITLES = {ITEM_NOT_FOUND: "Item not found", DUPLICATE_NAME: "Name taken"}  # the README's table
 
-def expect_error(response, status, code, why, fix="raise your exception class; one exception handler writes this shape for every error"):
-    expect_status(response, status, why)
-    body = json_of(response)
-    error = body.get("error") if isinstance(body, dict) else None
-    shaped = (
-        isinstance(error, dict)
-        and error.get("code") == code
-        and isinstance(error.get("message"), str)
-        and bool(error.get("message"))
-        and set(body) == {"error"}
-    )
-    check(
-        shaped,
-        response,
-        f'the shared error body {{"error": {{"code": "{code}", "message": "<a sentence>"}}}} and nothing else ({fix})',
-    )
-    return error
+
+def expect_error(response, status, type, why, fix="raise your exception class; one exception handler turns each into a problem"):
+    """The README's error contract: a problem (RFC 9457) of this status and type."""
+    problem = expect_problem(response, status, f"{why}; {fix}", type=type)
+    if type in TITLES:
+        check(problem.get("title") == TITLES[type], response, f'"title": "{TITLES[type]}", the fixed title of the problem type {type}')
+    return problem
 
 
 @pytest.mark.task("errors")
 @pytest.mark.promise("P13")
-def test_not_found_uses_the_error_body(shared):
+def test_not_found_is_a_problem(shared):
     # 7070: an id the shared app never reaches; a correct app creates and removes nothing here.
-    for method, body in (("GET", None), ("PUT", {"name": "no such item", "price": 1}), ("DELETE", None)):
-        response = shared.request(method, "/api/v1/items/7070", json=body)
-        error = expect_error(response, 404, "item_not_found", f"{method}: there is no item 7070")
-        check("7070" in error["message"], response, "a message that names the missing id, e.g. 'Item 7070 not found'")
+    for version in ("v1", "v2"):
+        for method, body in (("GET", None), ("PUT", {"name": "no such item", "price": 1}), ("DELETE", None)):
+            response = shared.request(method, f"/api/{version}/items/7070", json=body)
+            problem = expect_error(response, 404, ITEM_NOT_FOUND, f"{method}: there is no item 7070")
+            check("7070" in problem["detail"], response, 'a "detail" that names the missing id, e.g. "No item has the id 7070."')
 
 
 @pytest.mark.task("errors")
 @pytest.mark.promise("P13")
-def test_conflict_uses_the_error_body(shared):
+def test_conflict_is_a_problem(shared):
     create(shared, "glue")
-    response = shared.post("/api/v1/items", json={"name": "glue", "price": 1})
-    expect_error(response, 409, "duplicate_item", "the name is taken")
+    item_id = id_of(create(shared, "paste"))
+    for version in ("v1", "v2"):
+        response = shared.post(f"/api/{version}/items", json={"name": "GLUE", "price": 1})
+        expect_error(response, 409, DUPLICATE_NAME, f"POST {version}: the name is taken (ignoring case)")
+        response = shared.put(f"/api/{version}/items/{item_id}", json={"name": "Glue", "price": 1})
+        expect_error(response, 409, DUPLICATE_NAME, f"PUT {version}: renaming 'paste' to the name of another item")
 
 
 @pytest.mark.task("errors")
-@pytest.mark.promise("P14")
-def test_validation_errors_use_the_error_body_with_details(shared):
-    # An invalid body and an invalid query parameter: both are validation errors, in one shape.
+@pytest.mark.promise("P13", "P14")
+def test_validation_errors_are_problems_with_errors(shared):
+    # An invalid body, path and query parameter: all validation errors, in one shape. The query
+    # string is not part of "instance" (it may carry what a client would not want in a log).
     for response, field, why in (
         (shared.post("/api/v1/items", json={"name": "cheap pen", "price": -1}), "price", "a negative price is invalid"),
-        (shared.get("/api/v1/items", params={"limit": 0}), "limit", "limit must be 1..100"),
+        (shared.get("/api/v1/items", params={"limit": 0, "offset": 2}), "limit", "limit must be 1..100"),
+        (shared.get("/api/v2/items", params={"offset": -5}), "offset", "offset must be 0 or more"),
+        (shared.delete("/api/v2/items/0"), "item_id", "an item_id is 1 or more"),
     ):
-        expect_status(response, 422, why)
-        body = json_of(response)
-        error = body.get("error") if isinstance(body, dict) else None
-        check(
-            isinstance(error, dict) and error.get("code") == "validation_error" and bool(error.get("message"))
-            and set(body) == {"error"},
-            response,
-            '{"error": {"code": "validation_error", "message": ..., "details": [...]}} and no other top-level key'
-            " (handle RequestValidationError, and let the model and Query(ge=..., le=...) raise it)",
+        problem = expect_error(
+            response, 422, ABOUT_BLANK, why,
+            "handle RequestValidationError, and let the model, Path() and Query(ge=..., le=...) raise it",
         )
-        details = error.get("details")
-        about = isinstance(details, list) and any(
-            isinstance(d, dict) and field in map(str, d.get("loc", [])) for d in details
+        errors = problem.get("errors")
+        about = isinstance(errors, list) and any(
+            isinstance(e, dict) and field in map(str, e.get("loc") or []) for e in errors
         )
-        check(about, response, f"error.details: the list of validation errors (exc.errors()), one of them about '{field}'")
-        echoed = [d for d in details if isinstance(d, dict) and "input" in d]
+        check(about, response, f'"errors": the list of validation errors (exc.errors()), one of them about {field!r}')
+        shaped = all(
+            isinstance(e, dict) and isinstance(e.get("loc"), list) and isinstance(e.get("msg"), str)
+            and isinstance(e.get("type"), str) and not set(e) - {"loc", "msg", "type"}
+            for e in errors
+        )
         check(
-            not echoed and all(isinstance(d, dict) and isinstance(d.get("msg"), str) for d in details), response,
-            'details with "loc" and "msg" and no "input": the refused value is not echoed (it may be infinity or NaN, '
-            "which JSON cannot carry, or a secret)",
+            shaped, response,
+            'each error with "loc", "msg" and "type" and nothing else: no "input" (the refused value may be infinity '
+            'or NaN, which JSON cannot carry, or a secret) and no "ctx"',
         )
 
 
 @pytest.mark.task("errors")
 @pytest.mark.promise("P15")
-def test_a_body_that_is_not_utf8_is_a_400_in_the_error_body(shared):
+def test_a_body_that_is_not_utf8_is_a_400_problem(shared):
     _, before = listing(shared)
     for method, url in (("POST", "/api/v1/items"), ("POST", "/api/v2/items"), ("PUT", "/api/v1/items/1")):
         response = shared.request(method, url, content=b'{"name": "caf\xe9", "price": 1}',
                                   headers={"content-type": "application/json"})
-        expect_error(response, 400, "http_400",
+        expect_error(response, 400, ABOUT_BLANK,
                      f"{method} {url} with a body that is not UTF-8 (a Latin-1 'é'): it cannot even be decoded",
-                     "FastAPI answers 400 itself; your handler for Starlette's HTTPException gives it the shared shape")
+                     "FastAPI answers 400 itself; your handler for Starlette's HTTPException makes it a problem")
     response, after = listing(shared)
     check(after == before, response, "nothing was stored or changed by those requests")
 
 
 @pytest.mark.task("errors")
 @pytest.mark.promise("P16")
-def test_framework_errors_use_the_error_body(catalogue):
+def test_framework_errors_are_problems(catalogue):
     fix = "the router raises Starlette's HTTPException for these: handle starlette.exceptions.HTTPException"
-    response = catalogue.client.get("/api/v9/nothing-here")
-    expect_error(response, 404, "http_404", "the framework's own 404 for an unknown path, in the shared shape", fix)
+    for path in ("/api/v9/nothing-here", "/api/v1/items/1/more", "/api/v1?limit=1"):
+        response = catalogue.client.get(path)
+        expect_error(response, 404, ABOUT_BLANK, f"the framework's own 404 for the unknown path {path}", fix)
     for version in ("v1", "v2"):
         for path, allowed in ((f"/api/{version}/items", {"GET", "POST"}), (f"/api/{version}/items/1", {"GET", "PUT", "DELETE"})):
             response = catalogue.client.patch(path)
-            expect_error(response, 405, "http_405", "the framework's own 405 for a method the path does not allow", fix)
+            expect_error(response, 405, ABOUT_BLANK, "the framework's own 405 for a method the path does not allow", fix)
             got = {method.strip() for method in response.headers.get("allow", "").split(",") if method.strip()}
             check(
                 allowed <= got and "PATCH" not in got, response,
@@ -460,7 +461,7 @@ def test_page_parameters_are_bounded(catalogue):
             for raw in PAST_THE_BOUNDS + (["2147483648", "99999999999999999999"] if name == "offset" else []):
                 response = catalogue.client.get(f"/api/{version}/items", params={name: raw})
                 expect_error(
-                    response, 422, "validation_error",
+                    response, 422, ABOUT_BLANK,
                     f"{name}={raw} on /api/{version}/items: limit is 1..100 and offset 0..2147483647, integers only",
                 )
         response = catalogue.client.get(f"/api/{version}/items", params={"offset": 2147483647})
@@ -588,9 +589,12 @@ def test_operations_have_tags_and_summaries(catalogue):
     check(not problems, response, "every operation tagged by version, with the README's summary:\n    " + "\n    ".join(problems))
 
 
+PROBLEM_MEMBERS = {"type", "title", "status", "detail", "instance"}
+
+
 def _schema_of(document, answer):
-    """The schema of a documented answer's JSON body, its $ref followed."""
-    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+    """The schema of a documented answer's application/problem+json body, its $ref followed."""
+    schema = answer.get("content", {}).get("application/problem+json", {}).get("schema", {})
     ref = schema.get("$ref", "")
     if ref.startswith("#/components/schemas/"):
         schema = document.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
@@ -611,11 +615,12 @@ def test_error_responses_are_documented(catalogue):
                 where = f"{method.upper()} /api/{version}{path}"
                 if code not in answers:
                     problems.append(f"{where} does not document {code}")
-                elif "error" not in _schema_of(document, answers[code]).get("properties", {}):
-                    problems.append(f"{where} documents {code} without the error body's schema (model=ErrorBody)")
+                elif not PROBLEM_MEMBERS <= set(_schema_of(document, answers[code]).get("properties", {})):
+                    problems.append(f"{where} documents {code} without a problem's schema as application/problem+json")
     check(
         not problems, response,
-        "every status each operation can answer, with the error body's schema "
-        "(responses={409: {'model': ErrorBody}}; 422 on the router replaces FastAPI's default):\n    "
+        "every status each operation can answer, as application/problem+json with a problem's schema "
+        "(responses={409: {'model': Problem, 'content': {'application/problem+json': ...}}}; 422 on the router "
+        "replaces FastAPI's default):\n    "
         + "\n    ".join(problems),
     )

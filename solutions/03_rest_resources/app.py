@@ -1,12 +1,13 @@
 """Lesson 03 reference: a versioned REST resource with honest status codes and one error shape."""
 
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -43,56 +44,86 @@ class ItemPage(BaseModel):
     next: str | None
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: list[Any] | None = None
+# Every error is a problem (RFC 9457): one shape that any client, gateway or log reader
+# understands without knowing this service. `type` names the kind of problem: "about:blank"
+# when the status says it all, else a URI of ours (never fetched: .example is reserved).
+PROBLEM_JSON = "application/problem+json"
+ABOUT_BLANK = "about:blank"
+PROBLEMS = "https://course.example/problems/"
 
 
-class ErrorBody(BaseModel):
-    error: ErrorDetail
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """The body of every error response (for `responses=`, so the OpenAPI schema says so)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = ABOUT_BLANK
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[FieldError] | None = None
 
 
 # ---------------------------------------------------------------------------------------
-# Errors: the domain raises these; one handler turns all of them into the same body.
+# Errors: the domain raises these; handlers turn them, and the framework's, into problems.
 # ---------------------------------------------------------------------------------------
 
 
 class APIError(Exception):
-    """Base class: each subclass knows its status code and its machine-readable code."""
+    """Base class: each subclass knows its status code, its problem type and its title."""
 
     status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
-    code = "internal_error"
+    type = ABOUT_BLANK
+    title = HTTPStatus.INTERNAL_SERVER_ERROR.phrase
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 class ItemNotFound(APIError):
     status_code = status.HTTP_404_NOT_FOUND
-    code = "item_not_found"
+    type = PROBLEMS + "item-not-found"
+    title = "Item not found"
 
     def __init__(self, item_id: int) -> None:
-        super().__init__(f"Item {item_id} not found")
+        super().__init__(f"No item has the id {item_id}.")
 
 
 class DuplicateItem(APIError):
     status_code = status.HTTP_409_CONFLICT
-    code = "duplicate_item"
+    type = PROBLEMS + "duplicate-name"
+    title = "Name taken"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"An item named {name!r} already exists")
-
-
-def error_response(status_code: int, code: str, message: str, details: list[Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status_code, headers=headers)
+    def __init__(self) -> None:
+        # Not the name itself: a detail says what happened, it does not echo the request.
+        super().__init__("Another item has this name (names are compared ignoring case).")
 
 
-async def handle_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status_code, exc.code, exc.message)
+def problem(request: Request, status_code: int, detail: str, *, type: str = ABOUT_BLANK, title: str | None = None,
+            headers: dict[str, str] | None = None, **members: Any) -> JSONResponse:
+    body = {
+        "type": type,
+        "title": title or HTTPStatus(status_code).phrase,
+        "status": status_code,
+        "detail": detail,
+        # The path only: a query string may carry what the client would not want in a log.
+        "instance": request.url.path,
+        **members,
+    }
+    return JSONResponse(body, status_code=status_code, headers=headers, media_type=PROBLEM_JSON)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return problem(request, exc.status_code, exc.detail, type=exc.type, title=exc.title)
 
 
 def allowed_methods(request: Request) -> str:
@@ -104,33 +135,41 @@ def allowed_methods(request: Request) -> str:
     routes = request.app.router.routes
     return ", ".join(
         method
-        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
         if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
     )
 
 
-async def handle_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Starlette's HTTPException covers the framework's own 404 (no route) and 405 (wrong
-    # method); keeping its headers preserves e.g. the Allow header of a 405.
+async def handle_http_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's HTTPException covers the framework's own 404 (no route), 405 (wrong method)
+    # and 400 (a body that cannot be decoded); keeping its headers keeps what they carry.
+    assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
     if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
         headers["Allow"] = allowed_methods(request)
-    return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=headers)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return problem(request, exc.status_code, detail, headers=headers)
 
 
-async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     # Location, message and type only. Never the "input": it may be the infinity or NaN that
     # was refused, which JSON cannot carry (the 422 would become a 500), or a secret the client
     # should not see echoed. Nor "ctx", which may hold exception objects.
-    details = [
-        {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()
-    ]
-    return error_response(
-        status.HTTP_422_UNPROCESSABLE_CONTENT,
-        "validation_error",
-        "The request is not valid; see details.",
-        details=details,
-    )
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
+    return problem(request, status.HTTP_422_UNPROCESSABLE_CONTENT, "The request is not valid; see errors.", errors=errors)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug's 500 is a problem too. Starlette re-raises the exception after this answer, so
+    # the server logs the traceback; the client learns nothing about the code.
+    return problem(request, status.HTTP_500_INTERNAL_SERVER_ERROR, "The service failed to answer. The error is in its log.")
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries: these codes answer with a problem, as application/problem+json."""
+    content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {code: {"model": Problem, "description": HTTPStatus(code).phrase, "content": content} for code in codes}
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +186,7 @@ class ItemStore:
         wanted = name.casefold()
         for item in self.items.values():
             if item.id != ignore_id and item.name.casefold() == wanted:
-                raise DuplicateItem(name)
+                raise DuplicateItem()
 
     def add(self, data: ItemIn) -> Item:
         self._check_name_free(data.name)
@@ -188,13 +227,13 @@ Limit = Annotated[int, Query(ge=1, le=100, description="How many items per page 
 Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="How many items to skip.")]
 ItemId = Annotated[int, Path(ge=1, le=MAX_ID, description="The id from the Location header of the create call.")]
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No item has this id"}}
-CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorBody, "description": "Another item has this name"}}
-# FastAPI answers 400 itself when a body cannot even be decoded (bytes that are not UTF-8).
-UNREADABLE: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "The body cannot be decoded"}}
-
-# Our 422 has the shared error shape too; say so in the docs instead of FastAPI's default.
-INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ErrorBody, "description": "The request is not valid"}}
+# Every status an operation can answer is in the OpenAPI schema, as a problem. FastAPI answers
+# 400 itself when a body cannot even be decoded (bytes that are not UTF-8).
+NOT_FOUND = problem_responses(404)
+CONFLICT = problem_responses(409)
+UNREADABLE = problem_responses(400)
+# Our 422 is a problem too; say so in the docs instead of FastAPI's default.
+INVALID = problem_responses(422)
 
 v1 = APIRouter(prefix="/api/v1", tags=["items v1"], responses=INVALID)
 v2 = APIRouter(prefix="/api/v2", tags=["items v2"], responses=INVALID)
@@ -263,6 +302,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(Exception, handle_unexpected)
     app.include_router(v1)
     app.include_router(v2)
     return app
