@@ -428,9 +428,14 @@ class FeedbackPlugin:
         session = getattr(self.config, "_grader_session", None)
         item = next((i for i in (session.items if session else []) if i.nodeid == stuck.nodeid), None)
         name = item.name if item is not None else stuck.nodeid
-        message = (self.hang_message(item, stuck) if item is not None else stuck.nodeid) + (
-            "\n\nIts thread could not be stopped (it waits inside a call that cannot be interrupted), "
-            "so the run ended here.")
+        if stuck.frames and stuck.frames[0].function == "<module>":
+            # Stuck while the learner's file was imported (a blocking call at its top level, where no
+            # signal could end it: Windows, GRADER_PORTABLE=1): the verdict a signal would have given.
+            message = self.feedback.import_hung(Path(stuck.frames[0].file))
+        else:
+            message = self.hang_message(item, stuck) if item is not None else stuck.nodeid
+        message += ("\n\nIts thread could not be stopped (it waits inside a call that cannot be interrupted), "
+                    "so the run ended here.")
         outcomes = self.config._grader_outcomes  # type: ignore[attr-defined]
         properties = dict(item.user_properties) if item is not None else {}
         outcomes[stuck.nodeid] = {"nodeid": stuck.nodeid, "task": properties.get("task"),

@@ -8,6 +8,7 @@ what                               where the system has it        elsewhere (and
 =================================  =============================  ==================================
 stop a child and all it started    its own session, ``killpg``     its own process group (Windows),
                                                                   psutil's tree of descendants
+                                                                  (suspended, then killed)
 ask a server to stop gracefully    SIGTERM to its group           CTRL_BREAK (Windows: uvicorn stops
                                                                   on SIGBREAK), psutil's terminate
 start servers warm (grader.live)   a forked launcher (Linux)      a new interpreter per server
@@ -15,9 +16,12 @@ start servers warm (grader.live)   a forked launcher (Linux)      a new interpre
                                    (Linux)
 stop a hung test in the main       a signal to that thread        an exception set in that thread
 thread                                                            (pure-Python loops), then the
-                                                                  run's last resort
-keys in ``grader watch``           termios + ``select``           ``msvcrt`` (Windows), lines read
-                                                                  by a thread
+                                                                  run's last resort: it writes its
+                                                                  report and ends (a file stuck at
+                                                                  import: the same "does not
+                                                                  import" verdict, file and line)
+keys in ``grader watch``           termios + ``select``           ``msvcrt`` (Windows), a thread
+                                                                  reading keys (cbreak) or lines
 =================================  =============================  ==================================
 
 ``GRADER_PORTABLE=1`` in the environment forces every fallback on, so that the course's own
@@ -120,13 +124,45 @@ def _signal(tree: list[Any], polite: bool) -> None:
                 process.terminate() if polite else process.kill()
 
 
+def _frozen_tree(pid: int) -> list[Any]:
+    """The process ``pid`` and every process it started, each suspended as it is found.
+
+    A process that is still running while its tree is killed may start another one in between
+    (a test starting a server): suspended first, none of them can, and none is missed.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        root.suspend()
+    except psutil.Error:
+        return []
+    found = [root]
+    for _ in range(50):  # each pass finds what the previous one's processes started before they stopped
+        try:
+            new = [child for child in root.children(recursive=True) if child not in found]
+        except psutil.Error:
+            break
+        if not new:
+            break
+        for child in new:
+            with contextlib.suppress(psutil.Error):
+                child.suspend()
+            found.append(child)
+    return found
+
+
 def kill_tree(pid: int) -> None:
-    """Kill ``pid`` and everything it started, at once (a child started with :func:`new_group`)."""
+    """Kill ``pid`` and everything it started, at once (a child started with :func:`new_group`).
+
+    POSIX: SIGKILL to its session's group. Elsewhere, and in portable mode: the tree suspended
+    (nothing in it starts anything new), then every process in it killed.
+    """
     if process_groups():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         return
-    _signal(_tree(pid), polite=False)
+    _signal(_frozen_tree(pid), polite=False)
 
 
 def stop_tree(process: Any, grace: float = 5.0) -> None:

@@ -8,6 +8,7 @@ result: the caller always gets a result, never an exception.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ OUTPUT_LIMIT = 20_000
 # overruns that by this much (a crash of the interpreter, a hang outside any test; pytest's own start,
 # which the plugin does not count, takes seconds on a loaded machine).
 KILL_AFTER = 30.0
+CANCEL_WAIT = 10.0  # seconds for a killed run's process to be gone (it is at once, unless the system is stalled)
 # Variables that would change how the child pytest behaves, or leak the caller's secrets.
 _STRIPPED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTHONSTARTUP", "PYTHONINSPECT")
 
@@ -187,8 +189,15 @@ class PlainRunner:
         return True
 
     def cancel(self, run: PlainRun) -> None:
+        """Kill the run and everything it started, now (a newer save makes its result worthless)."""
         platform_support.kill_tree(run.pid)
-        run.process.wait()
+        try:
+            run.process.wait(CANCEL_WAIT)
+        except subprocess.TimeoutExpired:  # not yet gone: kill it directly and leave its reaping to the system
+            run.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run.process.wait(CANCEL_WAIT)
+        run.returncode = platform_support.KILLED
         shutil.rmtree(run.scratch, ignore_errors=True)
 
     def result(self, run: PlainRun) -> tuple[ExerciseResult, str]:

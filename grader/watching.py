@@ -103,9 +103,11 @@ class Keys:
     """Single key presses from a terminal, read without blocking; nothing when stdin is not a TTY.
 
     POSIX: the terminal in cbreak mode (``termios``) and ``select`` on stdin, no thread (the
-    watch process forks its runs). Windows: ``msvcrt``'s console keys. Elsewhere, and with
-    ``GRADER_PORTABLE=1``: whole lines, read by a thread (a key, then Enter); the runs are
-    new processes then, not forks, so a thread does no harm.
+    watch process forks its runs). Windows: ``msvcrt``'s console keys, polled. With
+    ``GRADER_PORTABLE=1`` (and on a system with neither): no ``select`` on stdin, which
+    Windows does not have for a console; a thread reads the keys as they come, single keys
+    where ``termios`` can put the terminal in cbreak mode, else a line at a time (a key, then
+    Enter). The runs are new processes then, not forks, so a thread does no harm.
     """
 
     def __init__(self) -> None:
@@ -119,24 +121,24 @@ class Keys:
             if platform_support.WINDOWS:
                 self.kind = "console"
             elif platform_support.portable() or not _has_module("termios"):
-                self.kind = "lines"
+                self.kind = "thread"
             else:
                 self.kind = "terminal"
 
     def __enter__(self) -> Keys:
-        if self.kind == "terminal":
+        if self.kind in ("terminal", "thread") and _has_module("termios"):
             import termios
             import tty
 
             self._saved = termios.tcgetattr(self.fd)
             tty.setcbreak(self.fd)
-        elif self.kind == "lines":
+        if self.kind == "thread":
             self._lines = queue.Queue()
-            threading.Thread(target=self._read_lines, name="grader-keys", daemon=True).start()
+            threading.Thread(target=self._read_keys, name="grader-keys", daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.kind == "terminal" and self._saved is not None:
+        if self._saved is not None:
             import termios
 
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
@@ -145,19 +147,24 @@ class Keys:
     def interactive(self) -> bool:
         return self.fd is not None
 
-    def _read_lines(self) -> None:
-        assert self._lines is not None
+    def _read_keys(self) -> None:
+        """The thread of the portable keys: a key pressed (cbreak) or a line typed, as it comes."""
+        assert self._lines is not None and self.fd is not None
         while True:
-            line = sys.stdin.readline()
-            self._lines.put(line.strip()[:1].lower() or "\n" if line else "q")
-            if not line:
+            try:
+                data = os.read(self.fd, 32).decode("utf-8", "replace")
+            except OSError:
+                data = ""
+            # a line ("n" then Enter, without cbreak) counts as its first key; a bare Enter as Enter
+            self._lines.put(data.strip()[:1].lower() or data[:1] if data else "q")
+            if not data:
                 return
 
     def read(self, timeout: float) -> str | None:
         if self.kind == "none":
             time.sleep(timeout)
             return None
-        if self.kind == "lines":
+        if self.kind == "thread":
             assert self._lines is not None
             try:
                 return self._lines.get(timeout=timeout)

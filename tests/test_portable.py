@@ -207,6 +207,51 @@ def test_a_loop_at_import_is_stopped_without_a_signal(portable, tmp_path):
     assert done.returncode == 1
 
 
+def test_a_blocking_call_at_import_gets_the_import_verdict_without_a_signal(portable, course):  # noqa: F811
+    """``time.sleep`` at import: no signal ends it here, so the run's last resort does, and the
+    learner still reads which file does not import and the line it was stuck on."""
+    stub(course).write_text("import time\ntime.sleep(600)\n", encoding="utf-8")
+    done = grader(course, "check", "01", "--timeout", "4", timeout=90)
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    assert "timeout" in done.stdout and "app.py does not import: it was still running line 2" in done.stdout, \
+        done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_cancelling_a_watch_run_kills_it_and_everything_it_started_at_once(portable, course, tmp_path):  # noqa: F811
+    """``grader watch`` without forks (:class:`PlainRunner`): a save cancels the run in progress by
+    killing its process tree, not by waiting for it (here it would loop for a minute)."""
+    import psutil
+
+    from grader.catalog import find_exercise
+    from grader.runner import PlainRunner
+
+    pid_file = tmp_path / "server"
+    stub(course).write_text(
+        "import subprocess, sys\n"
+        "server = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pid_file)!r}, 'w', encoding='utf-8').write(str(server.pid))\n"
+        "while True:\n    pass\n", encoding="utf-8")
+    runner = PlainRunner(find_exercise(EXERCISE, course))
+    run = runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() or not pid_file.read_text(encoding="utf-8"):
+            assert time.monotonic() < deadline and not runner.finished(run), "the run never imported the file"
+            time.sleep(0.05)
+        server = psutil.Process(int(pid_file.read_text(encoding="utf-8")))
+        runner.cancel(run)
+        assert run.process.poll() is not None, "the cancelled run still runs"
+        assert runner.finished(run), "a cancelled run is finished"
+        _gone, alive = psutil.wait_procs([server], timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "what the run started still runs"
+        assert not run.scratch.exists(), "the cancelled run's scratch folder is removed"
+    finally:
+        if run.process.poll() is None:
+            platform_support.kill_tree(run.pid)
+            run.process.wait(30)
+
+
 # ----------------------------------------------------------------------------- the learner's path
 
 
@@ -270,6 +315,26 @@ def test_watch_cancels_a_run_on_save_and_moves_on_when_it_passes(portable, cours
         assert watch.process.wait(30) == 0
     finally:
         watch.close()
+
+
+@posix_only
+@pytest.mark.timeout(240)
+def test_watch_keys_work_one_key_at_a_time(portable, course):  # noqa: F811
+    """Without ``select`` on the terminal (Windows has none for a console): a thread reads the keys,
+    one key press each, as on Windows (``msvcrt``)."""
+    from .test_watch import Terminal, test_keys_give_a_hint_run_again_and_quit
+
+    terminals: list = []
+
+    def terminal():
+        terminals.append(Terminal(course))
+        return terminals[-1]
+
+    try:
+        test_keys_give_a_hint_run_again_and_quit(course, terminal)
+    finally:
+        for started in terminals:
+            started.close()
 
 
 # ----------------------------------------------------------------------------- the CI workflow
