@@ -16,6 +16,9 @@ from fastapi import FastAPI, HTTPException, status
 from opentelemetry import trace
 from pydantic_settings import BaseSettings
 
+# Given (the same file in every exercise from 04 on): every error is a problem (RFC 9457).
+from .problems import ProblemError, install_problem_details, problem_responses
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -72,7 +75,8 @@ def create_app(
     tracer_provider: trace.TracerProvider | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan)
+    app = FastAPI(title="Inventory", version="1.1.0", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)  # given: errors are problems; keep it
 
     # TODO: a tracer from tracer_provider (or a TracerProvider of the app's own, never the
     #       global one); the middleware continues an incoming traceparent with a SERVER span
@@ -90,20 +94,23 @@ def create_app(
         return {}
 
     # TODO: GET /ready -> 200 {"status": "ready", "checks": {"database": "ok"}} after
-    #       SELECT 1 succeeds; 503 {"status": "unavailable", "checks": {"database": "down"}}.
+    #       SELECT 1 succeeds; else the 503 problem of the README:
+    #       raise ProblemError(503, "...", type="https://course.example/problems/not-ready",
+    #                          title="Not ready", checks={"database": "down"})
 
     # TODO: GET /info -> {"app_name": ..., "environment": ...} from Depends(get_settings).
 
-    @app.get("/items/{item_id}")
+    @app.get("/items/{item_id}", responses=problem_responses(status.HTTP_404_NOT_FOUND))
     async def read_item(item_id: int) -> dict[str, Any]:
         item = ITEMS.get(item_id)
         if item is None:
-            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"No item has the id {item_id}.")
         return item
 
     # TODO: GET /items/{item_id}/stock -> 404 for an unknown item; else ask the warehouse
     #       GET {warehouse_url}/stock/{item_id} through an httpx.AsyncClient (transport=transport)
-    #       whose requests carry the current traceparent; 502 when it fails.
+    #       whose requests carry the current traceparent; a 502 problem when it fails
+    #       (raise HTTPException(502, "...")), declared with responses=problem_responses(404, 502).
 
     # TODO: GET /metrics -> generate_latest(registry) with media_type CONTENT_TYPE_LATEST.
 

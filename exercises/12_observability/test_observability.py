@@ -21,12 +21,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from grader.environment import settings_environment
-from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain
+from grader.expect import StartupFailed, expect_header, expect_json, expect_problem, expect_status, explain
 
 SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 # The longest incoming X-Request-ID that must be reused: 64 characters, every allowed kind.
 LONGEST_REQUEST_ID = "req-42.a_b-" + "0123456789" * 5 + "xyz"
 ACCESS_LOGGER = "inventory.access"
+NOT_READY = "https://course.example/problems/not-ready"
+
+
+def expect_not_ready(response, why: str) -> None:
+    """The 503 problem of /ready, naming the database as down (README: GET /ready)."""
+    body = expect_problem(response, 503, why, type=NOT_READY)
+    assert body.get("title") == "Not ready" and body.get("checks") == {"database": "down"}, explain(
+        response, f'the problem\'s title "Not ready" and "checks": {{"database": "down"}}; got {body}'
+    )
 
 
 @pytest.fixture(scope="module")
@@ -372,8 +381,7 @@ def test_readiness_fails_but_liveness_holds_when_the_database_is_down(module, en
     env.setenv("OBS_DATABASE_URL", f"sqlite+aiosqlite:///{missing / 'inventory.db'}")
     with TestClient(new_app(module)) as client:
         response = client.get("/ready")
-        expect_status(response, 503, "the database cannot be reached, so the service is not ready: 503")
-        expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
+        expect_not_ready(response, "the database cannot be reached, so the service is not ready: a 503 problem")
         expect_json(
             client.get("/health"), {"status": "ok"},
             "liveness checks only the process: a database outage must not get healthy pods restarted", exact=True,
@@ -424,13 +432,12 @@ def test_readiness_gives_up_after_ready_timeout(module, env, tmp_path):
         started = time.perf_counter()
         response = client.get("/ready")
         took = time.perf_counter() - started
-    expect_status(
-        response, 503,
+    expect_not_ready(
+        response,
         f"a database that takes {SlowToConnect.HANG:.0f} s to accept a connection, with OBS_READY_TIMEOUT=0.2: the "
         "check gives up after ready_timeout seconds (asyncio.timeout around connecting and SELECT 1) and answers 503; "
         "a probe that hangs is as bad as one that fails",
     )
-    expect_json(response, {"status": "unavailable", "checks": {"database": "down"}}, exact=True)
     assert took < SlowToConnect.HANG - 1, explain(
         response, f"the answer within about ready_timeout (0.2 s); it took {took:.1f} s"
     )
@@ -510,6 +517,7 @@ def test_one_json_line_per_request_with_the_route_template(client, access_lines)
 @pytest.mark.promise("P3")
 def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
     response = client.get("/items/99")
+    expect_problem(response, 404, "no item has the id 99: a 404 problem (the given problems.py)")
     entry = one_entry_for(access_lines, response)
     assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("/items/{item_id}", 404, "INFO"), explain(
         response, f"route '/items/{{item_id}}', status 404 and level INFO in the log line (every request logs at INFO); got {entry}"
@@ -517,6 +525,7 @@ def test_unmatched_and_failed_requests_are_logged_too(client, access_lines):
     expect_header_logged(response, entry)
     access_lines.clear()
     response = client.get("/no/such/page")
+    expect_problem(response, 404, "no route matches: Starlette's 404, as a problem")
     entry = one_entry_for(access_lines, response)
     assert (entry.get("route"), entry.get("status"), entry.get("level")) == ("unmatched", 404, "INFO"), explain(
         response,
@@ -552,6 +561,11 @@ def test_a_request_that_crashes_is_logged_too(module):
             "around the call to the app: the exception passes through your middleware (call_next re-raises it), "
             f"so code after the call never runs; got {entries}",
         ), pytrace=False)
+    expect_problem(response, 500, "a route that raises: the 500 problem, saying nothing about the cause")
+    assert "a bug in a route" not in response.text and "RuntimeError" not in response.text, explain(
+        response, "a 500 that says nothing about its cause: no exception name, no message, no traceback"
+    )
+    expect_header_logged(response, entries[0])
 
 
 @pytest.mark.task("logging")
@@ -869,9 +883,9 @@ def test_a_failing_warehouse_answers_502(module, failure):
     app, _ = traced_app(module, Warehouse(answer))
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.get("/items/3/stock")
-        expect_status(response, 502, f"the warehouse fails ({failure}): a 502, never a 500 or its answer passed on")
+        expect_problem(response, 502, f"the warehouse fails ({failure}): a 502 problem, never a 500 or its answer passed on")
         missing = client.get("/items/99/stock")
-        expect_status(missing, 404, "an item the service does not have: 404, without asking the warehouse")
+        expect_problem(missing, 404, "an item the service does not have: a 404 problem, without asking the warehouse")
 
 
 @pytest.mark.task("tracing")

@@ -31,6 +31,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .problems import (
+    Problem,
+    ProblemError,
+    install_problem_details,
+    problem_responses,
+    unexpected_problem,
+)
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -222,10 +230,12 @@ class ObservabilityMiddleware:
             status_code = 500  # what the client gets if the app raises before it answers
             started = time.perf_counter()
 
+            started_response = False
+
             async def send_with_request_id(message: Message) -> None:
-                nonlocal status_code
+                nonlocal status_code, started_response
                 if message["type"] == "http.response.start":
-                    status_code = message["status"]
+                    status_code, started_response = message["status"], True
                     MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
                 await send(message)
 
@@ -233,6 +243,12 @@ class ObservabilityMiddleware:
                 await self.app(scope, receive, send_with_request_id)
             except Exception as exc:
                 span.record_exception(exc)
+                if not started_response:
+                    # Answer the 500 problem here, through send_with_request_id, so that it carries
+                    # the request ID too (Starlette's outermost ServerErrorMiddleware would send it
+                    # without). Then re-raise: the server logs the traceback, the client never sees it.
+                    response = await unexpected_problem(Request(scope), exc)
+                    await response(scope, receive, send_with_request_id)
                 raise
             finally:
                 seconds = time.perf_counter() - started
@@ -262,12 +278,6 @@ class ObservabilityMiddleware:
 
 # --------------------------------------------------------------------------- the app
 
-class ErrorMessage(BaseModel):
-    """The body of an HTTPException."""
-
-    detail: str
-
-
 class Stock(BaseModel):
     """How many of an item the warehouse holds."""
 
@@ -276,10 +286,19 @@ class Stock(BaseModel):
 
 
 class Readiness(BaseModel):
-    """What /ready answers, with 200 or 503: documented so a probe's author knows both."""
+    """What /ready answers when every dependency answers."""
 
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready"]
+    checks: dict[str, Literal["ok"]]
+
+
+class NotReady(Problem):
+    """The 503 problem of /ready: which dependency is down, for whoever reads more than the code."""
+
     checks: dict[str, Literal["ok", "down"]]
+
+
+NOT_READY = "https://course.example/problems/not-ready"
 
 
 ITEMS: dict[int, dict[str, Any]] = {
@@ -332,7 +351,10 @@ def create_app(
 ) -> FastAPI:
     """A new app. Tests hand in a tracer provider (with an in-memory exporter) and the transport
     the warehouse client sends through; nothing here touches OpenTelemetry's global provider."""
-    app = FastAPI(title="Inventory", version="1.2.0", lifespan=lifespan)
+    # Every route's path parameters and bodies may be refused with a 422 problem.
+    app = FastAPI(title="Inventory", version="1.3.0", lifespan=lifespan, responses=problem_responses(422))
+    # Every error is a problem (RFC 9457): the given problems.py, the same in every service.
+    install_problem_details(app)
     tracer = (tracer_provider or default_tracer_provider()).get_tracer("inventory")
     app.state.warehouse_transport = transport
 
@@ -354,18 +376,29 @@ def create_app(
         summary="Readiness: the dependencies answer",
         responses={
             status.HTTP_200_OK: {"model": Readiness},
-            status.HTTP_503_SERVICE_UNAVAILABLE: {"model": Readiness, "description": "A dependency cannot be reached"},
+            status.HTTP_503_SERVICE_UNAVAILABLE: {
+                "model": NotReady,
+                "description": "A dependency cannot be reached",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/NotReady"}}},
+            },
         },
     )
-    async def ready(engine: EngineDep, settings: SettingsDep, response: Response) -> dict[str, Any]:
+    async def ready(engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
         try:
             async with asyncio.timeout(settings.ready_timeout):
                 async with engine.connect() as connection:
                     await connection.execute(text("SELECT 1"))
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("database not ready", extra={"error": f"{type(exc).__name__}: {exc}"})
-            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-            return {"status": "unavailable", "checks": {"database": "down"}}
+            # A probe reads only the code; the problem says which check failed, never why (the
+            # exception's text names hosts and users: it goes to the log above).
+            raise ProblemError(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                "A dependency of the service cannot be reached.",
+                type=NOT_READY,
+                title="Not ready",
+                checks={"database": "down"},
+            ) from None
         return {"status": "ready", "checks": {"database": "ok"}}
 
     @app.get("/info", tags=["ops"], summary="Public configuration")
@@ -377,26 +410,23 @@ def create_app(
         "/items/{item_id}",
         tags=["items"],
         summary="Read one item",
-        responses={status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"}},
+        responses=problem_responses(status.HTTP_404_NOT_FOUND),
     )
     async def read_item(item_id: int) -> dict[str, Any]:
         item = ITEMS.get(item_id)
         if item is None:
-            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"No item has the id {item_id}.")
         return item
 
     @app.get(
         "/items/{item_id}/stock",
         tags=["items"],
         summary="How many the warehouse holds",
-        responses={
-            status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No item has this id"},
-            status.HTTP_502_BAD_GATEWAY: {"model": ErrorMessage, "description": "The warehouse failed to answer"},
-        },
+        responses=problem_responses(status.HTTP_404_NOT_FOUND, status.HTTP_502_BAD_GATEWAY),
     )
     async def read_stock(item_id: int, request: Request) -> Stock:
         if item_id not in ITEMS:
-            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"Item {item_id} not found")
+            raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"No item has the id {item_id}.")
         client: httpx.AsyncClient = request.app.state.warehouse
         # A client span for the call: the warehouse's server span becomes its child.
         with tracer.start_as_current_span("GET /stock/{item_id}", kind=SpanKind.CLIENT) as span:
@@ -409,10 +439,10 @@ def create_app(
             except (httpx.HTTPError, ValueError) as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 log.warning("warehouse failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-                raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer") from None
+                raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer.") from None
         if stock.item_id != item_id:
             log.warning("warehouse answered for another item", extra={"asked": item_id, "got": stock.item_id})
-            raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer")
+            raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer.")
         return stock
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
