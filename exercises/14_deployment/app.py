@@ -38,7 +38,7 @@ async def health() -> dict[str, str]:
     return {}
 
 
-@app.get("/ready", responses=problem_responses(503))
+@app.get("/ready")  # TODO: declare its 503 problem: responses=problem_responses(503)
 async def ready() -> dict[str, str]:
     # TODO: 200 {"status": "ready"} between startup and shutdown; before startup and once
     #       shutdown has begun, a 503 problem:

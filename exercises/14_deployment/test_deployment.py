@@ -314,6 +314,26 @@ def test_every_error_is_a_problem(started, method, path, status):
                         f"got:      {json.dumps(body)[:400]}", pytrace=False)
 
 
+@pytest.mark.task("app")
+@pytest.mark.promise("P24")
+def test_openapi_declares_the_problems(started):
+    response = started.get("/openapi.json")
+    expect_status(response, 200, "the app serves its OpenAPI document")
+    document = response.json()
+    for method, path, status in (("get", "/slow", "422"), ("get", "/ready", "503")):
+        declared = (((document.get("paths") or {}).get(path) or {}).get(method) or {}).get("responses") or {}
+        content = (declared.get(status) or {}).get("content") or {}
+        if "application/problem+json" not in content:
+            pytest.fail(
+                f"\nread:     GET /openapi.json, paths.{path}.{method}.responses\n"
+                f"expected: the {status} declared with the media type application/problem+json, as it is answered "
+                f"(responses=problem_responses({status}))\n"
+                f"got:      {json.dumps(declared.get(status)) if status in declared else f'no {status} declared'}\n"
+                "A client generated from the schema expects the wrong body for that error.",
+                pytrace=False,
+            )
+
+
 # ---------------------------------------------------------------------------------------
 # dockerfile: multi-stage, non-root, health check, exec-form uvicorn
 # ---------------------------------------------------------------------------------------
