@@ -3,7 +3,7 @@
 Read README.md in this folder for the full task. Run `pytest exercises/06_background_tasks`
 (or `grader check 06`) to see what is still missing.
 
-    OUTBOX_DIR=/tmp/outbox uvicorn --factory app:create_app
+    cd exercises && OUTBOX_DIR=/tmp/outbox uvicorn --factory 06_background_tasks.app:create_app
 """
 
 import json
@@ -18,6 +18,8 @@ from typing import Annotated
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, status
 from pydantic import BaseModel, EmailStr, Field
 from starlette.concurrency import run_in_threadpool  # runs blocking file I/O off the event loop
+
+from .problems import install_problem_details, problem_responses  # given: every error is a problem (lesson 03)
 
 logger = logging.getLogger("signup")
 
@@ -85,10 +87,13 @@ def create_app(outbox_dir: Path | str | None = None) -> FastAPI:
     # TODO: a lifespan: at startup create the outbox folder (with its parents) and put a
     #       ServiceState on app.state.service; at shutdown log at INFO
     #       "shutdown: <sent> welcome messages sent, <failed> failed".
-    app = FastAPI(title="Signup service", version="0.6.0")
+    app = FastAPI(title="Signup service", version="0.6.0", responses=problem_responses(422))
+    install_problem_details(app)  # given, and done: every error answers application/problem+json
     outbox.mkdir(parents=True, exist_ok=True)
     app.state.service = ServiceState(outbox=outbox)
 
+    # TODO: declare the errors this route answers besides the app's 422 (README "Errors"):
+    #       responses=problem_responses(...) with the 409 and FastAPI's 400.
     @app.post("/signup", status_code=status.HTTP_201_CREATED, dependencies=[Depends(audit)])
     async def signup(data: SignupIn, state: State) -> Signup:
         if data.email in state.users:

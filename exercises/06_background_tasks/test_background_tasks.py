@@ -15,7 +15,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
-from grader.expect import StartupFailed, expect_json, expect_status, json_of
+from grader.expect import StartupFailed, expect_json, expect_problem, expect_status, explain, json_of
 
 ADA = {"email": "ada@example.com", "name": "Ada"}
 BOB = {"email": "bob@example.com", "name": "Bob"}
@@ -196,14 +196,17 @@ async def test_the_response_is_complete_before_the_welcome_is_written(app, outbo
 def test_a_rejected_signup_sends_no_welcome(client, outbox):
     expect_status(post_signup(client, ADA), 201)
     duplicate = post_signup(client, {"email": "ada@example.com", "name": "Ada again"})
-    expect_status(duplicate, 409, "the e-mail address is already registered")
-    expect_json(duplicate, {"detail": "Email already registered"}, exact=True)
-    expect_status(post_signup(client, {"email": "not-an-email", "name": "X"}), 422, "the e-mail must be valid")
-    expect_status(post_signup(client, {"email": "cy@example.com", "name": ""}), 422, "the name must not be empty")
-    expect_status(
+    expect_problem(duplicate, 409, "the e-mail address is already registered")
+    expect_problem(post_signup(client, {"email": "not-an-email", "name": "X"}), 422, "the e-mail must be valid")
+    expect_problem(post_signup(client, {"email": "cy@example.com", "name": ""}), 422, "the name must not be empty")
+    expect_problem(
         client.post("/signup", params={"email": "dee@example.com", "name": "Dee"}), 422,
         "the same fields in the query string, with no body: a signup reads them from the JSON body only, since an "
         "e-mail address in the URL is personal data that every access log and proxy on the way would record",
+    )
+    expect_problem(
+        client.post("/signup", content=b'{"email": "eve@example.com", "name": ', headers={"content-type": "application/json"}),
+        422, "a body cut off in the middle is not JSON: FastAPI answers 422 (error type json_invalid), not 400",
     )
     assert sorted(messages(outbox)) == ["1.json"], (
         f"\nexpected: only Ada's welcome (1.json): a rejected signup sends nothing\ngot:      {sorted(messages(outbox))}"
@@ -214,6 +217,60 @@ def test_a_rejected_signup_sends_no_welcome(client, outbox):
         "only Ada's signup: a rejected request runs none of its background tasks, the audit entry included",
         exact=True,
     )
+
+
+@pytest.mark.task("after_response")
+@pytest.mark.promise("P4")
+@pytest.mark.parametrize("body, where", [
+    (b'{"email": "ada@example.com", "name": 1e309}', "name"),
+    (b'{"email": "ada@example.com", "name": NaN}', "name"),
+    (b'{"email": "not-an-email", "name": "Ada"}', "email"),
+    (b'{"email": "ada@example.com", "name": "Ada"', None),
+    (b'{"email": "ada@example.com", "name": "Ad\xe9"}', None),
+], ids=["1e309", "NaN", "bad-email", "not-json", "not-utf-8"])
+def test_an_invalid_body_is_a_problem_that_never_echoes_it(client, body, where):
+    response = client.post("/signup", content=body, headers={"content-type": "application/json"})
+    if body.endswith(b'\xe9"}'):
+        expect_problem(response, 400, "bytes that are not UTF-8 text: FastAPI cannot even decode the body, and answers 400")
+        errors = [{"loc": [], "msg": "", "type": ""}]  # a 400 carries no errors list
+    else:
+        problem = expect_problem(response, 422, "an invalid body is 422, never 500 (JSON cannot write 1e309 or NaN back)")
+        errors = problem.get("errors")
+    shapes_ok = isinstance(errors, list) and errors and all(
+        isinstance(e, dict) and isinstance(e.get("loc"), list) and isinstance(e.get("msg"), str)
+        and isinstance(e.get("type"), str) and not {"input", "ctx"} & set(e) for e in errors)
+    assert shapes_ok, (
+        f"\nsent:     POST /signup {body!r}\nexpected: \"errors\": a list of {{\"loc\", \"msg\", \"type\"}}, "
+        f"never the refused \"input\" (it may be an e-mail address, or a number JSON cannot carry)\ngot:      {errors!r}")
+    if where is not None:
+        assert any(e["loc"][-1] == where for e in errors), (
+            f"\nsent:     POST /signup {body!r}\nexpected: an error located at {where!r}\ngot:      {errors!r}")
+    assert "ada@example.com" not in response.text and "not-an-email" not in response.text, (
+        f"\nsent:     POST /signup {body!r}\nexpected: no part of the refused body in the answer"
+        f"\ngot:      {response.text}")
+    expect_status(post_signup(client, BOB), 201)
+    expect_json(
+        client.get("/events"),
+        ["POST /signup", "welcome sent to bob@example.com"],
+        f"the refused body ({body!r}) ran none of its tasks; only Bob's signup that followed left events",
+        exact=True,
+    )
+
+
+@pytest.mark.task("after_response")
+@pytest.mark.promise("P11")
+def test_the_openapi_document_lists_every_error_as_a_problem(client):
+    response = client.get("/openapi.json")
+    expect_status(response, 200, "the app serves its OpenAPI document")
+    operation = json_of(response).get("paths", {}).get("/signup", {}).get("post", {})
+    documented = operation.get("responses", {})
+    for code in ("201", "400", "409", "422"):
+        assert code in documented, explain(
+            response, f"POST /signup documents its {code} (responses=problem_responses(400, 409) on the route; "
+            f"the 422 in FastAPI(responses=problem_responses(422))); documented: {sorted(documented)}")
+        if code != "201":
+            assert "schema" in documented[code].get("content", {}).get("application/problem+json", {}), explain(
+                response, f"POST /signup's {code} documented as a problem: its schema under application/problem+json")
 
 
 # ---------------------------------------------------------------- tasks from a dependency

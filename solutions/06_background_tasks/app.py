@@ -4,7 +4,7 @@ The welcome message is written to an outbox folder (one JSON file per message) b
 background task, after the response has gone out. The lifespan prepares the outbox and the
 application state at startup and reports what was delivered at shutdown.
 
-    OUTBOX_DIR=/tmp/outbox uvicorn --factory app:create_app
+    cd solutions && OUTBOX_DIR=/tmp/outbox uvicorn --factory 06_background_tasks.app:create_app
 """
 
 import json
@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, EmailStr, Field
 from starlette.concurrency import run_in_threadpool
+
+from .problems import install_problem_details, problem_responses
 
 logger = logging.getLogger("signup")
 
@@ -32,39 +32,6 @@ class SignupIn(BaseModel):
 
 class Signup(SignupIn):
     id: int
-
-
-class ErrorMessage(BaseModel):
-    """The body of an HTTPException, and of FastAPI's 400 for a body it cannot parse."""
-
-    detail: str
-
-
-class FieldError(BaseModel):
-    type: str
-    loc: list[str | int]
-    msg: str
-
-
-class ValidationErrorBody(BaseModel):
-    """This service's 422: FastAPI's shape without the rejected `input`."""
-
-    detail: list[FieldError]
-
-
-# What POST /signup can answer besides 201, so the OpenAPI document is complete.
-SIGNUP_ERRORS: dict[int | str, dict[str, Any]] = {
-    status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"},
-    status.HTTP_409_CONFLICT: {"model": ErrorMessage, "description": "This e-mail address is already registered"},
-    status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": ValidationErrorBody, "description": "The body broke a rule"},
-}
-
-
-async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default 422 echoes each rejected `input`: an e-mail address travels back, and a
-    # number JSON cannot write (1e309 reads as infinity, NaN) turns the 422 into a 500.
-    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
 
 
 @dataclass
@@ -138,15 +105,18 @@ def create_app(outbox_dir: Path | str | None = None) -> FastAPI:
         # Shutdown: runs after the last request (and its background tasks) has finished.
         logger.info("shutdown: %d welcome messages sent, %d failed", state.sent, state.failed)
 
-    app = FastAPI(title="Signup service", version="0.6.0", lifespan=lifespan)
-    app.add_exception_handler(RequestValidationError, validation_error_without_input)
+    # Every error is a problem (RFC 9457, lesson 03): a 409 of ours, FastAPI's 422 (a body that
+    # is not JSON included) and 400 (bytes that are not UTF-8), an unknown route's 404. The 422
+    # never echoes the refused input.
+    app = FastAPI(title="Signup service", version="0.6.0", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
 
     @app.post(
         "/signup",
         status_code=status.HTTP_201_CREATED,
         dependencies=[Depends(audit)],
         summary="Sign up; the welcome message follows the response",
-        responses=SIGNUP_ERRORS,
+        responses=problem_responses(400, 409),  # 400: FastAPI's answer to a body whose bytes are not UTF-8
     )
     async def signup(data: SignupIn, tasks: BackgroundTasks, state: State) -> Signup:
         if data.email in state.users:
