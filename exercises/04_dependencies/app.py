@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request, status  # noqa: F401
-from fastapi.responses import JSONResponse  # noqa: F401
 from pydantic import BaseModel, Field
+
+from .problems import ProblemError, install_problem_details, problem_response, problem_responses  # noqa: F401 (given)
 
 # =========================================================================================
 # Given: a fake database with transactions. Nothing below this line needs to change until
@@ -176,11 +177,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MAX_IMPORT = 5000
 
 
-class ErrorMessage(BaseModel):
-    """The body of an error answer, for the routes' `responses=`."""
-
-    detail: str
-
+# Every error is a problem (lesson 03): problems.py is given, the same file in every exercise
+# from here on. install_problem_details(app) (below) already turns HTTPException, FastAPI's 422
+# and unexpected exceptions into problems; raise ProblemError for a problem with a type.
+DUPLICATE_TITLE = "https://course.example/problems/duplicate-title"
 
 # --- the connection: opened once per request, committed or rolled back, always closed -----
 
@@ -243,10 +243,10 @@ async def require_api_key(settings: SettingsDep) -> None:
 #       and POST /admin/books/import (409 for a title that exists; nothing saved then).
 #       The import takes at most MAX_IMPORT books and runs in linear time: read the taken
 #       titles once into a set, never the whole catalogue again for each book.
-# TODO: declare every status each route answers with responses={...: {"model": ErrorMessage}}.
-# TODO: an exception handler that answers 503 for CommitFailed.
-# TODO: FastAPI's default 422 echoes the refused input, which 1e309 (infinity) turns into a 500:
-#       register a RequestValidationError handler that answers the errors without their input.
+# TODO: a taken title is ProblemError(409, ..., type=DUPLICATE_TITLE, title="Title taken").
+# TODO: declare every status each route answers with responses=problem_responses(401, ...).
+# TODO: an exception handler that answers a 503 problem for CommitFailed (problem_response).
 
-app = FastAPI(title="Catalogue", version="4.0.0")
+app = FastAPI(title="Catalogue", version="4.0.0", responses=problem_responses(422))
 app.state.db = FakeDatabase()
+install_problem_details(app)

@@ -7,9 +7,10 @@ import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from grader.expect import expect_json, expect_status, explain, json_of
+from grader.expect import expect_json, expect_problem, expect_status, explain, json_of
 
 ADMIN = {"X-User": "ada", "X-API-Key": "dev-key"}
+DUPLICATE_TITLE = "https://course.example/problems/duplicate-title"  # the README's problem type for a taken title
 
 
 # Errors that a dependency with yield causes inside FastAPI, and what they mean.
@@ -307,7 +308,9 @@ def test_a_duplicate_title_is_409_and_rolled_back(scratch):
     books = catalogue(client)
     before = mark(db)
     response = client.post("/admin/books", headers=ADMIN, json={"title": "DUNE", "author": "Someone Else"})
-    expect_status(response, 409, "a book titled Dune already exists (titles compare ignoring case)")
+    expect_problem(response, 409, "a book titled Dune already exists (titles compare ignoring case): "
+                   "raise ProblemError(409, ..., type=DUPLICATE_TITLE, title='Title taken')", type=DUPLICATE_TITLE)
+    check(json_of(response).get("title") == "Title taken", response, '"title": "Title taken", the README\'s title of that type')
     expect_events(db, before, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
     batch = [
         {"title": "Wild Seed", "author": "Octavia E. Butler"},
@@ -316,15 +319,15 @@ def test_a_duplicate_title_is_409_and_rolled_back(scratch):
     ]
     before = mark(db)
     response = client.post("/admin/books/import", headers=ADMIN, json=batch)
-    expect_status(response, 409, "the third title already exists")
+    expect_problem(response, 409, "the third title already exists", type=DUPLICATE_TITLE)
     expect_events(db, before, response, ["open", "rollback", "close"], "the route raised, so the dependency rolls back")
     # A title may also clash with one earlier in the same list, which is not in the catalogue yet.
     twins = [{"title": "Lilith's Brood", "author": "Octavia E. Butler"}, {"title": "LILITH'S BROOD", "author": "O. Butler"}]
     response = client.post("/admin/books/import", headers=ADMIN, json=twins)
-    expect_status(
+    expect_problem(
         response, 409,
         "the second title repeats the first (ignoring case): check each title against the connection's books, "
-        "which include the ones this import added before it",
+        "which include the ones this import added before it", type=DUPLICATE_TITLE,
     )
     listing = client.get("/books", params={"limit": 50})
     check(
@@ -341,10 +344,10 @@ def test_a_failed_commit_answers_503_not_201(scratch):
     db.fail_next_commit = True  # the fake database will refuse the next commit
     before = mark(db)
     response = client.post("/admin/books", headers=ADMIN, json={"title": "Fledgling", "author": "Octavia E. Butler"})
-    expect_status(
+    expect_problem(
         response, 503,
         "the commit failed, so the client must not be told 201: commit before the response is sent "
-        '(Depends(get_connection, scope="function")) and map CommitFailed to 503',
+        '(Depends(get_connection, scope="function")) and map CommitFailed to a 503 problem (problem_response)',
     )
     expect_events(db, before, response, ["open", "rollback", "close"], "a failed commit is rolled back")
     listing = client.get("/books", params={"limit": 50})
@@ -426,9 +429,9 @@ def test_admin_routes_need_the_api_key(scratch, headers, why):
     _, client, _ = scratch
     book = {"title": "Kindred", "author": "Octavia E. Butler"}
     response = client.post("/admin/books", headers=headers, json=book)
-    expect_status(response, 401, f"the admin router requires exactly X-API-Key: dev-key, and was sent {why}")
+    expect_problem(response, 401, f"the admin router requires exactly X-API-Key: dev-key, and was sent {why}")
     response = client.post("/admin/books/import", headers=headers, json=[book])
-    expect_status(response, 401, f"every route of the admin router; sent {why}")
+    expect_problem(response, 401, f"every route of the admin router; sent {why}")
 
 
 @pytest.mark.task("api_key")
@@ -468,7 +471,7 @@ def test_me_returns_the_user(client):
 @pytest.mark.promise("P6")
 @pytest.mark.parametrize("headers", [{}, {"X-User": "mallory"}])
 def test_missing_or_unknown_user_is_401(client, headers):
-    expect_status(client.get("/me", headers=headers), 401, "no X-User header, or a name the database does not know")
+    expect_problem(client.get("/me", headers=headers), 401, "no X-User header, or a name the database does not know")
 
 
 @pytest.mark.task("user")
@@ -620,14 +623,14 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
             not missing, response,
             f"{method.upper()} {path} documents every status it answers: {sorted(wanted)}\n"
             f"got:      {sorted(documented)}; missing {missing}. Declare them with responses="
-            "{409: {'model': ErrorMessage, 'description': ...}, ...} on the route or its router",
+            "problem_responses(401, 409, ...) on the route or its router, and FastAPI(responses=problem_responses(422))",
         )
-        for code in wanted - {"200", "201", "422"}:
-            content = documented[code].get("content", {}).get("application/json", {})
+        for code in wanted - {"200", "201"}:
+            content = documented[code].get("content", {}).get("application/problem+json", {})
             check(
                 "schema" in content, response,
-                f"{method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model\n"
-                f"got:      {documented[code]}",
+                f"{method.upper()} {path}'s {code} answer documented as application/problem+json with the Problem "
+                f"schema (problem_responses({code}))\ngot:      {documented[code]}",
             )
 
 
@@ -640,10 +643,10 @@ def expect_422_without_input(client, url, body, **kwargs):
     except Exception as exc:  # the TestClient re-raises what the app raised
         pytest.fail(f"\nsent:     POST {url}\n          body {body}\ngot:      the app raised {type(exc).__name__}: {exc}"
                     f"\nexpected: 422, " + "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input", pytrace=False)
-    expect_status(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input")
-    errors = json_of(response).get("detail")
-    check(isinstance(errors, list) and errors and all(isinstance(e, dict) and "input" not in e for e in errors), response,
-          '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}: where and why, never the refused "input"')
+    problem = expect_problem(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. install_problem_details(app) answers the errors without their input")
+    errors = problem.get("errors")
+    check(isinstance(errors, list) and errors and all(isinstance(e, dict) and set(e) == {"type", "loc", "msg"} for e in errors),
+          response, '"errors": [{"type": ..., "loc": [...], "msg": ...}, ...]: where and why, never the refused "input"')
 
 
 @pytest.mark.task("contract")

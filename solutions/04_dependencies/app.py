@@ -4,12 +4,12 @@ import itertools
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Body, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Body, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, Field
+
+from .problems import ProblemError, install_problem_details, problem_response, problem_responses  # given (lesson 03)
 
 # =========================================================================================
 # Given: a fake database with transactions. Nothing below this line needs to change until
@@ -174,24 +174,15 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 MAX_IMPORT = 5000
 
 
-class ErrorMessage(BaseModel):
-    """The body of every error this service answers: FastAPI's HTTPException shape."""
+# A title that is taken: a problem type of its own (the README names it), so that a client can
+# tell it from any other 409.
+DUPLICATE_TITLE = "https://course.example/problems/duplicate-title"
 
-    detail: str
-
-
-def error(description: str) -> dict[str, Any]:
-    return {"model": ErrorMessage, "description": description}
-
-
-# Every status a route can answer is in the OpenAPI schema, with the body it carries.
-UNKNOWN_USER: dict[int | str, dict[str, Any]] = {401: error("Missing or unknown X-User")}
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: error("The body is not valid JSON"),
-    401: error("Missing or invalid API key, or missing or unknown X-User"),
-    409: error("A book with this title (ignoring case) exists"),
-    503: error("The database refused the commit; nothing was saved"),
-}
+# Every status a route can answer is in the OpenAPI schema, as a problem: 401 for a missing or
+# unknown user or key, 400 for a body that is not JSON, 409 for a taken title, 503 for a commit
+# the database refused.
+UNKNOWN_USER = problem_responses(401)
+ADMIN_ERRORS = problem_responses(400, 401, 409, 503)
 
 # --- the connection: opened once per request, committed or rolled back, always closed -----
 
@@ -300,14 +291,16 @@ def taken_titles(connection: Connection) -> set[str]:
     return {book.title.casefold() for book in connection.books()}
 
 
-def conflict(title: str) -> HTTPException:
-    return HTTPException(status.HTTP_409_CONFLICT, detail=f"A book titled {title!r} already exists")
+def conflict() -> ProblemError:
+    # The detail does not repeat the title: a problem says what happened, it does not echo input.
+    return ProblemError(status.HTTP_409_CONFLICT, "A book with this title (ignoring case) exists.",
+                        type=DUPLICATE_TITLE, title="Title taken")
 
 
 @admin.post("/books", status_code=status.HTTP_201_CREATED, summary="Add a book")
 async def add_book(data: BookIn, user: CurrentUser, connection: ConnectionDep) -> Book:
     if data.title.casefold() in taken_titles(connection):
-        raise conflict(data.title)
+        raise conflict()
     return connection.add_book(data, added_by=user.name)
 
 
@@ -323,28 +316,21 @@ async def import_books(
         title = data.title.casefold()
         if title in taken:
             # Earlier books of this batch were added: the dependency's rollback discards them.
-            raise conflict(data.title)
+            raise conflict()
         taken.add(title)  # a later repeat of this title in the same list is a duplicate too
         connection.add_book(data, added_by=user.name)
     return {"imported": len(batch)}
 
 
-async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
-    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
-    # travel back to the client. Say where and why, never what.
-    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+async def on_commit_failed(request: Request, exc: Exception) -> Response:
+    return problem_response(request, status.HTTP_503_SERVICE_UNAVAILABLE, "The change could not be saved; try again.")
 
 
-async def on_commit_failed(request: Request, exc: CommitFailed) -> JSONResponse:
-    return JSONResponse({"detail": "The change could not be saved; try again"},
-                        status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
-
-
-app = FastAPI(title="Catalogue", version="4.0.0")
+# problems.py makes every error a problem, FastAPI's 422 included (without the refused input:
+# 1e309 reads as infinity, which JSON cannot write back). Its 422 is documented on every route.
+app = FastAPI(title="Catalogue", version="4.0.0", responses=problem_responses(422))
 app.state.db = FakeDatabase()
+install_problem_details(app)
 app.add_exception_handler(CommitFailed, on_commit_failed)
-app.add_exception_handler(RequestValidationError, validation_error_without_input)
 app.include_router(public)
 app.include_router(admin)
