@@ -16,6 +16,7 @@ import http.client
 import itertools
 import json
 import random
+import re
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
 from grader.catalog import load_exercise
-from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.expect import expect_header, expect_json, expect_problem, expect_status, explain, json_of
 from grader.live import free_port, http_only, serve_in_process
 from grader.pytest_plugin import target_folder
 
@@ -49,6 +50,7 @@ CUSTOMER_SCOPES = ["orders:read", "orders:write"]
 # Argon2 at production cost takes ~0.3 s of CPU per hash; tests hash a lot, so they pass a cheap one.
 FAST_HASH = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
 MAX_ATTEMPTS = 3  # outbox_max_attempts in the in-process shop
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID a service keeps (README)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +288,7 @@ def order_body(*lines: tuple[str, int]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("P1")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_register_answers_201_with_the_customer_scopes(load, tmp_path):
@@ -295,20 +298,22 @@ async def test_register_answers_201_with_the_customer_scopes(load, tmp_path):
         expect_json(response, {"username": "ada", "scopes": CUSTOMER_SCOPES}, "never the password, not even hashed", exact=True)
 
 
+@pytest.mark.promise("P1", "P25")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_register_validates_and_refuses_duplicates(load, tmp_path):
     async with serving(users_app(load, tmp_path)) as users:
         expect_status(await users.post("/users", json={"username": "ada", "password": "lovelace-1815"}), 201)
-        expect_status(await users.post("/users", json={"username": "ada", "password": "another-pass"}), 409,
+        expect_problem(await users.post("/users", json={"username": "ada", "password": "another-pass"}), 409,
                       "the username is taken")
         for body in ({"username": "Ada!", "password": "lovelace-1815"}, {"username": "ab", "password": "lovelace-1815"},
                      {"username": "a" * 33, "password": "lovelace-1815"},
                      {"username": "grace", "password": "short"}, {"username": "grace", "password": "p" * 129}):
-            expect_status(await users.post("/users", json=body), 422,
+            expect_problem(await users.post("/users", json=body), 422,
                           "usernames are 3-32 of a-z 0-9 _, passwords 8-128 characters")
 
 
+@pytest.mark.promise("P2")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
@@ -337,18 +342,20 @@ async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
         )
 
 
+@pytest.mark.promise("P2", "P25")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_token_refuses_wrong_credentials(load, tmp_path):
     async with serving(users_app(load, tmp_path)) as users:
         await users.post("/users", json={"username": "ada", "password": "lovelace-1815"})
         wrong = await users.post("/token", data={"username": "ada", "password": "not-her-password"})
-        expect_status(wrong, 401, "a wrong password is 401")
+        expect_problem(wrong, 401, "a wrong password is 401")
         expect_header(wrong, "www-authenticate", "Bearer")
-        expect_status(await users.post("/token", data={"username": "nobody", "password": "whatever-123"}), 401,
+        expect_problem(await users.post("/token", data={"username": "nobody", "password": "whatever-123"}), 401,
                       "an unknown user gets the same 401 as a wrong password")
 
 
+@pytest.mark.promise("P3", "P25")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_me_needs_a_valid_token(load, tmp_path):
@@ -356,15 +363,16 @@ async def test_me_needs_a_valid_token(load, tmp_path):
         headers = await customer(users)
         expect_json(await users.get("/users/me", headers=headers),
                     {"username": "ada", "scopes": CUSTOMER_SCOPES, "orders_placed": 0, "total_spent_cents": 0}, exact=True)
-        expect_status(await users.get("/users/me"), 401, "no token, no profile")
+        expect_problem(await users.get("/users/me"), 401, "no token, no profile")
         garbage = await users.get("/users/me", headers={"Authorization": "Bearer not-a-jwt"})
-        expect_status(garbage, 401, "a garbage token")
+        expect_problem(garbage, 401, "a garbage token")
         expect_header(garbage, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
         expired = await users.get("/users/me", headers=mint("ada", CUSTOMER_SCOPES, minutes=-1))
-        expect_status(expired, 401, "an expired token")
+        expect_problem(expired, 401, "an expired token")
         expect_header(expired, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
 
 
+@pytest.mark.promise("P4")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_the_admin_from_settings_may_write_the_catalog(load, tmp_path):
@@ -430,6 +438,7 @@ async def probe_health(client: httpx.AsyncClient, until: asyncio.Event, answered
     return latencies
 
 
+@pytest.mark.promise("P5")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_password_hashing_never_stops_the_service(load, tmp_path):
@@ -469,6 +478,7 @@ async def test_password_hashing_never_stops_the_service(load, tmp_path):
         )
 
 
+@pytest.mark.promise("P6", "P25")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_a_422_never_repeats_a_password(load, tmp_path):
@@ -485,7 +495,7 @@ async def test_a_422_never_repeats_a_password(load, tmp_path):
             ("a login with a password too long", users.post("/token", data={"username": "ada", "password": "hunter2-" * 20})),
         ):
             response = await request
-            expect_status(response, 422, f"{what} is invalid")
+            expect_problem(response, 422, f"{what} is invalid")
             secret = next(s for s in ("correct-horse-", "hunter2", "7345678901") if s in (response.request.content or b"").decode())
             assert secret not in response.text and len(response.content) < 4096, explain(
                 response, f"{what}: a 422 that says where and why, never the value sent: {secret!r} must not come "
@@ -498,26 +508,28 @@ async def test_a_422_never_repeats_a_password(load, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("P3", "P7", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         body = {"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 10}
-        expect_status(await catalog.post("/products", json=body), 401, "no token")
-        expect_status(await catalog.post("/products", json=body, headers=mint("ada", CUSTOMER_SCOPES)), 403,
+        expect_problem(await catalog.post("/products", json=body), 401, "no token")
+        expect_problem(await catalog.post("/products", json=body, headers=mint("ada", CUSTOMER_SCOPES)), 403,
                       "a customer token has no catalog:write scope")
         created = await catalog.post("/products", json=body, headers=admin_headers())
         expect_status(created, 201, "catalog:write may create products")
         expect_json(created, body, exact=True)
         expect_header(created, "location", "/products/PEN-1")
-        expect_status(await catalog.post("/products", json=body, headers=admin_headers()), 409, "the SKU exists")
+        expect_problem(await catalog.post("/products", json=body, headers=admin_headers()), 409, "the SKU exists")
         for invalid, why in (({"price_cents": 0}, "a price must be positive"), ({"stock": -1}, "stock cannot be negative"),
                              ({"name": ""}, "a name has 1-100 characters"), ({"name": "n" * 101}, "a name has 1-100 characters")):
             expect_status(await catalog.post("/products", json=body | {"sku": "PEN-2"} | invalid, headers=admin_headers()),
                           422, why)
-        expect_status(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
+        expect_problem(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
 
 
+@pytest.mark.promise("P7", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_products_can_be_read_by_anyone(load, tmp_path):
@@ -525,7 +537,7 @@ async def test_products_can_be_read_by_anyone(load, tmp_path):
         await add_product(catalog, "PEN-1", 10, 150)
         await add_product(catalog, "INK-2", 3, 400)
         expect_json(await catalog.get("/products/INK-2"), {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3}, exact=True)
-        expect_status(await catalog.get("/products/NOPE-9"), 404, "an unknown SKU")
+        expect_problem(await catalog.get("/products/NOPE-9"), 404, "an unknown SKU")
         listed = expect_json(await catalog.get("/products"), [
             {"sku": "INK-2", "name": "Ink-2", "price_cents": 400, "stock": 3},
             {"sku": "PEN-1", "name": "Pen-1", "price_cents": 150, "stock": 10},
@@ -533,6 +545,7 @@ async def test_products_can_be_read_by_anyone(load, tmp_path):
         assert listed
 
 
+@pytest.mark.promise("P8", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
@@ -542,12 +555,12 @@ async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
         # The failing line comes last, in the request and by SKU: a line-by-line reservation
         # would already have taken the first one.
         too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))}, headers=SERVICE)
-        expect_status(too_much, 409, "PEN-1 has 1 left, 2 were asked")
+        expect_problem(too_much, 409, "PEN-1 has 1 left, 2 were asked")
         assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (5, 1), explain(
             too_much, "no stock taken at all when one line fails: INK-2 still 5, PEN-1 still 1 (all or nothing)"
         )
         unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))}, headers=SERVICE)
-        expect_status(unknown, 404, "an unknown SKU")
+        expect_problem(unknown, 404, "an unknown SKU")
         assert await stock_of(catalog, "INK-2") == 5, explain(unknown, "INK-2 untouched after the failed reservation")
         ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))}, headers=SERVICE)
         expect_status(ok, 201, "enough stock for every line")
@@ -557,6 +570,7 @@ async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
         assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (3, 0), explain(ok, "stock taken: 3 and 0 left")
 
 
+@pytest.mark.promise("P8")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
@@ -571,6 +585,7 @@ async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
         assert await stock_of(catalog, "PEN-1") == 3, explain(again, "stock taken once (5 -> 3), not twice: the order ID is the idempotency key")
 
 
+@pytest.mark.promise("P8", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path):
@@ -585,10 +600,11 @@ async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path)
         assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
         expect_status(await catalog.delete("/reservations/never-made", headers=SERVICE), 204, "releasing what was never reserved is harmless too")
         late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=SERVICE)
-        expect_status(late, 409, "a reservation arriving after its order was released is refused")
+        expect_problem(late, 409, "a reservation arriving after its order was released is refused")
         assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")
 
 
+@pytest.mark.promise("P9")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
@@ -607,6 +623,7 @@ async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
         )
 
 
+@pytest.mark.promise("P9")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
@@ -660,6 +677,7 @@ async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
         assert stock == 100, f"\nsent:     5 held reservations, each released twice at once\nexpected: stock 100\ngot:      stock {stock}"
 
 
+@pytest.mark.promise("P10", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
 async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
@@ -672,9 +690,9 @@ async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
                                   ("stock", "1e309"), ("price_cents", "NaN"), ("stock", "-" + str(2**63 + 1))):
             raw = json.dumps(largest | {"sku": "BIG-2", field_name: 0}).replace(f'"{field_name}": 0', f'"{field_name}": {value}')
             response = await catalog.post("/products", content=raw, headers=admin_headers() | {"Content-Type": "application/json"})
-            expect_status(response, 422, f"{field_name} {value[:24]} is out of range: refused before it reaches the database "
+            expect_problem(response, 422, f"{field_name} {value[:24]} is out of range: refused before it reaches the database "
                                          "(SQLite stores 64-bit integers; past that is a 500)")
-        expect_status(await catalog.get("/products/BIG-2"), 404, "none of them was created")
+        expect_problem(await catalog.get("/products/BIG-2"), 404, "none of them was created")
 
 
 # ---------------------------------------------------------------------------------------
@@ -682,6 +700,7 @@ async def test_numbers_too_large_to_store_are_refused(load, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("P11")
 @pytest.mark.task("orders")
 @pytest.mark.asyncio
 async def test_placing_an_order_reserves_stock_and_stores_it(load, tmp_path):
@@ -702,20 +721,22 @@ async def test_placing_an_order_reserves_stock_and_stores_it(load, tmp_path):
         expect_json(await shop.orders.get(f"/orders/{order['id']}", headers=ada), order, "the stored order reads back the same", exact=True)
 
 
+@pytest.mark.promise("P3", "P25")
 @pytest.mark.task("orders")
 @pytest.mark.asyncio
 async def test_orders_check_scopes(load, tmp_path):
     async with open_shop(load, tmp_path) as shop:
         await add_product(shop.catalog, "PEN-1", 5)
         body = order_body(("PEN-1", 1))
-        expect_status(await shop.orders.post("/orders", json=body), 401, "no token")
-        expect_status(await shop.orders.post("/orders", json=body, headers=mint("ada", ["orders:read"])), 403,
+        expect_problem(await shop.orders.post("/orders", json=body), 401, "no token")
+        expect_problem(await shop.orders.post("/orders", json=body, headers=mint("ada", ["orders:read"])), 403,
                       "placing an order needs orders:write")
-        expect_status(await shop.orders.get("/orders", headers=mint("ada", ["orders:write"])), 403,
+        expect_problem(await shop.orders.get("/orders", headers=mint("ada", ["orders:write"])), 403,
                       "reading orders needs orders:read")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "a refused order must not touch the stock"
 
 
+@pytest.mark.promise("P11", "P25")
 @pytest.mark.task("orders")
 @pytest.mark.asyncio
 async def test_customers_only_see_their_own_orders(load, tmp_path):
@@ -724,8 +745,8 @@ async def test_customers_only_see_their_own_orders(load, tmp_path):
         ada, bob = mint("ada", CUSTOMER_SCOPES), mint("bob", CUSTOMER_SCOPES)
         placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada)
         order_id = expect_json(placed, {"username": "ada"})["id"]
-        expect_status(await shop.orders.get(f"/orders/{order_id}", headers=bob), 404, "bob cannot see ada's order: for him it does not exist")
-        expect_status(await shop.orders.get("/orders/no-such-order", headers=ada), 404, "an order that does not exist")
+        expect_problem(await shop.orders.get(f"/orders/{order_id}", headers=bob), 404, "bob cannot see ada's order: for him it does not exist")
+        expect_problem(await shop.orders.get("/orders/no-such-order", headers=ada), 404, "an order that does not exist")
         assert await order_count(shop.orders, bob) == 0, "GET /orders for bob lists none of ada's orders"
         second = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
         second_id = expect_json(second, {"username": "ada"})["id"]
@@ -736,6 +757,7 @@ async def test_customers_only_see_their_own_orders(load, tmp_path):
         )
 
 
+@pytest.mark.promise("P12", "P25")
 @pytest.mark.task("orders")
 @pytest.mark.asyncio
 async def test_orders_that_cannot_be_served_place_nothing(load, tmp_path):
@@ -743,14 +765,14 @@ async def test_orders_that_cannot_be_served_place_nothing(load, tmp_path):
         await add_product(shop.catalog, "PEN-1", 1)
         ada = mint("ada", CUSTOMER_SCOPES)
         short = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=ada)
-        expect_status(short, 409, "the catalog has too little stock: the catalog's 409 is passed on")
+        expect_problem(short, 409, "the catalog has too little stock: the catalog's 409 is passed on")
         unknown = await shop.orders.post("/orders", json=order_body(("NOPE-9", 1)), headers=ada)
-        expect_status(unknown, 422, "the catalog does not know the SKU: the order is invalid")
+        expect_problem(unknown, 422, "the catalog does not know the SKU: the order is invalid")
         for body, why in (({"items": []}, "no lines"), (order_body(("PEN-1", 0)), "a quantity of 0"),
                           (order_body(("PEN-1", 101)), "a quantity above 100"),
                           (order_body(*[(f"SKU-{i}", 1) for i in range(21)]), "21 lines, at most 20"),
                           (order_body(("pen lowercase", 1)), "a malformed SKU")):
-            expect_status(await shop.orders.post("/orders", json=body, headers=ada), 422,
+            expect_problem(await shop.orders.post("/orders", json=body, headers=ada), 422,
                           f"invalid order lines ({why}): orders validates them itself")
         assert await order_count(shop.orders, ada) == 0, "none of these orders may be stored"
         assert await stock_of(shop.catalog, "PEN-1") == 1, "and the stock is untouched"
@@ -779,7 +801,7 @@ async def failed_order(shop: Shop, mode: str) -> tuple[httpx.Response, float]:
 
 
 async def expect_nothing_placed(shop: Shop, response: httpx.Response, status: int, what: str) -> None:
-    expect_status(response, status, f"{what}: {FAILURE_STATUS[status]}")
+    expect_problem(response, status, f"{what}: {FAILURE_STATUS[status]}")
     assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, explain(response, f"{what}: no order stored")
     stock = await stock_of(shop.catalog, "PEN-1")
     assert stock == 5, explain(
@@ -788,6 +810,7 @@ async def expect_nothing_placed(shop: Shop, response: httpx.Response, status: in
     )
 
 
+@pytest.mark.promise("P13", "P25")
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_an_unreachable_catalog_places_nothing(load, tmp_path):
@@ -796,6 +819,7 @@ async def test_an_unreachable_catalog_places_nothing(load, tmp_path):
         await expect_nothing_placed(shop, response, 503, "the catalog refused the connection")
 
 
+@pytest.mark.promise("P13", "P25")
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_a_catalog_error_after_reserving_is_compensated(load, tmp_path):
@@ -804,6 +828,7 @@ async def test_a_catalog_error_after_reserving_is_compensated(load, tmp_path):
         await expect_nothing_placed(shop, response, 502, "the catalog reserved, then answered 500")
 
 
+@pytest.mark.promise("P13", "P25")
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_a_lost_reply_times_out_and_is_compensated(load, tmp_path):
@@ -816,6 +841,7 @@ async def test_a_lost_reply_times_out_and_is_compensated(load, tmp_path):
         await expect_nothing_placed(shop, response, 504, "the catalog reserved but its reply never came")
 
 
+@pytest.mark.promise("P13", "P25")
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_a_hanging_catalog_does_not_hang_the_order(load, tmp_path):
@@ -825,6 +851,7 @@ async def test_a_hanging_catalog_does_not_hang_the_order(load, tmp_path):
         await expect_nothing_placed(shop, response, 504, "the catalog never answered")
 
 
+@pytest.mark.promise("P14")
 @pytest.mark.task("failures")
 @pytest.mark.asyncio
 async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(load, tmp_path):
@@ -834,7 +861,7 @@ async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(loa
         shop.catalog_wire.mode, shop.catalog_wire.method, shop.catalog_wire.path = "error_after", "POST", "/reservations"
         shop.catalog_wire.also = [("refuse", "DELETE", "/reservations")]
         response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
-        expect_status(response, 502, "the catalog failed after reserving")
+        expect_problem(response, 502, "the catalog failed after reserving")
         assert await stock_of(shop.catalog, "PEN-1") == 3, "the release could not reach the catalog: 2 units still held"
         still_down = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
         expect_status(still_down, 200, "a dispatch while the catalog still refuses")
@@ -868,6 +895,7 @@ async def stats(users: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int,
     return me.get("orders_placed"), me.get("total_spent_cents")
 
 
+@pytest.mark.promise("P15")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_the_same_event_twice_changes_nothing(load, tmp_path):
@@ -883,6 +911,7 @@ async def test_the_same_event_twice_changes_nothing(load, tmp_path):
         assert await stats(users, ada) == (2, 500), "a different event_id is a different order: 2 orders, 500 cents"
 
 
+@pytest.mark.promise("P10", "P25")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_an_event_total_too_large_to_store_is_refused(load, tmp_path):
@@ -893,11 +922,12 @@ async def test_an_event_total_too_large_to_store_is_refused(load, tmp_path):
         for value in (str(10**12 + 1), str(2**63), str(2**64), "1e309", "NaN", "-1"):
             raw = json.dumps(order_placed(f"evt-{value[:8]}", total_cents=0)).replace('"total_cents": 0', f'"total_cents": {value}')
             response = await users.post("/events", content=raw, headers=SERVICE | {"Content-Type": "application/json"})
-            expect_status(response, 422, f"an OrderPlaced with total_cents {value[:24]}: outside 0-10**12, refused before it "
+            expect_problem(response, 422, f"an OrderPlaced with total_cents {value[:24]}: outside 0-10**12, refused before it "
                                          "reaches the database (SQLite stores 64-bit integers; past that is a 500)")
         assert await stats(users, ada) == (1, 10**12), "only the valid event was counted"
 
 
+@pytest.mark.promise("P15")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_placing_orders_updates_the_read_model(load, tmp_path):
@@ -919,6 +949,7 @@ async def _stats_are(users: httpx.AsyncClient, headers: dict[str, str], wanted: 
     return await stats(users, headers) == wanted
 
 
+@pytest.mark.promise("P17")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_an_event_users_keeps_refusing_is_set_aside_and_blocks_no_other(load, tmp_path):
@@ -961,6 +992,7 @@ async def test_an_event_users_keeps_refusing_is_set_aside_and_blocks_no_other(lo
         )
 
 
+@pytest.mark.promise("P16")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_events_wait_out_a_users_outage(load, tmp_path):
@@ -984,6 +1016,7 @@ async def test_events_wait_out_a_users_outage(load, tmp_path):
         expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 0}, "nothing left to deliver", exact=True)
 
 
+@pytest.mark.promise("P15")
 @pytest.mark.task("events")
 @pytest.mark.asyncio
 async def test_a_redelivered_event_is_counted_once(load, tmp_path):
@@ -1008,6 +1041,7 @@ async def test_a_redelivered_event_is_counted_once(load, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.promise("P18", "P25")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_the_gateway_routes_the_public_api(load, tmp_path):
@@ -1032,7 +1066,7 @@ async def test_the_gateway_routes_the_public_api(load, tmp_path):
         )
         expect_json(await gateway.get("/api/users/me", headers=ada), {"username": "ada"})
         anonymous = await gateway.get("/api/users/me", headers={"Authorization": "Bearer not-a-jwt"})
-        expect_status(anonymous, 401, "users refuses the token; the gateway passes its answer on")
+        expect_problem(anonymous, 401, "users refuses the token; the gateway passes its answer on")
         expect_header(anonymous, "www-authenticate", "Bearer", "the upstream WWW-Authenticate is kept")
 
 
@@ -1060,6 +1094,7 @@ def traversal_attempts(order_id: str) -> list[tuple[str, str]]:
     return attempts
 
 
+@pytest.mark.promise("P19", "P25")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_the_gateway_hides_internal_routes(load, tmp_path):
@@ -1074,10 +1109,11 @@ async def test_the_gateway_hides_internal_routes(load, tmp_path):
             ("POST", "/api/outbox/dispatch", None),
         ):
             response = await shop.gateway.request(method, path, json=body, headers=SERVICE)
-            expect_status(response, 404, "internal routes are not part of the public API")
+            expect_problem(response, 404, "internal routes are not part of the public API")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "nothing reserved through the gateway"
 
 
+@pytest.mark.promise("P19")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_no_encoding_of_dot_dot_reaches_an_internal_route(load, tmp_path):
@@ -1102,6 +1138,7 @@ async def test_no_encoding_of_dot_dot_reaches_an_internal_route(load, tmp_path):
         assert await stock_of(shop.catalog, "PEN-1") == 3, f"after {len(attempts)} attempts the stock is as the order left it"
 
 
+@pytest.mark.promise("P20", "P25")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_internal_routes_need_the_service_token(load, tmp_path):
@@ -1118,38 +1155,41 @@ async def test_internal_routes_need_the_service_token(load, tmp_path):
             for who, headers in (("no credential", {}), ("a wrong token", near_miss), ("a user's token, even the admin's", admin_jwt),
                                  ("a token in the wrong scheme", {"Authorization": f"Basic {INTERNAL}"})):
                 response = await client.request(method, path, json=body, headers=headers)
-                expect_status(response, 401, f"{method} {path} with {who}: internal routes answer only the services "
+                expect_problem(response, 401, f"{method} {path} with {who}: internal routes answer only the services "
                                              "that hold internal_token, even when the gateway is bypassed")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "no refused request reserved anything"
         release = await shop.catalog.delete("/reservations/o-9", headers=SERVICE)
         expect_status(release, 204, "with the service token, the internal route works")
 
 
+@pytest.mark.promise("P21", "P25")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_the_gateway_refuses_a_body_too_large(load, tmp_path):
     async with open_shop(load, tmp_path) as shop:
         huge = b'{"username": "ada", "password": "' + b"x" * (1024 * 1024) + b'"}'
         response = await shop.gateway.post("/api/users", content=huge, headers={"Content-Type": "application/json"})
-        expect_status(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
+        expect_problem(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
         assert not shop.gateway_wires["users"].seen, explain(response, "and never forwarded")
 
 
+@pytest.mark.promise("P21", "P25")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_the_gateway_reports_unavailable_services(load, tmp_path):
     async with open_shop(load, tmp_path, gateway_timeout=0.3) as shop:
         shop.gateway_wires["catalog"].mode = "refuse"
         down = await shop.gateway.get("/api/products/PEN-1")
-        expect_status(down, 503, "the catalog cannot be reached: 503 Service Unavailable")
+        expect_problem(down, 503, "the catalog cannot be reached: 503 Service Unavailable")
         assert "detail" in json_of(down), explain(down, 'a JSON body {"detail": "..."}')
         shop.gateway_wires["catalog"].mode = "hang"
         started = time.monotonic()
         slow = await shop.gateway.get("/api/products/PEN-1")
-        expect_status(slow, 504, "the catalog did not answer within the gateway's timeout: 504 Gateway Timeout")
+        expect_problem(slow, 504, "the catalog did not answer within the gateway's timeout: 504 Gateway Timeout")
         assert time.monotonic() - started < 2.5, explain(slow, "an answer within about the gateway timeout (0.3 s)")
 
 
+@pytest.mark.promise("P22")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_a_request_id_follows_the_request_through_every_service(load, tmp_path):
@@ -1167,15 +1207,25 @@ async def test_a_request_id_follows_the_request_through_every_service(load, tmp_
         )
         fresh = await shop.gateway.get("/health")
         assert fresh.headers.get("x-request-id"), explain(fresh, "a request without an ID gets one, returned in X-Request-ID")
-        for forged in ("two words", "x" * 129):
-            refused = await shop.gateway.get("/health", headers={"X-Request-ID": forged})
-            got = refused.headers.get("x-request-id")
-            assert got and got != forged, explain(
-                refused, f"X-Request-ID {forged[:20]!r}... is not at most 128 letters, digits, '.', '_' or '-': "
-                         f"a new ID instead of the caller's; got {got!r}"
-            )
+        services = (("gateway", shop.gateway), ("users", shop.users), ("catalog", shop.catalog), ("orders", shop.orders))
+        for name, client in services:
+            longest = "r" * 64
+            kept = await client.get("/no-such-route", headers={"X-Request-ID": longest})
+            expect_header(kept, "x-request-id", longest, f"{name}: an ID of 64 allowed characters is the caller's to "
+                                                         "keep, on an error response too")
+            for forged, why in (("two words", "a space"), ("x" * 65, "65 characters, one more than 64"),
+                                ("trace-42\n", "a trailing newline (re.match with ^...$ lets it through: $ matches "
+                                               "before a final newline; use re.fullmatch)"),
+                                ("a/b", "a slash")):
+                refused = await client.get("/health", headers={"X-Request-ID": forged})
+                got = refused.headers.get("x-request-id", "")
+                assert REQUEST_ID.fullmatch(got) and got != forged.strip(), explain(
+                    refused, f"{name}: X-Request-ID {forged[:20]!r} ({why}) is not 1-64 letters, digits, '.', '_' or '-': "
+                             f"a new ID instead of the caller's; got {got!r}"
+                )
 
 
+@pytest.mark.promise("P23")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
 async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_path):
@@ -1221,25 +1271,59 @@ def build_app(load, tmp_path: Path, service: str) -> Any:
     return module.create_app(module.Settings())
 
 
-@pytest.mark.parametrize("service", [pytest.param(name, marks=pytest.mark.task(name))
-                                     for name in DOCUMENTED])
-@pytest.mark.asyncio
-async def test_the_openapi_schema_documents_every_status(load, tmp_path, service):
+async def expect_every_status_documented(load, tmp_path: Path, service: str) -> None:
     app = build_app(load, tmp_path, service)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
         response = await client.get("/openapi.json")
     schema = expect_json(response, {"paths": {}}, f"the {service} service serves its OpenAPI schema")
-    missing = {}
+    missing, not_problems = {}, {}
     for (method, path), codes in DOCUMENTED[service].items():
-        documented = {int(code) for code in schema["paths"].get(path, {}).get(method, {}).get("responses", {})
-                      if str(code).isdigit()}
+        responses = schema["paths"].get(path, {}).get(method, {}).get("responses", {})
+        documented = {int(code) for code in responses if str(code).isdigit()}
         if codes - documented:
             missing[f"{method.upper()} {path}"] = sorted(codes - documented)
+        plain = sorted(code for code in codes & documented if code >= 400 and path != "/ready"
+                       and "application/problem+json" not in responses[str(code)].get("content", {}))
+        if plain:
+            not_problems[f"{method.upper()} {path}"] = plain
+    assert not not_problems, (
+        f"\nexpected: every error status in the {service} service's OpenAPI schema answers application/problem+json\n"
+        f"got:      {not_problems} without it\nDeclare errors with responses=problem_responses(404, ...) (problems.py): "
+        "the schema then says that an error is a problem."
+    )
     assert not missing, (
         f"\nexpected: the {service} service's OpenAPI schema lists every status code each route answers\n"
-        f"got:      missing {missing}\nDeclare them in the route decorator: responses={{404: {{\"model\": ErrorOut}}, ...}}; "
+        f"got:      missing {missing}\nDeclare them in the route decorator: responses=problem_responses(404, ...); "
         "a client generated from the schema knows only the statuses it lists."
     )
+
+
+@pytest.mark.task("users")
+@pytest.mark.promise("P24")
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status_of_users(load, tmp_path):
+    await expect_every_status_documented(load, tmp_path, "users")
+
+
+@pytest.mark.task("catalog")
+@pytest.mark.promise("P24")
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status_of_catalog(load, tmp_path):
+    await expect_every_status_documented(load, tmp_path, "catalog")
+
+
+@pytest.mark.task("orders")
+@pytest.mark.promise("P24")
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status_of_orders(load, tmp_path):
+    await expect_every_status_documented(load, tmp_path, "orders")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.promise("P24")
+@pytest.mark.asyncio
+async def test_the_openapi_schema_documents_every_status_of_gateway(load, tmp_path):
+    await expect_every_status_documented(load, tmp_path, "gateway")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1260,7 +1344,7 @@ async def shopping_trip(gateway: httpx.AsyncClient) -> None:
     listed = json_of(await gateway.get("/api/orders", headers=grace))
     assert [o.get("id") for o in listed] == [order["id"]], f"\nexpected: GET /api/orders lists grace's order\ngot:      {listed}"
     refused = await gateway.post("/api/orders", json=order_body(("MUG-7", 2)), headers=grace)
-    expect_status(refused, 409, "only 1 mug is left")
+    expect_problem(refused, 409, "only 1 mug is left")
 
     async def profile_updated() -> bool:
         me = json_of(await gateway.get("/api/users/me", headers=grace))
@@ -1272,6 +1356,7 @@ async def shopping_trip(gateway: httpx.AsyncClient) -> None:
     )
 
 
+@pytest.mark.promise("P26")
 @pytest.mark.task("end_to_end")
 @pytest.mark.asyncio
 async def test_a_shopping_trip_in_process(load, tmp_path):
@@ -1354,6 +1439,7 @@ def live(shop: LiveShop, *needed: str) -> None:
         pytest.fail(f"{gone} were stopped by an earlier test of this module.", pytrace=False)
 
 
+@pytest.mark.promise("P26")
 @pytest.mark.task("end_to_end")
 @pytest.mark.slow
 @pytest.mark.servers
@@ -1379,6 +1465,7 @@ def raw_request(base_url: str, method: str, path: str, body: Any = None) -> int:
         connection.close()
 
 
+@pytest.mark.promise("P26")
 @pytest.mark.task("end_to_end")
 @pytest.mark.slow
 @pytest.mark.servers
@@ -1411,6 +1498,7 @@ async def test_literal_dot_dot_through_the_real_gateway_reaches_nothing_internal
                     "the stock is as the order left it: nothing reserved or released through the gateway")
 
 
+@pytest.mark.promise("P25", "P26")
 @pytest.mark.task("end_to_end")
 @pytest.mark.slow
 @pytest.mark.servers
@@ -1423,6 +1511,6 @@ async def test_a_stopped_catalog_process_leaves_no_half_placed_order(live_shop):
         hopper = mint("hopper", CUSTOMER_SCOPES)
         live_shop.stop("catalog")  # SIGTERM: the process is gone, its port refuses connections
         response = await gateway.post("/api/orders", json=order_body(("CUP-3", 1)), headers=hopper)
-        expect_status(response, 503, "orders cannot reach the catalog: no order now, try later")
+        expect_problem(response, 503, "orders cannot reach the catalog: no order now, try later")
         listed = json_of(await gateway.get("/api/orders", headers=hopper))
         assert listed == [], explain(response, f"no order stored for hopper; GET /api/orders lists {listed}")

@@ -18,11 +18,11 @@ from .common import (
     Principal,
     RequestContextMiddleware,
     SessionDep,
-    add_error_handlers,
     current_principal,
     health_router,
     todo,
 )
+from .problems import install_problem_details, problem_responses
 
 SKU = Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
 
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))
     app.include_router(router)

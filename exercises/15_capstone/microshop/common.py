@@ -31,7 +31,7 @@ def todo(what: str) -> NoReturn:
 # ---------------------------------------------------------------------------------------
 
 REQUEST_ID_HEADER = "X-Request-ID"
-VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # use .fullmatch: all of it, up to its end
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
 
 
@@ -53,8 +53,8 @@ class RequestContextMiddleware:
         self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # TODO (step 6): for HTTP requests, adopt the incoming X-Request-ID when it matches
-        #   VALID_REQUEST_ID, else make one (uuid.uuid4().hex); keep it in _request_id while the
+        # TODO (step 6): for HTTP requests, adopt the incoming X-Request-ID when it fully matches
+        #   VALID_REQUEST_ID (VALID_REQUEST_ID.fullmatch(...)), else make one (uuid.uuid4().hex); keep it in _request_id while the
         #   request runs; add it to the response headers (wrap `send`, edit the
         #   "http.response.start" message); reset the context variable afterwards.
         #   Optional: log one JSON line per request (method, route, status, duration, request ID).
@@ -103,7 +103,7 @@ async def current_principal(
 
 
 # ---------------------------------------------------------------------------------------
-# The service credential of the internal routes, and errors (README: "What every service has")
+# The service credential of the internal routes (README: "What every service has")
 # ---------------------------------------------------------------------------------------
 
 
@@ -115,16 +115,10 @@ async def require_service(request: Request) -> None:
     todo("the service credential")
 
 
-class ErrorOut(BaseModel):
-    """The body of an HTTPException: use it as the model of each status in responses=."""
-
-    detail: str
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Called by every create_app."""
-    # TODO: a RequestValidationError handler whose 422 keeps "type", "loc" and "msg" of each
-    #   error but drops "input" (and "ctx"): never send back a password, or a megabyte.
+# Errors are problem details: problems.py is given (the same file as in lesson 4 on). Every
+# create_app calls install_problem_details(app); a route raises HTTPException or
+# ProblemError(status, detail, ...) and declares its errors with responses=problem_responses(...).
+# Its 422 already keeps "loc", "msg" and "type" and never the value that was sent.
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .common import RequestContextMiddleware, health_router, todo
+from .problems import install_problem_details, problem_responses
 
 
 class Settings(BaseSettings):
@@ -50,6 +51,7 @@ def create_app(
                 await client.aclose()
 
     app = FastAPI(title="gateway", lifespan=lifespan)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="gateway")
     app.include_router(health_router("gateway"))
 

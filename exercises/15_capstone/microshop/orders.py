@@ -22,12 +22,12 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
-    add_error_handlers,
     current_principal,
     health_router,
     todo,
     utcnow,
 )
+from .problems import install_problem_details, problem_responses
 
 
 class Settings(BaseSettings):
@@ -161,7 +161,7 @@ def create_app(
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="orders")
     app.include_router(health_router("orders"))
     app.include_router(router)

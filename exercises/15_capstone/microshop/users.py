@@ -24,12 +24,12 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
-    add_error_handlers,
     current_principal,
     health_router,
     todo,
     utcnow,
 )
+from .problems import install_problem_details, problem_responses
 
 CUSTOMER_SCOPES = frozenset({"orders:read", "orders:write"})
 ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app.state.password_hash = hasher
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="users")
     app.include_router(health_router("users"))
     app.include_router(router)

@@ -28,13 +28,12 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
-    add_error_handlers,
     create_engine,
     current_principal,
-    errors,
     health_router,
     utcnow,
 )
+from .problems import install_problem_details, problem_responses
 
 SKU = Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
 OrderId = Annotated[str, Field(min_length=1, max_length=64)]
@@ -132,7 +131,7 @@ router = APIRouter()
 
 
 @router.post(
-    "/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=errors(400, 401, 403, 409)
+    "/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=problem_responses(400, 401, 403, 409)
 )
 async def create_product(
     body: ProductIn,
@@ -156,7 +155,7 @@ async def list_products(session: SessionDep) -> list[ProductOut]:
     return [ProductOut.model_validate(p) for p in products]
 
 
-@router.get("/products/{sku}", tags=["products"], responses=errors(404))
+@router.get("/products/{sku}", tags=["products"], responses=problem_responses(404))
 async def read_product(sku: str, session: SessionDep) -> ProductOut:
     product = await session.get(Product, sku)
     if product is None:
@@ -177,7 +176,7 @@ async def read_product(sku: str, session: SessionDep) -> ProductOut:
     tags=["internal"],
     summary="Reserve stock for an order, all lines or none (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses={200: {"description": "The same order ID again: the reservation made before"}} | errors(400, 401, 404, 409),
+    responses={200: {"description": "The same order ID again: the reservation made before"}} | problem_responses(400, 401, 404, 409),
 )
 async def reserve(body: ReservationIn, response: Response, session: SessionDep) -> ReservationOut:
     wanted: dict[str, int] = {}
@@ -225,7 +224,7 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     tags=["internal"],
     summary="Release an order's stock; safe to repeat (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=errors(401),
+    responses=problem_responses(401),
 )
 async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], session: SessionDep) -> None:
     async with session.begin():
@@ -269,12 +268,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await engine.dispose()
 
-    app = FastAPI(title="catalog", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(title="catalog", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))
     app.include_router(router)

@@ -1,6 +1,6 @@
 """What every service of the shop shares: request IDs and access logs, tokens and scopes,
-the service credential of the internal routes, error bodies that never repeat a secret,
-database sessions, the health route and the event contract.
+the service credential of the internal routes, database sessions, the health route and the
+event contract. Errors are problem details: `problems.py`, given, the same in every service.
 
 This is shared *code*, not shared state: each service imports its own copy and runs in its
 own process, with its own database. Services only talk to each other over HTTP.
@@ -19,9 +19,6 @@ from typing import Annotated, Any, Literal
 
 import jwt
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2PasswordBearer, SecurityScopes
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import DateTime, TypeDecorator, event
@@ -35,7 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # ---------------------------------------------------------------------------------------
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # nothing that could forge a log line
+# Nothing that could forge a log line. fullmatch, not match with ^...$: "$" also matches
+# before a trailing newline, so match would let "abc\n" through.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
 
 
@@ -66,7 +65,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = _request_id.set(request_id)
         started = time.perf_counter()
         status_code = 500
@@ -193,47 +192,6 @@ SERVICE_ONLY = [Depends(require_service)]  # dependencies=SERVICE_ONLY on every 
 def service_headers(internal_token: str) -> dict[str, str]:
     """The header a service sends with its calls to another service's internal routes."""
     return {"Authorization": f"Bearer {internal_token}"}
-
-
-# ---------------------------------------------------------------------------------------
-# Errors: documented, and never repeating what the client sent
-# ---------------------------------------------------------------------------------------
-
-
-class ErrorOut(BaseModel):
-    """The body of every error the services answer, as HTTPException writes it."""
-
-    detail: str
-
-
-_ERRORS = {
-    400: "The request could not be read",
-    401: "No valid credential: a missing, malformed, expired or wrongly signed token",
-    403: "The token lacks a scope this route needs",
-    404: "No such resource",
-    409: "Conflicts with the current state",
-    413: "The body is larger than the gateway accepts",
-    502: "The service behind this one failed",
-    503: "The service behind this one cannot be reached; retry later",
-    504: "The service behind this one did not answer in time; retry later",
-}
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: every error status it can answer, with the body's model, so
-    that the OpenAPI schema is the whole contract (FastAPI adds 422 by itself)."""
-    return {code: {"model": ErrorOut, "description": _ERRORS[code]} for code in codes}
-
-
-async def validation_failed(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 that says where and why, never what: FastAPI's default repeats every invalid value
-    ("input"), and the invalid value may be a password, a token, or a megabyte of anything."""
-    details = [{"type": e["type"], "loc": e["loc"], "msg": e["msg"]} for e in exc.errors()]
-    return JSONResponse({"detail": jsonable_encoder(details)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, validation_failed)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------

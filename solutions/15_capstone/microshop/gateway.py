@@ -7,6 +7,7 @@ It holds no business logic and no data: authentication is checked by each servic
 """
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .common import RequestContextMiddleware, add_error_handlers, errors, health_router, outgoing_headers
+from .common import RequestContextMiddleware, health_router, outgoing_headers
+from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_responses
 
 
 class Settings(BaseSettings):
@@ -37,13 +39,14 @@ class Settings(BaseSettings):
 SERVICES = ("users", "catalog", "orders")
 FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "accept")
 FORWARDED_RESPONSE_HEADERS = ("content-type", "www-authenticate", "retry-after")
+RETRY = {"Retry-After": "1"}
 
 # A path parameter is forwarded only if it is one plain segment: unreserved characters, and not
 # "." or ".." (nor empty). By the time a route sees a parameter, uvicorn has decoded it: "%2F" is
 # a "/" and "%2E%2E" is "..". Forwarded as they are, httpx would resolve the dot segments
 # (/products/../reservations is /reservations) and the request would reach a route that is not
 # public. A segment that passes this check has nothing left to decode or to resolve.
-PLAIN_SEGMENT = re.compile(r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,127}$")
+PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,127}")
 Segment = Annotated[str, Path(description="One plain path segment: letters, digits, '.', '_', '~', '-'")]
 
 # Everything the public may call through the gateway answers one of these, from the gateway
@@ -52,7 +55,7 @@ GATEWAY_ERRORS = (404, 413, 503, 504)
 
 
 def plain(segment: str) -> str:
-    if not PLAIN_SEGMENT.match(segment):
+    if not PLAIN_SEGMENT.fullmatch(segment):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Not Found")
     return segment
 
@@ -82,21 +85,41 @@ async def forward(request: Request, service: str, path: str) -> Response:
         async with asyncio.timeout(settings.timeout):
             reply = await app.state.clients[service].request(request.method, target, content=body, headers=headers)
     except (TimeoutError, httpx.TimeoutException):
-        return JSONResponse({"detail": f"the {service} service timed out"}, status_code=status.HTTP_504_GATEWAY_TIMEOUT)
+        # The gateway's own errors are problems too, with a Retry-After: the client may try again.
+        raise ProblemError(status.HTTP_504_GATEWAY_TIMEOUT, f"The {service} service did not answer in time.",
+                           headers=RETRY) from None
     except httpx.HTTPError:
-        return JSONResponse({"detail": f"the {service} service is unavailable"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        raise ProblemError(status.HTTP_503_SERVICE_UNAVAILABLE, f"The {service} service cannot be reached.",
+                           headers=RETRY) from None
     answer = {k: v for k, v in reply.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
     if "location" in reply.headers and reply.headers["location"].startswith("/"):
         answer["location"] = "/api" + reply.headers["location"]  # a path the client can follow
-    return Response(content=reply.content, status_code=reply.status_code, headers=answer)
+    return Response(content=public_problem(reply), status_code=reply.status_code, headers=answer)
 
 
-def public(*codes: int, invalid: bool = False) -> dict[str, Any]:
-    """The route options of a public route: what the service may answer, and the gateway too."""
-    responses = errors(*sorted({*codes, *GATEWAY_ERRORS}))
-    if invalid:  # the service's 422, passed on as it is
-        responses[422] = {"description": "The service found the request invalid"}
-    return {"responses": responses, "response_class": Response}
+def public_problem(reply: httpx.Response) -> bytes:
+    """The upstream's body; a problem's `instance` made the path the client asked for.
+
+    A service names the path it was asked (/products/X); the client asked the gateway for
+    /api/products/X, and `instance` is the request's path, so the gateway prefixes it, as it
+    does a Location. Any other body passes through untouched.
+    """
+    if reply.headers.get("content-type", "").split(";")[0].strip() != PROBLEM_JSON:
+        return reply.content
+    try:
+        problem = json.loads(reply.content)
+    except ValueError:
+        return reply.content
+    if not isinstance(problem, dict) or not isinstance(problem.get("instance"), str) or not problem["instance"].startswith("/"):
+        return reply.content
+    problem["instance"] = "/api" + problem["instance"]
+    return json.dumps(problem).encode()
+
+
+def public(*codes: int) -> dict[str, Any]:
+    """The route options of a public route: what the service may answer, and the gateway too
+    (every one a problem; the service's 422 is declared for the whole app)."""
+    return {"responses": problem_responses(*sorted({*codes, *GATEWAY_ERRORS})), "response_class": Response}
 
 
 # The public API, route by route: an allow-list of exact methods and paths. Anything else,
@@ -106,12 +129,12 @@ def public(*codes: int, invalid: bool = False) -> dict[str, Any]:
 public_api = APIRouter(prefix="/api", tags=["public"])
 
 
-@public_api.post("/users", status_code=status.HTTP_201_CREATED, **public(400, 409, invalid=True))
+@public_api.post("/users", status_code=status.HTTP_201_CREATED, **public(400, 409, 422))
 async def register(request: Request) -> Response:
     return await forward(request, "users", "/users")
 
 
-@public_api.post("/token", **public(400, 401, invalid=True))
+@public_api.post("/token", **public(400, 401, 422))
 async def token(request: Request) -> Response:
     return await forward(request, "users", "/token")
 
@@ -121,7 +144,7 @@ async def me(request: Request) -> Response:
     return await forward(request, "users", "/users/me")
 
 
-@public_api.post("/products", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, invalid=True))
+@public_api.post("/products", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, 422))
 async def create_product(request: Request) -> Response:
     return await forward(request, "catalog", "/products")
 
@@ -136,7 +159,7 @@ async def read_product(sku: Segment, request: Request) -> Response:
     return await forward(request, "catalog", f"/products/{plain(sku)}")
 
 
-@public_api.post("/orders", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, 502, invalid=True))
+@public_api.post("/orders", status_code=status.HTTP_201_CREATED, **public(400, 401, 403, 409, 502, 422))
 async def place_order(request: Request) -> Response:
     return await forward(request, "orders", "/orders")
 
@@ -179,7 +202,7 @@ def create_app(
     # whatever the path becomes without its slash is not the gateway's to make.
     app = FastAPI(title="gateway", version="1.0.0", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="gateway")
     app.include_router(health_router("gateway"))
 

@@ -36,15 +36,14 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
-    add_error_handlers,
     create_engine,
     current_principal,
-    errors,
     health_router,
     outgoing_headers,
     service_headers,
     utcnow,
 )
+from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_responses
 
 logger = logging.getLogger("microshop.orders")
 
@@ -169,9 +168,20 @@ def order_out(order: Order) -> OrderOut:
 # ---------------------------------------------------------------------------------------
 
 
-def upstream_failed(status_code: int, detail: str) -> HTTPException:
+def upstream_failed(status_code: int, detail: str) -> ProblemError:
     """503: the catalog cannot be reached; 504: it did not answer in time; 502: it failed."""
-    return HTTPException(status_code, detail=detail, headers={"Retry-After": "1"})
+    return ProblemError(status_code, detail, headers={"Retry-After": "1"})
+
+
+def upstream_detail(reply: httpx.Response) -> str | None:
+    """The `detail` of the catalog's problem, when its answer is one."""
+    if reply.headers.get("content-type", "").split(";")[0].strip() != PROBLEM_JSON:
+        return None
+    try:
+        detail = reply.json().get("detail")
+    except (ValueError, AttributeError):
+        return None
+    return detail if isinstance(detail, str) else None
 
 
 async def release_stock(app: FastAPI, order_id: str) -> bool:
@@ -226,13 +236,14 @@ async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[
         raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog connection failed; no order was placed") from None
     if reply.status_code in (status.HTTP_200_OK, status.HTTP_201_CREATED):
         return reply.json()
-    detail = reply.json().get("detail") if reply.headers.get("content-type") == "application/json" else None
+    detail = upstream_detail(reply)
     if reply.status_code == status.HTTP_404_NOT_FOUND:
         # From the customer's side the order is invalid: a 422 shaped like every other 422.
-        problem = {"type": "unknown_product", "loc": ["body", "items"], "msg": detail or "unknown product"}
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[problem])
+        where = {"loc": ["body", "items"], "msg": detail or "unknown product", "type": "unknown_product"}
+        raise ProblemError(status.HTTP_422_UNPROCESSABLE_CONTENT, "The order names a product the catalog does not have.",
+                           errors=[where])
     if reply.status_code == status.HTTP_409_CONFLICT:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=detail or "insufficient stock")
+        raise ProblemError(status.HTTP_409_CONFLICT, detail or "Too little stock for this order.")
     # A 5xx (or anything unexpected): the catalog may have reserved before failing.
     await compensate(app, order_id)
     raise upstream_failed(status.HTTP_502_BAD_GATEWAY, "the catalog failed; no order was placed")
@@ -339,7 +350,7 @@ router = APIRouter()
 
 
 @router.post(
-    "/orders", status_code=status.HTTP_201_CREATED, tags=["orders"], responses=errors(400, 401, 403, 409, 502, 503, 504)
+    "/orders", status_code=status.HTTP_201_CREATED, tags=["orders"], responses=problem_responses(400, 401, 403, 409, 502, 503, 504)
 )
 async def place_order(
     body: OrderIn,
@@ -381,7 +392,7 @@ async def place_order(
     return order_out(order)
 
 
-@router.get("/orders", tags=["orders"], responses=errors(401, 403))
+@router.get("/orders", tags=["orders"], responses=problem_responses(401, 403))
 async def list_orders(
     session: SessionDep,
     principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])],
@@ -392,7 +403,7 @@ async def list_orders(
     return [order_out(order) for order in orders]
 
 
-@router.get("/orders/{order_id}", tags=["orders"], responses=errors(401, 403, 404))
+@router.get("/orders/{order_id}", tags=["orders"], responses=problem_responses(401, 403, 404))
 async def read_order(
     order_id: str,
     session: SessionDep,
@@ -409,7 +420,7 @@ async def read_order(
     tags=["internal"],
     summary="Retry pending releases and deliver pending events now (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=errors(401),
+    responses=problem_responses(401),
 )
 async def dispatch_now(request: Request) -> DispatchOut:
     return await dispatch_outbox(request.app)
@@ -420,7 +431,7 @@ async def dispatch_now(request: Request) -> DispatchOut:
     tags=["internal"],
     summary="The dead letters: events set aside after too many refusals (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=errors(401),
+    responses=problem_responses(401),
 )
 async def dead_letters(session: SessionDep) -> list[DeadEvent]:
     dead = await session.scalars(
@@ -475,12 +486,12 @@ def create_app(
                         await retry
         await engine.dispose()
 
-    app = FastAPI(title="orders", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(title="orders", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.jwt_secret = settings.jwt_secret.get_secret_value()
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="orders")
     app.include_router(health_router("orders"))
     app.include_router(router)

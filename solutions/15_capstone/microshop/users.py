@@ -29,14 +29,13 @@ from .common import (
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
-    add_error_handlers,
     create_engine,
     current_principal,
-    errors,
     health_router,
     issue_token,
     utcnow,
 )
+from .problems import install_problem_details, problem_responses
 
 CUSTOMER_SCOPES = frozenset({"orders:read", "orders:write"})
 ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
@@ -165,7 +164,7 @@ HashingDep = Annotated[Hashing, Depends(get_hashing)]
 router = APIRouter()
 
 
-@router.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], responses=errors(400, 409))
+@router.post("/users", status_code=status.HTTP_201_CREATED, tags=["users"], responses=problem_responses(400, 409))
 async def register(body: UserCreate, session: SessionDep, hashing: HashingDep) -> UserOut:
     user = User(
         username=body.username,
@@ -180,7 +179,7 @@ async def register(body: UserCreate, session: SessionDep, hashing: HashingDep) -
     return UserOut(username=user.username, scopes=user.scopes.split())
 
 
-@router.post("/token", tags=["users"], responses=errors(400, 401))
+@router.post("/token", tags=["users"], responses=problem_responses(400, 401))
 async def token(
     form: Annotated[LoginForm, Form()],
     request: Request,
@@ -206,7 +205,7 @@ async def token(
     return Token(access_token=access)
 
 
-@router.get("/users/me", tags=["users"], responses=errors(401, 404))
+@router.get("/users/me", tags=["users"], responses=problem_responses(401, 404))
 async def me(principal: Annotated[Principal, Security(current_principal)], session: SessionDep) -> Me:
     user = await session.get(User, principal.username)
     if user is None:
@@ -225,7 +224,7 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
     tags=["internal"],
     summary="Consume an OrderPlaced event (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=errors(400, 401, 409),
+    responses=problem_responses(400, 401, 409),
 )
 async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
     # The event's row and the read-model update commit together, or not at all. Both are
@@ -288,7 +287,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
         yield
         await engine.dispose()
 
-    app = FastAPI(title="users", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(title="users", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.hashing = hashing
@@ -296,7 +295,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app.state.internal_token = settings.internal_token.get_secret_value().encode()
     # Same cost as a real hash, so checking an unknown user takes as long as checking a known one.
     app.state.dummy_hash = hasher.hash("not-a-real-password")
-    add_error_handlers(app)
+    install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="users")
     app.include_router(health_router("users"))
     app.include_router(router)
