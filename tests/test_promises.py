@@ -100,7 +100,7 @@ WITH_PROMISES = [e for e in all_exercises(ROOT) if readme_promises((e.folder / "
 # exercise joins once its promises are traced.
 REQUIRED = ["01_async_routes", "02_validation", "03_rest_resources",
             "04_dependencies", "05_auth", "06_background_tasks", "07_websockets", "08_database",
-            "09_testing", "10_service_communication", "11_messaging", "15_capstone"]
+            "09_testing", "10_service_communication", "11_messaging", "13_hardening", "15_capstone"]
 
 
 @pytest.mark.parametrize("name", REQUIRED)

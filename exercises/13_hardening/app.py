@@ -18,6 +18,11 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, TypeAdapter
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Given (the same file in every exercise from 04 on): every error is a problem (RFC 9457).
+# problem_response(request, status, detail, headers=...) builds one where no handler runs
+# (in a middleware: request = Request(scope)); unexpected_problem(request, exc) is the 500.
+from .problems import install_problem_details, problem_response, problem_responses, unexpected_problem  # noqa: F401
+
 Clock = Callable[[], float]
 
 # ----------------------------------------------------------------------------- settings
@@ -85,16 +90,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
     """Build the app. `clock` returns seconds (monotonic): use it for rate limits and the cache."""
     settings = settings or get_settings()
     app = FastAPI(title="Hardened catalogue", version="1.2.0")
+    install_problem_details(app)  # given: the errors of routes, FastAPI and Starlette are problems
     products = seed_products()
 
-    # TODO: exception handlers giving every error the body
-    #       {"error": {"status": ..., "code": ..., "message": ...}} (see the README for the codes);
-    #       a 500 must never show the exception or a traceback.
-    # TODO: middleware: security headers, CORS from settings (a refused preflight in the error
-    #       body), GZip above settings.gzip_minimum_size, a body size limit of
-    #       settings.max_body_bytes, and the rate limit (README, point 4: every request but
-    #       /health, before the body is read, at most settings.rate_limit_max_clients buckets).
-    # TODO: responses=... on every route: each status it can answer (README, point 8).
+    # TODO: middleware: security headers (on a 500 too), CORS from settings (a refused preflight
+    #       is a problem), GZip above settings.gzip_minimum_size, a body size limit of
+    #       settings.max_body_bytes (413 problem), and the rate limit (README, point 4: every
+    #       request but /health, before the body is read, at most settings.rate_limit_max_clients
+    #       buckets; a 429 problem with Retry-After).
+    # TODO: responses=problem_responses(...) on every route: each error it can answer (README, point 8).
 
     @app.get("/health")
     async def health() -> dict[str, str]:

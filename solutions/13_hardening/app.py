@@ -8,20 +8,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
-from http import HTTPStatus
 from typing import Annotated, Any, Self
 
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response, status
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Given (the same file in every exercise from 04 on): every error is a problem (RFC 9457).
+from .problems import install_problem_details, problem_response, problem_responses, unexpected_problem
 
 Clock = Callable[[], float]
 
@@ -58,23 +56,9 @@ def get_settings() -> Settings:
     return Settings()
 
 
-# --------------------------------------------------------------------------- one error shape
+# --------------------------------------------------------------------------- security headers
 
-ERROR_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    413: "content_too_large",
-    422: "validation_error",
-    429: "rate_limited",
-    500: "internal_error",
-}
-
-# Sent on every response. The 500 handler needs them too: the response it builds is sent by
-# Starlette's outermost ServerErrorMiddleware, which no user middleware wraps.
+# Sent on every response, a 500 included (SecurityHeadersMiddleware answers that one itself).
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -87,102 +71,35 @@ SECURITY_HEADERS = {
 }
 
 
-class Problem(BaseModel):
-    loc: list[str | int]
-    message: str
-
-
-class ErrorDetail(BaseModel):
-    status: int
-    code: str
-    message: str
-    details: list[Problem] | None = None
-
-
-class ErrorBody(BaseModel):
-    """The one error body, for the OpenAPI document (error_response writes it)."""
-
-    error: ErrorDetail
-
-
-def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entries for error statuses, each with the error body's schema."""
-    return {code: {"model": ErrorBody, "description": HTTPStatus(code).phrase} for code in codes}
-
-
-def error_code(status_code: int) -> str:
-    if status_code in ERROR_CODES:
-        return ERROR_CODES[status_code]
-    try:
-        return HTTPStatus(status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "error"
-
-
-def error_response(
-    status_code: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    """The single error body of this API: {"error": {"status", "code", "message", ...}}."""
-    body = {"error": {"status": status_code, "code": error_code(status_code), "message": message, **extra}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
-
-
-def allowed_methods(request: Request) -> str:
-    """Every method some route accepts at this path.
-
-    The router's own 405 lists only the methods of the first route whose path matched; with
-    GET and POST /products on two routes, that would be half the truth.
-    """
-    routes = request.app.router.routes
-    methods = [
-        method
-        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
-    ]
-    return ", ".join(methods)
-
-
-async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    # Registered for Starlette's class, so the router's own 404 and 405 use this shape as well.
-    headers = dict(exc.headers or {})  # keep Allow, Retry-After, WWW-Authenticate
-    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
-        headers["Allow"] = allowed_methods(request)
-    if exc.status_code in (204, 304) or exc.status_code < 200:
-        return Response(status_code=exc.status_code, headers=headers)
-    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-    return error_response(exc.status_code, message, headers=headers)
-
-
-async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-    # Only location and message: `input` may echo a password, `ctx` may hold non-JSON objects.
-    details = [{"loc": list(error["loc"]), "message": error["msg"]} for error in exc.errors()]
-    return error_response(422, "The request is not valid.", details=details)
-
-
-async def unexpected_error(request: Request, exc: Exception) -> Response:
-    # Never str(exc): messages of unexpected errors carry SQL, paths, hostnames and secrets.
-    # The traceback still reaches the server log, because Starlette re-raises after this.
-    return error_response(500, "Internal server error.", headers=SECURITY_HEADERS)
-
-
 # --------------------------------------------------------------------------- middleware
 
 
-class CORSMiddlewareWithErrorBody(CORSMiddleware):
-    """Starlette's CORS, but a refused preflight answers in this API's one error shape."""
+class CORSMiddlewareWithProblems(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight is a problem like every other error."""
 
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code < 400:
-            return response
-        # Starlette explains the refusal in plain text ("Disallowed CORS origin"); keep its
-        # reason and its headers (never an Allow-Origin for a refused origin), in our body.
-        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
-        reason = bytes(response.body).decode() + "."
-        return error_response(response.status_code, reason, headers=headers)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "OPTIONS":
+            await super().__call__(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if "origin" not in headers or "access-control-request-method" not in headers:
+            await super().__call__(scope, receive, send)  # not a preflight: the app answers it
+            return
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code >= 400:
+            # Starlette explains the refusal in plain text ("Disallowed CORS origin"); keep its
+            # reason and its headers (never an Allow-Origin for a refused origin), as a problem.
+            kept = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+            reason = bytes(response.body).decode() + "."
+            response = problem_response(Request(scope), response.status_code, reason, headers=kept)
+        await response(scope, receive, send)
 
 
 class SecurityHeadersMiddleware:
+    """The security headers on every response, and the 500 of an unexpected exception answered
+    here, so that it carries them too (Starlette's outermost ServerErrorMiddleware, which would
+    send it otherwise, is outside every middleware of ours)."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -190,15 +107,24 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
 
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)  # a route may set a stricter value itself
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            if not started:  # the given 500 problem: it says nothing about the exception
+                response = await unexpected_problem(Request(scope), exc)
+                await response(scope, receive, send_with_headers)
+            raise  # the server logs the traceback; the client has its answer already
 
 
 class BodySizeLimitMiddleware:
@@ -219,7 +145,7 @@ class BodySizeLimitMiddleware:
         # Cheap early refusal when the client says how much it will send...
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())
+            response = problem_response(Request(scope), status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())
             await response(scope, receive, send)
             return
 
@@ -233,7 +159,7 @@ class BodySizeLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # Raised inside the route's body read: FastAPI re-raises HTTPException as is,
-                    # and the exception handlers turn it into the usual error body.
+                    # and the given handler turns it into a problem.
                     raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())
             return message
 
@@ -301,7 +227,8 @@ class RateLimitMiddleware:
         client = scope.get("client")
         wait = self.limiter.acquire(client[0] if client else "unknown")
         if wait > 0:
-            response = error_response(
+            response = problem_response(
+                Request(scope),
                 status.HTTP_429_TOO_MANY_REQUESTS,
                 "Too many requests; slow down.",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
@@ -406,15 +333,9 @@ async def build_summary(products: list[Product]) -> dict[str, Any]:
 def create_app(settings: Settings | None = None, *, clock: Clock = time.monotonic) -> FastAPI:
     """Build the app; `clock` (seconds, monotonic) drives the rate limiter and the cache."""
     settings = settings or get_settings()
-    app = FastAPI(
-        title="Hardened catalogue",
-        version="1.2.0",
-        exception_handlers={
-            StarletteHTTPException: http_error,
-            RequestValidationError: validation_error,
-            Exception: unexpected_error,
-        },
-    )
+    app = FastAPI(title="Hardened catalogue", version="1.3.0")
+    # Every error is a problem (lesson 3): the given handlers, for ours, FastAPI's and Starlette's.
+    install_problem_details(app)
     limiter = RateLimiter(
         settings.rate_limit_capacity, settings.rate_limit_refill_per_second, clock, settings.rate_limit_max_clients
     )
@@ -430,7 +351,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
     # /health is exempt: a throttled probe would get a healthy replica restarted.
     app.add_middleware(RateLimitMiddleware, limiter=limiter, exempt=frozenset({"/health"}))
     app.add_middleware(
-        CORSMiddlewareWithErrorBody,
+        CORSMiddlewareWithProblems,
         allow_origins=settings.cors_origins,
         allow_credentials=settings.cors_allow_credentials,
         allow_methods=["GET", "POST"],
@@ -442,11 +363,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
     app.add_middleware(SecurityHeadersMiddleware)
 
     # Every route can answer 413 (the body limit runs before routing); all but /health 429.
-    @app.get("/health", tags=["ops"], responses=documented(413))
+    @app.get("/health", tags=["ops"], responses=problem_responses(413))
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    api = APIRouter(responses=documented(413, 429))
+    api = APIRouter(responses=problem_responses(413, 429))
 
     @api.get(
         "/products",
@@ -466,7 +387,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
-    @api.get("/products/{product_id}", tags=["products"], responses=documented(404, 422))
+    @api.get("/products/{product_id}", tags=["products"], responses=problem_responses(404, 422))
     async def read_product(product_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Product:
         product = products.get(product_id)
         if product is None:
@@ -474,7 +395,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = time.monotoni
         return product
 
     # 400: FastAPI's own answer to a body that cannot be decoded at all (not UTF-8).
-    @api.post("/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=documented(400, 422))
+    @api.post("/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=problem_responses(400, 422))
     async def create_product(payload: ProductIn, response: Response) -> Product:
         product = Product(id=max(products, default=0) + 1, **payload.model_dump())
         products[product.id] = product
