@@ -33,12 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     #   GET  /health/db
     #   POST /authors                    GET /authors/{author_id}
     #   POST /authors/{author_id}/books  GET /books?offset=0&limit=20&author_id=
-    # and exception handlers: NotFound -> 404, Conflict -> 409, both {"detail": "..."}, and one
-    # for RequestValidationError that answers the 422 without the refused input (1e309 is a 500
-    # with FastAPI's default, which echoes it).
+    # Every error is a problem (RFC 9457; problems.py is given, read its docstring):
+    # call install_problem_details(app), then add exception handlers that turn the service's
+    # NotFound into a 404 problem and Conflict into a 409 one (problem_response(request, 404, ...)).
     # Bound every integer where FastAPI reads it: author_id 1..MAX_INT (Path, and the Query
-    # filter), offset 0..MAX_INT, limit 1..100. Declare every status each route answers with
-    # responses={404: {"model": ErrorMessage, "description": ...}, ...}.
+    # filter), offset 0..MAX_INT, limit 1..100. Declare every error each route answers with
+    # responses=problem_responses(404, ...), and FastAPI(..., responses=problem_responses(422)).
 
     return app
 

@@ -14,4 +14,3 @@ MAX_INT = 2**31 - 1
 # TODO: BookOut  - id, title, isbn, year, author_id; readable from an ORM object (from_attributes)
 # TODO: AuthorOut - id, name; AuthorDetail - AuthorOut plus books: list[BookOut]
 # TODO: Page     - a generic page: items: list[T], total, offset, limit
-# TODO: ErrorMessage - detail: str, the body of an error answer, for the routes' responses=

@@ -23,7 +23,7 @@ from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from grader.expect import expect_json, expect_status, explain, json_of
+from grader.expect import expect_json, expect_problem, expect_status, explain, json_of
 
 DEFAULT_URL = "sqlite+aiosqlite:///./library.db"
 
@@ -426,10 +426,8 @@ def test_the_database_health_route_answers_503_when_the_database_is_unreachable(
     database_file.unlink()
     database_file.mkdir()
     response = call(client, "GET", "/health/db")
-    expect_status(response, 503, "the database file cannot be opened: a readiness check that fails says 503, "
-                  "so that a load balancer stops sending traffic here")
-    detail = json_of(response).get("detail") if isinstance(json_of(response), dict) else None
-    check(isinstance(detail, str) and bool(detail), explain(response, 'a body {"detail": "..."} saying the database is unavailable'))
+    expect_problem(response, 503, "the database file cannot be opened: a readiness check that fails says 503, "
+                   "so that a load balancer stops sending traffic here; its body is a problem whose detail says so")
 
 
 # --- sessions -----------------------------------------------------------------------------------
@@ -606,9 +604,10 @@ def test_the_created_author_is_answered_with_their_books(shared):
 def test_a_duplicate_author_name_is_409(shared):
     create_author(shared, {"name": "Octavia E. Butler"})
     response = call(shared, "POST", "/authors", json={"name": "Octavia E. Butler"})
-    expect_status(response, 409, "the name is unique: the database refuses the second row, the API says 409 Conflict")
-    detail = json_of(response).get("detail")
-    check(isinstance(detail, str) and bool(detail), explain(response, 'a body {"detail": "..."} saying what clashed'))
+    body = expect_problem(response, 409, "the name is unique: the database refuses the second row, the API says 409 Conflict")
+    check("Octavia" not in json.dumps(body), explain(
+        response, "a problem whose detail says what clashed without repeating the refused name: a detail never "
+        "carries what the client sent (it may be personal data, and it ends up in logs)"))
 
 
 @pytest.mark.task("constraints")
@@ -618,14 +617,15 @@ def test_a_duplicate_isbn_is_409_and_changes_nothing(shared):
     other = create_author(shared, {"name": "Somebody Else"})
     taken = BANKS["books"][0]["isbn"]
     response = call(shared, "POST", f"/authors/{other['id']}/books", json={"title": "Copy", "isbn": taken, "year": 2001})
-    expect_status(response, 409, "the ISBN is unique across all books")
+    body = expect_problem(response, 409, "the ISBN is unique across all books")
+    check(taken not in json.dumps(body), explain(response, "a problem whose detail does not repeat the refused ISBN"))
     expect_json(call(shared, "GET", f"/authors/{other['id']}"), {"books": []}, "the refused book was not saved")
     response = call(shared, "GET", f"/authors/{first['id']}")
     check(len(json_of(response).get("books", [])) == 2, explain(response, "the original owner still has 2 books"))
     twins = {"name": "Twin Books", "books": [{"title": "One", "isbn": isbn(42), "year": 2000},
                                               {"title": "Two", "isbn": isbn(42), "year": 2001}]}
-    expect_status(call(shared, "POST", "/authors", json=twins), 409,
-                  "two books of one request share an ISBN: the unique rule holds inside a request too")
+    expect_problem(call(shared, "POST", "/authors", json=twins), 409,
+                   "two books of one request share an ISBN: the unique rule holds inside a request too")
 
 
 @pytest.mark.task("constraints")
@@ -633,10 +633,9 @@ def test_a_duplicate_isbn_is_409_and_changes_nothing(shared):
 def test_a_missing_author_is_404(shared):
     # The shared database holds a handful of authors, never 41.
     response = call(shared, "GET", "/authors/41")
-    expect_status(response, 404, "there is no author 41")
-    expect_json(response, {"detail": "Author 41 not found"}, exact=True)
+    expect_problem(response, 404, "there is no author 41: a problem (application/problem+json) saying so")
     response = call(shared, "POST", "/authors/41/books", json={"title": "Orphan", "isbn": isbn(9), "year": 2000})
-    expect_status(response, 404, "a book cannot be added to an author who does not exist")
+    expect_problem(response, 404, "a book cannot be added to an author who does not exist")
 
 
 INVALID = [
@@ -659,9 +658,9 @@ INVALID = [
 def test_invalid_input_is_422(shared):
     author = create_author(shared, {"name": "Existing"})  # so that /authors/{id}/books names a real author
     for url, payload in INVALID:
-        expect_status(call(shared, "POST", url.format(id=author["id"]), json=payload), 422,
-                      "the API schema rejects it before the database sees it: name 1-100 characters, "
-                      "title 1-200, isbn 13 digits, year 1450-2100")
+        expect_problem(call(shared, "POST", url.format(id=author["id"]), json=payload), 422,
+                       "the API schema rejects it before the database sees it: name 1-100 characters, "
+                       "title 1-200, isbn 13 digits, year 1450-2100")
     # The limits themselves are valid: each bound is inclusive.
     edge = {"name": "N" * 100, "books": [{"title": "T" * 200, "isbn": isbn(61), "year": 1450}]}
     response = call(shared, "POST", "/authors", json=edge)
@@ -716,9 +715,9 @@ def test_integers_out_of_range_are_422_everywhere(shared):
         check(response.status_code == 422, explain(response, f"422 for {place} with n = {number}: ids start at 1"))
     # The largest allowed values are allowed: they name nothing, and say so.
     response = call(shared, "GET", f"/authors/{MAX_INT}")
-    expect_status(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
+    expect_problem(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
     response = call(shared, "POST", f"/authors/{MAX_INT}/books", json=book)
-    expect_status(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
+    expect_problem(response, 404, f"author {MAX_INT} (2**31 - 1) is a valid id that names nobody")
     response = call(shared, "GET", "/books", params={"offset": MAX_INT})
     expect_json(response, {"items": [], "offset": MAX_INT}, f"offset {MAX_INT} (2**31 - 1) is allowed: a page past the end is empty")
 
@@ -856,12 +855,14 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(shared):
             f"\nsent:     GET /openapi.json"
             f"\nexpected: {method.upper()} {path} documents every status it answers: {sorted(wanted)}"
             f"\ngot:      {sorted(documented)}; missing {missing}. Declare them on the route: "
-            "responses={404: {'model': ErrorMessage, 'description': ...}, ...}"))
-        for code in wanted - {"200", "201", "422"}:
-            content = documented[code].get("content", {}).get("application/json", {})
+            "responses=problem_responses(404, 409) (problems.py, given)"))
+        for code in wanted - {"200", "201"}:
+            content = documented[code].get("content", {}).get("application/problem+json", {})
             check("schema" in content, (
                 f"\nsent:     GET /openapi.json"
-                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model"
+                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body as application/problem+json "
+                "with a schema (responses=problem_responses(...) on the route; FastAPI(responses=problem_responses(422)) "
+                "for every route's 422)"
                 f"\ngot:      {documented[code]}"))
         parameters = {parameter.get("name"): parameter.get("schema", {}) for parameter in operation.get("parameters", [])}
         for name in ("author_id", "offset"):
@@ -886,10 +887,27 @@ def test_an_invalid_body_is_422_whatever_it_holds(shared):
             (f"/authors/{author['id']}/books", f'{{"title": "T", "isbn": "{isbn(81)}", "year": {number}}}'),
         ):
             response = call(shared, "POST", url, content=body, headers={"Content-Type": "application/json"})
-            expect_status(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input")
-            errors = json_of(response).get("detail")
+            body = expect_problem(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Call install_problem_details(app) (problems.py, given): its 422 lists the errors without their input")
+            errors = body.get("errors")
             check(isinstance(errors, list) and bool(errors) and all(isinstance(e, dict) and "input" not in e for e in errors),
-                  explain(response, '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}: where and why, never the refused "input"'))
+                  explain(response, 'a problem with "errors": [{"type": ..., "loc": [...], "msg": ...}, ...]: where and why, never the refused "input"'))
+
+
+@pytest.mark.task("contract")
+@pytest.mark.promise("P17")
+def test_every_error_is_a_problem_even_the_frameworks(shared):
+    # The errors no route of yours raises: Starlette's 404 for a path no route has, its 405 for a
+    # method the path does not take. A client reads them like every other error.
+    response = call(shared, "GET", "/shelves/1")
+    expect_problem(response, 404, "no route has this path: the framework's 404 is a problem too "
+                   "(install_problem_details(app) from problems.py, given, makes it one)")
+    response = call(shared, "DELETE", "/books")
+    expect_problem(response, 405, "GET /books exists, DELETE /books does not: a 405 problem")
+    allow = {method.strip() for method in response.headers.get("allow", "").split(",") if method.strip()}
+    check("GET" in allow and "DELETE" not in allow, explain(
+        response, "an Allow header naming the methods the path takes (GET), as every 405 must"))
+    response = call(shared, "PUT", "/authors/1")
+    expect_problem(response, 405, "GET /authors/{author_id} exists, PUT does not: a 405 problem")
 
 
 # --- migrations ---------------------------------------------------------------------------------

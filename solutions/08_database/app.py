@@ -8,16 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from .models import Base
-from .schemas import MAX_INT, AuthorDetail, AuthorIn, BookIn, BookOut, ErrorMessage, Page
+from .problems import install_problem_details, problem_response, problem_responses
+from .schemas import MAX_INT, AuthorDetail, AuthorIn, BookIn, BookOut, Page
 from .services import Conflict, Library, NotFound
 
 
@@ -69,22 +68,20 @@ Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-def error(description: str) -> dict[str, Any]:
-    return {"model": ErrorMessage, "description": description}
+# Every status a route can answer is in the OpenAPI schema, each error as a problem
+# (application/problem+json). 400: a body FastAPI cannot read at all.
+UNREADABLE = problem_responses(400)
+NOT_FOUND = problem_responses(404)
+CONFLICT = problem_responses(409)
 
 
-# Every status a route can answer is in the OpenAPI schema, with the body it carries.
-UNREADABLE: dict[int | str, dict[str, Any]] = {400: error("The body is not valid JSON")}
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: error("No author has this id")}
-CONFLICT: dict[int | str, dict[str, Any]] = {409: error("The name or an ISBN exists already")}
+async def not_found(request: Request, exc: Exception) -> Response:
+    # The service layer knows nothing about HTTP; here its exceptions become problems.
+    return problem_response(request, status.HTTP_404_NOT_FOUND, str(exc))
 
 
-async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
-    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
-    # travel back to the client. Say where and why, never what.
-    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+async def conflict(request: Request, exc: Exception) -> Response:
+    return problem_response(request, status.HTTP_409_CONFLICT, str(exc))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -109,24 +106,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await engine.dispose()
 
-    app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan)
+    # Every error is a problem (problems.py, given): FastAPI's 422 without the refused input,
+    # the 404 of an unknown route, the 405 of a wrong method, a bug's 500.
+    app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
+    app.add_exception_handler(NotFound, not_found)
+    app.add_exception_handler(Conflict, conflict)
 
-    app.add_exception_handler(RequestValidationError, validation_error_without_input)
-
-    @app.exception_handler(NotFound)
-    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
-
-    @app.exception_handler(Conflict)
-    async def conflict(_request: Request, exc: Conflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
-
-    @app.get("/health/db", responses={503: error("The database is unavailable")})
+    @app.get("/health/db", responses=problem_responses(503))
     async def database_health(library: LibraryDep) -> dict[str, str]:
         try:
             await library.ping()
         except (DBAPIError, OSError) as exc:  # the database is down or unreachable, not a bug here
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable") from exc
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The database is unavailable.") from exc
         return {"database": "ok"}
 
     @app.post("/authors", status_code=status.HTTP_201_CREATED, responses=UNREADABLE | CONFLICT)

@@ -12,12 +12,6 @@ T = TypeVar("T")
 MAX_INT = 2**31 - 1
 
 
-class ErrorMessage(BaseModel):
-    """The body of every error this service answers: FastAPI's HTTPException shape."""
-
-    detail: str
-
-
 class BookIn(BaseModel):
     title: Annotated[str, Field(min_length=1, max_length=200)]
     isbn: Annotated[str, Field(pattern=r"^\d{13}$", description="ISBN-13, digits only")]

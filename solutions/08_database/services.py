@@ -35,7 +35,7 @@ class Library:
         # One unit of work: the author and the books arrive together or not at all.
         author = Author(name=data.name, books=[Book(**book.model_dump()) for book in data.books])
         self.session.add(author)
-        await self._flush(f"author {data.name!r} or one of the ISBNs already exists")
+        await self._flush("An author with this name, or a book with one of these ISBNs, exists already.")
         return author
 
     async def get_author(self, author_id: int) -> Author:
@@ -44,15 +44,15 @@ class Library:
         statement = select(Author).where(Author.id == author_id).options(selectinload(Author.books))
         author = (await self.session.scalars(statement)).one_or_none()
         if author is None:
-            raise NotFound(f"Author {author_id} not found")
+            raise NotFound(f"No author has the id {author_id}.")
         return author
 
     async def add_book(self, author_id: int, data: BookIn) -> Book:
         if await self.session.get(Author, author_id) is None:
-            raise NotFound(f"Author {author_id} not found")
+            raise NotFound(f"No author has the id {author_id}.")
         book = Book(author_id=author_id, **data.model_dump())
         self.session.add(book)
-        await self._flush(f"a book with ISBN {data.isbn} already exists")
+        await self._flush("A book with this ISBN exists already.")
         return book
 
     async def list_books(self, offset: int, limit: int, author_id: int | None = None) -> tuple[Sequence[Book], int]:
