@@ -2,7 +2,8 @@
 orders service and /api/stock/... to the inventory service.
 
 Read README.md in this folder for the full interface. This file stands alone: do not import
-inventory.py or orders.py (they are other services).
+inventory.py or orders.py (they are other services). It imports the given problems.py (the course's
+error shape, a library every service ships with; do not edit it).
 """
 
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ import httpx
 from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .problems import ProblemError, install_problem_details, problem_response, problem_responses
 
 
 class Settings(BaseSettings):
@@ -35,13 +38,15 @@ def create_app(
     settings = settings or Settings()
 
     # TODO: a lifespan with one httpx.AsyncClient per service (base_url, timeout, transport).
+    # TODO: every error a problem: install_problem_details(app) (README: "Errors are problems").
     app = FastAPI(title="Gateway")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "gateway"}
 
-    # TODO: X-Request-ID created at the edge when missing or malformed, passed on, returned.
+    # TODO: X-Request-ID created at the edge when missing or malformed (kept only when it fully
+    #       matches [A-Za-z0-9._-]{1,64}, else uuid4().hex), passed on, returned.
 
     # TODO: the allow-list, and nothing else: GET /api/stock/{sku} -> inventory GET /stock/{sku},
     #       POST /api/orders -> orders POST /orders, GET /api/orders/{order_id} -> orders

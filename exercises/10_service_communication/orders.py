@@ -2,7 +2,8 @@
 publishes an OrderPlaced event for every order it accepts.
 
 Read README.md in this folder for the full interface. This file stands alone: do not import
-inventory.py or gateway.py (they are other services).
+inventory.py or gateway.py (they are other services). It imports the given problems.py (the course's
+error shape, a library every service ships with; do not edit it).
 """
 
 from collections import defaultdict
@@ -13,6 +14,8 @@ import httpx
 from fastapi import FastAPI
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .problems import ProblemError, install_problem_details, problem_responses
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -58,14 +61,15 @@ def create_app(
     #       publisher that POSTs events to settings.events_url, else InProcessBroker(). An
     #       outbox (a queue) holds the events; a task started here publishes them, retrying
     #       with backoff until accepted (the consumer deduplicates by event_id).
+    # TODO: every error a problem: install_problem_details(app) (README: "Errors are problems").
     app = FastAPI(title="Orders")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "orders"}
 
-    # TODO: X-Request-ID: reuse the caller's (when well formed) or create one; return it; send
-    #       it to inventory.
+    # TODO: X-Request-ID: reuse the caller's when it fully matches [A-Za-z0-9._-]{1,64}, else
+    #       create one (uuid4().hex); return it on every response; send it to inventory.
 
     # TODO: POST /orders {"sku", "quantity"}: the SKU is one plain path segment (else 422).
     #       One deadline: settings.timeout, or less when X-Timeout-Ms says so. GET /stock/{sku}

@@ -9,12 +9,15 @@ server on 127.0.0.1. One test starts inventory and orders as real uvicorn proces
 import asyncio
 import http.client
 import json
+import re
+import shutil
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from http import HTTPStatus
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,10 +29,11 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from grader.expect import expect_header, expect_json, expect_status, explain, json_of
+from grader.expect import expect_header, expect_json, expect_problem, expect_status, explain, json_of
 from grader.live import free_port, http_only, serve_in_process, serve_in_thread
 
 ORDER = {"sku": "widget", "quantity": 3}
+PROBLEMS = "https://course.example/problems/"  # the README's problem types: PROBLEMS + slug
 
 
 # --- Fixtures and helpers ----------------------------------------------------------------------
@@ -86,7 +90,8 @@ class FakeUpstream(httpx.AsyncBaseTransport):
     """A scripted upstream: each request takes the next step (the last one repeats).
 
     A step is "down" (connection refused), "slow" (the read timed out), (status, json) or
-    (status, json, headers).
+    (status, json, headers). An error status (4xx, 5xx) is answered as a problem, as every
+    service of this course answers: `json` gives its members on top of the `about:blank` ones.
     Every request is recorded, and using the transport after it was closed is an error,
     as it is for a real one.
     """
@@ -108,6 +113,12 @@ class FakeUpstream(httpx.AsyncBaseTransport):
         if step == "slow":
             raise httpx.ReadTimeout("timed out", request=request)
         status_code, body, *headers = step
+        if status_code >= 400:
+            body = {"type": "about:blank", "title": HTTPStatus(status_code).phrase, "status": status_code,
+                    "detail": "As scripted.", "instance": request.url.path, **body}
+            content = json.dumps(body).encode()
+            return httpx.Response(status_code, content=content, request=request,
+                                  headers={"content-type": "application/problem+json", **(headers[0] if headers else {})})
         return httpx.Response(status_code, json=body, headers=headers[0] if headers else None, request=request)
 
     async def aclose(self) -> None:
@@ -123,6 +134,30 @@ async def place(orders: ModuleType, upstream: httpx.AsyncBaseTransport, **settin
     async with serving(orders.create_app(orders_settings(orders, **settings), upstream_transport=upstream)) as app:
         async with client_for(app) as client:
             return await client.post("/orders", json=ORDER)
+
+
+UPSTREAM_PROBLEMS = {  # status -> the README's problem type and title for a failing upstream
+    502: ("bad-upstream", "Bad answer from an upstream service"),
+    503: ("upstream-unavailable", "Upstream service unavailable"),
+    504: ("upstream-timeout", "Upstream service timed out"),
+}
+
+
+def expect_typed_problem(response: httpx.Response, status: int, slug: str, title: str, why: str = "", **members: Any) -> dict:
+    """A problem of one of the README's types: its type URI, its fixed title and its members."""
+    body = expect_problem(response, status, why, type=PROBLEMS + slug)
+    wanted = {"title": title, **members}
+    got = {name: body.get(name, "(missing)") for name in wanted}
+    assert got == wanted, explain(response, f"a {slug} problem with {wanted}" + (f" ({why})" if why else "") + f"; it had {got}")
+    return body
+
+
+def expect_upstream_problem(response: httpx.Response, status: int, service: str, why: str = "", instance: str | None = None) -> dict:
+    """The README's problem for a failing upstream: 503, 504 or 502, naming the service that failed."""
+    slug, title = UPSTREAM_PROBLEMS[status]
+    if instance is not None:
+        expect_problem(response, status, why, instance=instance)
+    return expect_typed_problem(response, status, slug, title, why, service=service)
 
 
 async def eventually(check: Callable[[], Any], seconds: float = 5.0) -> Any:
@@ -213,17 +248,18 @@ def loopback(loopback_server: tuple[LoopbackInventory, str]) -> Iterator[tuple[L
 
 
 @pytest.mark.task("inventory")
+@pytest.mark.promise("P1")
 @pytest.mark.asyncio
 async def test_inventory_reports_stock(inventory: ModuleType) -> None:
     async with serving(inventory.create_app()) as app, client_for(app) as client:
         expect_json(await client.get("/health"), {"status": "ok", "service": "inventory"}, exact=True)
         expect_json(await client.get("/stock/widget"), {"sku": "widget", "available": 10}, exact=True)
         missing = await client.get("/stock/unobtainium")
-        expect_status(missing, 404, "an unknown SKU")
-        expect_json(missing, {"detail": "Unknown SKU unobtainium"}, exact=True)
+        expect_problem(missing, 404, "an unknown SKU", type="about:blank")
 
 
 @pytest.mark.task("inventory")
+@pytest.mark.promise("P1")
 @pytest.mark.asyncio
 async def test_inventory_takes_its_stock_from_create_app(inventory: ModuleType) -> None:
     async with serving(inventory.create_app({"bolt": 4})) as app, client_for(app) as client:
@@ -235,6 +271,7 @@ async def test_inventory_takes_its_stock_from_create_app(inventory: ModuleType) 
 
 
 @pytest.mark.task("shared_client")
+@pytest.mark.promise("P3")
 @pytest.mark.asyncio
 async def test_place_an_order_through_inventory(inventory: ModuleType, orders: ModuleType) -> None:
     async with (
@@ -249,10 +286,11 @@ async def test_place_an_order_through_inventory(inventory: ModuleType, orders: M
         assert isinstance(body.get("id"), str) and body["id"], explain(created, "a non-empty string id")
         expect_header(created, "location", f"/orders/{body['id']}")
         expect_json(await client.get(f"/orders/{body['id']}"), body, "the stored order", exact=True)
-        expect_status(await client.get("/orders/no-such-order"), 404, "an unknown order")
+        expect_problem(await client.get("/orders/no-such-order"), 404, "an unknown order", type="about:blank")
 
 
 @pytest.mark.task("shared_client")
+@pytest.mark.promise("P3", "P17")
 @pytest.mark.asyncio
 async def test_orders_answers_from_what_inventory_says(inventory: ModuleType, orders: ModuleType) -> None:
     async with (
@@ -261,22 +299,25 @@ async def test_orders_answers_from_what_inventory_says(inventory: ModuleType, or
         client_for(app) as client,
     ):
         too_many = await client.post("/orders", json=ORDER)
-        expect_status(too_many, 409, "3 widgets ordered, 2 in stock")
-        expect_json(too_many, {"detail": "Not enough stock for widget: 2 available"}, exact=True)
+        expect_typed_problem(too_many, 409, "out-of-stock", "Not enough stock", "3 widgets ordered, 2 in stock", available=2)
         expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 2}), 201, "2 widgets ordered, 2 in stock: enough")
         unknown = await client.post("/orders", json={"sku": "unobtainium", "quantity": 1})
-        expect_status(unknown, 422, "inventory answered 404 for the SKU: the order cannot be placed")
-        expect_json(unknown, {"detail": "Unknown SKU unobtainium"}, exact=True)
-        expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 0}), 422, "quantity ≥ 1")
-        expect_status(await client.post("/orders", json={"sku": "widget", "quantity": 101}), 422, "quantity ≤ 100")
+        expect_typed_problem(unknown, 422, "unknown-sku", "Unknown SKU", "inventory answered 404 for the SKU: the order cannot be placed")
+        for quantity, rule in ((0, "quantity ≥ 1"), (101, "quantity ≤ 100")):
+            refused = await client.post("/orders", json={"sku": "widget", "quantity": quantity})
+            errors = expect_problem(refused, 422, rule).get("errors")
+            assert isinstance(errors, list) and errors and all(
+                isinstance(error, dict) and set(error) == {"loc", "msg", "type"} for error in errors), explain(
+                refused, f"a 422 problem whose errors are each {{loc, msg, type}} (never the refused input); got {errors}")
         for number in ("1e309", "NaN", "-Infinity"):
             hostile = await client.post("/orders", content=f'{{"sku": "widget", "quantity": {number}}}'.encode(),
                                         headers={"content-type": "application/json"})
-            expect_status(hostile, 422, f"quantity {number}: not a whole number (a 422 must not echo the infinite or NaN "
-                          "input: JSON cannot carry it, and the answer would become a 500)")
+            expect_problem(hostile, 422, f"quantity {number}: not a whole number (a 422 must not echo the infinite or NaN "
+                           "input: JSON cannot carry it, and the answer would become a 500)")
 
 
 @pytest.mark.task("shared_client")
+@pytest.mark.promise("P2")
 @pytest.mark.asyncio
 async def test_one_client_lives_as_long_as_the_app(orders: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -296,6 +337,7 @@ async def test_one_client_lives_as_long_as_the_app(orders: ModuleType) -> None:
 
 
 @pytest.mark.task("shared_client")
+@pytest.mark.promise("P2")
 @pytest.mark.asyncio
 async def test_inventory_url_comes_from_the_environment(orders: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("INVENTORY_URL", "EVENTS_URL", "TIMEOUT", "RETRIES", "BACKOFF"):
@@ -322,6 +364,7 @@ async def test_inventory_url_comes_from_the_environment(orders: ModuleType, monk
 
 
 @pytest.mark.task("failures")
+@pytest.mark.promise("P4")
 @pytest.mark.asyncio
 async def test_inventory_down_is_503(orders: ModuleType) -> None:
     closed_port = free_port()  # nothing listens there: the connection is refused
@@ -329,11 +372,11 @@ async def test_inventory_down_is_503(orders: ModuleType) -> None:
     app = orders.create_app(settings, upstream_transport=tcp())
     async with serving(app) as running, client_for(running) as client:
         response = await client.post("/orders", json=ORDER)
-    expect_status(response, 503, "inventory refused the connection: the service is unavailable")
-    expect_json(response, {"detail": "inventory service unavailable"}, exact=True)
+    expect_upstream_problem(response, 503, "inventory", "inventory refused the connection: the service is unavailable")
 
 
 @pytest.mark.task("failures")
+@pytest.mark.promise("P4")
 @pytest.mark.asyncio
 async def test_slow_inventory_is_504_after_the_timeout(
     orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str], monkeypatch: pytest.MonkeyPatch
@@ -347,13 +390,11 @@ async def test_slow_inventory_is_504_after_the_timeout(
         started = time.perf_counter()
         response = await client.post("/orders", json=ORDER)
         elapsed = time.perf_counter() - started
-    expect_status(response, 504, "inventory took 0.6 s and ORDERS_TIMEOUT is 0.05 s")
-    expect_json(response, {"detail": "inventory service timed out"}, exact=True)
+    expect_upstream_problem(response, 504, "inventory", "inventory took 0.6 s and ORDERS_TIMEOUT is 0.05 s")
     assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the timeout), not {elapsed:.2f} s")
     # The client's own timeout (httpx.ReadTimeout, a TransportError too) is a 504 as well.
     response = await place(orders, FakeUpstream("slow"), retries=0)
-    expect_status(response, 504, "the call to inventory raised httpx.ReadTimeout: it timed out")
-    expect_json(response, {"detail": "inventory service timed out"}, exact=True)
+    expect_upstream_problem(response, 504, "inventory", "the call to inventory raised httpx.ReadTimeout: it timed out")
     # The gateway too: its clients take the timeout from its Settings.
     settings = gateway.Settings(inventory_url=slow_url, timeout=0.05, retries=0)
     app = gateway.create_app(settings, transports={"orders": FakeUpstream(), "inventory": tcp()})
@@ -361,25 +402,23 @@ async def test_slow_inventory_is_504_after_the_timeout(
         started = time.perf_counter()
         response = await client.get("/api/stock/widget")
         elapsed = time.perf_counter() - started
-    expect_status(response, 504, "through the gateway: inventory took 0.6 s and the gateway's timeout is 0.05 s")
-    expect_json(response, {"detail": "inventory service timed out"}, exact=True)
+    expect_upstream_problem(response, 504, "inventory", "through the gateway: inventory took 0.6 s and the gateway's timeout is 0.05 s")
     assert elapsed < 0.5, explain(response, f"an answer after about 0.05 s (the gateway's timeout), not {elapsed:.2f} s")
 
 
 @pytest.mark.task("failures")
+@pytest.mark.promise("P4", "P5")
 @pytest.mark.asyncio
 async def test_inventory_error_is_502_and_not_retried(orders: ModuleType) -> None:
     upstream = FakeUpstream((500, {"detail": "Internal Server Error"}))
     response = await place(orders, upstream)
-    expect_status(response, 502, "inventory answered 500: a bad answer from upstream is 502 Bad Gateway")
-    expect_json(response, {"detail": "inventory service failed"}, exact=True)
+    expect_upstream_problem(response, 502, "inventory", "inventory answered 500: a bad answer from upstream is 502 Bad Gateway")
     assert len(upstream.requests) == 1, explain(
         response, f"one call: a 500 is a bug upstream, not a transient failure; got {len(upstream.requests)} calls"
     )
     busy = FakeUpstream((503, {"detail": "busy"}))
     response = await place(orders, busy, retries=2)
-    expect_status(response, 502, "inventory answered 503 to every attempt: its answer was bad, so 502 Bad Gateway")
-    expect_json(response, {"detail": "inventory service failed"}, exact=True)
+    expect_upstream_problem(response, 502, "inventory", "inventory answered 503 to every attempt: its answer was bad, so 502 Bad Gateway")
     assert len(busy.requests) == 3, explain(
         response, f"3 calls: a 503 is transient, so it is retried (retries=2); got {len(busy.requests)} calls"
     )
@@ -389,6 +428,7 @@ async def test_inventory_error_is_502_and_not_retried(orders: ModuleType) -> Non
 
 
 @pytest.mark.task("retries")
+@pytest.mark.promise("P5")
 @pytest.mark.asyncio
 async def test_transient_failures_are_retried_with_backoff(orders: ModuleType) -> None:
     upstream = FakeUpstream("down", "slow", (200, {"sku": "widget", "available": 10}))
@@ -405,6 +445,7 @@ async def test_transient_failures_are_retried_with_backoff(orders: ModuleType) -
 
 
 @pytest.mark.task("retries")
+@pytest.mark.promise("P5")
 @pytest.mark.asyncio
 async def test_retries_give_up(orders: ModuleType) -> None:
     upstream = FakeUpstream("down")
@@ -414,6 +455,7 @@ async def test_retries_give_up(orders: ModuleType) -> None:
 
 
 @pytest.mark.task("retries")
+@pytest.mark.promise("P6", "P8")
 @pytest.mark.asyncio
 async def test_retry_after_is_honoured_and_sent(orders: ModuleType, gateway: ModuleType) -> None:
     busy = FakeUpstream((503, {"detail": "restarting"}, {"Retry-After": "3"}))
@@ -431,22 +473,24 @@ async def test_retry_after_is_honoured_and_sent(orders: ModuleType, gateway: Mod
                              transports={"orders": FakeUpstream(), "inventory": reading})
     async with serving(app) as running, client_for(running) as client:
         passed_on = await client.get("/api/stock/widget")
-    expect_status(passed_on, 503, "the gateway: inventory's 503, passed on")
+    relayed = expect_problem(passed_on, 503, "the gateway: inventory's 503 problem, passed on (its instance the gateway's path)")
+    assert relayed.get("detail") == "restarting", explain(passed_on, "inventory's own problem relayed as it is (its detail kept)")
     expect_header(passed_on, "retry-after", "3", "inventory's Retry-After, passed on to the client")
     assert len(reading.requests) == 1, explain(passed_on, f"one call from the gateway too; got {len(reading.requests)}")
     down = await place(orders, FakeUpstream("down"), retries=0)
-    expect_status(down, 503, "inventory cannot be reached")
+    expect_upstream_problem(down, 503, "inventory", "inventory cannot be reached")
     waited = expect_header(down, "retry-after", why="a 503 says when to try again (whole seconds)")
     assert waited.isdigit() and 1 <= int(waited) <= 3600, explain(down, f"Retry-After in whole seconds, 1 to 3600; got {waited!r}")
     app = gateway.create_app(transports={"orders": FakeUpstream("down"), "inventory": FakeUpstream()})
     async with serving(app) as running, client_for(running) as client:
         unreachable = await client.post("/api/orders", json=ORDER)
-    expect_status(unreachable, 503, "orders cannot be reached")
+    expect_upstream_problem(unreachable, 503, "orders", "orders cannot be reached")
     waited = expect_header(unreachable, "retry-after", why="the gateway's own 503 says when to try again too")
     assert waited.isdigit() and 1 <= int(waited) <= 3600, explain(unreachable, f"Retry-After in whole seconds; got {waited!r}")
 
 
 @pytest.mark.task("retries")
+@pytest.mark.promise("P5")
 @pytest.mark.asyncio
 async def test_gateway_retries_get_but_never_post(gateway: ModuleType) -> None:
     settings = gateway.Settings(orders_url="http://orders.test", inventory_url="http://inventory.test", retries=1, backoff=0.0)
@@ -454,7 +498,7 @@ async def test_gateway_retries_get_but_never_post(gateway: ModuleType) -> None:
     app = gateway.create_app(settings, transports={"orders": posting, "inventory": FakeUpstream()})
     async with serving(app) as running, client_for(running) as client:
         response = await client.post("/api/orders", json=ORDER)
-    expect_status(response, 504, "orders timed out on a POST")
+    expect_upstream_problem(response, 504, "orders", "orders timed out on a POST")
     assert len(posting.requests) == 1, explain(
         response, "no retry of a POST: it may have been carried out before the timeout, and a retry would "
         f"place the order twice; the gateway sent it {len(posting.requests)} times"
@@ -471,6 +515,7 @@ async def test_gateway_retries_get_but_never_post(gateway: ModuleType) -> None:
 
 
 @pytest.mark.task("request_id")
+@pytest.mark.promise("P7")
 @pytest.mark.asyncio
 async def test_orders_passes_the_request_id_upstream(orders: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -486,6 +531,7 @@ async def test_orders_passes_the_request_id_upstream(orders: ModuleType) -> None
 
 
 @pytest.mark.task("request_id")
+@pytest.mark.promise("P7")
 @pytest.mark.asyncio
 async def test_orders_creates_a_request_id_when_there_is_none(orders: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -494,15 +540,18 @@ async def test_orders_creates_a_request_id_when_there_is_none(orders: ModuleType
         first = await client.post("/orders", json=ORDER)
         second = await client.post("/orders", json=ORDER)
     created = expect_header(first, "x-request-id", why="created when the caller sent none")
-    assert created and created != expect_header(second, "x-request-id"), explain(second, "a new id for every request")
+    assert re.fullmatch(r"[0-9a-f]{32}", created) and created != expect_header(second, "x-request-id"), explain(
+        second, f"a new id for every request, uuid4().hex (32 hexadecimal digits); got {created!r}")
     seen = upstream.requests[0].headers.get("x-request-id")
     assert seen == created, explain(first, f"the same id ({created}) on the call to inventory; it carried {seen}")
 
 
-MALFORMED_IDS = ["x" * 129, "a b", "<script>", "id\tx", "ünï", "a;b", "a/b", "a=b"]
+MALFORMED_IDS = ["x" * 65, "a b", "<script>", "id\tx", "ünï", "a;b", "a/b", "a=b", "a:b", "trace-1\n", "a+b", "a%20b"]
+WELL_FORMED_ID = "A-z_0.9." * 8  # 64 characters, every kind allowed
 
 
 @pytest.mark.task("request_id")
+@pytest.mark.promise("P7")
 @pytest.mark.asyncio
 async def test_a_malformed_request_id_is_replaced(orders: ModuleType, gateway: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -512,19 +561,24 @@ async def test_a_malformed_request_id_is_replaced(orders: ModuleType, gateway: M
         for given in MALFORMED_IDS:
             answers[f"orders, X-Request-ID {given!r}"] = (given, await client.post("/orders", json={"sku": "widget", "quantity": 11},
                                                                                  headers={"X-Request-ID": given.encode()}))
-        kept = await client.post("/orders", json={"sku": "widget", "quantity": 11}, headers={"X-Request-ID": "A-z_0.9:" * 16})
-    app = gateway.create_app(transports={"orders": FakeUpstream(), "inventory": FakeUpstream()})
+        kept = await client.post("/orders", json={"sku": "widget", "quantity": 11}, headers={"X-Request-ID": WELL_FORMED_ID})
+    reading = FakeUpstream()
+    app = gateway.create_app(transports={"orders": FakeUpstream(), "inventory": reading})
     async with serving(app) as running, client_for(running) as client:
         for given in MALFORMED_IDS:
             answers[f"gateway, X-Request-ID {given!r}"] = (given, await client.get("/api/stock/widget",
                                                                                   headers={"X-Request-ID": given.encode()}))
+        kept_at_the_edge = await client.get("/api/stock/widget", headers={"X-Request-ID": WELL_FORMED_ID})
     for where, (given, response) in answers.items():
         returned = response.headers.get("x-request-id", "")
-        assert returned and returned != given.encode().decode("latin-1") and len(returned) <= 128, explain(
-            response, f"{where}: a new request ID instead of one that is not 1-128 letters, digits, - _ . : "
-            f"(it is written into every log line); the answer carried {returned!r}"
+        assert re.fullmatch(r"[0-9a-f]{32}", returned), explain(
+            response, f"{where}: a new request ID (uuid4().hex: 32 hexadecimal digits) instead of one that is not "
+            f"1 to 64 letters, digits, - _ . (it is written into every log line); the answer carried {returned!r}"
         )
-    expect_header(kept, "x-request-id", "A-z_0.9:" * 16, "a well-formed ID of 128 characters is kept")
+    expect_header(kept, "x-request-id", WELL_FORMED_ID, "a well-formed ID of 64 characters is kept")
+    expect_header(kept_at_the_edge, "x-request-id", WELL_FORMED_ID, "the gateway keeps a well-formed ID of 64 characters")
+    assert reading.requests[-1].headers.get("x-request-id") == WELL_FORMED_ID, explain(
+        kept_at_the_edge, "the caller's well-formed ID passed on to inventory")
     seen = [request.headers.get("x-request-id") for request in upstream.requests]
     assert seen and all(value and value not in MALFORMED_IDS for value in seen), explain(
         kept, f"the replacement ID, not the malformed one, on the calls to inventory; they carried {seen}"
@@ -532,6 +586,7 @@ async def test_a_malformed_request_id_is_replaced(orders: ModuleType, gateway: M
 
 
 @pytest.mark.task("request_id")
+@pytest.mark.promise("P7")
 @pytest.mark.asyncio
 async def test_the_gateway_creates_the_id_at_the_edge_and_passes_it_on(gateway: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -551,6 +606,7 @@ async def test_the_gateway_creates_the_id_at_the_edge_and_passes_it_on(gateway: 
 
 
 @pytest.mark.task("gateway")
+@pytest.mark.promise("P8", "P9")
 @pytest.mark.asyncio
 async def test_gateway_routes_by_path(gateway: ModuleType) -> None:
     to_orders = FakeUpstream((201, {"id": "abc", "sku": "widget", "quantity": 3, "status": "placed"}))
@@ -574,11 +630,11 @@ async def test_gateway_routes_by_path(gateway: ModuleType) -> None:
         read, f"GET /stock/widget?fresh=1&tag=a&tag=b at the inventory service (every value of a repeated "
         f"parameter); it received {forwarded}"
     )
-    expect_status(nowhere, 404, "no service owns /api/payments")
-    expect_json(nowhere, {"detail": "No service for /api/payments/1"}, exact=True)
+    expect_problem(nowhere, 404, "no service owns /api/payments", type="about:blank")
 
 
 @pytest.mark.task("gateway")
+@pytest.mark.promise("P8", "P17")
 @pytest.mark.asyncio
 async def test_gateway_rewrites_location_and_reports_a_down_service(gateway: ModuleType, orders: ModuleType, inventory: ModuleType) -> None:
     async with (
@@ -592,11 +648,22 @@ async def test_gateway_rewrites_location_and_reports_a_down_service(gateway: Mod
         order_id = json_of(created).get("id")
         expect_header(created, "location", f"/api/orders/{order_id}", "the Location of orders, as a gateway path")
         expect_json(await client.get(f"/api/orders/{order_id}"), {"id": order_id, "status": "placed"})
+        # A service's problem is relayed as the service wrote it; only its instance becomes the gateway's path.
+        too_many = await client.post("/api/orders", json={"sku": "gadget", "quantity": 4})
+        relayed = expect_typed_problem(too_many, 409, "out-of-stock", "Not enough stock",
+                                       "orders' 409 through the gateway (3 gadgets in stock, 4 ordered)", available=3)
+        async with client_for(service) as orders_client:
+            direct = await orders_client.post("/orders", json={"sku": "gadget", "quantity": 4})
+        mine = {k: v for k, v in relayed.items() if k != "instance"}
+        theirs = {k: v for k, v in json_of(direct).items() if k != "instance"}
+        assert mine == theirs, explain(too_many, f"orders' own problem, relayed unchanged but for its instance: {theirs}")
+        unknown = await client.get("/api/orders/no-such-order")
+        expect_problem(unknown, 404, "orders' 404 for an unknown order, relayed with the gateway's path as instance",
+                       type="about:blank")
     down = gateway.create_app(transports={"orders": FakeUpstream("down"), "inventory": FakeUpstream("down")})
     async with serving(down) as running, client_for(running) as client:
         response = await client.post("/api/orders", json=ORDER)
-    expect_status(response, 503, "the orders service cannot be reached")
-    expect_json(response, {"detail": "orders service unavailable"}, exact=True)
+    expect_upstream_problem(response, 503, "orders", "the orders service cannot be reached")
 
 
 # --- Events ---------------------------------------------------------------------------------------------------
@@ -608,6 +675,7 @@ def event(event_id: str = "evt-1", quantity: int = 3) -> dict[str, Any]:
 
 
 @pytest.mark.task("events")
+@pytest.mark.promise("P15")
 @pytest.mark.asyncio
 async def test_inventory_applies_an_event_once(inventory: ModuleType) -> None:
     async with serving(inventory.create_app()) as app, client_for(app) as client:
@@ -619,13 +687,14 @@ async def test_inventory_applies_an_event_once(inventory: ModuleType) -> None:
         expect_json(await client.get("/stock/widget"), {"available": 7}, "3 taken from 10, once")
         expect_status(await client.post("/events", json=event("evt-2", quantity=9)), 202, "an event that oversells")
         expect_json(await client.get("/stock/widget"), {"available": 0}, "9 taken from 7: stock never goes below 0")
-        expect_status(await client.post("/events", json={"type": "OrderPlaced"}), 422, "an event without its fields")
+        expect_problem(await client.post("/events", json={"type": "OrderPlaced"}), 422, "an event without its fields")
         nan = await client.post("/events", content=json.dumps(event("evt-3")).replace('"quantity": 3', '"quantity": NaN').encode(),
                                 headers={"content-type": "application/json"})
-        expect_status(nan, 422, "an event whose quantity is NaN (the 422 must not echo it: JSON cannot carry NaN)")
+        expect_problem(nan, 422, "an event whose quantity is NaN (the 422 must not echo it: JSON cannot carry NaN)")
 
 
 @pytest.mark.task("events")
+@pytest.mark.promise("P16")
 @pytest.mark.asyncio
 async def test_orders_publishes_order_placed(orders: ModuleType) -> None:
     broker = orders.InProcessBroker()
@@ -666,6 +735,7 @@ async def test_orders_publishes_order_placed(orders: ModuleType) -> None:
 
 
 @pytest.mark.task("events")
+@pytest.mark.promise("P16")
 @pytest.mark.asyncio
 async def test_services_connected_by_a_broker(orders: ModuleType, inventory: ModuleType) -> None:
     broker = orders.InProcessBroker()
@@ -690,6 +760,7 @@ async def test_services_connected_by_a_broker(orders: ModuleType, inventory: Mod
 
 
 @pytest.mark.task("events")
+@pytest.mark.promise("P16")
 @pytest.mark.asyncio
 async def test_events_posted_over_http_are_retried(orders: ModuleType, loopback: tuple[LoopbackInventory, str]) -> None:
     consumer, url = loopback  # a real inventory on loopback whose /events refuses the first delivery with a 503
@@ -765,6 +836,7 @@ ATTACKS = [
 
 @pytest.mark.slow
 @pytest.mark.task("allow_list")
+@pytest.mark.promise("P9")
 def test_no_path_reaches_a_route_that_is_not_on_the_allow_list(inventory: ModuleType, gateway: ModuleType) -> None:
     stock = Recorder(inventory.create_app())
     orders = Recorder(stand_in_orders())
@@ -801,6 +873,7 @@ def test_no_path_reaches_a_route_that_is_not_on_the_allow_list(inventory: Module
 
 
 @pytest.mark.task("allow_list")
+@pytest.mark.promise("P9")
 @pytest.mark.asyncio
 async def test_the_gateway_forwards_only_its_routes(gateway: ModuleType) -> None:
     to_orders, to_inventory = FakeUpstream((200, {"id": "abc"})), FakeUpstream()
@@ -833,6 +906,7 @@ NASTY_SKUS = ["..", ".", "../events", "..%2Fevents", "a/b", "a\\b", "%2e%2e", ""
 
 
 @pytest.mark.task("allow_list")
+@pytest.mark.promise("P9")
 @pytest.mark.asyncio
 async def test_orders_puts_the_sku_into_inventorys_path_as_one_segment(orders: ModuleType) -> None:
     upstream = FakeUpstream()
@@ -855,6 +929,7 @@ async def test_orders_puts_the_sku_into_inventorys_path_as_one_segment(orders: M
 
 
 @pytest.mark.task("deadline")
+@pytest.mark.promise("P10")
 @pytest.mark.asyncio
 async def test_the_timeout_bounds_the_whole_call(
     orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str]
@@ -872,7 +947,7 @@ async def test_the_timeout_bounds_the_whole_call(
         started = time.perf_counter()
         results["gateway, GET /api/stock/widget"] = (await client.get("/api/stock/widget"), time.perf_counter() - started)
     for where, (response, elapsed) in results.items():
-        expect_status(response, 504, f"{where}: inventory trickles its answer for 8 s, the timeout is 0.3 s")
+        expect_upstream_problem(response, 504, "inventory", f"{where}: inventory trickles its answer for 8 s, the timeout is 0.3 s")
         assert elapsed < 1.5, explain(
             response, f"{where}: a 504 about 0.3 s after the request: the timeout bounds the whole call, every read "
             f"and all 9 retries together (a client timeout alone bounds each read, and a byte every 0.05 s resets it; "
@@ -881,6 +956,7 @@ async def test_the_timeout_bounds_the_whole_call(
 
 
 @pytest.mark.task("deadline")
+@pytest.mark.promise("P10")
 @pytest.mark.asyncio
 async def test_no_backoff_sleeps_past_the_deadline(orders: ModuleType) -> None:
     upstream = FakeUpstream("down")
@@ -896,6 +972,7 @@ async def test_no_backoff_sleeps_past_the_deadline(orders: ModuleType) -> None:
 
 
 @pytest.mark.task("deadline")
+@pytest.mark.promise("P10")
 @pytest.mark.asyncio
 async def test_the_gateway_passes_its_remaining_budget_on(gateway: ModuleType) -> None:
     reading = FakeUpstream("down", (503, {"detail": "busy"}), (200, {"sku": "widget", "available": 10}))
@@ -922,6 +999,7 @@ async def test_the_gateway_passes_its_remaining_budget_on(gateway: ModuleType) -
 
 
 @pytest.mark.task("deadline")
+@pytest.mark.promise("P11")
 @pytest.mark.asyncio
 async def test_orders_stops_when_its_caller_stops_waiting(orders: ModuleType, loopback: tuple[LoopbackInventory, str]) -> None:
     trickling, url = loopback
@@ -931,7 +1009,7 @@ async def test_orders_stops_when_its_caller_stops_waiting(orders: ModuleType, lo
         started = time.perf_counter()
         response = await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": "300"})
         elapsed = time.perf_counter() - started
-    expect_status(response, 504, "the caller will wait 300 ms (X-Timeout-Ms: 300); inventory trickles for 8 s")
+    expect_upstream_problem(response, 504, "inventory", "the caller will wait 300 ms (X-Timeout-Ms: 300); inventory trickles for 8 s")
     assert elapsed < 1.5, explain(
         response, "a 504 about 0.3 s after the request: the caller's X-Timeout-Ms shortens orders' own budget "
         f"(ORDERS_TIMEOUT 10 s here); it came after {elapsed:.2f} s"
@@ -942,7 +1020,7 @@ async def test_orders_stops_when_its_caller_stops_waiting(orders: ModuleType, lo
             spent = await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": "0"})
             bad = [(value, (await client.post("/orders", json=ORDER, headers={"X-Timeout-Ms": value})).status_code)
                    for value in ("soon", "-5", "1.5", str(2**63))]
-    expect_status(spent, 504, "X-Timeout-Ms: 0: the caller has no time left")
+    expect_upstream_problem(spent, 504, "inventory", "X-Timeout-Ms: 0: the caller has no time left")
     assert not upstream.requests, explain(spent, f"no call to inventory for a spent budget; it was called {len(upstream.requests)} times")
     assert all(status == 422 for _, status in bad), explain(
         spent, f"422 for an X-Timeout-Ms that is not a whole number of milliseconds from 0 to 3600000; got {bad}"
@@ -951,6 +1029,7 @@ async def test_orders_stops_when_its_caller_stops_waiting(orders: ModuleType, lo
 
 @pytest.mark.slow
 @pytest.mark.task("deadline")
+@pytest.mark.promise("P11")
 @pytest.mark.asyncio
 async def test_no_order_is_placed_after_the_caller_got_504(
     orders: ModuleType, gateway: ModuleType, loopback: tuple[LoopbackInventory, str]
@@ -971,7 +1050,7 @@ async def test_no_order_is_placed_after_the_caller_got_504(
                                  transports={"inventory": FakeUpstream()})
         async with serving(app) as running, client_for(running) as client:
             response = await client.post("/api/orders", json=ORDER)
-        expect_status(response, 504, "the gateway waits 0.4 s; inventory answers orders after 1.2 s")
+        expect_upstream_problem(response, 504, "orders", "the gateway waits 0.4 s; inventory answers orders after 1.2 s")
         await asyncio.to_thread(trickling.trickle_ended.wait, 5)
         if trickling.trickle_completed:  # orders stayed for inventory's late answer: did it then place the order?
             await eventually(lambda: published, seconds=1.0)
@@ -991,6 +1070,7 @@ def retry_after_of(response: httpx.Response) -> int | None:
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P12")
 @pytest.mark.asyncio
 async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
     stock = FakeUpstream("down", "down", "down", "down", (200, {"sku": "widget", "available": 10}))
@@ -1014,6 +1094,8 @@ async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
         "open and the next calls are answered 503 at once, without calling it; got "
         f"{failing + [r.status_code for r in refused]} with {calls_while_open} calls to inventory"
     )
+    for response in refused:
+        expect_upstream_problem(response, 503, "inventory", "the circuit of inventory is open: refused at once")
     waits = [retry_after_of(response) for response in refused]
     assert all(wait is not None and 1 <= wait <= 3600 for wait in waits), explain(
         refused[-1], f"each refusal says when to come back: Retry-After in whole seconds (1 to 3600); got {waits}"
@@ -1043,6 +1125,7 @@ class Held(httpx.AsyncBaseTransport):
 
 
 @pytest.mark.task("resilience")
+@pytest.mark.promise("P13")
 @pytest.mark.asyncio
 async def test_a_bulkhead_bounds_the_calls_to_each_service(gateway: ModuleType) -> None:
     held, placing = Held(), FakeUpstream((201, {"id": "abc"}))
@@ -1065,6 +1148,7 @@ async def test_a_bulkhead_bounds_the_calls_to_each_service(gateway: ModuleType) 
         third, "with max_concurrent=2 and two calls to inventory in flight, a third is answered 503 at once and "
         f"never sent; got {third.status_code} after {elapsed:.2f} s, with {in_flight} requests at inventory"
     )
+    expect_upstream_problem(third, 503, "inventory", "the bulkhead of inventory is full: refused at once")
     wait = retry_after_of(third)
     assert wait is not None and 1 <= wait <= 3600, explain(third, f"Retry-After in whole seconds (1 to 3600); got {wait}")
     expect_status(placed, 201, "orders has its own bulkhead: a saturated inventory does not stop orders")
@@ -1085,6 +1169,7 @@ DOCUMENTED = {
 
 
 @pytest.mark.task("contract")
+@pytest.mark.promise("P14")
 @pytest.mark.asyncio
 async def test_the_schemas_document_every_status_code(inventory: ModuleType, orders: ModuleType, gateway: ModuleType) -> None:
     apps = {"inventory": inventory.create_app(), "orders": orders.create_app(orders_settings(orders)),
@@ -1095,9 +1180,14 @@ async def test_the_schemas_document_every_status_code(inventory: ModuleType, ord
             schema = json_of(await client.get("/openapi.json"))
         paths = schema.get("paths", {})
         for (method, path), codes in DOCUMENTED[name].items():
-            documented = set(paths.get(path, {}).get(method, {}).get("responses", {}))
+            responses = paths.get(path, {}).get(method, {}).get("responses", {})
+            documented = set(responses)
             if not codes <= documented:
                 missing[f"{name}: {method.upper()} {path}"] = sorted(codes - documented)
+            not_problems = sorted(code for code in codes & documented if code >= "400"
+                                  and "application/problem+json" not in (responses[code].get("content") or {}))
+            if not_problems:
+                missing[f"{name}: {method.upper()} {path}: errors not declared as application/problem+json"] = not_problems
         if name == "gateway":
             extra = sorted(set(paths) - {"/health", *(path for _, path in DOCUMENTED["gateway"])})
             if extra:
@@ -1105,17 +1195,45 @@ async def test_the_schemas_document_every_status_code(inventory: ModuleType, ord
     assert not missing, (
         f"\nsent:     GET /openapi.json to inventory, orders and the gateway\n"
         f"expected: every status code each route can answer declared in its schema (responses=... on the route "
-        f"decorator), and the gateway's schema listing exactly its allow-list and /health\n"
+        f"decorator; each error as application/problem+json: responses=problem_responses(404, ...)), and the "
+        f"gateway's schema listing exactly its allow-list and /health\n"
         f"got:      missing or extra: {missing}"
     )
+
+
+@pytest.mark.task("contract")
+@pytest.mark.promise("P17")
+@pytest.mark.asyncio
+async def test_every_error_of_every_service_is_a_problem(inventory: ModuleType, orders: ModuleType, gateway: ModuleType) -> None:
+    apps = {"inventory": inventory.create_app(),
+            "orders": orders.create_app(orders_settings(orders), upstream_transport=FakeUpstream()),
+            "gateway": gateway.create_app(transports={"orders": FakeUpstream(), "inventory": FakeUpstream()})}
+    invalid = {"inventory": ("/events", {"type": "OrderPlaced", "event_id": "", "quantity": "many"}),
+               "orders": ("/orders", {"sku": "widget", "quantity": "many"})}
+    for name, app in apps.items():
+        async with serving(app) as running, client_for(running) as client:
+            expect_problem(await client.get("/no/such/route?token=secret"), 404,
+                           f"{name}: an unknown route is a problem too (Starlette's 404, through install_problem_details)",
+                           type="about:blank")
+            wrong_method = await client.delete("/health")
+            expect_problem(wrong_method, 405, f"{name}: DELETE /health, a wrong method", type="about:blank")
+            expect_header(wrong_method, "allow", "GET", f"{name}: a 405 says which methods the path has")
+            expect_header(wrong_method, "x-request-id", why=f"{name}: every answer carries the request ID, an error too")
+            if name in invalid:
+                path, body = invalid[name]
+                refused = await client.post(path, json=body)
+                errors = expect_problem(refused, 422, f"{name}: POST {path} with a quantity that is not a number").get("errors")
+                assert isinstance(errors, list) and errors and all(
+                    isinstance(error, dict) and set(error) == {"loc", "msg", "type"} for error in errors), explain(
+                    refused, f"{name}: a 422 problem whose errors are each {{loc, msg, type}}, never the refused input; got {errors}")
 
 
 # --- End to end: real processes ---------------------------------------------------------------------------------
 
 
 def uvicorn(target: str, folder: Path) -> list[str]:
-    # --app-dir puts the graded folder on sys.path, so uvicorn imports inventory.py and orders.py
-    # as top-level modules: one more reason for each service file to stand alone.
+    # --app-dir puts the folder holding the `services` package on sys.path; uvicorn imports
+    # services.inventory and services.orders, each a service of its own in its own process.
     return [sys.executable, "-m", "uvicorn", target, "--factory", "--app-dir", str(folder),
             "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--no-access-log"]
 
@@ -1143,14 +1261,22 @@ def started_together(*servers: AbstractContextManager[str]) -> Iterator[Callable
 @pytest.mark.slow
 @pytest.mark.servers
 @pytest.mark.task("end_to_end")
+@pytest.mark.promise("P18")
 @pytest.mark.asyncio
-async def test_end_to_end_with_real_processes(gateway: ModuleType, target_dir: Path) -> None:
+async def test_end_to_end_with_real_processes(gateway: ModuleType, target_dir: Path, tmp_path: Path) -> None:
+    # The services import the given problems.py relatively: uvicorn imports them as the modules
+    # of a package, `services`, a copy of the graded folder.
+    package = tmp_path / "services"
+    package.mkdir()
+    for source in target_dir.glob("*.py"):
+        if not source.name.startswith("test_"):
+            shutil.copyfile(source, package / source.name)
     inventory_port, orders_port = free_port(), free_port()
     inventory_url, orders_url = f"http://127.0.0.1:{inventory_port}", f"http://127.0.0.1:{orders_port}"
     env = {"ORDERS_INVENTORY_URL": inventory_url, "ORDERS_EVENTS_URL": f"{inventory_url}/events"}
     with started_together(
-        serve_in_process(uvicorn("inventory:create_app", target_dir), port=inventory_port, ready_path="/health"),
-        serve_in_process(uvicorn("orders:create_app", target_dir), port=orders_port, env=env, ready_path="/health"),
+        serve_in_process(uvicorn("services.inventory:create_app", tmp_path), port=inventory_port, ready_path="/health"),
+        serve_in_process(uvicorn("services.orders:create_app", tmp_path), port=orders_port, env=env, ready_path="/health"),
     ) as ready:
         # The gateway runs here, but reaches both services over real TCP connections. It starts
         # (and makes its clients) while the two services boot.

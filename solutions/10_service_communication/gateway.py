@@ -5,6 +5,7 @@ Each service file stands alone, as separately deployed services do: they share c
 """
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -21,15 +22,17 @@ from urllib.parse import quote
 import httpx
 from fastapi import FastAPI, Request, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_response, problem_responses
 
 logger = logging.getLogger("gateway")
 
 REQUEST_ID_HEADER = "x-request-id"
 # What a request ID may look like: it is written into every log line, so nothing else gets in.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TIMEOUT_HEADER = "X-Timeout-Ms"  # how long the caller still waits, passed on to the next hop
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
@@ -60,18 +63,26 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 RETRY_AFTER_SECONDS = 1  # what our own 503 asks for: a restarting service is usually back by then
 
+# The problem types of the gateway's own errors (README.md names them; orders uses the same
+# ones); `service` says which service failed.
+PROBLEMS = "https://course.example/problems/"
+UPSTREAM_PROBLEMS = {
+    502: ("bad-upstream", "Bad answer from an upstream service", "The {service} service answered with an error."),
+    503: ("upstream-unavailable", "Upstream service unavailable", "The {service} service cannot be reached; try again later."),
+    504: ("upstream-timeout", "Upstream service timed out", "The {service} service did not answer in time."),
+}
 
-class Detail(BaseModel):
-    detail: str
 
+class UpstreamError(ProblemError):
+    """A service failed the gateway: unreachable or refused at once (503), too slow (504)."""
 
-class UpstreamError(Exception):
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+    def __init__(self, status_code: int, service: str, retry_after: int = RETRY_AFTER_SECONDS) -> None:
+        slug, title, detail = UPSTREAM_PROBLEMS[status_code]
         # A 503 tells its caller when to try again, so that retries do not come back at once.
-        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
+        headers = {"Retry-After": str(retry_after)} if status_code == 503 else {}
+        super().__init__(status_code, detail.format(service=service), type=PROBLEMS + slug, title=title,
+                         headers=headers, service=service)
+        self.status_code = status_code
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
@@ -114,7 +125,7 @@ async def call_upstream(
     """
     loop = asyncio.get_running_loop()
     attempts = 1 + (retries if method.upper() in IDEMPOTENT_METHODS else 0)
-    outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
+    outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
     for attempt in range(attempts):
         if attempt:
             # The service may say how long it needs (Retry-After): never come back sooner.
@@ -127,9 +138,9 @@ async def call_upstream(
             async with asyncio.timeout_at(deadline):
                 outcome = await client.request(method, url, headers=headers, **kwargs)
         except (httpx.TimeoutException, TimeoutError):
-            outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
+            outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
         except httpx.TransportError:
-            outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"{service} service unavailable")
+            outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service)
         if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
             return outcome
         logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts,
@@ -206,16 +217,26 @@ class RequestIdMiddleware:
 
 
 def no_route(request: Request) -> JSONResponse:
-    return JSONResponse({"detail": f"No service for {request.url.path}"}, status_code=status.HTTP_404_NOT_FOUND)
+    return problem_response(request, status.HTTP_404_NOT_FOUND, "No service answers this path.")
 
 
-# What the gateway itself may answer, on top of whatever the service answers.
-GATEWAY_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": Detail, "description": "No route: not on the gateway's allow-list"},
-    502: {"model": Detail, "description": "The service answered 502"},
-    503: {"model": Detail, "description": "The service cannot be reached"},
-    504: {"model": Detail, "description": "The service did not answer within the gateway's timeout"},
-}
+def relayed(upstream: httpx.Response, request: Request) -> bytes:
+    """The service's answer, as it is; in a problem only `instance` changes, to the path the client
+    sent (the client knows the gateway's paths, not the service's), as a Location header does."""
+    if upstream.headers.get("content-type", "").split(";")[0].strip().lower() == PROBLEM_JSON:
+        try:
+            problem = upstream.json()
+        except ValueError:
+            return upstream.content
+        if isinstance(problem, dict) and isinstance(problem.get("instance"), str):
+            problem["instance"] = request.url.path
+            return json.dumps(problem).encode()
+    return upstream.content
+
+
+# What the gateway itself may answer (each a problem), on top of whatever the service answers:
+# 404 off the allow-list, the service's 502, 503 unreachable / circuit open / bulkhead full, 504.
+GATEWAY_ERRORS = problem_responses(404, 502, 503, 504)
 
 
 def create_app(
@@ -243,6 +264,7 @@ def create_app(
             yield {"clients": clients, "breakers": breakers, "bulkheads": bulkheads}
 
     app = FastAPI(title="Gateway", version="1.0.0", lifespan=lifespan)
+    install_problem_details(app)  # every error a problem: its own, and Starlette's 404 and 405
     app.add_middleware(RequestIdMiddleware)
 
     async def forward(request: Request, service: str, template: str, **params: str) -> Response:
@@ -264,8 +286,7 @@ def create_app(
             # Refused at once, the service untouched: it is failing (the circuit is open) or as busy
             # as we let it be (the bulkhead is full). Retry-After says when to come back.
             wait = max(1, math.ceil(breaker.retry_after(loop.time())))
-            return JSONResponse({"detail": f"{service} service unavailable"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-                                headers={"Retry-After": str(wait)})
+            raise UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service, retry_after=wait)
         async with bulkhead:
             succeeded: bool | None = None
             try:
@@ -275,9 +296,9 @@ def create_app(
                     params=request.query_params.multi_items(), content=await request.body(), headers=headers,
                 )
                 succeeded = upstream.status_code not in RETRYABLE_STATUS
-            except UpstreamError as exc:
+            except UpstreamError:
                 succeeded = False
-                return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+                raise  # a problem of the gateway's own (installed handler)
             finally:
                 if succeeded is None:  # cancelled (the client left): no verdict on the service
                     breaker.trial_running = False
@@ -286,7 +307,7 @@ def create_app(
         answer = {name: upstream.headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in upstream.headers}
         if answer.get("location", "").startswith("/"):
             answer["location"] = "/api" + answer["location"]  # the client only knows the gateway's paths
-        return Response(content=upstream.content, status_code=upstream.status_code, headers=answer)
+        return Response(content=relayed(upstream, request), status_code=upstream.status_code, headers=answer)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -302,13 +323,8 @@ def create_app(
     @app.post(
         "/api/orders",
         status_code=status.HTTP_201_CREATED,
-        responses={
-            201: {"description": "The order, placed"},
-            400: {"model": Detail, "description": "The body is not valid JSON"},
-            409: {"model": Detail, "description": "Not enough stock"},
-            422: {"description": "Invalid order, or unknown SKU"},
-            **GATEWAY_ERRORS,
-        },
+        # What orders answers, passed on (its problems too), and the gateway's own errors.
+        responses={201: {"description": "The order, placed"}, **problem_responses(400, 409, 422), **GATEWAY_ERRORS},
     )
     async def place_order(request: Request) -> Response:
         return await forward(request, "orders", "/orders")

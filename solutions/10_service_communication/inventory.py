@@ -12,18 +12,18 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, HTTPException, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, status
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .problems import install_problem_details, problem_responses
 
 logger = logging.getLogger("inventory")
 
 DEFAULT_STOCK: dict[str, int] = {"widget": 10, "gadget": 3, "gizmo": 0}
 REQUEST_ID_HEADER = "x-request-id"
 # What a request ID may look like: it is written into every log line, so nothing else gets in.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -75,10 +75,6 @@ class OrderPlaced(BaseModel):
     quantity: int = Field(ge=1)
 
 
-class Detail(BaseModel):
-    detail: str
-
-
 class EventReceipt(BaseModel):
     event_id: str
     applied: bool
@@ -119,30 +115,26 @@ def create_app(stock: Mapping[str, int] | None = None, *, broker: Subscribable |
             broker.subscribe("OrderPlaced", consume)
         yield
 
-    app = FastAPI(title="Inventory", version="1.0.0", lifespan=lifespan)
+    # Every error is a problem (problems.py, given): FastAPI's 422 without the refused input (an
+    # infinite or NaN number in the JSON would make it a 500), the 404 of an unknown route too.
+    app = FastAPI(title="Inventory", version="1.0.0", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
     app.add_middleware(RequestIdMiddleware)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's 422 without each error's "input" and "ctx": the input may be the infinity or
-        # NaN that was refused (1e309 in the JSON), which JSON cannot carry: the 422 would be a 500.
-        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "inventory"}
 
-    @app.get("/stock/{sku}", responses={404: {"model": Detail, "description": "Unknown SKU"}})
+    @app.get("/stock/{sku}", responses=problem_responses(404))
     async def read_stock(sku: str) -> Stock:
         if sku not in inventory.stock:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"Unknown SKU {sku}")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "No SKU of this name is in stock.")
         return Stock(sku=sku, available=inventory.stock[sku])
 
     @app.post(
         "/events",
         status_code=status.HTTP_202_ACCEPTED,
-        responses={400: {"model": Detail, "description": "The body is not valid JSON"}},
+        responses=problem_responses(400),  # a body that is not JSON at all
     )
     async def receive_event(event: OrderPlaced) -> EventReceipt:
         # The HTTP entrance for events pushed by a publisher in another process.

@@ -21,17 +21,17 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import FastAPI, Header, HTTPException, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .problems import ProblemError, install_problem_details, problem_responses
 
 logger = logging.getLogger("orders")
 
 REQUEST_ID_HEADER = "x-request-id"
 # What a request ID may look like: it is written into every log line, so nothing else gets in.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
@@ -55,16 +55,26 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 RETRYABLE_STATUS = frozenset({502, 503, 504})
 RETRY_AFTER_SECONDS = 1  # what our own 503 asks for: a restarting service is usually back by then
 
+# The problem types of this service's own errors (README.md names them); `service` says which
+# service failed, so a client behind a gateway knows which hop it was.
+PROBLEMS = "https://course.example/problems/"
+UPSTREAM_PROBLEMS = {
+    502: ("bad-upstream", "Bad answer from an upstream service", "The {service} service answered with an error."),
+    503: ("upstream-unavailable", "Upstream service unavailable", "The {service} service cannot be reached; try again later."),
+    504: ("upstream-timeout", "Upstream service timed out", "The {service} service did not answer in time."),
+}
 
-class UpstreamError(Exception):
-    """The upstream could not be reached (503) or did not answer in time (504)."""
 
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
+class UpstreamError(ProblemError):
+    """Another service failed us: unreachable (503), too slow (504) or a bad answer (502)."""
+
+    def __init__(self, status_code: int, service: str) -> None:
+        slug, title, detail = UPSTREAM_PROBLEMS[status_code]
         # A 503 tells its caller when to try again, so that retries do not come back at once.
-        self.headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
+        super().__init__(status_code, detail.format(service=service), type=PROBLEMS + slug, title=title,
+                         headers=headers, service=service)
+        self.status_code = status_code
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:
@@ -107,7 +117,7 @@ async def call_upstream(
     """
     loop = asyncio.get_running_loop()
     attempts = 1 + (retries if method.upper() in IDEMPOTENT_METHODS else 0)
-    outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
+    outcome: httpx.Response | UpstreamError = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
     for attempt in range(attempts):
         if attempt:
             # The service may say how long it needs (Retry-After): never come back sooner.
@@ -121,9 +131,9 @@ async def call_upstream(
             async with asyncio.timeout_at(deadline):
                 outcome = await client.request(method, url, **kwargs)
         except (httpx.TimeoutException, TimeoutError):
-            outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, f"{service} service timed out")
+            outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
         except httpx.TransportError:  # refused, reset, unknown host ...
-            outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"{service} service unavailable")
+            outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service)
         if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
             return outcome
         logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts,
@@ -196,6 +206,10 @@ class EventRejected(Exception):
     """The consumer answered 4xx: this event will never be accepted, however often it is sent."""
 
 
+class ConsumerBusy(Exception):
+    """The consumer is down or busy (5xx, 429): the event is published again later."""
+
+
 class HttpBroker:
     """Publishes by POSTing each event to a consumer's endpoint; one attempt per publish.
 
@@ -213,7 +227,7 @@ class HttpBroker:
     async def publish(self, topic: str, event: dict[str, Any]) -> None:
         response = await self._client.post(self._url, json=event)
         if response.status_code == status.HTTP_429_TOO_MANY_REQUESTS or response.status_code >= 500:
-            raise UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, f"event consumer busy ({response.status_code})")
+            raise ConsumerBusy(f"event consumer busy ({response.status_code})")
         if response.is_error:
             raise EventRejected(f"event consumer refused {event['event_id']} ({response.status_code})")
 
@@ -284,10 +298,6 @@ class Order(BaseModel):
     status: Literal["placed"] = "placed"
 
 
-class Detail(BaseModel):
-    detail: str
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -323,19 +333,11 @@ def create_app(
                 if outbox.pending:
                     logger.error("%d events were never published (the in-memory outbox ends here)", outbox.pending)
 
-    app = FastAPI(title="Orders", version="1.0.0", lifespan=lifespan)
+    # Every error is a problem (problems.py, given): FastAPI's 422 without the refused input (an
+    # infinite or NaN number in the JSON would make it a 500), an UpstreamError as its own type.
+    app = FastAPI(title="Orders", version="1.0.0", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
     app.add_middleware(RequestIdMiddleware)
-
-    @app.exception_handler(UpstreamError)
-    async def upstream_failed(request: Request, exc: UpstreamError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's 422 without each error's "input" and "ctx": the input may be the infinity or
-        # NaN that was refused (1e309 in the JSON), which JSON cannot carry: the 422 would be a 500.
-        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -344,14 +346,7 @@ def create_app(
     @app.post(
         "/orders",
         status_code=status.HTTP_201_CREATED,
-        responses={
-            400: {"model": Detail, "description": "The body is not valid JSON"},
-            409: {"model": Detail, "description": "Not enough stock"},
-            422: {"description": "Invalid order, or unknown SKU"},
-            502: {"model": Detail, "description": "Inventory answered with an error"},
-            503: {"model": Detail, "description": "Inventory cannot be reached"},
-            504: {"model": Detail, "description": "Inventory did not answer within the budget"},
-        },
+        responses=problem_responses(400, 409, 422, 502, 503, 504),
     )
     async def place_order(
         order_in: OrderIn,
@@ -368,18 +363,20 @@ def create_app(
             service="inventory", retries=settings.retries, backoff=settings.backoff, deadline=deadline,
         )
         if stock.status_code == status.HTTP_404_NOT_FOUND:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"Unknown SKU {order_in.sku}")
+            raise ProblemError(status.HTTP_422_UNPROCESSABLE_CONTENT, "Inventory knows no SKU of this name.",
+                               type=PROBLEMS + "unknown-sku", title="Unknown SKU")
         try:
             stock.raise_for_status()
             available = int(stock.json()["available"])
         except (httpx.HTTPStatusError, ValueError, KeyError, TypeError):
-            raise HTTPException(status.HTTP_502_BAD_GATEWAY, "inventory service failed") from None
+            raise UpstreamError(status.HTTP_502_BAD_GATEWAY, "inventory") from None
         if available < order_in.quantity:
-            raise HTTPException(status.HTTP_409_CONFLICT, f"Not enough stock for {order_in.sku}: {available} available")
+            raise ProblemError(status.HTTP_409_CONFLICT, "Fewer are in stock than were ordered.",
+                               type=PROBLEMS + "out-of-stock", title="Not enough stock", available=available)
         if loop.time() >= deadline:
             # The caller has stopped waiting and has been told the order failed: placing it now
             # would do what it believes did not happen, and its retry would order twice.
-            raise UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, "inventory service timed out")
+            raise UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, "inventory")
 
         # The commit: no await from the deadline check to the answer, so nothing can slip past it.
         order = Order(id=uuid.uuid4().hex, sku=order_in.sku, quantity=order_in.quantity)
@@ -395,11 +392,11 @@ def create_app(
         response.headers["Location"] = f"/orders/{order.id}"
         return order
 
-    @app.get("/orders/{order_id}", responses={404: {"model": Detail, "description": "No such order"}})
+    @app.get("/orders/{order_id}", responses=problem_responses(404))
     async def read_order(order_id: str, request: Request) -> Order:
         order = request.state.orders.get(order_id)
         if order is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"Order {order_id} not found")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "No order has this id.")
         return order
 
     return app
