@@ -18,9 +18,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -73,29 +73,36 @@ def differential_build(exercise: str) -> Callable[[Any, Path], Any]:
     return build
 
 
-CAPSTONE_SECRET = "error-contract-secret-0123456789abcdef"
-CAPSTONE_INTERNAL = "error-contract-internal-0123456789abcdef"
+def graded_suite(exercise: str, name: str) -> Any:
+    """An exercise's graded test module, imported once per run (its builders and credentials)."""
+    key = f"{exercise}/{name}"
+    if key not in SUITES:
+        spec = importlib.util.spec_from_file_location(f"_error_contract_{exercise}_{name}", ROOT / "exercises" / exercise / name)
+        assert spec is not None and spec.loader is not None
+        SUITES[key] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(SUITES[key])
+    return SUITES[key]
 
 
 def capstone(service: str) -> Callable[[Any, Path], Any]:
-    """A capstone service as its graded suite builds it: its own SQLite file and the shared secrets."""
+    """A capstone service as its graded suite builds it (test_capstone.build_app: its own SQLite
+    file, the signing key, the service credentials)."""
 
     def build(module: Any, tmp_path: Path) -> Any:
-        if service == "gateway":
-            return module.create_app(module.Settings())
-        settings = module.Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / service}.db",
-                                   jwt_secret=CAPSTONE_SECRET, internal_token=CAPSTONE_INTERNAL)
-        return module.create_app(settings)
+        suite = graded_suite("15_capstone", "test_capstone.py")
+        if service == "orders":  # it verifies tokens with the users service's public keys: the suite's stand-in serves them
+            return module.create_app(module.Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'orders.db'}",
+                                                     client_secret=suite.ORDERS_SECRET, users_url="http://users",
+                                                     outbox_interval=0),
+                                     users_transport=suite.JwksHost())
+        return suite.build_app(lambda name: load_module(ROOT / "solutions" / "15_capstone", name), tmp_path, service)
 
     return build
 
 
-def capstone_token(module: Any) -> dict[str, str]:
-    """An admin's bearer token, issued the way the capstone's users service issues them."""
-    common = importlib.import_module(f"{module.__package__}.common")
-    token = common.issue_token(CAPSTONE_SECRET, "admin", ["catalog:write", "orders:read", "orders:write"],
-                               timedelta(minutes=5))
-    return {"Authorization": f"Bearer {token}"}
+def capstone_admin(module: Any) -> dict[str, str]:
+    """An admin's Authorization header, as the capstone's graded suite mints it."""
+    return graded_suite("15_capstone", "test_capstone.py").admin_headers()
 
 
 SERVICES = [
@@ -115,10 +122,10 @@ SERVICES = [
     Service("12_observability", "app", differential_build("12_observability")),
     Service("13_hardening", "app", "create_app()"),
     Service("14_deployment", "app", differential_build("14_deployment")),
-    Service("15_capstone", "microshop/users", capstone("users"), lifespan=False),
-    Service("15_capstone", "microshop/catalog", capstone("catalog"), lifespan=False, headers=capstone_token),
-    Service("15_capstone", "microshop/orders", capstone("orders"), lifespan=False, headers=capstone_token),
-    Service("15_capstone", "microshop/gateway", capstone("gateway"), lifespan=False),
+    Service("15_capstone", "microshop/users", capstone("users")),
+    Service("15_capstone", "microshop/catalog", capstone("catalog"), headers=capstone_admin),
+    Service("15_capstone", "microshop/orders", capstone("orders"), headers=capstone_admin),
+    Service("15_capstone", "microshop/gateway", capstone("gateway")),
 ]
 
 
