@@ -444,6 +444,39 @@ async def test_transient_failures_are_retried_with_backoff(orders: ModuleType) -
     )
 
 
+class FailsOncePerCaller(httpx.AsyncBaseTransport):
+    """An upstream that refuses the first call of each request ID and answers the second; it
+    records when each call of each ID arrived."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[str, list[float]] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        calls = self.arrivals.setdefault(request.headers.get("x-request-id", ""), [])
+        calls.append(time.perf_counter())
+        if len(calls) == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"sku": "widget", "available": 10}, request=request)
+
+
+@pytest.mark.task("retries")
+@pytest.mark.promise("P5")
+@pytest.mark.asyncio
+async def test_callers_that_failed_together_do_not_retry_together(orders: ModuleType) -> None:
+    upstream = FailsOncePerCaller()
+    app = orders.create_app(orders_settings(orders, retries=1, backoff=0.5, timeout=5.0), upstream_transport=upstream)
+    async with serving(app) as running, client_for(running) as client:
+        answers = await asyncio.gather(*(client.post("/orders", json=ORDER, headers={"X-Request-ID": f"caller-{n}"})
+                                         for n in range(8)))
+    expect_status(answers[0], 201, "inventory refused each caller's first call and answered the retry")
+    waits = sorted(calls[1] - calls[0] for calls in upstream.arrivals.values() if len(calls) == 2)
+    assert len(waits) == 8 and waits[0] >= 0.499 and waits[-1] - waits[0] >= 0.05, explain(
+        answers[-1], "8 orders failed at the same moment; each retried after its backoff (0.5 s here) stretched by a random "
+        "jitter of up to half as much again, so that they do not all come back at the same instant: the waits spread "
+        f"over at least 0.05 s; the waits before the retries were {', '.join(f'{wait:.3f}' for wait in waits)} s"
+    )
+
+
 @pytest.mark.task("retries")
 @pytest.mark.promise("P5")
 @pytest.mark.asyncio
@@ -996,6 +1029,34 @@ async def test_the_gateway_passes_its_remaining_budget_on(gateway: ModuleType) -
         "above 0 and at most 2000 (its timeout is 2 s), never more on a retry than on the attempt before; "
         f"the three attempts of GET /stock/widget and the POST /orders carried {budgets}"
     )
+    # What is passed on is what is left: a first attempt that spent 0.3 s leaves 0.3 s less for the retry.
+    stalling = Stalling(0.3)
+    app = gateway.create_app(gateway.Settings(timeout=5.0, retries=1, backoff=0.0),
+                             transports={"orders": FakeUpstream(), "inventory": stalling})
+    async with serving(app) as running, client_for(running) as client:
+        retried = await client.get("/api/stock/widget")
+    expect_status(retried, 200, "inventory failed the first attempt after 0.3 s and answered the retry")
+    budgets = [request.headers.get("x-timeout-ms", "") for request in stalling.requests]
+    numbers = [int(value) for value in budgets if value.isdigit()]
+    assert len(numbers) == 2 and numbers[1] <= numbers[0] - 200, explain(
+        retried, "X-Timeout-Ms is the budget that remains, not the whole timeout: the first attempt took 0.3 s, so "
+        f"the retry carries at least 200 ms less than the first attempt did (timeout 5 s); they carried {budgets}"
+    )
+
+
+class Stalling(httpx.AsyncBaseTransport):
+    """An upstream whose first call fails after `seconds` (the connection breaks); later calls are answered."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            await asyncio.sleep(self.seconds)
+            raise httpx.RemoteProtocolError("the connection broke", request=request)
+        return httpx.Response(200, json={"sku": "widget", "available": 10}, request=request)
 
 
 @pytest.mark.task("deadline")
@@ -1050,7 +1111,11 @@ async def test_no_order_is_placed_after_the_caller_got_504(
                                  transports={"inventory": FakeUpstream()})
         async with serving(app) as running, client_for(running) as client:
             response = await client.post("/api/orders", json=ORDER)
-        expect_upstream_problem(response, 504, "orders", "the gateway waits 0.4 s; inventory answers orders after 1.2 s")
+        # Orders, told the gateway's budget, usually gives up first (its 504 names inventory, and the
+        # gateway relays it); else the gateway's own 504 names orders. Both tell the caller the same.
+        timed_out = expect_problem(response, 504, "the gateway waits 0.4 s; inventory answers orders after 1.2 s",
+                                   type=PROBLEMS + "upstream-timeout")
+        assert timed_out.get("service") in ("orders", "inventory"), explain(response, "a 504 naming the service that timed out")
         await asyncio.to_thread(trickling.trickle_ended.wait, 5)
         if trickling.trickle_completed:  # orders stayed for inventory's late answer: did it then place the order?
             await eventually(lambda: published, seconds=1.0)
@@ -1075,18 +1140,18 @@ def retry_after_of(response: httpx.Response) -> int | None:
 async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
     stock = FakeUpstream("down", "down", "down", "down", (200, {"sku": "widget", "available": 10}))
     placing = FakeUpstream((201, {"id": "abc"}))
-    settings = gateway.Settings(retries=0, breaker_failures=3, breaker_reset=0.5)
+    settings = gateway.Settings(retries=0, breaker_failures=3, breaker_reset=1.5)
     app = gateway.create_app(settings, transports={"orders": placing, "inventory": stock})
     async with serving(app) as running, client_for(running) as client:
         failing = [(await client.get("/api/stock/widget")).status_code for _ in range(3)]
         refused = [await client.get("/api/stock/widget") for _ in range(3)]
         calls_while_open = len(stock.requests)
         placed = await client.post("/api/orders", json=ORDER)
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(1.7)
         failed_trial = await client.get("/api/stock/widget")
         refused_again = await client.get("/api/stock/widget")
         calls_after_failed_trial = len(stock.requests)
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(1.7)
         good_trial = await client.get("/api/stock/widget")
         closed = await client.get("/api/stock/widget")
     assert failing == [503, 503, 503] and calls_while_open == 3 and all(r.status_code == 503 for r in refused), explain(
@@ -1102,11 +1167,11 @@ async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
     )
     expect_status(placed, 201, "orders is another service with its own circuit: inventory's open circuit does not stop it")
     assert failed_trial.status_code == 503 and refused_again.status_code == 503 and calls_after_failed_trial == 4, explain(
-        refused_again, "after breaker_reset (0.5 s) one trial call reaches inventory; it failed, so the circuit opens "
+        refused_again, "after breaker_reset (1.5 s) one trial call reaches inventory; it failed, so the circuit opens "
         f"again and the next call is refused at once; inventory was called {calls_after_failed_trial} times in all "
         "(expected 4)"
     )
-    expect_status(good_trial, 200, "after another 0.5 s a trial call goes through, and inventory answers")
+    expect_status(good_trial, 200, "after another 1.5 s a trial call goes through, and inventory answers")
     expect_status(closed, 200, "the trial succeeded: the circuit is closed again")
     assert len(stock.requests) == 6, explain(closed, f"6 calls to inventory in all; got {len(stock.requests)}")
 
