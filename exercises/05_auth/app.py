@@ -4,7 +4,7 @@ Read README.md in this folder for the full task. Run `pytest exercises/05_auth`
 (or `grader check 05`) to see what is still missing.
 
 This module must import without any environment: the secret is read when create_app() runs.
-Serve it with `JWT_SECRET=... uvicorn --factory app:create_app`.
+Serve it from exercises/ with `JWT_SECRET=... uvicorn --factory 05_auth.app:create_app`.
 """
 
 import secrets  # noqa: F401  (you will want secrets.token_urlsafe for the dummy hash)
@@ -19,6 +19,9 @@ from pwdlib import PasswordHash  # noqa: F401
 from pwdlib.hashers.argon2 import Argon2Hasher  # noqa: F401
 from pydantic import BaseModel, Field, SecretStr, ValidationError  # noqa: F401
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Given (lesson 03): every error answers application/problem+json; HTTPException keeps its headers.
+from .problems import install_problem_details, problem_responses  # noqa: F401
 
 ALGORITHM = "HS256"
 
@@ -65,12 +68,6 @@ class Token(BaseModel):
     access_token: str
     token_type: str = "bearer"
     scope: str = ""  # the granted scopes, space-separated
-
-
-class ErrorMessage(BaseModel):
-    """The body of an error answer, for the routes' `responses=`."""
-
-    detail: str
 
 
 class ItemIn(BaseModel):
@@ -145,22 +142,23 @@ def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()
     #       (all of them when none are requested), and return a Token whose scope says what
     #       was granted. Run authenticate_user in a worker thread with at most
     #       settings.max_concurrent_hashes at once (an async route awaiting
-    #       anyio.to_thread.run_sync(..., limiter=...)). Declare the 401 and 403 in responses=.
+    #       anyio.to_thread.run_sync(..., limiter=...)). Declare the 401 and 403:
+#       responses=problem_responses(401, 403).
     raise HTTPException(status_code=status.HTTP_501_NOT_IMPLEMENTED, detail="TODO: POST /token")
 
 
 # TODO: GET /users/me -> the current active user, without the password hash.
 # TODO: GET /items needs the scope items:read; POST /items (201) needs items:write.
 #       Use Security(get_current_active_user, scopes=[...]).
-# TODO: FastAPI's default 422 echoes the refused input, which 1e309 (infinity) turns into a 500:
-#       register a RequestValidationError handler that answers the errors without their input.
-# TODO: every route declares the 401 and 403 it can answer: responses={401: {"model": ErrorMessage, ...}}.
+# TODO: every route declares the 401 and 403 it can answer: responses=problem_responses(401, 403);
+#       POST /items also FastAPI's 400 for a body whose bytes are not UTF-8.
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. Without ``settings``, they are read from the environment now."""
     settings = settings or Settings()
-    app = FastAPI(title="Auth service", version="0.5.0")
+    app = FastAPI(title="Auth service", version="0.5.0", responses=problem_responses(422))
+    install_problem_details(app)  # given: every error is a problem, its 422 without the refused input
     app.state.settings = settings
     # TODO: a PasswordHash with one Argon2Hasher using the settings' time, memory and parallelism.
     app.state.password_hash = None

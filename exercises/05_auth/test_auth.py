@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from pwdlib import PasswordHash
 from pydantic import ValidationError
 
-from grader.expect import StartupFailed, expect_header, expect_json, expect_status, explain, json_of
+from grader.expect import StartupFailed, expect_header, expect_json, expect_problem, expect_status, explain, json_of
 
 SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"  # 50 bytes
 OTHER_KEY = "an-attackers-key-0123456789abcdef-0123456789abcdef"
@@ -176,8 +176,15 @@ def claims_of(token):
     return jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
 
 
+def expect_problem_saying(response, status, detail, why):
+    """A problem (RFC 9457) with this status whose detail is the sentence README.md promises."""
+    body = expect_problem(response, status, why)
+    assert body.get("detail") == detail, explain(response, f'a problem whose "detail" is {detail!r} ({why})')
+    return body
+
+
 def expect_refused(response, why):
-    expect_status(response, 401, why)
+    expect_problem(response, 401, why)
     expect_header(response, "www-authenticate", why="a 401 tells the client how to authenticate")
     assert response.headers["www-authenticate"].startswith("Bearer"), explain(
         response, "a WWW-Authenticate header that starts with 'Bearer'"
@@ -197,7 +204,7 @@ def test_login_with_the_form_returns_a_bearer_token(client):
         response, "access_token is a JWT: three base64url parts separated by dots"
     )
     as_json = client.post("/token", json={"username": "alice", "password": "wonderland"})
-    expect_status(as_json, 422, "the OAuth2 password flow sends a form body (OAuth2PasswordRequestForm), not JSON")
+    expect_problem(as_json, 422, "the OAuth2 password flow sends a form body (OAuth2PasswordRequestForm), not JSON")
 
 
 @pytest.mark.task("passwords")
@@ -206,7 +213,7 @@ def test_wrong_password_is_refused(client, alice_token):
     alice_token()  # the control: her right password works
     response = login(client, "alice", "not-her-password")
     expect_refused(response, "a wrong password gets no token")
-    expect_json(response, {"detail": "Incorrect username or password"}, exact=True)
+    expect_problem_saying(response, 401, "Incorrect username or password", "a wrong password gets no token")
 
 
 # The task's main promise: a login that tells who has an account costs most of the task's points.
@@ -216,12 +223,10 @@ def test_unknown_user_gets_the_same_answer_as_a_wrong_password(client, alice_tok
     alice_token()  # the control: a known user with the right password works
     response = login(client, "mallory", "wonderland")
     expect_refused(response, "an unknown user gets no token")
-    expect_json(
-        response,
-        {"detail": "Incorrect username or password"},
-        "the same words as for a wrong password, so the answer does not say which usernames exist",
-        exact=True,
-    )
+    same = "the same problem as for a wrong password, so the answer does not say which usernames exist"
+    unknown = expect_problem_saying(response, 401, "Incorrect username or password", same)
+    wrong = json_of(login(client, "alice", "not-her-password"))
+    assert unknown == wrong, explain(response, f"exactly the body a wrong password gets ({same}): {json.dumps(wrong)}")
 
 
 @pytest.mark.task("passwords")
@@ -275,15 +280,12 @@ def test_passwords_are_stored_as_salted_argon2_hashes(module, app, monkeypatch):
 def test_disabled_user_gets_no_token(client):
     guess = login(client, "carol", "not-her-password")
     expect_refused(guess, "a wrong password is refused the same way for every account, disabled or not")
-    expect_json(
-        guess,
-        {"detail": "Incorrect username or password"},
+    expect_problem_saying(
+        guess, 401, "Incorrect username or password",
         "check the password before saying 'Inactive user', or anyone learns which accounts exist and are disabled",
-        exact=True,
     )
     response = login(client, "carol", "s3cret-carol")
-    expect_status(response, 403, "a disabled account gets no token, even with the right password")
-    expect_json(response, {"detail": "Inactive user"}, exact=True)
+    expect_problem_saying(response, 403, "Inactive user", "a disabled account gets no token, even with the right password")
 
 
 @pytest.mark.task("passwords")
@@ -703,8 +705,8 @@ def test_a_user_disabled_after_login_is_refused(module, app, client):
     expect_status(client.get("/users/me", headers=bearer(token)), 200, "dora's fresh token works before she is disabled")
     app.state.users["dora"] = app.state.users["dora"].model_copy(update={"disabled": True})
     response = client.get("/users/me", headers=bearer(token))
-    expect_status(response, 403, "the token is valid but its user was disabled since: get_current_active_user says no")
-    expect_json(response, {"detail": "Inactive user"}, exact=True)
+    expect_problem_saying(response, 403, "Inactive user",
+                          "the token is valid but its user was disabled since: get_current_active_user says no")
     expect_status(client.get("/items", headers=bearer(token)), 403, "a disabled user cannot list items either")
 
 
@@ -766,8 +768,8 @@ def test_a_valid_token_without_the_scope_is_403(client, alice_token):
     alice = bearer(alice_token())
     expect_status(client.get("/items", headers=alice), 200, "alice's token is valid and holds items:read")
     response = client.post("/items", json={"name": "hammer"}, headers=alice)
-    expect_status(response, 403, "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
-    expect_json(response, {"detail": "Not enough permissions"}, exact=True)
+    expect_problem_saying(response, 403, "Not enough permissions",
+                          "alice's token is valid (so not 401) but lacks items:write: 403 Forbidden")
     challenge = response.headers.get("www-authenticate", "")
     assert challenge.startswith('Bearer error="insufficient_scope"'), explain(
         response, "a WWW-Authenticate header starting with 'Bearer error=\"insufficient_scope\"' (RFC 6750, section 3.1):"
@@ -849,13 +851,14 @@ def test_the_openapi_schema_lists_every_status_each_route_answers(client):
             f"\nsent:     GET /openapi.json"
             f"\nexpected: {method.upper()} {path} documents every status it answers: {sorted(wanted)}"
             f"\ngot:      {sorted(documented)}; missing {missing}. Declare them on the route:"
-            " responses={401: {'model': ErrorMessage, 'description': ...}, ...}"
+            " responses=problem_responses(401, 403)"
         )
-        for code in wanted - {"200", "201", "422"}:
-            content = documented[code].get("content", {}).get("application/json", {})
+        for code in wanted - {"200", "201"}:
+            content = documented[code].get("content", {}).get("application/problem+json", {})
             assert "schema" in content, (
                 f"\nsent:     GET /openapi.json"
-                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body ({{'detail': '...'}}) with a model"
+                f"\nexpected: {method.upper()} {path}'s {code} answer documents its body, a problem, under the media type"
+                " application/problem+json: responses=problem_responses(...) in the route's decorator (422: in FastAPI(...))"
                 f"\ngot:      {documented[code]}"
             )
     schemes = json_of(response).get("components", {}).get("securitySchemes", {})
@@ -901,7 +904,14 @@ def test_an_invalid_body_is_422_whatever_it_holds(client):
         if error:
             pytest.fail(f"\nsent:     POST /items (as bob)\n          body {body}\ngot:      the app raised {error}"
                         "\nexpected: 422, " + "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input", pytrace=False)
-        expect_status(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. Register a RequestValidationError handler that answers the errors without their input")
-        errors = json_of(response).get("detail")
-        assert isinstance(errors, list) and errors and all(isinstance(e, dict) and "input" not in e for e in errors), explain(
-            response, '{"detail": [{"type": ..., "loc": [...], "msg": ...}, ...]}: where and why, never the refused "input"')
+        problem = expect_problem(response, 422, "the 422 of an invalid body, whatever the body holds. 1e309 reads as infinity (and NaN as NaN), which JSON cannot write back: FastAPI's default 422 echoes each refused input and so becomes a 500. install_problem_details(app) answers the errors without their input")
+        errors = problem.get("errors")
+        assert isinstance(errors, list) and errors and all(
+            isinstance(e, dict) and not {"input", "ctx"} & set(e) and {"loc", "msg", "type"} <= set(e) for e in errors
+        ), explain(response, '"errors": [{"loc": [...], "msg": ..., "type": ...}, ...]: where and why, never the refused "input"')
+    cut_off = client.post("/items", content=b'{"name": "ham', headers=headers)
+    problem = expect_problem(cut_off, 422, "a body cut off in the middle is not JSON: FastAPI answers 422 (json_invalid), not 400")
+    assert any(isinstance(e, dict) and e.get("type") == "json_invalid" for e in problem.get("errors") or []), explain(
+        cut_off, '"errors" naming the type json_invalid: the body is not JSON')
+    latin_1 = client.post("/items", content='{"name": "café"}'.encode("latin-1"), headers=headers)
+    expect_problem(latin_1, 400, "bytes that are not UTF-8 text: FastAPI cannot even decode the body, and answers 400")

@@ -1,9 +1,9 @@
 """Lesson 05 reference: OAuth2 password flow, Argon2 hashes, signed JWTs and scopes.
 
-Run it with a secret from the environment (the module itself never holds one):
+Run it from solutions/ with a secret from the environment (the module itself never holds one):
 
     JWT_SECRET="$(python -c 'import secrets; print(secrets.token_urlsafe(48))')" \
-        uvicorn --factory app:create_app
+        uvicorn --factory 05_auth.app:create_app
 """
 
 import secrets
@@ -13,13 +13,13 @@ from typing import Annotated, Any
 import anyio
 import jwt
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm, SecurityScopes
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .problems import install_problem_details, problem_responses
 
 ALGORITHM = "HS256"
 
@@ -75,12 +75,6 @@ class Token(BaseModel):
     token_type: str = "bearer"
     # RFC 6749 section 3.3: when the granted scopes differ from those asked for, say which.
     scope: str = ""
-
-
-class ErrorMessage(BaseModel):
-    """The body of every error this service answers: FastAPI's HTTPException shape."""
-
-    detail: str
 
 
 class TokenClaims(BaseModel):
@@ -218,20 +212,22 @@ CurrentUser = Annotated[UserInDB, Security(get_current_active_user)]
 router = APIRouter()
 
 
-def error(description: str) -> dict[str, Any]:
-    return {"model": ErrorMessage, "description": description}
+def problem(status_code: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """A `responses=` entry: this status answers a problem (problems.py), for this reason."""
+    return {status_code: problem_responses(status_code)[status_code] | {"description": description}}
 
 
-# Every status a route can answer is in the OpenAPI schema, with the body it carries.
-UNAUTHENTICATED = error("Token missing, invalid, expired, not yet valid, not for this service, or its user is gone")
-FORBIDDEN = error("Inactive user, or the token lacks a scope this route needs")
-PROTECTED: dict[int | str, dict[str, Any]] = {401: UNAUTHENTICATED, 403: FORBIDDEN}
-UNREADABLE: dict[int | str, dict[str, Any]] = {400: error("The body is not valid JSON")}
+# Every status a route can answer is in the OpenAPI schema, with the body it carries: a problem.
+PROTECTED = problem(401, "Token missing, invalid, expired, not yet valid, not for this service, or its user is gone") | problem(
+    403, "Inactive user, or the token lacks a scope this route needs")
+# FastAPI's own 400, for a body it cannot even decode (bytes that are not UTF-8). A body that
+# is text but not JSON is a 422 (json_invalid), like any other invalid body.
+UNREADABLE = problem(400, "The body's bytes are not UTF-8 text")
 
 
 @router.post(
     "/token",
-    responses={401: error("Incorrect username or password"), 403: error("Inactive user")},
+    responses=problem(401, "Incorrect username or password") | problem(403, "Inactive user"),
 )
 async def login(request: Request, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> Token:
     # Argon2 is CPU- and memory-heavy on purpose, so it runs in a worker thread, and at most
@@ -282,18 +278,13 @@ async def create_item(
     return created
 
 
-async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default 422 echoes each refused `input`. A number JSON cannot write back
-    # (1e309 reads as infinity; NaN) would then turn the 422 into a 500, and a password would
-    # travel back to the client. Say where and why, never what.
-    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service. Without ``settings``, they are read from the environment now."""
     settings = settings or Settings()  # type: ignore[call-arg]  # pydantic-settings fills it
-    app = FastAPI(title="Auth service", version="0.5.0")
+    app = FastAPI(title="Auth service", version="0.5.0", responses=problem_responses(422))
+    # Every error is a problem (RFC 9457): the 401s keep their WWW-Authenticate header, and a
+    # 422 says where and why, never the refused input (a password, or 1e309, which JSON cannot carry).
+    install_problem_details(app)
     app.state.settings = settings
     app.state.password_hash = PasswordHash(
         (
@@ -310,6 +301,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.hash_limiter = anyio.CapacityLimiter(settings.max_concurrent_hashes)
     app.state.users = {}
     app.state.items = []
-    app.add_exception_handler(RequestValidationError, validation_error_without_input)
     app.include_router(router)
     return app
