@@ -8,7 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-app = FastAPI(title="Chat", version="0.7.0")
+from .problems import install_problem_details, problem_responses  # given (lesson 03): HTTP errors are problems
+
+app = FastAPI(title="Chat", version="0.7.0", responses=problem_responses(422))
+install_problem_details(app)  # given, and done: the app's plain HTTP answers (404, 405) are problems
 
 # Keep this table as it is: the tests connect with these tokens.
 TOKENS: dict[str, str] = {

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from grader.live import serve_in_thread
+from grader.expect import expect_problem
+from grader.live import http_only, serve_in_thread
 
 WAIT = 1.0  # seconds to wait for a frame that should come; a correct app answers in milliseconds
 
@@ -769,6 +771,12 @@ async def test_a_real_client_talks_to_a_real_server(load):
             pytest.fail("\nsent:     a real handshake to /ws/chat?token=token-mallory\n"
                         "expected: HTTP 403, uvicorn's answer when the app closes before accepting\n"
                         f"got:      {'the connection accepted' if status is None else f'HTTP {status}'}", pytrace=False)
+
+        # The same path over plain HTTP, without the upgrade: no HTTP route matches it, and the
+        # app's HTTP answers are problems (README "Errors").
+        async with httpx.AsyncClient(base_url=base_url, verify=http_only(), timeout=WAIT) as http:
+            plain = await http.get("/ws/chat", params={"token": "token-alice"})
+        expect_problem(plain, 404, "a plain HTTP GET of the socket's path (no Upgrade header) matches no HTTP route")
 
         alice = await open_socket(f"{url}/ws/chat?token=token-alice", "alice")
         bob = await open_socket(f"{url}/ws/chat", "bob (cookie)", additional_headers={"Cookie": "token=token-bob"})

@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal, Protocol
 from fastapi import Cookie, Depends, FastAPI, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-app = FastAPI(title="Chat", version="0.7.0")
+from .problems import install_problem_details, problem_responses
+
+app = FastAPI(title="Chat", version="0.7.0", responses=problem_responses(422))
+# What the app answers over plain HTTP (an unknown path, a wrong method, a request to a socket's
+# path without the upgrade) is a problem (RFC 9457). Close codes and error frames are WebSocket
+# messages, not HTTP responses: they keep their own shapes.
+install_problem_details(app)
 log = logging.getLogger(__name__)
 
 # Who holds which token. A real service would verify a signed JWT here (lesson 05);
