@@ -74,6 +74,7 @@ def _import(variant: str) -> types.ModuleType:
         folder = Path(tempfile.mkdtemp(prefix="notes-", dir=os.environ.get("NOTES_COPIES") or None))
         _copies[variant] = folder
         (folder / "service.py").write_text(source, encoding="utf-8")
+        shutil.copyfile(SERVICE_DIR / "problems.py", folder / "problems.py")  # given, imported by service.py
         _modules[variant] = _import_recording(folder) if grading else load_module(folder, "service")
     return _modules[variant]
 

@@ -7,7 +7,8 @@ A small, finished API:
 - page-based listing (`?page=1&size=10`, pages start at 1, ordered by id);
 - an audit trail written in batches to a JSON-lines file, flushed when the app stops;
 - a notification sent in the background after a note is created (`get_notifier`);
-- a WebSocket feed of new notes at `/ws/notes?api_key=...`.
+- a WebSocket feed of new notes at `/ws/notes?api_key=...`;
+- every error a problem (RFC 9457, `application/problem+json`), through the given `problems.py`.
 
 The copies in `variants/` differ from this file in exactly one place each: a bug that
 your tests should catch. README.md describes the full interface.
@@ -38,10 +39,10 @@ from fastapi import (
     WebSocketDisconnect,
     status,
 )
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .problems import install_problem_details, problem_responses
 
 logger = logging.getLogger("notes")
 
@@ -76,12 +77,6 @@ class NotePage(BaseModel):
     total: int
     page: int
     size: int
-
-
-class ErrorMessage(BaseModel):
-    """The body of every error this service raises: {"detail": "..."}."""
-
-    detail: str
 
 
 # --- Resources the lifespan opens and closes -------------------------------------------
@@ -281,22 +276,21 @@ NotifierDep = Annotated[Notifier, Depends(get_notifier)]
 
 # --- Routes ----------------------------------------------------------------------------------
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    status.HTTP_404_NOT_FOUND: {"model": ErrorMessage, "description": "No note has this id"},
-}
+# Every error is a problem (problems.py): declared here, so the OpenAPI schema says so.
+NOT_FOUND = problem_responses(status.HTTP_404_NOT_FOUND)
 
 router = APIRouter(
     prefix="/notes",
     tags=["notes"],
     dependencies=[Depends(require_api_key)],
-    responses={status.HTTP_401_UNAUTHORIZED: {"model": ErrorMessage, "description": "Missing or invalid X-API-Key"}},
+    responses=problem_responses(status.HTTP_401_UNAUTHORIZED),
 )
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={status.HTTP_400_BAD_REQUEST: {"model": ErrorMessage, "description": "The body is not JSON that can be read"}},
+    responses=problem_responses(status.HTTP_400_BAD_REQUEST),  # a body that is not even UTF-8 text
 )
 async def create_note(
     note_in: NoteIn,
@@ -371,13 +365,6 @@ async def notes_feed(websocket: WebSocket, api_key: str | None = None) -> None:
             forwarder.cancel()
 
 
-async def validation_error_without_input(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's default 422 echoes each rejected `input`, and a number JSON cannot write back
-    # (1e309 reads as infinity, NaN) would turn that 422 into a 500. Same shape, no input.
-    errors = [{"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
-    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": errors})
-
-
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -399,9 +386,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 audit.flush()  # teardown: nothing recorded may be lost when the app stops
 
-    app = FastAPI(title="Notes", version="1.0.0", lifespan=lifespan)
+    app = FastAPI(title="Notes", version="1.0.0", lifespan=lifespan, responses=problem_responses(422))
     app.state.settings = settings
-    app.add_exception_handler(RequestValidationError, validation_error_without_input)
+    # Every error a problem: the 401, the 404s, FastAPI's 422 (without the refused input: 1e309
+    # would make the default one a 500), an unknown path's 404, a wrong method's 405 (with Allow).
+    install_problem_details(app)
     app.add_api_route("/health", health, methods=["GET"], tags=["ops"])
     app.include_router(router)
     app.add_api_websocket_route("/ws/notes", notes_feed)

@@ -57,7 +57,7 @@ def test_health_says_ok(client: TestClient) -> None:
 
 # TODO: creating a note: 201, a Location header, the note in the body.
 # TODO: validation: bad bodies answer 422 (think about the edges: an empty title, 101 characters).
-# TODO: reading and deleting: 200 / 204, and 404 with its detail when the note does not exist.
+# TODO: reading and deleting: 200 / 204, and a 404 problem (README) when the note does not exist.
 # TODO: the API key: every /notes route answers 401 without it or with a wrong one.
 # TODO: pagination: a factory fixture that creates notes, then pages 1, 2, 3 with a small size.
 # TODO: the background notification: override service.get_notifier with a fake that records.

@@ -80,8 +80,8 @@ VARIANTS: dict[str, str] = {
         "answer 401. Parametrize one test over (method, path)."
     ),
     "missing_note_500": (
-        "Test the unhappy path: GET /notes/999 (a note that does not exist) must answer 404 "
-        'with {"detail": "Note 999 not found"}.'
+        "Test the unhappy path: GET /notes/999 (a note that does not exist) must answer a 404 "
+        'problem (application/problem+json) whose detail is "Note 999 not found".'
     ),
     "audit_lost_at_shutdown": (
         "Use `with TestClient(app) as client:` and check the audit file AFTER the with-block: "
@@ -592,6 +592,7 @@ def _gate_problem(run: Run) -> str:
 @pytest.mark.slow  # runs your tests in a child pytest process
 @pytest.mark.timeout(CHILD_TIMEOUT + 10)
 @pytest.mark.task("passes_on_correct")
+@pytest.mark.promise("P1")
 def test_your_tests_pass_on_the_correct_service(run: Run) -> None:
     problem = _gate_problem(run)
     if problem:
@@ -601,6 +602,7 @@ def test_your_tests_pass_on_the_correct_service(run: Run) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(CHILD_TIMEOUT + 10)
 @pytest.mark.parametrize("variant", [pytest.param(name, marks=pytest.mark.task(name)) for name in VARIANTS])
+@pytest.mark.promise("P2")
 def test_your_tests_catch_the_bug(run: Run, variant: str, exercise) -> None:
     problem = _gate_problem(run)
     if problem:

@@ -128,6 +128,7 @@ def test_create_fills_defaults(make_note: Callable[..., dict[str, Any]]) -> None
 def test_invalid_notes_are_rejected_with_422(client: TestClient, payload: dict[str, Any]) -> None:
     response = client.post("/notes", json=payload)
     assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
     assert client.get("/notes").json()["total"] == 0  # and nothing was stored
 
 
@@ -146,10 +147,13 @@ def test_read_returns_the_stored_note(client: TestClient, make_note: Callable[..
     assert response.json() == created
 
 
-def test_missing_note_is_404_with_a_detail(client: TestClient) -> None:
+def test_missing_note_is_a_404_problem(client: TestClient) -> None:
     response = client.get("/notes/999")
     assert response.status_code == 404
-    assert response.json() == {"detail": "Note 999 not found"}
+    # An error is a problem (RFC 9457): its media type, then the members the README promises.
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json() == {"type": "about:blank", "title": "Not Found", "status": 404,
+                               "detail": "Note 999 not found", "instance": "/notes/999"}
 
 
 def test_note_id_must_be_an_integer(client: TestClient) -> None:
@@ -185,6 +189,8 @@ def test_every_notes_route_requires_the_key(
         response = client.request(method, path, headers={"X-API-Key": key}, json=body)
         assert response.status_code == 401, f"{method} {path} with key {key!r}"
         assert response.headers.get("www-authenticate") == "ApiKey"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == 401
 
 
 def test_a_rejected_delete_leaves_the_note(client: TestClient, make_note: Callable[..., dict[str, Any]]) -> None:
