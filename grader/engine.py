@@ -94,6 +94,7 @@ class Engine:
         os.chmod(self.work, 0o711)  # runs without a mount namespace reach runs/<id> by name only
         (self.work / "results").mkdir(mode=0o700)
         (self.work / "runs").mkdir(mode=0o711)
+        (self.work / "jobs").mkdir(mode=0o700)
         if os.geteuid() == 0:  # slot uids are used only by a grader that runs as root
             from grader.sandbox import reserve_uid_base
 
@@ -118,9 +119,10 @@ class Engine:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self._process.pid, signal.SIGKILL)
                 self._process.wait()
-            from grader.sandbox import remove_slot_groups
+            from grader.sandbox import remove_run_groups, remove_slot_groups
 
             remove_slot_groups(self._process.pid)
+            remove_run_groups(self._process.pid)
             self._process = None
         if self._channel is not None:
             self._channel.close()
@@ -226,8 +228,9 @@ class Engine:
                 slot = free_slots.pop()
                 in_flight[job.id] = (job, slot, time.monotonic() + job.timeout + BACKSTOP, {})
                 try:
-                    self._send({"op": "job", "id": job.id, "exercise": job.exercise, "files": job.files,
-                                "timeout": job.timeout, "slot": slot})
+                    # The zygote gets where the files are, never what they say (see _stage).
+                    self._send({"op": "job", "id": job.id, "exercise": job.exercise, "files": sorted(job.files),
+                                "source": str(self._stage(job)), "timeout": job.timeout, "slot": slot})
                 except OSError:  # the zygote is gone: this job goes back in line, the restart follows
                     in_flight.pop(job.id)
                     free_slots.append(slot)
@@ -269,6 +272,25 @@ class Engine:
                         on_done(job, lost(job, str(exc)))
                     return
 
+    def _stage(self, job: Job) -> Path:
+        """Write the job's files into a folder of the grader's own, for its run alone to read.
+
+        Runs fork from the zygote's processes, so nothing of a submission may ever be in them: a
+        run could read it from its own memory. The zygote and the warden pass on this folder's
+        name; the run reads the files after its fork, before anything of the learner's runs, and
+        removes the folder (root-only: another run's uid cannot open it meanwhile).
+        """
+        folder = self.work / "jobs" / job.id
+        shutil.rmtree(folder, ignore_errors=True)  # a job sent again after a restart of the zygote
+        folder.mkdir(mode=0o700, parents=True)
+        for name, text in job.files.items():
+            path = folder / name
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with open(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return folder
+
     def _outcome(self, job: Job) -> dict:
         path = self.work / "results" / f"{job.id}.json"
         try:
@@ -277,6 +299,7 @@ class Engine:
             return lost(job, f"the run's result could not be read ({exc})")
         path.unlink(missing_ok=True)
         shutil.rmtree(self.work / "runs" / job.id, ignore_errors=True)
+        shutil.rmtree(self.work / "jobs" / job.id, ignore_errors=True)  # a run that never read it
         return outcome
 
     @staticmethod
@@ -298,9 +321,10 @@ class Engine:
             with contextlib.suppress(OSError, ValueError):
                 self._process.stdin.close()  # type: ignore[union-attr]
             self._process.wait()
-            from grader.sandbox import remove_slot_groups
+            from grader.sandbox import remove_run_groups, remove_slot_groups
 
             remove_slot_groups(self._process.pid)
+            remove_run_groups(self._process.pid)
         self._process = None
         self._start()
         for name, message in self._prepare_messages.items():

@@ -98,6 +98,12 @@ def _tail(text: str, lines: int = OUTPUT_LINES, *, hidden: bool = False) -> str:
 def _ended_early(outcome: dict, done: int, total: int) -> str:
     code = outcome.get("exit_code")
     fatal = outcome.get("fatal")
+    if outcome.get("memory_exceeded"):
+        from grader.sandbox import Limits  # Linux only: here, a run of the Linux-only engine ended
+
+        return (f"The submission's code used more memory than a run may (at most "
+                f"{Limits().cgroup_memory_bytes // 1024**2} MiB, shared memory and memfds included) after {done} of "
+                f"{total} tests, and was stopped; the tests after that did not run.")
     if fatal == "memory":
         from grader.sandbox import Limits  # Linux only: here, a run of the Linux-only engine ended
 

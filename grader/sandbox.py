@@ -15,6 +15,10 @@ instructor knows what the grades rest on.
   root-only files stay closed, and the grader's processes cannot be signalled.
 - **cgroup**: one per job slot (cgroup v1 ``cpu`` and ``pids``): a fair CPU share, so a fork
   bomb slows only itself, and a hard cap on its processes.
+- **memory cgroup**: one per run (cgroup v2 ``memory`` and ``pids`` where the grader's cgroup
+  can hand them down, else cgroup v1 ``memory``): a cap on the memory the run's processes
+  charge, shared memory, tmpfs files and memfds included, which the address-space limit does
+  not see; and, with v2, a cap on its processes.
 - **resource limits** (always): address space, CPU seconds, file size, processes, open files,
   no core dumps; plus ``no_new_privs`` and a parent-death signal.
 
@@ -115,12 +119,13 @@ class Limits:
     processes: int = 256  # threads count too: anyio and uvicorn start a few dozen
     open_files: int = 1024
     tmp_bytes: int = 256 * 1024**2
+    cgroup_memory_bytes: int = 1024**3  # what a run's processes may charge: heap, shared memory, memfds, tmpfs
     output_bytes: int = 32 * 1024  # kept of what the run prints: the first and the last half
 
 
 # Capabilities that a caller may turn off (to test the fallbacks): attribute -> its short name.
 DISABLE = {"pid_namespace": "pid", "mount_namespace": "mount", "network_namespace": "net",
-           "other_namespaces": "ipc", "unprivileged_uid": "uid", "cgroups": "cgroup"}
+           "other_namespaces": "ipc", "unprivileged_uid": "uid", "cgroups": "cgroup", "memory_cgroup": "memory"}
 
 
 @dataclass
@@ -133,6 +138,7 @@ class Capabilities:
     other_namespaces: bool = False  # ipc and uts
     unprivileged_uid: bool = False
     cgroups: bool = False
+    memory_cgroup: bool = False  # a cgroup per run with a memory cap (RunGroups)
     notes: dict[str, str] = field(default_factory=dict)
 
     def protections(self, hidden_paths: Iterable[str], limits: Limits) -> list[Protection]:
@@ -150,6 +156,9 @@ class Capabilities:
                        detail=self.notes.get("uid", "one uid per job slot; cannot signal the grader or read root-only files")),
             Protection(name="cgroup", active=self.cgroups,
                        detail=self.notes.get("cgroup", "a fair CPU share and a process cap per job slot (cgroup v1)")),
+            Protection(name="memory cgroup", active=self.memory_cgroup,
+                       detail=self.notes.get("memory", f"a cgroup per run: at most {limits.cgroup_memory_bytes // 1024**2} MiB "
+                                                       "of memory, shared memory and memfds included")),
             Protection(name="resource limits", active=True,
                        detail=f"address space {limits.memory_bytes // 1024**2} MiB, files {limits.file_bytes // 1024**2} MiB, "
                               f"{limits.processes} processes, {limits.open_files} open files, CPU time = wall-clock limit, no core dumps"),
@@ -408,6 +417,188 @@ def remove_slot_groups(zygote_pid: int) -> None:
             with contextlib.suppress(OSError):
                 kill_cgroup(str(folder))
                 folder.rmdir()
+
+
+# --------------------------------------------------------------------------- a memory cgroup per run
+
+
+def _cgroup_mounts() -> tuple[str | None, str | None]:
+    """Where cgroup v2 and cgroup v1's ``memory`` controller are mounted (either may be absent)."""
+    v2 = v1_memory = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                if fields[2] == "cgroup2" and v2 is None:
+                    v2 = fields[1]
+                elif fields[2] == "cgroup" and "memory" in fields[3].split(",") and v1_memory is None:
+                    v1_memory = fields[1]
+    return v2, v1_memory
+
+
+def _own_cgroups() -> tuple[str | None, str | None]:
+    """This process's cgroup in the v2 hierarchy and in v1's ``memory`` one (``/proc/self/cgroup``)."""
+    v2 = v1_memory = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/cgroup", encoding="utf-8") as groups:
+            for line in groups:
+                hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+                if hierarchy == "0" and not controllers:
+                    v2 = path
+                elif "memory" in controllers.split(","):
+                    v1_memory = path
+    return v2, v1_memory
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value, encoding="ascii")
+
+
+def _leave_for_a_leaf(own: Path) -> None:
+    """Move this grader's processes from ``own`` into a leaf cgroup below it (cgroup v2 lets only a
+    cgroup without processes of its own hand controllers down, the root apart). Only if every
+    process in ``own`` is this grader's (the zygote and the grader that started it, as in a scope
+    made for it: ``systemd-run --scope``); else an OSError, and no memory cgroup."""
+    import errno
+
+    held = {int(pid) for pid in (own / "cgroup.procs").read_text(encoding="ascii").split()}
+    ours = {os.getpid(), os.getppid()}
+    if not held <= ours:
+        raise OSError(errno.EBUSY, f"other processes than this grader's are in {own}")
+    leaf = own / "grader-self"
+    leaf.mkdir(exist_ok=True)
+    for pid in sorted(held):
+        _write(leaf / "cgroup.procs", str(pid))
+
+
+class RunGroups:
+    """A cgroup per run under one folder of this grader's: a memory cap that counts what the
+    address-space limit does not (shared memory, tmpfs files, memfds: pages held by a file, not
+    mapped), and with cgroup v2 a process cap.
+
+    cgroup v2 is used where its ``memory`` controller can be handed down below the grader's own
+    cgroup (which needs that cgroup to hold no process but at the root, or controllers already
+    delegated); else cgroup v1's ``memory`` controller; else :meth:`find` says why not.
+    """
+
+    def __init__(self, version: int, parent: Path, memory_bytes: int, processes: int) -> None:
+        self.version, self.parent, self.memory_bytes, self.processes = version, parent, memory_bytes, processes
+
+    @classmethod
+    def find(cls, memory_bytes: int, processes: int) -> RunGroups | str:
+        """Create this grader's folder of run groups; a :class:`RunGroups`, or why there is none."""
+        if os.geteuid() != 0:
+            return "needs root"
+        mount_v2, mount_v1 = _cgroup_mounts()
+        own_v2, own_v1 = _own_cgroups()
+        reasons = []
+        if mount_v2 and own_v2 is not None:
+            own = Path(mount_v2, own_v2.lstrip("/"))
+            try:
+                controllers = (own / "cgroup.controllers").read_text(encoding="ascii").split()
+            except OSError as exc:
+                controllers = []
+                reasons.append(f"cgroup v2 at {own} is not readable ({exc.strerror})")
+            if "memory" in controllers:
+                wanted = [name for name in ("memory", "pids") if name in controllers]
+                parent = own / f"grader-{os.getpid()}"
+                try:
+                    enabled = (own / "cgroup.subtree_control").read_text(encoding="ascii").split()
+                    missing = [name for name in wanted if name not in enabled]
+                    if missing:
+                        if own_v2.strip("/"):  # not the root: only a cgroup without processes may hand down
+                            _leave_for_a_leaf(own)
+                        _write(own / "cgroup.subtree_control", " ".join(f"+{name}" for name in missing))
+                    parent.mkdir(exist_ok=True)
+                    _write(parent / "cgroup.subtree_control", " ".join(f"+{name}" for name in wanted))
+                    return cls(2, parent, memory_bytes, processes)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+                    reasons.append(f"cgroup v2's memory controller cannot be handed down below {own} ({exc.strerror}; "
+                                   "start the grader in a cgroup of its own, e.g. `systemd-run --scope -p Delegate=yes "
+                                   "grader grade …`)")
+            elif controllers or not reasons:
+                reasons.append(f"cgroup v2 at {own} has no memory controller")
+        if mount_v1 and own_v1 is not None:
+            own = Path(mount_v1, own_v1.lstrip("/"))
+            parent = own / f"grader-{os.getpid()}"
+            try:
+                parent.mkdir(exist_ok=True)
+                if not (parent / "memory.limit_in_bytes").exists():
+                    raise OSError(0, "no memory.limit_in_bytes")
+                return cls(1, parent, memory_bytes, processes)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+                reasons.append(f"cgroup v1's memory controller at {own} is not writable ({exc.strerror})")
+        return "; ".join(reasons) or "no cgroup memory controller is mounted"
+
+    def make(self, name: str) -> str:
+        """A new run group, its limits set (the warden makes it; the run joins it before any learner code)."""
+        folder = self.parent / name
+        folder.mkdir()
+        if self.version == 2:
+            _write(folder / "memory.max", str(self.memory_bytes))
+            for control, value in (("memory.swap.max", "0"), ("memory.oom.group", "1"), ("pids.max", str(self.processes))):
+                if (folder / control).exists():
+                    _write(folder / control, value)
+        else:
+            _write(folder / "memory.limit_in_bytes", str(self.memory_bytes))
+            with contextlib.suppress(OSError):  # swap accounting is often off: then there is no swap to count
+                _write(folder / "memory.memsw.limit_in_bytes", str(self.memory_bytes))
+        return str(folder)
+
+    def exceeded(self, folder: str) -> bool:
+        """Did the kernel kill a process of this group for going over its memory cap?"""
+        try:
+            if self.version == 2:
+                events = Path(folder, "memory.events").read_text(encoding="ascii")
+                return any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines())
+            control = Path(folder, "memory.oom_control").read_text(encoding="ascii")
+            kills = [line.split()[1] for line in control.splitlines() if line.startswith("oom_kill ")]
+            if kills:
+                return int(kills[0]) > 0
+            return int(Path(folder, "memory.failcnt").read_text(encoding="ascii")) > 0
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def remove(self, folder: str) -> None:
+        """Kill what is left in the group and remove it (the memory it charged is freed with it)."""
+        import time
+
+        kill_cgroup(folder)
+        for _ in range(100):
+            try:
+                os.rmdir(folder)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)  # its last processes are still exiting
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            for folder in self.parent.iterdir():
+                if folder.is_dir():
+                    self.remove(str(folder))
+        with contextlib.suppress(OSError):
+            self.parent.rmdir()
+
+
+def remove_run_groups(zygote_pid: int) -> None:
+    """Remove the run groups a zygote made, also when it was killed before it could."""
+    mount_v2, mount_v1 = _cgroup_mounts()
+    own_v2, own_v1 = _own_cgroups()
+    for mount, own in ((mount_v2, own_v2), (mount_v1, own_v1)):
+        if not mount or own is None:
+            continue
+        own = own.removesuffix("/grader-self")  # where _leave_for_a_leaf moved this grader
+        parent = Path(mount, own.lstrip("/"), f"grader-{zygote_pid}")
+        if parent.is_dir():
+            RunGroups(0, parent, 0, 0).close()
 
 
 def join_cgroups(folders: Iterable[str]) -> None:

@@ -86,6 +86,7 @@ class Setup:
     uid_base: int = 0  # first slot uid (grader.sandbox.reserve_uid_base); 0: the default
     capabilities: object = None
     cgroup_folders: list = None  # type: ignore[assignment]
+    run_groups: object = None  # grader.sandbox.RunGroups: a memory cgroup per run, where there is one
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,6 +116,16 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:
             capabilities.cgroups = False
             capabilities.notes["cgroup"] = f"could not create cgroups ({exc})"
+    run_groups = None
+    if "memory" not in setup.disable:
+        found = sandbox.RunGroups.find(sandbox.Limits().cgroup_memory_bytes, sandbox.Limits().processes)
+        if isinstance(found, str):
+            capabilities.notes["memory"] = f"no memory cgroup per run: {found}"
+            sys.stderr.write(f"grader: {capabilities.notes['memory']}\n")  # once, in the zygote's log
+            sys.stderr.flush()
+        else:
+            capabilities.memory_cgroup = True
+            run_groups = setup.run_groups = found
     setup.capabilities = capabilities
     setup.cgroup_folders = [[str(p) for p in groups.folders(slot)] for slot in range(setup.slots)] if groups else []
     send(channel, {"op": "hello", "pid": os.getpid(),
@@ -164,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             if groups.busy():  # wardens still running keep their slot's processes; give them a moment
                 time.sleep(0.2)
             groups.close()
+        if run_groups is not None:
+            run_groups.close()
 
 
 # --------------------------------------------------------------------------- an exercise's session
@@ -257,9 +270,9 @@ class ExerciseSession:
 
         signal.signal(signal.SIGCHLD, reap)
         for line in jobs:
-            job = json.loads(line)
-            # the files the learner is given (04's problems.py) beside the submission's and the reference's
-            job["files"] = {**self.given, **job["files"]}
+            job = json.loads(line)  # where the submission's files are, never what they say (engine._stage)
+            # the files the learner is given (04's problems.py): beside the submission's and the reference's
+            job["given"] = self.given
             job["reference"] = {**self.given, **self.reference} if self.reference else {}
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
             pid = os.fork()
@@ -414,6 +427,14 @@ def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) ->
     result_read, result_write = os.pipe()
     output_read, output_write = os.pipe()
     started = time.monotonic()
+    run_groups: sandbox.RunGroups | None = setup.run_groups  # type: ignore[assignment]
+    run_group = None
+    if run_groups is not None:
+        try:
+            run_group = run_groups.make(f"run-{job['id']}")
+        except OSError as exc:
+            sys.stderr.write(f"grader: job {job['id']} runs without its memory cgroup ({exc})\n")
+    job["run_group"] = run_group
     if capabilities.pid_namespace:
         try:
             sandbox.unshare(sandbox.CLONE_NEWPID)
@@ -442,6 +463,9 @@ def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) ->
     os.close(output_write)
     send(channel, {"op": "started", "id": job["id"], "pid": os.getpid(), "run": pid})
     outcome = watch(pid, result_read, output_read, started + float(job["timeout"]), limits, setup, job)
+    if run_groups is not None and run_group is not None:
+        outcome["memory_exceeded"] = run_groups.exceeded(run_group)
+        run_groups.remove(run_group)  # and whatever of the run is left in it
     outcome.update(id=job["id"], duration=round(time.monotonic() - started, 3))
     outcome.update(verify_channel(key, outcome.pop("channel_bytes"), outcome))
     path = Path(setup.work_dir, "results", f"{job['id']}.json")
@@ -459,11 +483,16 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
     capabilities: sandbox.Capabilities = setup.capabilities  # type: ignore[assignment]
     slot = int(job["slot"])
     uid, gid = sandbox.slot_ids(slot)
+    # First of all, while the grader's work folder is still in view: this run's own submission, the
+    # only one any process of the zygote's line ever reads (the zygote and the warden never do).
+    files = {**job.get("given", {}), **read_submission(job["source"], job["files"])}
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)
     if capabilities.cgroups and setup.cgroup_folders:
         sandbox.join_cgroups(setup.cgroup_folders[slot])
+    if job.get("run_group"):
+        sandbox.join_cgroups([job["run_group"]])  # its memory cap: before anything of the learner's is allocated
     flags = 0
     if capabilities.mount_namespace:
         flags |= sandbox.CLONE_NEWNS
@@ -489,7 +518,7 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
     submission = os.path.join(base, "submission")
     home = os.path.join(base, "home")
     os.makedirs(home, mode=0o700)
-    for name, text in job["files"].items():
+    for name, text in files.items():
         destination = os.path.join(submission, name)
         os.makedirs(os.path.dirname(destination), mode=0o700, exist_ok=True)
         with open(destination, "w", encoding="utf-8") as handle:
@@ -529,6 +558,20 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
     import tempfile
 
     tempfile.tempdir = None
+
+
+def read_submission(source: str, names: list[str]) -> dict[str, str]:
+    """The run's own submission, from the folder the engine wrote it to (``Engine._stage``); the
+    folder is removed once read, so no later run, whatever its rights, finds it."""
+    import shutil
+
+    files = {}
+    for name in names:
+        descriptor = os.open(os.path.join(source, name), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(descriptor, encoding="utf-8") as handle:
+            files[name] = handle.read()
+    shutil.rmtree(source, ignore_errors=True)
+    return files
 
 
 def close_inherited_descriptors() -> None:

@@ -201,3 +201,108 @@ def test_the_recorder_sees_code_swapped_in_place_and_methods_set_on_objects():
         expect.expect_status.__code__ = original
     assert "the code of grader.expect.expect_status was replaced" in found
     assert "a method of the writer was replaced on the object itself" in found
+
+
+# ----------------------------------------------------------------------------- class grading: runs
+
+
+# A learner's code that looks for another learner's code in its own process memory: every
+# readable mapping of /proc/self/mem, searched for the mark that submission A carries.
+# (Its own source holds the mark only as a pattern, which the pattern itself does not match, and
+# makes one canary of its own at run time, to show that the search works.)
+MEMORY_SCAN = r'''
+
+def _fragments_of_others():
+    import ctypes
+    import re
+
+    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/mem is ours to open again
+    pattern = re.compile(rb"LEAK-CANARY-[0-9a-f]{32}")
+    found = set()
+    with open("/proc/self/maps", encoding="ascii") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if not fields[1].startswith("r") or fields[-1] in ("[vvar]", "[vsyscall]", "[vvar_vclock]"):
+                continue
+            while start < end:
+                size = min(end - start, 1 << 24)
+                try:
+                    mem.seek(start)
+                    chunk = mem.read(size + 44 if start + size < end else size)
+                except (OSError, ValueError, OverflowError):
+                    break
+                found.update(pattern.findall(chunk))
+                start += size
+    return sorted(found)
+
+
+_MINE = ("LEAK-CANARY-" + "ab" * 16).encode()  # made here: proof that the search sees this process's memory
+_LEAKED = _fragments_of_others()
+if _MINE not in _LEAKED:
+    raise RuntimeError(f"the memory search does not work here: it missed {_MINE!r}")
+_LEAKED.remove(_MINE)
+if _LEAKED:
+    raise RuntimeError(f"this run read another submission from its own memory: {_LEAKED[:3]}")
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="class grading runs on Linux")
+def test_no_run_finds_an_earlier_submission_in_its_own_memory(tmp_path):
+    """Submission A carries a secret; B, graded after A in the same batch, searches every byte of its
+    own process for it. Runs fork from processes that never held a submission: B never finds it."""
+    import secrets
+
+    from grader.grading import GradingOptions, grade
+
+    from .grading_support import SOLUTION, course_copy
+
+    secret = f"LEAK-CANARY-{secrets.token_hex(16)}"
+    padding = "".join(f"# line {n} of a long file, so that it outlasts a shorter one in any buffer\n" for n in range(80))
+    writer = f'SECRET = "{secret}"\n{SOLUTION}\n{padding}SECRET_AGAIN = "{secret}"\n'
+    submissions = tmp_path / "submissions"
+    course_copy(submissions / "a-writer", writer)
+    course_copy(submissions / "b-reader", SOLUTION + MEMORY_SCAN)
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["01"], jobs=1, timeout=60))
+    verdicts = {learner.learner: learner.exercises[0] for learner in result.learners}
+    assert verdicts["a-writer"].status == "passed", verdicts["a-writer"].message
+    reader = verdicts["b-reader"]
+    assert reader.status == "passed", f"{reader.status}: {reader.message[:1500]}"
+
+
+# 2 GiB held in memfds: file pages, which neither the address-space limit (nothing is mapped) nor
+# the file-size limit (each memfd stays under it) sees. Only a memory cgroup counts them.
+MEMFD_HOARD = '''
+import os
+
+_held = []
+_chunk = b"x" * (1 << 20)
+for _ in range(64):
+    _fd = os.memfd_create("hoard")
+    for _ in range(32):
+        os.write(_fd, _chunk)
+    _held.append(_fd)
+'''
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="class grading runs on Linux")
+@pytest.mark.timeout(300)
+def test_memory_held_in_memfds_is_capped_by_the_runs_cgroup(tmp_path):
+    from grader.grading import GradingOptions, grade
+    from grader.sandbox import Limits, RunGroups
+
+    from .grading_support import SOLUTION, course_copy
+
+    found = RunGroups.find(Limits().cgroup_memory_bytes, Limits().processes)
+    if isinstance(found, str):  # without it the hoard would really take 2 GiB of this machine
+        pytest.skip(f"no memory cgroup per run here: {found}")
+    found.close()
+    submissions = tmp_path / "submissions"
+    course_copy(submissions / "hoarder", MEMFD_HOARD + SOLUTION)
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["01"], jobs=1, timeout=60))
+    protections = {p.name: p for p in result.protections}
+    assert protections["memory cgroup"].active, protections["memory cgroup"].detail
+    (learner,) = result.learners
+    (verdict,) = learner.exercises
+    assert verdict.status == "error" and verdict.points == 0, f"{verdict.status}, {verdict.points}: {verdict.message}"
+    assert "used more memory than a run may" in verdict.message, verdict.message
