@@ -50,7 +50,8 @@ def create_app(
 
     # TODO: the allow-list, and nothing else: GET /api/stock/{sku} -> inventory GET /stock/{sku},
     #       POST /api/orders -> orders POST /orders, GET /api/orders/{order_id} -> orders
-    #       GET /orders/{order_id}; every other /api/... path or method -> 404 and nothing sent.
+    #       GET /orders/{order_id}; nothing else (the router answers another path 404, another
+    #       method 405) and nothing sent.
     #       A parameter must be one plain segment (letters, digits, - _ . ~, no leading dot, at
     #       most 64), and goes into the upstream path percent-encoded, from the template, never
     #       from the client's path. Declare every status code with responses=.

@@ -890,12 +890,12 @@ def test_no_path_reaches_a_route_that_is_not_on_the_allow_list(inventory: Module
                 event = {"type": "OrderPlaced", "event_id": f"attack-{number}", "order_id": "o-x", "sku": "widget",
                          "quantity": 1, "occurred_at": "2030-01-01T00:00:00+00:00"}
                 answers[(method, target)] = raw_call(gateway_url, method, target, body=json.dumps(event).encode())
-    let_through = {request: status for request, status in answers.items() if status not in (400, 404)}
+    let_through = {request: status for request, status in answers.items() if status not in (400, 404, 405)}
     reached = [("inventory", *seen) for seen in stock.seen] + [("orders", *seen) for seen in orders.seen]
     assert not let_through and not reached, (
         f"\nsent:     {len(ATTACKS)} requests whose path climbs out of /api/stock/{{sku}} or /api/orders/{{id}} "
         f"(a literal ../, %2F, %2e%2e, %5C, double encoding, empty and dot segments ...), raw, to a real server\n"
-        f"expected: each refused with 404 (or 400) and nothing sent to any service: a gateway forwards only the "
+        f"expected: each refused with 404 (or 400, or 405 for a method the path does not have) and nothing sent to any service: a gateway forwards only the "
         f"routes on its allow-list, and a path parameter is one plain segment\n"
         f"got:      {len(let_through)} answered otherwise, e.g. {dict(list(let_through.items())[:4])}; the services "
         f"received {reached[:6]}"
@@ -916,19 +916,27 @@ async def test_the_gateway_forwards_only_its_routes(gateway: ModuleType) -> None
                ("GET", "/api/stock/"), ("GET", "/api/orders/"), ("GET", "/api/events"), ("POST", "/api/events"),
                ("GET", "/api/health"), ("GET", "/api/openapi.json"), ("GET", "/api//stock/widget"),
                ("GET", "/api/stock/.hidden"), ("GET", "/api/stock/" + "x" * 65), ("GET", "/api/stock/a%20b")]
+    wrong_methods = {"DELETE /api/orders/abc": "GET", "PATCH /api/orders/abc": "GET", "PUT /api/stock/widget": "GET",
+                     "POST /api/stock/widget": "GET", "PATCH /api/orders": "POST"}
     async with serving(app) as running, client_for(running) as client:
         answers = {f"{method} {path}": (await client.request(method, path)).status_code for method, path in refused}
+        for request, allow in wrong_methods.items():
+            method, path = request.split(" ")
+            response = await client.request(method, path)
+            expect_problem(response, 405, f"{request}: the path is on the allow-list, the method is not", type="about:blank")
+            expect_header(response, "allow", allow, f"{request}: a 405 says which methods the path has")
         allowed = await client.get("/api/stock/wid.get_2~x")
     expect_status(allowed, 200, "GET /api/stock/{sku} is on the allow-list, and wid.get_2~x is one plain segment")
     expect_json(allowed, {"sku": "widget", "available": 10}, "the inventory's answer, passed on", exact=True)
     forwarded = [(r.method, r.url.raw_path.decode()) for r in to_inventory.requests]
     assert forwarded == [("GET", "/stock/wid.get_2~x")], explain(allowed, f"GET /stock/wid.get_2~x at inventory; it received {forwarded}")
     to_inventory.requests.clear()
-    wrong = {request: status for request, status in answers.items() if status not in (400, 404)}
+    wrong = {request: status for request, status in answers.items()
+             if status not in ((405,) if request in wrong_methods else (400, 404))}
     sent = [(r.method, r.url.raw_path.decode()) for r in to_orders.requests + to_inventory.requests]
     assert not wrong and not sent, (
         f"\nsent:     {', '.join(answers)}\n"
-        f"expected: 404 (or 400) for each, nothing forwarded: only GET /api/stock/{{sku}}, POST /api/orders and "
+        f"expected: 405 for a method the path does not have, else 404 (or 400), nothing forwarded: only GET /api/stock/{{sku}}, POST /api/orders and "
         f"GET /api/orders/{{id}} are on the allow-list, with one plain segment per parameter\n"
         f"got:      {wrong or 'the right statuses'}; forwarded {sent}"
     )

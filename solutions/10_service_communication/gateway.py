@@ -263,7 +263,8 @@ def create_app(
             bulkheads = {name: asyncio.Semaphore(settings.max_concurrent) for name in urls}
             yield {"clients": clients, "breakers": breakers, "bulkheads": bulkheads}
 
-    app = FastAPI(title="Gateway", version="1.0.0", lifespan=lifespan)
+    # redirect_slashes=False: /api/orders/ is not on the allow-list, so it is a 404, not a redirect to a route that is.
+    app = FastAPI(title="Gateway", version="1.0.0", lifespan=lifespan, redirect_slashes=False)
     install_problem_details(app)  # every error a problem: its own, and Starlette's 404 and 405
     app.add_middleware(RequestIdMiddleware)
 
@@ -314,7 +315,7 @@ def create_app(
         return {"status": "ok", "service": "gateway"}
 
     # The allow-list: exactly these methods and paths reach a service. Anything else, including
-    # the services' internal routes (inventory's POST /events), is answered 404 here.
+    # the services' internal routes (inventory's POST /events), is refused here (404, or 405).
 
     @app.get("/api/stock/{sku}", responses={200: {"description": "Inventory's answer"}, **GATEWAY_ERRORS})
     async def read_stock(sku: str, request: Request) -> Response:
@@ -333,10 +334,6 @@ def create_app(
     async def read_order(order_id: str, request: Request) -> Response:
         return await forward(request, "orders", "/orders/{order_id}", order_id=order_id)
 
-    @app.api_route(
-        "/api/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
-    )
-    async def not_on_the_allow_list(path: str, request: Request) -> JSONResponse:
-        return no_route(request)
-
+    # Nothing else: the router answers any other path 404 and another method on these paths 405
+    # (with Allow), both problems (install_problem_details), and nothing is forwarded.
     return app
