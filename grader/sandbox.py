@@ -513,7 +513,9 @@ class RunGroups:
                         _write(own / "cgroup.subtree_control", " ".join(f"+{name}" for name in missing))
                     parent.mkdir(exist_ok=True)
                     _write(parent / "cgroup.subtree_control", " ".join(f"+{name}" for name in wanted))
-                    return cls(2, parent, memory_bytes, processes)
+                    found = cls(2, parent, memory_bytes, processes)
+                    found.sweep()
+                    return found
                 except OSError as exc:
                     with contextlib.suppress(OSError):
                         parent.rmdir()
@@ -529,12 +531,24 @@ class RunGroups:
                 parent.mkdir(exist_ok=True)
                 if not (parent / "memory.limit_in_bytes").exists():
                     raise OSError(0, "no memory.limit_in_bytes")
-                return cls(1, parent, memory_bytes, processes)
+                found = cls(1, parent, memory_bytes, processes)
+                found.sweep()
+                return found
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
                 reasons.append(f"cgroup v1's memory controller at {own} is not writable ({exc.strerror})")
         return "; ".join(reasons) or "no cgroup memory controller is mounted"
+
+    def sweep(self) -> None:
+        """Remove the run groups of graders that were killed before they could (their zygote's pid is gone)."""
+        with contextlib.suppress(OSError):
+            for folder in self.parent.parent.iterdir():
+                number = folder.name.removeprefix("grader-")
+                if folder == self.parent or not folder.name.startswith("grader-") or not number.isdigit():
+                    continue
+                if not os.path.exists(f"/proc/{number}"):
+                    RunGroups(self.version, folder, 0, 0).close()
 
     def make(self, name: str) -> str:
         """A new run group, its limits set (the warden makes it; the run joins it before any learner code)."""
