@@ -218,7 +218,8 @@ def raw(port: int, method: str, target: str, body: bytes = b"") -> int:
 
 @pytest.mark.servers
 async def test_11_messaging_hostile_requests_are_4xx(server, tmp_path):
-    command = [sys.executable, "-m", "uvicorn", "orders:create_app", "--factory", "--app-dir", str(SOLUTION),
+    # As a package (orders.py imports the given problems.py beside it): 11_messaging.orders from solutions/.
+    command = [sys.executable, "-m", "uvicorn", "11_messaging.orders:create_app", "--factory", "--app-dir", str(SOLUTION.parent),
                "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
     env = {"ORDERS_NATS_URL": server.url, "ORDERS_DATABASE": str(tmp_path / "orders.db")}
     bodies = [b'{"sku": "widget", "quantity": 1e309}', b'{"sku": "widget", "quantity": NaN}',

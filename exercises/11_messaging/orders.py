@@ -43,5 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok", "service": "orders"}
 
     # TODO: POST /orders (the order and its event in one transaction), GET /orders/{order_id}, GET /outbox.
+    # TODO: every error a problem: install_problem_details(app) from the given problems.py
+    #       (`from .problems import install_problem_details, problem_responses`), and each route's
+    #       errors declared with responses=problem_responses(...).
 
     return app

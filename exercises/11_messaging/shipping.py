@@ -49,6 +49,6 @@ def create_app(settings: Settings | None = None, *, carrier: Carrier | None = No
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "shipping"}
 
-    # TODO: GET /shipments/{order_id}
+    # TODO: GET /shipments/{order_id}; every error a problem (install_problem_details(app), problems.py).
 
     return app

@@ -19,7 +19,7 @@ import nats.js.errors
 import pytest
 from asgi_lifespan import LifespanManager
 
-from grader.expect import describe, expect_status
+from grader.expect import describe, expect_problem, expect_status
 
 WAIT = 15.0  # seconds: the longest any test waits for something that should happen
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
@@ -189,7 +189,7 @@ async def test_an_order_is_placed_and_its_event_reaches_the_stream(orders_app, n
             got=response.headers.get("location"))
         read = await client.get(f"/orders/{order['id']}")
         expect_status(read, 200, "GET /orders/{id} finds the order just placed")
-        expect_status(await client.get("/orders/no-such-order"), 404, "GET /orders/{id} of an unknown id")
+        expect_problem(await client.get("/orders/no-such-order"), 404, "GET /orders/{id} of an unknown id: a 404 problem")
 
         async def published() -> bool:
             return len(await stream_messages(js, "ORDERS")) >= 1
@@ -221,17 +221,39 @@ async def test_invalid_orders_are_422_and_publish_nothing(orders_app, nats_serve
     async with running(orders_app()) as client, broker(nats_server) as js:
         for body in bodies:
             response = await client.post("/orders", json=body)
-            expect_status(response, 422, f"POST /orders with an invalid order {body}")
+            expect_problem(response, 422, f"POST /orders with an invalid order {body}")
         for raw in (b'{"sku": "widget", "quantity": 1e309}', b'{"sku": "widget", "quantity": NaN}'):
             response = await client.post("/orders", content=raw, headers={"content-type": "application/json"})
-            expect_status(response, 422, f"POST /orders with the body {raw.decode()} (a number JSON cannot carry "
-                          "back: the 422 must not echo it)")
+            body = expect_problem(response, 422, f"POST /orders with the body {raw.decode()} (a number JSON cannot "
+                                  "carry back: the 422 must not echo it)")
+            errors = body.get("errors")
+            assert isinstance(errors, list) and errors and all(isinstance(e, dict) and "input" not in e for e in errors), said(
+                f"the 422 problem of POST /orders with the body {raw.decode()}",
+                expected='"errors": [{"loc": [...], "msg": ..., "type": ...}, ...], never the refused "input"',
+                got=describe(response))
         outbox = await client.get("/outbox")
         expect_status(outbox, 200, "GET /outbox")
         assert outbox.json() == {"pending": 0}, said("the outbox after only refused orders",
                                                         expected='{"pending": 0}', got=describe(outbox))
         assert await stream_messages(js, "ORDERS") == [], said(
             "the ORDERS stream after only refused orders", expected="no event", got="events were published")
+
+
+@pytest.mark.task("outbox")
+@pytest.mark.promise("P13")
+async def test_every_error_of_both_services_is_a_problem(orders_app, shipping_app):
+    # The errors no route of yours raises: a path no route has, a method the path does not take.
+    for name, build, path, method in (("orders", orders_app, "/orders", "POST"),
+                                      ("shipping", shipping_app, "/shipments/x", "GET")):
+        async with running(build()) as client:
+            expect_problem(await client.get("/nowhere"), 404, f"GET /nowhere on {name}: no route has this path, "
+                           "and the framework's 404 is a problem too (install_problem_details(app), problems.py)")
+            response = await client.delete(path)
+            expect_problem(response, 405, f"DELETE {path} on {name}: the path exists, the method does not")
+            allowed = {m.strip() for m in response.headers.get("allow", "").split(",") if m.strip()}
+            assert method in allowed and "DELETE" not in allowed, said(
+                f"the Allow header of {name}'s 405 for DELETE {path}", expected=f"the methods the path takes ({method})",
+                got=response.headers.get("allow"))
 
 
 @pytest.mark.task("outbox")
@@ -330,7 +352,7 @@ async def test_an_event_is_shipped_and_can_be_read(shipping_app, nats_server):
                                                     got=describe(response))
         assert carrier.count(event["order_id"]) == 1, said(
             "the carrier's bookings for the event", expected="1", got=carrier.calls)
-        expect_status(await client.get("/shipments/unknown-order"), 404, "GET /shipments/{order_id} of no order")
+        expect_problem(await client.get("/shipments/unknown-order"), 404, "GET /shipments/{order_id} of no order: a 404 problem")
         await eventually(lambda: consumer_settled(js, 1), "the event was never acknowledged to the broker")
 
 
@@ -437,7 +459,7 @@ async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_
         assert carrier.count(poison["order_id"]) == 3, said(
             "carrier calls for an event that always fails, with max_deliver = 3",
             expected="3 (one per delivery, then the dead-letter stream)", got=carrier.count(poison["order_id"]))
-        expect_status(await client.get(f"/shipments/{poison['order_id']}"), 404,
+        expect_problem(await client.get(f"/shipments/{poison['order_id']}"), 404,
                       "GET /shipments/{order_id} of a dead-lettered event")
     await asyncio.to_thread(nats_server.restart)
     async with broker(nats_server) as js:

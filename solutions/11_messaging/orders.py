@@ -23,12 +23,12 @@ import nats
 import nats.errors
 import nats.js.errors
 from fastapi import FastAPI, HTTPException, Path, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .problems import install_problem_details, problem_responses
 
 logger = logging.getLogger("orders")
 
@@ -69,10 +69,6 @@ class Order(BaseModel):
 
 class Outbox(BaseModel):
     pending: int
-
-
-class Detail(BaseModel):
-    detail: str
 
 
 SCHEMA = """
@@ -186,20 +182,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
                 await relay.close()
 
-    app = FastAPI(title="orders", lifespan=lifespan)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Without each error's "input": an infinite or NaN number cannot be written back as JSON.
-        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]} for error in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+    # Every error a problem (problems.py, given): the 404, FastAPI's 422 without the refused input
+    # (an infinite or NaN number cannot be written back as JSON), an unknown path, a wrong method.
+    app = FastAPI(title="orders", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "orders"}
 
     @app.post("/orders", status_code=status.HTTP_201_CREATED,
-              responses={400: {"model": Detail, "description": "The body is not JSON"}})
+              responses=problem_responses(400))  # a body that is not even UTF-8 text
     async def place_order(payload: OrderIn, request: Request, response: Response) -> Order:
         order = Order(id=uuid.uuid4().hex, sku=payload.sku, quantity=payload.quantity)
         event = {"type": "OrderPlaced", "event_id": uuid.uuid4().hex, "order_id": order.id, "sku": order.sku,
@@ -216,13 +209,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response.headers["Location"] = f"/orders/{order.id}"
         return order
 
-    @app.get("/orders/{order_id}", responses={404: {"model": Detail, "description": "No such order"}})
+    @app.get("/orders/{order_id}", responses=problem_responses(404))
     async def read_order(order_id: Annotated[str, Path(max_length=64)], request: Request) -> Order:
         async with request.app.state.db.execute("SELECT id, sku, quantity FROM orders WHERE id = ?",
                                                 (order_id,)) as cursor:
             row = await cursor.fetchone()
         if row is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"Order {order_id} not found")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "No order has this id.")  # the id is in `instance`
         return Order(id=row[0], sku=row[1], quantity=row[2])
 
     @app.get("/outbox")

@@ -30,6 +30,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .problems import install_problem_details, problem_responses
+
 logger = logging.getLogger("shipping")
 
 STREAM = "ORDERS"
@@ -68,10 +70,6 @@ class Shipment(BaseModel):
     sku: str
     quantity: int
     event_id: str
-
-
-class Detail(BaseModel):
-    detail: str
 
 
 SCHEMA = """
@@ -299,20 +297,22 @@ def create_app(settings: Settings | None = None, *, carrier: Carrier | None = No
                     await task
                 await consumer.close()
 
-    app = FastAPI(title="shipping", lifespan=lifespan)
+    # Every error a problem (problems.py, given), the framework's own 404, 405 and 422 included.
+    app = FastAPI(title="shipping", lifespan=lifespan, responses=problem_responses(422))
+    install_problem_details(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "service": "shipping"}
 
-    @app.get("/shipments/{order_id}", responses={404: {"model": Detail, "description": "No shipment for that order"}})
+    @app.get("/shipments/{order_id}", responses=problem_responses(404))
     async def read_shipment(order_id: Annotated[str, Path(max_length=64)], request: Request) -> Shipment:
         async with request.app.state.db.execute(
                 "SELECT order_id, sku, quantity, event_id FROM shipments WHERE order_id = ? LIMIT 1",
                 (order_id,)) as cursor:
             row = await cursor.fetchone()
         if row is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"No shipment for order {order_id}")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "No shipment for this order yet.")  # the id is in `instance`
         return Shipment(order_id=row[0], sku=row[1], quantity=row[2], event_id=row[3])
 
     return app
