@@ -11,7 +11,10 @@ poison event is sent in process, through a wire that refuses it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import http.client
 import json
 import statistics
@@ -28,6 +31,8 @@ import httpx
 import jwt
 import pytest
 from asgi_lifespan import LifespanManager
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
@@ -37,16 +42,41 @@ from grader.loader import load_module
 from .conftest import ROOT
 
 SOLUTION = ROOT / "solutions" / "15_capstone"
-SECRET = "attack-suite-secret-0123456789abcdef-0123456789"
-INTERNAL = "attack-suite-internal-token-0123456789abcdef"
-SERVICE = {"Authorization": f"Bearer {INTERNAL}"}
+KEY = Ed25519PrivateKey.generate()  # the users service's signing key in this suite
+KEY_PEM = KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+ORDERS_SECRET = "attack-suite-orders-secret-0123456789abcdef"
 SERVICES = ("users", "catalog", "orders", "gateway")
 
 
-def mint(username: str, scopes: str) -> dict[str, str]:
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def kid_of(key: Ed25519PrivateKey) -> str:
+    x = b64url(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    members = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"))
+    return b64url(hashlib.sha256(members.encode()).digest())
+
+
+def claims(subject: str, scopes: str, audience: str) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
-    claims = {"sub": username, "scope": scopes, "iss": "microshop-users", "iat": now, "exp": now + timedelta(minutes=5)}
-    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+    return {"sub": subject, "scope": scopes, "iss": "microshop-users", "aud": audience, "iat": now,
+            "exp": now + timedelta(minutes=5)}
+
+
+def bearer(token_claims: dict[str, Any], key: Ed25519PrivateKey = KEY, kid: str | None = None) -> dict[str, str]:
+    token = jwt.encode(token_claims, key, algorithm="EdDSA", headers={"kid": kid_of(key) if kid is None else kid})
+    return {"Authorization": f"Bearer {token}"}
+
+
+def mint(username: str, scopes: str) -> dict[str, str]:
+    return bearer(claims(username, scopes, "microshop-api"))
+
+
+def service() -> dict[str, str]:
+    """A service token, as users issues one to orders."""
+    return bearer(claims("orders", "", "microshop-internal"))
 
 
 def admin() -> dict[str, str]:
@@ -65,14 +95,13 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     ports = {name: free_port() for name in SERVICES}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     env = {
-        "USERS_DATABASE_URL": f"sqlite+aiosqlite:///{data}/users.db", "USERS_JWT_SECRET": SECRET,
-        "USERS_INTERNAL_TOKEN": INTERNAL,
+        "USERS_DATABASE_URL": f"sqlite+aiosqlite:///{data}/users.db", "USERS_SIGNING_KEY": KEY_PEM,
+        "USERS_SERVICE_CLIENTS": json.dumps({"orders": ORDERS_SECRET}),
         # Production's shape at a third of its memory: slow enough that a blocked loop shows.
         "USERS_ARGON2_TIME_COST": "3", "USERS_ARGON2_MEMORY_KIB": "16384", "USERS_MAX_CONCURRENT_HASHES": "2",
-        "CATALOG_DATABASE_URL": f"sqlite+aiosqlite:///{data}/catalog.db", "CATALOG_JWT_SECRET": SECRET,
-        "CATALOG_INTERNAL_TOKEN": INTERNAL,
-        "ORDERS_DATABASE_URL": f"sqlite+aiosqlite:///{data}/orders.db", "ORDERS_JWT_SECRET": SECRET,
-        "ORDERS_INTERNAL_TOKEN": INTERNAL, "ORDERS_CATALOG_URL": url["catalog"], "ORDERS_USERS_URL": url["users"],
+        "CATALOG_DATABASE_URL": f"sqlite+aiosqlite:///{data}/catalog.db", "CATALOG_USERS_URL": url["users"],
+        "ORDERS_DATABASE_URL": f"sqlite+aiosqlite:///{data}/orders.db", "ORDERS_CLIENT_SECRET": ORDERS_SECRET,
+        "ORDERS_CATALOG_URL": url["catalog"], "ORDERS_USERS_URL": url["users"],
         "ORDERS_OUTBOX_INTERVAL": "0",
         "GATEWAY_USERS_URL": url["users"], "GATEWAY_CATALOG_URL": url["catalog"], "GATEWAY_ORDERS_URL": url["orders"],
     }
@@ -102,6 +131,23 @@ def raw(base_url: str, method: str, path: str, body: Any = None, headers: dict[s
         return response.status
     finally:
         connection.close()
+
+
+def forged_service_tokens() -> list[dict[str, str]]:
+    """Service tokens nobody but an attacker made: another key, another key under the real kid,
+    alg none, HS256 keyed with the public key, a kid that is a path, a huge kid."""
+    good = claims("orders", "", "microshop-internal")
+    stranger = Ed25519PrivateKey.generate()
+    pem = KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    body = b64url(json.dumps({k: int(v.timestamp()) if isinstance(v, datetime) else v for k, v in good.items()}).encode())
+    hs_header = b64url(json.dumps({"alg": "HS256", "kid": kid_of(KEY)}).encode())
+    hs_signature = b64url(hmac.new(pem, f"{hs_header}.{body}".encode(), hashlib.sha256).digest())
+    none_header = b64url(json.dumps({"alg": "none", "kid": kid_of(KEY)}).encode())
+    return [bearer(good, stranger), bearer(good, stranger, kid=kid_of(KEY)),
+            {"Authorization": f"Bearer {none_header}.{body}."},
+            {"Authorization": f"Bearer {hs_header}.{body}.{hs_signature}"},
+            bearer(good, stranger, kid="../../.well-known/jwks.json"), bearer(good, stranger, kid="k" * 5000),
+            bearer(good | {"aud": "microshop-api"}), bearer(good | {"iss": "microshop-orders"})]
 
 
 def client(base_url: str) -> httpx.AsyncClient:
@@ -153,7 +199,8 @@ async def test_15_capstone_no_spelling_of_dot_dot_gets_through_the_real_gateway(
         attempts += [(method, f"/api/{route}", body) for method, route, body in targets]
 
         def send_all() -> list[tuple[str, str, int]]:
-            return [(method, path, raw(shop["gateway"], method, path, body, SERVICE)) for method, path, body in attempts]
+            headers = service()
+            return [(method, path, raw(shop["gateway"], method, path, body, headers)) for method, path, body in attempts]
 
         results = await asyncio.to_thread(send_all)
         through = [f"{method} {path}: {status}" for method, path, status in results if status not in (400, 404, 405)]
@@ -166,7 +213,10 @@ async def test_15_capstone_no_spelling_of_dot_dot_gets_through_the_real_gateway(
 @pytest.mark.servers
 @pytest.mark.asyncio
 async def test_15_capstone_internal_routes_stay_closed_without_the_gateway(shop):
-    near_miss = {"Authorization": f"Bearer {INTERNAL[:-1]}?"}
+    token = service()["Authorization"].split()[1]
+    signed_part, signature = token.rsplit(".", 1)
+    flipped = signature[:10] + ("B" if signature[10] != "B" else "C") + signature[11:]  # a signature off by a few bits
+    near_miss = {"Authorization": f"Bearer {signed_part}.{flipped}"}
     attempts = [
         ("catalog", "POST", "/reservations", {"order_id": "direct", "items": [{"sku": "GADGET", "quantity": 1}]}),
         ("catalog", "DELETE", "/reservations/direct", None),
@@ -175,10 +225,10 @@ async def test_15_capstone_internal_routes_stay_closed_without_the_gateway(shop)
         ("orders", "POST", "/outbox/dispatch", None),
         ("orders", "GET", "/outbox/dead", None),
     ]
-    for service, method, path, body in attempts:
-        for headers in ({}, near_miss, admin(), {"Authorization": INTERNAL}, {"X-Internal-Token": INTERNAL}):
-            status = await asyncio.to_thread(raw, shop[service], method, path, body, headers)
-            assert status == 401, f"{method} {service}{path} with {list(headers.values())[:1]}: {status}, expected 401"
+    for name, method, path, body in attempts:
+        for headers in ({}, near_miss, admin(), {"Authorization": token}, {"X-Internal-Token": token}, *forged_service_tokens()):
+            status = await asyncio.to_thread(raw, shop[name], method, path, body, headers)
+            assert status == 401, f"{method} {name}{path} with {list(headers.values())[:1]}: {status}, expected 401"
 
 
 # ---------------------------------------------------------------------------------------
@@ -197,16 +247,16 @@ async def test_15_capstone_racing_reserve_and_release_lose_no_stock(shop):
 
         def reserve(order_id: str) -> Any:
             return catalog.post("/reservations", json={"order_id": order_id, "items": [{"sku": "RACE-1", "quantity": 3}]},
-                                headers=SERVICE)
+                                headers=service())
 
         # The audit's race: each order reserved and released at the same moment, 20 times.
         replies = await asyncio.gather(*(
-            call for i in range(20) for call in (reserve(f"pair-{i}"), catalog.delete(f"/reservations/pair-{i}", headers=SERVICE))
+            call for i in range(20) for call in (reserve(f"pair-{i}"), catalog.delete(f"/reservations/pair-{i}", headers=service()))
         ))
         # Then each order sent three times at once, and released twice at once.
         replies += await asyncio.gather(*(reserve(f"dup-{i // 3}") for i in range(30)))
         held = await stock(catalog, "RACE-1")
-        replies += await asyncio.gather(*(catalog.delete(f"/reservations/dup-{i // 2}", headers=SERVICE) for i in range(20)))
+        replies += await asyncio.gather(*(catalog.delete(f"/reservations/dup-{i // 2}", headers=service()) for i in range(20)))
         errors = [f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:80]}" for r in replies
                   if r.status_code >= 500]
         assert not errors, "\n".join(errors[:10])
@@ -282,7 +332,7 @@ async def test_15_capstone_numbers_past_64_bits_are_a_422(shop):
                 assert response.status_code == 422, (field, number, response.status_code, response.text[:200])
             event = ('{"event_id": "big", "type": "OrderPlaced", "order_id": "x", "username": "victim", '
                      f'"total_cents": {number}, "occurred_at": "2026-01-01T00:00:00Z"}}')
-            response = await users.post("/events", content=event, headers=SERVICE | {"Content-Type": "application/json"})
+            response = await users.post("/events", content=event, headers=service() | {"Content-Type": "application/json"})
             assert response.status_code == 422, (number, response.status_code, response.text[:200])
             order = f'{{"items": [{{"sku": "GADGET", "quantity": {number}}}]}}'
             response = await orders.post("/orders", content=order, headers=customer() | {"Content-Type": "application/json"})
@@ -314,13 +364,15 @@ async def test_15_capstone_a_poison_event_blocks_no_other(tmp_path):
     orders_module = load_module(SOLUTION, "microshop/orders")
     cheap = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
     users_app = users_module.create_app(users_module.Settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/u.db", jwt_secret=SECRET, internal_token=INTERNAL), password_hash=cheap)
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/u.db", signing_key=KEY_PEM, service_clients={"orders": ORDERS_SECRET}),
+        password_hash=cheap)
     catalog_app = catalog_module.create_app(catalog_module.Settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/c.db", jwt_secret=SECRET, internal_token=INTERNAL))
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/c.db", users_url="http://users"),
+        users_transport=httpx.ASGITransport(app=users_app))
     wire = RefusesOne(users_app, '"mallory"')
     orders_app = orders_module.create_app(
-        orders_module.Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/o.db", jwt_secret=SECRET,
-                               internal_token=INTERNAL, catalog_url="http://catalog", users_url="http://users",
+        orders_module.Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/o.db", client_secret=ORDERS_SECRET,
+                               catalog_url="http://catalog", users_url="http://users",
                                outbox_interval=0, outbox_max_attempts=4),
         catalog_transport=httpx.ASGITransport(app=catalog_app), users_transport=wire,
     )
@@ -339,8 +391,8 @@ async def test_15_capstone_a_poison_event_blocks_no_other(tmp_path):
             me = (await users.get("/users/me", headers=mint("ada", "orders:read"))).json()
             assert me["orders_placed"] == placed, f"ada's event waited behind mallory's: {me} after {placed} orders"
         for _ in range(6):
-            result = (await orders.post("/outbox/dispatch", headers=SERVICE)).json()
+            result = (await orders.post("/outbox/dispatch", headers=service())).json()
         assert result == {"delivered": 0, "pending": 0, "dead": 1}, result
         assert wire.refused == 4, f"the poison event was sent {wire.refused} times; outbox_max_attempts is 4"
-        dead = (await orders.get("/outbox/dead", headers=SERVICE)).json()
+        dead = (await orders.get("/outbox/dead", headers=service())).json()
         assert [d["payload"]["username"] for d in dead] == ["mallory"] and dead[0]["last_error"].startswith("500"), dead

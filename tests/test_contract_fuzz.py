@@ -232,11 +232,10 @@ def build_13(build: Build) -> list[Target]:
     return [Target("", module.create_app(settings, clock=FakeClock()))]
 
 
-# 14's suite: four services, one shared secret, one service credential for the internal
-# routes, a seeded admin, a cheap password hash.
-SHOP_SECRET = "capstone-test-secret-0123456789abcdef"
-SHOP_INTERNAL = "capstone-internal-token-0123456789abcdef"
+# 15's suite: four services; users signs with an Ed25519 key and publishes its JWKS, the others
+# fetch it; orders authenticates to users with its client secret; a seeded admin, a cheap hash.
 SHOP_ADMIN = ("admin", "admin-password-1")
+SHOP_ORDERS_SECRET = "capstone-orders-secret-0123456789abcdef"
 
 
 def settings_of(module: ModuleType, **values: Any) -> Any:
@@ -245,45 +244,62 @@ def settings_of(module: ModuleType, **values: Any) -> Any:
 
 
 def build_15(build: Build) -> list[Target]:
+    from datetime import datetime, timedelta, timezone
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from pwdlib import PasswordHash
     from pwdlib.hashers.argon2 import Argon2Hasher
 
     folder = SOLUTIONS / "15_capstone"
-    users, catalog, orders, gateway = (
-        load(folder, f"microshop/{name}") for name in ("users", "catalog", "orders", "gateway")
+    common, users, catalog, orders, gateway = (
+        load(folder, f"microshop/{name}") for name in ("common", "users", "catalog", "orders", "gateway")
     )
     cheap = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
-    shared = {"jwt_secret": SHOP_SECRET, "internal_token": SHOP_INTERNAL}
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     count = iter(range(100))
 
     def users_app() -> Any:
-        settings = settings_of(users, database_url=build.sqlite(f"users{next(count)}"), **shared,
+        settings = settings_of(users, database_url=build.sqlite(f"users{next(count)}"), signing_key=pem.decode(),
+                               service_clients={"orders": SHOP_ORDERS_SECRET},
                                admin_username=SHOP_ADMIN[0], admin_password=SHOP_ADMIN[1])
         return users.create_app(settings, password_hash=cheap)
 
-    def catalog_app() -> Any:
-        return catalog.create_app(settings_of(catalog, database_url=build.sqlite(f"catalog{next(count)}"), **shared))
+    def catalog_app(users_wire: Upstream) -> Any:
+        settings = settings_of(catalog, database_url=build.sqlite(f"catalog{next(count)}"), users_url="http://users")
+        return catalog.create_app(settings, users_transport=users_wire)
 
     def orders_app(catalog_wire: Upstream, users_wire: Upstream) -> Any:
-        settings = settings_of(orders, database_url=build.sqlite(f"orders{next(count)}"), **shared,
+        settings = settings_of(orders, database_url=build.sqlite(f"orders{next(count)}"), client_secret=SHOP_ORDERS_SECRET,
                                catalog_url="http://catalog", users_url="http://users", outbox_interval=0,
                                catalog_timeout=UPSTREAM_TIMEOUT, events_timeout=UPSTREAM_TIMEOUT)
         return orders.create_app(settings, catalog_transport=catalog_wire, users_transport=users_wire)
 
     token = login(users_app(), *SHOP_ADMIN)  # the admin holds every scope: catalog:write, orders:*
+    now = datetime.now(timezone.utc)
+    service = jwt.encode(  # a service token, as users issues one to orders (an hour: the fuzz is shorter)
+        {"sub": "orders", "scope": "", "iss": common.ISSUER, "aud": common.INTERNAL_AUDIENCE, "iat": now,
+         "exp": now + timedelta(hours=1)},
+        key, algorithm="EdDSA", headers={"kid": common.public_jwk(key.public_key())["kid"]},
+    )
     signed_in = {
-        "credentials": {"OAuth2PasswordBearer": bearer(token), "ServiceToken": bearer(SHOP_INTERNAL)},
-        "secrets": (token, SHOP_INTERNAL),
+        "credentials": {"OAuth2PasswordBearer": bearer(token), "ServiceToken": bearer(service)},
+        "secrets": (token, service),
     }
-    for_orders = Upstream(catalog_app()), Upstream(users_app())
-    shop = {"users": Upstream(users_app()), "catalog": Upstream(catalog_app())}
+    for_catalog = Upstream(users_app())
+    for_orders_users = Upstream(users_app())
+    for_orders = Upstream(catalog_app(for_orders_users)), for_orders_users
+    shop = {"users": Upstream(users_app())}
+    shop["catalog"] = Upstream(catalog_app(shop["users"]))
     shop["orders"] = Upstream(orders_app(shop["catalog"], shop["users"]))
     settings = gateway.Settings(users_url="http://users", catalog_url="http://catalog", orders_url="http://orders",
                                 timeout=UPSTREAM_TIMEOUT)
     return [
         Target("users", users_app(), **signed_in),
-        Target("catalog", catalog_app(), **signed_in),
-        Target("orders", with_upstreams(orders_app(*for_orders), *for_orders), **signed_in),
+        Target("catalog", with_upstreams(catalog_app(for_catalog), for_catalog), **signed_in),
+        Target("orders", with_upstreams(orders_app(*for_orders), for_orders_users, for_orders[0]), **signed_in),
         Target("gateway", with_upstreams(gateway.create_app(settings, transports=shop), *shop.values()), **signed_in),
     ]
 

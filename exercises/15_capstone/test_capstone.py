@@ -29,9 +29,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import base64
+import hashlib
+import hmac
+
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from asgi_lifespan import LifespanManager
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
@@ -41,10 +47,14 @@ from grader.expect import expect_header, expect_json, expect_problem, expect_sta
 from grader.live import free_port, http_only, serve_in_process
 from grader.pytest_plugin import target_folder
 
-SECRET = "capstone-test-secret-0123456789abcdef"  # shared by the services, as in production
-INTERNAL = "capstone-internal-token-0123456789abcdef"  # the service credential, shared the same way
-SERVICE = {"Authorization": f"Bearer {INTERNAL}"}  # what orders sends to the internal routes
+KEY = Ed25519PrivateKey.generate()  # the users service's signing key in these tests
+KEY_PEM = KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+OTHER_KEY = Ed25519PrivateKey.generate()  # a key users never published: an attacker's
+ORDERS_SECRET = "orders-client-secret-0123456789abcdef"  # orders' own client secret (client credentials)
 ISSUER = "microshop-users"
+API_AUDIENCE = "microshop-api"  # the aud of a user's token
+INTERNAL_AUDIENCE = "microshop-internal"  # the aud of a service's token
 ADMIN = {"username": "admin", "password": "admin-password-1"}
 CUSTOMER_SCOPES = ["orders:read", "orders:write"]
 # Argon2 at production cost takes ~0.3 s of CPU per hash; tests hash a lot, so they pass a cheap one.
@@ -84,15 +94,31 @@ def sqlite(tmp_path: Path, name: str) -> str:
 
 def users_app(load, tmp_path: Path, password_hash: PasswordHash | None = None, **overrides: Any):
     module = load("microshop/users")
-    fields = {"database_url": sqlite(tmp_path, "users"), "jwt_secret": SECRET, "internal_token": INTERNAL,
+    fields = {"database_url": sqlite(tmp_path, "users"), "signing_key": KEY_PEM, "service_clients": {"orders": ORDERS_SECRET},
               "admin_username": ADMIN["username"], "admin_password": ADMIN["password"]}
     settings = module.Settings(**(fields | overrides))
     return module.create_app(settings, password_hash=password_hash or FAST_HASH)
 
 
-def catalog_app(load, tmp_path: Path):
+class JwksHost(httpx.AsyncBaseTransport):
+    """Plays the users service for catalog and orders tests that need only its public keys:
+    serves GET /.well-known/jwks.json with the public keys of `keys`, and counts the fetches."""
+
+    def __init__(self, *keys: Ed25519PrivateKey) -> None:
+        self.keys = list(keys or (KEY,))
+        self.fetches = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/.well-known/jwks.json":
+            self.fetches += 1
+            return httpx.Response(200, json={"keys": [public_jwk(key.public_key()) for key in self.keys]}, request=request)
+        return httpx.Response(404, json={"detail": "not here"}, request=request)
+
+
+def catalog_app(load, tmp_path: Path, users_transport: httpx.AsyncBaseTransport | None = None, **overrides: Any):
     module = load("microshop/catalog")
-    return module.create_app(module.Settings(database_url=sqlite(tmp_path, "catalog"), jwt_secret=SECRET, internal_token=INTERNAL))
+    settings = module.Settings(**({"database_url": sqlite(tmp_path, "catalog"), "users_url": "http://users"} | overrides))
+    return module.create_app(settings, users_transport=users_transport or JwksHost())
 
 
 @contextlib.asynccontextmanager
@@ -186,12 +212,13 @@ class Shop:
 async def open_shop(
     load, tmp_path: Path, *, catalog_timeout: float = 2.0, gateway_timeout: float = 5.0,
 ) -> AsyncIterator[Shop]:
-    u_app, c_app = users_app(load, tmp_path), catalog_app(load, tmp_path)
+    u_app = users_app(load, tmp_path)
+    c_app = catalog_app(load, tmp_path, users_transport=Network(u_app))  # the catalog's keys come from users
     catalog_wire, users_wire = Network(c_app), Network(u_app)
     orders = load("microshop/orders")
     o_app = orders.create_app(
         orders.Settings(
-            database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET, internal_token=INTERNAL,
+            database_url=sqlite(tmp_path, "orders"), client_id="orders", client_secret=ORDERS_SECRET,
             catalog_url="http://catalog", users_url="http://users",
             catalog_timeout=catalog_timeout, events_timeout=catalog_timeout, outbox_interval=0,
             outbox_max_attempts=MAX_ATTEMPTS,
@@ -219,11 +246,67 @@ async def open_shop(
 # ---------------------------------------------------------------------------------------
 
 
-def mint(username: str, scopes: list[str], *, minutes: int = 5) -> dict[str, str]:
-    """An Authorization header with a token exactly as users issues them (see README)."""
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
+    """The JWK of a public key, its kid the RFC 7638 thumbprint (README, "Tokens")."""
+    x = b64url(public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    thumbprint = b64url(hashlib.sha256(json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":")).encode()).digest())
+    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": thumbprint, "alg": "EdDSA", "use": "sig"}
+
+
+def claims_for(subject: str, scopes: list[str], audience: str, minutes: int = 5) -> dict[str, Any]:
     now = datetime.now(timezone.utc)
-    claims = {"sub": username, "scope": " ".join(scopes), "iss": ISSUER, "iat": now, "exp": now + timedelta(minutes=minutes)}
-    return {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
+    return {"sub": subject, "scope": " ".join(scopes), "iss": ISSUER, "aud": audience, "iat": now,
+            "exp": now + timedelta(minutes=minutes)}
+
+
+def signed(claims: dict[str, Any], key: Ed25519PrivateKey = KEY, kid: str | None = None) -> dict[str, str]:
+    """An Authorization header with these claims, signed with EdDSA by `key`, its kid `kid`
+    (by default the key's own)."""
+    header = {"kid": kid if kid is not None else public_jwk(key.public_key())["kid"]}
+    return {"Authorization": f"Bearer {jwt.encode(claims, key, algorithm='EdDSA', headers=header)}"}
+
+
+def mint(username: str, scopes: list[str], *, minutes: int = 5) -> dict[str, str]:
+    """An Authorization header with a user's token exactly as users issues them (see README)."""
+    return signed(claims_for(username, scopes, API_AUDIENCE, minutes))
+
+
+def service(client_id: str = "orders", *, minutes: int = 5) -> dict[str, str]:
+    """An Authorization header with a service's token, as users issues it for client credentials."""
+    return signed(claims_for(client_id, [], INTERNAL_AUDIENCE, minutes))
+
+
+def hs256_with_the_public_key(claims: dict[str, Any]) -> dict[str, str]:
+    """Algorithm confusion: an HS256 token whose HMAC secret is the public key, which every
+    verifier has. A verifier that lets the token choose its algorithm accepts it."""
+    pem = KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    header = {"alg": "HS256", "typ": "JWT", "kid": public_jwk(KEY.public_key())["kid"]}
+    body = {k: int(v.timestamp()) if isinstance(v, datetime) else v for k, v in claims.items()}
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(body).encode())}"
+    signature = b64url(hmac.new(pem, signing_input.encode(), hashlib.sha256).digest())
+    return {"Authorization": f"Bearer {signing_input}.{signature}"}
+
+
+def forged_tokens(audience: str) -> list[tuple[str, dict[str, str]]]:
+    """Tokens a verifier must refuse, each with what is wrong with it."""
+    good = claims_for("admin", ["catalog:write", "orders:read", "orders:write"], audience)
+    kid = public_jwk(KEY.public_key())["kid"]
+    return [
+        ("signed by a key users never published", signed(good, OTHER_KEY)),
+        ("signed by another key under the published kid", signed(good, OTHER_KEY, kid=kid)),
+        ("another issuer", signed(good | {"iss": "someone-else"})),
+        ("another audience", signed(good | {"aud": "someone-else"})),
+        ("no audience", signed({k: v for k, v in good.items() if k != "aud"})),
+        ("no issuer", signed({k: v for k, v in good.items() if k != "iss"})),
+        ("expired", signed(good | {"exp": datetime.now(timezone.utc) - timedelta(minutes=1)})),
+        ("HS256 with the public key as its secret (algorithm confusion)", hs256_with_the_public_key(good)),
+        ("alg none", {"Authorization": "Bearer " + b64url(json.dumps({"alg": "none", "kid": kid}).encode()) + "."
+                      + b64url(json.dumps({k: str(v) for k, v in good.items()}).encode()) + "."}),
+    ]
 
 
 def admin_headers() -> dict[str, str]:
@@ -313,7 +396,22 @@ async def test_register_validates_and_refuses_duplicates(load, tmp_path):
                           "usernames are 3-32 of a-z 0-9 _, passwords 8-128 characters")
 
 
-@pytest.mark.promise("P2")
+def user_claims(response: httpx.Response, token: str, audience: str = API_AUDIENCE) -> dict[str, Any]:
+    """The claims of a token users issued, checked as catalog and orders check them."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+        claims = jwt.decode(token, KEY.public_key(), algorithms=["EdDSA"], issuer=ISSUER, audience=audience,
+                            options={"require": ["sub", "exp", "iss", "aud"]})
+    except jwt.InvalidTokenError as exc:
+        pytest.fail(explain(response, f"an EdDSA JWT signed with signing_key, iss {ISSUER!r}, aud {audience!r}, with sub "
+                                      f"and exp (decoding it said: {exc})"), pytrace=False)
+    expected_kid = public_jwk(KEY.public_key())["kid"]
+    assert kid == expected_kid, explain(response, f'a "kid" header naming the key: its RFC 7638 thumbprint {expected_kid!r}; '
+                                                  f"got {kid!r}")
+    return claims
+
+
+@pytest.mark.promise("P2", "P27")
 @pytest.mark.task("users")
 @pytest.mark.asyncio
 async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
@@ -322,11 +420,7 @@ async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
         response = await users.post("/token", data={"username": "ada", "password": "lovelace-1815"})
         expect_status(response, 200, "the right password gets a token")
         token = json_of(response).get("access_token", "")
-        try:
-            claims = jwt.decode(token, SECRET, algorithms=["HS256"], issuer=ISSUER, options={"require": ["sub", "exp", "iss"]})
-        except jwt.InvalidTokenError as exc:
-            pytest.fail(explain(response, f"an HS256 JWT signed with the jwt_secret, iss {ISSUER!r}, with sub and exp "
-                                          f"(decoding it said: {exc})"), pytrace=False)
+        claims = user_claims(response, token)
         assert claims["sub"] == "ada" and sorted(claims.get("scope", "").split()) == CUSTOMER_SCOPES, explain(
             response, f'claims sub "ada" and scope "orders:read orders:write"; got {claims}'
         )
@@ -336,7 +430,7 @@ async def test_token_is_a_jwt_with_the_granted_scopes(load, tmp_path):
                       "timedelta(30) is 30 days: name the unit, timedelta(minutes=...)"
         )
         narrow = await users.post("/token", data={"username": "ada", "password": "lovelace-1815", "scope": "orders:read catalog:write"})
-        scope = jwt.decode(json_of(narrow)["access_token"], SECRET, algorithms=["HS256"], issuer=ISSUER).get("scope", "")
+        scope = user_claims(narrow, json_of(narrow).get("access_token", "")).get("scope", "")
         assert scope.split() == ["orders:read"], explain(
             narrow, f"asking for 'orders:read catalog:write' grants only what ada may have: 'orders:read' (got {scope!r})"
         )
@@ -370,6 +464,54 @@ async def test_me_needs_a_valid_token(load, tmp_path):
         expired = await users.get("/users/me", headers=mint("ada", CUSTOMER_SCOPES, minutes=-1))
         expect_problem(expired, 401, "an expired token")
         expect_header(expired, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
+
+
+@pytest.mark.promise("P27")
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_users_publishes_its_public_key_and_only_that(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        response = await users.get("/.well-known/jwks.json")
+        expect_status(response, 200, "GET /.well-known/jwks.json answers the public keys, no token needed")
+        body = json_of(response)
+        body = body if isinstance(body, dict) else {}
+        wanted = public_jwk(KEY.public_key())
+        keys = body.get("keys") if isinstance(body.get("keys"), list) else []
+        mine = [jwk for jwk in keys if isinstance(jwk, dict) and jwk.get("kid") == wanted["kid"]]
+        assert mine and all(mine[0].get(member) == wanted[member] for member in ("kty", "crv", "x")), explain(
+            response, f"a key {{kty: OKP, crv: Ed25519, x: <the public key>, kid: {wanted['kid']!r} (its RFC 7638 "
+                      f"thumbprint)}}; got {keys}"
+        )
+        private = [jwk.get("kid") for jwk in keys if isinstance(jwk, dict) and "d" in jwk]
+        assert not private, explain(response, f'no private key: a JWK with "d" holds the private part ({private})')
+
+
+@pytest.mark.promise("P28", "P25")
+@pytest.mark.task("users")
+@pytest.mark.asyncio
+async def test_a_service_gets_a_token_with_its_client_credentials(load, tmp_path):
+    async with serving(users_app(load, tmp_path)) as users:
+        form = {"grant_type": "client_credentials", "client_id": "orders", "client_secret": ORDERS_SECRET}
+        response = await users.post("/service-token", data=form)
+        expect_status(response, 200, "orders' client id and secret get a service token")
+        body = json_of(response)
+        claims = user_claims(response, body.get("access_token", ""), INTERNAL_AUDIENCE)
+        assert claims["sub"] == "orders" and body.get("token_type", "").lower() == "bearer", explain(
+            response, f'sub "orders", aud {INTERNAL_AUDIENCE!r}, "token_type": "bearer"; got claims {claims}'
+        )
+        near_miss = ORDERS_SECRET[:-1] + ("x" if ORDERS_SECRET[-1] != "x" else "y")
+        for why, bad in (("a wrong secret", form | {"client_secret": near_miss}),
+                         ("an unknown client", form | {"client_id": "mallory"})):
+            refused = await users.post("/service-token", data=bad)
+            expect_problem(refused, 401, f"{why}: no service token")
+            expect_header(refused, "www-authenticate", "Bearer")
+        for who, headers in (("a service token on a user's route", {"Authorization": f"Bearer {body.get('access_token')}"}),
+                             *forged_tokens(API_AUDIENCE)):
+            refused = await users.get("/users/me", headers=headers)
+            expect_problem(refused, 401, f"GET /users/me with a token {who}")
+        admin = await users.get("/users/me", headers=admin_headers())
+        expect_status(admin, 200, "after all those forged tokens, a token users signed still works: a kid it does not "
+                                  "know is not one of its keys, and forgets none of them")
 
 
 @pytest.mark.promise("P4")
@@ -484,17 +626,17 @@ async def test_password_hashing_never_stops_the_service(load, tmp_path):
 async def test_a_422_never_repeats_a_password(load, tmp_path):
     async with serving(users_app(load, tmp_path, admin_username=None)) as users:
         huge = "correct-horse-" * 75_000  # about a megabyte
-        for what, request in (
-            ("a password too short", users.post("/users", json={"username": "ada", "password": "hunter2"})),
-            ("a password too long", users.post("/users", json={"username": "ada", "password": "hunter2-" * 20})),
-            ("a megabyte of password", users.post("/users", json={"username": "ada", "password": huge})),
-            ("a password that is a number", users.post("/users", json={"username": "ada", "password": 7_345_678_901})),
+        for what, (path, body) in (
+            ("a password too short", ("/users", {"json": {"username": "ada", "password": "hunter2"}})),
+            ("a password too long", ("/users", {"json": {"username": "ada", "password": "hunter2-" * 20}})),
+            ("a megabyte of password", ("/users", {"json": {"username": "ada", "password": huge}})),
+            ("a password that is a number", ("/users", {"json": {"username": "ada", "password": 7_345_678_901}})),
             ("a valid password with an invalid username",
-             users.post("/users", json={"username": "Ada Lovelace", "password": "hunter2-hunter2"})),
-            ("a login without a username", users.post("/token", data={"password": "hunter2-hunter2"})),
-            ("a login with a password too long", users.post("/token", data={"username": "ada", "password": "hunter2-" * 20})),
+             ("/users", {"json": {"username": "Ada Lovelace", "password": "hunter2-hunter2"}})),
+            ("a login without a username", ("/token", {"data": {"password": "hunter2-hunter2"}})),
+            ("a login with a password too long", ("/token", {"data": {"username": "ada", "password": "hunter2-" * 20}})),
         ):
-            response = await request
+            response = await users.post(path, **body)  # one at a time: a failure leaves no request unsent
             expect_problem(response, 422, f"{what} is invalid")
             secret = next(s for s in ("correct-horse-", "hunter2", "7345678901") if s in (response.request.content or b"").decode())
             assert secret not in response.text and len(response.content) < 4096, explain(
@@ -529,6 +671,57 @@ async def test_creating_products_needs_the_catalog_write_scope(load, tmp_path):
         expect_problem(await catalog.get("/products/PEN-2"), 404, "none of the invalid products was created")
 
 
+@pytest.mark.promise("P29", "P25")
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_the_catalog_checks_tokens_with_the_published_keys(load, tmp_path):
+    async with serving(catalog_app(load, tmp_path)) as catalog:
+        body = {"sku": "PEN-1", "name": "Pen", "price_cents": 150, "stock": 10}
+        for what, headers in (*forged_tokens(API_AUDIENCE),
+                              ("for the internal routes (a service's token)", service())):
+            response = await catalog.post("/products", json=body, headers=headers)
+            expect_problem(response, 401, f"POST /products with a token {what}")
+            expect_header(response, "www-authenticate", "Bearer", "every 401 tells the client which scheme to use")
+        expect_problem(await catalog.get("/products/PEN-1"), 404, "none of the forged tokens created anything")
+        expect_status(await catalog.post("/products", json=body, headers=admin_headers()), 201,
+                      "an admin's token signed with the published key, iss microshop-users, aud microshop-api")
+
+
+@pytest.mark.promise("P30")
+@pytest.mark.task("catalog")
+@pytest.mark.asyncio
+async def test_a_rotated_key_is_fetched_and_made_up_kids_are_not(load, tmp_path):
+    old, new = KEY, Ed25519PrivateKey.generate()
+    host = JwksHost(old)
+    async with serving(catalog_app(load, tmp_path, users_transport=host, jwks_refresh_seconds=0.2)) as catalog:
+        good = claims_for("admin", ["catalog:write"], API_AUDIENCE)
+        first = await catalog.post("/products", json={"sku": "OLD-1", "name": "Old", "price_cents": 1, "stock": 1},
+                                   headers=signed(good, old))
+        expect_status(first, 201, "a token signed with the key users publishes")
+        host.keys = [new, old]  # users rotates: it publishes a new key and signs with it
+        await asyncio.sleep(0.3)  # longer than jwks_refresh_seconds since the last fetch
+        rotated = await catalog.post("/products", json={"sku": "NEW-1", "name": "New", "price_cents": 1, "stock": 1},
+                                     headers=signed(good, new))
+        expect_status(rotated, 201, "a token signed with the new key: its kid is unknown, so the catalog fetches the "
+                                    "JWKS again and finds it")
+    host, folder = JwksHost(KEY), tmp_path / "bounded"
+    folder.mkdir()
+    async with serving(catalog_app(load, folder, users_transport=host, jwks_refresh_seconds=60)) as catalog:
+        expect_status(await catalog.post("/products", json={"sku": "ONE-1", "name": "One", "price_cents": 1, "stock": 1},
+                                         headers=admin_headers()), 201, "a valid token")
+        fetched = host.fetches
+        for i in range(25):
+            made_up = signed(claims_for("admin", ["catalog:write"], API_AUDIENCE), OTHER_KEY, kid=f"made-up-{i}")
+            expect_problem(await catalog.post("/products", json={"sku": f"BAD-{i}", "name": "x", "price_cents": 1, "stock": 1},
+                                              headers=made_up), 401, "a token whose kid users never published")
+        assert host.fetches - fetched <= 1, (
+            f"\nsent:     25 tokens with made-up kids, within jwks_refresh_seconds (60) of the last fetch of the JWKS\n"
+            f"expected: at most one more fetch of /.well-known/jwks.json\ngot:      {host.fetches - fetched} more fetches: "
+            "a stranger can make the catalog hammer users. Refetch on an unknown kid at most once every "
+            "jwks_refresh_seconds."
+        )
+
+
 @pytest.mark.promise("P7", "P25")
 @pytest.mark.task("catalog")
 @pytest.mark.asyncio
@@ -554,15 +747,15 @@ async def test_a_reservation_takes_every_line_or_none(load, tmp_path):
         await add_product(catalog, "PEN-1", 1, 150)
         # The failing line comes last, in the request and by SKU: a line-by-line reservation
         # would already have taken the first one.
-        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))}, headers=SERVICE)
+        too_much = await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("INK-2", 2), ("PEN-1", 2))}, headers=service())
         expect_problem(too_much, 409, "PEN-1 has 1 left, 2 were asked")
         assert (await stock_of(catalog, "INK-2"), await stock_of(catalog, "PEN-1")) == (5, 1), explain(
             too_much, "no stock taken at all when one line fails: INK-2 still 5, PEN-1 still 1 (all or nothing)"
         )
-        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))}, headers=SERVICE)
+        unknown = await catalog.post("/reservations", json={"order_id": "o-2", **order_body(("INK-2", 1), ("ZZZ-9", 1))}, headers=service())
         expect_problem(unknown, 404, "an unknown SKU")
         assert await stock_of(catalog, "INK-2") == 5, explain(unknown, "INK-2 untouched after the failed reservation")
-        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))}, headers=SERVICE)
+        ok = await catalog.post("/reservations", json={"order_id": "o-3", **order_body(("PEN-1", 1), ("INK-2", 2))}, headers=service())
         expect_status(ok, 201, "enough stock for every line")
         expect_json(ok, {"order_id": "o-3", "status": "held", "total_cents": 950})
         lines = sorted((line["sku"], line["quantity"], line["price_cents"]) for line in json_of(ok)["items"])
@@ -577,9 +770,9 @@ async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "PEN-1", 5)
         body = {"order_id": "o-1", **order_body(("PEN-1", 2))}
-        first = await catalog.post("/reservations", json=body, headers=SERVICE)
+        first = await catalog.post("/reservations", json=body, headers=service())
         expect_status(first, 201)
-        again = await catalog.post("/reservations", json=body, headers=SERVICE)
+        again = await catalog.post("/reservations", json=body, headers=service())
         expect_status(again, 200, "a retry of the same reservation answers 200 with the same reservation")
         expect_json(again, json_of(first), exact=True)
         assert await stock_of(catalog, "PEN-1") == 3, explain(again, "stock taken once (5 -> 3), not twice: the order ID is the idempotency key")
@@ -591,15 +784,15 @@ async def test_reserving_twice_for_one_order_reserves_once(load, tmp_path):
 async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "PEN-1", 5)
-        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))}, headers=SERVICE)
-        released = await catalog.delete("/reservations/o-1", headers=SERVICE)
+        await catalog.post("/reservations", json={"order_id": "o-1", **order_body(("PEN-1", 2))}, headers=service())
+        released = await catalog.delete("/reservations/o-1", headers=service())
         expect_status(released, 204, "releasing a reservation")
         assert await stock_of(catalog, "PEN-1") == 5, explain(released, "the 2 units are back: stock 5")
-        again = await catalog.delete("/reservations/o-1", headers=SERVICE)
+        again = await catalog.delete("/reservations/o-1", headers=service())
         expect_status(again, 204, "releasing twice is harmless")
         assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
-        expect_status(await catalog.delete("/reservations/never-made", headers=SERVICE), 204, "releasing what was never reserved is harmless too")
-        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=SERVICE)
+        expect_status(await catalog.delete("/reservations/never-made", headers=service()), 204, "releasing what was never reserved is harmless too")
+        late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=service())
         expect_problem(late, 409, "a reservation arriving after its order was released is refused")
         assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")
 
@@ -611,7 +804,7 @@ async def test_two_orders_racing_for_the_last_unit(load, tmp_path):
     async with serving(catalog_app(load, tmp_path)) as catalog:
         await add_product(catalog, "LAST-1", 1)
         replies = await asyncio.gather(*(
-            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}, headers=SERVICE) for i in range(4)
+            catalog.post("/reservations", json={"order_id": f"race-{i}", **order_body(("LAST-1", 1))}, headers=service()) for i in range(4)
         ))
         codes = sorted(reply.status_code for reply in replies)
         stock = await stock_of(catalog, "LAST-1")
@@ -633,8 +826,8 @@ async def test_racing_reservations_and_releases_lose_no_stock(load, tmp_path):
         async def at_once(calls: list[tuple[str, str, int]]) -> list[tuple[str, str, httpx.Response]]:
             random.Random(14).shuffle(calls)
             replies = await asyncio.gather(*(
-                catalog.post("/reservations", json={"order_id": order_id, **order_body(("PEN-1", quantity))}, headers=SERVICE)
-                if method == "POST" else catalog.delete(f"/reservations/{order_id}", headers=SERVICE)
+                catalog.post("/reservations", json={"order_id": order_id, **order_body(("PEN-1", quantity))}, headers=service())
+                if method == "POST" else catalog.delete(f"/reservations/{order_id}", headers=service())
                 for method, order_id, quantity in calls
             ))
             failed = [f"{method} {order_id}: {reply.status_code}" for (method, order_id, _), reply in zip(calls, replies, strict=True)
@@ -719,6 +912,25 @@ async def test_placing_an_order_reserves_stock_and_stores_it(load, tmp_path):
             response, "the catalog's stock went down: PEN-1 3, INK-2 4"
         )
         expect_json(await shop.orders.get(f"/orders/{order['id']}", headers=ada), order, "the stored order reads back the same", exact=True)
+
+
+@pytest.mark.promise("P31")
+@pytest.mark.task("orders")
+@pytest.mark.asyncio
+async def test_orders_calls_the_catalog_with_its_own_service_token(load, tmp_path):
+    async with open_shop(load, tmp_path) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        placed = await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=mint("ada", CUSTOMER_SCOPES))
+        expect_status(placed, 201, "an order")
+        calls = [r for r in shop.catalog_wire.seen if r.url.path == "/reservations"]
+        sent = calls[-1].headers.get("authorization", "") if calls else ""
+        scheme, _, token = sent.partition(" ")
+        assert scheme.lower() == "bearer" and token, explain(placed, f"orders' call to POST /reservations carries "
+                                                                     f"Authorization: Bearer <its service token>; got {sent!r}")
+        claims = user_claims(placed, token, INTERNAL_AUDIENCE)
+        assert claims.get("sub") == "orders", explain(placed, f'the token users issued to orders (sub "orders"), got {claims}')
+        asked = [r for r in shop.users_wire.seen if r.url.path == "/service-token"]
+        assert asked, explain(placed, "orders asked users for its token (POST /service-token with its client id and secret)")
 
 
 @pytest.mark.promise("P3", "P25")
@@ -863,10 +1075,10 @@ async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(loa
         response = await shop.orders.post("/orders", json=order_body(("PEN-1", 2)), headers=mint("ada", CUSTOMER_SCOPES))
         expect_problem(response, 502, "the catalog failed after reserving")
         assert await stock_of(shop.catalog, "PEN-1") == 3, "the release could not reach the catalog: 2 units still held"
-        still_down = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        still_down = await shop.orders.post("/outbox/dispatch", headers=service())
         expect_status(still_down, 200, "a dispatch while the catalog still refuses")
         shop.catalog_wire.mode, shop.catalog_wire.also = None, []
-        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=service())
         expect_status(dispatched, 200, "POST /outbox/dispatch with the service token")
         stock = await stock_of(shop.catalog, "PEN-1")
         releases = [r.url.path for r in shop.catalog_wire.seen if r.method == "DELETE"]
@@ -875,7 +1087,7 @@ async def test_a_release_that_fails_is_retried_until_the_catalog_confirms_it(loa
                         f"orders sent these releases: {releases}. Write the release down (a table of pending "
                         "releases) and retry it on every dispatch until the catalog answers 2xx."
         )
-        await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        await shop.orders.post("/outbox/dispatch", headers=service())
         assert await stock_of(shop.catalog, "PEN-1") == 5, "a confirmed release is not sent again"
         assert await order_count(shop.orders, mint("ada", CUSTOMER_SCOPES)) == 0, "and no order was stored"
 
@@ -902,12 +1114,12 @@ async def test_the_same_event_twice_changes_nothing(load, tmp_path):
     async with serving(users_app(load, tmp_path)) as users:
         ada = await customer(users)
         event = order_placed("evt-1", total_cents=450)
-        first = await users.post("/events", json=event, headers=SERVICE)
+        first = await users.post("/events", json=event, headers=service())
         expect_json(first, {"status": "applied"}, "a new event is applied", exact=True)
-        second = await users.post("/events", json=event, headers=SERVICE)
+        second = await users.post("/events", json=event, headers=service())
         expect_json(second, {"status": "duplicate"}, "the same event_id again is recognised", exact=True)
         assert await stats(users, ada) == (1, 450), explain(second, "orders_placed 1 and total_spent_cents 450: counted once")
-        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50), headers=SERVICE), {"status": "applied"})
+        expect_json(await users.post("/events", json=order_placed("evt-2", total_cents=50), headers=service()), {"status": "applied"})
         assert await stats(users, ada) == (2, 500), "a different event_id is a different order: 2 orders, 500 cents"
 
 
@@ -917,11 +1129,11 @@ async def test_the_same_event_twice_changes_nothing(load, tmp_path):
 async def test_an_event_total_too_large_to_store_is_refused(load, tmp_path):
     async with serving(users_app(load, tmp_path, admin_username=None)) as users:
         ada = await customer(users)
-        largest = await users.post("/events", json=order_placed("evt-max", total_cents=10**12), headers=SERVICE)
+        largest = await users.post("/events", json=order_placed("evt-max", total_cents=10**12), headers=service())
         expect_json(largest, {"status": "applied"}, "total_cents 10**12 is the largest an event may carry", exact=True)
         for value in (str(10**12 + 1), str(2**63), str(2**64), "1e309", "NaN", "-1"):
             raw = json.dumps(order_placed(f"evt-{value[:8]}", total_cents=0)).replace('"total_cents": 0', f'"total_cents": {value}')
-            response = await users.post("/events", content=raw, headers=SERVICE | {"Content-Type": "application/json"})
+            response = await users.post("/events", content=raw, headers=service() | {"Content-Type": "application/json"})
             expect_problem(response, 422, f"an OrderPlaced with total_cents {value[:24]}: outside 0-10**12, refused before it "
                                          "reaches the database (SQLite stores 64-bit integers; past that is a 500)")
         assert await stats(users, ada) == (1, 10**12), "only the valid event was counted"
@@ -971,20 +1183,20 @@ async def test_an_event_users_keeps_refusing_is_set_aside_and_blocks_no_other(lo
             "A refused event must not block the events behind it: count the attempt and go on."
         )
         for _ in range(MAX_ATTEMPTS + 1):
-            dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            dispatched = await shop.orders.post("/outbox/dispatch", headers=service())
             if json_of(dispatched).get("pending") == 0:
                 break
         expect_json(dispatched, {"pending": 0, "dead": 1},
                     f"after outbox_max_attempts ({MAX_ATTEMPTS}) refusals, mallory's event is dead: set aside, not pending")
         tries = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
-        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 1},
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=service()), {"delivered": 0, "pending": 0, "dead": 1},
                     "a dead event is not sent again", exact=True)
         again = [r for r in shop.users_wire.seen if shop.users_wire.when(r)]
         assert len(tries) == MAX_ATTEMPTS and len(again) == len(tries), explain(
             dispatched, f"mallory's event sent exactly outbox_max_attempts ({MAX_ATTEMPTS}) times, then never again; "
                         f"it was sent {len(tries)} times, then {len(again) - len(tries)} more"
         )
-        dead = await shop.orders.get("/outbox/dead", headers=SERVICE)
+        dead = await shop.orders.get("/outbox/dead", headers=service())
         expect_status(dead, 200, "GET /outbox/dead lists the dead letters")
         letters = json_of(dead)
         assert [(d.get("payload", {}).get("username"), d.get("attempts")) for d in letters] == [("mallory", MAX_ATTEMPTS)], explain(
@@ -1005,15 +1217,15 @@ async def test_events_wait_out_a_users_outage(load, tmp_path):
         await asyncio.sleep(0.05)
         assert await stats(shop.users, ada) == (0, 0), explain(placed, "while users is down, its read model has not changed")
         for _ in range(MAX_ATTEMPTS + 1):
-            waiting = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+            waiting = await shop.orders.post("/outbox/dispatch", headers=service())
             expect_json(waiting, {"delivered": 0, "pending": 1, "dead": 0},
                         f"users cannot be reached: the event waits, however often it is tried (outbox_max_attempts "
                         f"is {MAX_ATTEMPTS}, but an outage is not the event's fault)", exact=True)
         shop.users_wire.mode = None
-        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=service())
         expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the kept event is delivered once users is back", exact=True)
         assert await stats(shop.users, ada) == (1, 300), explain(dispatched, "the read model now counts the order")
-        expect_json(await shop.orders.post("/outbox/dispatch", headers=SERVICE), {"delivered": 0, "pending": 0, "dead": 0}, "nothing left to deliver", exact=True)
+        expect_json(await shop.orders.post("/outbox/dispatch", headers=service()), {"delivered": 0, "pending": 0, "dead": 0}, "nothing left to deliver", exact=True)
 
 
 @pytest.mark.promise("P15")
@@ -1028,7 +1240,7 @@ async def test_a_redelivered_event_is_counted_once(load, tmp_path):
         expect_status(await shop.orders.post("/orders", json=order_body(("PEN-1", 1)), headers=ada), 201)
         await asyncio.sleep(0.05)
         shop.users_wire.mode = None
-        dispatched = await shop.orders.post("/outbox/dispatch", headers=SERVICE)
+        dispatched = await shop.orders.post("/outbox/dispatch", headers=service())
         expect_json(dispatched, {"delivered": 1, "pending": 0, "dead": 0}, "the unacknowledged event is delivered again", exact=True)
         deliveries = [r for r in shop.users_wire.seen if r.url.path == "/events"]
         assert await stats(shop.users, ada) == (1, 150), explain(
@@ -1108,7 +1320,7 @@ async def test_the_gateway_hides_internal_routes(load, tmp_path):
             ("POST", "/api/events", order_placed("evt-x")),
             ("POST", "/api/outbox/dispatch", None),
         ):
-            response = await shop.gateway.request(method, path, json=body, headers=SERVICE)
+            response = await shop.gateway.request(method, path, json=body, headers=service())
             expect_problem(response, 404, "internal routes are not part of the public API")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "nothing reserved through the gateway"
 
@@ -1144,21 +1356,23 @@ async def test_no_encoding_of_dot_dot_reaches_an_internal_route(load, tmp_path):
 async def test_internal_routes_need_the_service_token(load, tmp_path):
     async with open_shop(load, tmp_path) as shop:
         await add_product(shop.catalog, "PEN-1", 5)
-        near_miss = {"Authorization": f"Bearer {INTERNAL[:-1]}{'x' if INTERNAL[-1] != 'x' else 'y'}"}
         admin_jwt = mint("admin", ["catalog:write", "orders:read", "orders:write"])
+        intruders = [("no credential", {}), ("a user's token, even the admin's", admin_jwt),
+                     ("a service token in the wrong scheme", {"Authorization": "Basic " + service()["Authorization"].split()[1]}),
+                     *((f"a service token {what}", headers) for what, headers in forged_tokens(INTERNAL_AUDIENCE))]
         for client, method, path, body in (
             (shop.catalog, "POST", "/reservations", {"order_id": "o-9", **order_body(("PEN-1", 5))}),
             (shop.catalog, "DELETE", "/reservations/o-9", None),
             (shop.users, "POST", "/events", order_placed("evt-9", "ada", 999)),
             (shop.orders, "POST", "/outbox/dispatch", None),
         ):
-            for who, headers in (("no credential", {}), ("a wrong token", near_miss), ("a user's token, even the admin's", admin_jwt),
-                                 ("a token in the wrong scheme", {"Authorization": f"Basic {INTERNAL}"})):
+            for who, headers in intruders:
                 response = await client.request(method, path, json=body, headers=headers)
-                expect_problem(response, 401, f"{method} {path} with {who}: internal routes answer only the services "
-                                             "that hold internal_token, even when the gateway is bypassed")
+                expect_problem(response, 401, f"{method} {path} with {who}: internal routes answer only a service's "
+                                              "token, even when the gateway is bypassed")
+                expect_header(response, "www-authenticate", "Bearer")
         assert await stock_of(shop.catalog, "PEN-1") == 5, "no refused request reserved anything"
-        release = await shop.catalog.delete("/reservations/o-9", headers=SERVICE)
+        release = await shop.catalog.delete("/reservations/o-9", headers=service())
         expect_status(release, 204, "with the service token, the internal route works")
 
 
@@ -1243,13 +1457,14 @@ async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_
 # The status codes each route must document in its service's OpenAPI schema (README.md).
 DOCUMENTED = {
     "users": {("post", "/users"): {201, 409, 422}, ("post", "/token"): {200, 401, 422}, ("get", "/users/me"): {200, 401},
-              ("post", "/events"): {200, 401, 422}},
-    "catalog": {("post", "/products"): {201, 401, 403, 409, 422}, ("get", "/products"): {200},
-                ("get", "/products/{sku}"): {200, 404}, ("post", "/reservations"): {200, 201, 401, 404, 409, 422},
-                ("delete", "/reservations/{order_id}"): {204, 401}},
-    "orders": {("post", "/orders"): {201, 401, 403, 409, 422, 502, 503, 504}, ("get", "/orders"): {200, 401, 403},
-               ("get", "/orders/{order_id}"): {200, 401, 403, 404}, ("post", "/outbox/dispatch"): {200, 401},
-               ("get", "/outbox/dead"): {200, 401}},
+              ("post", "/events"): {200, 401, 422}, ("get", "/.well-known/jwks.json"): {200},
+              ("post", "/service-token"): {200, 401, 422}},
+    "catalog": {("post", "/products"): {201, 401, 403, 409, 422, 503}, ("get", "/products"): {200},
+                ("get", "/products/{sku}"): {200, 404}, ("post", "/reservations"): {200, 201, 401, 404, 409, 422, 503},
+                ("delete", "/reservations/{order_id}"): {204, 401, 503}},
+    "orders": {("post", "/orders"): {201, 401, 403, 409, 422, 502, 503, 504}, ("get", "/orders"): {200, 401, 403, 503},
+               ("get", "/orders/{order_id}"): {200, 401, 403, 404, 503}, ("post", "/outbox/dispatch"): {200, 401, 503},
+               ("get", "/outbox/dead"): {200, 401, 503}},
     "gateway": {("get", "/ready"): {200, 503}, ("post", "/api/users"): {201, 409, 413, 422, 503, 504},
                 ("post", "/api/token"): {200, 401, 413, 422, 503, 504}, ("get", "/api/users/me"): {200, 401, 503, 504},
                 ("post", "/api/products"): {201, 401, 403, 409, 413, 422, 503, 504}, ("get", "/api/products"): {200, 503, 504},
@@ -1266,8 +1481,8 @@ def build_app(load, tmp_path: Path, service: str) -> Any:
         return catalog_app(load, tmp_path)
     module = load(f"microshop/{service}")
     if service == "orders":
-        return module.create_app(module.Settings(database_url=sqlite(tmp_path, "orders"), jwt_secret=SECRET,
-                                                 internal_token=INTERNAL, outbox_interval=0))
+        return module.create_app(module.Settings(database_url=sqlite(tmp_path, "orders"), client_secret=ORDERS_SECRET,
+                                                 outbox_interval=0))
     return module.create_app(module.Settings())
 
 
@@ -1374,12 +1589,12 @@ class LiveShop:
         self.ports = {name: free_port() for name in SERVICES}
         self.url = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         self.env = {
-            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_JWT_SECRET": SECRET, "USERS_INTERNAL_TOKEN": INTERNAL,
+            "USERS_DATABASE_URL": sqlite(data, "users"), "USERS_SIGNING_KEY": KEY_PEM,
+            "USERS_SERVICE_CLIENTS": json.dumps({"orders": ORDERS_SECRET}),
             "USERS_ADMIN_USERNAME": ADMIN["username"], "USERS_ADMIN_PASSWORD": ADMIN["password"],
             "USERS_ARGON2_TIME_COST": "1", "USERS_ARGON2_MEMORY_KIB": "1024",  # as cheap as FAST_HASH
-            "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_JWT_SECRET": SECRET,
-            "CATALOG_INTERNAL_TOKEN": INTERNAL,
-            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_JWT_SECRET": SECRET, "ORDERS_INTERNAL_TOKEN": INTERNAL,
+            "CATALOG_DATABASE_URL": sqlite(data, "catalog"), "CATALOG_USERS_URL": self.url["users"],
+            "ORDERS_DATABASE_URL": sqlite(data, "orders"), "ORDERS_CLIENT_ID": "orders", "ORDERS_CLIENT_SECRET": ORDERS_SECRET,
             "ORDERS_CATALOG_URL": self.url["catalog"], "ORDERS_USERS_URL": self.url["users"],
             "ORDERS_CATALOG_TIMEOUT": "2", "ORDERS_OUTBOX_INTERVAL": "0.5",
             "GATEWAY_USERS_URL": self.url["users"], "GATEWAY_CATALOG_URL": self.url["catalog"],
@@ -1457,7 +1672,7 @@ def raw_request(base_url: str, method: str, path: str, body: Any = None) -> int:
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     try:
         content = json.dumps(body).encode() if body is not None else None
-        connection.request(method, path, body=content, headers={"Content-Type": "application/json"} | SERVICE)
+        connection.request(method, path, body=content, headers={"Content-Type": "application/json"} | service())
         response = connection.getresponse()
         response.read()
         return response.status

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import httpx
 from fastapi import APIRouter, FastAPI, Response, Security, status
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import String
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -33,8 +34,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CATALOG_")
 
     database_url: str = "sqlite+aiosqlite:///./catalog.db"
-    jwt_secret: SecretStr = Field(min_length=32)
-    internal_token: SecretStr = Field(min_length=32)  # the service credential (README: internal routes)
+    users_url: str = "http://127.0.0.1:8001"  # the public keys: {users_url}/.well-known/jwks.json
+    users_timeout: float = Field(2.0, gt=0, le=30)
+    jwks_refresh_seconds: float = Field(30.0, ge=0, le=3600)  # an unknown kid refetches, at most this often
 
 
 class Base(DeclarativeBase):
@@ -119,8 +121,9 @@ async def release(order_id: str, session: SessionDep) -> None:
     todo("step 2: DELETE /reservations/{order_id}")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the catalog service. With no settings, they are read from the environment."""
+def create_app(settings: Settings | None = None, *, users_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the catalog service. With no settings, they are read from the environment.
+    `users_transport` stands in for the network to the users service (its JWKS) in tests."""
     settings = settings or Settings()
     engine = create_async_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -129,14 +132,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        yield
+        async with httpx.AsyncClient(base_url=settings.users_url, transport=users_transport) as users:
+            app.state.users = users
+            # TODO (step 2): app.state.public_keys: the users service's public keys, fetched from
+            #   its JWKS through this client and cached (README: "Tokens").
+            yield
         await engine.dispose()
 
     app = FastAPI(title="catalog", lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
-    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
-    app.state.internal_token = settings.internal_token.get_secret_value().encode()
     install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))

@@ -5,6 +5,9 @@ Some plumbing is done for you (sessions, timezone-aware datetimes, the event mod
 the TODOs are yours.
 """
 
+import base64
+import hashlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -12,8 +15,11 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal, NoReturn
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
+from jwt.algorithms import OKPAlgorithm
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import DateTime, TypeDecorator
 from sqlalchemy.engine import Dialect
@@ -65,8 +71,11 @@ class RequestContextMiddleware:
 # Tokens and scopes (steps 1 and 2)
 # ---------------------------------------------------------------------------------------
 
-ALGORITHM = "HS256"
-ISSUER = "microshop-users"
+ALGORITHM = "EdDSA"  # Ed25519: users signs with its private key, the others verify with the public one
+ISSUER = "microshop-users"  # the "iss" of every token
+API_AUDIENCE = "microshop-api"  # the "aud" of a user's token (public routes)
+INTERNAL_AUDIENCE = "microshop-internal"  # the "aud" of a service's token (internal routes)
+JWKS_PATH = "/.well-known/jwks.json"
 SCOPES = {
     "orders:read": "Read your orders",
     "orders:write": "Place orders",
@@ -81,9 +90,25 @@ class Principal(BaseModel):
     scopes: frozenset[str]
 
 
-def issue_token(secret: str, username: str, scopes: Iterable[str], ttl: timedelta) -> str:
-    """A signed JWT with the claims of README.md: sub, scope, iss, iat, exp."""
-    # TODO (step 1): jwt.encode(...) with ALGORITHM. "scope" is the scopes joined by spaces.
+def load_signing_key(pem: str) -> Ed25519PrivateKey:
+    """The users service's private key from its settings (PEM). Given."""
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("signing_key must be an Ed25519 private key in PEM")
+    return key
+
+
+def public_jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
+    """The public key as a JWK whose kid is its RFC 7638 thumbprint. Given."""
+    jwk = OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    members = json.dumps({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]}, separators=(",", ":"), sort_keys=True)
+    kid = base64.urlsafe_b64encode(hashlib.sha256(members.encode()).digest()).rstrip(b"=").decode()
+    return {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "kid": kid, "alg": ALGORITHM, "use": "sig"}
+
+
+def issue_token(key: Ed25519PrivateKey, subject: str, scopes: Iterable[str], ttl: timedelta, audience: str) -> str:
+    """A signed JWT with the claims of README.md: sub, scope, iss, aud, iat, exp; kid in its header."""
+    # TODO (step 1): jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": ...}).
     raise NotImplementedError("TODO (step 1): issue_token")
 
 
@@ -96,23 +121,26 @@ async def current_principal(
     token: Annotated[str, Depends(bearer)],
 ) -> Principal:
     """Who calls, with which scopes. Used as Security(current_principal, scopes=[...])."""
-    # TODO (step 1): decode with request.app.state.jwt_secret, algorithms pinned to [ALGORITHM],
-    #   the issuer checked and sub/exp/iss required. Invalid or expired -> 401 with
-    #   WWW-Authenticate: Bearer. A scope in security_scopes.scopes that the token lacks -> 403.
+    # TODO (steps 1, 2): find the public key named by the token's kid (jwt.get_unverified_header)
+    #   in request.app.state.public_keys (fetched from the users service's JWKS and cached; an
+    #   unknown kid fetches again, at most once every jwks_refresh_seconds); decode with
+    #   algorithms pinned to [ALGORITHM], issuer=ISSUER, audience=API_AUDIENCE, and sub, exp,
+    #   iss and aud required. Invalid, expired, unknown key -> 401 with WWW-Authenticate: Bearer;
+    #   keys that cannot be fetched -> 503. A scope the token lacks -> 403.
     todo("step 1: check the bearer token and its scopes")
 
 
 # ---------------------------------------------------------------------------------------
-# The service credential of the internal routes (README: "What every service has")
+# Service identity: the internal routes (README: "Internal routes")
 # ---------------------------------------------------------------------------------------
 
 
 async def require_service(request: Request) -> None:
     """Use as dependencies=[Depends(require_service)] on every internal route."""
-    # TODO: let the request through only when it carries "Authorization: Bearer <internal
-    #   token>", the token in request.app.state.internal_token (bytes). Compare with
-    #   hmac.compare_digest, never ==. Otherwise 401 with WWW-Authenticate: Bearer.
-    todo("the service credential")
+    # TODO: let the request through only with "Authorization: Bearer <a service's token>":
+    #   checked like a user's token, with audience=INTERNAL_AUDIENCE. Otherwise 401 with
+    #   WWW-Authenticate: Bearer.
+    todo("the service token")
 
 
 # Errors are problem details: problems.py is given (the same file as in lesson 4 on). Every

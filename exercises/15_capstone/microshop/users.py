@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
+    JWKS_PATH,
     OrderPlaced,
     Principal,
     RequestContextMiddleware,
@@ -36,12 +37,12 @@ ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
 
 
 class Settings(BaseSettings):
-    """Environment variables with the prefix USERS_ (USERS_JWT_SECRET, ...)."""
+    """Environment variables with the prefix USERS_ (USERS_SIGNING_KEY, ...)."""
 
     model_config = SettingsConfigDict(env_prefix="USERS_")
 
     database_url: str = "sqlite+aiosqlite:///./users.db"
-    jwt_secret: SecretStr = Field(min_length=32)
+    signing_key: SecretStr  # the Ed25519 private key that signs every token, PEM (PKCS#8)
     token_ttl_minutes: int = Field(30, ge=1, le=24 * 60)
     admin_username: str | None = None
     admin_password: SecretStr | None = None
@@ -50,7 +51,9 @@ class Settings(BaseSettings):
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=64)
     max_concurrent_hashes: int = Field(2, ge=1, le=64)  # hashes running at once, at most
-    internal_token: SecretStr = Field(min_length=32)  # the service credential (README: internal routes)
+    # The shop's services: client id -> client secret (USERS_SERVICE_CLIENTS='{"orders": "..."}').
+    service_clients: dict[str, SecretStr] = {}
+    service_token_ttl_seconds: int = Field(300, ge=30, le=3600)
 
 
 class Base(DeclarativeBase):
@@ -105,6 +108,23 @@ async def token(
     todo("step 1: POST /token")
 
 
+@router.get(JWKS_PATH)
+async def jwks(request: Request) -> dict:
+    # TODO (step 1): {"keys": [public_jwk(<the public key of settings.signing_key>)]}: the public
+    #   key only (load_signing_key(...).public_key()), never the private one.
+    todo("step 1: GET /.well-known/jwks.json")
+
+
+@router.post("/service-token")
+async def service_token(request: Request) -> dict:
+    # TODO (step 1): the client credentials form (grant_type=client_credentials, client_id,
+    #   client_secret): when settings.service_clients has that id with that secret (compare with
+    #   hmac.compare_digest), 200 {"access_token", "token_type": "bearer", "expires_in"}: a token
+    #   with sub = the client id and aud = INTERNAL_AUDIENCE, living service_token_ttl_seconds.
+    #   Else 401 with WWW-Authenticate: Bearer.
+    todo("step 1: POST /service-token")
+
+
 @router.get("/users/me")
 async def me(principal: Annotated[Principal, Security(current_principal)], session: SessionDep) -> dict:
     # TODO (step 1): {"username", "scopes", "orders_placed", "total_spent_cents"} (0 and 0 until step 5).
@@ -140,8 +160,8 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.password_hash = hasher
-    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
-    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    # TODO (step 1): app.state.public_keys: what current_principal and require_service verify
+    #   with (common.py); users verifies its own tokens with its own public key, nothing to fetch.
     install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="users")
     app.include_router(health_router("users"))

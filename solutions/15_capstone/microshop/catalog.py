@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Response, Security, status
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String, select, update
 from sqlalchemy.dialects.sqlite import insert
@@ -25,12 +26,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from .common import (
     SERVICE_ONLY,
     Principal,
+    PublicKeys,
     RequestContextMiddleware,
     SessionDep,
     UTCDateTime,
     create_engine,
     current_principal,
     health_router,
+    jwks_from,
     utcnow,
 )
 from .problems import install_problem_details, problem_responses
@@ -44,13 +47,15 @@ MAX_STOCK = 1_000_000
 
 
 class Settings(BaseSettings):
-    """CATALOG_DATABASE_URL, CATALOG_JWT_SECRET, CATALOG_INTERNAL_TOKEN (prefix CATALOG_)."""
+    """CATALOG_DATABASE_URL, CATALOG_USERS_URL, ... (prefix CATALOG_)."""
 
     model_config = SettingsConfigDict(env_prefix="CATALOG_")
 
     database_url: str = "sqlite+aiosqlite:///./catalog.db"
-    jwt_secret: SecretStr = Field(min_length=32)
-    internal_token: SecretStr = Field(min_length=32)  # what orders must present on /reservations
+    users_url: str = "http://127.0.0.1:8001"  # where the public keys are: {users_url}/.well-known/jwks.json
+    users_timeout: float = Field(2.0, gt=0, le=30)
+    # An unknown kid fetches the JWKS again (a rotated key), at most this often.
+    jwks_refresh_seconds: float = Field(30.0, ge=0, le=3600)
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,7 +136,7 @@ router = APIRouter()
 
 
 @router.post(
-    "/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=problem_responses(400, 401, 403, 409)
+    "/products", status_code=status.HTTP_201_CREATED, tags=["products"], responses=problem_responses(400, 401, 403, 409, 503)
 )
 async def create_product(
     body: ProductIn,
@@ -176,7 +181,7 @@ async def read_product(sku: str, session: SessionDep) -> ProductOut:
     tags=["internal"],
     summary="Reserve stock for an order, all lines or none (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses={200: {"description": "The same order ID again: the reservation made before"}} | problem_responses(400, 401, 404, 409),
+    responses={200: {"description": "The same order ID again: the reservation made before"}} | problem_responses(400, 401, 404, 409, 503),
 )
 async def reserve(body: ReservationIn, response: Response, session: SessionDep) -> ReservationOut:
     wanted: dict[str, int] = {}
@@ -224,7 +229,7 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     tags=["internal"],
     summary="Release an order's stock; safe to repeat (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=problem_responses(401),
+    responses=problem_responses(401, 503),
 )
 async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], session: SessionDep) -> None:
     async with session.begin():
@@ -255,8 +260,9 @@ async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], s
 # ---------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the catalog service. With no settings, they are read from the environment."""
+def create_app(settings: Settings | None = None, *, users_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the catalog service. With no settings, they are read from the environment.
+    `users_transport` replaces the network to the users service (its JWKS), in tests."""
     settings = settings or Settings()
     engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -265,14 +271,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        yield
+        async with httpx.AsyncClient(base_url=settings.users_url, transport=users_transport,
+                                     timeout=settings.users_timeout) as users:
+            app.state.public_keys = PublicKeys(jwks_from(users, settings.users_timeout), settings.jwks_refresh_seconds)
+            yield
         await engine.dispose()
 
     app = FastAPI(title="catalog", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
-    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
-    app.state.internal_token = settings.internal_token.get_secret_value().encode()
     install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="catalog")
     app.include_router(health_router("catalog"))

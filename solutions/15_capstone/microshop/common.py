@@ -1,25 +1,33 @@
 """What every service of the shop shares: request IDs and access logs, tokens and scopes,
-the service credential of the internal routes, database sessions, the health route and the
+service identity (signed tokens, their public keys, service tokens for the internal routes),
+database sessions, the health route and the
 event contract. Errors are problem details: `problems.py`, given, the same in every service.
 
 This is shared *code*, not shared state: each service imports its own copy and runs in its
-own process, with its own database. Services only talk to each other over HTTP.
+own process, with its own database. Services only talk to each other over the network.
 """
 
-import hmac
+import asyncio
+import base64
+import contextlib
+import hashlib
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
+import httpx
 import jwt
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2PasswordBearer, SecurityScopes
+from jwt.algorithms import OKPAlgorithm
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import DateTime, TypeDecorator, event
 from sqlalchemy.engine import Dialect
@@ -94,11 +102,18 @@ class RequestContextMiddleware:
 
 
 # ---------------------------------------------------------------------------------------
-# Tokens and scopes
+# Tokens and scopes: users signs with its private key, every service verifies with the public one
 # ---------------------------------------------------------------------------------------
 
-ALGORITHM = "HS256"
-ISSUER = "microshop-users"
+# EdDSA (Ed25519): an asymmetric signature. Only users holds the private key; catalog and
+# orders fetch the public keys (a JWKS) from users and can verify a token, never make one. With
+# HS256 every service that checks tokens holds the secret that makes them, so any of them, or
+# anyone who steals its settings, can mint an admin's token.
+ALGORITHM = "EdDSA"
+ISSUER = "microshop-users"  # the "iss" of every token; one spelling for the whole shop
+API_AUDIENCE = "microshop-api"  # the "aud" of a user's token: the public routes
+INTERNAL_AUDIENCE = "microshop-internal"  # the "aud" of a service's token: the internal routes
+JWKS_PATH = "/.well-known/jwks.json"
 SCOPES = {
     "orders:read": "Read your orders",
     "orders:write": "Place orders",
@@ -113,10 +128,132 @@ class Principal(BaseModel):
     scopes: frozenset[str]
 
 
-def issue_token(secret: str, username: str, scopes: Iterable[str], ttl: timedelta) -> str:
+def load_signing_key(pem: str) -> Ed25519PrivateKey:
+    """The users service's private key, from its settings (PEM, PKCS#8)."""
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("signing_key must be an Ed25519 private key in PEM")
+    return key
+
+
+def public_jwk(public_key: Ed25519PublicKey) -> dict[str, str]:
+    """The public key as a JWK, with its id: the RFC 7638 thumbprint, so that the same key
+    always has the same kid, whoever computes it."""
+    jwk = OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    members = json.dumps({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]}, separators=(",", ":"), sort_keys=True)
+    kid = base64.urlsafe_b64encode(hashlib.sha256(members.encode()).digest()).rstrip(b"=").decode()
+    return {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "kid": kid, "alg": ALGORITHM, "use": "sig"}
+
+
+def issue_token(key: Ed25519PrivateKey, subject: str, scopes: Iterable[str], ttl: timedelta, audience: str) -> str:
     now = datetime.now(timezone.utc)
-    claims = {"sub": username, "scope": " ".join(sorted(scopes)), "iss": ISSUER, "iat": now, "exp": now + ttl}
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    claims = {"sub": subject, "scope": " ".join(sorted(scopes)), "iss": ISSUER, "aud": audience, "iat": now, "exp": now + ttl}
+    return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": public_jwk(key.public_key())["kid"]})
+
+
+class KeysUnavailable(Exception):
+    """The public keys cannot be fetched now: no token can be checked."""
+
+
+class PublicKeys:
+    """The users service's public keys, by kid, fetched from its JWKS and cached.
+
+    A token with a kid not in the cache may be signed by a key users has just rotated in, so
+    the JWKS is fetched again, but at most once every `refresh_seconds`: a stranger who sends
+    tokens with made-up kids must not turn each request into a request to users.
+    """
+
+    def __init__(self, fetch: Callable[[], Awaitable[Any]], refresh_seconds: float) -> None:
+        self.fetch = fetch
+        self.refresh_seconds = refresh_seconds
+        self.keys: dict[str, Ed25519PublicKey] = {}
+        self.fetched_at: float | None = None
+        self.lock = asyncio.Lock()  # one fetch at a time; the others wait and reuse it
+
+    async def key(self, kid: str) -> Ed25519PublicKey | None:
+        if kid in self.keys:
+            return self.keys[kid]
+        async with self.lock:
+            recent = self.fetched_at is not None and time.monotonic() - self.fetched_at < self.refresh_seconds
+            if kid not in self.keys and not recent:
+                await self.refresh()
+        return self.keys.get(kid)
+
+    async def refresh(self) -> None:
+        try:
+            document = await self.fetch()
+        except Exception as exc:  # unreachable, slow, or not a JWKS: nothing to verify with
+            raise KeysUnavailable(str(exc)) from None
+        keys: dict[str, Ed25519PublicKey] = {}
+        for jwk in document.get("keys", []) if isinstance(document, dict) else []:
+            if isinstance(jwk, dict) and jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519" and isinstance(jwk.get("kid"), str):
+                with contextlib.suppress(jwt.InvalidKeyError, ValueError, TypeError):
+                    key = OKPAlgorithm.from_jwk(jwk)
+                    if isinstance(key, Ed25519PublicKey):
+                        keys[jwk["kid"]] = key
+        self.keys = keys
+        self.fetched_at = time.monotonic()
+
+
+def jwks_from(client: httpx.AsyncClient, timeout: float) -> Callable[[], Awaitable[Any]]:
+    """How catalog and orders fetch the users service's JWKS: with a deadline, like every call."""
+
+    async def fetch() -> Any:
+        async with asyncio.timeout(timeout):
+            reply = await client.get(JWKS_PATH, headers=outgoing_headers())
+        reply.raise_for_status()
+        return reply.json()
+
+    return fetch
+
+
+class LocalKeys(PublicKeys):
+    """The users service verifies its own tokens with its own public key: nothing to fetch,
+    and an unknown kid is simply not one of its keys."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        own = public_jwk(private_key.public_key())
+
+        async def fetch() -> dict[str, Any]:
+            return {"keys": [own]}
+
+        super().__init__(fetch, refresh_seconds=float("inf"))
+        self.keys = {own["kid"]: private_key.public_key()}
+
+    async def key(self, kid: str) -> Ed25519PublicKey | None:
+        return self.keys.get(kid)
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def verify_token(request: Request, token: str, audience: str) -> dict[str, Any]:
+    """The claims of a token users signed for `audience`; 401 for any other token."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.InvalidTokenError:
+        raise unauthorized("The token is malformed.") from None
+    if not isinstance(kid, str) or not 0 < len(kid) <= 128:
+        raise unauthorized("The token names no signing key.")
+    try:
+        key = await request.app.state.public_keys.key(kid)
+    except KeysUnavailable:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="The keys that check tokens cannot be fetched now.",
+                            headers={"Retry-After": "1"}) from None
+    if key is None:
+        raise unauthorized("The token is signed by a key the users service does not publish.")
+    try:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],  # pinned: never let the token choose its algorithm
+            issuer=ISSUER,
+            audience=audience,  # a token for the internal routes is not a user's, and back
+            options={"require": ["sub", "exp", "iss", "aud"]},
+        )
+    except jwt.InvalidTokenError:
+        raise unauthorized("The token is invalid or expired.") from None
 
 
 # The token is issued by the users service; clients get it through the gateway.
@@ -129,20 +266,7 @@ async def current_principal(
     token: Annotated[str, Depends(bearer)],
 ) -> Principal:
     """Who is calling, with which scopes. Each service checks tokens itself: no trust by position."""
-    try:
-        claims = jwt.decode(
-            token,
-            request.app.state.jwt_secret,
-            algorithms=[ALGORITHM],  # pinned: never let the token choose its algorithm
-            issuer=ISSUER,
-            options={"require": ["sub", "exp", "iss"]},
-        )
-    except jwt.InvalidTokenError:
-        raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            detail="invalid or expired token",
-            headers={"WWW-Authenticate": "Bearer"},
-        ) from None
+    claims = await verify_token(request, token, API_AUDIENCE)
     principal = Principal(username=claims["sub"], scopes=frozenset(str(claims.get("scope", "")).split()))
     missing = sorted(set(security_scopes.scopes) - principal.scopes)
     if missing:
@@ -155,16 +279,16 @@ async def current_principal(
 
 
 # ---------------------------------------------------------------------------------------
-# The service credential: internal routes answer only the shop's own services
+# Service identity: internal routes answer only the shop's own services
 # ---------------------------------------------------------------------------------------
 
 # The gateway does not route to /reservations, /events or /outbox/..., but hiding is not
 # protecting: anyone who reaches a service directly (a neighbour on the network, a gateway bug)
-# could call them. So they also demand a credential that only the services hold: one shared
-# internal token from the settings, sent as "Authorization: Bearer <token>".
+# could call them. So they demand a token of a service: one users signed for the internal
+# audience after the service proved who it is with its own id and secret (client credentials).
 service_bearer = HTTPBearer(
     scheme_name="ServiceToken",
-    description="The internal token that the shop's services share (settings: internal_token)",
+    description="A service's token from POST /service-token on the users service",
     auto_error=False,
 )
 
@@ -172,26 +296,53 @@ service_bearer = HTTPBearer(
 async def require_service(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(service_bearer)],
-) -> None:
-    """Let a request through only when it carries the internal token."""
-    expected: bytes = request.app.state.internal_token
-    presented = credentials.credentials.encode() if credentials is not None else b""
-    # compare_digest takes as long for a near miss as for a far one: timing does not tell an
-    # attacker how many leading characters they guessed right.
-    if not hmac.compare_digest(presented, expected):
-        raise HTTPException(
-            status_code=status.HTTP_401_UNAUTHORIZED,
-            detail="this route is for the shop's services only",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+) -> str:
+    """Let a request through only with a service's token; answers the service's id."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise unauthorized("This route is for the shop's services only.")
+    claims = await verify_token(request, credentials.credentials, INTERNAL_AUDIENCE)
+    return str(claims["sub"])
 
 
 SERVICE_ONLY = [Depends(require_service)]  # dependencies=SERVICE_ONLY on every internal route
 
 
-def service_headers(internal_token: str) -> dict[str, str]:
-    """The header a service sends with its calls to another service's internal routes."""
-    return {"Authorization": f"Bearer {internal_token}"}
+class ServiceCredentials(httpx.Auth):
+    """httpx auth for a service's calls to internal routes: a token from users, fetched with the
+    service's client id and secret (OAuth2 client credentials), reused until shortly before it
+    expires, fetched again after a 401 (the key may have been rotated).
+
+    The token is fetched through `users` (the client of the users service), whichever client
+    the call itself goes through. A users service that cannot be reached raises the client's
+    error, as the call itself would.
+    """
+
+    def __init__(self, users: httpx.AsyncClient, client_id: str, client_secret: str) -> None:
+        self.users, self.client_id, self.client_secret = users, client_id, client_secret
+        self.token: str | None = None
+        self.expires_at = 0.0
+        self.lock = asyncio.Lock()  # one fetch for many calls at once
+
+    async def current(self) -> str | None:
+        async with self.lock:
+            if self.token is None or time.monotonic() >= self.expires_at:
+                form = {"grant_type": "client_credentials", "client_id": self.client_id, "client_secret": self.client_secret}
+                reply = await self.users.post("/service-token", data=form, headers=outgoing_headers())
+                self.token = None
+                if reply.status_code == status.HTTP_200_OK:
+                    body = reply.json()
+                    self.token = str(body["access_token"])
+                    # Renew a little early: a token that expires on its way is refused.
+                    self.expires_at = time.monotonic() + max(float(body.get("expires_in", 60)) * 0.8, 1.0)
+            return self.token
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        token = await self.current()
+        if token is not None:  # without one, the call goes unauthenticated and is refused with a 401
+            request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        if response.status_code == status.HTTP_401_UNAUTHORIZED:
+            self.token = None  # the next call fetches a new one
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,8 +39,10 @@ from .common import (
     create_engine,
     current_principal,
     health_router,
+    PublicKeys,
+    ServiceCredentials,
+    jwks_from,
     outgoing_headers,
-    service_headers,
     utcnow,
 )
 from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_responses
@@ -49,14 +51,17 @@ logger = logging.getLogger("microshop.orders")
 
 
 class Settings(BaseSettings):
-    """ORDERS_DATABASE_URL, ORDERS_JWT_SECRET, ORDERS_INTERNAL_TOKEN, ORDERS_CATALOG_URL, ...
+    """ORDERS_DATABASE_URL, ORDERS_CLIENT_SECRET, ORDERS_CATALOG_URL, ORDERS_USERS_URL, ...
     (prefix ORDERS_)."""
 
     model_config = SettingsConfigDict(env_prefix="ORDERS_")
 
     database_url: str = "sqlite+aiosqlite:///./orders.db"
-    jwt_secret: SecretStr = Field(min_length=32)
-    internal_token: SecretStr = Field(min_length=32)  # sent to catalog and users; asked on /outbox
+    # Who this service is to users (client credentials): the token it gets for them opens the
+    # internal routes of catalog and users. The secret is this service's own, never shared.
+    client_id: str = Field("orders", min_length=1, max_length=64)
+    client_secret: SecretStr = Field(min_length=32)
+    jwks_refresh_seconds: float = Field(30.0, ge=0, le=3600)  # an unknown kid refetches, at most this often
     catalog_url: str = "http://127.0.0.1:8002"
     users_url: str = "http://127.0.0.1:8001"
     catalog_timeout: float = Field(2.0, gt=0, le=30)  # a deadline for each call, in seconds
@@ -267,7 +272,9 @@ async def deliver(app: FastAPI, event: OutboxEvent) -> str | None:
     settings: Settings = app.state.settings
     try:
         async with asyncio.timeout(settings.events_timeout):
-            reply = await app.state.users.post("/events", json=event.payload, headers=outgoing_headers())
+            reply = await app.state.users.post(
+                "/events", json=event.payload, headers=outgoing_headers(), auth=app.state.credentials
+            )
     except (TimeoutError, httpx.HTTPError) as exc:
         raise ConsumerUnavailable(type(exc).__name__) from None
     if reply.status_code in UNAVAILABLE:
@@ -392,7 +399,7 @@ async def place_order(
     return order_out(order)
 
 
-@router.get("/orders", tags=["orders"], responses=problem_responses(401, 403))
+@router.get("/orders", tags=["orders"], responses=problem_responses(401, 403, 503))
 async def list_orders(
     session: SessionDep,
     principal: Annotated[Principal, Security(current_principal, scopes=["orders:read"])],
@@ -403,7 +410,7 @@ async def list_orders(
     return [order_out(order) for order in orders]
 
 
-@router.get("/orders/{order_id}", tags=["orders"], responses=problem_responses(401, 403, 404))
+@router.get("/orders/{order_id}", tags=["orders"], responses=problem_responses(401, 403, 404, 503))
 async def read_order(
     order_id: str,
     session: SessionDep,
@@ -420,7 +427,7 @@ async def read_order(
     tags=["internal"],
     summary="Retry pending releases and deliver pending events now (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=problem_responses(401),
+    responses=problem_responses(401, 503),
 )
 async def dispatch_now(request: Request) -> DispatchOut:
     return await dispatch_outbox(request.app)
@@ -431,7 +438,7 @@ async def dispatch_now(request: Request) -> DispatchOut:
     tags=["internal"],
     summary="The dead letters: events set aside after too many refusals (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
-    responses=problem_responses(401),
+    responses=problem_responses(401, 503),
 )
 async def dead_letters(session: SessionDep) -> list[DeadEvent]:
     dead = await session.scalars(
@@ -463,18 +470,16 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        limits = httpx.Timeout(settings.catalog_timeout)
-        # Every call these clients make is to an internal route: each carries the credential.
-        credential = service_headers(settings.internal_token.get_secret_value())
-        async with (
-            httpx.AsyncClient(
-                base_url=settings.catalog_url, transport=catalog_transport, timeout=limits, headers=credential
-            ) as catalog,
-            httpx.AsyncClient(
-                base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout, headers=credential
-            ) as users,
-        ):
-            app.state.catalog, app.state.users = catalog, users
+        async with httpx.AsyncClient(
+            base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout
+        ) as users:
+            # Every call to the catalog is to an internal route: each carries this service's token.
+            credentials = ServiceCredentials(users, settings.client_id, settings.client_secret.get_secret_value())
+            catalog = httpx.AsyncClient(
+                base_url=settings.catalog_url, transport=catalog_transport, timeout=settings.catalog_timeout, auth=credentials
+            )
+            app.state.catalog, app.state.users, app.state.credentials = catalog, users, credentials
+            app.state.public_keys = PublicKeys(jwks_from(users, settings.events_timeout), settings.jwks_refresh_seconds)
             app.state.dispatch_lock = asyncio.Lock()  # one dispatcher at a time keeps events in order
             retry = asyncio.create_task(dispatch_forever(app, settings.outbox_interval)) if settings.outbox_interval else None
             try:
@@ -484,13 +489,12 @@ def create_app(
                     retry.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await retry
+                await catalog.aclose()
         await engine.dispose()
 
     app = FastAPI(title="orders", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
-    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
-    app.state.internal_token = settings.internal_token.get_secret_value().encode()
     install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="orders")
     app.include_router(health_router("orders"))

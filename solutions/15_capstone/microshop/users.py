@@ -4,13 +4,15 @@ customer's orders built from OrderPlaced events.
     uvicorn microshop.users:create_app --factory --port 8001
 """
 
+import hmac
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Security, status
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Response, Security, status
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pydantic import BaseModel, Field, SecretStr
@@ -22,7 +24,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
+    API_AUDIENCE,
     INT64_MAX,
+    INTERNAL_AUDIENCE,
+    JWKS_PATH,
+    LocalKeys,
     SERVICE_ONLY,
     OrderPlaced,
     Principal,
@@ -33,6 +39,8 @@ from .common import (
     current_principal,
     health_router,
     issue_token,
+    load_signing_key,
+    public_jwk,
     utcnow,
 )
 from .problems import install_problem_details, problem_responses
@@ -47,9 +55,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="USERS_")
 
     database_url: str = "sqlite+aiosqlite:///./users.db"
-    jwt_secret: SecretStr = Field(min_length=32)  # required: no default for a secret
-    internal_token: SecretStr = Field(min_length=32)  # what orders must present on /events
+    # The Ed25519 private key that signs every token (PEM, PKCS#8). Required: no default for a
+    # secret. Only this service holds it; the others verify with the public key (the JWKS).
+    signing_key: SecretStr
     token_ttl_minutes: int = Field(30, ge=1, le=24 * 60)
+    # The shop's services, by client id, with their secrets: a service proves who it is with
+    # them (client credentials) and gets a token for the internal routes. From the environment
+    # as JSON: USERS_SERVICE_CLIENTS='{"orders": "<a secret of 32 characters or more>"}'.
+    service_clients: dict[str, SecretStr] = {}
+    service_token_ttl_seconds: int = Field(300, ge=30, le=3600)
     admin_username: str | None = None  # seeded at startup with the catalog:write scope
     admin_password: SecretStr | None = None
     # The cost of each password hash: pwdlib's recommended Argon2 settings by default (about a
@@ -140,6 +154,31 @@ class Token(BaseModel):
     token_type: str = "bearer"
 
 
+class ServiceToken(Token):
+    expires_in: int  # seconds
+
+
+class ClientCredentials(BaseModel):
+    """The OAuth2 client credentials form, with lengths bounded."""
+
+    grant_type: Literal["client_credentials"]
+    client_id: Annotated[str, Field(min_length=1, max_length=64)]
+    client_secret: Annotated[SecretStr, Field(min_length=1, max_length=256)]
+
+
+class JWK(BaseModel):
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    alg: str
+    use: str
+
+
+class JWKS(BaseModel):
+    keys: list[JWK]
+
+
 class Hashing:
     """Argon2 off the event loop. A hash is a third of a second of CPU on purpose: run in an
     `async def` route, it would stop every other request of this service for that long. In a
@@ -200,9 +239,35 @@ async def token(
     granted = allowed & set(form.scopes) if form.scopes else allowed
     settings: Settings = request.app.state.settings
     access = issue_token(
-        request.app.state.jwt_secret, user.username, granted, timedelta(minutes=settings.token_ttl_minutes)
+        request.app.state.signing_key, user.username, granted, timedelta(minutes=settings.token_ttl_minutes), API_AUDIENCE
     )
     return Token(access_token=access)
+
+
+@router.get(JWKS_PATH, tags=["keys"], summary="The public keys that verify this service's tokens")
+async def jwks(request: Request, response: Response) -> JWKS:
+    # Public by design: a public key verifies, it cannot sign. Caches may keep it a little.
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return JWKS(keys=[JWK(**public_jwk(request.app.state.signing_key.public_key()))])
+
+
+@router.post(
+    "/service-token",
+    tags=["internal"],
+    summary="A token for the internal routes, for a service with its client id and secret (not routed by the gateway)",
+    responses=problem_responses(400, 401),
+)
+async def service_token(form: Annotated[ClientCredentials, Form()], request: Request) -> ServiceToken:
+    settings: Settings = request.app.state.settings
+    known = settings.service_clients.get(form.client_id)
+    # Compare against something even for an unknown client: the answer takes as long either way.
+    expected = (known or request.app.state.no_client_secret).get_secret_value().encode()
+    if not hmac.compare_digest(form.client_secret.get_secret_value().encode(), expected) or known is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Unknown client or wrong secret.",
+                            headers={"WWW-Authenticate": "Bearer"})
+    ttl = settings.service_token_ttl_seconds
+    access = issue_token(request.app.state.signing_key, form.client_id, [], timedelta(seconds=ttl), INTERNAL_AUDIENCE)
+    return ServiceToken(access_token=access, expires_in=ttl)
 
 
 @router.get("/users/me", tags=["users"], responses=problem_responses(401, 404))
@@ -291,8 +356,9 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.hashing = hashing
-    app.state.jwt_secret = settings.jwt_secret.get_secret_value()
-    app.state.internal_token = settings.internal_token.get_secret_value().encode()
+    app.state.signing_key = load_signing_key(settings.signing_key.get_secret_value())
+    app.state.public_keys = LocalKeys(app.state.signing_key)  # its own tokens: no JWKS to fetch
+    app.state.no_client_secret = SecretStr(secrets.token_urlsafe(32))
     # Same cost as a real hash, so checking an unknown user takes as long as checking a known one.
     app.state.dummy_hash = hasher.hash("not-a-real-password")
     install_problem_details(app)
