@@ -108,7 +108,7 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     #   The same order_id again: 200 with the existing reservation (nothing taken twice);
     #   an order_id that was released: 409. The same order_id twice *at once* too: claim it
     #   first with an INSERT ... ON CONFLICT DO NOTHING (sqlalchemy.dialects.sqlite.insert).
-    #   Internal: only with the service credential (dependencies=[Depends(require_service)]).
+    #   Internal: only with a service token (dependencies=[Depends(require_service)]).
     todo("step 2: POST /reservations")
 
 

@@ -119,14 +119,14 @@ async def dispatch_now(request: Request) -> dict[str, int]:
     # TODO (step 5): retry the unconfirmed releases, then deliver the pending events to users
     #   (POST /events), oldest first: users unreachable -> stop, count nothing; users refuses
     #   an event -> count an attempt and go on; settings.outbox_max_attempts refusals -> the
-    #   event is dead. {"delivered": n, "pending": m, "dead": d}. Internal (service credential).
+    #   event is dead. {"delivered": n, "pending": m, "dead": d}. Internal (a service token).
     todo("step 5: POST /outbox/dispatch")
 
 
 @router.get("/outbox/dead")
 async def dead_letters(session: SessionDep) -> list[dict]:
     # TODO (step 5): the dead events, oldest first: [{"event_id", "attempts", "last_error",
-    #   "payload"}]. Internal (service credential).
+    #   "payload"}]. Internal (a service token).
     todo("step 5: GET /outbox/dead")
 
 

@@ -135,7 +135,7 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
 async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
     # TODO (step 5): apply an OrderPlaced event to the read model once: {"status": "applied"};
     #   an event_id seen before changes nothing: {"status": "duplicate"}. Internal: only with
-    #   the service credential (dependencies=[Depends(require_service)], common.py).
+    #   a service token (dependencies=[Depends(require_service)], common.py).
     todo("step 5: POST /events")
 
 
