@@ -868,15 +868,30 @@ def test_the_trace_goes_on_to_the_warehouse(module, incoming):
 
 @pytest.mark.task("tracing")
 @pytest.mark.promise("P9")
-@pytest.mark.parametrize("failure", ["status 500", "connection refused", "not JSON", "negative quantity", "another item"])
+def test_an_empty_shelf_is_a_stock_of_zero(module):
+    app, _ = traced_app(module, Warehouse(lambda request: httpx.Response(200, json={"item_id": 3, "quantity": 0})))
+    with TestClient(app) as client:
+        response = client.get("/items/3/stock")
+    expect_json(response, {"item_id": 3, "quantity": 0},
+                "the warehouse holds none of item 3: a quantity of 0 is an answer (quantity >= 0), not a failure", exact=True)
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P9")
+@pytest.mark.parametrize("failure", ["status 500", "status 503 with a stock body", "connection refused", "not JSON",
+                                     "negative quantity", "quantity as text", "quantity not whole", "another item"])
 def test_a_failing_warehouse_answers_502(module, failure):
     def answer(request: httpx.Request) -> httpx.Response:
         if failure == "connection refused":
             raise httpx.ConnectError("connection refused", request=request)
         return {
             "status 500": httpx.Response(500, json={"detail": "boom"}),
+            # an error status is a failure whatever the body says
+            "status 503 with a stock body": httpx.Response(503, json={"item_id": 3, "quantity": 5}),
             "not JSON": httpx.Response(200, text="<html>"),
             "negative quantity": httpx.Response(200, json={"item_id": 3, "quantity": -1}),
+            "quantity as text": httpx.Response(200, json={"item_id": 3, "quantity": "7"}),  # integers, not strings
+            "quantity not whole": httpx.Response(200, json={"item_id": 3, "quantity": 7.5}),
             "another item": httpx.Response(200, json={"item_id": 1, "quantity": 4}),
         }[failure]
 
