@@ -122,8 +122,10 @@ class Relay:
 
     async def publish_pending(self) -> int:
         """One round: publish up to BATCH events, await their acknowledgements together, delete the stored ones."""
-        async with self.db.execute("SELECT seq, event_id, subject, payload FROM outbox ORDER BY seq LIMIT ?",
-                                   (BATCH,)) as cursor:
+        # Under the lock: on this one connection, a route's transaction that is not yet committed
+        # would be visible, and an event whose order then rolls back must never be published.
+        async with self.write_lock, self.db.execute(
+                "SELECT seq, event_id, subject, payload FROM outbox ORDER BY seq LIMIT ?", (BATCH,)) as cursor:
             rows = list(await cursor.fetchall())
         if not rows:
             return 0
@@ -200,19 +202,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db: aiosqlite.Connection = request.app.state.db
         async with request.app.state.relay.write_lock:
             # The order and its event, together or not at all: no order without its event, no event without its order.
-            await db.execute("INSERT INTO orders (id, sku, quantity) VALUES (?, ?, ?)",
-                             (order.id, order.sku, order.quantity))
-            await db.execute("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)",
-                             (event["event_id"], SUBJECT, json.dumps(event)))
-            await db.commit()
+            try:
+                await db.execute("INSERT INTO orders (id, sku, quantity) VALUES (?, ?, ?)",
+                                 (order.id, order.sku, order.quantity))
+                await db.execute("INSERT INTO outbox (event_id, subject, payload) VALUES (?, ?, ?)",
+                                 (event["event_id"], SUBJECT, json.dumps(event)))
+                await db.commit()
+            except BaseException:
+                # Half a transaction left open on the shared connection would be committed by the
+                # next writer: an order without its event. Undo it (also when the client went away).
+                await asyncio.shield(db.rollback())
+                raise
         request.app.state.relay.wake.set()
         response.headers["Location"] = f"/orders/{order.id}"
         return order
 
     @app.get("/orders/{order_id}", responses=problem_responses(404))
     async def read_order(order_id: Annotated[str, Path(max_length=64)], request: Request) -> Order:
-        async with request.app.state.db.execute("SELECT id, sku, quantity FROM orders WHERE id = ?",
-                                                (order_id,)) as cursor:
+        # Under the lock, so that an order still being written (not yet committed) is not read.
+        async with request.app.state.relay.write_lock, request.app.state.db.execute(
+                "SELECT id, sku, quantity FROM orders WHERE id = ?", (order_id,)) as cursor:
             row = await cursor.fetchone()
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "No order has this id.")  # the id is in `instance`
@@ -220,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/outbox")
     async def outbox(request: Request) -> Outbox:
-        async with request.app.state.db.execute("SELECT COUNT(*) FROM outbox") as cursor:
+        async with request.app.state.relay.write_lock, request.app.state.db.execute("SELECT COUNT(*) FROM outbox") as cursor:
             (pending,) = await cursor.fetchone() or (0,)
         return Outbox(pending=pending)
 
