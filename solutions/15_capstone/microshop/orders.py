@@ -135,6 +135,13 @@ class OrderLine(Line):
     price_cents: int
 
 
+class Reservation(BaseModel):
+    """What the catalog answers to a reservation: read as data, never trusted to have the shape."""
+
+    items: Annotated[list[OrderLine], Field(min_length=1, max_length=20)]
+    total_cents: Annotated[int, Field(ge=0, le=2**53)]
+
+
 class OrderOut(BaseModel):
     id: str
     username: str
@@ -240,7 +247,12 @@ async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[
         await compensate(app, order_id)
         raise upstream_failed(status.HTTP_503_SERVICE_UNAVAILABLE, "the catalog connection failed; no order was placed") from None
     if reply.status_code in (status.HTTP_200_OK, status.HTTP_201_CREATED):
-        return reply.json()
+        try:
+            return Reservation.model_validate_json(reply.content).model_dump()
+        except ValueError:
+            # Reserved, but not in a shape we can store: undo it rather than answer a 500.
+            await compensate(app, order_id)
+            raise upstream_failed(status.HTTP_502_BAD_GATEWAY, "the catalog answered nonsense; no order was placed") from None
     detail = upstream_detail(reply)
     if reply.status_code == status.HTTP_404_NOT_FOUND:
         # From the customer's side the order is invalid: a 422 shaped like every other 422.
