@@ -452,5 +452,5 @@ def create_app(
     return app
 
 
-# `uvicorn app:app` serves this one; importing the module reads no settings yet.
+# `uvicorn 12_observability.app:app` (from solutions/) serves this one; importing the module reads no settings yet.
 app = create_app()
