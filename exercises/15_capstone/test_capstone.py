@@ -61,6 +61,7 @@ CUSTOMER_SCOPES = ["orders:read", "orders:write"]
 FAST_HASH = PasswordHash((Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1),))
 MAX_ATTEMPTS = 3  # outbox_max_attempts in the in-process shop
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID a service keeps (README)
+NOT_READY = "https://course.example/problems/not-ready"  # the problem type of the gateway's /ready 503
 
 
 # ---------------------------------------------------------------------------------------
@@ -1450,8 +1451,11 @@ async def test_every_service_reports_health_and_the_gateway_readiness(load, tmp_
                     {"status": "ready", "services": {"users": "up", "catalog": "up", "orders": "up"}}, exact=True)
         shop.gateway_wires["catalog"].mode = "refuse"
         not_ready = await shop.gateway.get("/ready")
-        expect_status(not_ready, 503, "a service behind the gateway is down")
-        expect_json(not_ready, {"status": "not ready", "services": {"users": "up", "catalog": "down", "orders": "up"}}, exact=True)
+        problem = expect_problem(not_ready, 503, "a service behind the gateway is down: the not-ready problem",
+                                 type=NOT_READY)
+        assert problem.get("title") == "Not ready", explain(not_ready, 'the title of the not-ready type: "Not ready"')
+        expect_json(not_ready, {"services": {"users": "up", "catalog": "down", "orders": "up"}},
+                    "the extra member `services` names each service up or down")
 
 
 # The status codes each route must document in its service's OpenAPI schema (README.md).

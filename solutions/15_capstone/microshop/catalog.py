@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Response, Security, status
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String, select, update
@@ -34,6 +35,8 @@ from .common import (
     current_principal,
     health_router,
     jwks_from,
+    service_client,
+    service_tracer,
     utcnow,
 )
 from .problems import install_problem_details, problem_responses
@@ -260,10 +263,17 @@ async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], s
 # ---------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, *, users_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    users_transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
     """Build the catalog service. With no settings, they are read from the environment.
-    `users_transport` replaces the network to the users service (its JWKS), in tests."""
+    `users_transport` replaces the network to the users service (its JWKS), in tests; the
+    app's spans come from `tracer_provider` (tests pass one with an in-memory exporter)."""
     settings = settings or Settings()
+    tracer = service_tracer("catalog", tracer_provider)
     engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -271,8 +281,7 @@ def create_app(settings: Settings | None = None, *, users_transport: httpx.Async
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        async with httpx.AsyncClient(base_url=settings.users_url, transport=users_transport,
-                                     timeout=settings.users_timeout) as users:
+        async with service_client(tracer, settings.users_url, users_transport, timeout=settings.users_timeout) as users:
             app.state.public_keys = PublicKeys(jwks_from(users, settings.users_timeout), settings.jwks_refresh_seconds)
             yield
         await engine.dispose()
@@ -281,7 +290,7 @@ def create_app(settings: Settings | None = None, *, users_transport: httpx.Async
     app.state.settings = settings
     app.state.sessions = sessions
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="catalog")
+    app.add_middleware(RequestContextMiddleware, service="catalog", tracer=tracer)
     app.include_router(health_router("catalog"))
     app.include_router(router)
     return app

@@ -1,4 +1,4 @@
-"""What every service of the shop shares: request IDs and access logs, tokens and scopes,
+"""What every service of the shop shares: traces, request IDs and access logs, tokens and scopes,
 service identity (signed tokens, their public keys, service tokens for the internal routes),
 database sessions, the health route and the
 event contract. Errors are problem details: `problems.py`, given, the same in every service.
@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
@@ -28,6 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, OAuth2PasswordBearer, SecurityScopes
 from jwt.algorithms import OKPAlgorithm
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import DateTime, TypeDecorator, event
 from sqlalchemy.engine import Dialect
@@ -35,9 +39,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .problems import unexpected_problem
+
 # ---------------------------------------------------------------------------------------
-# Request IDs: one ID follows a request through every service it touches
+# Traces and request IDs: one trace, and one ID, follow a request through every service
 # ---------------------------------------------------------------------------------------
+
+# W3C Trace Context, named explicitly: the global propagator can be changed by OTEL_PROPAGATORS,
+# and the shop's services promise each other `traceparent`.
+PROPAGATOR = TraceContextTextMapPropagator()
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # Nothing that could forge a log line. fullmatch, not match with ^...$: "$" also matches
@@ -51,54 +61,142 @@ def current_request_id() -> str:
 
 
 def outgoing_headers() -> dict[str, str]:
-    """Headers for a call to another service: the current request ID travels along."""
+    """Headers for a call to another service: the current request ID travels along (the trace
+    context travels in every call of a `service_client`, whatever the headers)."""
     request_id = current_request_id()
     return {REQUEST_ID_HEADER: request_id} if request_id else {}
 
 
-class RequestContextMiddleware:
-    """Adopts or creates the request ID, returns it in a header and logs one JSON line per request.
+def service_tracer(service: str, tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
+    """The tracer of one service's app. Tests hand in a provider with an in-memory exporter;
+    without one the service makes its own (spans with real IDs and nowhere to go: a deployment
+    adds an exporter). Never OpenTelemetry's global provider: it is one per process, and a
+    second app in the same process (every test) would share or lose the first one's spans."""
+    provider = tracer_provider or TracerProvider(resource=Resource.create({"service.name": service}))
+    return provider.get_tracer(f"microshop.{service}")
 
-    A pure ASGI middleware: the context variable stays set for the whole request, including
-    background tasks that run after the response has been sent.
+
+def request_id_for(scope: Scope, trace_id: str) -> str:
+    """The one request-ID rule: a caller's plain ID is kept; otherwise the ID is the trace ID,
+    so the ID a client quotes finds the log lines and the trace alike."""
+    incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+    return incoming if _VALID_REQUEST_ID.fullmatch(incoming) else trace_id
+
+
+def _header_carrier(scope: Scope) -> dict[str, str]:
+    """The request's headers for the propagator (ASGI names are lower case already)."""
+    carrier: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        carrier.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return carrier
+
+
+class RequestContextMiddleware:
+    """The server span of every request, its request ID in a header, one JSON log line, and the
+    500 of a crash. Add it last in `create_app`, so that it is the outermost of the app's own.
+
+    A pure ASGI middleware: the span and the context variable stay current for the whole
+    request, including background tasks that run after the response has been sent.
     """
 
-    def __init__(self, app: ASGIApp, service: str) -> None:
+    def __init__(self, app: ASGIApp, service: str, tracer: trace.Tracer) -> None:
         self.app = app
         self.service = service
+        self.tracer = tracer
         self.logger = logging.getLogger(f"microshop.{service}")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        token = _request_id.set(request_id)
-        started = time.perf_counter()
-        status_code = 500
+        # Continue the caller's trace when its traceparent is valid; a missing or malformed one
+        # extracts to an empty context, and the span starts a new trace (never an error).
+        parent = PROPAGATOR.extract(_header_carrier(scope))
+        with self.tracer.start_as_current_span(
+            scope["method"], context=parent, kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False
+        ) as span:
+            context = span.get_span_context()
+            trace_id, span_id = format_trace_id(context.trace_id), format_span_id(context.span_id)
+            request_id = request_id_for(scope, trace_id)
+            token = _request_id.set(request_id)
+            started = time.perf_counter()
+            status_code = 500  # what the client gets if the app raises before it answers
+            started_response = False
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status_code
-            if message["type"] == "http.response.start":
-                status_code = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
+            async def send_with_id(message: Message) -> None:
+                nonlocal status_code, started_response
+                if message["type"] == "http.response.start":
+                    status_code, started_response = message["status"], True
+                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route = scope.get("route")
-            self.logger.info(json.dumps({
-                "service": self.service,
-                "request_id": request_id,
-                "method": scope["method"],
-                # the route template, not the raw path: bounded, groupable
-                "route": getattr(route, "path", "unmatched"),
-                "status": status_code,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-            }))
-            _request_id.reset(token)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:
+                span.record_exception(exc)
+                if not started_response:
+                    # Answer the 500 problem here, through send_with_id, so that it carries the
+                    # request ID (Starlette's ServerErrorMiddleware, outside this one, would send
+                    # it without). Then re-raise: the server logs the traceback, never the client.
+                    response = await unexpected_problem(Request(scope), exc)
+                    await response(scope, receive, send_with_id)
+                raise
+            finally:
+                # Routing has run by now: name the span by the route template, never the raw
+                # path (backends group spans by name; ids in names make one group per order).
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                span.update_name(f"{scope['method']} {route}")
+                span.set_attribute("http.request.method", scope["method"])
+                span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status_code)
+                if status_code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                self.logger.info(json.dumps({
+                    "service": self.service,
+                    "request_id": request_id,
+                    "trace_id": trace_id,
+                    "span_id": span_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status_code,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                }))
+                _request_id.reset(token)
+
+
+class TracingTransport(httpx.AsyncBaseTransport):
+    """Wraps the transport of a client that calls another service: each call is a CLIENT span,
+    and its `traceparent` goes out with the request, so the callee's server span is its child."""
+
+    def __init__(self, tracer: trace.Tracer, inner: httpx.AsyncBaseTransport) -> None:
+        self.tracer, self.inner = tracer, inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        # The method alone names the span: the path holds ids (/reservations/<order id>).
+        with self.tracer.start_as_current_span(request.method, kind=SpanKind.CLIENT) as span:
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("server.address", request.url.host)
+            span.set_attribute("url.path", request.url.path)
+            PROPAGATOR.inject(request.headers)
+            response = await self.inner.handle_async_request(request)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def service_client(
+    tracer: trace.Tracer, base_url: str, transport: httpx.AsyncBaseTransport | None = None, **options: Any
+) -> httpx.AsyncClient:
+    """An httpx client for one other service (its `base_url`): every call it makes carries the
+    current trace. `transport` replaces the network (tests); `options` are the client's own
+    (timeout, auth)."""
+    return httpx.AsyncClient(
+        base_url=base_url, transport=TracingTransport(tracer, transport or httpx.AsyncHTTPTransport()), **options
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,16 +11,16 @@ import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response, status
-from fastapi.responses import JSONResponse
-from pydantic import Field
+from opentelemetry import trace
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .common import RequestContextMiddleware, health_router, outgoing_headers
-from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_responses
+from .common import RequestContextMiddleware, health_router, outgoing_headers, service_client, service_tracer
+from .problems import PROBLEM_JSON, Problem, ProblemError, install_problem_details, problem_responses
 
 
 class Settings(BaseSettings):
@@ -52,6 +52,22 @@ Segment = Annotated[str, Path(description="One plain path segment: letters, digi
 # Everything the public may call through the gateway answers one of these, from the gateway
 # itself (404 for a path it refuses, 413, 503, 504) or from the service (the rest).
 GATEWAY_ERRORS = (404, 413, 503, 504)
+
+# The problem type of /ready's 503, the same as every readiness probe's in the course.
+NOT_READY = "https://course.example/problems/not-ready"
+
+
+class Readiness(BaseModel):
+    """What /ready answers when every service answers."""
+
+    status: Literal["ready"]
+    services: dict[str, Literal["up"]]
+
+
+class NotReady(Problem):
+    """The 503 problem of /ready: which services are down, for whoever reads more than the code."""
+
+    services: dict[str, Literal["up", "down"]]
 
 
 def plain(segment: str) -> str:
@@ -178,18 +194,21 @@ def create_app(
     settings: Settings | None = None,
     *,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
     """Build the gateway. `transports` maps "users", "catalog", "orders" to a transport that
-    replaces the network for that service (tests use httpx.ASGITransport)."""
+    replaces the network for that service (tests use httpx.ASGITransport); the app's spans
+    come from `tracer_provider` (tests pass one with an in-memory exporter)."""
     settings = settings or Settings()
+    tracer = service_tracer("gateway", tracer_provider)
     transports = dict(transports or {})
     urls = {"users": settings.users_url, "catalog": settings.catalog_url, "orders": settings.orders_url}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Every call carries the request's trace: the services' spans join the gateway's.
         clients = {
-            name: httpx.AsyncClient(base_url=urls[name], transport=transports.get(name), timeout=settings.timeout)
-            for name in SERVICES
+            name: service_client(tracer, urls[name], transports.get(name), timeout=settings.timeout) for name in SERVICES
         }
         app.state.clients = clients
         try:
@@ -203,16 +222,23 @@ def create_app(
     app = FastAPI(title="gateway", version="1.0.0", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="gateway")
+    app.add_middleware(RequestContextMiddleware, service="gateway", tracer=tracer)
     app.include_router(health_router("gateway"))
 
     @app.get(
         "/ready",
         tags=["ops"],
         summary="Readiness: every service behind the gateway answers",
-        responses={503: {"description": "At least one service is down"}},
+        responses={
+            status.HTTP_200_OK: {"model": Readiness},
+            status.HTTP_503_SERVICE_UNAVAILABLE: {
+                "model": NotReady,
+                "description": "At least one service is down",
+                "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/NotReady"}}},
+            },
+        },
     )
-    async def ready() -> JSONResponse:
+    async def ready() -> Readiness:
         async def probe(name: str) -> str:
             try:
                 async with asyncio.timeout(1.0):
@@ -222,11 +248,12 @@ def create_app(
                 return "down"
 
         states = dict(zip(SERVICES, await asyncio.gather(*(probe(name) for name in SERVICES)), strict=True))
-        ok = all(state == "up" for state in states.values())
-        return JSONResponse(
-            {"status": "ready" if ok else "not ready", "services": states},
-            status_code=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE,
-        )
+        if any(state != "up" for state in states.values()):
+            # A problem like every error, of the course's not-ready type: a probe reads the code,
+            # an operator the services that are down.
+            raise ProblemError(status.HTTP_503_SERVICE_UNAVAILABLE, "A service behind the gateway does not answer.",
+                               type=NOT_READY, title="Not ready", services=states)
+        return Readiness(status="ready", services={name: "up" for name in states})
 
     app.include_router(public_api)
     return app

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, Response, Security, status
+from opentelemetry import trace
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String, delete, func, select
@@ -43,6 +44,8 @@ from .common import (
     ServiceCredentials,
     jwks_from,
     outgoing_headers,
+    service_client,
+    service_tracer,
     utcnow,
 )
 from .problems import PROBLEM_JSON, ProblemError, install_problem_details, problem_responses
@@ -471,10 +474,13 @@ def create_app(
     *,
     catalog_transport: httpx.AsyncBaseTransport | None = None,
     users_transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
     """Build the orders service. The transports replace the network (tests wire the other
-    services in with httpx.ASGITransport); without them, the URLs in the settings are used."""
+    services in with httpx.ASGITransport); without them, the URLs in the settings are used.
+    The app's spans come from `tracer_provider` (tests pass one with an in-memory exporter)."""
     settings = settings or Settings()
+    tracer = service_tracer("orders", tracer_provider)
     engine = create_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -482,13 +488,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        async with httpx.AsyncClient(
-            base_url=settings.users_url, transport=users_transport, timeout=settings.events_timeout
-        ) as users:
+        # Both clients carry the request's trace: catalog's and users' spans join this one's.
+        async with service_client(tracer, settings.users_url, users_transport, timeout=settings.events_timeout) as users:
             # Every call to the catalog is to an internal route: each carries this service's token.
             credentials = ServiceCredentials(users, settings.client_id, settings.client_secret.get_secret_value())
-            catalog = httpx.AsyncClient(
-                base_url=settings.catalog_url, transport=catalog_transport, timeout=settings.catalog_timeout, auth=credentials
+            catalog = service_client(
+                tracer, settings.catalog_url, catalog_transport, timeout=settings.catalog_timeout, auth=credentials
             )
             app.state.catalog, app.state.users, app.state.credentials = catalog, users, credentials
             app.state.public_keys = PublicKeys(jwks_from(users, settings.events_timeout), settings.jwks_refresh_seconds)
@@ -508,7 +513,7 @@ def create_app(
     app.state.settings = settings
     app.state.sessions = sessions
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="orders")
+    app.add_middleware(RequestContextMiddleware, service="orders", tracer=tracer)
     app.include_router(health_router("orders"))
     app.include_router(router)
     return app

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Response, Security, status
+from opentelemetry import trace
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pydantic import BaseModel, Field, SecretStr
@@ -41,6 +42,7 @@ from .common import (
     issue_token,
     load_signing_key,
     public_jwk,
+    service_tracer,
     utcnow,
 )
 from .problems import install_problem_details, problem_responses
@@ -326,9 +328,16 @@ async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, st
 # ---------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, *, password_hash: PasswordHash | None = None) -> FastAPI:
-    """Build the users service. With no settings, they are read from the environment."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    password_hash: PasswordHash | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
+    """Build the users service. With no settings, they are read from the environment. The
+    app's spans come from `tracer_provider` (tests pass one with an in-memory exporter)."""
     settings = settings or Settings()
+    tracer = service_tracer("users", tracer_provider)
     hasher = password_hash or PasswordHash(
         (Argon2Hasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib),)
     )
@@ -362,7 +371,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     # Same cost as a real hash, so checking an unknown user takes as long as checking a known one.
     app.state.dummy_hash = hasher.hash("not-a-real-password")
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="users")
+    app.add_middleware(RequestContextMiddleware, service="users", tracer=tracer)
     app.include_router(health_router("users"))
     app.include_router(router)
     return app
