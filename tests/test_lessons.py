@@ -3,6 +3,10 @@
 A block that must not run carries ``<!-- no-run: reason -->`` on the line above its fence.
 Blocks of one lesson share a namespace and run in a fresh temporary working directory,
 in a child process, with warnings as errors: lesson code is held to the course's own bar.
+
+An appendix whose examples build on a lesson's says so on a line of its own,
+``<!-- runs after: lessons/NN_topic.md -->``: its Python blocks then run after that lesson's, in
+the same namespace, so code moved out of a long lesson stays tested.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import pytest
 from .conftest import ROOT, heading_anchors
 
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.md"))
+APPENDICES = sorted((ROOT / "lessons" / "appendices").glob("*.md"))
+RUNS_AFTER = re.compile(r"^<!--\s*runs after:\s*lessons/(?P<lesson>[0-9][0-9]_\w+\.md)\s*-->\s*$", re.MULTILINE)
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>```+|~~~+)\s*(?P<info>[^\n`]*)$")
 NO_RUN = re.compile(r"^\s*<!--\s*no-run:\s*(?P<reason>.*?)\s*-->\s*$")
 
@@ -59,32 +65,50 @@ warnings.simplefilter("error")
 blocks = json.loads(sys.stdin.read())
 os.chdir(tempfile.mkdtemp(prefix="lesson-"))
 namespace = {"__name__": "__lesson__"}
-for line, code in blocks:
+for source, line, code in blocks:
     try:
-        exec(compile(code, f"{sys.argv[1]}:block-at-line-{line}", "exec"), namespace)
+        exec(compile(code, f"{source}:block-at-line-{line}", "exec"), namespace)
     except BaseException:
-        print(f"\nThe block at line {line} of {sys.argv[1]} failed:\n", file=sys.stderr)
+        print(f"\nThe block at line {line} of {source} failed:\n", file=sys.stderr)
         traceback.print_exc()
         sys.exit(1)
 """
 
 
+def runs_after(lesson: Path) -> list[Path]:
+    """The appendices whose examples continue this lesson's (``<!-- runs after: ... -->``)."""
+    return [appendix for appendix in APPENDICES
+            if any(match["lesson"] == lesson.name for match in RUNS_AFTER.finditer(appendix.read_text(encoding="utf-8")))]
+
+
+def runnable(page: Path) -> list[tuple[str, int, str]]:
+    name = page.relative_to(ROOT / "lessons").as_posix()
+    return [(name, b.line, b.code) for b in blocks(page.read_text(encoding="utf-8"))
+            if b.language in ("python", "py") and b.no_run is None]
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
 def test_python_blocks_run(lesson: Path):
-    runnable = [(b.line, b.code) for b in blocks(lesson.read_text(encoding="utf-8"))
-                if b.language in ("python", "py") and b.no_run is None]
+    """The lesson's blocks, then those of the appendices that continue it, in one namespace."""
+    code = [block for page in (lesson, *runs_after(lesson)) for block in runnable(page)]
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, lesson.name], input=json.dumps(runnable), text=True,
+        [sys.executable, "-c", RUNNER], input=json.dumps(code), text=True,
         capture_output=True, timeout=120, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-6000:] + done.stdout[-2000:]
 
 
-@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
-def test_skipped_blocks_give_a_reason(lesson: Path):
-    for block in blocks(lesson.read_text(encoding="utf-8")):
+def test_appendices_that_run_after_a_lesson_name_one():
+    for appendix in APPENDICES:
+        for match in RUNS_AFTER.finditer(appendix.read_text(encoding="utf-8")):
+            assert (ROOT / "lessons" / match["lesson"]).is_file(), f"{appendix.name}: no lesson {match['lesson']}"
+
+
+@pytest.mark.parametrize("page", LESSONS + APPENDICES, ids=lambda p: p.stem)
+def test_skipped_blocks_give_a_reason(page: Path):
+    for block in blocks(page.read_text(encoding="utf-8")):
         if block.no_run is not None:
-            assert block.no_run.strip(), f"{lesson.name}:{block.line}: no-run needs a reason"
+            assert block.no_run.strip(), f"{page.name}:{block.line}: no-run needs a reason"
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
