@@ -39,6 +39,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from asgi_lifespan import LifespanManager
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
@@ -89,16 +94,68 @@ def load(load, _imported):
     return load_once
 
 
+class Traces:
+    """What a tracing backend collects from the shop: one in-memory exporter per service, each
+    behind the TracerProvider that service's create_app(tracer_provider=...) is given (README:
+    "Traces"). Nothing here touches OpenTelemetry's global provider."""
+
+    SERVICES = ("gateway", "orders", "catalog", "users")
+
+    def __init__(self) -> None:
+        self.exporters = {name: InMemorySpanExporter() for name in self.SERVICES}
+
+    def provider(self, service: str) -> TracerProvider:
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        provider.add_span_processor(SimpleSpanProcessor(self.exporters[service]))
+        return provider
+
+    def spans(self, service: str) -> list[ReadableSpan]:
+        return list(self.exporters[service].get_finished_spans())
+
+    def servers(self, service: str) -> list[ReadableSpan]:
+        return [span for span in self.spans(service) if span.kind == SpanKind.SERVER]
+
+    def clear(self) -> None:
+        for exporter in self.exporters.values():
+            exporter.clear()
+
+    def waterfall(self) -> str:
+        """Every span collected, as a tree per trace (what a backend would draw), for a failure message."""
+        spans = [(name, span) for name in self.SERVICES for span in self.spans(name)]
+        ids = {span.context.span_id for _, span in spans}
+        lines: list[str] = []
+
+        def show(parent: int | None, trace_id: int, depth: int) -> None:
+            for name, span in sorted(spans, key=lambda pair: pair[1].start_time or 0):
+                own_parent = span.parent.span_id if span.parent is not None and span.parent.span_id in ids else None
+                if span.context.trace_id == trace_id and own_parent == parent:
+                    link = "" if span.parent is None else f" (parent {format_span_id(span.parent.span_id)})"
+                    lines.append(f"{'  ' * depth}{name:<8} {span.kind.name:<6} {span.name}{link}")
+                    show(span.context.span_id, trace_id, depth + 1)
+
+        for trace_id in dict.fromkeys(span.context.trace_id for _, span in spans):
+            lines.append(f"trace {format_trace_id(trace_id)}:")
+            show(None, trace_id, 1)
+        return "\n".join(lines) or "(no span at all: is the tracer_provider given to create_app used?)"
+
+
+def traced(service: str, traces: Traces | None) -> dict[str, Any]:
+    """create_app's tracer_provider keyword, only for tests that read spans: the other steps do
+    not need tracing done yet."""
+    return {} if traces is None else {"tracer_provider": traces.provider(service)}
+
+
 def sqlite(tmp_path: Path, name: str) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / name}.db"
 
 
-def users_app(load, tmp_path: Path, password_hash: PasswordHash | None = None, **overrides: Any):
+def users_app(load, tmp_path: Path, password_hash: PasswordHash | None = None, *, traces: Traces | None = None,
+              **overrides: Any):
     module = load("microshop/users")
     fields = {"database_url": sqlite(tmp_path, "users"), "signing_key": KEY_PEM, "service_clients": {"orders": ORDERS_SECRET},
               "admin_username": ADMIN["username"], "admin_password": ADMIN["password"]}
     settings = module.Settings(**(fields | overrides))
-    return module.create_app(settings, password_hash=password_hash or FAST_HASH)
+    return module.create_app(settings, password_hash=password_hash or FAST_HASH, **traced("users", traces))
 
 
 class JwksHost(httpx.AsyncBaseTransport):
@@ -116,10 +173,11 @@ class JwksHost(httpx.AsyncBaseTransport):
         return httpx.Response(404, json={"detail": "not here"}, request=request)
 
 
-def catalog_app(load, tmp_path: Path, users_transport: httpx.AsyncBaseTransport | None = None, **overrides: Any):
+def catalog_app(load, tmp_path: Path, users_transport: httpx.AsyncBaseTransport | None = None, *,
+                traces: Traces | None = None, **overrides: Any):
     module = load("microshop/catalog")
     settings = module.Settings(**({"database_url": sqlite(tmp_path, "catalog"), "users_url": "http://users"} | overrides))
-    return module.create_app(settings, users_transport=users_transport or JwksHost())
+    return module.create_app(settings, users_transport=users_transport or JwksHost(), **traced("catalog", traces))
 
 
 @contextlib.asynccontextmanager
@@ -211,10 +269,10 @@ class Shop:
 
 @contextlib.asynccontextmanager
 async def open_shop(
-    load, tmp_path: Path, *, catalog_timeout: float = 2.0, gateway_timeout: float = 5.0,
+    load, tmp_path: Path, *, catalog_timeout: float = 2.0, gateway_timeout: float = 5.0, traces: Traces | None = None,
 ) -> AsyncIterator[Shop]:
-    u_app = users_app(load, tmp_path)
-    c_app = catalog_app(load, tmp_path, users_transport=Network(u_app))  # the catalog's keys come from users
+    u_app = users_app(load, tmp_path, traces=traces)
+    c_app = catalog_app(load, tmp_path, users_transport=Network(u_app), traces=traces)  # the catalog's keys come from users
     catalog_wire, users_wire = Network(c_app), Network(u_app)
     orders = load("microshop/orders")
     o_app = orders.create_app(
@@ -224,14 +282,14 @@ async def open_shop(
             catalog_timeout=catalog_timeout, events_timeout=catalog_timeout, outbox_interval=0,
             outbox_max_attempts=MAX_ATTEMPTS,
         ),
-        catalog_transport=catalog_wire, users_transport=users_wire,
+        catalog_transport=catalog_wire, users_transport=users_wire, **traced("orders", traces),
     )
     gateway = load("microshop/gateway")
     wires = {"users": Network(u_app), "catalog": Network(c_app), "orders": Network(o_app)}
     g_app = gateway.create_app(
         gateway.Settings(users_url="http://users", catalog_url="http://catalog", orders_url="http://orders",
                          timeout=gateway_timeout),
-        transports=wires,
+        transports=wires, **traced("gateway", traces),
     )
     async with (
         serving(u_app, "http://users") as users,
@@ -1440,6 +1498,150 @@ async def test_a_request_id_follows_the_request_through_every_service(load, tmp_
                 )
 
 
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+CALLER_TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"  # sampled (-01): the spans of its trace are recorded
+MALFORMED_TRACEPARENTS = [
+    ("garbage", "not Trace Context at all"),
+    (f"00-{CALLER_TRACE.upper()}-{CALLER_SPAN}-01", "upper-case hex"),
+    (f"00-{'0' * 32}-{CALLER_SPAN}-01", "an all-zero trace ID"),
+    (f"00-{CALLER_TRACE}-{'0' * 16}-01", "an all-zero parent span ID"),
+    (f"ff-{CALLER_TRACE}-{CALLER_SPAN}-01", "the forbidden version ff"),
+    (f"00-{CALLER_TRACE[:-1]}-{CALLER_SPAN}-01", "a trace ID one digit short"),
+    (f"00-{CALLER_TRACE}-{CALLER_SPAN}-01-extra", "version 00 with a fifth field"),
+]
+TRACING = "lesson 12, Distributed tracing; lesson 15, One trace across the shop"
+
+
+async def one_server_span(traces: Traces, service: str, client: httpx.AsyncClient, path: str,
+                          headers: dict[str, str]) -> tuple[httpx.Response, ReadableSpan]:
+    """Send GET `path` to one service and return its answer and the one SERVER span it recorded."""
+    traces.clear()
+    response = await client.get(path, headers=headers)
+    servers = traces.servers(service)
+    if len(servers) != 1:
+        pytest.fail(explain(response, f"{service}: exactly one SERVER span for this request, from the tracer_provider "
+                                      f"given to create_app; got {len(servers)}. Spans collected:\n{traces.waterfall()}",
+                            TRACING), pytrace=False)
+    return response, servers[0]
+
+
+@pytest.mark.promise("P32", "P22")
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_every_service_continues_a_valid_traceparent_and_replaces_a_malformed_one(load, tmp_path):
+    traces = Traces()
+    async with open_shop(load, tmp_path, traces=traces) as shop:
+        services = (("gateway", shop.gateway), ("users", shop.users), ("catalog", shop.catalog), ("orders", shop.orders))
+        for name, client in services:
+            for path, route, code in (("/health", "/health", 200), ("/no-such-route", None, 404)):
+                response, span = await one_server_span(traces, name, client, path, {"traceparent": CALLER_TRACEPARENT})
+                expect_status(response, code)
+                got = (format_trace_id(span.context.trace_id), span.parent and format_span_id(span.parent.span_id))
+                assert got == (CALLER_TRACE, CALLER_SPAN), explain(
+                    response, f"{name}: sent traceparent {CALLER_TRACEPARENT}: the SERVER span continues that trace "
+                              f"({CALLER_TRACE}) with the caller's span ({CALLER_SPAN}) as its parent; got trace {got[0]}, "
+                              f"parent {got[1]}", TRACING)
+                if route is not None:
+                    assert span.name == f"GET {route}", explain(
+                        response, f"{name}: the SERVER span is named by method and route template, 'GET {route}'; "
+                                  f"got {span.name!r}", TRACING)
+                expect_header(response, "x-request-id", CALLER_TRACE,
+                              f"{name}: no X-Request-ID was sent, so the request ID is the request's trace ID, on a "
+                              f"{code} too")
+            for malformed, why in MALFORMED_TRACEPARENTS:
+                response, span = await one_server_span(traces, name, client, "/health", {"traceparent": malformed})
+                expect_status(response, 200, f"{name}: a malformed traceparent ({why}) is ignored, never an error")
+                trace_id = format_trace_id(span.context.trace_id)
+                assert span.parent is None and trace_id != CALLER_TRACE, explain(
+                    response, f"{name}: sent the malformed traceparent {malformed!r} ({why}): a new trace, the SERVER "
+                              f"span a root with a fresh trace ID; got trace {trace_id}, parent "
+                              f"{span.parent and format_span_id(span.parent.span_id)}", TRACING)
+                expect_header(response, "x-request-id", trace_id,
+                              f"{name}: without an X-Request-ID, the request ID is the new trace's ID")
+
+
+def server_span(traces: Traces, service: str, name: str, response: httpx.Response) -> ReadableSpan:
+    found = [span for span in traces.servers(service) if span.name == name]
+    if len(found) != 1:
+        pytest.fail(explain(response, f"one SERVER span {name!r} in {service}; got {len(found)}. Spans collected:\n"
+                                      f"{traces.waterfall()}", TRACING), pytrace=False)
+    return found[0]
+
+
+@pytest.mark.promise("P33")
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_one_order_through_the_gateway_is_one_trace_across_every_service(load, tmp_path):
+    traces = Traces()
+    async with open_shop(load, tmp_path, traces=traces) as shop:
+        await add_product(shop.catalog, "PEN-1", 5)
+        traces.clear()
+        placed = await shop.gateway.post("/api/orders", json=order_body(("PEN-1", 1)),
+                                         headers=mint("ada", CUSTOMER_SCOPES) | {"traceparent": CALLER_TRACEPARENT})
+        expect_status(placed, 201)
+        expect_header(placed, "x-request-id", CALLER_TRACE, "no X-Request-ID was sent: the request ID is the trace ID")
+        gateway = server_span(traces, "gateway", "POST /api/orders", placed)
+        # Each hop: the callee's SERVER span, and the service whose span must be its parent.
+        hops = [("orders", "POST /orders", "gateway"), ("catalog", "POST /reservations", "orders"),
+                ("users", "POST /service-token", "orders")]
+        spans = {"gateway": gateway} | {callee: server_span(traces, callee, name, placed) for callee, name, _ in hops}
+        wrong = [f"{service} {span.name}: trace {format_trace_id(span.context.trace_id)}"
+                 for service, span in spans.items() if format_trace_id(span.context.trace_id) != CALLER_TRACE]
+        assert not wrong, explain(
+            placed, f"one trace ({CALLER_TRACE}, the caller's) across gateway, orders, catalog and users; got {wrong}. "
+                    "A service that starts a trace of its own did not read the traceparent it was sent, or its caller "
+                    f"did not send one. Spans collected:\n{traces.waterfall()}", TRACING)
+        assert gateway.parent is not None and format_span_id(gateway.parent.span_id) == CALLER_SPAN, explain(
+            placed, f"the gateway's SERVER span has the caller's span ({CALLER_SPAN}) as its parent", TRACING)
+        for callee, name, caller in hops:
+            callers = {span.context.span_id for span in traces.spans(caller)}
+            parent = spans[callee].parent
+            assert parent is not None and parent.span_id in callers, explain(
+                placed, f"{callee}'s SERVER span {name!r} is the child of a span of {caller}, the service that called "
+                        f"it (its traceparent names a span of {caller}: the current one when the call is made); got parent "
+                        f"{parent and format_span_id(parent.span_id)}. Spans collected:\n{traces.waterfall()}", TRACING)
+        strays = [f"{service} {span.name}" for service in Traces.SERVICES for span in traces.servers(service)
+                  if format_trace_id(span.context.trace_id) != CALLER_TRACE]
+        assert not strays, explain(
+            placed, f"every SERVER span this order caused, in every service, belongs to its trace; these do not: {strays}. "
+                    f"Spans collected:\n{traces.waterfall()}", TRACING)
+
+
+def crashing(app: Any) -> Any:
+    """The app with one more route, GET /crash, that raises as a bug would."""
+
+    async def crash() -> None:
+        raise RuntimeError("a bug in a route: secret-detail-42")
+
+    app.add_api_route("/crash", crash, methods=["GET"])
+    return app
+
+
+@pytest.mark.promise("P34", "P22", "P25")
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+@pytest.mark.parametrize("service", ["users", "catalog", "orders", "gateway"])
+async def test_a_route_that_crashes_answers_a_500_problem_with_its_request_id(load, tmp_path, service):
+    app = crashing(build_app(load, tmp_path, service))
+    # raise_app_exceptions=False: the client gets the 500 the server sends, as over a real network.
+    async with LifespanManager(app, startup_timeout=10), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://service"
+    ) as client:
+        kept = await client.get("/crash", headers={"X-Request-ID": "crash-1"})
+        expect_problem(kept, 500, f"{service}: a route that raises answers the 500 problem")
+        assert "secret-detail-42" not in kept.text and "RuntimeError" not in kept.text, explain(
+            kept, f"{service}: a 500 that names no exception, message or traceback")
+        expect_header(kept, "x-request-id", "crash-1",
+                      f"{service}: the 500 of a crash carries the caller's X-Request-ID like any answer. Starlette's "
+                      "ServerErrorMiddleware, outside every middleware you add, sends the 500 of an exception handler "
+                      "for Exception without it: answer the 500 in your outermost middleware, then re-raise")
+        made_up = await client.get("/crash")
+        got = made_up.headers.get("x-request-id", "")
+        assert REQUEST_ID.fullmatch(got), explain(made_up, f"{service}: a 500 without an incoming ID still has an "
+                                                           f"X-Request-ID; got {got!r}")
+
+
 @pytest.mark.promise("P23")
 @pytest.mark.task("gateway")
 @pytest.mark.asyncio
@@ -1501,7 +1703,7 @@ async def expect_every_status_documented(load, tmp_path: Path, service: str) -> 
         documented = {int(code) for code in responses if str(code).isdigit()}
         if codes - documented:
             missing[f"{method.upper()} {path}"] = sorted(codes - documented)
-        plain = sorted(code for code in codes & documented if code >= 400 and path != "/ready"
+        plain = sorted(code for code in codes & documented if code >= 400
                        and "application/problem+json" not in responses[str(code)].get("content", {}))
         if plain:
             not_problems[f"{method.upper()} {path}"] = plain
