@@ -9,6 +9,7 @@ from typing import Annotated
 
 import httpx
 from fastapi import APIRouter, FastAPI, Response, Security, status
+from opentelemetry import trace
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import String
@@ -21,6 +22,8 @@ from .common import (
     SessionDep,
     current_principal,
     health_router,
+    service_client,
+    service_tracer,
     todo,
 )
 from .problems import install_problem_details, problem_responses
@@ -121,10 +124,17 @@ async def release(order_id: str, session: SessionDep) -> None:
     todo("step 2: DELETE /reservations/{order_id}")
 
 
-def create_app(settings: Settings | None = None, *, users_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    users_transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
     """Build the catalog service. With no settings, they are read from the environment.
-    `users_transport` stands in for the network to the users service (its JWKS) in tests."""
+    `users_transport` stands in for the network to the users service (its JWKS) in tests;
+    the app's spans come from `tracer_provider`."""
     settings = settings or Settings()
+    tracer = service_tracer("catalog", tracer_provider)
     engine = create_async_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -132,7 +142,7 @@ def create_app(settings: Settings | None = None, *, users_transport: httpx.Async
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
-        async with httpx.AsyncClient(base_url=settings.users_url, transport=users_transport) as users:
+        async with service_client(tracer, settings.users_url, users_transport) as users:
             app.state.users = users
             # TODO (step 2): app.state.public_keys: the users service's public keys, fetched from
             #   its JWKS through this client and cached (README: "Tokens").
@@ -143,7 +153,7 @@ def create_app(settings: Settings | None = None, *, users_transport: httpx.Async
     app.state.settings = settings
     app.state.sessions = sessions
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="catalog")
+    app.add_middleware(RequestContextMiddleware, service="catalog", tracer=tracer)
     app.include_router(health_router("catalog"))
     app.include_router(router)
     return app

@@ -13,13 +13,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
+import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import OAuth2PasswordBearer, SecurityScopes
 from jwt.algorithms import OKPAlgorithm
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import DateTime, TypeDecorator
 from sqlalchemy.engine import Dialect
@@ -33,9 +38,10 @@ def todo(what: str) -> NoReturn:
 
 
 # ---------------------------------------------------------------------------------------
-# Request IDs (step 6)
+# Traces and request IDs (step 6; lesson 12 teaches both)
 # ---------------------------------------------------------------------------------------
 
+PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent: extract(carrier), inject(carrier)
 REQUEST_ID_HEADER = "X-Request-ID"
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # use .fullmatch: all of it, up to its end
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
@@ -51,20 +57,46 @@ def outgoing_headers() -> dict[str, str]:
     return {}
 
 
-class RequestContextMiddleware:
-    """A pure ASGI middleware, added to every service with `service=<its name>`."""
+def service_tracer(service: str, tracer_provider: trace.TracerProvider | None) -> trace.Tracer:
+    """Given: the tracer of one service's app, from the provider its create_app is given (the
+    tests pass one with an in-memory exporter), else from a provider of its own. Never
+    OpenTelemetry's global provider: it is one per process, shared by every app of a test run."""
+    provider = tracer_provider or TracerProvider(resource=Resource.create({"service.name": service}))
+    return provider.get_tracer(f"microshop.{service}")
 
-    def __init__(self, app: ASGIApp, service: str) -> None:
+
+class RequestContextMiddleware:
+    """A pure ASGI middleware, added last to every service with `service=<its name>` and its tracer."""
+
+    def __init__(self, app: ASGIApp, service: str, tracer: trace.Tracer) -> None:
         self.app = app
         self.service = service
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # TODO (step 6): for HTTP requests, adopt the incoming X-Request-ID when it fully matches
-        #   VALID_REQUEST_ID (VALID_REQUEST_ID.fullmatch(...)), else make one (uuid.uuid4().hex); keep it in _request_id while the
-        #   request runs; add it to the response headers (wrap `send`, edit the
-        #   "http.response.start" message); reset the context variable afterwards.
-        #   Optional: log one JSON line per request (method, route, status, duration, request ID).
+        # TODO (step 6): for HTTP requests:
+        #   - start a SERVER span (self.tracer.start_as_current_span, kind=SpanKind.SERVER) whose
+        #     context is PROPAGATOR.extract(<the request's headers as a dict>): a valid traceparent
+        #     is continued, a malformed one starts a new trace. Once the app has run, rename it
+        #     "<METHOD> <route template>" (scope["route"].path; never the raw path).
+        #   - the request ID: the incoming X-Request-ID when it fully matches VALID_REQUEST_ID
+        #     (VALID_REQUEST_ID.fullmatch(...)), else the span's trace ID (format_trace_id); keep it
+        #     in _request_id while the request runs; add it to the response headers (wrap `send`,
+        #     edit the "http.response.start" message); reset the context variable afterwards.
+        #   - an exception from the app before the response started: send the 500 problem
+        #     (problems.unexpected_problem) through your wrapped `send`, then re-raise.
+        #   Optional: log one JSON line per request (method, route, status, duration, request ID, trace ID).
         await self.app(scope, receive, send)
+
+
+def service_client(
+    tracer: trace.Tracer, base_url: str, transport: httpx.AsyncBaseTransport | None = None, **options: Any
+) -> httpx.AsyncClient:
+    """The httpx client for calls to one other service (`options`: timeout, auth...)."""
+    # TODO (step 6): every call it makes carries the request's trace: wrap `transport` (or
+    #   httpx.AsyncHTTPTransport() when None) in a transport of yours whose handle_async_request
+    #   starts a CLIENT span and calls PROPAGATOR.inject(request.headers) inside it.
+    return httpx.AsyncClient(base_url=base_url, transport=transport, **options)
 
 
 # ---------------------------------------------------------------------------------------

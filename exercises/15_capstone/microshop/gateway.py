@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request, Response
+from opentelemetry import trace
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .common import RequestContextMiddleware, health_router, todo
+from .common import RequestContextMiddleware, health_router, service_client, service_tracer, todo
 from .problems import install_problem_details, problem_responses
 
 
@@ -33,16 +34,18 @@ def create_app(
     settings: Settings | None = None,
     *,
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
     """Build the gateway. `transports` maps "users", "catalog" and "orders" to a transport
-    that stands in for the network in tests."""
+    that stands in for the network in tests; its spans come from `tracer_provider`."""
     settings = settings or Settings()
+    tracer = service_tracer("gateway", tracer_provider)
     transports = dict(transports or {})
     urls = {"users": settings.users_url, "catalog": settings.catalog_url, "orders": settings.orders_url}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        clients = {name: httpx.AsyncClient(base_url=urls[name], transport=transports.get(name)) for name in SERVICES}
+        clients = {name: service_client(tracer, urls[name], transports.get(name)) for name in SERVICES}
         app.state.clients = clients
         try:
             yield
@@ -52,13 +55,14 @@ def create_app(
 
     app = FastAPI(title="gateway", lifespan=lifespan)
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="gateway")
+    app.add_middleware(RequestContextMiddleware, service="gateway", tracer=tracer)
     app.include_router(health_router("gateway"))
 
     @app.get("/ready")
     async def ready() -> Response:
         # TODO: ask every service's /health; 200 {"status": "ready", "services": {...: "up"}},
-        #   or 503 {"status": "not ready", ...} with "down" for those that do not answer.
+        #   or else the 503 not-ready problem of README.md (ProblemError(503, ..., type=...,
+        #   title="Not ready", services={...})) with "down" for those that do not answer.
         todo("step 6: GET /ready")
 
     @app.api_route("/api/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

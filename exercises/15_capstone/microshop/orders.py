@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, BackgroundTasks, FastAPI, Request, Response, Security, status
+from opentelemetry import trace
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String
@@ -24,6 +25,8 @@ from .common import (
     UTCDateTime,
     current_principal,
     health_router,
+    service_client,
+    service_tracer,
     todo,
     utcnow,
 )
@@ -135,10 +138,13 @@ def create_app(
     *,
     catalog_transport: httpx.AsyncBaseTransport | None = None,
     users_transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
     """Build the orders service. The transports stand in for the network in tests;
-    without them, the URLs from the settings are called."""
+    without them, the URLs from the settings are called. The app's spans come from
+    `tracer_provider`."""
     settings = settings or Settings()
+    tracer = service_tracer("orders", tracer_provider)
     engine = create_async_engine(settings.database_url)
     sessions = async_sessionmaker(engine, expire_on_commit=False)
 
@@ -150,8 +156,8 @@ def create_app(
             # TODO (steps 3, 5): every call to an internal route of catalog or users carries this
             #   service's token, from POST {users_url}/service-token with client_id and
             #   client_secret, reused until it expires. app.state.public_keys: as in catalog.
-            httpx.AsyncClient(base_url=settings.catalog_url, transport=catalog_transport) as catalog,
-            httpx.AsyncClient(base_url=settings.users_url, transport=users_transport) as users,
+            service_client(tracer, settings.catalog_url, catalog_transport) as catalog,
+            service_client(tracer, settings.users_url, users_transport) as users,
         ):
             app.state.catalog, app.state.users = catalog, users
             # TODO (step 5): retry undelivered events every settings.outbox_interval seconds
@@ -163,7 +169,7 @@ def create_app(
     app.state.settings = settings
     app.state.sessions = sessions
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="orders")
+    app.add_middleware(RequestContextMiddleware, service="orders", tracer=tracer)
     app.include_router(health_router("orders"))
     app.include_router(router)
     return app

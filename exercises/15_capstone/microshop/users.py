@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Security, status
 from fastapi.security import OAuth2PasswordRequestForm
+from opentelemetry import trace
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from pydantic import BaseModel, Field, SecretStr
@@ -27,6 +28,7 @@ from .common import (
     UTCDateTime,
     current_principal,
     health_router,
+    service_tracer,
     todo,
     utcnow,
 )
@@ -139,9 +141,16 @@ async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, st
     todo("step 5: POST /events")
 
 
-def create_app(settings: Settings | None = None, *, password_hash: PasswordHash | None = None) -> FastAPI:
-    """Build the users service. With no settings, they are read from the environment."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    password_hash: PasswordHash | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> FastAPI:
+    """Build the users service. With no settings, they are read from the environment; the
+    app's spans come from `tracer_provider`."""
     settings = settings or Settings()
+    tracer = service_tracer("users", tracer_provider)
     hasher = password_hash or PasswordHash(
         (Argon2Hasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib),)
     )
@@ -163,7 +172,7 @@ def create_app(settings: Settings | None = None, *, password_hash: PasswordHash 
     # TODO (step 1): app.state.public_keys: what current_principal and require_service verify
     #   with (common.py); users verifies its own tokens with its own public key, nothing to fetch.
     install_problem_details(app)
-    app.add_middleware(RequestContextMiddleware, service="users")
+    app.add_middleware(RequestContextMiddleware, service="users", tracer=tracer)
     app.include_router(health_router("users"))
     app.include_router(router)
     return app
