@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from contextlib import ExitStack
 
 import httpx
@@ -202,6 +203,79 @@ def test_a_wildcard_with_credentials_is_refused(module):
     assert public.cors_origins == ["*"], "'*' without credentials is allowed (a public, cookie-less API)"
 
 
+@pytest.mark.task("cors")
+@pytest.mark.promise("P1")
+def test_an_options_request_that_is_not_a_preflight_reaches_the_app(client):
+    for headers, why in (
+        ({"Origin": SHOP}, "an Origin but no Access-Control-Request-Method"),
+        ({"Access-Control-Request-Method": "POST"}, "an Access-Control-Request-Method but no Origin"),
+    ):
+        response = client.options("/products", headers=headers)
+        expect_problem(
+            response, 405,
+            f"OPTIONS /products with {why} is not a CORS preflight: the app answers it like any request, and no "
+            "route accepts OPTIONS (a preflight needs both headers)",
+        )
+        allow = {method.strip() for method in response.headers.get("allow", "").split(",")}
+        assert {"GET", "POST"} <= allow, explain(response, f"the 405's Allow lists GET and POST; got {response.headers.get('allow')!r}")
+        if "Origin" in headers:
+            expect_header(response, "access-control-allow-origin", SHOP, "an answer to an allowed origin, like any simple request")
+        else:
+            assert "access-control-allow-origin" not in response.headers, explain(response, "no Origin, no CORS permission")
+
+
+def out_of_bounds(module, **values) -> list[str]:
+    """The settings (one at a time) that Settings() accepted, though the README bounds them."""
+    accepted = []
+    for name, value in values.items():
+        try:
+            module.Settings(**{name: value})
+        except ValidationError:
+            continue
+        accepted.append(f"{name}={value!r}")
+    return accepted
+
+
+def within_bounds(module, **values) -> list[str]:
+    """The settings (one at a time) that Settings() refused, though they are within the README's bounds."""
+    refused = []
+    for name, value in values.items():
+        try:
+            module.Settings(**{name: value})
+        except ValidationError as exc:
+            refused.append(f"{name}={value!r} ({exc.errors(include_url=False)[0].get('msg')})")
+    return refused
+
+
+def expect_bounds(module, refused: dict, accepted: dict) -> None:
+    wrong = out_of_bounds(module, **refused)
+    assert not wrong, f"\nexpected: a ValidationError for a value outside the bounds of the Settings table\ngot:      accepted {wrong}"
+    wrong = within_bounds(module, **accepted)
+    assert not wrong, f"\nexpected: Settings() accepts values within the bounds of the Settings table\ngot:      refused {wrong}"
+
+
+@pytest.fixture
+def defaults(module, clock):
+    """An app from create_app(Settings(), clock=clock): nothing set, so every default of the table."""
+    settings = module.Settings()
+    return TestClient(module.create_app(settings, clock=clock), raise_server_exceptions=False)
+
+
+@pytest.mark.task("cors")
+@pytest.mark.promise("P1", "P11")
+def test_by_default_the_local_front_end_may_call_with_credentials(module, defaults):
+    settings = module.Settings()
+    assert (settings.cors_origins, settings.cors_allow_credentials) == (["http://localhost:3000"], True), (
+        f"\nexpected: the defaults of the table, cors_origins=['http://localhost:3000'], cors_allow_credentials=True\n"
+        f"got:      {settings.cors_origins!r}, {settings.cors_allow_credentials!r}"
+    )
+    with defaults as client:
+        local, other = preflight(client, "http://localhost:3000"), preflight(client, SHOP)
+    expect_header(local, "access-control-allow-origin", "http://localhost:3000", "create_app(Settings()): the default origin")
+    expect_header(local, "access-control-allow-credentials", "true", "credentials are allowed by default")
+    assert "access-control-allow-origin" not in other.headers, explain(other, f"{SHOP} is not among the default origins")
+
+
 # ------------------------------------------------------------------------------ security headers
 
 
@@ -272,6 +346,17 @@ def test_a_chunked_body_without_content_length_is_limited_too(client):
     )
 
 
+@pytest.mark.task("body_limit")
+@pytest.mark.promise("P3", "P11")
+def test_the_default_body_limit_is_1048576_bytes(module, defaults):
+    expect_bounds(module, refused={"max_body_bytes": 0}, accepted={"max_body_bytes": 1})
+    with defaults as client:
+        expect_json(client.post("/upload", content=b"x" * 1_048_576), {"size": 1_048_576},
+                    "create_app(Settings()): exactly the default max_body_bytes, 1048576 bytes, is accepted", exact=True)
+        expect_problem(client.post("/upload", content=b"x" * 1_048_577), 413,
+                       "create_app(Settings()): one byte over the default max_body_bytes of 1048576")
+
+
 class Chunks:
     """A request body httpx sends chunked (no Content-Length); iterable again for the failure message."""
 
@@ -332,6 +417,31 @@ def test_retry_after_counts_whole_seconds_up(build, clock):
         expect_header(client.get("/products"), "retry-after", "4", "one token every 4 s, none left")
         clock.advance(1.5)
         expect_header(client.get("/products"), "retry-after", "3", "2.5 s to go, rounded up to whole seconds")
+        clock.advance(2.4)
+        expect_header(client.get("/products"), "retry-after", "1", "0.1 s to go: rounded up, never 0 (at least 1)")
+        clock.advance(10)
+        expect_status(client.get("/products"), 200, "10 s later a token is back")
+        expect_header(client.get("/products"), "retry-after", "4", "exactly 4 s to go: 4, not rounded past a whole number")
+
+
+@pytest.mark.task("rate_limit")
+@pytest.mark.promise("P4", "P11")
+def test_the_default_rate_limit_is_60_then_10_a_second(module, defaults, clock):
+    expect_bounds(
+        module,
+        refused={"rate_limit_capacity": 0, "rate_limit_refill_per_second": 0, "rate_limit_max_clients": 0},
+        accepted={"rate_limit_capacity": 1, "rate_limit_refill_per_second": 0.5, "rate_limit_max_clients": 1},
+    )
+    with defaults as client:
+        for n in range(60):
+            response = client.get("/no/such/page")
+            expect_status(response, 404, f"request {n + 1} of a burst of 60 (the default rate_limit_capacity) to create_app(Settings())")
+        response = client.get("/no/such/page")
+        expect_problem(response, 429, "the 61st request at the same instant: the default bucket holds 60")
+        expect_header(response, "retry-after", "1", "10 tokens a second by default: 0.1 s to go, rounded up to 1")
+        clock.advance(0.1)
+        expect_status(client.get("/no/such/page"), 404, "0.1 s later one token is back (rate_limit_refill_per_second=10)")
+        expect_status(client.get("/no/such/page"), 429, "...and only one")
 
 
 def _burn(client, requests):
@@ -375,11 +485,18 @@ def test_every_request_takes_a_token_before_its_body_is_read(build, spent_on):
 @pytest.mark.task("rate_limit")
 @pytest.mark.promise("P4")
 def test_preflights_are_answered_without_a_token(build):
-    with TestClient(build(rate_limit_capacity=1, rate_limit_refill_per_second=0.01)) as client:
+    with TestClient(build(rate_limit_capacity=2, rate_limit_refill_per_second=0.01)) as client:
         for _ in range(3):
             expect_status(preflight(client, SHOP), 200, "a CORS preflight is answered by CORS before the limiter")
-        expect_status(client.get("/products/1"), 200, "the preflights took no token: the one token is still there")
-        expect_problem(client.get("/products/1"), 429, "now the bucket is empty")
+        expect_status(client.get("/products/1"), 200, "the preflights took no token: the bucket of 2 is still full")
+        expect_status(
+            client.options("/products", headers={"Origin": SHOP}), 405,
+            "an OPTIONS with an Origin but no Access-Control-Request-Method is not a preflight: the app's 405",
+        )
+        expect_problem(
+            client.get("/products/1"), 429,
+            "the bucket of 2 is empty: one GET, and one OPTIONS that was not a preflight (only preflights go free)",
+        )
 
 
 def _as(app, host):
@@ -450,7 +567,43 @@ def test_large_responses_are_gzipped_small_ones_are_not(client, build):
     )
 
 
+@pytest.mark.task("compression")
+@pytest.mark.promise("P5", "P11")
+def test_by_default_responses_from_1000_bytes_are_gzipped(module, defaults):
+    expect_bounds(module, refused={"gzip_minimum_size": -1}, accepted={"gzip_minimum_size": 0})
+    with defaults as client:
+        large = client.get("/products", headers={"Accept-Encoding": "gzip"})
+        small = client.get("/health", headers={"Accept-Encoding": "gzip"})
+    expect_status(large, 200)
+    assert len(large.content) >= 1000, explain(large, "a product list of at least 1000 bytes")
+    expect_header(large, "content-encoding", "gzip", "create_app(Settings()): the list is above the default gzip_minimum_size of 1000")
+    assert "content-encoding" not in small.headers, explain(small, "no compression below the default gzip_minimum_size of 1000")
+
+
 # ------------------------------------------------------------------------------ conditional GET
+
+# RFC 9110's weak entity tag: W/ and a quoted string of visible ASCII characters other than '"'.
+WEAK_ETAG = re.compile(r'W/"[\x21\x23-\x7e]*"')
+
+
+@pytest.mark.task("conditional_get")
+@pytest.mark.promise("P6")
+def test_the_etag_is_weak_and_comes_from_the_content(build):
+    with TestClient(build()) as one, TestClient(build()) as two:
+        first = one.get("/products")
+        plain = one.get("/products", headers={"Accept-Encoding": "identity"})
+        zipped = one.get("/products", headers={"Accept-Encoding": "gzip"})
+        replica = two.get("/products")
+    etag = expect_header(first, "etag", why="GET /products carries an ETag")
+    assert WEAK_ETAG.fullmatch(etag), explain(
+        first, f'a weak entity tag as RFC 9110 writes it, W/"..." (visible ASCII, no quote inside); got {etag!r}'
+    )
+    for what, response in {"without compression": plain, "gzipped": zipped, "from a second app": replica}.items():
+        expect_header(
+            response, "etag", etag,
+            f"the same products, {what}: the same ETag (computed from the content, so that replicas agree and a "
+            "compressed copy revalidates too)",
+        )
 
 
 @pytest.mark.task("conditional_get")
@@ -507,10 +660,25 @@ def test_the_summary_is_cached_for_its_ttl(build, clock):
         expect_json(second, body, "the same summary", exact=True)
         clock.advance(4)
         expect_header(client.get("/reports/summary"), "x-cache", "hit", "4 s into a summary_ttl_seconds of 5")
-        clock.advance(1.5)
+        clock.advance(1)
         expect_header(
-            client.get("/reports/summary"), "x-cache", "miss", "5.5 s later, past summary_ttl_seconds=5 (take the TTL from the settings)"
+            client.get("/reports/summary"), "x-cache", "miss",
+            "exactly 5 s after it was computed, summary_ttl_seconds=5 have run out: computed again (take the TTL from the "
+            "settings; an entry that expires at t + ttl is stale at that instant, not a moment later)",
         )
+        expect_header(client.get("/reports/summary"), "x-cache", "hit", "then cached again")
+
+
+@pytest.mark.task("ttl_cache")
+@pytest.mark.promise("P7", "P11")
+def test_by_default_the_summary_is_cached_for_30_seconds(module, defaults, clock):
+    expect_bounds(module, refused={"summary_ttl_seconds": 0}, accepted={"summary_ttl_seconds": 0.5})
+    with defaults as client:
+        expect_header(client.get("/reports/summary"), "x-cache", "miss", "the first call computes the summary")
+        clock.advance(29.5)
+        expect_header(client.get("/reports/summary"), "x-cache", "hit", "29.5 s into the default summary_ttl_seconds of 30")
+        clock.advance(0.5)
+        expect_header(client.get("/reports/summary"), "x-cache", "miss", "30 s later: the default TTL has run out")
 
 
 @pytest.mark.task("ttl_cache")
