@@ -1533,8 +1533,12 @@ async def test_every_service_continues_a_valid_traceparent_and_replaces_a_malfor
     traces = Traces()
     async with open_shop(load, tmp_path, traces=traces) as shop:
         services = (("gateway", shop.gateway), ("users", shop.users), ("catalog", shop.catalog), ("orders", shop.orders))
+        # A route with a path parameter, and the answer it gives here (no such product; no token).
+        templated = {"gateway": ("/api/products/NOPE-1", "/api/products/{sku}", 404),
+                     "catalog": ("/products/NOPE-1", "/products/{sku}", 404), "orders": ("/orders/x1", "/orders/{order_id}", 401)}
         for name, client in services:
-            for path, route, code in (("/health", "/health", 200), ("/no-such-route", None, 404)):
+            paths = [("/health", "/health", 200), ("/no-such-route", None, 404), *([templated[name]] if name in templated else [])]
+            for path, route, code in paths:
                 response, span = await one_server_span(traces, name, client, path, {"traceparent": CALLER_TRACEPARENT})
                 expect_status(response, code)
                 got = (format_trace_id(span.context.trace_id), span.parent and format_span_id(span.parent.span_id))
