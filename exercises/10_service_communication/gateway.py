@@ -46,7 +46,7 @@ def create_app(
         return {"status": "ok", "service": "gateway"}
 
     # TODO: X-Request-ID created at the edge when missing or malformed (kept only when it fully
-    #       matches [A-Za-z0-9._-]{1,64}, else uuid4().hex), passed on, returned.
+    #       matches [A-Za-z0-9._-]{1,64}, else uuid4().hex), passed on, returned (a crash's 500 too).
 
     # TODO: the allow-list, and nothing else: GET /api/stock/{sku} -> inventory GET /stock/{sku},
     #       POST /api/orders -> orders POST /orders, GET /api/orders/{order_id} -> orders

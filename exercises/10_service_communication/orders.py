@@ -69,7 +69,8 @@ def create_app(
         return {"status": "ok", "service": "orders"}
 
     # TODO: X-Request-ID: reuse the caller's when it fully matches [A-Za-z0-9._-]{1,64}, else
-    #       create one (uuid4().hex); return it on every response; send it to inventory.
+    #       create one (uuid4().hex); return it on every response, a crash's 500 included (answer
+    #       it in the middleware: README 'Errors are problems'); send it to inventory.
 
     # TODO: POST /orders {"sku", "quantity"}: the SKU is one plain path segment (else 422).
     #       One deadline: settings.timeout, or less when X-Timeout-Ms says so. GET /stock/{sku}

@@ -635,6 +635,48 @@ async def test_the_gateway_creates_the_id_at_the_edge_and_passes_it_on(gateway: 
     )
 
 
+class Crashing(httpx.AsyncBaseTransport):
+    """A transport that raises what no service expects (not an httpx error): a stand-in for a bug."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug below the service, planted by the test")
+
+
+@pytest.mark.task("request_id")
+@pytest.mark.promise("P19")
+@pytest.mark.asyncio
+async def test_a_crash_is_a_500_problem_that_carries_the_request_id(orders: ModuleType, gateway: ModuleType) -> None:
+    answers: dict[str, tuple[str | None, httpx.Response]] = {}
+
+    async def crash(app: FastAPI, service: str, method: str, path: str) -> None:
+        async with serving(app) as running:
+            # raise_app_exceptions=False: the client gets what the service sent before the exception
+            # went on to the server's log, as a real client would.
+            transport = httpx.ASGITransport(app=running, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                for given in ("crash-7", None):
+                    headers = {"X-Request-ID": given} if given else {}
+                    response = await client.request(method, path, json=ORDER, headers=headers)
+                    answers[f"{service}: {method} {path}" + (f" with X-Request-ID: {given}" if given else "")] = (given, response)
+
+    await crash(orders.create_app(orders_settings(orders), upstream_transport=Crashing()), "orders", "POST", "/orders")
+    for method, path in (("GET", "/api/stock/widget"), ("POST", "/api/orders")):
+        app = gateway.create_app(gateway.Settings(retries=0), transports={"orders": Crashing(), "inventory": Crashing()})
+        await crash(app, "gateway", method, path)
+    for where, (given, response) in answers.items():
+        why = f"{where}, whose upstream call raised RuntimeError (a bug): the 500 of an unexpected exception"
+        expect_problem(response, 500, why)
+        returned = response.headers.get("x-request-id")
+        wanted = given or "a new one (32 hexadecimal digits)"
+        ok = returned == given if given else bool(returned and re.fullmatch(r"[0-9a-f]{32}", returned))
+        assert ok, explain(
+            response,
+            f"{why} carrying X-Request-ID: {wanted}, like every other answer. Starlette answers an unhandled "
+            f"exception in its outermost middleware, outside yours, so your request-ID middleware must answer the "
+            f"500 itself (README 'Request IDs'); it carried {returned!r}",
+        )
+
+
 # --- The gateway ---------------------------------------------------------------------------------------------
 
 

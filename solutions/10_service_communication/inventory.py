@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, Protocol
 
-from fastapi import FastAPI, HTTPException, status
+from fastapi import FastAPI, HTTPException, Request, status
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .problems import install_problem_details, problem_responses
+from .problems import install_problem_details, problem_responses, unexpected_problem
 
 logger = logging.getLogger("inventory")
 
@@ -49,13 +49,25 @@ class RequestIdMiddleware:
         request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if not started:
+                # A bug's 500 is answered here, through send_with_id, so that it carries the request
+                # ID too: Starlette's ServerErrorMiddleware, which would answer it otherwise, runs
+                # outside every middleware of ours. Then re-raised: the server logs the traceback.
+                response = await unexpected_problem(Request(scope), exc)
+                await response(scope, receive, send_with_id)
+            raise
         finally:
             request_id_var.reset(token)
 
