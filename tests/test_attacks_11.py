@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -202,6 +203,54 @@ async def test_11_messaging_a_carrier_slower_than_ack_wait_books_once(services, 
         await nc.close()
         await eventually(lambda: shipped(client, slow["order_id"]), "never shipped")
     assert carrier.calls == [slow["order_id"]]
+
+
+async def test_11_messaging_carrier_calls_that_never_answer_time_out(services, server, tmp_path):
+    calls: list[str] = []
+
+    async def carrier(shipment: dict[str, Any]) -> None:   # accepts the first two calls, never answers them
+        calls.append(shipment["order_id"])
+        if len(calls) <= 2:
+            await asyncio.Event().wait()
+
+    app = shipping_app(services, server, tmp_path, carrier, ack_wait=1.0, max_in_flight=2, carrier_timeout=1.0,
+                       backoff=0.05)
+    async with running(app) as client:
+        nc = await nats.connect(server.url)
+        events = [event() for _ in range(3)]
+        for placed in events:
+            await nc.jetstream().publish("orders.placed", json.dumps(placed).encode(),
+                                         headers={"Nats-Msg-Id": placed["event_id"]})
+        await nc.close()
+        for placed in events:   # the third despite two hung calls; the hung two at their next delivery
+            await eventually(lambda placed=placed: shipped(client, placed["order_id"]),
+                             "a hung carrier call held its slot for ever (in_progress() kept it ours)")
+    assert len(calls) == 5
+
+
+async def test_11_messaging_the_relay_outlives_any_error(services, server, tmp_path, caplog):
+    app = orders_app(services, server, tmp_path)
+    async with running(app) as client:
+        relay = app.state.relay
+        real, failures = relay.publish_pending, [sqlite3.OperationalError("disk I/O error")]
+
+        async def once_broken() -> int:   # one transient database error, not the broker's
+            if failures:
+                raise failures.pop()
+            return await real()
+
+        relay.publish_pending = once_broken
+        relay.wake.set()
+        ids = [(await client.post("/orders", json={"sku": "widget", "quantity": 1})).json()["id"] for _ in range(3)]
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json()["pending"] == 0
+
+        await eventually(drained, "one database error ended the relay: the outbox was never published")
+        assert not failures
+    assert len(ids) == 3
+    assert any(record.exc_info and "disk I/O error" in str(record.exc_info[1]) for record in caplog.records), (
+        "the relay's failure was not logged with its traceback")
 
 
 def raw(port: int, method: str, target: str, body: bytes = b"") -> int:

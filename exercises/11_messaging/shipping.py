@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     max_deliver: int = Field(default=5, ge=1, le=100)
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     backoff: float = Field(default=0.5, gt=0, le=5.0)
+    carrier_timeout: float = Field(default=30.0, gt=0, le=3600)
 
 
 async def no_carrier(shipment: dict[str, Any]) -> None:

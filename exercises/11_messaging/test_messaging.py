@@ -7,6 +7,7 @@ broker. Waits are for events, with generous limits: nothing here depends on a fa
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -311,6 +312,46 @@ async def test_orders_are_taken_while_the_broker_is_down_and_published_when_it_i
             got=[event.get("order_id") for event in events])
 
 
+# Longer than SQLite's default busy timeout (5 s) plus one round of a relay that backs off (at most
+# 2 s) and a publish timeout: a relay that reads or writes the outbox meanwhile meets the lock.
+LOCKED_FOR = 9.0
+
+
+@pytest.mark.task("broker_down")
+@pytest.mark.promise("P4")
+async def test_the_relay_outlives_a_database_locked_for_a_while(orders_app, nats_server, tmp_path):
+    async with running(orders_app(publish_timeout=0.25)) as client:
+        await asyncio.to_thread(nats_server.halt)   # the relay keeps trying: its rounds read the outbox
+        response = await client.post("/orders", json={"sku": "widget", "quantity": 1})
+        expect_status(response, 201, "POST /orders while the broker is down")
+        # Another process (a backup, a migration) holds the whole database file for a while.
+        locker = sqlite3.connect(tmp_path / "orders.db", timeout=WAIT, isolation_level=None,
+                                 check_same_thread=False)
+        try:
+            await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
+            await asyncio.sleep(LOCKED_FOR)
+        finally:
+            await asyncio.to_thread(locker.execute, "ROLLBACK")
+            locker.close()
+        await asyncio.to_thread(nats_server.start)
+        later = await client.post("/orders", json={"sku": "widget", "quantity": 2})
+        expect_status(later, 201, "POST /orders after the database was locked for a while")
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json().get("pending") == 0
+
+        await eventually(drained, f"the database file was locked by another process for {LOCKED_FOR:g} s (SQLite "
+                         "raised 'database is locked' to whatever used it meanwhile), then released, and the broker "
+                         "came back, but the outbox was never published: the relay must survive every error, not "
+                         "only the broker's (catch Exception in its loop, log it with the traceback, back off, "
+                         "go on); a task that ends tells no one")
+        async with broker(nats_server) as js:
+            published = sorted(json.loads(message.data).get("order_id") for message in await stream_messages(js, "ORDERS"))
+        expected = sorted([response.json()["id"], later.json()["id"]])
+        assert published == expected, said("the ORDERS stream after the lock and the broker's return",
+                                           expected=f"one event per order: {expected}", got=published)
+
+
 # --- the streams are on disk ------------------------------------------------------------------
 
 @pytest.mark.task("durable")
@@ -523,6 +564,45 @@ async def test_a_slow_event_does_not_hold_up_the_others(shipping_app, nats_serve
                              "handle several events at once (up to max_in_flight)")
         carrier.release.set()
         await eventually(lambda: shipped(client, slow["order_id"]), "the slow event was never shipped")
+
+
+@pytest.mark.task("flow")
+@pytest.mark.promise("P8", "P10")
+async def test_carrier_calls_that_never_answer_do_not_stop_shipping(shipping_app, nats_server):
+    hung = [order_event(), order_event()]
+    carrier = Carrier(hold={event["order_id"] for event in hung})   # never released: no answer, ever
+    settings = {"max_in_flight": 2, "carrier_timeout": 0.5, "max_deliver": 2, "backoff": 0.05}
+    async with running(shipping_app(carrier, **settings)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        for event in hung:
+            await publish(js, event)
+        await eventually(lambda: asyncio.sleep(0, carrier.active == 2),
+                         "the two first events never reached the carrier at once (max_in_flight = 2)")
+        behind = [order_event() for _ in range(3)]
+        for event in behind:
+            await publish(js, event)
+        for event in behind:
+            await eventually(lambda event=event: shipped(client, event["order_id"]),
+                             "two carrier calls that never answer held both slots (max_in_flight = 2), and the "
+                             "events behind them were never shipped: bound each call by carrier_timeout "
+                             "(asyncio.timeout) and treat running out as a failed booking (nak with a delay)")
+
+        async def dead() -> bool:
+            return len(await stream_messages(js, "DEADLETTER")) >= len(hung)
+
+        await eventually(dead, "events whose carrier call never answers (carrier_timeout = 0.5 s, max_deliver = 2) "
+                         "never reached the DEADLETTER stream: running out of time is a failed booking")
+        letters = sorted(json.loads(letter.data)["order_id"] for letter in await stream_messages(js, "DEADLETTER"))
+        assert letters == sorted(event["order_id"] for event in hung), said(
+            "the dead letters", expected="the two events whose carrier never answered, once each", got=letters)
+        for event in hung:
+            assert carrier.count(event["order_id"]) == 2, said(
+                "carrier calls for an event whose call never answers, with max_deliver = 2",
+                expected="2 (one per delivery, then the dead-letter stream)", got=carrier.count(event["order_id"]))
+            expect_problem(await client.get(f"/shipments/{event['order_id']}"), 404,
+                           "GET /shipments/{order_id} of an event whose carrier never answered")
+        await eventually(lambda: asyncio.sleep(0, carrier.active == 0),
+                         "carrier calls that ran out of time were left running: cancel them (asyncio.timeout does)")
 
 
 @pytest.mark.task("flow")

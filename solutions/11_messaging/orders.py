@@ -153,9 +153,13 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), timeout=1.0)
                 delay = self.settings.backoff
-            except (nats.errors.Error, OSError, TimeoutError) as error:
-                # The broker is down or slow: everything unpublished stays in the outbox.
-                logger.warning("outbox relay: %r; next try in %.2f s", error, delay)
+            except Exception as error:
+                # Whatever failed, the relay goes on: it is the only thing that empties the outbox,
+                # and a task that ends tells no one. Everything unpublished stays in the outbox.
+                if isinstance(error, (nats.errors.Error, OSError, TimeoutError)):
+                    logger.warning("outbox relay: %r; next try in %.2f s", error, delay)  # the broker is down or slow
+                else:  # a locked or full database, a bug: the traceback is needed
+                    logger.exception("outbox relay failed; next try in %.2f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
 

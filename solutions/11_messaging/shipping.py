@@ -6,7 +6,8 @@ is recorded with the shipment, in one transaction, and an event already recorded
 acknowledged). A carrier that fails is retried with a growing delay; after `max_deliver`
 deliveries the event goes to the dead-letter stream, as does an event that can never be
 processed (not JSON, not an OrderPlaced). At most `max_in_flight` events are in progress at
-once, and a slow one does not hold up the others.
+once, and a slow one does not hold up the others: a carrier call has `carrier_timeout` seconds,
+and one that runs out is a failed booking like any other.
 """
 
 import asyncio
@@ -45,6 +46,10 @@ MAX_NAK_DELAY = 5.0   # seconds: the longest wait before a failed event is deliv
 Carrier = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class CarrierTimeout(Exception):
+    """The carrier did not answer within `carrier_timeout`: a failed booking."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHIPPING_")
 
@@ -54,6 +59,9 @@ class Settings(BaseSettings):
     max_deliver: int = Field(default=5, ge=1, le=100)
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     backoff: float = Field(default=0.5, gt=0, le=MAX_NAK_DELAY)
+    # A carrier that never answers would hold its slot for ever (in_progress() keeps the message
+    # ours), and max_in_flight such calls would stop shipping for good.
+    carrier_timeout: float = Field(default=30.0, gt=0, le=3600)
 
 
 class OrderPlaced(BaseModel):
@@ -175,8 +183,12 @@ class Consumer:
                 delay = self.settings.backoff
             except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to do for now
-            except (nats.errors.Error, OSError) as error:
-                logger.warning("consumer: %r; next try in %.2f s", error, delay)
+            except Exception as error:
+                # The consumer goes on whatever failed: a task that ends would stop shipping silently.
+                if isinstance(error, (nats.errors.Error, OSError)):
+                    logger.warning("consumer: %r; next try in %.2f s", error, delay)  # the broker is away
+                else:
+                    logger.exception("consumer failed; next try in %.2f s", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_NAK_DELAY)
                 if self.nc is None or self.nc.is_closed:
@@ -228,7 +240,11 @@ class Consumer:
 
         heartbeat = asyncio.create_task(keep_alive())
         try:
-            await self.carrier(shipment.model_dump())
+            async with asyncio.timeout(self.settings.carrier_timeout):
+                await self.carrier(shipment.model_dump())
+        except TimeoutError as error:
+            # The call is cancelled; the event is retried later, then dead-lettered, like any failure.
+            raise CarrierTimeout(f"no answer from the carrier within {self.settings.carrier_timeout:g} s") from error
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
