@@ -13,7 +13,7 @@ logging handlers, standard streams, environment, working directory, the graded f
 modules) and runs the module as ``python -m`` would. The test sees the same command line,
 environment, output and exit code as with a real ``subprocess.Popen``. One thing differs, on
 purpose: uvicorn notices SIGTERM within 5 ms instead of 0.1 s, and with no connection open
-skips its fixed 0.1 s pause (``grader.live.quicken_uvicorn``); a request in flight still gets
+skips its fixed 0.1 s pause (``grader.quick_uvicorn.quicken_uvicorn``); a request in flight still gets
 uvicorn's own graceful shutdown.
 
     parent (pytest) ──socket──► launcher ──fork──► server (own session, like start_new_session)
@@ -326,7 +326,7 @@ def _server(request: dict, fds: list[int], close: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         _fresh_interpreter_state([cwd, *_app_dirs(args)])
-        from grader.live import quicken_uvicorn
+        from grader.quick_uvicorn import quicken_uvicorn
 
         quicken_uvicorn()  # stopped within milliseconds, not 0.1-0.2 s (see its docstring)
         import runpy
