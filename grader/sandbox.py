@@ -7,9 +7,12 @@ instructor knows what the grades rest on.
 - **pid namespace**: the run is process 1 of its own namespace. Killing it kills every
   process the learner's code started (the kernel does it, ``setsid`` cannot escape), and the
   run cannot see or signal any process outside.
-- **mount namespace**: a private, size-limited ``/tmp``; the reference solutions, hidden
-  tests, other learners' submissions, the grader's work folder and the reports folder are
-  covered by empty read-only file systems.
+- **mount namespace** and a **minimal file system view** (``grader.fsview``): the run's root
+  holds Python, its packages and the exercise being graded, read-only, and private, size-limited
+  ``/tmp``, ``/run`` and ``/dev/shm``; the reference solutions, hidden tests, other learners'
+  submissions, the grader's work folder, ``/home`` and the rest of the host are absent. Where a
+  new root cannot be made, the fallback: the host's file system with those folders covered by
+  empty read-only file systems.
 - **network namespace**: only a loopback interface of its own (servers on 127.0.0.1 work).
 - **unprivileged uid**: one uid per job slot, so the process limit counts this run alone,
   root-only files stay closed, and the grader's processes cannot be signalled.
@@ -45,7 +48,7 @@ import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +127,7 @@ class Limits:
 
 
 # Capabilities that a caller may turn off (to test the fallbacks): attribute -> its short name.
-DISABLE = {"pid_namespace": "pid", "mount_namespace": "mount", "network_namespace": "net",
+DISABLE = {"pid_namespace": "pid", "mount_namespace": "mount", "file_view": "view", "network_namespace": "net",
            "other_namespaces": "ipc", "unprivileged_uid": "uid", "cgroups": "cgroup", "memory_cgroup": "memory"}
 
 
@@ -134,6 +137,7 @@ class Capabilities:
 
     pid_namespace: bool = False
     mount_namespace: bool = False
+    file_view: bool = False  # a root of the run's own (grader.fsview); needs the mount namespace
     network_namespace: bool = False
     other_namespaces: bool = False  # ipc and uts
     unprivileged_uid: bool = False
@@ -149,7 +153,14 @@ class Capabilities:
             Protection(name="pid namespace", active=self.pid_namespace,
                        detail=self.notes.get("pid", "the whole tree dies with the run; no other process is visible")),
             Protection(name="mount namespace", active=self.mount_namespace,
-                       detail=self.notes.get("mount", f"private /tmp; hidden from the run: {hidden}")),
+                       detail=self.notes.get("mount", "private /tmp, /var/tmp, /run and /dev/shm" if self.file_view else
+                                             f"private /tmp, /var/tmp, /run/lock and /dev/shm; covered by empty file "
+                                             f"systems: {hidden}")),
+            Protection(name="minimal file system view", active=self.file_view,
+                       detail=self.notes.get("view", "the run's root holds only Python, its packages and the exercise "
+                                                     "being graded (read-only) and its private /tmp, /run, /dev/shm: "
+                                                     "solutions, hidden tests, other learners' files, /home and the "
+                                                     "rest of the host are absent")),
             Protection(name="network namespace", active=self.network_namespace,
                        detail=self.notes.get("net", "no network but a loopback interface of its own")),
             Protection(name="unprivileged uid", active=self.unprivileged_uid,
@@ -251,10 +262,11 @@ def _free_id(uid: int) -> bool:
         return True
 
 
-def _readable_as(uid: int, paths: Iterable[Path], staging: str | None) -> str:
+def _readable_as(uid: int, paths: Iterable[Path], prepare: Callable[[], None] | None) -> str:
     """In a forked child: become ``uid`` and return the first path it cannot read (or "").
 
-    With ``staging``, the child first does what a run does in its mount namespace (``expose``).
+    With ``prepare``, the child first does what a run does in its mount namespace (its view of
+    the file system, or ``expose``).
     """
     paths = list(paths)
     read_end, write_end = os.pipe()
@@ -262,10 +274,8 @@ def _readable_as(uid: int, paths: Iterable[Path], staging: str | None) -> str:
     if pid == 0:
         try:
             os.close(read_end)
-            if staging is not None:
-                unshare(CLONE_NEWNS)
-                mount(None, "/", None, MS_REC | MS_PRIVATE)
-                expose([str(p) for p in paths], staging)
+            if prepare is not None:
+                prepare()
             os.setgroups([])
             os.setresgid(uid, uid, uid)
             os.setresuid(uid, uid, uid)
@@ -320,6 +330,24 @@ def _mount_probe() -> None:
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777")
 
 
+def make_view(paths: Iterable[str], root: str, tmp_bytes: int, own_proc: bool) -> None:
+    """In a child with a new mount namespace: its root becomes the minimal view (``grader.fsview``)."""
+    from grader import fsview
+
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    fsview.build(fsview.plan(paths, tmp_bytes=tmp_bytes, own_proc=own_proc), root)
+
+
+def _view_probe(needed: list[str], root: str) -> None:
+    unshare(CLONE_NEWNS)
+    make_view(needed, root, 1024**2, own_proc=False)
+    missing = [path for path in needed if not os.path.exists(path)]
+    if missing:
+        raise OSError(f"{missing[0]} is missing from the view")
+    if os.path.exists(os.path.dirname(root)):
+        raise OSError("the host's folders are still in view")
+
+
 def _network_probe() -> None:
     unshare(CLONE_NEWNET)
     loopback_up()
@@ -343,6 +371,17 @@ def probe(needed: Iterable[Path], slots: int, staging: str) -> Capabilities:
         setattr(found, attribute, not error)
         if error:
             found.notes[key] = f"not allowed here ({error})"
+    view_root = os.path.join(staging, "root")
+    if not found.mount_namespace:
+        found.notes["view"] = "needs the mount namespace"
+    else:
+        os.makedirs(view_root, exist_ok=True)
+        error = _try_in_child(lambda: _view_probe([str(p) for p in needed], view_root))
+        found.file_view = not error
+        if error:
+            found.notes["view"] = (f"a root of the run's own cannot be made here ({error}): runs see the host's "
+                                   "file system, with the course's solutions, the hidden tests, the submissions "
+                                   "and the grader's folders covered")
     if os.geteuid() != 0:
         found.notes["uid"] = "the grader does not run as root, so it cannot switch to an unprivileged uid"
         found.notes["cgroup"] = "needs root"
@@ -352,8 +391,19 @@ def probe(needed: Iterable[Path], slots: int, staging: str) -> Capabilities:
         if taken:
             found.notes["uid"] = f"uids {taken} belong to accounts on this machine"
         else:
+            if found.file_view:
+                def prepare() -> None:
+                    unshare(CLONE_NEWNS)
+                    make_view([str(p) for p in needed], view_root, 1024**2, own_proc=False)
+            elif found.mount_namespace:
+                def prepare() -> None:
+                    unshare(CLONE_NEWNS)
+                    mount(None, "/", None, MS_REC | MS_PRIVATE)
+                    expose([str(p) for p in needed], staging)
+            else:
+                prepare = None
             try:
-                blocked = _readable_as(uids[0], needed, staging if found.mount_namespace else None)
+                blocked = _readable_as(uids[0], needed, prepare)
             except OSError as exc:
                 found.notes["uid"] = f"cannot switch uid here ({exc})"
             else:
@@ -371,15 +421,53 @@ def probe(needed: Iterable[Path], slots: int, staging: str) -> Capabilities:
 # --------------------------------------------------------------------------- cgroups
 
 
-class SlotGroups:
-    """One cgroup per job slot under cgroup v1 ``cpu`` and ``pids``; removed by ``close``."""
+def _rmdir_group(folder: Path | str) -> None:
+    """Remove a cgroup's folder (the kernel removes its control files with it; a test's fake
+    cgroup file system, a plain folder, replaces this)."""
+    os.rmdir(folder)
 
-    def __init__(self, slots: int, processes: int) -> None:
+
+def _dead_grader(folder: Path) -> bool:
+    """Is ``folder`` a ``grader-<pid>`` group whose zygote is no longer alive?"""
+    number = folder.name.removeprefix("grader-")
+    return folder.name.startswith("grader-") and number.isdigit() and not os.path.exists(f"/proc/{number}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a group and the groups in it that hold no process (never killing: a process still
+    in one belongs to a grader this one does not know, which it must leave alone)."""
+    with contextlib.suppress(OSError):
+        for inner in folder.iterdir():
+            if inner.is_dir():
+                _remove_if_empty(inner)
+    with contextlib.suppress(OSError):
+        _rmdir_group(folder)
+
+
+def sweep_dead_graders(parents: Iterable[Path]) -> None:
+    """Remove the empty groups that graders killed before they could clean up left in ``parents``."""
+    for parent in parents:
+        with contextlib.suppress(OSError):
+            for folder in parent.iterdir():
+                if folder.is_dir() and _dead_grader(folder):
+                    _remove_if_empty(folder)
+
+
+class SlotGroups:
+    """One cgroup per job slot under cgroup v1 ``cpu`` and ``pids``; removed by ``close``.
+
+    ``root``: where cgroup v1 is mounted (a test's fake one). First it removes the slot groups
+    that killed graders left (empty ``grader-<pid>`` folders whose process is gone).
+    """
+
+    def __init__(self, slots: int, processes: int, root: Path = CGROUP_V1) -> None:
+        self.root = root
         self.root_name = f"grader-{os.getpid()}"
         self.slots = slots
         self.created: list[Path] = []
+        sweep_dead_graders(root / controller for controller in ("cpu", "pids"))
         for controller in ("cpu", "pids"):
-            parent = CGROUP_V1 / controller / self.root_name
+            parent = root / controller / self.root_name
             parent.mkdir(exist_ok=True)
             self.created.append(parent)
             for slot in range(slots):
@@ -390,7 +478,7 @@ class SlotGroups:
                     (folder / "pids.max").write_text(str(processes), encoding="ascii")
 
     def folders(self, slot: int) -> list[Path]:
-        return [CGROUP_V1 / controller / self.root_name / f"slot{slot}" for controller in ("cpu", "pids")]
+        return [self.root / controller / self.root_name / f"slot{slot}" for controller in ("cpu", "pids")]
 
     def busy(self) -> bool:
         """Does a process still live in one of the slots' groups?"""
@@ -404,19 +492,19 @@ class SlotGroups:
         for folder in reversed(self.created):
             with contextlib.suppress(OSError):
                 kill_cgroup(str(folder))  # a stray process would keep the folder alive
-                folder.rmdir()
+                _rmdir_group(folder)
 
 
-def remove_slot_groups(zygote_pid: int) -> None:
+def remove_slot_groups(zygote_pid: int, root: Path = CGROUP_V1) -> None:
     """Remove the cgroups a zygote made, also when it was killed before it could."""
     for controller in ("cpu", "pids"):
-        parent = CGROUP_V1 / controller / f"grader-{zygote_pid}"
+        parent = root / controller / f"grader-{zygote_pid}"
         if not parent.is_dir():
             continue
         for folder in [*sorted(p for p in parent.iterdir() if p.is_dir()), parent]:
             with contextlib.suppress(OSError):
                 kill_cgroup(str(folder))
-                folder.rmdir()
+                _rmdir_group(folder)
 
 
 # --------------------------------------------------------------------------- a memory cgroup per run
@@ -456,6 +544,12 @@ def _write(path: Path, value: str) -> None:
     path.write_text(value, encoding="ascii")
 
 
+def _write_if_there(path: Path, value: str) -> None:
+    """A control file that this kernel may not have (swap accounting off, an older kernel)."""
+    with contextlib.suppress(OSError):  # a cgroup file system cannot create a file it lacks
+        _write(path, value)
+
+
 def _leave_for_a_leaf(own: Path) -> None:
     """Move this grader's processes from ``own`` into a leaf cgroup below it (cgroup v2 lets only a
     cgroup without processes of its own hand controllers down, the root apart). Only if every
@@ -483,16 +577,25 @@ class RunGroups:
     delegated); else cgroup v1's ``memory`` controller; else :meth:`find` says why not.
     """
 
-    def __init__(self, version: int, parent: Path, memory_bytes: int, processes: int) -> None:
+    def __init__(self, version: int, parent: Path, memory_bytes: int, processes: int,
+                 controllers: Iterable[str] = ("memory",)) -> None:
         self.version, self.parent, self.memory_bytes, self.processes = version, parent, memory_bytes, processes
+        self.controllers = tuple(controllers)  # v2: what the run groups have (memory, and pids where there is one)
 
     @classmethod
-    def find(cls, memory_bytes: int, processes: int) -> RunGroups | str:
-        """Create this grader's folder of run groups; a :class:`RunGroups`, or why there is none."""
-        if os.geteuid() != 0:
-            return "needs root"
-        mount_v2, mount_v1 = _cgroup_mounts()
-        own_v2, own_v1 = _own_cgroups()
+    def find(cls, memory_bytes: int, processes: int, *, mounts: tuple[str | None, str | None] | None = None,
+             own: tuple[str | None, str | None] | None = None) -> RunGroups | str:
+        """Create this grader's folder of run groups; a :class:`RunGroups`, or why there is none.
+
+        ``mounts`` (where cgroup v2 and v1's memory controller are mounted) and ``own`` (this
+        process's cgroup in each) come from ``/proc/self``; a test gives a fake cgroup root's.
+        """
+        if mounts is None:
+            if os.geteuid() != 0:
+                return "needs root"
+            mounts = _cgroup_mounts()
+        mount_v2, mount_v1 = mounts
+        own_v2, own_v1 = own if own is not None else _own_cgroups()
         reasons = []
         if mount_v2 and own_v2 is not None:
             own = Path(mount_v2, own_v2.lstrip("/"))
@@ -513,12 +616,12 @@ class RunGroups:
                         _write(own / "cgroup.subtree_control", " ".join(f"+{name}" for name in missing))
                     parent.mkdir(exist_ok=True)
                     _write(parent / "cgroup.subtree_control", " ".join(f"+{name}" for name in wanted))
-                    found = cls(2, parent, memory_bytes, processes)
+                    found = cls(2, parent, memory_bytes, processes, wanted)
                     found.sweep()
                     return found
                 except OSError as exc:
                     with contextlib.suppress(OSError):
-                        parent.rmdir()
+                        _rmdir_group(parent)
                     reasons.append(f"cgroup v2's memory controller cannot be handed down below {own} ({exc.strerror}; "
                                    "start the grader in a cgroup of its own, e.g. `systemd-run --scope -p Delegate=yes "
                                    "grader grade …`)")
@@ -536,19 +639,13 @@ class RunGroups:
                 return found
             except OSError as exc:
                 with contextlib.suppress(OSError):
-                    parent.rmdir()
+                    _rmdir_group(parent)
                 reasons.append(f"cgroup v1's memory controller at {own} is not writable ({exc.strerror})")
         return "; ".join(reasons) or "no cgroup memory controller is mounted"
 
     def sweep(self) -> None:
-        """Remove the run groups of graders that were killed before they could (their zygote's pid is gone)."""
-        with contextlib.suppress(OSError):
-            for folder in self.parent.parent.iterdir():
-                number = folder.name.removeprefix("grader-")
-                if folder == self.parent or not folder.name.startswith("grader-") or not number.isdigit():
-                    continue
-                if not os.path.exists(f"/proc/{number}"):
-                    RunGroups(self.version, folder, 0, 0).close()
+        """Remove the empty run groups of graders that were killed before they could (their zygote's pid is gone)."""
+        sweep_dead_graders([self.parent.parent])
 
     def make(self, name: str) -> str:
         """A new run group, its limits set (the warden makes it; the run joins it before any learner code)."""
@@ -556,9 +653,10 @@ class RunGroups:
         folder.mkdir()
         if self.version == 2:
             _write(folder / "memory.max", str(self.memory_bytes))
-            for control, value in (("memory.swap.max", "0"), ("memory.oom.group", "1"), ("pids.max", str(self.processes))):
-                if (folder / control).exists():
-                    _write(folder / control, value)
+            _write_if_there(folder / "memory.swap.max", "0")  # absent where swap is not accounted: no swap to count
+            _write_if_there(folder / "memory.oom.group", "1")  # over the cap, the whole run is killed (Linux 4.19+)
+            if "pids" in self.controllers:
+                _write(folder / "pids.max", str(self.processes))
         else:
             _write(folder / "memory.limit_in_bytes", str(self.memory_bytes))
             with contextlib.suppress(OSError):  # swap accounting is often off: then there is no swap to count
@@ -586,7 +684,7 @@ class RunGroups:
         kill_cgroup(folder)
         for _ in range(100):
             try:
-                os.rmdir(folder)
+                _rmdir_group(folder)
                 return
             except FileNotFoundError:
                 return
@@ -599,18 +697,19 @@ class RunGroups:
                 if folder.is_dir():
                     self.remove(str(folder))
         with contextlib.suppress(OSError):
-            self.parent.rmdir()
+            _rmdir_group(self.parent)
 
 
-def remove_run_groups(zygote_pid: int) -> None:
+def remove_run_groups(zygote_pid: int, *, mounts: tuple[str | None, str | None] | None = None,
+                      own: tuple[str | None, str | None] | None = None) -> None:
     """Remove the run groups a zygote made, also when it was killed before it could."""
-    mount_v2, mount_v1 = _cgroup_mounts()
-    own_v2, own_v1 = _own_cgroups()
-    for mount, own in ((mount_v2, own_v2), (mount_v1, own_v1)):
-        if not mount or own is None:
+    mount_v2, mount_v1 = mounts if mounts is not None else _cgroup_mounts()
+    own_v2, own_v1 = own if own is not None else _own_cgroups()
+    for mount, group in ((mount_v2, own_v2), (mount_v1, own_v1)):
+        if not mount or group is None:
             continue
-        own = own.removesuffix("/grader-self")  # where _leave_for_a_leaf moved this grader
-        parent = Path(mount, own.lstrip("/"), f"grader-{zygote_pid}")
+        group = group.removesuffix("/grader-self")  # where _leave_for_a_leaf moved this grader
+        parent = Path(mount, group.lstrip("/"), f"grader-{zygote_pid}")
         if parent.is_dir():
             RunGroups(0, parent, 0, 0).close()
 

@@ -101,14 +101,22 @@ def main(argv: list[str] | None = None) -> None:
 
     if setup.uid_base:
         sandbox.use_uid_base(setup.uid_base)
+    setup.needed = sorted({*setup.needed, *import_path(setup.course_root)})
     needed = [Path(p) for p in setup.needed]
     staging = os.path.join(setup.work_dir, "stage")
-    os.makedirs(staging, exist_ok=True)
+    os.makedirs(os.path.join(staging, "root"), exist_ok=True)  # where each run mounts its view (grader.fsview)
     capabilities = sandbox.probe(needed, setup.slots, os.path.join(staging, "probe"))
     for attribute, note in sandbox.DISABLE.items():
         if note in setup.disable:
             setattr(capabilities, attribute, False)
             capabilities.notes[note] = "turned off by the grader's caller"
+    if capabilities.file_view and not capabilities.mount_namespace:
+        capabilities.file_view = False
+        capabilities.notes["view"] = "needs the mount namespace, which is off"
+    if not capabilities.file_view:
+        # never silently: the runs see more of this machine than they would with the view
+        sys.stderr.write(f"grader: no minimal file system view for the runs: {capabilities.notes.get('view', '')}\n")
+        sys.stderr.flush()
     groups = None
     if capabilities.cgroups:
         try:
@@ -195,6 +203,7 @@ class ExerciseSession:
         self.exitcode = 0
         self.reference = reference_files(setup.course_root, prepare["exercise"])
         self.given = given_files(setup.course_root, prepare["exercise"])
+        self.view = view_of(setup, prepare["exercise"])
 
     @staticmethod
     def display_id(item, hidden_root: str | None) -> str:
@@ -274,6 +283,7 @@ class ExerciseSession:
             # the files the learner is given (04's problems.py): beside the submission's and the reference's
             job["given"] = self.given
             job["reference"] = {**self.given, **self.reference} if self.reference else {}
+            job["view"] = self.view
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
             pid = os.fork()
             if pid != 0:
@@ -383,6 +393,44 @@ def reference_files(root: str, exercise_name: str) -> dict[str, str]:
         if path.is_file():
             files[name] = path.read_text(encoding="utf-8")
     return files
+
+
+def view_paths(setup: Setup, exercise_name: str) -> list[str]:
+    """What a run of this exercise reads from the host's disk: Python and its packages, the grader,
+    and of the course only the exercise's own folder and pytest's configuration (never the
+    course's root as a whole, which holds ``solutions/``, ``.git`` and the other exercises)."""
+    from grader.fsview import inside
+
+    root = os.path.realpath(setup.course_root)
+    paths = [p for p in setup.needed if not inside(root, os.path.realpath(p))]  # all but the course's root
+    paths += [os.path.join(root, "exercises", exercise_name), os.path.join(root, "pyproject.toml")]
+    paths += [p for p in (os.path.join(root, "conftest.py"), os.path.join(root, "exercises", "conftest.py"))
+              if os.path.isfile(p)]
+    return sorted({*paths, *(os.path.realpath(p) for p in paths)})
+
+
+def import_path(course_root: str) -> list[str]:
+    """The folders of this process's import path (``python -I``: the standard library, the
+    site-packages and what their ``.pth`` files add), which a run needs for its imports on first
+    use; never one that holds the course's root or lies in it (an old-style editable install puts
+    the course's root there; the course's parts a run needs are chosen apart)."""
+    from grader.fsview import inside
+
+    root = os.path.realpath(course_root)
+    return [entry for entry in sys.path
+            if entry and os.path.isdir(entry) and not inside(root, os.path.realpath(entry))
+            and not inside(os.path.realpath(entry), root)]
+
+
+def view_of(setup: Setup, exercise_name: str) -> list:
+    """The runs' file system view (``grader.fsview``), planned once per exercise; [] without one."""
+    from grader import fsview, sandbox
+
+    capabilities: sandbox.Capabilities = setup.capabilities  # type: ignore[assignment]
+    if not capabilities.file_view:
+        return []
+    return fsview.plan(view_paths(setup, exercise_name), tmp_bytes=sandbox.Limits().tmp_bytes,
+                       own_proc=capabilities.pid_namespace)
 
 
 def given_files(root: str, exercise_name: str) -> dict[str, str]:
@@ -502,7 +550,15 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
         flags |= sandbox.CLONE_NEWIPC | sandbox.CLONE_NEWUTS
     if flags:
         sandbox.unshare(flags)
-    if capabilities.mount_namespace:
+    if capabilities.mount_namespace and job.get("view"):
+        # a root of its own: Python, its packages, this exercise; the rest of the host is absent
+        from grader import fsview
+
+        sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
+        fsview.build(job["view"], os.path.join(setup.work_dir, "stage", "root"))
+        sandbox.hide_paths(setup.hide)  # what should stay hidden inside what the view holds, if anything
+        base = "/tmp/grading"
+    elif capabilities.mount_namespace:
         sandbox.mount(None, "/", None, sandbox.MS_REC | sandbox.MS_PRIVATE)
         if capabilities.unprivileged_uid:
             sandbox.expose(setup.needed, os.path.join(setup.work_dir, "stage", str(job["id"])))

@@ -7,8 +7,10 @@ one bad submission is also shown not to disturb any other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -122,6 +124,64 @@ _SANDBOXED = _sandboxed()
                  '    return {"status": "ok"} if _SANDBOXED else {"status": "exposed"}'))
 
 
+# What a run's root may hold at its top (grader.fsview): the system's programs and libraries, a
+# few files of /etc, /dev, /proc, its private /tmp, /var/tmp, /run, and the folders on the way
+# to Python and the course.
+VIEW_TOP = {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp", "var", "run"}
+
+
+def _looks_around_the_host(folder: Path) -> None:
+    """A submission that looks for what a run must never find: the course's solutions and tests,
+    its .git, the other exercises, the other learners' folders and the hidden tests, the uid
+    locks, the grader's work folder, /etc/shadow, and everything else of this host beside the
+    course (its neighbours in their folder, /home, /opt…). Each must be absent (ENOENT), not
+    merely closed or empty; if all are (and what a run needs is still there: modules imported for
+    the first time), it is the reference solution and earns full marks."""
+    python = [Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *sys.path) if p]  # the run needs these
+    absent = [ROOT / "solutions", ROOT / "solutions" / EXERCISE / "app.py", ROOT / ".git", ROOT / "tests",
+              ROOT / "lessons", ROOT / "docs", ROOT / "bench", ROOT / "exercises" / "02_validation",
+              folder.parent / "honest_solution", folder.parent / "honest_solution" / "exercises",
+              folder.parent, folder.parent.parent / "hidden", Path("/etc/shadow"), Path("/home"), Path("/sys"),
+              Path("/run/grader-uid-locks")]
+
+    def needed(path: Path) -> bool:  # in or on the way to what the run reads
+        return any(path == p or path in p.parents or p in path.parents for p in python)
+
+    # every neighbour of each folder on the way to the course or to Python (/work/shared beside
+    # /work/main, /root/.bashrc beside /root/.pyenv, …), and whatever else / holds
+    for folder_on_the_way in {a for p in (ROOT, *python) for a in p.parents if a != Path("/")}:
+        if folder_on_the_way == ROOT or ROOT in folder_on_the_way.parents or needed(folder_on_the_way) and any(
+                folder_on_the_way == p or p in folder_on_the_way.parents for p in python):
+            continue  # the course's own folder is listed above; inside Python's folders, everything is in view
+        with contextlib.suppress(OSError):
+            absent += [child for child in folder_on_the_way.iterdir()
+                       if child != ROOT and not needed(child) and str(child) not in ("/tmp/grading", "/tmp/grading-reference")]
+    absent += [Path("/", name) for name in os.listdir("/")
+               if name not in VIEW_TOP and not needed(Path("/", name)) and name != ROOT.parts[1]]
+    course_copy(folder, with_prelude(f"ABSENT = {sorted({str(p) for p in absent})!r}\n" + '''
+import glob, os
+
+def _in_view():
+    seen = []
+    for path in ABSENT + glob.glob("/tmp/grader-work-*"):
+        try:
+            os.lstat(path)
+            seen.append(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # there, but closed: not absent
+            seen.append(f"{path} ({exc.strerror})")
+    return seen
+
+_SEEN = _in_view()
+if _SEEN:
+    raise RuntimeError(f"this run sees {_SEEN}")
+# what the view must still hold: modules imported for the first time here, one of them a C
+# extension that loads a library of the system's
+import colorsys, lzma, xml.dom.minidom, markupsafe  # noqa: E401,F401
+'''))
+
+
 HOSTILE: dict[str, Case] = {
     "honest_solution": Case(_simple(SOLUTION), "passed", 10),
     "honest_stub": Case(_simple(STUB), "failed", 0),
@@ -163,4 +223,5 @@ HOSTILE: dict[str, Case] = {
                         "error", 0),
     "no_exercise_folder": Case(lambda folder: (folder / "notes").mkdir(parents=True), "missing", 0),
     "sandbox_probe": Case(_simple(SANDBOX_PROBE), "failed", 1),
+    "looks_around_the_host": Case(_looks_around_the_host, "passed", 10),
 }

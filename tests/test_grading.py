@@ -124,7 +124,7 @@ def test_the_class_run_reports_its_protections(graded):
     result, _ = graded
     names = {p.name: p.active for p in result.protections}
     assert names["resource limits"] and names["separate process tree"] and names["signed result channel"]
-    assert "pid namespace" in names and "unprivileged uid" in names
+    assert "pid namespace" in names and "unprivileged uid" in names and "minimal file system view" in names
 
 
 # --------------------------------------------------------------------------- reports
