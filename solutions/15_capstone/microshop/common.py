@@ -84,11 +84,10 @@ def request_id_for(scope: Scope, trace_id: str) -> str:
 
 
 def _header_carrier(scope: Scope) -> dict[str, str]:
-    """The request's headers for the propagator (ASGI names are lower case already)."""
-    carrier: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        carrier.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-    return carrier
+    """The request's traceparent, for the propagator. Not its tracestate (vendors' data): the shop
+    keeps none, and OpenTelemetry logs a malformed one whole, a stranger's kilobytes per request."""
+    traceparent = Headers(scope=scope).get("traceparent")
+    return {} if traceparent is None else {"traceparent": traceparent}
 
 
 class RequestContextMiddleware:
