@@ -237,7 +237,8 @@ def health_router(service: str) -> APIRouter:
 
 
 class OrderPlaced(BaseModel):
-    """Published by orders once an order is stored; consumed by users (POST /events)."""
+    """Published by orders once an order is stored (stream ORDERS, subject orders.placed);
+    consumed by users through its durable consumer."""
 
     event_id: str = Field(min_length=1, max_length=64)
     type: Literal["OrderPlaced"] = "OrderPlaced"
@@ -245,3 +246,19 @@ class OrderPlaced(BaseModel):
     username: str
     total_cents: int = Field(ge=0)  # TODO (step 5): at most 10**12 (README)
     occurred_at: datetime
+
+
+# ---------------------------------------------------------------------------------------
+# The broker (step 5): NATS JetStream, as in lesson 11
+# ---------------------------------------------------------------------------------------
+
+# The names orders, users and the broker share (README, step 5).
+ORDERS_STREAM = "ORDERS"  # subjects orders.>, file storage, a duplicate window of 2 minutes
+ORDER_PLACED_SUBJECT = "orders.placed"
+DEAD_LETTER_STREAM = "DEADLETTER"  # subjects dead.>, file storage
+DEAD_LETTER_SUBJECT = "dead.orders.placed"
+
+# TODO (step 5): what orders and users both need from the broker: connect in the lifespan
+#   (nats.connect with reconnects for ever, in a task, so that an app starts even when the
+#   broker is down), create both streams if they do not exist (js.add_stream), and drain the
+#   connection at shutdown.

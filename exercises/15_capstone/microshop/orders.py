@@ -45,9 +45,10 @@ class Settings(BaseSettings):
     catalog_url: str = "http://127.0.0.1:8002"
     users_url: str = "http://127.0.0.1:8001"
     catalog_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one call to the catalog
-    events_timeout: float = Field(2.0, gt=0, le=30)  # the deadline for one event delivery
-    outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
-    outbox_max_attempts: int = Field(5, ge=1, le=100)  # refusals of one event before it is dead
+    nats_url: str = "nats://127.0.0.1:4222"  # the broker the events go through
+    # The deadline for JetStream's acknowledgement of one publish, and for each call to users.
+    events_timeout: float = Field(2.0, gt=0, le=30)
+    outbox_interval: float = Field(2.0, ge=0)  # retry unpublished events this often; 0: never
 
 
 class Base(DeclarativeBase):
@@ -65,7 +66,8 @@ class Order(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-# TODO (step 5): an outbox table: the OrderPlaced events waiting to be delivered.
+# TODO (step 5): an outbox table: the OrderPlaced events waiting to be published, with the
+#   traceparent of the request that placed the order, and when JetStream acknowledged each.
 
 
 class Line(BaseModel):
@@ -97,7 +99,7 @@ async def place_order(
     #   released (DELETE /reservations/{order_id}) whenever it may have been made; a release
     #   the catalog does not confirm is written down and retried by every dispatch.
     # TODO (step 5): store an OrderPlaced event in the outbox, in the same commit as the order,
-    #   and deliver it after the response (background.add_task).
+    #   and publish it after the response (background.add_task).
     todo("step 3: POST /orders")
 
 
@@ -119,18 +121,12 @@ async def read_order(
 
 @router.post("/outbox/dispatch")
 async def dispatch_now(request: Request) -> dict[str, int]:
-    # TODO (step 5): retry the unconfirmed releases, then deliver the pending events to users
-    #   (POST /events), oldest first: users unreachable -> stop, count nothing; users refuses
-    #   an event -> count an attempt and go on; settings.outbox_max_attempts refusals -> the
-    #   event is dead. {"delivered": n, "pending": m, "dead": d}. Internal (a service token).
+    # TODO (step 5): retry the unconfirmed releases, then publish the pending events to the
+    #   stream ORDERS on orders.placed, oldest first, each with the header Nats-Msg-Id = its
+    #   event_id, and mark a row published only once JetStream acknowledged it. The broker
+    #   unreachable or failing -> stop, keep the rest for the next pass.
+    #   {"published": n, "pending": m}. Internal (a service token).
     todo("step 5: POST /outbox/dispatch")
-
-
-@router.get("/outbox/dead")
-async def dead_letters(session: SessionDep) -> list[dict]:
-    # TODO (step 5): the dead events, oldest first: [{"event_id", "attempts", "last_error",
-    #   "payload"}]. Internal (a service token).
-    todo("step 5: GET /outbox/dead")
 
 
 def create_app(
@@ -160,8 +156,10 @@ def create_app(
             service_client(tracer, settings.users_url, users_transport) as users,
         ):
             app.state.catalog, app.state.users = catalog, users
-            # TODO (step 5): retry undelivered events every settings.outbox_interval seconds
-            #   (when it is not 0) in a task that is cancelled at shutdown.
+            # TODO (step 5): connect to the broker (settings.nats_url) without waiting for it
+            #   when it is down, create the streams ORDERS and DEADLETTER if they do not exist,
+            #   and drain the connection at shutdown. Retry unpublished events every
+            #   settings.outbox_interval seconds (when it is not 0) in a task cancelled at shutdown.
             yield
         await engine.dispose()
 

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     # The shop's services: client id -> client secret (USERS_SERVICE_CLIENTS='{"orders": "..."}').
     service_clients: dict[str, SecretStr] = {}
     service_token_ttl_seconds: int = Field(300, ge=30, le=3600)
+    # The broker, and the durable consumer "users": an event not acknowledged within ack_wait
+    # seconds comes again; after max_deliver failed deliveries it is dead-lettered; a failed
+    # event waits backoff seconds (doubling) before its next delivery.
+    nats_url: str = "nats://127.0.0.1:4222"
+    ack_wait: float = Field(30.0, ge=0.5, le=3600)
+    max_deliver: int = Field(5, ge=1, le=100)
+    backoff: float = Field(0.5, gt=0, le=30)
 
 
 class Base(DeclarativeBase):
@@ -133,12 +140,14 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
     todo("step 1: GET /users/me")
 
 
-@router.post("/events")
-async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
-    # TODO (step 5): apply an OrderPlaced event to the read model once: {"status": "applied"};
-    #   an event_id seen before changes nothing: {"status": "duplicate"}. Internal: only with
-    #   a service token (dependencies=[Depends(require_service)], common.py).
-    todo("step 5: POST /events")
+# TODO (step 5): the read model's consumer. Read orders.placed from the stream ORDERS through
+#   a durable pull consumer named "users" (explicit acks, ack_wait and max_deliver from the
+#   settings). For each message: validate it as an OrderPlaced; apply it once (its event_id
+#   recorded in the same transaction as the read model's change; an ID seen before changes
+#   nothing); acknowledge only after that commit. A message that can never be applied (not an
+#   OrderPlaced, a total that would not fit) goes to DEADLETTER on dead.orders.placed, body
+#   unchanged, with a Dead-Reason header, then term(); one that failed for a moment is nak'ed
+#   with a delay, and dead-lettered at its max_deliver-th delivery.
 
 
 def create_app(
@@ -162,6 +171,8 @@ def create_app(
         async with engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
         # TODO (step 1): create the admin user from the settings (with ADMIN_SCOPES) if absent.
+        # TODO (step 5): connect to the broker (settings.nats_url) without waiting for it when it
+        #   is down, and run the consumer in a task; cancel it and drain the connection at shutdown.
         yield
         await engine.dispose()
 

@@ -533,3 +533,117 @@ class OrderPlaced(BaseModel):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------
+# The broker: OrderPlaced events travel through NATS JetStream (lesson 11)
+# ---------------------------------------------------------------------------------------
+
+# Kept beside the code that uses them: only orders and users talk to the broker.
+import nats  # noqa: E402
+import nats.errors  # noqa: E402
+import nats.js.errors  # noqa: E402
+from nats.aio.client import Client as NATS  # noqa: E402
+from nats.js.api import StorageType, StreamConfig  # noqa: E402
+from nats.js.client import JetStreamContext  # noqa: E402
+
+broker_logger = logging.getLogger("microshop.broker")
+
+# The contract between orders, users and the broker: names, not code, are what they share.
+ORDERS_STREAM = "ORDERS"
+ORDER_PLACED_SUBJECT = "orders.placed"
+DEAD_LETTER_STREAM = "DEADLETTER"
+DEAD_LETTER_SUBJECT = "dead.orders.placed"
+DUPLICATE_WINDOW = 120.0  # seconds: a second publish with the same Nats-Msg-Id within it is stored once
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached now: what needs it waits (the outbox keeps the events)."""
+
+
+def event_streams() -> list[StreamConfig]:
+    """The events stream and the dead letters, on disk: a broker restart loses neither."""
+    return [
+        StreamConfig(name=ORDERS_STREAM, subjects=["orders.>"], storage=StorageType.FILE,
+                     duplicate_window=DUPLICATE_WINDOW),
+        StreamConfig(name=DEAD_LETTER_STREAM, subjects=["dead.>"], storage=StorageType.FILE,
+                     duplicate_window=DUPLICATE_WINDOW),
+    ]
+
+
+class Broker:
+    """One app's connection to NATS: opened in the lifespan, drained at shutdown.
+
+    The client reconnects on its own, for ever. Meanwhile `jetstream()` raises BrokerUnavailable
+    at once, rather than letting a publish wait for a connection that may take minutes: the
+    caller keeps its work (the outbox, an unacknowledged message) and tries again later. A broker
+    that is down when the app starts does not stop the app: the first connection goes on in
+    the background.
+    """
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url, self.name = url, name
+        self.client: NATS | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._refused = asyncio.Event()
+        self._streams_ready = False
+
+    async def start(self) -> None:
+        """Connect; return once connected, or once the first attempt failed (then keep trying)."""
+        self._connecting = asyncio.create_task(self._connect(), name=f"{self.name}-broker-connect")
+        refused = asyncio.create_task(self._refused.wait())
+        await asyncio.wait({self._connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if not self._connecting.done():
+            broker_logger.warning("broker %s unreachable at startup; connecting in the background", self.url)
+
+    async def _connect(self) -> None:
+        self.client = await nats.connect(
+            self.url, name=self.name, connect_timeout=2, reconnect_time_wait=0.25, max_reconnect_attempts=-1,
+            drain_timeout=2, error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+        )
+
+    # The client's events, one log line each (nats-py would log a traceback per error).
+    async def _error(self, error: Exception) -> None:
+        self._refused.set()
+        broker_logger.warning("broker: %r", error)
+
+    async def _disconnected(self) -> None:
+        if self.client is not None and not (self.client.is_closed or self.client.is_draining):
+            broker_logger.warning("broker: disconnected; reconnecting")
+
+    async def _reconnected(self) -> None:
+        broker_logger.info("broker: reconnected")
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    async def jetstream(self) -> JetStreamContext:
+        """JetStream, with the shop's streams created (once; a stream that exists is kept as it is)."""
+        if self.client is None or not self.client.is_connected:
+            raise BrokerUnavailable(f"not connected to {self.url}")
+        js = self.client.jetstream()
+        if not self._streams_ready:
+            for config in event_streams():
+                with contextlib.suppress(nats.js.errors.BadRequestError):  # it exists, with an operator's settings
+                    await js.add_stream(config)
+            self._streams_ready = True
+        return js
+
+    def streams_missing(self) -> None:
+        """A publish found no stream (an operator deleted it): create them again next time."""
+        self._streams_ready = False
+
+    async def close(self) -> None:
+        """Stop connecting; drain the connection (what was published is flushed, subscriptions end)."""
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        client = self.client
+        if client is not None and not client.is_closed:
+            try:
+                await client.drain()
+            except (nats.errors.Error, OSError):  # the broker is away: nothing left to flush to it
+                await client.close()

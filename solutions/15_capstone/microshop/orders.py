@@ -5,13 +5,16 @@
 The rule that keeps the system consistent: an order is stored only after the catalog has
 reserved its stock, and if anything goes wrong after the reservation may have happened, the
 reservation is released (a compensating action). The OrderPlaced event is written to an outbox
-in the same transaction as the order, then delivered; undelivered events are retried, and an
-event that users keeps refusing is set aside (dead-lettered) so that it blocks no other.
+in the same transaction as the order, then published to the broker (NATS JetStream); a row is
+marked published only once JetStream has acknowledged storing the event, so the broker being
+down loses nothing: the events wait in the outbox and are published when it is back. A publish
+repeated after a lost acknowledgement carries the same Nats-Msg-Id, and the stream stores it once.
 A release that fails is written down too and retried until the catalog confirms it.
 """
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +23,10 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import httpx
+import nats.errors
 from fastapi import APIRouter, BackgroundTasks, FastAPI, HTTPException, Request, Response, Security, status
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, String, delete, func, select
@@ -31,7 +36,12 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
+    ORDER_PLACED_SUBJECT,
+    ORDERS_STREAM,
+    PROPAGATOR,
     SERVICE_ONLY,
+    Broker,
+    BrokerUnavailable,
     OrderPlaced,
     Principal,
     RequestContextMiddleware,
@@ -54,8 +64,8 @@ logger = logging.getLogger("microshop.orders")
 
 
 class Settings(BaseSettings):
-    """ORDERS_DATABASE_URL, ORDERS_CLIENT_SECRET, ORDERS_CATALOG_URL, ORDERS_USERS_URL, ...
-    (prefix ORDERS_)."""
+    """ORDERS_DATABASE_URL, ORDERS_CLIENT_SECRET, ORDERS_CATALOG_URL, ORDERS_USERS_URL,
+    ORDERS_NATS_URL, ... (prefix ORDERS_)."""
 
     model_config = SettingsConfigDict(env_prefix="ORDERS_")
 
@@ -67,12 +77,11 @@ class Settings(BaseSettings):
     jwks_refresh_seconds: float = Field(30.0, ge=0, le=3600)  # an unknown kid refetches, at most this often
     catalog_url: str = "http://127.0.0.1:8002"
     users_url: str = "http://127.0.0.1:8001"
+    nats_url: str = "nats://127.0.0.1:4222"  # the broker the events go through
     catalog_timeout: float = Field(2.0, gt=0, le=30)  # a deadline for each call, in seconds
+    # A deadline for JetStream's acknowledgement of one publish, and for each call to users.
     events_timeout: float = Field(2.0, gt=0, le=30)
-    outbox_interval: float = Field(2.0, ge=0)  # retry undelivered events this often; 0: never
-    # Refusals users may answer to one event before it is set aside: a poison event must not
-    # be retried forever, nor hold up the events behind it.
-    outbox_max_attempts: int = Field(5, ge=1, le=100)
+    outbox_interval: float = Field(2.0, ge=0)  # retry unpublished events this often; 0: never
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,19 +105,18 @@ class Order(Base):
 
 
 class OutboxEvent(Base):
-    """An event waiting to be delivered. Written in the order's transaction, so an order
+    """An event waiting to be published. Written in the order's transaction, so an order
     never exists without its event, and an event never announces an order that does not."""
 
     __tablename__ = "outbox"
 
     event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The trace of the request that placed the order (its `traceparent`): the publish, and the
+    # consumer's work in users, continue that trace however much later they happen.
+    trace_context: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
-    attempts: Mapped[int] = mapped_column(default=0)  # deliveries that users refused
-    last_error: Mapped[str | None] = mapped_column(String(200), default=None)
-    # The dead letters: set aside after outbox_max_attempts refusals, kept for an operator.
-    dead_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
 class PendingRelease(Base):
@@ -155,16 +163,8 @@ class OrderOut(BaseModel):
 
 
 class DispatchOut(BaseModel):
-    delivered: int  # events delivered by this pass
-    pending: int  # events still waiting
-    dead: int  # events set aside for good
-
-
-class DeadEvent(BaseModel):
-    event_id: str
-    attempts: int
-    last_error: str | None
-    payload: dict[str, Any]
+    published: int  # events JetStream stored during this pass
+    pending: int  # events still waiting in the outbox
 
 
 def order_out(order: Order) -> OrderOut:
@@ -270,33 +270,26 @@ async def reserve_stock(app: FastAPI, order_id: str, items: list[Line]) -> dict[
 
 
 # ---------------------------------------------------------------------------------------
-# The outbox: at-least-once delivery of events
+# The outbox: at-least-once publication of events to JetStream
 # ---------------------------------------------------------------------------------------
 
 
-# Answers that say "users is not taking anything right now", not "users refuses this event".
-UNAVAILABLE = frozenset({408, 429, 502, 503, 504})
+async def publish(app: FastAPI, event: OutboxEvent) -> None:
+    """Publish one event; return once JetStream has stored it (its acknowledgement came back).
 
-
-class ConsumerUnavailable(Exception):
-    """users cannot take events now: nothing after this one would get through either."""
-
-
-async def deliver(app: FastAPI, event: OutboxEvent) -> str | None:
-    """Deliver one event. None when users acknowledged it, else why users refused it."""
+    The Nats-Msg-Id is the event's own ID: when the acknowledgement is lost (a timeout, a crash
+    before the row is marked), the next pass publishes the event again, and the stream, which
+    remembers the IDs of its duplicate window, stores it once.
+    """
     settings: Settings = app.state.settings
-    try:
-        async with asyncio.timeout(settings.events_timeout):
-            reply = await app.state.users.post(
-                "/events", json=event.payload, headers=outgoing_headers(), auth=app.state.credentials
-            )
-    except (TimeoutError, httpx.HTTPError) as exc:
-        raise ConsumerUnavailable(type(exc).__name__) from None
-    if reply.status_code in UNAVAILABLE:
-        raise ConsumerUnavailable(str(reply.status_code))
-    if reply.is_success:
-        return None
-    return f"{reply.status_code} {reply.text}"[:200]
+    js = await app.state.broker.jetstream()
+    headers = {"Nats-Msg-Id": event.event_id}
+    # The publish continues the trace of the request that placed the order, and hands it on.
+    parent = PROPAGATOR.extract(event.trace_context or {})
+    with app.state.tracer.start_as_current_span(f"{ORDER_PLACED_SUBJECT} publish", context=parent, kind=SpanKind.PRODUCER):
+        PROPAGATOR.inject(headers)
+        await js.publish(ORDER_PLACED_SUBJECT, json.dumps(event.payload).encode(), timeout=settings.events_timeout, stream=ORDERS_STREAM,
+                         headers=headers)
 
 
 async def retry_releases(app: FastAPI) -> None:
@@ -309,50 +302,43 @@ async def retry_releases(app: FastAPI) -> None:
             logger.info("the release of order %s is confirmed", order_id)
 
 
-async def deliver_events(app: FastAPI) -> DispatchOut:
-    """Deliver pending events, oldest first. A delivery can succeed and still be retried (the
-    reply was lost): consumers deduplicate.
+async def publish_events(app: FastAPI) -> DispatchOut:
+    """Publish the pending events, oldest first; mark each published once JetStream stored it.
 
-    - users unavailable (no answer, or 408/429/502/503/504): stop this pass, count nothing; an
-      outage is not the event's fault, and every later event would fail the same way;
-    - users refuses the event (any other error): count an attempt, go on with the next event;
-      after outbox_max_attempts refusals the event is dead: set aside, kept, never sent again.
+    The broker unreachable, slow or failing: stop this pass and keep every event left (nothing
+    is counted against an event: the broker stores any event it can take, so a failure is
+    never the event's fault). The next pass, or the periodic one, tries again.
     """
-    settings: Settings = app.state.settings
-    delivered = 0
+    broker: Broker = app.state.broker
+    published = 0
     async with app.state.sessions() as session:
         pending = list(await session.scalars(
-            select(OutboxEvent)
-            .where(OutboxEvent.delivered_at.is_(None), OutboxEvent.dead_at.is_(None))
-            .order_by(OutboxEvent.created_at)
+            select(OutboxEvent).where(OutboxEvent.published_at.is_(None)).order_by(OutboxEvent.created_at)
         ))
         for event in pending:
             try:
-                refused = await deliver(app, event)
-            except ConsumerUnavailable as exc:
-                logger.warning("users is unavailable (%s); the events left wait for the next pass", exc)
+                await publish(app, event)
+            except nats.errors.NoRespondersError:
+                broker.streams_missing()  # no stream takes the subject: create it on the next pass
+                logger.warning("no stream stores %s; the events wait for the next pass", ORDER_PLACED_SUBJECT)
                 break
-            if refused is None:
-                event.delivered_at = utcnow()
-                delivered += 1
-            else:
-                event.attempts += 1
-                event.last_error = refused
-                if event.attempts >= settings.outbox_max_attempts:
-                    event.dead_at = utcnow()
-                    logger.error("event %s dead after %d refusals: %s", event.event_id, event.attempts, refused)
+            except (BrokerUnavailable, nats.errors.Error, OSError) as exc:
+                logger.warning("the broker did not store event %s (%r); the events left wait", event.event_id, exc)
+                break
+            event.published_at = utcnow()  # only now: JetStream has it
             await session.commit()
-        count = select(func.count()).select_from(OutboxEvent)
-        waiting = await session.scalar(count.where(OutboxEvent.delivered_at.is_(None), OutboxEvent.dead_at.is_(None)))
-        dead = await session.scalar(count.where(OutboxEvent.dead_at.is_not(None)))
-    return DispatchOut(delivered=delivered, pending=waiting or 0, dead=dead or 0)
+            published += 1
+        waiting = await session.scalar(
+            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.published_at.is_(None))
+        )
+    return DispatchOut(published=published, pending=waiting or 0)
 
 
 async def dispatch_outbox(app: FastAPI) -> DispatchOut:
-    """One pass: retry the unconfirmed releases, then deliver the pending events."""
-    async with app.state.dispatch_lock:  # one dispatcher at a time: no event sent twice at once
+    """One pass: retry the unconfirmed releases, then publish the pending events."""
+    async with app.state.dispatch_lock:  # one dispatcher at a time: events published in order
         await retry_releases(app)
-        return await deliver_events(app)
+        return await publish_events(app)
 
 
 async def dispatch_forever(app: FastAPI, interval: float) -> None:
@@ -400,8 +386,11 @@ async def place_order(
         total_cents=order.total_cents,
         occurred_at=order.created_at,
     )
+    trace_context: dict[str, str] = {}
+    PROPAGATOR.inject(trace_context)  # this request's traceparent, kept with the event
     try:
-        session.add_all([order, OutboxEvent(event_id=event.event_id, payload=event.model_dump(mode="json"))])
+        session.add_all([order, OutboxEvent(event_id=event.event_id, payload=event.model_dump(mode="json"),
+                                            trace_context=trace_context)])
         await session.commit()
     except SQLAlchemyError:
         await session.rollback()
@@ -440,28 +429,12 @@ async def read_order(
 @router.post(
     "/outbox/dispatch",
     tags=["internal"],
-    summary="Retry pending releases and deliver pending events now (not routed by the gateway)",
+    summary="Retry pending releases and publish pending events now (not routed by the gateway)",
     dependencies=SERVICE_ONLY,
     responses=problem_responses(401, 503),
 )
 async def dispatch_now(request: Request) -> DispatchOut:
     return await dispatch_outbox(request.app)
-
-
-@router.get(
-    "/outbox/dead",
-    tags=["internal"],
-    summary="The dead letters: events set aside after too many refusals (not routed by the gateway)",
-    dependencies=SERVICE_ONLY,
-    responses=problem_responses(401, 503),
-)
-async def dead_letters(session: SessionDep) -> list[DeadEvent]:
-    dead = await session.scalars(
-        select(OutboxEvent).where(OutboxEvent.dead_at.is_not(None)).order_by(OutboxEvent.created_at)
-    )
-    return [
-        DeadEvent(event_id=e.event_id, attempts=e.attempts, last_error=e.last_error, payload=e.payload) for e in dead
-    ]
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,6 +471,9 @@ def create_app(
             app.state.catalog, app.state.users, app.state.credentials = catalog, users, credentials
             app.state.public_keys = PublicKeys(jwks_from(users, settings.events_timeout), settings.jwks_refresh_seconds)
             app.state.dispatch_lock = asyncio.Lock()  # one dispatcher at a time keeps events in order
+            # The broker down is no reason not to start: orders are taken, their events wait.
+            app.state.broker = broker = Broker(settings.nats_url, "orders")
+            await broker.start()
             retry = asyncio.create_task(dispatch_forever(app, settings.outbox_interval)) if settings.outbox_interval else None
             try:
                 yield
@@ -506,12 +482,14 @@ def create_app(
                     retry.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await retry
+                await broker.close()
                 await catalog.aclose()
         await engine.dispose()
 
     app = FastAPI(title="orders", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
+    app.state.tracer = tracer
     install_problem_details(app)
     app.add_middleware(RequestContextMiddleware, service="orders", tracer=tracer)
     app.include_router(health_router("orders"))

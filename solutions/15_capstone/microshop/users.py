@@ -2,9 +2,18 @@
 customer's orders built from OrderPlaced events.
 
     uvicorn microshop.users:create_app --factory --port 8001
+
+The events come from the broker (NATS JetStream) through a durable pull consumer, `users`: the
+broker remembers what users has acknowledged, so a restarted service (or one that was down)
+gets every event it has not acknowledged yet. Each event is applied once (its ID is recorded in
+the same transaction as the read model's change) and acknowledged only after that commit; an
+event that can never be applied goes to the dead letters instead of being retried forever.
 """
 
+import asyncio
+import contextlib
 import hmac
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,11 +21,16 @@ from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 import anyio
+import nats.errors
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request, Response, Security, status
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import String, select
 from sqlalchemy.dialects.sqlite import insert
@@ -26,11 +40,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .common import (
     API_AUDIENCE,
+    DEAD_LETTER_STREAM,
+    DEAD_LETTER_SUBJECT,
+    ORDER_PLACED_SUBJECT,
+    ORDERS_STREAM,
+    PROPAGATOR,
+    Broker,
+    BrokerUnavailable,
     INT64_MAX,
     INTERNAL_AUDIENCE,
     JWKS_PATH,
     LocalKeys,
-    SERVICE_ONLY,
     OrderPlaced,
     Principal,
     RequestContextMiddleware,
@@ -47,6 +67,13 @@ from .common import (
 )
 from .problems import install_problem_details, problem_responses
 
+logger = logging.getLogger("microshop.users")
+
+DURABLE = "users"  # the consumer's name: the broker keeps its place in the stream under it
+FETCH_BATCH = 16  # events asked for at once
+MAX_BACKOFF = 30.0  # seconds: the longest wait before a failed event is delivered again
+MAX_RETRY_DELAY = 5.0  # seconds: the longest wait between two attempts to reach the broker
+PUBLISH_TIMEOUT = 2.0  # seconds: a dead letter's acknowledgement
 CUSTOMER_SCOPES = frozenset({"orders:read", "orders:write"})
 ADMIN_SCOPES = CUSTOMER_SCOPES | {"catalog:write"}
 
@@ -75,6 +102,14 @@ class Settings(BaseSettings):
     # Each hash holds argon2_memory_kib while it runs: at most this many run at once, the other
     # logins wait their turn (a coroutine each, not a thread and 64 MiB each).
     max_concurrent_hashes: int = Field(2, ge=1, le=64)
+    # The broker, and how its durable consumer `users` hands out the events: an event not
+    # acknowledged within ack_wait seconds is delivered again; after max_deliver deliveries that
+    # failed it is set aside (dead-lettered). A failed event waits backoff seconds before its
+    # next delivery, twice as long each time.
+    nats_url: str = "nats://127.0.0.1:4222"
+    ack_wait: float = Field(30.0, ge=0.5, le=3600)
+    max_deliver: int = Field(5, ge=1, le=100)
+    backoff: float = Field(0.5, gt=0, le=MAX_BACKOFF)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,24 +321,29 @@ async def me(principal: Annotated[Principal, Security(current_principal)], sessi
     )
 
 
-@router.post(
-    "/events",
-    tags=["internal"],
-    summary="Consume an OrderPlaced event (not routed by the gateway)",
-    dependencies=SERVICE_ONLY,
-    responses=problem_responses(400, 401, 409),
-)
-async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, str]:
-    # The event's row and the read-model update commit together, or not at all. Both are
-    # single statements that settle a race in the database: of two deliveries of one event,
-    # exactly one inserts its ID; of two first orders of one customer, one inserts the row and
-    # the other adds to it.
-    async with session.begin():
+# ---------------------------------------------------------------------------------------
+# The read model, fed by OrderPlaced events from the broker
+# ---------------------------------------------------------------------------------------
+
+
+class WouldOverflow(Exception):
+    """The customer's total would not fit in 64 bits: this event can never be applied."""
+
+
+async def apply_event(sessions: async_sessionmaker, event: OrderPlaced) -> bool:
+    """Apply one event to the read model, once: False when its ID was applied before.
+
+    The event's row and the read-model change commit together, or not at all. Both are single
+    statements that settle a race in the database: of two deliveries of one event, exactly one
+    inserts its ID; of two first orders of one customer, one inserts the row and the other adds
+    to it.
+    """
+    async with sessions() as session, session.begin():
         recorded = await session.execute(
             insert(ProcessedEvent).values(event_id=event.event_id, processed_at=utcnow()).on_conflict_do_nothing()
         )
         if recorded.rowcount == 0:
-            return {"status": "duplicate"}
+            return False
         counted = await session.execute(
             insert(CustomerStats)
             .values(username=event.username, orders_placed=1, total_spent_cents=event.total_cents)
@@ -313,14 +353,109 @@ async def consume_event(event: OrderPlaced, session: SessionDep) -> dict[str, st
                     "orders_placed": CustomerStats.orders_placed + 1,
                     "total_spent_cents": CustomerStats.total_spent_cents + event.total_cents,
                 },
-                # A total past SQLite's 64-bit integers would be an OverflowError, a 500, and
-                # an event that no redelivery could ever apply. Refuse it instead.
+                # A total past SQLite's 64-bit integers would be an OverflowError on every
+                # delivery. Refuse it instead (the raise rolls back the event's row too).
                 where=CustomerStats.total_spent_cents <= INT64_MAX - event.total_cents,
             )
         )
         if counted.rowcount == 0:
-            raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the total of {event.username} would overflow")
-    return {"status": "applied"}
+            raise WouldOverflow(event.username)
+    return True
+
+
+def consumer_config(settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=DURABLE, filter_subject=ORDER_PLACED_SUBJECT, deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT, ack_wait=settings.ack_wait, max_deliver=settings.max_deliver,
+        max_ack_pending=FETCH_BATCH,
+    )
+
+
+async def dead_letter(app: FastAPI, message: Msg, reason: str) -> None:
+    """Keep the message in the dead-letter stream for an operator, then end its deliveries."""
+    sequence = message.metadata.sequence.stream
+    js = await app.state.broker.jetstream()
+    await js.publish(
+        DEAD_LETTER_SUBJECT, message.data, timeout=PUBLISH_TIMEOUT, stream=DEAD_LETTER_STREAM,
+        # Dead-lettering one message twice (a crash before term) stores it once.
+        headers={"Nats-Msg-Id": f"{ORDERS_STREAM}-{sequence}", "Dead-Reason": reason[:200],
+                 "Dead-Deliveries": str(message.metadata.num_delivered)},
+    )
+    await message.term()
+    logger.error("event at stream sequence %s dead-lettered: %s", sequence, reason)
+
+
+async def handle(app: FastAPI, message: Msg) -> None:
+    """Apply one message; acknowledge it only once the read model's change is committed."""
+    settings: Settings = app.state.settings
+    # The work continues the trace of the request that placed the order (its traceparent header).
+    parent = PROPAGATOR.extract(dict(message.headers or {}))
+    with app.state.tracer.start_as_current_span(f"{ORDER_PLACED_SUBJECT} process", context=parent, kind=SpanKind.CONSUMER):
+        try:
+            event = OrderPlaced.model_validate_json(message.data)
+        except ValidationError as error:
+            # It will never succeed: retrying would only delay the events behind it.
+            await dead_letter(app, message, f"not an OrderPlaced event: {error.error_count()} error(s)")
+            return
+        try:
+            await apply_event(app.state.sessions, event)
+        except WouldOverflow:
+            await dead_letter(app, message, f"the total of {event.username} would overflow")
+            return
+        except Exception as error:  # the database (perhaps for a moment), or a bug of ours
+            # Deliver it again later, not forever; the events behind it go on meanwhile.
+            deliveries = message.metadata.num_delivered
+            if deliveries >= settings.max_deliver:
+                await dead_letter(app, message, f"not applied after {deliveries} deliveries: {type(error).__name__}")
+            else:
+                logger.warning("event %s not applied (delivery %d of %d): %r", event.event_id, deliveries,
+                               settings.max_deliver, error)
+                await message.nak(delay=min(settings.backoff * 2 ** (deliveries - 1), MAX_BACKOFF))
+            return
+        await message.ack()  # only now: the change (or the proof it was made before) is committed
+
+
+async def consume(app: FastAPI) -> None:
+    """Fetch and apply events for as long as the app runs, through the broker's ups and downs."""
+    settings: Settings = app.state.settings
+    broker: Broker = app.state.broker
+    subscription: JetStreamContext.PullSubscription | None = None
+    delay = settings.backoff
+    try:
+        while True:
+            try:
+                if subscription is None:
+                    js = await broker.jetstream()
+                    await js.add_consumer(ORDERS_STREAM, consumer_config(settings))  # creates it, or updates it
+                    subscription = await js.pull_subscribe_bind(durable=DURABLE, stream=ORDERS_STREAM)
+                try:
+                    messages = await subscription.fetch(FETCH_BATCH, timeout=1.0)
+                except nats.errors.TimeoutError:
+                    continue  # nothing new
+                for message in messages:
+                    try:
+                        await handle(app, message)
+                    except (BrokerUnavailable, nats.errors.Error, OSError):
+                        raise  # the broker went away: reconnect (below)
+                    except Exception:  # whatever one message met, the next must still be read
+                        logger.exception("event at stream sequence %s not settled", message.metadata.sequence.stream)
+                delay = settings.backoff
+            except (BrokerUnavailable, nats.errors.Error, OSError) as error:
+                # Nothing unacknowledged is lost: the broker delivers it again after ack_wait.
+                logger.warning("events: %r; next try in %.2f s", error, delay)
+                await stop_reading(subscription)
+                subscription = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+    finally:
+        # Stopped: take no more messages (a late answer to a fetch would hold up the drain).
+        await stop_reading(subscription)
+
+
+async def stop_reading(subscription: JetStreamContext.PullSubscription | None) -> None:
+    if subscription is not None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await subscription.unsubscribe()
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,13 +493,24 @@ def create_app(
                         scopes=" ".join(sorted(ADMIN_SCOPES)),
                     ))
                     await session.commit()
-        yield
+        # The broker down is no reason not to start: the consumer begins once it is back.
+        app.state.broker = broker = Broker(settings.nats_url, "users")
+        await broker.start()
+        consumer = asyncio.create_task(consume(app), name="users-events")
+        try:
+            yield
+        finally:
+            consumer.cancel()  # an event being applied is rolled back, unacknowledged: it comes again
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            await broker.close()
         await engine.dispose()
 
     app = FastAPI(title="users", version="1.0.0", responses=problem_responses(422), lifespan=lifespan)
     app.state.settings = settings
     app.state.sessions = sessions
     app.state.hashing = hashing
+    app.state.tracer = tracer
     app.state.signing_key = load_signing_key(settings.signing_key.get_secret_value())
     app.state.public_keys = LocalKeys(app.state.signing_key)  # its own tokens: no JWKS to fetch
     app.state.no_client_secret = SecretStr(secrets.token_urlsafe(32))
