@@ -4,11 +4,13 @@ and every exercise follows the contract in docs/AUTHORING.md."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import tomllib
 
 import pytest
 
+from grader.batch import default_slots
 from grader.catalog import all_exercises, load_exercise
 from grader.integrity import plan_checks, run_checks
 from grader import patches
@@ -26,18 +28,34 @@ def _id(check) -> str:
 
 @pytest.fixture(scope="module")
 def outcomes(request):
-    """Every selected check, graded at once by the warm engine (``grader.integrity.run_checks``)."""
+    """The outcome of a selected check, graded by the warm engine (``grader.integrity.run_checks``).
+
+    In one process every selected check is graded at once, cores + 1 runs at a time. On the
+    course suite's workers (tests/conftest.py hands each worker whole exercises) a worker grades
+    an exercise's checks at once when it reaches the first, with its share of the cores + 1 runs
+    (at least two: a run waits on its servers as much as it computes).
+    """
     selected = [item.callspec.params["check"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_graded_suite_judges_each_copy_correctly"]
-    return {outcome.check: outcome for outcome in run_checks(selected)}
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) if os.environ.get("PYTEST_XDIST_WORKER") else 0
+    graded: dict = {}
+
+    def outcome(check):
+        if check not in graded:
+            batch = [c for c in selected if c.exercise == check.exercise] if workers else selected
+            slots = max(2, -(-default_slots() // workers)) if workers else None
+            graded.update({o.check: o for o in run_checks(batch, slots)})
+        return graded[check]
+
+    return outcome
 
 
-# The first test's setup grades every selected check (each run is bounded by its exercise's own
-# time limit inside the engine), so this test's limit is the batch's, not one run's.
+# The first test of a batch grades the batch in its setup (each run is bounded by its exercise's
+# own time limit inside the engine), so this test's limit is the batch's, not one run's.
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("check", CHECKS, ids=_id)
 def test_graded_suite_judges_each_copy_correctly(check, outcomes):
-    outcome = outcomes[check]
+    outcome = outcomes(check)
     result = outcome.result
     if check.kind == "solution":
         failures = "\n\n".join(f"{t.name}: {t.message}" for t in result.tests if not t.passed)
