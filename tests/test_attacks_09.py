@@ -9,6 +9,7 @@ empty), never a 5xx, and concurrent requests each get their own, committed resul
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import httpx
@@ -78,3 +79,31 @@ async def test_concurrent_creates_and_deletes_share_the_connection_safely(app):
     assert [response.status_code for response in created] == [201] * 20 and len(set(ids)) == 20
     assert [response.status_code for response in deleted] == [204] * 10
     assert sorted(note["id"] for note in listing["items"]) == sorted(ids[1::2]) and listing["total"] == 10
+
+
+@pytest.mark.parametrize("field", ["title", "body", "tags"])
+@pytest.mark.parametrize("lone", ["\\ud800", "\\udfff", "ok\\udc00"])
+def test_a_lone_surrogate_in_any_string_is_a_422_and_nothing_is_stored(client, field, lone):
+    # Written by hand: the escape must reach the server as six characters, which Python's json
+    # reads into a str that can never be encoded again (stored, every later answer would be a 500).
+    value = f'["{lone}"]' if field == "tags" else f'"{lone}"'
+    body = f'{{"title": "t", "{field}": {value}}}'
+    response = client.post("/notes", content=body.encode(), headers=JSON)
+    assert response.status_code == 422, response.text
+    assert "input" not in response.json()["errors"][0]
+    listing = client.get("/notes")
+    assert listing.status_code == 200 and listing.json()["total"] == 0, listing.text
+
+
+@pytest.mark.parametrize(("tag", "expected"), [("", 422), ("x", 201), ("x" * 50, 201), ("x" * 51, 422)])
+def test_each_tag_is_1_to_50_characters(client, tag, expected):
+    assert client.post("/notes", json={"title": "t", "tags": [tag]}).status_code == expected
+
+
+def test_a_title_cannot_forge_a_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="notes")
+    forged = "a\nERROR admin logged in\r\x1b[2Kb"
+    assert client.post("/notes", json={"title": forged}).status_code == 201
+    [record] = [record for record in caplog.records if record.name == "notes"]
+    message = record.getMessage()
+    assert "New note" in message and not any(c in message for c in "\n\r\x1b"), repr(message)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
 class NoteIn(BaseModel):
     title: str = Field(min_length=1, max_length=100)
     body: str = Field(default="", max_length=10_000)
-    tags: list[str] = Field(default_factory=list, max_length=10)
+    tags: list[Annotated[str, Field(min_length=1, max_length=50)]] = Field(default_factory=list, max_length=10)
 
 
 class Note(NoteIn):
@@ -231,7 +231,7 @@ class LogNotifier:
     """The default notifier writes to the log; a deployment would send e-mail or chat messages."""
 
     async def notify(self, message: str) -> None:
-        logger.info("notification: %s", message)
+        logger.info("notification: %r", message)  # repr: a title's newline cannot forge a log line
 
 
 def get_notifier() -> Notifier:
