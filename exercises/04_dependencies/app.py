@@ -225,7 +225,8 @@ PageDep = Annotated[PageParams, Depends(page_params)]
 
 
 async def get_current_user(connection: ConnectionDep) -> User:
-    """TODO: read the X-User header, look the user up with connection.user(name), 401 if unknown."""
+    """TODO: read the X-User header, look the user up with connection.user(name), 401 if unknown
+    (with the challenge WWW-Authenticate: User)."""
     raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Not implemented yet")
 
 
@@ -233,7 +234,8 @@ CurrentUser = Annotated[User, Depends(get_current_user)]
 
 
 async def require_api_key(settings: SettingsDep) -> None:
-    """TODO: 401 unless the X-API-Key header equals settings.api_key (use secrets.compare_digest)."""
+    """TODO: 401 unless the X-API-Key header equals settings.api_key (use secrets.compare_digest),
+    with the challenge WWW-Authenticate: ApiKey."""
 
 
 # --- routes ------------------------------------------------------------------------------

@@ -101,6 +101,16 @@ def check(condition, response, expected):
         pytest.fail(explain(response, expected), pytrace=False)
 
 
+def expect_challenge(response, scheme, why):
+    """A 401 says which credentials it wants (RFC 9110): WWW-Authenticate, its first token the scheme."""
+    value = response.headers.get("www-authenticate", "")
+    got = value.strip().split(" ", 1)[0].split(",", 1)[0]
+    assert got.casefold() == scheme.casefold(), explain(
+        response, f"the 401 with WWW-Authenticate: {scheme} ({why}; RFC 9110: every 401 names the credentials it wants "
+        f"in a challenge, and the problem handler keeps an HTTPException's headers); it carried "
+        f"{repr(value) if value else 'none'}")
+
+
 def ids(response):
     body = json_of(response)
     items = body.get("items") if isinstance(body, dict) else None
@@ -430,8 +440,10 @@ def test_admin_routes_need_the_api_key(scratch, headers, why):
     book = {"title": "Kindred", "author": "Octavia E. Butler"}
     response = client.post("/admin/books", headers=headers, json=book)
     expect_problem(response, 401, f"the admin router requires exactly X-API-Key: dev-key, and was sent {why}")
+    expect_challenge(response, "ApiKey", f"POST /admin/books, sent {why}")
     response = client.post("/admin/books/import", headers=headers, json=[book])
     expect_problem(response, 401, f"every route of the admin router; sent {why}")
+    expect_challenge(response, "ApiKey", f"POST /admin/books/import, sent {why}")
 
 
 @pytest.mark.task("api_key")
@@ -471,7 +483,9 @@ def test_me_returns_the_user(client):
 @pytest.mark.promise("P6")
 @pytest.mark.parametrize("headers", [{}, {"X-User": "mallory"}])
 def test_missing_or_unknown_user_is_401(client, headers):
-    expect_problem(client.get("/me", headers=headers), 401, "no X-User header, or a name the database does not know")
+    response = client.get("/me", headers=headers)
+    expect_problem(response, 401, "no X-User header, or a name the database does not know")
+    expect_challenge(response, "User", "the credentials /me wants are an X-User header naming a known user")
 
 
 @pytest.mark.task("user")

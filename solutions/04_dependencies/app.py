@@ -246,7 +246,9 @@ async def get_current_user(
 ) -> User:
     user = connection.user(x_user) if x_user else None
     if user is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Unknown or missing X-User")
+        # RFC 9110: a 401 names the credentials it wants, a challenge ("User": the X-User header).
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Unknown or missing X-User",
+                            headers={"WWW-Authenticate": "User"})
     return user
 
 
@@ -256,7 +258,8 @@ CurrentUser = Annotated[User, Depends(get_current_user)]
 async def require_api_key(settings: SettingsDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
     # compare_digest takes the same time whether the first or the last character differs.
     if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), settings.api_key.encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Missing or invalid API key")
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Missing or invalid API key",
+                            headers={"WWW-Authenticate": "ApiKey"})
 
 
 # --- routes ------------------------------------------------------------------------------
