@@ -91,7 +91,9 @@ manager = ConnectionManager()
 # TODO: WebSocket /ws/chat
 #   - the user comes from the token in the query (?token=...) or in the cookie "token"
 #     (the query's token when both are sent);
-#     without a valid one, close with code 1008 BEFORE accepting (raise WebSocketException);
+#     without a valid one, refuse BEFORE accepting: a 403 problem (raise HTTPException(403, ...))
+#     when "websocket.http.response" is in websocket.scope["extensions"], else close with code
+#     1008 (raise WebSocketException);
 #   - after accepting: register with the manager and send {"type": "welcome", "user": "<name>"};
 #   - then, for every frame: validate it; a bad one gets {"type": "error", "detail": "...",
 #     "errors": [...]} and the loop goes on; a good one is handled as README.md describes;

@@ -17,6 +17,7 @@ import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from grader.expect import expect_problem
@@ -157,6 +158,9 @@ def connect(client: TestClient, path: str, label: str, **kwargs: Any) -> Iterato
         session.__enter__()
     except WebSocketDisconnect as exc:
         refused = exc
+    if isinstance(refused, WebSocketDenialResponse):
+        pytest.fail(f"\nclient:   {label}\nsent:     WebSocket handshake to {path}\nexpected: the connection accepted\n"
+                    f"got:      refused with HTTP {refused.status_code} {_show(refused.text)}", pytrace=False)
     if refused is not None:
         pytest.fail(
             f"\nclient:   {label}\nsent:     WebSocket handshake to {path}\nexpected: the connection accepted\n"
@@ -236,37 +240,88 @@ def test_the_query_token_wins_over_the_cookie(client):
     with connect(client, "/ws/chat?token=token-alice", "alice (query) with bob's cookie",
                  headers={"cookie": "token=token-bob"}) as peer:
         peer.expect({"type": "welcome", "user": "alice"}, "both sent: the query's token is the one checked (README)")
-    code: int | None = None
+    expect_refused(client, "/ws/chat?token=token-mallory", "the query's token is checked, and it is invalid; a valid "
+                   "cookie does not rescue it", headers={"cookie": "token=token-bob"})
+
+
+REFUSED = ("the handshake refused before accept() with a 403 problem: TestClient, like uvicorn, offers the "
+           "'websocket.http.response' extension, so the app answers the refused handshake itself (raise "
+           "HTTPException(403, ...) in the dependency; the given handler writes the problem)")
+
+
+def expect_refused(client: TestClient, path: str, why: str, **kwargs: Any) -> None:
+    """The handshake to `path` is refused with the app's 403 problem, whose instance is the path without the query."""
+    sent = f"WebSocket handshake to {path}" + (f" with {kwargs['headers']}" if kwargs.get("headers") else "")
     try:
-        with client.websocket_connect("/ws/chat?token=token-mallory", headers={"cookie": "token=token-bob"}):
-            pass
+        with client.websocket_connect(path, **kwargs):
+            got = "the connection was accepted: check the token in a dependency, before accept()"
+    except WebSocketDenialResponse as denial:
+        denial.request = httpx.Request("GET", f"ws://testserver{path}")  # for the failure message
+        expect_problem(denial, 403, f"{sent}: {why}; {REFUSED}", instance="/ws/chat")
+        return
     except WebSocketDisconnect as exc:
-        code = getattr(exc, "code", -1)
-    if code != 1008:
-        pytest.fail("\nsent:     WebSocket handshake to /ws/chat?token=token-mallory with the cookie token=token-bob\n"
-                    "expected: closed with 1008 before accept(): the query's token is checked, and it is invalid; "
-                    "a valid cookie does not rescue it\n"
-                    f"got:      {'the connection accepted' if code is None else f'closed with code {code}'}", pytrace=False)
+        got = f"closed with code {exc.code} before accept(), which a server shows as a bodiless 403" + (
+            " (1000 before accept: is /ws/chat defined?)" if exc.code == 1000 else "")
+    pytest.fail(f"\nsent:     {sent}\nexpected: {REFUSED} ({why})\ngot:      {got}", pytrace=False)
 
 
 @pytest.mark.task("auth")
 @pytest.mark.promise("P2")
-@pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=", "/ws/chat?token=token-mallory"])
-def test_no_valid_token_closes_with_1008_before_accepting(client, path):
-    expected = "the handshake refused: closed with code 1008 (policy violation) before accept()"
-    code: int | None = None
+@pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=", "/ws/chat?token=token-mallory", "/ws/chat?token=TOKEN-ALICE"])
+def test_no_valid_token_is_refused_with_a_403_problem(client, path):
+    expect_refused(client, path, "no token, or one that is not a key of TOKENS")
+
+
+async def first_message_without_the_extension(app: Any, path: str) -> dict[str, Any]:
+    """What the app sends first on a handshake from a server that cannot send an app's HTTP
+    response (no 'websocket.http.response' in the scope's extensions): ASGI spoken directly."""
+    route, _, query = path.partition("?")
+    scope = {
+        "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+        "scheme": "ws", "path": route, "raw_path": route.encode(), "query_string": query.encode(),
+        "root_path": "", "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80), "subprotocols": [], "state": {}, "extensions": {},
+    }
+    sent: list[dict[str, Any]] = []
+    first = asyncio.Event()
+    messages = [{"type": "websocket.connect"}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await first.wait()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        first.set()
+
     try:
-        with client.websocket_connect(path):
-            pass
-    except WebSocketDisconnect as exc:
-        code = getattr(exc, "code", -1)  # -1: refused with an HTTP denial response instead of a close code
-    if code is None:
-        got = "the connection was accepted: check the token in a dependency, before accept()"
-    elif code != 1008:
-        got = f"closed with code {code}" + (" (1000 before accept: is /ws/chat defined?)" if code == 1000 else "")
-    else:
+        async with asyncio.timeout(WAIT):
+            await app(scope, receive, send)
+    except TimeoutError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - reported as what the server would see
+        sent.append({"type": f"an exception: {type(exc).__name__}: {exc}"})
+    return sent[0] if sent else {"type": f"nothing within {WAIT:.0f} s"}
+
+
+@pytest.mark.task("auth")
+@pytest.mark.promise("P2")
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/ws/chat", "/ws/chat?token=token-mallory"])
+async def test_without_the_extension_the_refusal_is_a_1008_close(module, path):
+    first = await first_message_without_the_extension(module.app, path)
+    if first.get("type") == "websocket.close" and first.get("code") == 1008:
         return
-    pytest.fail(f"\nsent:     WebSocket handshake to {path}\nexpected: {expected}\ngot:      {got}", pytrace=False)
+    got = (f"{first['type']} with code {first.get('code')}" if first.get("type") == "websocket.close"
+           else "websocket.http.response.start: an HTTP response this server cannot send (it offers no "
+                "'websocket.http.response' extension; look in websocket.scope['extensions'] first)"
+           if first.get("type") == "websocket.http.response.start" else str(first.get("type")))
+    pytest.fail(f"\nsent:     WebSocket handshake to {path}, from a server without the 'websocket.http.response' "
+                f"extension\nexpected: the first ASGI message websocket.close with code 1008 (policy violation), "
+                f"before any websocket.accept: the server then refuses the handshake with its own 403\n"
+                f"got:      {got}", pytrace=False)
 
 
 # --- messages -----------------------------------------------------------------------------------
@@ -761,16 +816,21 @@ async def test_a_real_client_talks_to_a_real_server(load):
         finally:
             await echo.close()
 
-        status: int | None = None
+        refusal: Any = None
         try:
             intruder = await ws_connect(f"{url}/ws/chat?token=token-mallory", proxy=None, open_timeout=WAIT)
             await intruder.close()
         except InvalidStatus as exc:
-            status = exc.response.status_code
-        if status != 403:
+            refusal = exc.response
+        if refusal is None:
             pytest.fail("\nsent:     a real handshake to /ws/chat?token=token-mallory\n"
-                        "expected: HTTP 403, uvicorn's answer when the app closes before accepting\n"
-                        f"got:      {'the connection accepted' if status is None else f'HTTP {status}'}", pytrace=False)
+                        "expected: refused with the app's 403 problem\ngot:      the connection accepted", pytrace=False)
+        # uvicorn offers the 'websocket.http.response' extension: the refusal is the app's own answer.
+        answer = httpx.Response(refusal.status_code, headers=list(refusal.headers.raw_items()), content=bytes(refusal.body),
+                                request=httpx.Request("GET", f"{url}/ws/chat?token=token-mallory"))
+        expect_problem(answer, 403, "a real handshake with a token that is not in TOKENS, refused before accept() by "
+                       "the app's own HTTP answer (uvicorn offers the 'websocket.http.response' extension; a bodiless "
+                       "403 is uvicorn's answer when the app closes instead)", instance="/ws/chat")
 
         # The same path over plain HTTP, without the upgrade: no HTTP route matches it, and the
         # app's HTTP answers are problems (README "Errors").

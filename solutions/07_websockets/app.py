@@ -4,7 +4,7 @@ import asyncio
 import logging
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import Cookie, Depends, FastAPI, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
+from fastapi import Cookie, Depends, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .problems import install_problem_details, problem_responses
@@ -213,14 +213,25 @@ async def echo(websocket: WebSocket) -> None:
         await websocket.send_text(text)
 
 
+# The ASGI extension that lets an app answer a WebSocket handshake with an HTTP response of its
+# own (uvicorn and Starlette's TestClient offer it; a server that does not leaves it out of the scope).
+DENIAL_RESPONSE = "websocket.http.response"
+
+
 async def authenticate(
+    websocket: WebSocket,
     token: Annotated[str | None, Query()] = None,
     cookie_token: Annotated[str | None, Cookie(alias="token")] = None,
 ) -> str:
     """The user behind the token from `?token=` or the `token` cookie (browsers cannot set headers)."""
     user = TOKENS.get(token or cookie_token or "")
     if user is None:
-        # Raised before accept(): the handshake is refused with 1008 and no frame is ever exchanged.
+        # Refused before accept(), so no frame is ever exchanged. Where the server can send the
+        # app's own answer, the refusal is a 403 problem like every HTTP error of the app (the given
+        # handler writes it; its instance is the path, never the query that carried the token).
+        if DENIAL_RESPONSE in websocket.scope.get("extensions", {}):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "A valid token is required to open this socket.")
+        # Elsewhere, close with 1008: the server refuses the handshake with its own bodiless 403.
         raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION, reason="missing or invalid token")
     return user
 
