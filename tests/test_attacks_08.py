@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -96,3 +97,24 @@ def test_08_database_a_filter_naming_nobody_is_an_empty_page(app):
             assert response.json()["items"] == [] and response.json()["total"] == 0
         assert client.get(f"/authors/{2**31 - 1}").status_code == 404
         assert client.get("/books", params={"offset": 2**31 - 1}).json()["items"] == []
+
+
+def test_08_database_an_isbn_has_one_spelling_on_a_real_server(server):
+    # Every script whose digits Unicode calls decimal: `\d` would take each of them, and the same
+    # ISBN in another script would be a second row that the unique constraint cannot see.
+    status, body = raw(server, "POST", "/authors", json.dumps({"name": "Ada"}).encode())
+    assert status == 201, body
+    ascii_isbn = "9780060512750"
+    status, body = raw(server, "POST", "/authors/1/books",
+                       json.dumps({"title": "T", "isbn": ascii_isbn, "year": 1974}).encode())
+    assert status == 201, body
+    zeros = [code for code in range(0x110000) if unicodedata.category(chr(code)) == "Nd" and unicodedata.digit(chr(code)) == 0]
+    assert len(zeros) > 50
+    for zero in zeros[1:]:   # zeros[0] is the ASCII 0
+        spelled = "".join(chr(zero + int(c)) for c in ascii_isbn)
+        for target, payload in (("/authors/1/books", {"title": "T", "isbn": spelled, "year": 1974}),
+                                ("/authors", {"name": f"N{zero}", "books": [{"title": "T", "isbn": spelled, "year": 1974}]})):
+            status, answer = raw(server, "POST", target, json.dumps(payload).encode())
+            assert status == 422, (hex(zero), target, status, answer[:200])
+    status, body = raw(server, "GET", "/books")
+    assert json.loads(body)["total"] == 1

@@ -9,7 +9,7 @@ from pydantic import BaseModel  # noqa: F401 - you will need it
 # bound of every id and offset the API accepts.
 MAX_INT = 2**31 - 1
 
-# TODO: BookIn   - title (1-200 characters), isbn (exactly 13 digits), year (1450-2100)
+# TODO: BookIn   - title (1-200 characters), isbn (13 ASCII digits 0-9), year (1450-2100)
 # TODO: AuthorIn - name (1-100 characters), books: a list of BookIn, empty by default
 # TODO: BookOut  - id, title, isbn, year, author_id; readable from an ORM object (from_attributes)
 # TODO: AuthorOut - id, name; AuthorDetail - AuthorOut plus books: list[BookOut]

@@ -676,6 +676,39 @@ def test_invalid_input_is_422(shared):
     expect_status(response, 201, "50 books in one POST /authors are allowed (at most 50, both ends included)")
 
 
+# The code point of the digit zero in scripts whose digits Unicode calls decimal (category Nd):
+# `\d` matches every one of them, in pydantic's regex engine and in Python's `re` alike.
+OTHER_ZEROS = {"full-width": 0xFF10, "Arabic-Indic": 0x0660, "Persian": 0x06F0, "Devanagari": 0x0966,
+               "Bengali": 0x09E6, "Thai": 0x0E50, "mathematical bold": 0x1D7CE}
+
+
+def spelled_in(text: str, zero: int) -> str:
+    return "".join(chr(zero + int(c)) if c in "0123456789" else c for c in text)
+
+
+@pytest.mark.task("constraints")
+@pytest.mark.promise("P10", "P9")
+def test_an_isbn_is_13_ascii_digits_in_no_other_script(shared):
+    author = create_author(shared, {"name": "Digit Scripts"})
+    taken = isbn(90)
+    add_book(shared, author["id"], "The ASCII Original", taken)
+    spellings = {script: spelled_in(taken, zero) for script, zero in OTHER_ZEROS.items()}
+    spellings["the last digit Thai"] = taken[:-1] + spelled_in(taken[-1], OTHER_ZEROS["Thai"])
+    spellings["an unused ISBN, full-width"] = spelled_in(isbn(91), OTHER_ZEROS["full-width"])
+    for script, spelling in spellings.items():
+        book = {"title": "Same ISBN, other digits", "isbn": spelling, "year": 2000}
+        for url, payload in ((f"/authors/{author['id']}/books", book),
+                             ("/authors", {"name": f"Digits {script}", "books": [book]})):
+            expect_problem(call(shared, "POST", url, json=payload), 422,
+                           f"an ISBN written in {script} digits ({spelling!r}): the API takes 13 ASCII digits 0-9. "
+                           r"A pattern with \d accepts any Unicode digit, so one ISBN gets a second spelling "
+                           "that its unique constraint cannot see: write [0-9]")
+    listing = json_of(call(shared, "GET", "/books", params={"author_id": author["id"]}))
+    check(listing.get("total") == 1, explain(
+        call(shared, "GET", "/books", params={"author_id": author["id"]}),
+        "only the ASCII book: every other spelling of its ISBN was refused and stored nothing"))
+
+
 MAX_INT = 2**31 - 1  # README.md: ids and offsets stay within a PostgreSQL INTEGER
 # Integers no column of this service can hold: past 32 bits, around 2**53 (where floats stop
 # being exact), at and past SQLite's 64 bits, far past anything, and negative ones.

@@ -14,7 +14,9 @@ MAX_INT = 2**31 - 1
 
 class BookIn(BaseModel):
     title: Annotated[str, Field(min_length=1, max_length=200)]
-    isbn: Annotated[str, Field(pattern=r"^\d{13}$", description="ISBN-13, digits only")]
+    # [0-9], not \d: \d is any Unicode digit (９, ٩, ९), and the same ISBN spelled in another script
+    # would be a second string that the unique constraint lets through.
+    isbn: Annotated[str, Field(pattern=r"^[0-9]{13}$", description="ISBN-13: 13 ASCII digits 0-9")]
     year: Annotated[int, Field(ge=1450, le=2100)]
 
 
