@@ -198,3 +198,19 @@ def test_05_auth_numbers_json_cannot_write_back_are_4xx(module, number):
         for body in (f'{{"name": {number}}}', number, f"[{number}]"):
             response = client.post("/items", content=body, headers=headers)
             assert response.status_code in (400, 422), (body[:40], response.status_code, response.text[:200])
+
+
+def test_05_auth_a_scope_taken_away_stops_working_with_the_same_token(module):
+    app = module.create_app(module.Settings(jwt_secret=SECRET, argon2_time_cost=1, argon2_memory_kib=64, argon2_parallelism=1))
+    module.add_user(app, "ada", "pw12345678", scopes=["items:read", "items:write"])
+    with TestClient(app) as client:
+        token = client.post("/token", data={"username": "ada", "password": "pw12345678"}).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        assert client.post("/items", json={"name": "x"}, headers=headers).status_code == 201
+        module.add_user(app, "ada", "pw12345678", scopes=[])   # an administrator takes every scope away
+        assert client.get("/items", headers=headers).status_code == 403
+        assert client.post("/items", json={"name": "x"}, headers=headers).status_code == 403
+        assert client.get("/users/me", headers=headers).status_code == 200
+        module.add_user(app, "ada", "pw12345678", scopes=["items:read"])
+        assert client.get("/items", headers=headers).status_code == 200
+        assert client.post("/items", json={"name": "x"}, headers=headers).status_code == 403

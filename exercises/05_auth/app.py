@@ -121,7 +121,8 @@ async def get_current_user(
     #       audience and issuer; require iss, aud, sub, exp, iat.
     #       Any jwt.InvalidTokenError -> 401 with a WWW-Authenticate header.
     #       Look the user up in request.app.state.users (gone -> 401).
-    #       A scope the route needs but the token lacks -> 403 "Not enough permissions".
+    #       A scope the route needs that the token lacks, or that its user no longer holds
+    #       -> 403 "Not enough permissions".
     raise HTTPException(status_code=status.HTTP_501_NOT_IMPLEMENTED, detail="TODO: get_current_user")
 
 

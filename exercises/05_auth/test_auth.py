@@ -92,7 +92,7 @@ def started(app):
 @pytest.fixture(scope="module")
 def app(module):
     """One app, with alice, bob and carol, shared by the tests of this file. Its users log in
-    and read (one test has bob post an item, which no other test lists); a test that adds,
+    and read (two tests post items, which no test lists); a test that adds,
     disables or deletes a user does so to a user of its own, so alice, bob and carol stay as
     README.md seeds them whichever tests ran before."""
     return build(module, "alice", "bob", "carol")
@@ -774,6 +774,44 @@ def test_a_valid_token_without_the_scope_is_403(client, alice_token):
     assert challenge.startswith('Bearer error="insufficient_scope"'), explain(
         response, "a WWW-Authenticate header starting with 'Bearer error=\"insufficient_scope\"' (RFC 6750, section 3.1):"
         " it tells the client which scope to ask for, where a bare 403 leaves it guessing")
+
+
+@pytest.mark.task("scopes")
+@pytest.mark.promise("P12")
+def test_a_scope_counts_only_while_the_user_holds_it(module, app, client):
+    # erin is this test's own user: changing her scopes leaves the shared app's other users as they were.
+    password = "erin-the-editor"
+    seed(module, app, "erin", password, scopes=["items:read", "items:write"])
+    token = token_for(client, "erin", password)
+
+    def read():
+        return client.get("/items", headers=bearer(token))
+
+    def write():
+        return client.post("/items", json={"name": "chisel"}, headers=bearer(token))
+
+    expect_status(write(), 201, "erin's fresh token, while she holds items:write")
+
+    seed(module, app, "erin", password, scopes=["items:read"])   # an administrator takes items:write away
+    expect_problem_saying(write(), 403, "Not enough permissions",
+                          "items:write was taken away from erin (add_user stored her again without it); her token, "
+                          "issued before, still says items:write. The user is looked up on every request: check "
+                          "the scopes the token carries AND the user still holds, or a revoked scope works until exp")
+    expect_status(read(), 200, "erin still holds items:read, and her token carries it")
+
+    seed(module, app, "erin", password, scopes=[])               # every scope taken away
+    expect_status(read(), 403, "erin holds no scope any more: her token's items:read no longer counts")
+    expect_status(client.get("/users/me", headers=bearer(token)), 200,
+                  "GET /users/me needs no scope: erin is still a valid user")
+
+    seed(module, app, "erin", password, scopes=["items:read", "items:write"])   # given back
+    expect_status(write(), 201, "items:write given back to erin: the token that carries it works again")
+
+    # alice holds only items:read; a token signed with the right key that claims more opens nothing more.
+    claims_more = forge(sub="alice", scope="items:read items:write")
+    expect_status(client.post("/items", json={"name": "saw"}, headers=bearer(claims_more)), 403,
+                  "a token of alice's signed with the right key claims items:write, which she never held: it opens "
+                  "nothing she does not hold")
 
 
 @pytest.mark.task("scopes")

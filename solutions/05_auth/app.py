@@ -188,7 +188,9 @@ async def get_current_user(
     user: UserInDB | None = request.app.state.users.get(claims.sub)
     if user is None:
         raise credentials_error
-    granted = set(claims.scope.split())
+    # What the token was granted at login, narrowed to what the user holds now: a scope taken
+    # away stops working at once, not when the token expires.
+    granted = set(claims.scope.split()) & set(user.scopes)
     if not set(security_scopes.scopes) <= granted:
         # The token is fine; it just does not allow this: 403, not 401.
         raise HTTPException(
