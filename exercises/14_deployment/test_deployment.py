@@ -447,6 +447,70 @@ def test_final_image_holds_what_the_command_needs(target_dir):
                     f"copy every file the app imports (`COPY {module}.py {imported}.py ./`).")
 
 
+# Options of `pip install` that take a value (the value is not a package to install).
+PIP_VALUE_OPTIONS = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
+                     "-f", "--find-links", "-t", "--target", "--prefix", "--root", "--cache-dir", "--platform",
+                     "--python-version", "--implementation", "--abi", "--only-binary", "--no-binary", "--src",
+                     "--progress-bar", "--log", "--trusted-host", "--upgrade-strategy", "--report", "--python"}
+PINNED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?==[A-Za-z0-9.+!_-]+(\s*;.*)?$")
+
+
+def pip_installs(run: str) -> list[list[str]]:
+    """The arguments after `install` of every `pip install` in a RUN command (pip, pip3,
+    /opt/venv/bin/pip, python -m pip, uv pip), each command of `&&`, `||`, `;` on its own."""
+    found = []
+    for command in re.split(r"&&|\|\||;|\n", run.replace("\\\n", " ")):
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            words = command.split()
+        for index, word in enumerate(words):
+            is_pip = re.fullmatch(r"pip[0-9.]*", word.rsplit("/", 1)[-1]) is not None
+            if is_pip and index + 1 < len(words) and words[index + 1] == "install":
+                found.append(words[index + 2:])
+                break
+    return found
+
+
+@pytest.mark.task("dockerfile")
+@pytest.mark.promise("P26")
+def test_packages_come_from_the_pinned_requirements(target_dir):
+    instructions = deploy.parse_dockerfile(read_text(target_dir, "Dockerfile"))
+    lines = [line.strip() for line in read_text(target_dir, "requirements.txt").splitlines()]
+    loose = [line for line in lines if line and not line.startswith("#") and not PINNED.match(line)]
+    if loose:  # the given file: only a broken copy of it gets here
+        problem("requirements.txt (given)", "every requirement pinned as name==version", f"{loose}")
+    copied = any(i.keyword in ("COPY", "ADD") and "from" not in i.flags
+                 and any(Path(source).name == "requirements.txt" for source in (i.exec_form or i.value.split())[:-1])
+                 for i in instructions)
+    from_file = False
+    for instruction in (i for i in instructions if i.keyword == "RUN"):
+        for arguments in pip_installs(instruction.value):
+            named, index = [], 0
+            while index < len(arguments):
+                word = arguments[index]
+                option, _, value = word.partition("=")
+                if option in PIP_VALUE_OPTIONS:
+                    if option in ("-r", "--requirement"):
+                        from_file |= Path(value or (arguments[index + 1] if index + 1 < len(arguments) else "")).name == "requirements.txt"
+                    index += 1 if value else 2
+                    continue
+                if word.startswith("-r") and len(word) > 2:   # -rrequirements.txt
+                    from_file |= Path(word[2:]).name == "requirements.txt"
+                elif not word.startswith("-"):
+                    named.append(word)
+                index += 1
+            if named:
+                problem(f"Dockerfile {instruction}", "pip install -r requirements.txt (the given file, every package pinned)",
+                        f"packages named on the command line: {named}",
+                        "a pin on the command line fixes that one package; its dependencies (starlette, pydantic, ...) "
+                        "float to whatever is newest on the day of the build. Install only from requirements.txt.")
+    if not (copied and from_file):
+        problem("Dockerfile", "COPY requirements.txt (from the build context), then RUN pip install -r requirements.txt",
+                f"requirements.txt copied: {copied}; installed with -r: {from_file}",
+                "the image's packages must come from the given file that pins every one of them.")
+
+
 # ---------------------------------------------------------------------------------------
 # serve: the image's command, run here on a real port
 # ---------------------------------------------------------------------------------------
@@ -593,6 +657,41 @@ def test_api_waits_until_dependencies_are_healthy(target_dir):
             problem(f"compose.yaml service {name!r}", f"depends_on: {{{dependency}: {{condition: service_healthy}}}}",
                     f"depends_on: {depends}",
                     "the list form only waits until the container has started, not until the database accepts connections.")
+
+
+LOOPBACK = {"127.0.0.1", "::1", "[::1]", "localhost"}
+
+
+def published_addresses(service: dict) -> list[tuple[str, str]]:
+    """(host address, entry) for each `ports:` entry; "" when the entry names no address (every interface)."""
+    found = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            found.append((str(entry.get("host_ip") or ""), str(entry)))
+            continue
+        text = str(entry).split("/", 1)[0]
+        if text.startswith("["):   # "[::1]:8000:8000"
+            found.append((text[: text.index("]") + 1], str(entry)))
+            continue
+        parts = text.split(":")
+        found.append((":".join(parts[:-2]) if len(parts) >= 3 else "", str(entry)))
+    return found
+
+
+@pytest.mark.task("compose")
+@pytest.mark.promise("P12")
+def test_compose_publishes_the_api_on_the_loopback_only(target_dir):
+    compose = read_compose(target_dir)
+    name, api = api_service(compose)
+    addresses = published_addresses(api)
+    if not addresses:
+        problem(f"compose.yaml service {name!r}", 'ports: ["127.0.0.1:8000:8000"]', "no ports")
+    open_ones = [entry for address, entry in addresses if address not in LOOPBACK]
+    if open_ones:
+        problem(f"compose.yaml service {name!r}", 'every published port bound to the loopback: "127.0.0.1:8000:8000"',
+                f"published on every interface (or another address): {open_ones}",
+                "a port docker publishes without an address listens on all interfaces, open to the network, and "
+                "docker's own firewall rules bypass the host's. This file is for local runs and CI.")
 
 
 def compose_schema() -> dict:
@@ -782,6 +881,79 @@ def test_pod_refuses_to_run_as_root(target_dir):
                 "the kubelet cannot check that a user *name* is not root, so it refuses to start the pod.")
     if run_as is not None and int(run_as) == 0:
         problem("k8s.yaml", "runAsUser other than 0", "runAsUser: 0 (root)")
+
+
+# The restricted Pod Security Standard (Kubernetes 1.37), as the admission controller checks it.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """What keeps a pod with this spec out of a namespace that enforces "restricted"."""
+    found = []
+    pod = spec.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            found.append(f"{field}: true")
+    for volume in spec.get("volumes") or []:
+        kinds = [key for key in volume if key != "name"]
+        if any(kind not in RESTRICTED_VOLUMES for kind in kinds):
+            found.append(f"volume {volume.get('name')!r} of kind {kinds} (hostPath and the like are not allowed)")
+    if (pod.get("seccompProfile") or {}).get("type") == "Unconfined":
+        found.append("pod seccompProfile Unconfined")
+    if pod.get("runAsUser") == 0:
+        found.append("pod runAsUser: 0")
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    for container in containers:
+        name = f"container {container.get('name')!r}"
+        own = container.get("securityContext") or {}
+        if own.get("privileged"):
+            found.append(f"{name}: privileged: true")
+        if own.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        capabilities = own.get("capabilities") or {}
+        drop = capabilities.get("drop") if isinstance(capabilities.get("drop"), list) else []
+        if "ALL" not in drop:
+            found.append(f"{name}: capabilities.drop does not hold ALL")
+        added = [c for c in capabilities.get("add") or [] if c != "NET_BIND_SERVICE"]
+        if added:
+            found.append(f"{name}: capabilities.add {added} (only NET_BIND_SERVICE is allowed)")
+        if not own.get("runAsNonRoot", pod.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot is not true (on the container or the pod)")
+        if own.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = (own.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile.type is {seccomp!r}, not RuntimeDefault or Localhost "
+                         "(on the container or the pod)")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            found.append(f"{name}: a hostPort")
+    return found
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P25")
+def test_the_pod_meets_the_restricted_pod_security_standard(target_dir):
+    spec = pod_spec(deployment_of(read_manifests(target_dir)))
+    violations = restricted_violations(spec)
+    if violations:
+        problem("k8s.yaml Deployment's pod template",
+                'a pod that a namespace enforcing the "restricted" Pod Security Standard admits',
+                "; ".join(violations),
+                "such a namespace refuses the pod itself: the Deployment is created and no pod ever starts. On the "
+                "pod: runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}; on the container: "
+                "allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}.")
+
+
+@pytest.mark.task("kubernetes")
+@pytest.mark.promise("P25")
+def test_the_pod_mounts_no_service_account_token(target_dir):
+    spec = pod_spec(deployment_of(read_manifests(target_dir)))
+    if spec.get("automountServiceAccountToken") is not False:
+        problem("k8s.yaml Deployment's pod template", "automountServiceAccountToken: false",
+                f"automountServiceAccountToken: {spec.get('automountServiceAccountToken', '(not set: true)')}",
+                "without it, every container gets a token for the Kubernetes API at "
+                "/var/run/secrets/kubernetes.io/serviceaccount/: the API never uses it, an intruder would.")
 
 
 # ---------------------------------------------------------------------------------------
