@@ -67,7 +67,7 @@ async def send_welcome(state: ServiceState, user: Signup) -> None:
     """Write the welcome message {"to", "subject", "body"} to the outbox."""
     message = {"to": user.email, "subject": f"Welcome, {user.name}!", "body": "Thanks for signing up."}
     # TODO: this runs after the response: nobody is left to tell if it fails.
-    #       Catch any exception, log it with logger.exception(...) (name the e-mail address),
+    #       Catch any exception, log it with logger.exception(...) (name the user's id, never the e-mail address),
     #       count it in state.failed and record the event "welcome failed for <email>".
     #       On success, count state.sent and record "welcome sent to <email>".
     await run_in_threadpool(write_message, state.outbox, user.id, message)

@@ -79,7 +79,8 @@ async def send_welcome(state: ServiceState, user: Signup) -> None:
     except Exception:
         state.failed += 1
         state.events.append(f"welcome failed for {user.email}")
-        logger.exception("welcome message to %s could not be written to %s", user.email, state.outbox)
+        # The user's id, not the address: an e-mail address is personal data, and logs travel far.
+        logger.exception("welcome message for user %s could not be written to %s", user.id, state.outbox)
         return
     state.sent += 1
     state.events.append(f"welcome sent to {user.email}")
