@@ -240,8 +240,11 @@ def test_the_query_token_wins_over_the_cookie(client):
     with connect(client, "/ws/chat?token=token-alice", "alice (query) with bob's cookie",
                  headers={"cookie": "token=token-bob"}) as peer:
         peer.expect({"type": "welcome", "user": "alice"}, "both sent: the query's token is the one checked (README)")
-    expect_refused(client, "/ws/chat?token=token-mallory", "the query's token is checked, and it is invalid; a valid "
-                   "cookie does not rescue it", headers={"cookie": "token=token-bob"})
+    # Every query token that is not a key of TOKENS, the empty one included: a query token that was
+    # sent is the one checked, even `?token=` or a bare `?token`, so a cookie never stands in for it.
+    for query in ("?token=token-mallory", "?token=", "?token", "?token=%20", "?token=token-bob%20", "?token=TOKEN-BOB"):
+        expect_refused(client, f"/ws/chat{query}", "the query's token is checked, and it is invalid (an empty one "
+                       "too); a valid cookie does not rescue it", headers={"cookie": "token=token-bob"})
 
 
 REFUSED = ("the handshake refused before accept() with a 403 problem: TestClient, like uvicorn, offers the "

@@ -224,7 +224,9 @@ async def authenticate(
     cookie_token: Annotated[str | None, Cookie(alias="token")] = None,
 ) -> str:
     """The user behind the token from `?token=` or the `token` cookie (browsers cannot set headers)."""
-    user = TOKENS.get(token or cookie_token or "")
+    # `is not None`, not `or`: a query token that was sent is the one checked, even when it is
+    # empty (`?token=`), so a cookie never rescues a bad query token.
+    user = TOKENS.get(token if token is not None else cookie_token or "")
     if user is None:
         # Refused before accept(), so no frame is ever exchanged. Where the server can send the
         # app's own answer, the refusal is a 403 problem like every HTTP error of the app (the given
