@@ -154,13 +154,18 @@ def test_one_client_cannot_hold_more_than_20_rooms(module):
 
 
 def test_a_valid_cookie_does_not_rescue_an_invalid_query_token(module):
-    async def handshake(base_url: str) -> int | None:
+    async def handshake(base_url: str, query: str, origin: str) -> int | None:
         try:
-            async with connect(base_url.replace("http://", "ws://") + "/ws/chat?token=forged", proxy=None,
-                               additional_headers={"Cookie": "token=token-bob"}):
+            async with connect(base_url.replace("http://", "ws://") + "/ws/chat" + query, proxy=None,
+                               additional_headers={"Cookie": "token=token-bob", "Origin": origin}):
                 return None
         except InvalidStatus as exc:
             return exc.response.status_code
 
     with serve_in_thread(module.app) as base_url:
-        assert asyncio.run(handshake(base_url)) == 403
+        # An invalid or empty query token: the cookie, even from an allowed page, does not rescue it.
+        for query in ("?token=forged", "?token=", "?token"):
+            assert asyncio.run(handshake(base_url, query, "https://chat.example.com")) == 403, query
+        # Cross-site WebSocket hijacking: another site's page opens the socket with bob's cookie.
+        assert asyncio.run(handshake(base_url, "", "https://evil.example")) == 403
+        assert asyncio.run(handshake(base_url, "", "https://chat.example.com")) is None

@@ -20,6 +20,9 @@ TOKENS: dict[str, str] = {
     "token-carol": "carol",
 }
 
+# Keep this set as it is too: the pages that may open /ws/chat with the `token` cookie (README).
+ALLOWED_ORIGINS: frozenset[str] = frozenset({"https://chat.example.com", "http://localhost:8000"})
+
 
 # TODO: the messages a client may send, one Pydantic model each, told apart by "type":
 #       {"type": "join",   "room": "lobby"}

@@ -230,21 +230,47 @@ def test_a_token_in_the_query_identifies_the_user(client):
 @pytest.mark.promise("P2", "P3")
 def test_a_token_in_a_cookie_identifies_the_user(client):
     # Browsers cannot set headers on a WebSocket, but they do send cookies.
-    with connect(client, "/ws/chat", "bob (cookie)", headers={"cookie": "token=token-bob"}) as peer:
-        peer.expect({"type": "welcome", "user": "bob"}, "the cookie token=token-bob belongs to bob")
+    with connect(client, "/ws/chat", "bob (cookie)", headers=BOBS_COOKIE) as peer:
+        peer.expect({"type": "welcome", "user": "bob"}, "the cookie token=token-bob belongs to bob, and "
+                    "https://chat.example.com is one of ALLOWED_ORIGINS")
+
+
+# What bob's browser sends when a page of the chat's own site opens the socket (README: ALLOWED_ORIGINS).
+BOBS_COOKIE = {"cookie": "token=token-bob", "origin": "https://chat.example.com"}
 
 
 @pytest.mark.task("auth")
 @pytest.mark.promise("P2")
 def test_the_query_token_wins_over_the_cookie(client):
     with connect(client, "/ws/chat?token=token-alice", "alice (query) with bob's cookie",
-                 headers={"cookie": "token=token-bob"}) as peer:
+                 headers=BOBS_COOKIE) as peer:
         peer.expect({"type": "welcome", "user": "alice"}, "both sent: the query's token is the one checked (README)")
     # Every query token that is not a key of TOKENS, the empty one included: a query token that was
     # sent is the one checked, even `?token=` or a bare `?token`, so a cookie never stands in for it.
     for query in ("?token=token-mallory", "?token=", "?token", "?token=%20", "?token=token-bob%20", "?token=TOKEN-BOB"):
         expect_refused(client, f"/ws/chat{query}", "the query's token is checked, and it is invalid (an empty one "
-                       "too); a valid cookie does not rescue it", headers={"cookie": "token=token-bob"})
+                       "too); a valid cookie does not rescue it", headers=BOBS_COOKIE)
+
+
+@pytest.mark.task("auth")
+@pytest.mark.promise("P16")
+@pytest.mark.parametrize("origin", [None, "https://evil.example", "null", "http://chat.example.com",
+                                    "https://chat.example.com:8443", "https://chat.example.com.evil.example",
+                                    "https://CHAT.example.com/", "http://localhost:8001", "http://127.0.0.1:8000"])
+def test_the_cookie_counts_only_from_an_allowed_origin(client, origin):
+    # Cross-site WebSocket hijacking: a page of another site opens the socket, the browser adds the
+    # user's cookie, and only the Origin header tells the server which page asked.
+    headers = {"cookie": "token=token-bob"} | ({"origin": origin} if origin is not None else {})
+    expect_refused(client, "/ws/chat", f"the cookie counts only when Origin is one of ALLOWED_ORIGINS, exactly "
+                   f"({'no Origin: not a browser, which can send the query token' if origin is None else 'not ' + repr(origin)})",
+                   headers=headers)
+    for allowed in ("https://chat.example.com", "http://localhost:8000"):
+        with connect(client, "/ws/chat", f"bob (cookie) from {allowed}", headers={"cookie": "token=token-bob", "origin": allowed}) as peer:
+            peer.expect({"type": "welcome", "user": "bob"}, f"the cookie counts from {allowed}, one of ALLOWED_ORIGINS")
+    if origin is not None:
+        with connect(client, "/ws/chat?token=token-alice", f"alice (query token) from {origin}", headers=headers) as peer:
+            peer.expect({"type": "welcome", "user": "alice"}, "a valid query token counts whatever the Origin: no "
+                        "other site can know it")
 
 
 REFUSED = ("the handshake refused before accept() with a 403 problem: TestClient, like uvicorn, offers the "
@@ -842,7 +868,7 @@ async def test_a_real_client_talks_to_a_real_server(load):
         expect_problem(plain, 404, "a plain HTTP GET of the socket's path (no Upgrade header) matches no HTTP route")
 
         alice = await open_socket(f"{url}/ws/chat?token=token-alice", "alice")
-        bob = await open_socket(f"{url}/ws/chat", "bob (cookie)", additional_headers={"Cookie": "token=token-bob"})
+        bob = await open_socket(f"{url}/ws/chat", "bob (cookie)", additional_headers={"Cookie": "token=token-bob", "Origin": "http://localhost:8000"})
         try:
             for ws, name in ((alice, "alice"), (bob, "bob")):
                 await recv(ws, name, {"type": "welcome", "user": name})

@@ -4,7 +4,7 @@ import asyncio
 import logging
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import Cookie, Depends, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
+from fastapi import Cookie, Depends, FastAPI, Header, HTTPException, Query, WebSocket, WebSocketDisconnect, WebSocketException, status
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .problems import install_problem_details, problem_responses
@@ -23,6 +23,12 @@ TOKENS: dict[str, str] = {
     "token-bob": "bob",
     "token-carol": "carol",
 }
+
+# The pages that may open the chat with the `token` cookie. A browser sends a site's cookies with
+# every handshake to it, also when another site's page opens the socket (cross-site WebSocket
+# hijacking), and it always names the opening page's origin in `Origin`: the cookie counts only
+# when that origin is one of these. A query token needs no such check: no other site can know it.
+ALLOWED_ORIGINS: frozenset[str] = frozenset({"https://chat.example.com", "http://localhost:8000"})
 
 
 # --- The messages a client may send --------------------------------------------------------
@@ -222,8 +228,12 @@ async def authenticate(
     websocket: WebSocket,
     token: Annotated[str | None, Query()] = None,
     cookie_token: Annotated[str | None, Cookie(alias="token")] = None,
+    origin: Annotated[str | None, Header()] = None,
 ) -> str:
     """The user behind the token from `?token=` or the `token` cookie (browsers cannot set headers)."""
+    if origin not in ALLOWED_ORIGINS:
+        # Another site's page, or no Origin at all (not a browser: it can send the query token).
+        cookie_token = None
     # `is not None`, not `or`: a query token that was sent is the one checked, even when it is
     # empty (`?token=`), so a cookie never rescues a bad query token.
     user = TOKENS.get(token if token is not None else cookie_token or "")
