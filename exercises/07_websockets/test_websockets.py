@@ -414,6 +414,36 @@ def test_a_room_of_50_and_a_text_of_1000_characters_are_allowed(client):
             alice.fail("the message carrying the whole text, 1000 times 't'", _show(frame))
 
 
+MAX_FRAME = 16_384  # README: the longest frame the server reads as a message
+
+
+def padded_join(room: str, length: int) -> str:
+    """A valid join message, padded with JSON whitespace to exactly `length` characters."""
+    head, tail = '{"type": "join", "room": "%s"' % room, "}"
+    return head + " " * (length - len(head) - len(tail)) + tail
+
+
+@pytest.mark.task("messages")
+@pytest.mark.promise("P17", "P9")
+def test_a_frame_longer_than_the_limit_is_refused_unread(client):
+    # Refused by its length alone, before parsing: a frame of megabytes parsed on the event loop
+    # holds up every connection. The long frames are valid joins apart from their length.
+    with user(client, "alice") as alice:
+        alice.send(padded_join("at-limit", MAX_FRAME))
+        alice.expect({"type": "joined", "room": "at-limit"}, f"a valid join padded with spaces to exactly {MAX_FRAME} "
+                     "characters is within the limit and is served")
+        for frame in (padded_join("too-long", MAX_FRAME + 1), padded_join("too-long", MAX_FRAME + 1).encode(),
+                      "x" * (MAX_FRAME * 4)):
+            unit = "bytes, binary" if isinstance(frame, bytes) else "characters"
+            alice.send(frame)
+            reply = alice.expect_error(f"a frame of {len(frame)} {unit} is longer than {MAX_FRAME}: refused whatever "
+                                       "it holds (here maybe a valid join, padded), and the connection stays open")
+            if not isinstance(reply.get("errors"), list) or not reply["errors"]:
+                alice.fail('the error frame also carries "errors", a non-empty list', json.dumps(reply))
+        alice.send({"type": "join", "room": "after"})
+        alice.expect({"type": "joined", "room": "after"}, "the connection keeps working after a refused frame")
+
+
 @pytest.mark.task("messages")
 @pytest.mark.promise("P9")
 def test_a_binary_frame_does_not_crash_the_connection(client):

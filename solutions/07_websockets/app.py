@@ -68,6 +68,12 @@ class Direct(BaseModel):
 ClientMessage = Annotated[Join | Leave | Say | Direct, Field(discriminator="type")]
 client_message: TypeAdapter[Join | Leave | Say | Direct] = TypeAdapter(ClientMessage)
 
+# The longest frame read as a message. The longest valid message (a `say` with 50 + 1000
+# characters, every one written as a 12-character JSON escape pair) is under 13 000 characters;
+# the server itself accepts frames of up to 16 MiB (uvicorn's default), and parsing one of those
+# holds up every connection of the process. A longer frame is refused without being parsed.
+MAX_FRAME = 16_384
+
 
 def error_frame(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "detail": detail}
@@ -269,6 +275,10 @@ async def chat(websocket: WebSocket, user: CurrentUser) -> None:
             raw = await receive_frame(websocket)
             if not manager.is_connected(websocket):
                 continue  # dropped by the manager: its close frame is on the way; serve it no more
+            if len(raw) > MAX_FRAME:  # characters of a text frame, bytes of a binary one
+                too_long = [{"loc": [], "msg": f"a frame may be at most {MAX_FRAME} characters"}]
+                await websocket.send_json(error_frame("frame too long", too_long))
+                continue
             try:
                 message = client_message.validate_json(raw)
             except ValidationError as exc:
