@@ -280,3 +280,69 @@ def test_10_service_communication_hostile_events_are_4xx(services: dict[str, Mod
     assert all(code == 422 for code in codes.values()), codes
     assert level == {"sku": "widget", "available": 10}, level
     assert huge == [202, 202], huge
+
+
+# --- Hostile upstreams: an answer that cannot be read is a 502, never a 500 ----------------------------------
+
+
+class Hostile:
+    """A raw ASGI upstream under uvicorn: every answer is `self.answer` = (status, headers, body), as bytes."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, list[tuple[bytes, bytes]], bytes] = (200, [], b"")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        status, headers, body = self.answer
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+JSON_TYPE = (b"content-type", b"application/json")
+STOCK = b'{"sku": "widget", "available": 10}'
+GARBLED = {  # answers whose body httpx cannot decode
+    "gzip that is not": (200, [JSON_TYPE, (b"content-encoding", b"gzip")], STOCK),
+    "deflate that is not": (200, [JSON_TYPE, (b"content-encoding", b"deflate")], STOCK),
+    "a gzip header, then garbage": (200, [JSON_TYPE, (b"content-encoding", b"gzip")], b"\x1f\x8b\x08\x00" + b"\xff" * 64),
+}
+NONSENSE_STOCK = {  # answers orders can decode but not use
+    "not JSON": (200, [JSON_TYPE], b'{"sku": '),
+    "nested 100000 deep": (200, [JSON_TYPE], b"[" * 100_000),
+    "available Infinity": (200, [JSON_TYPE], b'{"sku": "widget", "available": Infinity}'),
+    "available 1e400": (200, [JSON_TYPE], b'{"sku": "widget", "available": 1e400}'),
+    "available NaN": (200, [JSON_TYPE], b'{"sku": "widget", "available": NaN}'),
+    "available -1": (200, [JSON_TYPE], b'{"sku": "widget", "available": -1}'),
+    "available true": (200, [JSON_TYPE], b'{"sku": "widget", "available": true}'),
+}
+
+
+def test_10_service_communication_unreadable_answers_are_502(services: dict[str, ModuleType]) -> None:
+    orders, gateway = services["orders"], services["gateway"]
+    upstream = Hostile()
+    with serve_in_thread(upstream, ws="none") as url:
+        service = orders.create_app(orders.Settings(inventory_url=url, retries=1, backoff=0.0))
+        edge = gateway.create_app(gateway.Settings(inventory_url=url, orders_url=url, retries=1, backoff=0.0))
+        with (serve_in_thread(service, ws="none") as orders_url, serve_in_thread(edge, ws="none") as gateway_url,
+              httpx.Client(verify=http_only(), timeout=10) as client):
+            codes = {}
+            for what, answer in (GARBLED | NONSENSE_STOCK).items():
+                upstream.answer = answer
+                codes[f"orders, {what}"] = client.post(f"{orders_url}/orders", json=ORDER).status_code
+            for what, answer in GARBLED.items():
+                upstream.answer = answer
+                codes[f"gateway GET, {what}"] = client.get(f"{gateway_url}/api/stock/widget").status_code
+                codes[f"gateway POST, {what}"] = client.post(f"{gateway_url}/api/orders", json=ORDER).status_code
+            # Shorter than its Content-Length: the connection broke mid-answer, a transport failure (503).
+            upstream.answer = (200, [JSON_TYPE, (b"content-length", b"200")], STOCK)
+            cut = {"orders": client.post(f"{orders_url}/orders", json=ORDER).status_code,
+                   "gateway": client.get(f"{gateway_url}/api/stock/widget").status_code}
+            # A problem the gateway cannot parse is relayed as it is.
+            upstream.answer = (404, [(b"content-type", b"application/problem+json")], b"[" * 100_000)
+            deep = client.get(f"{gateway_url}/api/stock/widget")
+    assert all(code == 502 for code in codes.values()), codes
+    assert cut == {"orders": 503, "gateway": 503}, cut
+    assert (deep.status_code, deep.content) == (404, b"[" * 100_000), deep.status_code

@@ -424,6 +424,80 @@ async def test_inventory_error_is_502_and_not_retried(orders: ModuleType) -> Non
     )
 
 
+class Unreadable(httpx.AsyncBaseTransport):
+    """An upstream that answers, but with something that cannot be read: `body` sent as it is (a
+    stream, so that httpx decodes it only when the client reads it, as it does off the network),
+    with `headers`. Every request is recorded."""
+
+    def __init__(self, status_code: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status_code, self.body, self.headers = status_code, body, headers
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return httpx.Response(self.status_code, headers=self.headers, stream=httpx.ByteStream(self.body), request=request)
+
+
+JSON = {"content-type": "application/json"}
+UNDECODABLE = {  # what was sent -> (body, headers): each a 200 whose body its Content-Encoding does not decode
+    "Content-Encoding: gzip on a body that is not gzip": (b'{"sku": "widget", "available": 10}', JSON | {"content-encoding": "gzip"}),
+    "Content-Encoding: deflate on a body that is not deflate": (b"\x00\x01 not deflate", JSON | {"content-encoding": "deflate"}),
+    "Content-Encoding: gzip on a gzip header followed by garbage": (b"\x1f\x8b\x08\x00" + b"\xff" * 40, JSON | {"content-encoding": "gzip"}),
+}
+UNREADABLE_STOCK = {  # more 200s orders cannot read: not JSON, or no whole number of at least 0 as `available`
+    "a body that is not JSON": (b'{"sku": "widget", "avail', JSON),
+    "JSON nested 100000 deep": (b"[" * 100_000, JSON),
+    "JSON without available": (b'{"sku": "widget"}', JSON),
+    "available: Infinity": (b'{"sku": "widget", "available": Infinity}', JSON),
+    "available: NaN": (b'{"sku": "widget", "available": NaN}', JSON),
+    'available: "lots"': (b'{"sku": "widget", "available": "lots"}', JSON),
+    "available: 1e400": (b'{"sku": "widget", "available": 1e400}', JSON),
+    "available: -5": (b'{"sku": "widget", "available": -5}', JSON),
+    "a JSON list": (b"[10]", JSON),
+}
+
+
+def as_a_client_sees(app: Any) -> httpx.AsyncClient:
+    """A client that gets what the app sent (its 500 too) before an exception went on to the
+    server's log, as a real client does: the test then says which status came back."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://test")
+
+
+@pytest.mark.task("failures")
+@pytest.mark.promise("P20", "P4")
+@pytest.mark.asyncio
+async def test_an_answer_that_cannot_be_read_is_502(orders: ModuleType, gateway: ModuleType) -> None:
+    for what, (body, headers) in (UNDECODABLE | UNREADABLE_STOCK).items():
+        upstream = Unreadable(200, body, headers)
+        app = orders.create_app(orders_settings(orders, retries=2), upstream_transport=upstream)
+        async with serving(app) as running, as_a_client_sees(running) as client:
+            response = await client.post("/orders", json=ORDER)
+        why = f"inventory answered GET /stock/widget with 200 and {what}: an answer that cannot be read is a broken answer, 502 Bad Gateway"
+        if what in UNDECODABLE:
+            why += " (httpx raises httpx.DecodingError for a body it cannot decode, and that is not an httpx.TransportError)"
+        expect_upstream_problem(response, 502, "inventory", why)
+        assert len(upstream.requests) == 1, explain(
+            response, f"one call to inventory, which answered {what}: a broken answer is not retried, like a 500; "
+            f"got {len(upstream.requests)} calls"
+        )
+    for what, (body, headers) in UNDECODABLE.items():
+        for method, path, service in (("GET", "/api/stock/widget", "inventory"), ("POST", "/api/orders", "orders")):
+            broken = Unreadable(200, body, headers)
+            app = gateway.create_app(gateway.Settings(retries=0), transports={service: broken})
+            async with serving(app) as running, as_a_client_sees(running) as client:
+                response = await client.request(method, path, json=ORDER)
+            expect_upstream_problem(response, 502, service, f"{method} {path}: the {service} service answered 200 with "
+                                    f"{what}, which the gateway cannot read (httpx.DecodingError)")
+    # An answer the gateway can read is relayed, even a problem whose body it cannot parse as JSON.
+    deep = Unreadable(404, b"[" * 100_000, {"content-type": "application/problem+json"})
+    app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": deep})
+    async with serving(app) as running, as_a_client_sees(running) as client:
+        response = await client.get("/api/stock/widget")
+    expect_status(response, 404, "inventory answered 404 with an application/problem+json body nested 100000 deep: "
+                  "relayed as it is (the gateway cannot rewrite its instance, so it leaves it), never a 500")
+    assert response.content == deep.body, explain(response, "the service's body, unchanged")
+
+
 # --- Retries -------------------------------------------------------------------------------------------
 
 

@@ -148,6 +148,10 @@ async def call_upstream(
             outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
         except httpx.TransportError:
             outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service)
+        except httpx.DecodingError:
+            # An answer that cannot be read (a body that is not the gzip its Content-Encoding says):
+            # a broken answer, not a transient failure, and not an httpx.TransportError either.
+            raise UpstreamError(status.HTTP_502_BAD_GATEWAY, service) from None
         if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
             return outcome
         logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts,
@@ -245,7 +249,7 @@ def relayed(upstream: httpx.Response, request: Request) -> bytes:
     if upstream.headers.get("content-type", "").split(";")[0].strip().lower() == PROBLEM_JSON:
         try:
             problem = upstream.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: relayed as it is
             return upstream.content
         if isinstance(problem, dict) and isinstance(problem.get("instance"), str):
             problem["instance"] = request.url.path

@@ -134,6 +134,10 @@ async def call_upstream(
             outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
         except httpx.TransportError:  # refused, reset, unknown host ...
             outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service)
+        except httpx.DecodingError:
+            # An answer that cannot be read (a body that is not the gzip its Content-Encoding says):
+            # a broken answer, like a 500, not a transient failure. Not an httpx.TransportError.
+            raise UpstreamError(status.HTTP_502_BAD_GATEWAY, service) from None
         if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
             return outcome
         logger.warning("%s %s to %s failed (attempt %d of %d): %s", method, url, service, attempt + 1, attempts,
@@ -379,9 +383,11 @@ def create_app(
                                type=PROBLEMS + "unknown-sku", title="Unknown SKU")
         try:
             stock.raise_for_status()
-            available = int(stock.json()["available"])
-        except (httpx.HTTPStatusError, ValueError, KeyError, TypeError):
+            available = stock.json()["available"]
+        except (httpx.HTTPStatusError, ValueError, KeyError, TypeError, RecursionError):  # deep nesting: RecursionError
             raise UpstreamError(status.HTTP_502_BAD_GATEWAY, "inventory") from None
+        if type(available) is not int or available < 0:  # not 10.5, "10", true, Infinity (int() of it raises) or -1
+            raise UpstreamError(status.HTTP_502_BAD_GATEWAY, "inventory")
         if available < order_in.quantity:
             raise ProblemError(status.HTTP_409_CONFLICT, "Fewer are in stock than were ordered.",
                                type=PROBLEMS + "out-of-stock", title="Not enough stock", available=available)
