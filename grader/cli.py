@@ -25,7 +25,7 @@ from rich.table import Table
 from grader import cli_grade
 from grader.catalog import CatalogError, Exercise, all_exercises, course_root, find_exercise
 from grader.platform_support import UnsupportedSystem
-from grader.progress import Pristine, State, graded_files
+from grader.progress import Pristine, State, mark_edited_tests
 from grader.results import ExerciseResult, one_line
 from grader.runner import run_suite
 
@@ -190,25 +190,6 @@ def _print_result(exercise: Exercise, result: ExerciseResult, output: str, verbo
                   f"{result.points:g} of {result.max_points:g} points.[/] ({result.duration:.1f} s)")
 
 
-def edited_tests_message(exercise: Exercise, pristine: Pristine | None = None) -> str | None:
-    """Says plainly which graded files differ from the course's copy (``pristine``: read anew if not given), if any."""
-    edited = (pristine or Pristine(exercise.root)).edited(graded_files(exercise))
-    if not edited:
-        return None
-    names = ", ".join(path.relative_to(exercise.root).as_posix() for path in edited)
-    return (f"You edited the graded files {names}. This result comes from your copy, not the course's: the "
-            "instructor grades with their own copy of the tests, so it does not count. Restore them with "
-            f"git checkout @{{upstream}} -- {' '.join(p.relative_to(exercise.root).as_posix() for p in edited)} "
-            "(or HEAD instead of @{upstream}; in a zip download, take them from a fresh download).")
-
-
-def mark_edited_tests(exercise: Exercise, result: ExerciseResult, pristine: Pristine | None = None) -> ExerciseResult:
-    message = edited_tests_message(exercise, pristine)
-    if message is None:
-        return result
-    return result.model_copy(update={"status": "tampering", "message": message})
-
-
 @app.command(rich_help_panel=LEARNER)
 def check(
     exercise: Annotated[str, typer.Argument(help="Exercise number or name, e.g. 03 or 03_rest_resources.")],
@@ -323,7 +304,7 @@ def watch(
                show=_print_result)
 
 
-cli_grade.register(app)  # the instructors' commands: grade, merge (listed before the maintainers')
+cli_grade.register(app, INSTRUCTOR)  # the instructors' commands: grade, merge (listed before the maintainers')
 
 
 # --------------------------------------------------------------------------- verify

@@ -136,11 +136,10 @@ def merge_command(
     _write(result, out)
 
 
-def register(app: typer.Typer) -> None:
-    from grader.cli import INSTRUCTOR
-
-    app.command("grade", rich_help_panel=INSTRUCTOR)(grade_command)
-    app.command("merge", rich_help_panel=INSTRUCTOR)(merge_command)
+def register(app: typer.Typer, panel: str) -> None:
+    """Adds the instructors' commands to ``app``, listed under ``panel`` in its help."""
+    app.command("grade", rich_help_panel=panel)(grade_command)
+    app.command("merge", rich_help_panel=panel)(merge_command)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import sys
 import textwrap
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,8 +246,13 @@ def default_test_limit(suite_limit: float) -> float:
 class FeedbackPlugin:
     """The hooks; registered by ``grader.pytest_plugin`` for every run."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, write_report: Callable[..., None],
+                 exercise_for: Callable[[pytest.Config, Path], Any]) -> None:
         self.config = config
+        # Handed in by grader.pytest_plugin, which registers this plugin: its report writer (a run
+        # that must end early still writes its report) and how it finds a test's exercise.
+        self.write_report = write_report
+        self.exercise_for = exercise_for
         self.feedback = Feedback(config)
         self.watchdog: Any = None
         self.stopped_for_time = ""
@@ -261,9 +267,7 @@ class FeedbackPlugin:
 
     def _exercise(self, item: pytest.Item):
         if "_grader_exercise" not in item.__dict__:
-            from grader.pytest_plugin import _exercise_for
-
-            item.__dict__["_grader_exercise"] = _exercise_for(self.config, Path(str(item.path)))
+            item.__dict__["_grader_exercise"] = self.exercise_for(self.config, Path(str(item.path)))
         return item.__dict__["_grader_exercise"]
 
     def suite_limit(self, exercise: Any) -> float:
@@ -423,7 +427,7 @@ class FeedbackPlugin:
 
     def _give_up(self, stuck: Any) -> None:
         """The learner's code cannot be stopped: write what the run has, say why, end the process."""
-        from grader import hangs, pytest_plugin
+        from grader import hangs
 
         session = getattr(self.config, "_grader_session", None)
         item = next((i for i in (session.items if session else []) if i.nodeid == stuck.nodeid), None)
@@ -445,7 +449,7 @@ class FeedbackPlugin:
         self.stopped_for_time = f"{name} hung and could not be stopped"
         if session is not None:
             self.add_not_run(session)
-            pytest_plugin.write_report(self.config, 1, timed_out=True)
+            self.write_report(self.config, 1, timed_out=True)
         capman = self.config.pluginmanager.getplugin("capturemanager")
         try:
             if capman is not None:

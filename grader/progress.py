@@ -35,6 +35,25 @@ def graded_files(exercise: Exercise) -> list[Path]:
     return files
 
 
+def edited_tests_message(exercise: Exercise, pristine: Pristine | None = None) -> str | None:
+    """Says plainly which graded files differ from the course's copy (``pristine``: read anew if not given), if any."""
+    edited = (pristine or Pristine(exercise.root)).edited(graded_files(exercise))
+    if not edited:
+        return None
+    names = ", ".join(path.relative_to(exercise.root).as_posix() for path in edited)
+    return (f"You edited the graded files {names}. This result comes from your copy, not the course's: the "
+            "instructor grades with their own copy of the tests, so it does not count. Restore them with "
+            f"git checkout @{{upstream}} -- {' '.join(p.relative_to(exercise.root).as_posix() for p in edited)} "
+            "(or HEAD instead of @{upstream}; in a zip download, take them from a fresh download).")
+
+
+def mark_edited_tests(exercise: Exercise, result: ExerciseResult, pristine: Pristine | None = None) -> ExerciseResult:
+    message = edited_tests_message(exercise, pristine)
+    if message is None:
+        return result
+    return result.model_copy(update={"status": "tampering", "message": message})
+
+
 def write_manifest(root: Path, revision: str = "HEAD") -> dict[str, str]:
     """``grader/pristine.json`` from git's committed graded files (run by maintainers: python -m grader.progress)."""
     from grader.catalog import all_exercises
@@ -230,3 +249,4 @@ if __name__ == "__main__":  # maintainers: refresh grader/pristine.json after ch
 
     written = write_manifest(course_root())
     print(f"{MANIFEST}: {len(written)} graded files")
+

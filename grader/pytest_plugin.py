@@ -88,7 +88,7 @@ def register_feedback(config: pytest.Config) -> None:
     """Failures that speak about the learner's code, and the per-test time limit (grader.feedback)."""
     from grader.feedback import FeedbackPlugin
 
-    config._grader_feedback = FeedbackPlugin(config)  # type: ignore[attr-defined]
+    config._grader_feedback = FeedbackPlugin(config, write_report, _exercise_for)  # type: ignore[attr-defined]
     config.pluginmanager.register(config._grader_feedback, "grader-feedback")  # type: ignore[attr-defined]
 
 

@@ -37,7 +37,7 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from grader.catalog import Exercise, all_exercises
-from grader.progress import Pristine, State, graded_files
+from grader.progress import Pristine, State, graded_files, mark_edited_tests
 
 PROBE_WAIT = 2.0
 
@@ -274,7 +274,6 @@ def _stamp(path: Path) -> tuple[float, int] | None:
 def _watch_one(exercise: Exercise, runner, keys: Keys, state: State, console: Console,
                show: Callable[..., None]) -> str:
     """Watch one exercise until it passes and a key says what next; returns "next" or "quit"."""
-    from grader.cli import mark_edited_tests
 
     keys_line = ("[dim]keys: [bold]h[/] hint  [bold]r[/] run again  [bold]n[/] next exercise  [bold]q[/] quit[/]"
                  if keys.interactive else "[dim](Ctrl-C to stop)[/]")
