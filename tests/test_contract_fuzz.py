@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from schemathesis.python.asgi import get_client
 
 from grader.environment import settings_environment
+from grader.live import free_port
 from grader.loader import load_module
 
 from .conftest import CURRICULUM, ROOT, present
@@ -260,11 +261,14 @@ def build_15(build: Build) -> list[Target]:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     count = iter(range(100))
+    # A free port where no broker listens (never the default 127.0.0.1:4222, where a learner's own
+    # nats-server may run): the services start and keep their events waiting, as without a broker.
+    no_broker = f"nats://127.0.0.1:{free_port()}"
 
     def users_app() -> Any:
         settings = settings_of(users, database_url=build.sqlite(f"users{next(count)}"), signing_key=pem.decode(),
                                service_clients={"orders": SHOP_ORDERS_SECRET},
-                               admin_username=SHOP_ADMIN[0], admin_password=SHOP_ADMIN[1])
+                               admin_username=SHOP_ADMIN[0], admin_password=SHOP_ADMIN[1], nats_url=no_broker)
         return users.create_app(settings, password_hash=cheap)
 
     def catalog_app(users_wire: Upstream) -> Any:
@@ -274,7 +278,7 @@ def build_15(build: Build) -> list[Target]:
     def orders_app(catalog_wire: Upstream, users_wire: Upstream) -> Any:
         settings = settings_of(orders, database_url=build.sqlite(f"orders{next(count)}"), client_secret=SHOP_ORDERS_SECRET,
                                catalog_url="http://catalog", users_url="http://users", outbox_interval=0,
-                               catalog_timeout=UPSTREAM_TIMEOUT, events_timeout=UPSTREAM_TIMEOUT)
+                               catalog_timeout=UPSTREAM_TIMEOUT, events_timeout=UPSTREAM_TIMEOUT, nats_url=no_broker)
         return orders.create_app(settings, catalog_transport=catalog_wire, users_transport=users_wire)
 
     token = login(users_app(), *SHOP_ADMIN)  # the admin holds every scope: catalog:write, orders:*

@@ -93,7 +93,7 @@ def capstone(service: str) -> Callable[[Any, Path], Any]:
         if service == "orders":  # it verifies tokens with the users service's public keys: the suite's stand-in serves them
             return module.create_app(module.Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'orders.db'}",
                                                      client_secret=suite.ORDERS_SECRET, users_url="http://users",
-                                                     outbox_interval=0),
+                                                     outbox_interval=0, nats_url=suite.nats_url()),
                                      users_transport=suite.JwksHost())
         return suite.build_app(lambda name: load_module(ROOT / "solutions" / "15_capstone", name), tmp_path, service)
 
