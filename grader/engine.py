@@ -42,6 +42,11 @@ class Job:
     learner: str
     files: dict[str, str]
     timeout: float
+    # Only for the maintainers' runs (``grader.batch``: integrity checks, mutation testing), never
+    # for a learner's: the run stops after its first test that does not pass (pytest's
+    # ``--maxfail=1``), and the tests after it are reported missing. Enough to know that a
+    # wrong copy is caught; never enough to score one.
+    stop_at_first_failure: bool = False
 
 
 @dataclass
@@ -230,7 +235,8 @@ class Engine:
                 try:
                     # The zygote gets where the files are, never what they say (see _stage).
                     self._send({"op": "job", "id": job.id, "exercise": job.exercise, "files": sorted(job.files),
-                                "source": str(self._stage(job)), "timeout": job.timeout, "slot": slot})
+                                "source": str(self._stage(job)), "timeout": job.timeout, "slot": slot,
+                                "stop_at_first_failure": job.stop_at_first_failure})
                 except OSError:  # the zygote is gone: this job goes back in line, the restart follows
                     in_flight.pop(job.id)
                     free_slots.append(slot)

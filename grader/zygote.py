@@ -503,6 +503,8 @@ def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) ->
         # run's clock (its time limit, its duration) starts now.
         config._grader_started = time.monotonic()
         config.option.grader_target = os.path.abspath("submission")
+        if job.get("stop_at_first_failure"):  # a maintainer's check (grader.engine.Job), never a learner's run
+            config.option.maxfail = 1
         if job.get("reference_folder"):
             config.option.grader_reference = job["reference_folder"]
         recorder.start(writer)
