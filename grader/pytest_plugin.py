@@ -156,7 +156,16 @@ def load(request: pytest.FixtureRequest, target_dir: Path, exercise: Exercise) -
     later calls: for exercises whose task promises a factory (``create_app()``) that builds
     all state, so every test can still start from a new app while the module's own cost
     (its models, its imports) is paid once.
+
+    In a class grading run of a bridged exercise (``bridge = true`` in exercise.toml), the
+    learner's files run in a process of their own: ``load`` returns a stand-in for the module
+    there (``grader.bridge``), and this process never imports them.
     """
+    bridge = getattr(request.config, "_grader_bridge", None)
+    if bridge is not None:
+        from grader.bridge import remote_loader
+
+        return remote_loader(request.config, target_dir, exercise, bridge)
     cached: dict[str, types.ModuleType] = {}
 
     def _load(module: str | None = None, *, fresh: bool = True) -> types.ModuleType:

@@ -204,6 +204,7 @@ class ExerciseSession:
         self.reference = reference_files(setup.course_root, prepare["exercise"])
         self.given = given_files(setup.course_root, prepare["exercise"])
         self.view = view_of(setup, prepare["exercise"])
+        self.bridge = bridge_settings(setup.course_root, prepare["exercise"])
 
     @staticmethod
     def display_id(item, hidden_root: str | None) -> str:
@@ -284,6 +285,7 @@ class ExerciseSession:
             job["given"] = self.given
             job["reference"] = {**self.given, **self.reference} if self.reference else {}
             job["view"] = self.view
+            job["bridge"] = self.bridge  # the learner's code in a process of its own (grader.bridge)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the warden before reaping it
             pid = os.fork()
             if pid != 0:
@@ -503,6 +505,7 @@ def warden(setup: Setup, job: dict, channel: socket.socket, recorder, config) ->
         # run's clock (its time limit, its duration) starts now.
         config._grader_started = time.monotonic()
         config.option.grader_target = os.path.abspath("submission")
+        config._grader_bridge = job.get("bridge_connection")  # read by the load fixture
         if job.get("stop_at_first_failure"):  # a maintainer's check (grader.engine.Job), never a learner's run
             config.option.maxfail = 1
         if job.get("reference_folder"):
@@ -590,6 +593,13 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
         # beside the run's folder, not in it: the run's uid owns that one and could swap the files
         job["reference_folder"] = base + "-reference"
         write_reference(job["reference"], job["reference_folder"])
+        if job.get("bridge") and capabilities.unprivileged_uid:  # the learner's process (another uid) cannot read it
+            for folder, _, names in os.walk(job["reference_folder"]):
+                os.chown(folder, uid, gid)
+                os.chmod(folder, 0o500)
+                for name in names:
+                    os.chown(os.path.join(folder, name), uid, gid)
+                    os.chmod(os.path.join(folder, name), 0o400)
     sandbox.apply_limits(limits, cpu_seconds=max(1, int(float(job["timeout"]) + 1)),
                          own_uid=capabilities.unprivileged_uid)
     os.environ.clear()
@@ -606,9 +616,15 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
     os.dup2(output_write, 2)
     os.dup2(result_write, 3, inheritable=False)
     close_inherited_descriptors()
+    if job.get("bridge"):
+        job["bridge_connection"] = start_learner_process(job, base, slot, capabilities)
     if capabilities.unprivileged_uid:
         sandbox.drop_privileges(uid, gid)
         sandbox.prctl(sandbox.PR_SET_PDEATHSIG, signal.SIGKILL)  # a uid change clears it
+    if job.get("bridge"):
+        # neither ptrace nor /proc/<pid>/mem from a process of the same uid: the verdict's memory
+        # (the channel's key) stays out of the learner's reach even where uids cannot be switched
+        sandbox.prctl(PR_SET_DUMPABLE, 0)
     sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
     os.umask(0o077)
     os.chdir(base)
@@ -616,6 +632,58 @@ def prepare_run(setup: Setup, job: dict, limits, result_write: int, output_write
     import tempfile
 
     tempfile.tempdir = None
+
+
+PR_SET_DUMPABLE = 4
+
+
+def bridge_settings(root: str, exercise_name: str) -> dict | None:
+    """For an exercise with ``bridge = true``: how long the verdict waits for the learner's process."""
+    from grader.catalog import CatalogError, load_exercise
+    from grader.feedback import default_test_limit
+
+    try:
+        exercise = load_exercise(Path(root, "exercises", exercise_name), Path(root))
+    except CatalogError:
+        return None
+    if exercise.extra.get("bridge") is not True:
+        return None
+    limit = float(exercise.extra.get("test_timeout") or default_test_limit(float(exercise.timeout)))
+    return {"answer_seconds": max(5.0, limit - 3.0)}  # before the test's own limit, which would end the run
+
+
+def learner_ids(slot: int) -> tuple[int, int]:
+    """The uid and gid of a run's learner process: in the run's block of uids, apart from the slots'."""
+    from grader import sandbox
+
+    uid = sandbox.slot_ids(slot)[0] + sandbox.UID_BLOCK // 2
+    return uid, uid
+
+
+def start_learner_process(job: dict, base: str, slot: int, capabilities):
+    """The process that runs the learner's code for this run (``grader.bridge_host``), started
+    before the run drops its privileges so that it gets a uid of its own where uids can switch."""
+    from grader import bridge
+
+    submission = os.path.join(base, "submission")
+    home = os.path.join(base, "learner")
+    os.makedirs(home, mode=0o700)
+    user = None
+    if capabilities.unprivileged_uid:
+        user = learner_ids(slot)
+        os.chown(home, *user)
+        # the learner's process owns its files; the verdict may read them (never import them)
+        for folder, _, names in os.walk(submission):
+            os.chown(folder, *user)
+            os.chmod(folder, 0o755)
+            for name in names:
+                os.chown(os.path.join(folder, name), *user)
+                os.chmod(os.path.join(folder, name), 0o644)
+        os.chmod(base, 0o755)
+    env = {**os.environ, "HOME": home}
+    if not capabilities.mount_namespace:
+        env["TMPDIR"] = home
+    return bridge.start_host(cwd=home, env=env, user=user, answer_seconds=float(job["bridge"]["answer_seconds"]))
 
 
 def read_submission(source: str, names: list[str]) -> dict[str, str]:
@@ -750,6 +818,8 @@ def _kill_leftovers(capabilities, job: dict, setup: Setup) -> None:
             sandbox.kill_cgroup(folder)
     if capabilities.unprivileged_uid:
         sandbox.kill_uid(sandbox.slot_ids(int(job["slot"]))[0])
+        if job.get("bridge"):
+            sandbox.kill_uid(learner_ids(int(job["slot"]))[0])
 
 
 def verify_channel(key: bytes, data: bytes, outcome: dict) -> dict:

@@ -1,0 +1,630 @@
+"""The verdict's side of the bridge to a learner's code that runs in another process.
+
+In a class grading run of an exercise whose ``exercise.toml`` says ``bridge = true``, the
+pytest process that runs the graded tests and records their outcomes never imports the
+learner's files. They run in a host process of their own (``grader.bridge_host``), started
+with another uid, and the two talk over one Unix socket:
+
+    verdict (pytest, the recorder, the channel)  ──socket──  host (the learner's modules and apps)
+
+``load("app")`` then returns a :class:`RemoteModule`. Reading a name of it, calling it, or
+indexing it is one request over the socket, and what comes back is plain data (None, bool,
+int, float, str, bytes, lists, tuples, dicts) or a :class:`Remote`: an id and a type name
+for an object that stays in the host. A remote ASGI app (:class:`RemoteApp`) is an ASGI
+callable here, so ``TestClient(module.create_app())`` works unchanged: every message the
+app receives or sends crosses the socket as plain data.
+
+What crosses is decoded by ``json`` and nothing else: no pickle, no object the host names
+is ever built here but the plain values and the remote stand-ins above. Nothing of this
+side crosses the other way but plain data and the ids the host gave out. An exception in
+the learner's code crosses as its type's name, its message and its traceback's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 16 * 1024 * 1024  # bytes of one message; more is a protocol error
+MAX_BODY = 64 * 1024 * 1024  # bytes one ASGI call may send back
+MAX_DEPTH = 64  # nesting of plain data
+MARKERS = ("$b", "$t", "$d", "$h")
+
+
+class RemoteError(Exception):
+    """An exception raised by the learner's code in its own process (or the bridge to it failing).
+
+    Its class is made here, named after the remote exception's type and, for a built-in
+    exception, a subclass of it too (a remote ``KeyError`` is caught by ``except KeyError``).
+    """
+
+    remote_type = "RemoteError"
+    remote_traceback = ""
+
+
+class BridgeBroken(RemoteError):
+    """The learner's process ended, hung, or broke the protocol: no later request reaches it."""
+
+
+class ProtocolError(Exception):
+    """The learner's process sent something that is not a message of this protocol."""
+
+
+# --------------------------------------------------------------------------- plain data
+
+
+def encode(value: Any, handle_of=None, depth: int = 0) -> Any:
+    """``value`` as JSON-ready plain data. Here (``handle_of`` None) only plain data and
+    :class:`Remote` objects are allowed; in the host, ``handle_of`` names any other object."""
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if handle_of is not None and depth < MAX_DEPTH:  # the host: subclasses count as their base
+        if isinstance(value, bool):
+            return bool(value)
+        if isinstance(value, int):
+            return int.__int__(value)
+        if isinstance(value, float):
+            return float.__float__(value)
+        if isinstance(value, str):
+            return str.__str__(value)
+    if depth >= MAX_DEPTH:
+        if handle_of is not None:
+            return handle_of(value)
+        raise TypeError("plain data nested too deep to cross to the learner's process")
+    if kind in (bytes, bytearray) or (handle_of is not None and isinstance(value, (bytes, bytearray, memoryview))):
+        return {"$b": base64.b64encode(bytes(value)).decode("ascii")}
+    if kind is list or (handle_of is not None and isinstance(value, list)):
+        return [encode(item, handle_of, depth + 1) for item in list(value)]
+    if kind is tuple or (handle_of is not None and isinstance(value, tuple)):
+        return {"$t": [encode(item, handle_of, depth + 1) for item in tuple(value)]}
+    if kind is dict or (handle_of is not None and isinstance(value, dict)):
+        items = list(dict.items(value))
+        if all(type(key) is str and not key.startswith("$") for key, _ in items):
+            return {key: encode(item, handle_of, depth + 1) for key, item in items}
+        return {"$d": [[encode(key, handle_of, depth + 1), encode(item, handle_of, depth + 1)] for key, item in items]}
+    if isinstance(value, Remote):
+        return {"$h": object.__getattribute__(value, "_id")}
+    if handle_of is not None:
+        return handle_of(value)
+    raise TypeError(f"only plain data (None, bool, int, float, str, bytes, lists, tuples, dicts) and objects of the "
+                    f"learner's process cross to it, not {kind.__name__}")
+
+
+def decode(value: Any, handle=None) -> Any:
+    """The plain data that ``encode`` made (after ``json.loads``); ``handle(data)`` makes what a
+    ``{"$h": ...}`` stands for."""
+    kind = type(value)
+    if kind is list:
+        return [decode(item, handle) for item in value]
+    if kind is not dict:
+        if value is None or kind in (bool, int, float, str):
+            return value
+        raise ProtocolError(f"a value of type {kind.__name__}")
+    if len(value) == 1:
+        key = next(iter(value))
+        if key in MARKERS:
+            inner = value[key]
+            if key == "$b":
+                if type(inner) is not str:
+                    raise ProtocolError("bytes that are not base64 text")
+                try:
+                    return base64.b64decode(inner, validate=True)
+                except ValueError:
+                    raise ProtocolError("bytes that are not base64") from None
+            if key == "$t":
+                if type(inner) is not list:
+                    raise ProtocolError("a tuple that is not a list")
+                return tuple(decode(item, handle) for item in inner)
+            if key == "$d":
+                if type(inner) is not list or not all(type(pair) is list and len(pair) == 2 for pair in inner):
+                    raise ProtocolError("a dict that is not a list of pairs")
+                result = {}
+                for pair in inner:
+                    key_value = decode(pair[0], handle)
+                    try:
+                        result[key_value] = decode(pair[1], handle)
+                    except TypeError:
+                        raise ProtocolError("a dict key that cannot be a key") from None
+                return result
+            if handle is None:
+                raise ProtocolError("an object where only plain data may come")
+            return handle(inner)
+    return {key: decode(item, handle) for key, item in value.items()}
+
+
+def frame(message: dict) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_FRAME:
+        raise ValueError(f"a message of {len(data)} bytes, more than the bridge carries ({MAX_FRAME})")
+    return HEADER.pack(len(data)) + data
+
+
+def read_exactly(sock: socket.socket, count: int) -> bytes:
+    chunks, left = [], count
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(sock: socket.socket) -> dict:
+    (length,) = HEADER.unpack(read_exactly(sock, HEADER.size))
+    if length > MAX_FRAME:
+        raise ProtocolError(f"a message of {length} bytes, more than the bridge carries ({MAX_FRAME})")
+    try:
+        message = json.loads(read_exactly(sock, length))
+    except (ValueError, RecursionError):
+        raise ProtocolError("a message that is not JSON") from None
+    if type(message) is not dict:
+        raise ProtocolError("a message that is not a JSON object")
+    return message
+
+
+# --------------------------------------------------------------------------- exceptions
+
+_classes: dict[tuple[str, str], type] = {}
+_NOT_AS_BUILTIN = {"MemoryError", "SystemExit", "KeyboardInterrupt", "GeneratorExit", "BaseException",
+                   "BaseExceptionGroup", "ExceptionGroup", "StopIteration", "StopAsyncIteration"}
+
+
+def remote_exception(info: Any) -> BaseException:
+    """The exception to raise here for the learner's ``info`` (type name, module, message, traceback, errors)."""
+    if type(info) is not dict:
+        return BridgeBroken("the learner's process sent an error that is not one")
+    name = str(info.get("type") or "RemoteError")[:100]
+    module = str(info.get("module") or "")[:200]
+    message = str(info.get("message") or "")[:20000]
+    trace = str(info.get("traceback") or "")[:20000]
+    if module.startswith("pydantic") and name == "ValidationError" and type(info.get("errors")) is list:
+        error = _validation_error(str(info.get("title") or "")[:200], info["errors"])
+        if error is not None:
+            return error
+    if not name.isidentifier():
+        name = "RemoteError"
+    key = (module, name)
+    cls = _classes.get(key)
+    if cls is None:
+        base = getattr(builtins, name, None) if module == "builtins" and name not in _NOT_AS_BUILTIN else None
+        bases: tuple[type, ...] = (RemoteError,)
+        if isinstance(base, type) and issubclass(base, Exception) and not issubclass(base, RemoteError):
+            bases = (RemoteError, base)
+        try:
+            cls = type(name, bases, {"__module__": module or "remote"})
+        except TypeError:
+            cls = type(name, (RemoteError,), {"__module__": module or "remote"})
+        _classes[key] = cls
+    try:
+        error = cls(message)
+    except Exception:  # noqa: BLE001 - a built-in whose constructor wants more than a message
+        error = type(name, (RemoteError,), {"__module__": module or "remote"})(message)
+    error.remote_type = f"{module}.{name}" if module and module != "builtins" else name
+    error.remote_traceback = trace
+    return error
+
+
+def _validation_error(title: str, errors: list) -> BaseException | None:
+    """A pydantic ValidationError rebuilt from the errors the learner's raised (``exc.errors()``)."""
+    try:
+        from pydantic import ValidationError
+        from pydantic_core import PydanticCustomError
+
+        line_errors = []
+        for error in errors[:100]:
+            if type(error) is not dict:
+                return None
+            loc = error.get("loc") or ()
+            loc = tuple(part if type(part) in (str, int) else str(part) for part in (loc if isinstance(loc, (list, tuple)) else (loc,)))
+            kind = str(error.get("type") or "value_error")
+            line = {"loc": loc, "input": error.get("input")}
+            try:  # the same error type as the learner's, when pydantic knows it without more context
+                ValidationError.from_exception_data(title, [{"type": kind, **line}])
+                line["type"] = kind
+            except Exception:  # noqa: BLE001 - a type that needs its context: keep its name and message
+                message = str(error.get("msg") or "").replace("{", "{{").replace("}", "}}")
+                line["type"] = PydanticCustomError(kind, message)
+            line_errors.append(line)
+        return ValidationError.from_exception_data(title, line_errors)
+    except Exception:  # noqa: BLE001 - then a RemoteError named ValidationError says the same
+        return None
+
+
+# --------------------------------------------------------------------------- remote objects
+
+
+class Remote:
+    """An object of the learner's process: reading a name, calling, indexing is one request."""
+
+    __slots__ = ("_bridge", "_id", "_type", "__weakref__")
+
+    def __init__(self, bridge: Bridge, ident: int, kind: str) -> None:
+        object.__setattr__(self, "_bridge", bridge)
+        object.__setattr__(self, "_id", ident)
+        object.__setattr__(self, "_type", kind)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # Python's own probes (__await__, _is_coroutine_marker, …) stay here
+            raise AttributeError(name)
+        return self._bridge.request("getattr", target=self._id, name=name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            raise AttributeError(f"{name} cannot be set on an object of the learner's process")
+        self._bridge.request("setattr", target=self._id, name=name, value=encode(value))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._bridge.request("call", target=self._id, args=encode(list(args)), kwargs=encode(kwargs))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._bridge.request("getitem", target=self._id, key=encode(key))
+
+    def __repr__(self) -> str:
+        return f"<{self._type} in the learner's process>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Remote) and other._bridge is self._bridge and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash((id(self._bridge), self._id))
+
+
+class RemoteModule(Remote):
+    """What ``load("app")`` returns in a bridged run: the learner's module, in its own process."""
+
+    __slots__ = ()
+
+
+class RemoteApp(Remote):
+    """An ASGI app of the learner's process, callable here as an ASGI app."""
+
+    __slots__ = ()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:  # type: ignore[override]
+        await self._bridge.asgi(self._id, scope, receive, send)
+
+
+def _remote_fastapi() -> type:
+    from fastapi import FastAPI
+
+    class RemoteFastAPI(RemoteApp):
+        """A FastAPI app of the learner's process; ``isinstance(app, FastAPI)`` holds, as the README promises."""
+
+        __slots__ = ()
+
+        @property
+        def __class__(self) -> type:  # type: ignore[override]
+            return FastAPI
+
+    return RemoteFastAPI
+
+
+# --------------------------------------------------------------------------- the connection
+
+
+class _Call:
+    """One ASGI call in flight: the app runs in the learner's process, receive and send here."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, receive: Any, send: Any) -> None:
+        self.loop, self.receive, self.send = loop, receive, send
+        self.done: asyncio.Future = loop.create_future()
+        self.tasks: set[asyncio.Task] = set()
+        self.waiting_here = 0  # receive() calls of the app that this side has not answered yet
+        self.last = time.monotonic()
+        self.body = 0
+
+
+class Bridge:
+    """The socket to one learner process, and the thread that reads it."""
+
+    def __init__(self, sock: socket.socket, pid: int | None = None, *, answer_seconds: float = 20.0) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.answer_seconds = answer_seconds
+        self.broken = ""
+        self._ids = itertools.count(1)
+        self._write_lock = threading.Lock()
+        self._waiting: dict[int, concurrent.futures.Future] = {}
+        self._calls: dict[int, _Call] = {}
+        self._remote_fastapi: type | None = None
+        self.process: Any = None
+        with contextlib.suppress(OSError):  # a learner process that never reads cannot hold a writer forever
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(answer_seconds), 0))
+        self._reader = threading.Thread(target=self._read, name="grader-bridge", daemon=True)
+        self._reader.start()
+
+    # --- writing and breaking
+
+    def _write(self, message: dict) -> None:
+        if self.broken:
+            raise BridgeBroken(self.broken)
+        data = frame(message)
+        try:
+            with self._write_lock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            self.fail(f"the learner's process stopped reading its requests ({exc.strerror or exc})")
+            raise BridgeBroken(self.broken) from None
+
+    def fail(self, why: str) -> None:
+        """Break the bridge for good: every waiting request and call fails with ``why``."""
+        if self.broken:
+            return
+        self.broken = why
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # the host's reader sees the end and the process exits
+        for future in list(self._waiting.values()):
+            if not future.done():
+                future.set_exception(BridgeBroken(why))
+        for call in list(self._calls.values()):
+            call.loop.call_soon_threadsafe(_settle, call.done, BridgeBroken(why))
+
+    def close(self) -> None:
+        self.fail("the bridge was closed")
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _ended(self) -> str:
+        """Why the host's end of the socket closed, from its exit status when it is known."""
+        if self.pid is None:
+            return "the learner's process ended"
+        for _ in range(20):
+            try:
+                finished, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if finished:
+                code = os.waitstatus_to_exitcode(status)
+                return (f"the learner's process was killed by signal {-code}" if code < 0
+                        else f"the learner's process ended with exit code {code}")
+            time.sleep(0.05)
+        return "the learner's process closed its connection"
+
+    # --- reading
+
+    def _read(self) -> None:
+        try:
+            while not self.broken:
+                message = read_frame(self.sock)
+                self._dispatch(message)
+        except EOFError:
+            self.fail(self._ended() + " (your code's process: an exit, a crash or a kill ends every later request)")
+        except ProtocolError as exc:
+            self.fail(f"the learner's process broke the bridge's protocol: {exc}")
+        except OSError as exc:
+            self.fail(f"the connection to the learner's process failed ({exc.strerror or exc})")
+        except Exception as exc:  # noqa: BLE001 - nothing the learner sends may end this thread quietly
+            self.fail(f"the learner's process sent what the bridge cannot read ({type(exc).__name__})")
+
+    def _dispatch(self, message: dict) -> None:
+        if "id" in message:
+            future = self._waiting.pop(message["id"], None) if type(message["id"]) is int else None
+            if future is None:
+                raise ProtocolError("an answer to no request")
+            if "error" in message:
+                future.set_exception(remote_exception(message["error"]))
+            else:
+                try:
+                    future.set_result(decode(message.get("ok"), self._handle))
+                except ProtocolError as exc:
+                    future.set_exception(BridgeBroken(str(exc)))
+                    raise
+            return
+        call = self._calls.get(message.get("call")) if type(message.get("call")) is int else None
+        op = message.get("op")
+        if call is None:
+            if op in ("receive", "send", "done"):  # a call this side already gave up on
+                return
+            raise ProtocolError(f"a message for no call ({str(op)[:40]})")
+        call.last = time.monotonic()
+        if op == "done":
+            result = remote_exception(message["error"]) if "error" in message else None
+            call.loop.call_soon_threadsafe(_settle, call.done, result)
+        elif op == "receive":
+            call.waiting_here += 1
+            call.loop.call_soon_threadsafe(self._start, call, self._serve_receive(message["call"], call))
+        elif op == "send":
+            payload = decode(message.get("message"), self._handle)
+            if type(payload) is not dict:
+                raise ProtocolError("an ASGI message that is not a dict")
+            body = payload.get("body", b"")
+            call.body += len(body) if isinstance(body, bytes) else 0
+            if call.body > MAX_BODY:
+                call.loop.call_soon_threadsafe(_settle, call.done, RemoteError(
+                    f"your app sent more than {MAX_BODY // 1024**2} MiB for one request"))
+                return
+            call.loop.call_soon_threadsafe(self._start, call, self._serve_send(message["call"], call, payload))
+        else:
+            raise ProtocolError(f"an unknown message ({str(op)[:40]})")
+
+    @staticmethod
+    def _start(call: _Call, coroutine: Any) -> None:
+        task = call.loop.create_task(coroutine)
+        call.tasks.add(task)
+        task.add_done_callback(call.tasks.discard)
+
+    async def _serve_receive(self, ident: int, call: _Call) -> None:
+        try:
+            message = await call.receive()
+        except Exception as exc:  # noqa: BLE001 - the client side went away: the app hears a disconnect
+            message = {"type": "http.disconnect", "reason": f"{type(exc).__name__}"}
+        finally:
+            call.waiting_here -= 1
+            call.last = time.monotonic()
+        with contextlib.suppress(BridgeBroken):
+            self._write({"op": "received", "call": ident, "message": encode(_plain_scope(message))})
+
+    async def _serve_send(self, ident: int, call: _Call, payload: dict) -> None:
+        reply: dict = {"op": "sent", "call": ident}
+        try:
+            await call.send(payload)
+        except Exception as exc:  # noqa: BLE001 - the app's send() raises as it would in one process
+            reply["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        call.last = time.monotonic()
+        with contextlib.suppress(BridgeBroken):
+            self._write(reply)
+
+    def _handle(self, data: Any) -> Remote:
+        if type(data) is not list or len(data) != 3 or type(data[0]) is not int or type(data[1]) is not str:
+            raise ProtocolError("an object id that is not one")
+        ident, kind, flavour = data
+        if flavour == "fastapi":
+            if self._remote_fastapi is None:
+                self._remote_fastapi = _remote_fastapi()
+            return self._remote_fastapi(self, ident, kind[:200])
+        cls = {"module": RemoteModule, "asgi": RemoteApp}.get(flavour, Remote)
+        return cls(self, ident, kind[:200])
+
+    # --- requests
+
+    def request(self, op: str, **arguments: Any) -> Any:
+        """Send one request and wait for its answer (the learner's value, or its exception raised here)."""
+        ident = next(self._ids)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._waiting[ident] = future
+        self._write({"op": op, "id": ident, **arguments})
+        try:
+            return future.result(timeout=self.answer_seconds)
+        except concurrent.futures.TimeoutError:
+            self.fail(f"your code did not answer within {self.answer_seconds:g} s (an endless loop, or a call that "
+                      f"waits, while the test asked for {op} {arguments.get('name') or arguments.get('module') or ''})")
+            raise BridgeBroken(self.broken) from None
+        finally:
+            self._waiting.pop(ident, None)
+
+    async def asgi(self, app: int, scope: dict, receive: Any, send: Any) -> None:
+        """Run the learner's app ``app`` for one ASGI call: its messages cross the socket."""
+        loop = asyncio.get_running_loop()
+        ident = next(self._ids)
+        call = _Call(loop, receive, send)
+        self._calls[ident] = call
+        try:
+            self._write({"op": "asgi", "call": ident, "app": app, "scope": encode(_plain_scope(scope))})
+            while True:
+                done, _ = await asyncio.wait({call.done}, timeout=0.25)
+                if done:
+                    break
+                # the app's own time: while it waits for this side (receive), the test decides
+                if call.waiting_here == 0 and not call.tasks and time.monotonic() - call.last > self.answer_seconds:
+                    self.fail(f"your app did not answer within {self.answer_seconds:g} s (an endless loop, or a "
+                              f"call that waits) for {scope.get('type')} {scope.get('method', '')} {scope.get('path', '')}")
+            error = call.done.result()
+            if error is not None:
+                raise error
+        except asyncio.CancelledError:
+            with contextlib.suppress(BridgeBroken):
+                self._write({"op": "cancel", "call": ident})
+            raise
+        finally:
+            self._calls.pop(ident, None)
+            for task in list(call.tasks):
+                task.cancel()
+
+
+def _settle(future: asyncio.Future, result: BaseException | None) -> None:
+    if future.done():
+        return
+    future.set_result(result)
+
+
+def _plain_scope(scope: Any) -> Any:
+    """An ASGI scope or message with only what crosses: values that are not plain data are left out
+    (a test client's own objects in ``extensions``, say); the host keeps the app's lifespan state."""
+    if not isinstance(scope, dict):
+        return scope
+    plain = {}
+    for key, value in scope.items():
+        if key == "state":
+            continue
+        try:
+            encode(value)
+        except TypeError:
+            continue
+        plain[key] = value
+    return plain
+
+
+# --------------------------------------------------------------------------- starting a host
+
+
+def start_host(*, cwd: str, env: dict[str, str], user: tuple[int, int] | None, answer_seconds: float,
+               stdout: int | None = None, stderr: int | None = None) -> Bridge:
+    """Start a learner process (``python -m grader.bridge_host``) and connect to it.
+
+    ``user``: (uid, gid) the process gets, when this process may switch (it is root). The
+    process is a new interpreter (``exec``): it holds nothing of this one's memory.
+    """
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    grader_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bootstrap = (f"import sys; sys.path.append({grader_parent!r}); "
+                 "from grader.bridge_host import main; main(int(sys.argv[1]))")
+    options: dict[str, Any] = {}
+    if user is not None:
+        options.update(user=user[0], group=user[1], extra_groups=[])
+    process = subprocess.Popen(
+        [sys.executable, "-I", "-c", bootstrap, str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        **options)
+    theirs.close()
+    bridge = Bridge(ours, process.pid, answer_seconds=answer_seconds)
+    bridge.process = process  # kept: a collected Popen of a live process warns (and warnings are errors)
+    return bridge
+
+
+# --------------------------------------------------------------------------- the load fixture
+
+
+def remote_loader(config: Any, target_dir: Any, exercise: Any, bridge: Bridge) -> Any:
+    """``load`` in a bridged run: ``load("app")`` asks the learner's process to import ``app.py``
+    (fresh, or once with ``fresh=False``) and returns the :class:`RemoteModule`."""
+    import pytest
+
+    cached: dict[str, Any] = {}
+    failures: dict[str, str] = {}
+
+    def _load(module: str | None = None, *, fresh: bool = True) -> Any:
+        name = (module or exercise.editable[0]).removesuffix(".py")
+        if not fresh and name in cached:
+            return cached[name]
+        if name in failures:
+            pytest.fail(f"{failures[name]} (the first failing test shows why in full)", pytrace=False)
+        problem = None
+        try:
+            loaded = bridge.request("load", folder=str(target_dir), module=name)
+        except BridgeBroken as exc:
+            problem = f"{name}.py could not be loaded in its own process: {exc}"
+            if "did not answer" in str(exc):
+                problem = f"{name}.py does not import: it was still running after {bridge.answer_seconds:g} s ({exc})"
+            failures[name] = problem.splitlines()[0]
+        except RemoteError as exc:
+            problem = str(exc)
+            if type(exc).__name__ == "ImportProblem":
+                failures[name] = problem.splitlines()[0] if problem else f"{name}.py does not import"
+            else:
+                problem = f"{name}.py does not import: {exc.remote_type}: {exc}"
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)
+        if not isinstance(loaded, Remote):
+            pytest.fail(f"{name}.py did not load as a module in its own process", pytrace=False)
+        if not fresh:
+            cached[name] = loaded
+        return loaded
+
+    return _load
