@@ -22,11 +22,18 @@ from grader.warmup import imports_of, with_lazy_imports
 
 @dataclass(frozen=True)
 class FileSet:
-    """One variant to grade: ``files`` maps each editable file's name to its whole text."""
+    """One variant to grade: ``files`` maps each editable file's name to its whole text.
+
+    ``stop_at_first_failure``: the run ends after its first test that does not pass (pytest's
+    ``--maxfail=1``; the tests after it are reported missing). For a variant that only has to
+    be caught (a mutant): one failing test is the answer, and the rest of the suite costs time.
+    Never for a copy whose points or whose every test matter (a reference, a stub).
+    """
 
     label: str
     exercise: Exercise
     files: dict[str, str]
+    stop_at_first_failure: bool = False
 
 
 def default_slots() -> int:
@@ -60,7 +67,8 @@ def grade_file_sets(root: Path, sets: Iterable[FileSet], slots: int | None = Non
                     exercise=exercise.name, status="error", max_points=exercise.total_points,
                     message=f"the graded suite could not be collected:\n{prepared[exercise.name].error[:2000]}")
                 continue
-            jobs.append(Job(job_id, exercise.name, file_set.label, file_set.files, exercise.timeout))
+            jobs.append(Job(job_id, exercise.name, file_set.label, file_set.files, exercise.timeout,
+                            stop_at_first_failure=file_set.stop_at_first_failure))
 
         def done(job: Job, outcome: dict) -> None:
             file_set = by_id[job.id]

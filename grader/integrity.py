@@ -10,7 +10,7 @@ from typing import Literal
 
 from grader import patches
 from grader.catalog import Exercise
-from grader.results import ExerciseResult
+from grader.results import ExerciseResult, TestResult
 from grader.targets import mutant_description, mutant_target
 
 Kind = Literal["solution", "stub", "mutant"]
@@ -34,6 +34,15 @@ class Check:
     def description(self) -> str:
         return mutant_description(self.mutant) if self.mutant else ""
 
+    @property
+    def stops_at_first_failure(self) -> bool:
+        """A mutant only has to be caught: its run ends at its first test that does not pass.
+
+        The reference must pass every test and the stub must earn nothing (a stub passing a
+        later test would earn its points), so both always run the whole suite.
+        """
+        return self.kind == "mutant"
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -49,7 +58,18 @@ class Outcome:
         # An untouched stub also earns nothing: its points would be a grade for no work.
         if self.check.kind == "stub" and self.result.points > 0:
             return False
+        if self.check.stops_at_first_failure:
+            # The run ended at its first test that did not pass: that test must have *failed*.
+            # An error (in a fixture's setup or teardown) says the suite could not run the test,
+            # and the tests after it, which might have caught the copy, never ran.
+            first = self.first_not_passing
+            return self.result.status == "failed" and first is not None and first.outcome == "failed"
         return self.result.status == "failed"
+
+    @property
+    def first_not_passing(self) -> TestResult | None:
+        """The first test, in the suite's order, that neither passed nor was skipped."""
+        return next((t for t in self.result.tests if t.outcome not in ("passed", "skipped", "xfailed")), None)
 
     @property
     def summary(self) -> str:
@@ -58,6 +78,11 @@ class Outcome:
             first = r.message.strip().splitlines()[:1]
             return f"{r.status}: {first[0][:80] if first else ''}"
         earned = f", {r.points:g} points" if self.check.kind == "stub" and r.points > 0 else ""
+        first = self.first_not_passing if self.check.stops_at_first_failure else None
+        if first is not None:
+            name = first.nodeid.rsplit("::", 1)[-1]
+            verb = "caught by" if first.outcome == "failed" else f"first non-pass is an {first.outcome} in"
+            return f"{verb} {name} ({r.passed_count} passed before it)"
         return f"{r.passed_count}/{r.total} pass{earned}"
 
 
@@ -89,7 +114,8 @@ def run_checks(checks: list[Check], slots: int | None = None,
 
     One interpreter imports pytest, FastAPI and the graded suites once, then forks a run per
     check, cores + 1 at a time: the same runs as a fresh ``pytest`` each, without paying the
-    start-up hundreds of times.
+    start-up hundreds of times. A mutant's run stops at its first test that does not pass
+    (``Check.stops_at_first_failure``); the reference's and the stub's run the whole suite.
     """
     from grader.batch import FileSet, grade_file_sets
 
@@ -99,7 +125,7 @@ def run_checks(checks: list[Check], slots: int | None = None,
     sets, results = [], {}
     for label, check in labels.items():
         try:
-            sets.append(FileSet(label, check.exercise, files_of(check)))
+            sets.append(FileSet(label, check.exercise, files_of(check), check.stops_at_first_failure))
         except (OSError, patches.PatchError) as exc:  # a mutant that no longer fits: that check's error alone
             results[label] = ExerciseResult(exercise=check.exercise.name, status="error",
                                             max_points=check.exercise.total_points, message=str(exc))

@@ -338,7 +338,9 @@ def run(exercise: Exercise, slots: int | None = None, only: str | None = None, w
     base = reference_files(exercise)
     found = [m for m in mutants(exercise) if only is None or only in m.id]
     sets = [FileSet("reference", exercise, base)]
-    sets += [FileSet(m.id, exercise, {**base, m.file: m.source}) for m in found]
+    # A mutant is killed by its first test that does not pass: its run stops there (a survivor
+    # passes every test, so it still runs the whole suite).
+    sets += [FileSet(m.id, exercise, {**base, m.file: m.source}, stop_at_first_failure=True) for m in found]
     print(f"{exercise.name}: {len(found)} mutants; grading them with the graded suite …", file=out, flush=True)
     results = grade_file_sets(exercise.root, sets, slots)
     reference = results["reference"]

@@ -178,8 +178,12 @@ def test_by_default_one_more_run_than_cores_is_in_flight():
 
 @pytest.mark.parametrize(("kind", "points", "ok"), [("stub", 0.0, True), ("stub", 1.0, False), ("mutant", 1.0, True)])
 def test_an_untouched_stub_must_earn_nothing(kind, points, ok):
+    from grader.results import TestResult as Graded  # not collected as a test class
+
     exercise = EXERCISES[0]
-    result = ExerciseResult(exercise=exercise.name, status="failed", points=points, max_points=exercise.total_points)
+    caught = [Graded(nodeid="t.py::test_a", task=None, outcome="failed", points=0.0, max_points=1.0)]
+    result = ExerciseResult(exercise=exercise.name, status="failed", points=points, max_points=exercise.total_points,
+                            tests=caught if kind == "mutant" else [])  # a mutant is caught by a failed test
     outcome = Outcome(Check(exercise, kind, exercise.mutants()[0] if kind == "mutant" else None), result)
     assert outcome.ok is ok
     assert ("points" in outcome.summary) is (not ok)
