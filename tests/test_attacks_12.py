@@ -100,6 +100,21 @@ def test_hostile_traceparents_on_a_real_server_start_new_traces(module):
     assert continued == [TRACE], continued
 
 
+def test_a_strangers_tracestate_never_reaches_the_log(module, caplog):
+    """The service keeps no `tracestate`: OpenTelemetry's propagator logs a malformed one whole
+    (a warning through the root logger, hence stderr under uvicorn), so a stranger's kilobytes
+    would land in the log on every request. The trace is still continued from `traceparent`."""
+    app, exporter, _ = traced(module)
+    marker = "stranger" + "x" * 6000
+    with caplog.at_level(logging.DEBUG), TestClient(app) as client:
+        response = client.get("/items/1", headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01",
+                                                   "tracestate": f"{marker}=not w3c,{'k' * 300}=v"})
+    assert response.status_code == 200, response.text
+    logged = [record.getMessage() for record in caplog.records if "stranger" in record.getMessage()]
+    assert not logged, f"a request's tracestate reached the log: {logged[0][:120]}..."
+    assert [format_trace_id(span.context.trace_id) for span in exporter.get_finished_spans() if span.parent] == [TRACE]
+
+
 @pytest.mark.parametrize("path", ["/items/%2e%2e/stock", "/items/4/stock", "/items/%2e%2e%2f1/stock", "/items/9223372036854775808/stock",
                                   "/items/-1/stock", "/items/1e309/stock", "/items/NaN/stock", "/items/0x1/stock"])
 def test_the_warehouse_is_asked_only_about_items_the_service_has(module, path):

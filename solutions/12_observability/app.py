@@ -164,11 +164,13 @@ PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def incoming_headers(scope: Scope) -> dict[str, str]:
-    """The request's headers as a carrier for the propagator (ASGI names are lower case already)."""
-    carrier: dict[str, str] = {}
-    for name, value in scope["headers"]:
-        carrier.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-    return carrier
+    """The request's `traceparent` as a carrier for the propagator, and nothing else. Not its
+    `tracestate` (vendors' data this service keeps none of): OpenTelemetry logs a malformed one
+    whole, so a stranger's kilobytes, newlines included, would reach the log on every request."""
+    for name, value in scope["headers"]:  # ASGI names are lower case already
+        if name == b"traceparent":
+            return {"traceparent": value.decode("latin-1")}
+    return {}
 
 
 def default_tracer_provider() -> TracerProvider:
