@@ -374,21 +374,33 @@ class Bridge:
             call.loop.call_soon_threadsafe(_settle, call.done, BridgeBroken(why))
 
     def close(self) -> None:
+        """Close the socket; the learner's process, which ends when it sees that, is waited for."""
         self.fail("the bridge was closed")
         with contextlib.suppress(OSError):
             self.sock.close()
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - still running (stuck in C code): end it where this process may
+                with contextlib.suppress(OSError):
+                    self.process.kill()
+                with contextlib.suppress(Exception):
+                    self.process.wait(timeout=5)
 
     def _ended(self) -> str:
         """Why the host's end of the socket closed, from its exit status when it is known."""
         if self.pid is None:
             return "the learner's process ended"
         for _ in range(20):
-            try:
-                finished, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if finished:
-                code = os.waitstatus_to_exitcode(status)
+            if self.process is not None:
+                code = self.process.poll()
+            else:
+                try:
+                    finished, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                code = os.waitstatus_to_exitcode(status) if finished else None
+            if code is not None:
                 return (f"the learner's process was killed by signal {-code}" if code < 0
                         else f"the learner's process ended with exit code {code}")
             time.sleep(0.05)
@@ -416,7 +428,7 @@ class Bridge:
             if future is None:
                 raise ProtocolError("an answer to no request")
             if "error" in message:
-                future.set_exception(remote_exception(message["error"]))
+                future.set_exception(remote_exception(self._error_info(message["error"])))
             else:
                 try:
                     future.set_result(decode(message.get("ok"), self._handle))
@@ -432,7 +444,7 @@ class Bridge:
             raise ProtocolError(f"a message for no call ({str(op)[:40]})")
         call.last = time.monotonic()
         if op == "done":
-            result = remote_exception(message["error"]) if "error" in message else None
+            result = remote_exception(self._error_info(message["error"])) if "error" in message else None
             call.loop.call_soon_threadsafe(_settle, call.done, result)
         elif op == "receive":
             call.waiting_here += 1
@@ -450,6 +462,11 @@ class Bridge:
             call.loop.call_soon_threadsafe(self._start, call, self._serve_send(message["call"], call, payload))
         else:
             raise ProtocolError(f"an unknown message ({str(op)[:40]})")
+
+    def _error_info(self, info: Any) -> Any:
+        if type(info) is dict and "errors" in info:  # a ValidationError's errors: plain data and handles
+            info = {**info, "errors": decode(info["errors"], self._handle)}
+        return info
 
     @staticmethod
     def _start(call: _Call, coroutine: Any) -> None:
@@ -606,12 +623,16 @@ def remote_loader(config: Any, target_dir: Any, exercise: Any, bridge: Bridge) -
         if name in failures:
             pytest.fail(f"{failures[name]} (the first failing test shows why in full)", pytrace=False)
         problem = None
+        earlier = bridge.broken
         try:
             loaded = bridge.request("load", folder=str(target_dir), module=name)
         except BridgeBroken as exc:
-            problem = f"{name}.py could not be loaded in its own process: {exc}"
+            if earlier:  # a route or call of an earlier test ended (or hung) the learner's process
+                pytest.fail(f"{name}.py cannot be loaded: your code's process is gone ({earlier})", pytrace=False)
             if "did not answer" in str(exc):
                 problem = f"{name}.py does not import: it was still running after {bridge.answer_seconds:g} s ({exc})"
+            else:  # the process ended (an exit, a crash) or broke the bridge while it imported the module
+                problem = f"{name}.py does not import: {exc}"
             failures[name] = problem.splitlines()[0]
         except RemoteError as exc:
             problem = str(exc)

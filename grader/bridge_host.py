@@ -64,9 +64,10 @@ class Host:
             flavour = "module"
         elif "fastapi" in sys.modules and isinstance(value, sys.modules["fastapi"].FastAPI):
             flavour = "fastapi"
-        elif not inspect.isroutine(value) and not isinstance(value, type) and inspect.iscoroutinefunction(
-                getattr(kind, "__call__", None)):
-            flavour = "asgi"
+        elif inspect.iscoroutinefunction(value) or (
+                not inspect.isroutine(value) and not isinstance(value, type)
+                and inspect.iscoroutinefunction(getattr(kind, "__call__", None))):
+            flavour = "asgi"  # an async callable: an ASGI app (nothing else async can be called from the verdict)
         return {"$h": [ident, f"{kind.__module__}.{kind.__qualname__}", flavour]}
 
     def plain(self, value: Any) -> Any:

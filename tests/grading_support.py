@@ -210,10 +210,11 @@ HOSTILE: dict[str, Case] = {
     "forged_channel": Case(_simple(with_prelude(
         "import os, json\nrecord = json.dumps({'type': 'test', 'outcome': 'passed', 'seq': 1}).encode()\n"
         "for fd in range(3, 12):\n    try:\n        os.write(fd, str(len(record)).encode() + b':' + b'0' * 64 + b':' + record + b'\\n')\n"
-        "    except OSError:\n        pass", STUB)), "tampering", 0),
+        "    except OSError:\n        pass", STUB)), "error", 0),  # 01 is bridged: the bytes break the bridge while app.py imports
+    # 01 is bridged (grader.bridge): the patches change the learner's own process, where no test runs
     "monkeypatches_pytest": Case(_simple(with_prelude(
         "import _pytest.python, grader.expect\n_pytest.python.Function.runtest = lambda self: None\n"
-        "grader.expect.expect_json = lambda *args, **kwargs: None", STUB)), "tampering", 0),
+        "grader.expect.expect_json = lambda *args, **kwargs: None", STUB)), "failed", 0),
     "reads_the_reference": Case(_simple(with_prelude(
         f"exec(open({str(ROOT / 'solutions' / EXERCISE / 'app.py')!r}).read())", STUB)), "error", 0),
     "config_and_test_files": Case(_edited_tests, "failed", 0),

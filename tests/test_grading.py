@@ -179,7 +179,7 @@ def test_classroom_results_add_up(graded):
     assert honest["status"] == "pass" and honest["max_score"] == pytest.approx(12.5)
     assert sum(test["score"] for test in honest["tests"]) == pytest.approx(12.5)
     tampered = json.loads(next((out / "classroom").glob("monkeypatches_pytest-*.json")).read_text())
-    assert tampered["status"] == "error" and sum(test["score"] for test in tampered["tests"]) == 0
+    assert tampered["status"] == "fail" and sum(test["score"] for test in tampered["tests"]) == 0
     pwned = json.loads(next((out / "classroom").glob("error-pwned-*.json")).read_text())
     assert all(not t["message"].lstrip().startswith("::") for t in pwned["tests"])
 

@@ -24,8 +24,12 @@ def fallback(tmp_path_factory: pytest.TempPathFactory):
     submissions = tmp_path_factory.mktemp("fallback") / "submissions"
     for name in KEPT:
         HOSTILE[name].build(submissions / name)
-    course_copy(submissions / "kills_its_supervisor",
-                with_prelude("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"))
+    # the run's supervisor (its warden): the parent of the tests' process, which is the parent of
+    # the learner's own process where the exercise is bridged (grader.bridge)
+    course_copy(submissions / "kills_its_supervisor", with_prelude(
+        "import os, signal, sys\nsupervisor = os.getppid()\nif 'grader.recorder' not in sys.modules:\n"
+        "    with open(f'/proc/{supervisor}/stat') as stat:\n        supervisor = int(stat.read().rsplit(')', 1)[1].split()[1])\n"
+        "os.kill(supervisor, signal.SIGKILL)"))
     return grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["01"], jobs=2, timeout=8,
                                 disable=["pid", "mount", "net", "ipc", "uid"]))
 

@@ -1,0 +1,368 @@
+"""The bridge (grader.bridge): in class grading of a bridged exercise the learner's code runs in a
+process of its own, so a submission written against the grader cannot forge its verdict.
+
+The attacks below are those of issue 18, each written as a submission to exercise 01 (bridged)
+on top of the stub: if an attack reached the process that records the verdict, the stub would
+earn points. They are graded as one class with two honest controls, so that a hostile learner
+is also shown not to disturb the others. Then the bridge itself: what crosses it, and a learner
+process that crashes, hangs or floods the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from grader import bridge
+from grader.catalog import all_exercises
+from grader.grading import GradingOptions, grade
+
+from .conftest import ROOT
+from .grading_support import EXERCISE, SOLUTION, STUB, course_copy, with_prelude
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="class grading's sandbox is Linux's")
+
+# What every attack may use: the objects of the process it runs in that record the verdict.
+FIND = """
+import gc, sys
+gc.unfreeze()  # the warm heap of a forked run is frozen, out of get_objects()' sight
+def _grader_objects(name):
+    return [o for o in gc.get_objects() if type(o).__name__ == name and type(o).__module__.startswith("grader.")]
+"""
+
+ATTACKS = {
+    # the tamper check compared the writer's class, not its instance
+    "sets_send_on_the_writer": FIND + """
+for _writer in _grader_objects("ChannelWriter"):
+    _send = _writer.send
+    _writer.send = lambda record, _send=_send: _send({**record, "outcome": "passed", "message": ""}
+                                                    if record.get("type") == "test" else record)
+""",
+    # the key and the sequence number were in the run's memory: sign "passed" for every test
+    "signs_with_the_key": FIND + """
+import hashlib, hmac, json, os
+class _Signer:
+    def __init__(self, real):
+        self.real = real
+    def send(self, record):
+        if record.get("type") == "test":
+            record = {**record, "outcome": "passed", "message": ""}
+        real = self.real
+        payload = json.dumps({**record, "seq": real._seq}, separators=(",", ":")).encode()
+        real._seq += 1
+        mac = hmac.new(real._key, payload, hashlib.sha256).hexdigest()
+        os.write(real._fd, f"{len(payload)}:{mac}:".encode() + payload + b"\\n")
+for _recorder in _grader_objects("Recorder"):
+    if _recorder.writer is not None:
+        _recorder.writer = _Signer(_recorder.writer)
+""",
+    # the check compared the function's identity, not its code
+    "swaps_runtest_code": """
+import _pytest.python
+_pytest.python.Function.runtest.__code__ = (lambda self: None).__code__
+""",
+    # patched where the report is made, restored before the check would see it
+    "patches_from_item_and_call": """
+from _pytest.reports import TestReport
+_made = TestReport.from_item_and_call.__func__
+def _passed(cls, item, call):
+    report = _made(cls, item, call)
+    report.outcome, report.longrepr = "passed", None
+    return report
+TestReport.from_item_and_call = classmethod(_passed)
+""",
+    # the graded test modules' own names for the test kit
+    "replaces_expect_in_test_modules": """
+import sys
+def _nothing(response, *args, **kwargs):
+    return {}
+for _name, _module in list(sys.modules.items()):
+    if "test_" in _name and hasattr(_module, "expect_status"):
+        for _attribute in ("expect_status", "expect_json", "explain"):
+            setattr(_module, _attribute, _nothing)
+""",
+    # the recorder's tamper check, switched off on the instance, then any patch goes unseen
+    "noops_the_recorder_check": FIND + """
+import _pytest.python
+for _recorder in _grader_objects("Recorder"):
+    _recorder._check = lambda: None
+    _pytest.python.Function.runtest = lambda self: None
+""",
+}
+
+# Attacks on the verdict's process from outside it: each would serve the reference's answers
+# (full marks) if it got through, and the stub's (nothing) otherwise.
+REACH = {
+    # the verdict's memory holds the key: ptrace it, or read /proc/<pid>/mem
+    "reads_the_verdicts_memory": """
+import ctypes, os
+def _reached():
+    for pid in {os.getppid(), 1}:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                start = int(maps.readline().split("-")[0], 16)
+            with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+                memory.seek(start)
+                if memory.read(16):
+                    return True
+        except (OSError, ValueError):
+            pass
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.ptrace(16, pid, None, None) == 0:  # PTRACE_ATTACH
+            return True
+    return False
+""",
+    # a signal to the verdict's process would end the run (another uid: it cannot)
+    "signals_the_verdict": """
+import os, signal
+def _reached():
+    try:
+        os.kill(os.getppid(), signal.SIGSTOP)
+        os.kill(os.getppid(), signal.SIGCONT)
+        return True
+    except OSError:
+        return False
+""",
+}
+
+
+def reaching(attack: str) -> str:
+    return textwrap.dedent(attack) + "\nexec(compile(" + repr(SOLUTION) + " if _reached() else " + repr(STUB) + ", __file__, 'exec'))\n"
+
+
+CASES = {
+    **{name: with_prelude(code, STUB) for name, code in ATTACKS.items()},
+    **{name: reaching(code) for name, code in REACH.items()},
+    "honest_solution": SOLUTION,
+    "honest_stub": STUB,
+    "honest_solution_again": SOLUTION + "\n# the same answers, another file\n",
+}
+
+
+def test_exercise_01_is_bridged():
+    exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE)
+    assert exercise.extra.get("bridge") is True
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory: pytest.TempPathFactory):
+    submissions = tmp_path_factory.mktemp("bridged") / "submissions"
+    submissions.mkdir()
+    for name, app in CASES.items():
+        course_copy(submissions / name, app)
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["01"], jobs=2))
+    return {learner.learner: learner.exercises[0] for learner in result.learners}
+
+
+@pytest.mark.parametrize("name", [*ATTACKS, *REACH])
+def test_an_attack_on_the_verdict_earns_nothing(graded, name):
+    result = graded[name]
+    assert result.points == 0, f"{name}: {result.status} with {result.points} points: {result.message[:500]}"
+    assert result.status == "failed", f"{name}: {result.status}: {result.message[:500]}"
+
+
+@pytest.mark.parametrize("name", ["honest_solution", "honest_solution_again"])
+def test_the_honest_controls_get_full_marks(graded, name):
+    result = graded[name]
+    assert (result.status, result.points) == ("passed", result.max_points), result.message[:500]
+
+
+def test_the_honest_stub_gets_nothing(graded):
+    assert (graded["honest_stub"].status, graded["honest_stub"].points) == ("failed", 0)
+
+
+# --------------------------------------------------------------------------- the bridge itself
+
+
+def module_in_own_process(tmp_path: Path, source: str, answer_seconds: float = 10.0):
+    (tmp_path / "app.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    connection = bridge.start_host(cwd=str(tmp_path), env=dict(os.environ), user=None, answer_seconds=answer_seconds)
+    return connection, connection.request("load", folder=str(tmp_path), module="app")
+
+
+@pytest.fixture
+def remote(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        import gc
+        from fastapi import FastAPI
+        from pydantic import BaseModel, PositiveInt
+
+        app = FastAPI()
+        ITEMS = {1: {"name": "keyboard", "tags": ("a", "b")}, "raw": b"\\x00\\xff"}
+
+        class Item(BaseModel):
+            count: PositiveInt
+
+        @app.get("/health")
+        def health():
+            return {"status": "ok"}
+
+        def echo(*args, **kwargs):
+            return [args, kwargs, [type(a).__module__ + "." + type(a).__qualname__ for a in args]]
+
+        def grader_objects():
+            return [type(o).__module__ for o in gc.get_objects()
+                    if type(o).__module__.startswith(("grader.recorder", "grader.channel", "_pytest"))]
+
+        def missing(key):
+            return {}[key]
+
+        def invalid():
+            return Item(count=-1)
+
+        def exit_now():
+            import os
+            os._exit(7)
+    """)
+    yield connection, module
+    connection.close()
+
+
+def test_values_cross_as_plain_data_and_objects_as_handles(remote):
+    connection, module = remote
+    assert module.ITEMS == {1: {"name": "keyboard", "tags": ("a", "b")}, "raw": b"\x00\xff"}
+    app = module.app
+    assert isinstance(app, bridge.RemoteApp) and "FastAPI" in repr(app)
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    assert isinstance(app, FastAPI)  # the README's promise "app is a FastAPI application" still reads true
+    with TestClient(app) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+    args, kwargs, types = module.echo(1, "two", b"3", [4.5, None], {"k": (True,)}, app, key={1: 2})
+    assert args == (1, "two", b"3", [4.5, None], {"k": (True,)}, app) and kwargs == {"key": {1: 2}}
+    assert types[-1] == "fastapi.applications.FastAPI", "a handle reaches the learner as its own object, nothing else"
+
+
+def test_a_handle_never_reaches_an_object_of_the_verdict(remote):
+    connection, module = remote
+    with pytest.raises(TypeError, match="only plain data"):
+        module.echo(object())
+    with pytest.raises(TypeError, match="only plain data"):
+        module.echo(lambda: None)
+    with pytest.raises(TypeError):
+        module.ITEMS_COPY = connection  # setting a name: plain data only
+    assert module.grader_objects() == [], "the learner's process holds no recorder, channel or pytest"
+    forged = bridge.Remote(connection, 10**6, "object")  # an id the learner's process never gave out
+    with pytest.raises(bridge.RemoteError, match="never gave out"):
+        module.echo(forged)
+
+
+def test_exceptions_cross_as_their_type_and_message(remote):
+    connection, module = remote
+    with pytest.raises(KeyError) as caught:
+        module.missing("nope")
+    assert isinstance(caught.value, bridge.RemoteError) and "nope" in str(caught.value)
+    assert "missing" in caught.value.remote_traceback
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as invalid:
+        module.invalid()
+    assert [error["loc"] for error in invalid.value.errors()] == [("count",)]
+    assert invalid.value.errors()[0]["type"] == "greater_than"
+    with pytest.raises(AttributeError):
+        module.no_such_name
+    assert getattr(module, "no_such_name", None) is None
+
+
+def test_nothing_from_the_learner_is_unpickled_or_built_here():
+    with pytest.raises(bridge.ProtocolError):
+        bridge.decode({"$b": 5})
+    with pytest.raises(bridge.ProtocolError):
+        bridge.decode({"$h": [1, "x", "object"]})  # no handle maker: plain data only
+    with pytest.raises(bridge.ProtocolError):
+        bridge.decode({"$d": [[[1], 2]]})  # a list cannot be a key
+    error = bridge.remote_exception({"type": "SystemExit", "module": "builtins", "message": "3"})
+    assert not isinstance(error, SystemExit) and isinstance(error, bridge.RemoteError)
+    error = bridge.remote_exception({"type": "MemoryError", "module": "builtins", "message": ""})
+    assert not isinstance(error, MemoryError), "a remote MemoryError must not end the verdict's run"
+    error = bridge.remote_exception({"type": "not a name!", "module": "x", "message": "m"})
+    assert type(error).__name__ == "RemoteError"
+
+
+def test_a_learner_process_that_exits_fails_the_request_clearly(remote):
+    connection, module = remote
+    with pytest.raises(bridge.BridgeBroken, match="exit code 7"):
+        module.exit_now()
+    with pytest.raises(bridge.BridgeBroken):
+        module.ITEMS  # every later request says the same, at once
+
+
+def test_a_learner_process_that_hangs_fails_the_request_clearly(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        def spin():
+            while True:
+                pass
+    """, answer_seconds=2)
+    try:
+        started = time.monotonic()
+        with pytest.raises(bridge.BridgeBroken, match="did not answer within 2 s"):
+            module.spin()
+        assert time.monotonic() - started < 30
+        for _ in range(200):  # the learner's process ends once its socket is closed
+            if connection.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the hung learner process outlived its bridge")
+    finally:
+        connection.close()
+
+
+def test_a_learner_process_that_floods_the_socket_fails_clearly(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        import os, socket, stat, threading
+
+        def flood():
+            for fd in range(3, 64):
+                try:
+                    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                        os.write(fd, b"\\xff\\xff\\xff\\xf0" + b"x" * 65536)
+                except OSError:
+                    pass
+            return "flooded"
+    """)
+    try:
+        with pytest.raises(bridge.BridgeBroken, match="bridge carries|protocol"):
+            module.flood()
+        assert "protocol" in connection.broken or "carries" in connection.broken
+    finally:
+        connection.close()
+
+
+def test_an_app_that_sends_an_endless_body_is_cut_off(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            chunk = b"x" * (1024 * 1024)
+            while True:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    """)
+    try:
+        from fastapi.testclient import TestClient
+
+        with pytest.raises(bridge.RemoteError, match="more than 64 MiB"):
+            TestClient(module.app).get("/")
+    finally:
+        connection.close()
+
+
+def test_the_socket_pair_is_the_only_way_in():
+    ours, theirs = socket.socketpair()
+    connection = bridge.Bridge(ours, None, answer_seconds=1)
+    theirs.sendall(bridge.frame({"id": 999, "ok": 1}))  # an answer to no request
+    for _ in range(100):
+        if connection.broken:
+            break
+        time.sleep(0.02)
+    assert "protocol" in connection.broken
+    theirs.close()
+    connection.close()
