@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import ModuleType
@@ -334,19 +335,43 @@ BUILDERS: dict[str, Callable[[Build], list[Target]]] = {
 # --- The findings file, for the owners of the exercises ------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def findings_file() -> Iterator[dict[str, str]]:
-    """Sections of CONTRACT_FUZZ_FINDINGS (a Markdown file), written when the module ends."""
-    sections: dict[str, str] = {}
-    yield sections
+@pytest.fixture(scope="session")
+def fuzz_run(request: pytest.FixtureRequest) -> str:
+    """This run of the suite: one id shared by every worker of the course suite (xdist's)."""
+    workerinput = getattr(request.config, "workerinput", None)
+    return workerinput["testrunuid"] if workerinput else uuid.uuid4().hex
+
+
+def add_findings(run: str, name: str, text: str) -> None:
+    """Put ``name``'s section into CONTRACT_FUZZ_FINDINGS (a Markdown file), if it is set.
+
+    Each test adds its own section when it ends, under a lock: the course suite spreads these
+    tests over its workers (tests/conftest.py), and every one of them writes to the same file.
+    A file left by an earlier run is started afresh.
+    """
     path = os.environ.get("CONTRACT_FUZZ_FINDINGS")
-    if path and sections:
+    if not path:
+        return
+    import fcntl  # only here: the course's other tests also run where there is no fcntl
+
+    mark = f"<!-- run {run} -->"
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        handle.seek(0)
+        old = handle.read()
+        sections = {}
+        if mark in old:
+            for chunk in old.split("\n## ")[1:]:
+                sections[chunk.split("\n", 1)[0].strip()] = "## " + chunk.strip("\n") + "\n"
+        sections[name] = text
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        text = [f"# Contract fuzz findings ({stamp})", "",
-                "Written by tests/test_contract_fuzz.py. Each finding names the operation, the broken",
-                "check, and the smallest request that showed it (Hypothesis shrank it).", ""]
-        text += [sections[name] for name in sorted(sections)]
-        Path(path).write_text("\n".join(text) + "\n", encoding="utf-8")
+        lines = [f"# Contract fuzz findings ({stamp})", "",
+                 "Written by tests/test_contract_fuzz.py. Each finding names the operation, the broken",
+                 "check, and the smallest request that showed it (Hypothesis shrank it).", mark, ""]
+        lines += [sections[key] for key in sorted(sections)]
+        handle.seek(0)
+        handle.truncate()
+        handle.write("\n".join(lines) + "\n")
 
 
 def section(name: str, findings: list[Finding], operations: list[str], seconds: float, cpu: float) -> str:
@@ -366,7 +391,7 @@ def section(name: str, findings: list[Finding], operations: list[str], seconds: 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_reference_keeps_its_openapi_contract(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              findings_file: dict[str, str]) -> None:
+                                              fuzz_run: str) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     findings: list[Finding] = []
     operations: list[str] = []
@@ -375,7 +400,7 @@ def test_reference_keeps_its_openapi_contract(name: str, tmp_path: Path, monkeyp
         for target in BUILDERS[name](Build(tmp_path, stack, monkeypatch)):
             prefix = f"{target.name}: " if target.name else ""
             findings += fuzz(target, SETTINGS, on_operation=lambda label, _: operations.append(prefix + label))
-    findings_file[name] = section(name, findings, operations, time.perf_counter() - started, time.process_time() - cpu)
+    add_findings(fuzz_run, name, section(name, findings, operations, time.perf_counter() - started, time.process_time() - cpu))
     if findings:
         pytest.fail(f"{name}: {report(findings)}", pytrace=False)
 
@@ -446,3 +471,16 @@ def test_the_fuzzer_passes_an_app_that_keeps_its_contract() -> None:
 def test_every_exercise_is_fuzzed() -> None:
     missing = sorted(set(present(CURRICULUM)) - set(BUILDERS))
     assert not missing, f"add a builder to BUILDERS for {missing} (an exercise without routes fuzzes nothing)"
+
+
+def test_the_findings_of_every_worker_go_into_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "findings.md"
+    monkeypatch.setenv("CONTRACT_FUZZ_FINDINGS", str(path))
+    add_findings("run-1", "02_validation", section("02_validation", [], ["GET /a"], 1.0, 0.5))
+    add_findings("run-1", "01_async_routes", section("01_async_routes", [], ["GET /b"], 1.0, 0.5))
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# Contract fuzz findings") and text.count("# Contract fuzz findings") == 1
+    assert text.index("## 01_async_routes") < text.index("## 02_validation"), text
+    add_findings("run-2", "03_rest_resources", section("03_rest_resources", [], [], 1.0, 0.5))
+    text = path.read_text(encoding="utf-8")
+    assert "## 03_rest_resources" in text and "## 01_async_routes" not in text, "a new run starts afresh"
