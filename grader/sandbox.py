@@ -205,11 +205,12 @@ def reserve_uid_base(slots: int, lock_folder: Path | None = None) -> tuple[int, 
     a free block: the first one, and no lock.
     """
     folder = lock_folder or _lock_folder()
-    if folder is None or slots > UID_BLOCK:
+    if folder is None or slots > UID_BLOCK // 2:
         return SLOT_UID_BASE, None
     for block in range(UID_BLOCKS):
         base = SLOT_UID_BASE + block * UID_BLOCK
-        if not all(_free_id(base + slot) for slot in range(slots)):
+        # each slot's uid, and its learner process's in a bridged exercise (grader.zygote.learner_ids)
+        if not all(_free_id(base + slot) and _free_id(base + UID_BLOCK // 2 + slot) for slot in range(slots)):
             continue
         try:
             # never through a link someone planted under the lock's name; never a folder or a FIFO
