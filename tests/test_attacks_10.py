@@ -340,9 +340,119 @@ def test_10_service_communication_unreadable_answers_are_502(services: dict[str,
             upstream.answer = (200, [JSON_TYPE, (b"content-length", b"200")], STOCK)
             cut = {"orders": client.post(f"{orders_url}/orders", json=ORDER).status_code,
                    "gateway": client.get(f"{gateway_url}/api/stock/widget").status_code}
-            # A problem the gateway cannot parse is relayed as it is.
+            # A problem the gateway cannot parse is a broken answer too: never relayed as it is.
             upstream.answer = (404, [(b"content-type", b"application/problem+json")], b"[" * 100_000)
             deep = client.get(f"{gateway_url}/api/stock/widget")
     assert all(code == 502 for code in codes.values()), codes
     assert cut == {"orders": 503, "gateway": 503}, cut
-    assert (deep.status_code, deep.content) == (404, b"[" * 100_000), deep.status_code
+    assert (deep.status_code, deep.json().get("service")) == (502, "inventory"), deep.text[:200]
+
+
+# --- What the gateway relays: the service's header bytes, and only problems any client can parse -------------
+
+
+def strict(body: bytes) -> Any:
+    """RFC 8259 JSON as any other client reads it: UTF-8; NaN, Infinity and numbers beyond a float refused."""
+    def refuse(word: str) -> Any:
+        raise ValueError(word)
+
+    def finite(text: str) -> float:
+        if abs(float(text)) == float("inf"):
+            raise ValueError(text)
+        return float(text)
+
+    return json.loads(body.decode("utf-8"), parse_constant=refuse, parse_float=finite)
+
+
+PROBLEM_TYPE = (b"content-type", b"application/problem+json")
+A_PROBLEM = b'{"type": "about:blank", "title": "Not Found", "status": 404, "detail": "x", "instance": "/stock/widget"'
+BROKEN_PROBLEMS = {  # problem bodies that are not strict JSON: each a 502 from the gateway
+    "NaN": A_PROBLEM + b', "x": NaN}',
+    "Infinity": A_PROBLEM + b', "x": Infinity}',
+    "-Infinity": A_PROBLEM + b', "x": -Infinity}',
+    "1e400": A_PROBLEM + b', "x": 1e400}',
+    "-1e400 in a list": A_PROBLEM + b', "x": [-1e400]}',
+    "NaN without an instance": b'{"status": 404, "x": NaN}',
+    "an integer of 5000 digits (beyond Python's int parsing limit)": A_PROBLEM + b', "x": ' + b"9" * 5000 + b"}",
+    "not UTF-8": A_PROBLEM + b', "x": "caf\xe9"}',
+    "UTF-16": (A_PROBLEM + b"}").decode().encode("utf-16"),
+    "a UTF-8 byte order mark": b"\xef\xbb\xbf" + A_PROBLEM + b"}",
+    "nested 100000 deep, closed": A_PROBLEM + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "cut short": A_PROBLEM,
+}
+FINE_PROBLEMS = {  # unusual but strict JSON: relayed, only instance changed
+    "nested 300 deep": A_PROBLEM + b', "x": ' + b'{"a": ' * 300 + b"1" + b"}" * 300 + b"}",
+    "1.7976931348623157e308": A_PROBLEM + b', "x": 1.7976931348623157e308}',
+    "a lone surrogate escape": A_PROBLEM + b', "x": "\\ud800"}',
+    "a problem 20 MB long": A_PROBLEM + b', "x": "' + b"a" * 20_000_000 + b'"}',
+}
+
+
+def test_10_service_communication_the_gateway_relays_only_strict_json_problems(services: dict[str, ModuleType]) -> None:
+    gateway = services["gateway"]
+    upstream = Hostile()
+    with serve_in_thread(upstream, ws="none") as url:
+        edge = gateway.create_app(gateway.Settings(inventory_url=url, orders_url=url, retries=1, backoff=0.0, timeout=10))
+        with serve_in_thread(edge, ws="none") as gateway_url, httpx.Client(verify=http_only(), timeout=30) as client:
+            broken, fine = {}, {}
+            for what, body in BROKEN_PROBLEMS.items():
+                upstream.answer = (404, [PROBLEM_TYPE], body)
+                for method in ("GET", "POST"):
+                    path = "/api/stock/widget" if method == "GET" else "/api/orders"
+                    response = client.request(method, f"{gateway_url}{path}", json=ORDER if method == "POST" else None)
+                    broken[f"{method}, {what}"] = (response.status_code, strict(response.content).get("type"))
+            for what, body in FINE_PROBLEMS.items():
+                upstream.answer = (404, [PROBLEM_TYPE], body)
+                response = client.get(f"{gateway_url}/api/stock/widget")
+                relayed = strict(response.content)
+                sent = json.loads(body)
+                fine[what] = (response.status_code, relayed == sent | {"instance": "/api/stock/widget"})
+            # A body that is not a problem is not read at all: relayed byte for byte, whatever it holds.
+            upstream.answer = (200, [JSON_TYPE], b'{"x": NaN}')
+            unread = client.get(f"{gateway_url}/api/stock/widget")
+    bad = "https://course.example/problems/bad-upstream"
+    assert {k: v for k, v in broken.items() if v != (502, bad)} == {}, broken
+    assert {k: v for k, v in fine.items() if v != (404, True)} == {}, fine
+    assert (unread.status_code, unread.content) == (200, b'{"x": NaN}')
+
+
+RAW_LOCATIONS = [  # what the service sent -> what the gateway must send, byte for byte
+    ("/orders/€".encode(), b"/api" + "/orders/€".encode()),
+    (b"/orders/caf\xe9", b"/api/orders/caf\xe9"),
+    ("/orders/😀".encode(), b"/api" + "/orders/😀".encode()),
+    ("http://shop.example/€".encode(), "http://shop.example/€".encode()),
+]
+
+
+def test_10_service_communication_header_bytes_that_are_not_latin_1_pass_through(services: dict[str, ModuleType]) -> None:
+    gateway = services["gateway"]
+    upstream = Hostile()
+    with serve_in_thread(upstream, ws="none") as url:
+        edge = gateway.create_app(gateway.Settings(inventory_url=url, orders_url=url, retries=0))
+        with serve_in_thread(edge, ws="none") as gateway_url:
+            got = []
+            for sent, expected in RAW_LOCATIONS:
+                upstream.answer = (201, [JSON_TYPE, (b"location", sent), (b"location", b"/orders/second"),
+                                         (b"x-not-forwarded", "€".encode())], b'{"id": "x"}')
+                for method, path in (("POST", "/api/orders"), ("GET", "/api/orders/x"), ("GET", "/api/stock/widget")):
+                    parts = urlsplit(gateway_url)
+                    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+                    try:
+                        connection.request(method, path, body=b"{}", headers={"content-type": "application/json"})
+                        response = connection.getresponse()
+                        response.read()
+                        headers = [(k.lower(), v.encode("latin-1")) for k, v in response.getheaders()]
+                    finally:
+                        connection.close()
+                    locations = [v for k, v in headers if k == "location"]
+                    leaked = [k for k, _ in headers if k == "x-not-forwarded"]
+                    got.append((method, path, response.status, locations, leaked,
+                                expected, [expected, b"/api/orders/second"]))
+            # Retry-After and Content-Type too, on a 503 the gateway passes on.
+            upstream.answer = (503, [(b"content-type", "application/json; x=€".encode()), (b"retry-after", "1 €".encode())], b"{}")
+            passed_on = httpx.get(f"{gateway_url}/api/stock/widget", verify=http_only())
+    wrong = [g for g in got if g[2:5] != (201, g[6], [])]
+    assert not wrong, wrong
+    kept = {k.lower(): v for k, v in passed_on.headers.raw if k.lower() in (b"content-type", b"retry-after")}
+    assert (passed_on.status_code, kept) == (
+        503, {b"content-type": "application/json; x=€".encode(), b"retry-after": "1 €".encode()}), passed_on.headers.raw

@@ -59,7 +59,9 @@ def create_app(
     #       Location rewritten to /api/... . Down -> 503, timeout -> 504; retry GET only, with
     #       backoff and jitter. settings.timeout bounds the whole answer (asyncio.timeout_at a
     #       deadline), and every call carries X-Timeout-Ms: the milliseconds still left.
-    #       Honour a Retry-After on a 503; send one with your own 503.
+    #       Honour a Retry-After on a 503; send one with your own 503. Pass the headers on as
+    #       the bytes the service sent (upstream.headers.raw); read a problem as strict JSON
+    #       (NaN, Infinity, 1e400 refused) and answer one that is not with a 502.
     # TODO: per service, a circuit breaker (breaker_failures failed calls in a row open it for
     #       breaker_reset seconds: 503 + Retry-After at once, then one trial call) and a bulkhead
     #       (at most max_concurrent calls in flight; one more: 503 + Retry-After at once).

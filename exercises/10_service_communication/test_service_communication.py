@@ -429,7 +429,7 @@ class Unreadable(httpx.AsyncBaseTransport):
     stream, so that httpx decodes it only when the client reads it, as it does off the network),
     with `headers`. Every request is recorded."""
 
-    def __init__(self, status_code: int, body: bytes, headers: dict[str, str]) -> None:
+    def __init__(self, status_code: int, body: bytes, headers: Any) -> None:
         self.status_code, self.body, self.headers = status_code, body, headers
         self.requests: list[httpx.Request] = []
 
@@ -488,14 +488,132 @@ async def test_an_answer_that_cannot_be_read_is_502(orders: ModuleType, gateway:
                 response = await client.request(method, path, json=ORDER)
             expect_upstream_problem(response, 502, service, f"{method} {path}: the {service} service answered 200 with "
                                     f"{what}, which the gateway cannot read (httpx.DecodingError)")
-    # An answer the gateway can read is relayed, even a problem whose body it cannot parse as JSON.
-    deep = Unreadable(404, b"[" * 100_000, {"content-type": "application/problem+json"})
-    app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": deep})
-    async with serving(app) as running, as_a_client_sees(running) as client:
-        response = await client.get("/api/stock/widget")
-    expect_status(response, 404, "inventory answered 404 with an application/problem+json body nested 100000 deep: "
-                  "relayed as it is (the gateway cannot rewrite its instance, so it leaves it), never a 500")
-    assert response.content == deep.body, explain(response, "the service's body, unchanged")
+
+
+def a_problem(status_code: int, **members: Any) -> dict[str, Any]:
+    return {"type": "about:blank", "title": HTTPStatus(status_code).phrase, "status": status_code,
+            "detail": "As the service wrote it.", "instance": "/stock/widget", **members}
+
+
+def with_member(problem: dict[str, Any], raw_value: bytes) -> bytes:
+    """`problem` as JSON with one more member, "extra", whose value is `raw_value` written as it is."""
+    return json.dumps(problem).encode()[:-1] + b', "extra": ' + raw_value + b"}"
+
+
+NOT_STRICT_JSON = {  # what the problem body holds -> the body (application/problem+json)
+    "NaN": with_member(a_problem(404), b"NaN"),
+    "Infinity": with_member(a_problem(404), b"Infinity"),
+    "-Infinity": with_member(a_problem(409), b"-Infinity"),
+    "1e400 (too large for a float: Python reads it as infinity)": with_member(a_problem(404), b"1e400"),
+    "-1e999": with_member(a_problem(422), b"[-1e999]"),
+    "NaN, and no instance to rewrite": b'{"type": "about:blank", "status": 404, "extra": NaN}',
+    "bytes that are not UTF-8": with_member(a_problem(404), b'"caf\xe9"'),
+    "UTF-16": json.dumps(a_problem(404)).encode("utf-16"),
+    "text that is not JSON": b"Not Found (and not JSON)",
+    "JSON cut short": json.dumps(a_problem(404)).encode()[:-9],
+    "JSON nested 100000 deep, never closed": b"[" * 100_000,
+    "JSON nested 100000 deep": b'{"type": "about:blank", "status": 404, "instance": "/stock/widget", "extra": '
+                               + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+STRICT_JSON = {  # problems the gateway must relay (only `instance` changed): strict JSON, if unusual
+    "a float at the edge of the range": a_problem(404, extra=1.7976931348623157e308),
+    "a large integer": a_problem(404, extra=10**40),
+    "-0.0 and 1e-400": a_problem(404, extra=[-0.0, 0.0]),
+    "text in many scripts": a_problem(404, detail="Pas de « widget » €, 在庫なし"),
+    "nesting 40 deep": a_problem(404, extra=json.loads("[" * 40 + "]" * 40)),
+}
+
+
+@pytest.mark.task("failures")
+@pytest.mark.promise("P20", "P8")
+@pytest.mark.asyncio
+async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: ModuleType) -> None:
+    def strict(body: bytes) -> Any:
+        """RFC 8259 JSON as any client reads it: UTF-8, and NaN, Infinity and out-of-range numbers refused."""
+        def refuse(text: str) -> Any:
+            raise ValueError(f"{text} is not JSON")
+
+        def finite(text: str) -> float:
+            if abs(float(text)) == float("inf"):
+                raise ValueError(f"{text} is out of range")
+            return float(text)
+
+        return json.loads(body.decode("utf-8"), parse_constant=refuse, parse_float=finite)
+
+    problem = {"content-type": "application/problem+json"}
+    for what, body in NOT_STRICT_JSON.items():
+        for method, path, service in (("GET", "/api/stock/widget", "inventory"), ("POST", "/api/orders", "orders")):
+            broken = Unreadable(404, body, problem)
+            app = gateway.create_app(gateway.Settings(retries=1, backoff=0.0), transports={service: broken})
+            async with serving(app) as running, as_a_client_sees(running) as client:
+                response = await client.request(method, path, json=ORDER if method == "POST" else None)
+            why = (f"{method} {path}: the {service} service answered 404 with an application/problem+json body holding "
+                   f"{what}. Not strict JSON: Python's json reads it (NaN, Infinity, 1e400 as infinity), but "
+                   f"json.dumps would write it back as NaN or Infinity, which no other client parses. A problem the "
+                   f"gateway cannot read is a broken answer: 502 Bad Gateway, never relayed and never a 500")
+            expect_upstream_problem(response, 502, service, why)
+            try:
+                strict(response.content)
+            except (ValueError, RecursionError) as exc:
+                raise AssertionError(explain(response, f"{why}; the body sent back is not strict JSON ({exc})")) from None
+            assert len(broken.requests) == 1, explain(
+                response, f"{why}; one call: a broken answer is not retried (got {len(broken.requests)} calls)")
+    for what, sent in STRICT_JSON.items():
+        app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": Unreadable(404, json.dumps(sent).encode(), problem)})
+        async with serving(app) as running, as_a_client_sees(running) as client:
+            response = await client.get("/api/stock/widget")
+        why = (f"inventory answered 404 with a problem holding {what}: strict JSON, so relayed as the service wrote it, "
+               f"with the gateway's path as its instance")
+        expect_problem(response, 404, why, instance="/api/stock/widget")
+        try:
+            relayed = strict(response.content)
+        except (ValueError, RecursionError) as exc:
+            raise AssertionError(explain(response, f"{why}; the body sent back is not strict JSON ({exc})")) from None
+        assert relayed == sent | {"instance": "/api/stock/widget"}, explain(response, f"{why}: {sent}")
+
+
+# Response headers that Starlette cannot write from a str (it encodes header text as Latin-1): the
+# gateway passes on the bytes the service sent. Each: (status, the header the service sent, its bytes).
+RAW_HEADERS = [
+    (201, b"location", "/orders/€".encode(), b"/api" + "/orders/€".encode()),
+    (201, b"location", "/orders/ключ-😀".encode(), b"/api" + "/orders/ключ-😀".encode()),
+    (303, b"location", b"/orders/caf\xe9", b"/api/orders/caf\xe9"),
+    (201, b"location", "https://shop.example/orders/€".encode(), "https://shop.example/orders/€".encode()),
+    (200, b"content-type", "application/json; profile=\"/schémas/€\"".encode(), "application/json; profile=\"/schémas/€\"".encode()),
+    (503, b"retry-after", "1 €".encode(), "1 €".encode()),
+]
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.promise("P8")
+def test_the_gateway_passes_headers_on_as_the_service_sent_them(gateway: ModuleType) -> None:
+    upstream = Unreadable(200, b'{"id": "o-1"}', {})  # both services; each case sets its answer
+    app = gateway.create_app(gateway.Settings(retries=0), transports={"orders": upstream, "inventory": upstream})
+    with serve_in_thread(app, ws="none") as url:
+        parts = urlsplit(url)
+        for status_code, name, value, expected in RAW_HEADERS:
+            upstream.status_code = status_code
+            upstream.headers = [(b"content-type", b"application/json"), (name, value)] if name != b"content-type" else [(name, value)]
+            for method, path, service in (("POST", "/api/orders", "orders"), ("GET", "/api/orders/o-1", "orders"),
+                                          ("GET", "/api/stock/widget", "inventory")):
+                connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+                try:
+                    connection.request(method, path, body=json.dumps(ORDER).encode() if method == "POST" else None,
+                                       headers={"content-type": "application/json"})
+                    response = connection.getresponse()
+                    body = response.read()
+                    # http.client reads header bytes as Latin-1: encoding them back gives the bytes sent.
+                    got = [v.encode("latin-1") for k, v in response.getheaders() if k.lower() == name.decode()]
+                finally:
+                    connection.close()
+                assert (response.status, got) == (status_code, [expected]), (
+                    f"\nsent:     {method} {path} to the gateway on a real server; the {service} service answered "
+                    f"{status_code} with {name.decode()}: {value!r} (bytes that are not Latin-1 text)\n"
+                    f"expected: {status_code} with {name.decode()}: {expected!r}, the service's bytes (a Location "
+                    f"path with /api in front): copy the headers from upstream.headers.raw into the response's raw_headers; "
+                    f"Starlette writes a str header as Latin-1 and cannot write '€' (a 500)\n"
+                    f"got:      {response.status} with {name.decode()}: {got}; body {body[:200]!r}"
+                )
 
 
 # --- Retries -------------------------------------------------------------------------------------------
@@ -538,16 +656,19 @@ class FailsOncePerCaller(httpx.AsyncBaseTransport):
 @pytest.mark.asyncio
 async def test_callers_that_failed_together_do_not_retry_together(orders: ModuleType) -> None:
     upstream = FailsOncePerCaller()
-    app = orders.create_app(orders_settings(orders, retries=1, backoff=0.5, timeout=5.0), upstream_transport=upstream)
+    app = orders.create_app(orders_settings(orders, retries=1, backoff=1.0, timeout=5.0), upstream_transport=upstream)
     async with serving(app) as running, client_for(running) as client:
         answers = await asyncio.gather(*(client.post("/orders", json=ORDER, headers={"X-Request-ID": f"caller-{n}"})
-                                         for n in range(8)))
+                                         for n in range(16)))
     expect_status(answers[0], 201, "inventory refused each caller's first call and answered the retry")
     waits = sorted(calls[1] - calls[0] for calls in upstream.arrivals.values() if len(calls) == 2)
-    assert len(waits) == 8 and waits[0] >= 0.499 and waits[-1] - waits[0] >= 0.05, explain(
-        answers[-1], "8 orders failed at the same moment; each retried after its backoff (0.5 s here) stretched by a random "
+    # With jitter the waits are spread over 1.0 to 1.5 s: the 14 in the middle of 16 span 0.1 s or
+    # more but about once in ten million runs. Without it they are all 1.0 s, give or take what a
+    # busy machine adds to a few of them (the shortest and longest wait are left out for that).
+    assert len(waits) == 16 and waits[0] >= 0.999 and waits[14] - waits[1] >= 0.1, explain(
+        answers[-1], "16 orders failed at the same moment; each retried after its backoff (1.0 s here) stretched by a random "
         "jitter of up to half as much again, so that they do not all come back at the same instant: the waits spread "
-        f"over at least 0.05 s; the waits before the retries were {', '.join(f'{wait:.3f}' for wait in waits)} s"
+        f"over 0.1 s or more; the waits before the retries were {', '.join(f'{wait:.3f}' for wait in waits)} s"
     )
 
 

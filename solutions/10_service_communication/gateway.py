@@ -243,17 +243,35 @@ def no_route(request: Request) -> JSONResponse:
     return problem_response(request, status.HTTP_404_NOT_FOUND, "No service answers this path.")
 
 
-def relayed(upstream: httpx.Response, request: Request) -> bytes:
+def not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: Python reads it as inf, which JSON cannot carry
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def relayed(upstream: httpx.Response, request: Request, service: str) -> bytes:
     """The service's answer, as it is; in a problem only `instance` changes, to the path the client
-    sent (the client knows the gateway's paths, not the service's), as a Location header does."""
-    if upstream.headers.get("content-type", "").split(";")[0].strip().lower() == PROBLEM_JSON:
-        try:
-            problem = upstream.json()
-        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse: relayed as it is
-            return upstream.content
+    sent (the client knows the gateway's paths, not the service's), as a Location header does.
+
+    A problem has to be read to be rewritten, and what the gateway sends must be JSON every client
+    can parse: so it is read as strict JSON (UTF-8; Python's json alone also takes NaN, Infinity
+    and 1e400, then writes them back as NaN and Infinity, which no other parser accepts). A problem
+    that is not strict JSON, or is nested too deep to read, is a broken answer: 502.
+    """
+    if upstream.headers.get("content-type", "").split(";")[0].strip().lower() != PROBLEM_JSON:
+        return upstream.content  # not read at all: relayed byte for byte
+    try:
+        problem = json.loads(upstream.content.decode("utf-8"), parse_constant=not_json, parse_float=finite)
         if isinstance(problem, dict) and isinstance(problem.get("instance"), str):
             problem["instance"] = request.url.path
-            return json.dumps(problem).encode()
+            return json.dumps(problem, allow_nan=False).encode()
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UpstreamError(status.HTTP_502_BAD_GATEWAY, service) from None
     return upstream.content
 
 
@@ -328,10 +346,17 @@ def create_app(
                     breaker.trial_running = False
                 else:
                     breaker.record(succeeded, loop.time())
-        answer = {name: upstream.headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in upstream.headers}
-        if answer.get("location", "").startswith("/"):
-            answer["location"] = "/api" + answer["location"]  # the client only knows the gateway's paths
-        return Response(content=relayed(upstream, request), status_code=upstream.status_code, headers=answer)
+        response = Response(content=relayed(upstream, request, service), status_code=upstream.status_code)
+        # The promised headers, copied as the service sent them, byte for byte. Decoding them to
+        # text and encoding them again is a round trip that can fail: a Location of "/orders/€" in
+        # UTF-8 is not Latin-1, the only encoding Starlette writes headers in (a 500).
+        for name, value in upstream.headers.raw:
+            name = name.lower()
+            if name.decode("latin-1") in FORWARDED_RESPONSE_HEADERS:
+                if name == b"location" and value.startswith(b"/"):
+                    value = b"/api" + value  # the client only knows the gateway's paths
+                response.raw_headers.append((name, value))
+        return response
 
     @app.get("/health")
     async def health() -> dict[str, str]:
