@@ -26,7 +26,8 @@ from grader.grading import GradingOptions, grade
 from .conftest import ROOT
 from .grading_support import EXERCISE, SOLUTION, STUB, course_copy, with_prelude
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="class grading's sandbox is Linux's")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="class grading's sandbox is Linux's"),
+              pytest.mark.timeout(300)]  # the class: a dozen runs on a shared 2-core machine
 
 # What every attack may use: the objects of the process it runs in that record the verdict.
 FIND = """
@@ -129,6 +130,24 @@ def _reached():
     except OSError:
         return False
 """,
+    # the reference solution lies beside the run's folder for the differential tests
+    "reads_the_reference_beside_the_run": """
+import os
+def _reached():
+    try:
+        with open(os.path.dirname(os.getcwd()) + "-reference/app.py") as reference:
+            return "def " in reference.read()
+    except OSError:
+        return False
+""",
+    # the verdict's uid: where the grader may switch uids, the learner's process has another
+    "shares_the_verdicts_uid": """
+import os
+def _reached():
+    with open(f"/proc/{os.getppid()}/status") as status:
+        uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
+    return os.geteuid() != 0 and str(os.geteuid()) in uids
+""",
 }
 
 
@@ -141,7 +160,6 @@ CASES = {
     **{name: reaching(code) for name, code in REACH.items()},
     "honest_solution": SOLUTION,
     "honest_stub": STUB,
-    "honest_solution_again": SOLUTION + "\n# the same answers, another file\n",
 }
 
 
@@ -162,14 +180,15 @@ def graded(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("name", [*ATTACKS, *REACH])
 def test_an_attack_on_the_verdict_earns_nothing(graded, name):
+    if name == "shares_the_verdicts_uid" and os.geteuid() != 0:
+        pytest.skip("the grader switches uids only as root")
     result = graded[name]
     assert result.points == 0, f"{name}: {result.status} with {result.points} points: {result.message[:500]}"
     assert result.status == "failed", f"{name}: {result.status}: {result.message[:500]}"
 
 
-@pytest.mark.parametrize("name", ["honest_solution", "honest_solution_again"])
-def test_the_honest_controls_get_full_marks(graded, name):
-    result = graded[name]
+def test_the_honest_control_gets_full_marks(graded):
+    result = graded["honest_solution"]
     assert (result.status, result.points) == ("passed", result.max_points), result.message[:500]
 
 
