@@ -207,6 +207,16 @@ async def test_15_capstone_no_spelling_of_dot_dot_gets_through_the_real_gateway(
         assert await stock(catalog, "GADGET") == 5, "nothing reserved or released through the gateway"
 
 
+@pytest.mark.servers
+def test_15_capstone_header_bytes_above_127_are_forwarded_not_a_500(shop):
+    # A header is bytes: a client may send any byte above 127 (http.client sends Latin-1). The
+    # gateway forwards Authorization, Content-Type and Accept; forwarded as text, httpx encodes
+    # them as ASCII and raises, a 500 for a malformed token that every service answers with 401.
+    assert raw(shop["gateway"], "GET", "/api/orders", headers={"Authorization": "Bearer jéton"}) == 401
+    assert raw(shop["gateway"], "GET", "/api/users/me", headers={"Authorization": "Bearer \xff\xfe"}) == 401
+    assert raw(shop["gateway"], "GET", "/api/products", headers={"Accept": "application/json; q=é"}) == 200
+
+
 @pytest.mark.slow
 @pytest.mark.servers
 @pytest.mark.asyncio

@@ -93,7 +93,7 @@ async def forward(request: Request, service: str, path: str) -> Response:
     """Send the request to `service` at `path` (built by a public route from plain segments)."""
     app = request.app
     settings: Settings = app.state.settings
-    headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
+    headers = {k: v.encode("latin-1") for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}  # the bytes sent: httpx encodes a str as ASCII, and a byte above 127 would be a 500
     headers.update(outgoing_headers())
     body = await read_body(request, settings.max_body_bytes)
     target = path + (f"?{request.url.query}" if request.url.query else "")

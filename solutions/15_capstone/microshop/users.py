@@ -165,11 +165,11 @@ class UserCreate(BaseModel):
 
 
 class LoginForm(BaseModel):
-    """The OAuth2 password form (username, password, scope), with lengths bounded."""
+    """The OAuth2 password form. Only the password is bounded (422); a name no user has, of any length, is a 401."""
 
-    username: Annotated[str, Field(min_length=1, max_length=32)]
+    username: Annotated[str, Field(min_length=1)]  # longer than any username: unknown, so 401 like any other
     password: Annotated[SecretStr, Field(min_length=1, max_length=128)]
-    scope: Annotated[str, Field(max_length=200)] = ""
+    scope: str = ""  # a scope the user lacks is not granted, however many are asked for
 
     @property
     def scopes(self) -> list[str]:
@@ -196,11 +196,11 @@ class ServiceToken(Token):
 
 
 class ClientCredentials(BaseModel):
-    """The OAuth2 client credentials form, with lengths bounded."""
+    """The OAuth2 client credentials form: an unknown client or a wrong secret, of any length, is a 401."""
 
     grant_type: Literal["client_credentials"]
-    client_id: Annotated[str, Field(min_length=1, max_length=64)]
-    client_secret: Annotated[SecretStr, Field(min_length=1, max_length=256)]
+    client_id: Annotated[str, Field(min_length=1)]
+    client_secret: Annotated[SecretStr, Field(min_length=1)]
 
 
 class JWK(BaseModel):
