@@ -540,10 +540,11 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
 
         return json.loads(body.decode("utf-8"), parse_constant=refuse, parse_float=finite)
 
-    problem = {"content-type": "application/problem+json"}
-    for what, body in NOT_STRICT_JSON.items():
+    # The media type as services write it: with a parameter, in any case (RFC 9110).
+    media_types = ["application/problem+json", "application/problem+json; charset=utf-8", "Application/Problem+JSON"]
+    for number, (what, body) in enumerate(NOT_STRICT_JSON.items()):
         for method, path, service in (("GET", "/api/stock/widget", "inventory"), ("POST", "/api/orders", "orders")):
-            broken = Unreadable(404, body, problem)
+            broken = Unreadable(404, body, {"content-type": media_types[number % len(media_types)]})
             app = gateway.create_app(gateway.Settings(retries=1, backoff=0.0), transports={service: broken})
             async with serving(app) as running, as_a_client_sees(running) as client:
                 response = await client.request(method, path, json=ORDER if method == "POST" else None)
@@ -558,6 +559,7 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
                 raise AssertionError(explain(response, f"{why}; the body sent back is not strict JSON ({exc})")) from None
             assert len(broken.requests) == 1, explain(
                 response, f"{why}; one call: a broken answer is not retried (got {len(broken.requests)} calls)")
+    problem = {"content-type": "application/problem+json"}
     for what, sent in STRICT_JSON.items():
         app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": Unreadable(404, json.dumps(sent).encode(), problem)})
         async with serving(app) as running, as_a_client_sees(running) as client:
@@ -570,6 +572,14 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
         except (ValueError, RecursionError) as exc:
             raise AssertionError(explain(response, f"{why}; the body sent back is not strict JSON ({exc})")) from None
         assert relayed == sent | {"instance": "/api/stock/widget"}, explain(response, f"{why}: {sent}")
+    # Strict JSON that is not an object has no instance to rewrite: relayed as it is, never a 500.
+    for body in (b"[1, 2]", b'"Not Found"', b"null"):
+        app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": Unreadable(404, body, problem)})
+        async with serving(app) as running, as_a_client_sees(running) as client:
+            response = await client.get("/api/stock/widget")
+        assert (response.status_code, response.content) == (404, body), explain(
+            response, f"inventory answered 404 with an application/problem+json body of {body.decode()}: JSON, but no "
+            f"object, so no instance to rewrite: relayed as it is (404 and the same body), never a 500")
 
 
 # Response headers that Starlette cannot write from a str (it encodes header text as Latin-1): the
