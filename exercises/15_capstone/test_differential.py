@@ -5,15 +5,19 @@ README.md shows the tests wire them (and as test_capstone.py's `open_shop` does)
 suite's Ed25519 signing key, the admin and orders' client secret; catalog and orders fetching
 users' public keys through `users_transport`; orders reaching the catalog and users through its
 transports; the gateway reaching all three through `transports`. Each service has its own SQLite
-file, new for every copy of the shop, and the broker is down (no NATS server listens at
-`nats_url`): orders are still placed and their events wait in the outbox (README, step 5), so
-nothing that depends on a broker's timing is compared here (test_capstone.py covers the events).
+file, new for every copy of the shop, and the catalog starts with four products (PRODUCTS below,
+created through its POST /products with an admin's token). The broker is down (no NATS server
+listens at `nats_url`): orders are still placed and their events wait in the outbox (README,
+step 5), so nothing that depends on a broker's timing is compared here (test_capstone.py covers
+the events).
 
 The shop is sent requests as one app: `/api/...`, `/health` and `/ready` go to the gateway; the
 internal routes (`/service-token`, `/.well-known/jwks.json`, `/reservations...`,
 `/outbox/dispatch`) to the service that owns them, directly, as another service would call them.
 The requests come from the services' OpenAPI documents (each public route of the gateway with the
-body and the token of the service route it forwards to) and from the `[differential]` table of
+body of the service route it forwards to, and an Authorization header wherever the service route
+takes a token: a valid token made with the suite's key with most requests, each refused kind of
+token once) and from the `[differential]` table of
 exercise.toml, which says what is compared, what the README leaves free, and which task each input
 belongs to: registrations and logins at every bound, products at every bound, orders that run the
 stock out or name unknown products, reads of orders by id (yours and others'), tokens that are
