@@ -360,6 +360,79 @@ async def test_inventory_url_comes_from_the_environment(orders: ModuleType, monk
     )
 
 
+# Each setting's range (README): what must be accepted (the ends that are included, and just
+# inside the ones that are not) and what must be refused (just outside, NaN and infinity).
+COMMON_RANGES = {
+    "timeout": ([0.001, 60], [0, -1, 60.5, float("nan"), float("inf")]),
+    "retries": ([0, 10], [-1, 11]),
+    "backoff": ([0, 10], [-0.01, 10.5, float("nan")]),
+}
+GATEWAY_RANGES = COMMON_RANGES | {
+    "breaker_failures": ([1, 1000], [0, 1001]),
+    "breaker_reset": ([0.001, 3600], [0, -1, 3600.5, float("nan")]),
+    "max_concurrent": ([1, 10_000], [0, 10_001]),
+}
+
+
+def settings_out_of_range(settings_class: Any, ranges: dict[str, tuple[list[Any], list[Any]]]) -> list[str]:
+    """What Settings(...) got wrong: a value in range refused, or one out of range accepted."""
+    wrong = []
+    for name, (accepted, refused) in ranges.items():
+        for value in accepted:
+            try:
+                made = getattr(settings_class(**{name: value}), name, "(missing)")
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                wrong.append(f"{name}={value!r} refused ({type(exc).__name__}), but it is in range")
+            else:
+                if made != value:
+                    wrong.append(f"{name}={value!r} became {made!r}")
+        for value in refused:
+            try:
+                settings_class(**{name: value})
+            except ValueError:
+                continue
+            wrong.append(f"{name}={value!r} accepted, but it is out of range")
+    return wrong
+
+
+@pytest.mark.task("shared_client")
+@pytest.mark.promise("P21")
+def test_orders_settings_refuse_values_out_of_range(orders: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("INVENTORY_URL", "EVENTS_URL", "TIMEOUT", "RETRIES", "BACKOFF"):
+        monkeypatch.delenv(f"ORDERS_{name}", raising=False)
+    wrong = settings_out_of_range(orders.Settings, COMMON_RANGES)
+    assert not wrong, (
+        "\nsent:     orders' Settings(...) with each setting at the ends of its range and just outside them\n"
+        "expected: in range accepted; out of range (and NaN, infinity) refused when Settings is made, a ValidationError "
+        "(Field(gt=0, le=60) ...): a wrong ORDERS_* variable stops the service at startup, not at its first request\n"
+        f"got:      {'; '.join(wrong)}"
+    )
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.promise("P21")
+def test_gateway_settings_have_their_defaults_and_ranges(gateway: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    promised = {"orders_url": "http://127.0.0.1:8002", "inventory_url": "http://127.0.0.1:8001", "timeout": 2.0,
+                "retries": 1, "backoff": 0.05, "breaker_failures": 5, "breaker_reset": 10.0, "max_concurrent": 64}
+    for name in promised:
+        monkeypatch.delenv(f"GATEWAY_{name.upper()}", raising=False)
+    defaults = {name: getattr(gateway.Settings(), name, "(missing)") for name in promised}
+    assert defaults == promised, (
+        f"\nsent:     the gateway's Settings() with no GATEWAY_* variable set\nexpected: the defaults {promised}\ngot:      {defaults}"
+    )
+    monkeypatch.setenv("GATEWAY_MAX_CONCURRENT", "7")
+    from_env = getattr(gateway.Settings(), "max_concurrent", "(missing)")
+    assert from_env == 7, f"\nsent:     GATEWAY_MAX_CONCURRENT=7, then Settings()\nexpected: max_concurrent 7\ngot:      {from_env!r}"
+    monkeypatch.delenv("GATEWAY_MAX_CONCURRENT")
+    wrong = settings_out_of_range(gateway.Settings, GATEWAY_RANGES)
+    assert not wrong, (
+        "\nsent:     the gateway's Settings(...) with each setting at the ends of its range and just outside them\n"
+        "expected: in range accepted; out of range (and NaN, infinity) refused when Settings is made, a ValidationError "
+        "(Field(ge=1, le=1000) ...)\n"
+        f"got:      {'; '.join(wrong)}"
+    )
+
+
 # --- Failures upstream ---------------------------------------------------------------------------------
 
 
