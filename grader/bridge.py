@@ -215,6 +215,9 @@ def remote_exception(info: Any) -> BaseException:
         error = type(name, (RemoteError,), {"__module__": module or "remote"})(message)
     error.remote_type = f"{module}.{name}" if module and module != "builtins" else name
     error.remote_traceback = trace
+    where = str(info.get("where") or "")[:4000]
+    if where:  # shown under the exception in a failure's report, the message itself unchanged
+        error.add_note(f"raised in your code's own process (class grading runs it apart from the tests):\n{where}")
     return error
 
 
@@ -326,6 +329,8 @@ class _Call:
         self.waiting_here = 0  # receive() calls of the app that this side has not answered yet
         self.last = time.monotonic()
         self.body = 0
+        self.started = False  # a lifespan call: the app said its startup is complete
+        self.unsent: list[dict] = []  # what receive() gave after the learner's process was gone
 
 
 class Bridge:
@@ -368,10 +373,11 @@ class Bridge:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # the host's reader sees the end and the process exits
         for future in list(self._waiting.values()):
-            if not future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
                 future.set_exception(BridgeBroken(why))
         for call in list(self._calls.values()):
-            call.loop.call_soon_threadsafe(_settle, call.done, BridgeBroken(why))
+            with contextlib.suppress(RuntimeError):  # a call whose event loop has ended: nobody waits for it
+                call.loop.call_soon_threadsafe(_settle, call.done, BridgeBroken(why))
 
     def close(self) -> None:
         """Close the socket; the learner's process, which ends when it sees that, is waited for."""
@@ -409,6 +415,15 @@ class Bridge:
     # --- reading
 
     def _read(self) -> None:
+        # This thread never ends with an exception: a thread's traceback, formatted while the
+        # tests' thread formats a failure, can break Python 3.11's parser (gh-106905).
+        try:
+            self._read_messages()
+        except BaseException as exc:  # noqa: BLE001
+            with contextlib.suppress(BaseException):
+                self.fail(f"the bridge's reader stopped ({type(exc).__name__})")
+
+    def _read_messages(self) -> None:
         try:
             while not self.broken:
                 message = read_frame(self.sock)
@@ -482,11 +497,16 @@ class Bridge:
         finally:
             call.waiting_here -= 1
             call.last = time.monotonic()
+        if self.broken:
+            call.unsent.append(message)
+            return
         with contextlib.suppress(BridgeBroken):
             self._write({"op": "received", "call": ident, "message": encode(_plain_scope(message))})
 
     async def _serve_send(self, ident: int, call: _Call, payload: dict) -> None:
         reply: dict = {"op": "sent", "call": ident}
+        if payload.get("type") == "lifespan.startup.complete":
+            call.started = True
         try:
             await call.send(payload)
         except Exception as exc:  # noqa: BLE001 - the app's send() raises as it would in one process
@@ -540,7 +560,14 @@ class Bridge:
                     self.fail(f"your app did not answer within {self.answer_seconds:g} s (an endless loop, or a "
                               f"call that waits) for {scope.get('type')} {scope.get('method', '')} {scope.get('path', '')}")
             error = call.done.result()
-            if error is not None:
+            if isinstance(error, BridgeBroken) and scope.get("type") == "lifespan" and call.started:
+                for task in list(call.tasks):  # a receive() still waiting for the app: this side takes over
+                    task.cancel()
+                await asyncio.gather(*call.tasks, return_exceptions=True)
+                if not any(message.get("type") == "lifespan.shutdown" for message in call.unsent):
+                    await _shut_down_without(receive)  # the failure was the test's that ended the process
+                await send({"type": "lifespan.shutdown.complete"})
+            elif error is not None:
                 raise error
         except asyncio.CancelledError:
             with contextlib.suppress(BridgeBroken):
@@ -550,6 +577,16 @@ class Bridge:
             self._calls.pop(ident, None)
             for task in list(call.tasks):
                 task.cancel()
+
+
+async def _shut_down_without(receive: Any) -> None:
+    """The lifespan of an app whose process is gone, to its end: a test client that started it
+    closes without a second failure in every fixture that held it (the test that ended the
+    process, and every later one, already failed saying why)."""
+    while True:
+        message = await receive()
+        if message.get("type") == "lifespan.shutdown":
+            return
 
 
 def _settle(future: asyncio.Future, result: BaseException | None) -> None:

@@ -226,6 +226,10 @@ def describe(exc: BaseException, host: Host) -> dict:
         return info
     with contextlib.suppress(Exception):
         info["traceback"] = "".join(traceback.format_exception(exc))[-6000:]
+        if host.folder:  # where in the learner's files: what a failure shows them
+            mine = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).is_relative_to(host.folder)]
+            info["where"] = "\n".join(f"  {Path(f.filename).relative_to(host.folder)}:{f.lineno} in {f.name}\n"
+                                      f"      {(f.line or '').strip()}" for f in mine[-4:])
     if kind.__name__ == "ValidationError" and kind.__module__.startswith("pydantic"):
         with contextlib.suppress(Exception):
             info["title"] = str(exc.title)

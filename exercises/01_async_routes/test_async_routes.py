@@ -170,9 +170,16 @@ async def test_waiting_requests_do_not_block_each_other(app):
         started = time.perf_counter()
         waits = [asyncio.create_task(call("/wait", seconds=seconds)) for _ in range(5)]
         await asyncio.sleep(0.05)  # the five are waiting now
-        health = await call("/health")
-        responses = await asyncio.gather(*waits)
+        try:
+            health = await call("/health")
+        finally:  # every wait is awaited, even when /health raised: none is left for the garbage collector
+            outcomes = await asyncio.gather(*waits, return_exceptions=True)
         elapsed = time.perf_counter() - started
+    responses = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        responses.append(outcome)
     for response in responses:
         expect_json(response, {"waited": seconds}, exact=True)
     expect_status(health, 200)
