@@ -162,6 +162,18 @@ CASES = {
     "honest_stub": STUB,
 }
 
+# The learner's process ends, or breaks the bridge, in the middle of the run: what ran before
+# counts, the rest fails saying why, and the grader goes on.
+DELETE = "async def delete_item(item_id: int) -> None:\n"
+FAULTS = {
+    "exits_in_a_route": SOLUTION.replace(DELETE, DELETE + "    import os\n    os._exit(3)\n"),
+    "floods_the_socket_in_a_route": SOLUTION.replace(DELETE, DELETE + (
+        "    import os, stat\n    for fd in range(3, 64):\n        try:\n"
+        "            if stat.S_ISSOCK(os.fstat(fd).st_mode):\n                os.write(fd, b'\\x00\\x00\\x00\\x05junk!')\n"
+        "        except OSError:\n            pass\n")),
+}
+CASES.update(FAULTS)
+
 
 def test_exercise_01_is_bridged():
     exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE)
@@ -190,6 +202,14 @@ def test_an_attack_on_the_verdict_earns_nothing(graded, name):
 def test_the_honest_control_gets_full_marks(graded):
     result = graded["honest_solution"]
     assert (result.status, result.points) == ("passed", result.max_points), result.message[:500]
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_a_learner_process_that_fails_mid_run_is_that_learners_verdict(graded, name):
+    result = graded[name]
+    assert result.status == "failed" and 0 < result.points < result.max_points, f"{result.status}: {result.message[:500]}"
+    said = [t.message for t in result.tests if not t.passed]
+    assert any("learner's process" in message for message in said), said[:3]
 
 
 def test_the_honest_stub_gets_nothing(graded):
