@@ -138,7 +138,8 @@ class TestContract:
 
     def test_metadata_has_no_unknown_keys(self, exercise):
         meta = tomllib.loads((exercise.folder / "exercise.toml").read_text(encoding="utf-8"))
-        assert set(meta) <= {"title", "summary", "editable", "timeout", "tasks", "hints", "differential"}
+        assert set(meta) <= {"title", "summary", "editable", "timeout", "tasks", "hints", "differential", "bridge"}
+        assert meta.get("bridge", True) is True, "bridge = true, or no bridge key (grader.bridge; AUTHORING)"
 
     def test_loads_the_same_as_the_catalog(self, exercise):
         assert load_exercise(exercise.folder, ROOT) == exercise
