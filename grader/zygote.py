@@ -663,14 +663,15 @@ def learner_ids(slot: int) -> tuple[int, int]:
 def start_learner_process(job: dict, base: str, slot: int, capabilities):
     """The process that runs the learner's code for this run (``grader.bridge_host``), started
     before the run drops its privileges so that it gets a uid of its own where uids can switch."""
-    from grader import bridge
+    from grader import bridge, sandbox
 
     submission = os.path.join(base, "submission")
     home = os.path.join(base, "learner")
     os.makedirs(home, mode=0o700)
     user = None
     if capabilities.unprivileged_uid:
-        user = learner_ids(slot)
+        # beyond half the block, a learner uid would be another slot's: the run's own then (not dumpable, above)
+        user = learner_ids(slot) if slot < sandbox.UID_BLOCK // 2 else sandbox.slot_ids(slot)
         os.chown(home, *user)
         # the learner's process owns its files; the verdict may read them (never import them)
         for folder, _, names in os.walk(submission):
@@ -818,7 +819,7 @@ def _kill_leftovers(capabilities, job: dict, setup: Setup) -> None:
             sandbox.kill_cgroup(folder)
     if capabilities.unprivileged_uid:
         sandbox.kill_uid(sandbox.slot_ids(int(job["slot"]))[0])
-        if job.get("bridge"):
+        if job.get("bridge") and int(job["slot"]) < sandbox.UID_BLOCK // 2:
             sandbox.kill_uid(learner_ids(int(job["slot"]))[0])
 
 
