@@ -16,14 +16,13 @@ from grader.integrity import plan_checks, run_checks
 from grader import patches
 from grader.targets import mutant_description, mutant_target
 
-from .conftest import CURRICULUM, ROOT, heading_anchors
+from .conftest import CURRICULUM, ROOT, heading_anchors, integrity_id, integrity_unit
 
 EXERCISES = all_exercises(ROOT)
 CHECKS = [check for exercise in EXERCISES for check in plan_checks(exercise)]
 
 
-def _id(check) -> str:
-    return f"{check.exercise.name}-{check.label.replace(' ', '-')}"
+_id = integrity_id
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +30,10 @@ def outcomes(request):
     """The outcome of a selected check, graded by the warm engine (``grader.integrity.run_checks``).
 
     In one process every selected check is graded at once, cores + 1 runs at a time. On the
-    course suite's workers (tests/conftest.py hands each worker whole exercises) a worker grades
-    an exercise's checks at once when it reaches the first, with its share of the cores + 1 runs
-    (at least two: a run waits on its servers as much as it computes).
+    course suite's workers (tests/conftest.py hands each worker whole exercises, or parts of a
+    costly one: ``integrity_unit``) a worker grades a unit's checks at once when it reaches the
+    first, with its share of the cores + 1 runs (at least two: a run waits on its servers as
+    much as it computes).
     """
     selected = [item.callspec.params["check"] for item in request.session.items
                 if getattr(item, "originalname", None) == "test_graded_suite_judges_each_copy_correctly"]
@@ -42,7 +42,7 @@ def outcomes(request):
 
     def outcome(check):
         if check not in graded:
-            batch = [c for c in selected if c.exercise == check.exercise] if workers else selected
+            batch = [c for c in selected if integrity_unit(_id(c)) == integrity_unit(_id(check))] if workers else selected
             slots = max(2, -(-default_slots() // workers)) if workers else None
             graded.update({o.check: o for o in run_checks(batch, slots)})
         return graded[check]
@@ -70,7 +70,8 @@ def test_graded_suite_judges_each_copy_correctly(check, outcomes):
     else:
         assert outcome.ok, (
             f"the {check.label} of {check.exercise.name} must be caught by the graded suite "
-            f"(some test fails, none errors{'; it earns no points' if check.kind == 'stub' else ''}): "
+            f"({'its run stops at its first test that does not pass, which must fail, not error' if check.stops_at_first_failure else 'some test fails, none errors'}"
+            f"{'; it earns no points' if check.kind == 'stub' else ''}): "
             f"got {outcome.summary}\n{result.message}"
         )
 
