@@ -97,3 +97,15 @@ def test_class_grading_never_stops_early(tmp_path):
     assert graded is not None
     assert graded.status == "failed" and graded.tests
     assert not [t.nodeid for t in graded.tests if t.outcome == "missing"], "every test of a learner's run runs"
+
+
+def test_a_costly_exercise_s_checks_are_dealt_into_balanced_parts():
+    from grader.integrity import plan_checks
+
+    from .conftest import INTEGRITY, INTEGRITY_PARTS, integrity_id, work_unit
+
+    for key, parts in INTEGRITY_PARTS.items():
+        ids = [integrity_id(check) for check in plan_checks(find_exercise(key, ROOT))]
+        units = [work_unit(f"{INTEGRITY}[{check_id}]", set()) for check_id in ids]
+        sizes = sorted(units.count(unit) for unit in set(units))
+        assert len(sizes) == parts and sizes[-1] - sizes[0] <= 1, sizes
