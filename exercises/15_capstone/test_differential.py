@@ -122,14 +122,22 @@ class Later:
 
 class Databases:
     """A folder of SQLite files, one per service and copy of the shop, in memory where the
-    system offers it (Linux's /dev/shm: a commit's fsync costs more than a request)."""
+    system offers it (Linux's /dev/shm: a commit's fsync costs more than a request). Made when
+    the first shop is built, not at import: a graded run may get a /tmp and a /dev/shm of its own
+    after the suite was imported."""
 
     def __init__(self) -> None:
-        shm = Path("/dev/shm")
-        base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-        self.folder = Path(tempfile.mkdtemp(prefix="graded-15-diff-", dir=base))
+        self._folder: Path | None = None
         self.numbers = itertools.count(1)
-        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is None or not self._folder.is_dir():
+            shm = Path("/dev/shm")
+            base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+            self._folder = Path(tempfile.mkdtemp(prefix="graded-15-diff-", dir=base))
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder
 
     def url(self, service: str) -> str:
         return f"sqlite+aiosqlite:///{self.folder / f'{service}-{next(self.numbers)}.db'}"
