@@ -29,7 +29,7 @@ from grader.progress import Pristine, State, mark_edited_tests
 from grader.results import ExerciseResult, one_line
 from grader.runner import run_suite
 
-LEARNER, INSTRUCTOR, MAINTAINER = "Learner: your loop", "Instructor: grading a class", "Maintainer: the course itself"
+LEARNER, INSTRUCTOR, MAINTAINER = "Learner: your loop", cli_grade.INSTRUCTOR, "Maintainer: the course itself"
 
 app = typer.Typer(
     help="Self-grade the FastAPI microservices course, and keep the course itself honest.\n\n"

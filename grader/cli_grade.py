@@ -136,7 +136,10 @@ def merge_command(
     _write(result, out)
 
 
-def register(app: typer.Typer, panel: str) -> None:
+INSTRUCTOR = "Instructor: grading a class"  # the help panel of these commands in `grader`
+
+
+def register(app: typer.Typer, panel: str = INSTRUCTOR) -> None:
     """Adds the instructors' commands to ``app``, listed under ``panel`` in its help."""
     app.command("grade", rich_help_panel=panel)(grade_command)
     app.command("merge", rich_help_panel=panel)(merge_command)
