@@ -645,6 +645,14 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
         except (ValueError, RecursionError) as exc:
             raise AssertionError(explain(response, f"{why}; the body sent back is not strict JSON ({exc})")) from None
         assert relayed == sent | {"instance": "/api/stock/widget"}, explain(response, f"{why}: {sent}")
+    # A body that is not a problem is not read: relayed byte for byte, whatever it holds.
+    unread = b'{ "sku":"widget",  "available": 10, "note": NaN }'
+    app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": Unreadable(200, unread, {"content-type": "application/json"})})
+    async with serving(app) as running, as_a_client_sees(running) as client:
+        response = await client.get("/api/stock/widget")
+    assert (response.status_code, response.content) == (200, unread), explain(
+        response, f"inventory answered 200 with the application/json body {unread.decode()}: the gateway reads only "
+        f"problems; any other body is relayed byte for byte (200 and the same bytes)")
     # Strict JSON that is not an object has no instance to rewrite: relayed as it is, never a 500.
     for body in (b"[1, 2]", b'"Not Found"', b"null"):
         app = gateway.create_app(gateway.Settings(retries=0), transports={"inventory": Unreadable(404, body, problem)})
