@@ -59,7 +59,8 @@ def clock():
 def build_app(module, clock, **overrides):
     """A fresh app from create_app(Settings(...), clock=clock)."""
     overrides.setdefault("cors_origins", [SHOP])
-    return module.create_app(module.Settings(**overrides), clock=clock)
+    # By name, as the README's signature create_app(settings=None, *, clock=...) allows.
+    return module.create_app(settings=module.Settings(**overrides), clock=clock)
 
 
 @pytest.fixture
@@ -344,6 +345,10 @@ def test_a_chunked_body_without_content_length_is_limited_too(client):
         response, 413,
         "1800 bytes sent chunked, without Content-Length: count the bytes as they arrive, do not trust the header alone",
     )
+    exact = client.post("/upload", content=Chunks(2, 500))
+    expect_json(exact, {"size": 1000}, "exactly max_body_bytes=1000 sent chunked (two chunks of 500) is accepted", exact=True)
+    over = client.post("/upload", content=iter([b"x" * 500, b"x" * 501]))
+    expect_problem(over, 413, "1001 bytes sent chunked (500 + 501) with max_body_bytes=1000: one byte over is refused")
 
 
 @pytest.mark.task("body_limit")
@@ -355,6 +360,21 @@ def test_the_default_body_limit_is_1048576_bytes(module, defaults):
                     "create_app(Settings()): exactly the default max_body_bytes, 1048576 bytes, is accepted", exact=True)
         expect_problem(client.post("/upload", content=b"x" * 1_048_577), 413,
                        "create_app(Settings()): one byte over the default max_body_bytes of 1048576")
+
+
+@pytest.mark.task("body_limit")
+@pytest.mark.promise("P3", "P11")
+def test_the_settings_read_a_dotenv_file(module, clock, env, tmp_path):
+    env.chdir(tmp_path)
+    (tmp_path / ".env").write_text("HARD_MAX_BODY_BYTES=10\n", encoding="utf-8")
+    settings = module.Settings()
+    assert settings.max_body_bytes == 10, (
+        "\nexpected: Settings() reads HARD_* values from a .env file in the working directory "
+        f"(HARD_MAX_BODY_BYTES=10 there)\ngot:      max_body_bytes={settings.max_body_bytes!r}"
+    )
+    with TestClient(module.create_app(settings, clock=clock)) as client:
+        expect_json(client.post("/upload", content=b"x" * 10), {"size": 10}, "10 bytes with HARD_MAX_BODY_BYTES=10 in .env", exact=True)
+        expect_problem(client.post("/upload", content=b"x" * 11), 413, "11 bytes with HARD_MAX_BODY_BYTES=10 in .env")
 
 
 class Chunks:
@@ -431,6 +451,12 @@ def test_the_default_rate_limit_is_60_then_10_a_second(module, defaults, clock):
         module,
         refused={"rate_limit_capacity": 0, "rate_limit_refill_per_second": 0, "rate_limit_max_clients": 0},
         accepted={"rate_limit_capacity": 1, "rate_limit_refill_per_second": 0.5, "rate_limit_max_clients": 1},
+    )
+    settings = module.Settings()
+    got = (settings.rate_limit_capacity, settings.rate_limit_refill_per_second, settings.rate_limit_max_clients)
+    assert got == (60, 10.0, 10_000), (
+        "\nexpected: Settings() with nothing set has the defaults of the table: rate_limit_capacity=60, "
+        f"rate_limit_refill_per_second=10.0, rate_limit_max_clients=10000\ngot:      {got}"
     )
     with defaults as client:
         for n in range(60):
@@ -571,6 +597,8 @@ def test_large_responses_are_gzipped_small_ones_are_not(client, build):
 @pytest.mark.promise("P5", "P11")
 def test_by_default_responses_from_1000_bytes_are_gzipped(module, defaults):
     expect_bounds(module, refused={"gzip_minimum_size": -1}, accepted={"gzip_minimum_size": 0})
+    minimum = module.Settings().gzip_minimum_size
+    assert minimum == 1000, f"\nexpected: Settings().gzip_minimum_size is 1000, the default of the table\ngot:      {minimum!r}"
     with defaults as client:
         large = client.get("/products", headers={"Accept-Encoding": "gzip"})
         small = client.get("/health", headers={"Accept-Encoding": "gzip"})
@@ -722,6 +750,8 @@ def test_every_status_is_documented_as_a_problem(client):
         answers = document.get("paths", {}).get(path, {}).get(method, {}).get("responses", {})
         for code in sorted(codes - set(answers)):
             problems.append(f"{method.upper()} {path} does not document {code}")
+        for code in sorted(set(answers) - codes):
+            problems.append(f"{method.upper()} {path} documents {code}, which it never answers")
         for code in sorted(c for c in codes & set(answers) if c.startswith(("4", "5"))):
             schema = answers[code].get("content", {}).get("application/problem+json", {}).get("schema", {})
             schema = schemas.get(schema.get("$ref", "").rsplit("/", 1)[-1], schema)
@@ -805,10 +835,13 @@ def _finite_json(response, why):
 
 
 @pytest.mark.task("numbers")
-@pytest.mark.promise("P9")
+@pytest.mark.promise("P9", "P10")
 def test_infinite_huge_and_non_numeric_values_are_refused_and_never_stored(build):
     with TestClient(build(), raise_server_exceptions=False) as client:
         before = client.get("/products").json()
+        for name, why in (("", "an empty name"), ("n" * 101, "a name of 101 characters")):
+            refused = client.post("/products", json={"name": name, "price": 2.5, "stock": 3})
+            expect_problem(refused, 422, f"POST /products with {why}: a name is 1 to 100 characters")
         for field, raws in (("price", NOT_A_PRICE), ("stock", NOT_A_STOCK)):
             for raw in raws:
                 response = _post_raw(client, **{field: raw})
@@ -822,6 +855,11 @@ def test_infinite_huge_and_non_numeric_values_are_refused_and_never_stored(build
             expect_problem(response, 422, f"product_id {raw}: an id is from 1 to 2147483647")
         after = client.get("/products")
         assert after.json() == before, explain(after, "none of the refused products was stored: the same 40 products")
+        created = client.post("/products", json={"name": "n" * 100, "price": 2.5, "stock": 3})
+        expect_status(created, 201, "POST /products with a name of exactly 100 characters (a name is 1 to 100)")
+        product = json_of(created)
+        expect_header(created, "location", f"/products/{product.get('id')}", "POST /products: where the new product is")
+        expect_json(client.get(created.headers["location"]), product, "GET on the Location of the new product", exact=True)
 
 
 @pytest.mark.task("numbers")
