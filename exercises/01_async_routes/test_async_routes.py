@@ -128,19 +128,22 @@ def test_wait_bounds_its_parameter(client, seconds):
 @pytest.mark.asyncio
 async def test_wait_accepts_both_ends_of_its_range(app):
     # 0 and 2 are both allowed. Waiting 2 s for the answer would make every run slower, so the
-    # test only checks that seconds=2 is not refused: a refusal (422) comes back at once, as fast
-    # as the refusal of 2.001 sent beside it; an accepted request is still waiting by then.
+    # test only checks that seconds=2 is not refused: an accepted request cannot answer before
+    # its 2 s are over, while a refusal (422) comes back about as fast as the refusal of 2.001
+    # sent beside it. So the test waits for seconds=2 ten times as long as that refusal took
+    # (at most 1.5 s, well before an accepted wait could end): an answer by then was a refusal.
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/wait", params={"seconds": 0})
         expect_json(response, {"waited": 0}, "seconds=0 is inside the range: both ends are included", exact=True)
+        started = time.perf_counter()
         top = asyncio.create_task(client.get("/wait", params={"seconds": 2}))
         try:
             past = await client.get("/wait", params={"seconds": 2.001})
+            refusal = time.perf_counter() - started
             expect_status(past, 422, "seconds=2.001 is past the upper end 2")
-            for _ in range(20):  # let the request for 2 s run as far as it can without waiting
-                await asyncio.sleep(0)
-            if top.done():
+            done, _ = await asyncio.wait({top}, timeout=min(1.5, 0.2 + 10 * refusal))
+            if done:
                 expect_json(top.result(), {"waited": 2}, "seconds=2 is inside the range: both ends are included, "
                             "so GET /wait?seconds=2 waits 2 s and answers 200 (use ge= and le=, not gt= or lt=)",
                             exact=True)
