@@ -237,13 +237,16 @@ def fuzz_operation(operation: Any, target: Target, client: Any,
     """
     recorder = _Recorder(target, operation.label)
     auth = target.headers_for(operation) or None
-    pinned = target.pinned.get(operation.label, {})
-    _search(operation.as_strategy(GenerationMode.POSITIVE, headers=auth, **pinned), settings, client, recorder)
+    pinned = dict(target.pinned.get(operation.label, {}))
+    pinned_headers = pinned.pop("headers", {})  # kept beside the credentials, never instead of them
+    signed_in = {**(auth or {}), **pinned_headers} or None
+    _search(operation.as_strategy(GenerationMode.POSITIVE, headers=signed_in, **pinned), settings, client, recorder)
     if auth:
         # Without credentials the answer is a refusal, which hardly depends on the rest of the
         # request: a third of the budget finds an undocumented 401 as surely.
         anonymous = hypothesis.settings(settings, max_examples=max(1, settings.max_examples // 3))
-        _search(operation.as_strategy(GenerationMode.POSITIVE, **pinned), anonymous, client, recorder)
+        _search(operation.as_strategy(GenerationMode.POSITIVE, headers=pinned_headers or None, **pinned),
+                anonymous, client, recorder)
     # Some operations leave nothing to get wrong that a schema can express (every parameter
     # takes any string): schemathesis then rejects every invalid request it draws. Hypothesis
     # would call that a failed health check, then find nothing to run; both only mean that
