@@ -37,6 +37,7 @@ from fastapi import (
     Response,
     WebSocket,
     WebSocketDisconnect,
+    WebSocketException,
     status,
 )
 from pydantic import BaseModel, Field
@@ -256,6 +257,22 @@ def require_api_key(request: Request, x_api_key: Annotated[str | None, Header()]
         )
 
 
+# The ASGI extension that lets an app answer a WebSocket handshake with an HTTP response of its
+# own; uvicorn and Starlette's TestClient offer it, a server that does not leaves it out of the scope.
+DENIAL_RESPONSE = "websocket.http.response"
+
+
+def require_feed_key(websocket: WebSocket, api_key: str | None = None) -> None:
+    # Browsers cannot set headers on a WebSocket, so the key travels in the query string.
+    if not _key_matches(api_key, websocket.app.state.settings.api_key):
+        # Refused before accept(): no socket, no frame. Where the server can send the app's own
+        # answer, a 403 problem like every other error (its instance is the path, never the key).
+        if DENIAL_RESPONSE in websocket.scope.get("extensions", {}):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "Missing or invalid api_key query parameter")
+        # Elsewhere, a 1008 close: the server refuses the handshake with its own bodiless 403.
+        raise WebSocketException(code=status.WS_1008_POLICY_VIOLATION, reason="invalid api key")
+
+
 def get_store(request: Request) -> NoteStore:
     return request.state.store
 
@@ -339,12 +356,8 @@ async def _forward(websocket: WebSocket, queue: asyncio.Queue[dict[str, Any]]) -
         await websocket.send_json(await queue.get())
 
 
-async def notes_feed(websocket: WebSocket, api_key: str | None = None) -> None:
-    # Browsers cannot set headers on a WebSocket, so the key travels in the query string.
-    if not _key_matches(api_key, websocket.app.state.settings.api_key):
-        await websocket.close(code=status.WS_1008_POLICY_VIOLATION, reason="invalid api key")
-        return
-    await websocket.accept()
+async def notes_feed(websocket: WebSocket) -> None:
+    await websocket.accept()  # the route's dependency has checked the key before this
     feed: Feed = websocket.state.feed
     store: NoteStore = websocket.state.store
     queue = feed.subscribe()
@@ -393,5 +406,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_details(app)
     app.add_api_route("/health", health, methods=["GET"], tags=["ops"])
     app.include_router(router)
-    app.add_api_websocket_route("/ws/notes", notes_feed)
+    app.add_api_websocket_route("/ws/notes", notes_feed, dependencies=[Depends(require_feed_key)])
     return app

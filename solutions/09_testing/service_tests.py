@@ -17,7 +17,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from starlette.websockets import WebSocketDisconnect
+from starlette.testclient import WebSocketDenialResponse
 
 API_KEY = "test-key-0123456789"
 AUTH = {"X-API-Key": API_KEY}
@@ -201,11 +201,14 @@ def test_a_rejected_delete_leaves_the_note(client: TestClient, make_note: Callab
 
 @pytest.mark.parametrize("query", ["", "?api_key=wrong-key"], ids=["no-key", "wrong-key"])
 def test_feed_refuses_a_bad_key(client: TestClient, query: str) -> None:
-    # A refused connection is closed before it is accepted: connecting raises, no message arrives.
-    with pytest.raises(WebSocketDisconnect) as refused:
+    # Refused before it is accepted: no socket, no message. TestClient (like uvicorn) lets the app
+    # answer the handshake itself, so the refusal is its 403 problem, raised by websocket_connect.
+    with pytest.raises(WebSocketDenialResponse) as refused:
         with client.websocket_connect(f"/ws/notes{query}") as ws:
             ws.receive_json()
-    assert refused.value.code == 1008
+    assert refused.value.status_code == 403
+    assert refused.value.headers["content-type"] == "application/problem+json"
+    assert refused.value.json()["status"] == 403
 
 
 # --- Pagination -------------------------------------------------------------------------------
