@@ -3,7 +3,9 @@
 Ids and page numbers past SQLite's 64-bit integers, bodies whose values JSON cannot write back,
 concurrent creates and deletes on the one shared connection, and API keys that differ late: each
 answer is the promised 4xx (a missing note is a 404 however large its id, a page past the end is
-empty), never a 5xx, and concurrent requests each get their own, committed result.
+empty), never a 5xx, and concurrent requests each get their own, committed result. A refused
+WebSocket handshake is a 403 problem on a real uvicorn, and a 1008 close where the server cannot
+carry the app's answer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
+from grader.live import serve_in_thread
 from grader.loader import load_module
 
 from .conftest import ROOT
@@ -107,3 +110,44 @@ def test_a_title_cannot_forge_a_log_line(client, caplog):
     [record] = [record for record in caplog.records if record.name == "notes"]
     message = record.getMessage()
     assert "New note" in message and not any(c in message for c in "\n\r\x1b"), repr(message)
+
+
+# A WebSocket handshake, as a browser sends it: uvicorn treats the GET as an upgrade request.
+UPGRADE = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+           "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def test_a_refused_feed_is_a_403_problem_on_a_real_server(app):
+    # uvicorn offers the websocket.http.response extension: the refusal is the app's problem,
+    # not uvicorn's bodiless 403, and it never echoes the key that was refused.
+    with serve_in_thread(app) as url:
+        for query in ["", "?api_key=", f"?api_key={KEY[:-1]}x", f"?api_key={KEY}%00"]:
+            response = httpx.get(f"{url}/ws/notes{query}", headers=UPGRADE, timeout=10)
+            assert response.status_code == 403, (query, response.status_code, response.text)
+            assert response.headers["content-type"] == "application/problem+json", query
+            problem = response.json()
+            assert problem["status"] == 403 and problem["instance"] == "/ws/notes", (query, problem)
+            assert KEY[:-1] not in response.text, query
+        accepted = httpx.get(f"{url}/ws/notes?api_key={KEY}", headers=UPGRADE, timeout=10)
+        assert accepted.status_code == 101, accepted.status_code
+
+
+@pytest.mark.asyncio
+async def test_a_server_without_the_extension_gets_a_1008_close(app):
+    # No "websocket.http.response" in the scope: the app cannot answer the handshake, so it closes.
+    async with LifespanManager(app) as manager:
+        sent: list[dict] = []
+        inbox = [{"type": "websocket.connect"}]
+
+        async def receive():
+            return inbox.pop(0) if inbox else {"type": "websocket.disconnect", "code": 1006}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "websocket", "asgi": {"version": "3.0"}, "path": "/ws/notes", "raw_path": b"/ws/notes",
+                 "query_string": b"api_key=wrong", "headers": [], "scheme": "ws", "server": ("127.0.0.1", 80),
+                 "client": ("127.0.0.1", 1), "root_path": "", "subprotocols": []}
+        await manager.app(scope, receive, send)
+    assert [message["type"] for message in sent] == ["websocket.close"], sent
+    assert sent[0]["code"] == 1008
