@@ -121,6 +121,18 @@ def test_lesson_shape(lesson: Path):
     assert any(b.language in ("python", "py") and b.no_run is None for b in blocks(text)), "runnable examples"
 
 
+MAX_LESSON_LINES = 750  # one sitting (issue 16); side topics go to lessons/appendices/
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_a_lesson_is_read_in_one_sitting(lesson: Path):
+    lines = len(lesson.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_LESSON_LINES, (
+        f"{lesson.name} has {lines} lines, more than {MAX_LESSON_LINES}: move a side topic (a production "
+        "variant, a deeper dive, a long run of an example) to a page of lessons/appendices/ with "
+        "'<!-- runs after: lessons/NN_topic.md -->', and leave a one-line pointer in the lesson")
+
+
 def test_the_block_parser_honours_no_run():
     sample = "text\n<!-- no-run: blocks forever -->\n```python\nwhile True: pass\n```\n\n```python\nx = 1\n```\n"
     found = blocks(sample)
