@@ -24,11 +24,14 @@ def test_a_module_fixture_is_built_once_because_its_tests_share_a_worker():
 
 
 def test_the_integrity_checks_of_one_exercise_share_a_worker():
-    """tests/test_integrity.py grades an exercise's copies at once, on the worker that has them."""
+    """tests/test_integrity.py grades an exercise's copies at once, on the worker that has them
+    (the capstone's, the suite's costliest, in a few parts dealt to different workers)."""
     check = "tests/test_integrity.py::test_graded_suite_judges_each_copy_correctly"
-    units = {work_unit(f"{check}[15_capstone-{label}]", SHARED) for label in ("solution", "stub", "mutant-no_deadline")}
+    units = {work_unit(f"{check}[14_deployment-{label}]", SHARED) for label in ("solution", "stub")}
     assert len(units) == 1
     assert work_unit(f"{check}[01_async_routes-solution]", SHARED) not in units
+    capstone = {work_unit(f"{check}[15_capstone-{label}]", SHARED) for label in ("solution", "stub", "mutant-no_deadline")}
+    assert all(unit.startswith("integrity of 15, part ") for unit in capstone), capstone
 
 
 def test_other_tests_go_to_any_free_worker():
