@@ -178,8 +178,12 @@ def test_classroom_results_add_up(graded):
     honest = json.loads(next((out / "classroom").glob("honest_solution-*.json")).read_text())
     assert honest["status"] == "pass" and honest["max_score"] == pytest.approx(12.5)
     assert sum(test["score"] for test in honest["tests"]) == pytest.approx(12.5)
+    # patching pytest earns no more than the untouched stub it rides on (which passes two hidden tests)
+    stub = json.loads(next((out / "classroom").glob("error-pwned-*.json")).read_text())
     tampered = json.loads(next((out / "classroom").glob("monkeypatches_pytest-*.json")).read_text())
-    assert tampered["status"] == "fail" and sum(test["score"] for test in tampered["tests"]) == 0
+    assert tampered["status"] == "fail" and stub["status"] == "fail"
+    assert sum(test["score"] for test in tampered["tests"]) == sum(test["score"] for test in stub["tests"])
+    assert {test["name"]: test["score"] for test in tampered["tests"]} == {test["name"]: test["score"] for test in stub["tests"]}
     pwned = json.loads(next((out / "classroom").glob("error-pwned-*.json")).read_text())
     assert all(not t["message"].lstrip().startswith("::") for t in pwned["tests"])
 
