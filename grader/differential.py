@@ -583,6 +583,19 @@ class _RequestTasks:
             self.loop.run_until_complete(asyncio.gather(host, return_exceptions=True))
 
 
+class Later:
+    """An ASGI app that passes each call on to ``owner.running[name]``, the running app of one
+    service of several wired together (each service's transport to another is a ``Later``): the
+    app is looked up when a call comes, since it runs, with the state its lifespan yielded, only
+    once every lifespan has started."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.owner.running[self.name](scope, receive, send)
+
+
 class AppRunner:
     """One ASGI app on an event loop of its own, its lifespan started: requests go straight
     to the app's callable (no sockets, no threads)."""

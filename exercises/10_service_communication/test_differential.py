@@ -29,16 +29,6 @@ SERVICES = ("inventory", "orders", "gateway")
 URLS = {"inventory": "http://inventory.test", "orders": "http://orders.test"}
 
 
-class Later:
-    """An ASGI app that passes each call on to a service's running app, once it runs."""
-
-    def __init__(self, services: Services, name: str) -> None:
-        self.services, self.name = services, name
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.services.running[self.name](scope, receive, send)
-
-
 class Services:
     """The three services of one copy (yours or the reference's) as one ASGI app.
 
@@ -53,10 +43,10 @@ class Services:
         self.apps = {"inventory": inventory.create_app()}
         self.apps["orders"] = orders.create_app(
             orders.Settings(inventory_url=URLS["inventory"], timeout=5.0, retries=0, backoff=0.0),
-            upstream_transport=httpx.ASGITransport(app=Later(self, "inventory")))
+            upstream_transport=httpx.ASGITransport(app=differential.Later(self, "inventory")))
         self.apps["gateway"] = gateway.create_app(
             gateway.Settings(orders_url=URLS["orders"], inventory_url=URLS["inventory"], timeout=5.0, retries=0, backoff=0.0),
-            transports={name: httpx.ASGITransport(app=Later(self, name)) for name in ("orders", "inventory")})
+            transports={name: httpx.ASGITransport(app=differential.Later(self, name)) for name in ("orders", "inventory")})
 
     @staticmethod
     def owner(path: str) -> str:

@@ -110,16 +110,6 @@ def owner(path: str) -> str:
     return "gateway"
 
 
-class Later:
-    """An ASGI app that passes each call on to a service's running app, once it runs."""
-
-    def __init__(self, shop: Shop, name: str) -> None:
-        self.shop, self.name = shop, name
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.shop.running[self.name](scope, receive, send)
-
-
 class Databases:
     """A folder of SQLite files, one per service and copy of the shop, in memory where the
     system offers it (Linux's /dev/shm: a commit's fsync costs more than a request). Made when
@@ -160,7 +150,7 @@ class Shop:
         broker = f"nats://127.0.0.1:{free_port()}"  # nothing listens there: the broker is down
 
         def wire(name: str) -> httpx.ASGITransport:
-            return httpx.ASGITransport(app=Later(self, name))
+            return httpx.ASGITransport(app=differential.Later(self, name))
 
         self.apps = {
             "users": users.create_app(
