@@ -907,6 +907,9 @@ async def test_releasing_returns_the_stock_and_is_safe_to_repeat(load, tmp_path)
         expect_status(again, 204, "releasing twice is harmless")
         assert await stock_of(catalog, "PEN-1") == 5, explain(again, "stock still 5, not 7")
         expect_status(await catalog.delete("/reservations/never-made", headers=service()), 204, "releasing what was never reserved is harmless too")
+        for unknown in ("u" * 65, "u" * 2000):  # longer than any reservation's ID: unknown all the same
+            expect_status(await catalog.delete(f"/reservations/{unknown}", headers=service()), 204,
+                          f"releasing an order ID of {len(unknown)} characters, never reserved (README: 204 for an unknown order_id, whatever it is)")
         late = await catalog.post("/reservations", json={"order_id": "never-made", **order_body(("PEN-1", 1))}, headers=service())
         expect_problem(late, 409, "a reservation arriving after its order was released is refused")
         assert await stock_of(catalog, "PEN-1") == 5, explain(late, "stock untouched")

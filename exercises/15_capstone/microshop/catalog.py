@@ -118,7 +118,8 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
 @router.delete("/reservations/{order_id}", status_code=status.HTTP_204_NO_CONTENT)
 async def release(order_id: str, session: SessionDep) -> None:
     # TODO: give a held reservation's stock back and mark it released; 204 every time, even
-    #   for an unknown order_id (then remember it as released, so a late reservation is refused).
+    #   for an unknown order_id (then remember it as released, so a late reservation is refused),
+    #   one longer than any reservation's too (no bound on it here: a 422 is not a 204).
     #   Safe against a concurrent reservation or release of the same order: held -> released
     #   in one conditional UPDATE. Internal, like POST /reservations.
     todo("step 2: DELETE /reservations/{order_id}")

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Response, Security, status
+from fastapi import APIRouter, FastAPI, HTTPException, Response, Security, status
 from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,7 +42,8 @@ from .common import (
 from .problems import install_problem_details, problem_responses
 
 SKU = Annotated[str, Field(pattern=r"^[A-Z0-9-]{3,20}$")]
-OrderId = Annotated[str, Field(min_length=1, max_length=64)]
+MAX_ORDER_ID = 64
+OrderId = Annotated[str, Field(min_length=1, max_length=MAX_ORDER_ID)]
 # Upper bounds keep every number inside SQLite's 64-bit integers, including the totals built
 # from them: 20 lines x 100 units x MAX_PRICE_CENTS is far below 2**63.
 MAX_PRICE_CENTS = 100_000_000
@@ -234,7 +235,12 @@ async def reserve(body: ReservationIn, response: Response, session: SessionDep) 
     dependencies=SERVICE_ONLY,
     responses=problem_responses(401, 503),
 )
-async def release(order_id: Annotated[str, Path(min_length=1, max_length=64)], session: SessionDep) -> None:
+async def release(order_id: str, session: SessionDep) -> None:
+    if len(order_id) > MAX_ORDER_ID:
+        # No reservation has such an ID (POST /reservations refuses it): unknown, so 204 like
+        # every unknown ID, and nothing to remember, since no reservation can ever take it.
+        # A 422 here would tell a compensating caller that its release failed, and it would retry.
+        return
     async with session.begin():
         tombstone = await session.execute(
             insert(Reservation)
