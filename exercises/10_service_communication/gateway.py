@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=5, ge=1)
     breaker_reset: float = Field(default=10.0, gt=0)
     max_concurrent: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
 
 
 def create_app(
@@ -62,7 +63,10 @@ def create_app(
     #       Honour a Retry-After on a 503; send one with your own 503. Pass the headers on as
     #       the bytes the service sent (upstream.headers.raw); read a problem as strict JSON
     #       (NaN, Infinity, 1e400 refused) and answer one that is not with a 502.
+    # TODO: max_body_bytes either way: a request body longer is a 413, not sent; an answer is read
+    #       as it streams in (client.send(..., stream=True)) and one longer is a 502, read no further.
     # TODO: per service, a circuit breaker (breaker_failures failed calls in a row open it for
     #       breaker_reset seconds: 503 + Retry-After at once, then one trial call) and a bulkhead
-    #       (at most max_concurrent calls in flight; one more: 503 + Retry-After at once).
+    #       (at most max_concurrent calls in flight; one more: 503 + Retry-After at once). A 502
+    #       of the gateway's own (an answer it cannot read) is a failed call too.
     return app

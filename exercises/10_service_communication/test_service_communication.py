@@ -7,6 +7,7 @@ server on 127.0.0.1. One test starts inventory and orders as real uvicorn proces
 """
 
 import asyncio
+import gzip
 import http.client
 import json
 import re
@@ -371,6 +372,7 @@ GATEWAY_RANGES = COMMON_RANGES | {
     "breaker_failures": ([1, 1000], [0, 1001]),
     "breaker_reset": ([0.001, 3600], [0, -1, 3600.5, float("nan")]),
     "max_concurrent": ([1, 10_000], [0, 10_001]),
+    "max_body_bytes": ([1, 1_073_741_824], [0, 1_073_741_825]),
 }
 
 
@@ -413,7 +415,8 @@ def test_orders_settings_refuse_values_out_of_range(orders: ModuleType, monkeypa
 @pytest.mark.promise("P21")
 def test_gateway_settings_have_their_defaults_and_ranges(gateway: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     promised = {"orders_url": "http://127.0.0.1:8002", "inventory_url": "http://127.0.0.1:8001", "timeout": 2.0,
-                "retries": 1, "backoff": 0.05, "breaker_failures": 5, "breaker_reset": 10.0, "max_concurrent": 64}
+                "retries": 1, "backoff": 0.05, "breaker_failures": 5, "breaker_reset": 10.0, "max_concurrent": 64,
+                "max_body_bytes": 1_048_576}
     for name in promised:
         monkeypatch.delenv(f"GATEWAY_{name.upper()}", raising=False)
     defaults = {name: getattr(gateway.Settings(), name, "(missing)") for name in promised}
@@ -663,6 +666,97 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
             f"object, so no instance to rewrite: relayed as it is (404 and the same body), never a 500")
 
 
+class Chunks(httpx.AsyncByteStream):
+    """A body that streams in as `chunks`, each handed over only when the reader asks for it;
+    `pulled` counts the chunks read so far (what a service sees of how much its caller read)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.pulled = chunks, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.pulled += 1
+            yield chunk
+
+
+class Streaming(httpx.AsyncBaseTransport):
+    """An upstream that answers 200 with a streamed body (`chunks`, and `headers`); `answers`
+    keeps each answer's body stream, to see how much of it was read."""
+
+    def __init__(self, chunks: list[bytes], headers: dict[str, str] | None = None) -> None:
+        self.chunks, self.headers = chunks, headers or {"content-type": "application/json"}
+        self.requests: list[httpx.Request] = []
+        self.answers: list[Chunks] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.answers.append(Chunks(self.chunks))
+        return httpx.Response(200, headers=self.headers, stream=self.answers[-1], request=request)
+
+
+@pytest.mark.task("failures")
+@pytest.mark.promise("P20", "P8")
+@pytest.mark.asyncio
+async def test_the_gateway_relays_no_answer_longer_than_its_limit(gateway: ModuleType) -> None:
+    limit = 1000
+    cases = {  # what the service streams -> the bytes it sends, the headers, and whether it is relayed
+        "exactly max_body_bytes (1000), in 10 chunks": ([b"x" * 100] * 10, None, True),
+        "one byte more than max_body_bytes, in 11 chunks": ([b"x" * 100] * 10 + [b"x"], None, False),
+        "200 chunks of 100 bytes": ([b"x" * 100] * 200, None, False),
+        "a 5000-byte body gzipped to a few dozen bytes (Content-Encoding: gzip)":
+            ([gzip.compress(b"x" * 5000)], {"content-type": "application/json", "content-encoding": "gzip"}, False),
+    }
+    for what, (chunks, headers, relayed) in cases.items():
+        for method, path, service in (("GET", "/api/stock/widget", "inventory"), ("POST", "/api/orders", "orders")):
+            upstream = Streaming(chunks, headers)
+            settings = gateway.Settings(retries=2, backoff=0.0, max_body_bytes=limit)
+            app = gateway.create_app(settings, transports={service: upstream})
+            async with serving(app) as running, as_a_client_sees(running) as client:
+                response = await client.request(method, path, json=ORDER if method == "POST" else None)
+            why = (f"{method} {path} with max_body_bytes={limit}: the {service} service answered 200 with a body of "
+                   f"{what}")
+            if relayed:
+                assert (response.status_code, response.content) == (200, b"".join(chunks)), explain(
+                    response, f"{why}: at the limit, so relayed as it is (200 and the same {limit} bytes)")
+                continue
+            expect_upstream_problem(response, 502, service, f"{why}: longer than the gateway relays (once decoded), "
+                                    f"a broken answer: 502 Bad Gateway")
+            pulled = [answer.pulled for answer in upstream.answers]
+            assert pulled and max(pulled) <= 14 and len(upstream.requests) == 1, explain(
+                response, f"{why}: the body is read as it streams in, and no further than the limit (a service "
+                f"streaming gigabytes must not fill the gateway's memory): stream it, count, stop one byte past the "
+                f"limit; one call, not retried. The service handed over {pulled} of its {len(chunks)} chunks"
+                f" in {len(upstream.requests)} calls")
+
+
+@pytest.mark.task("gateway")
+@pytest.mark.promise("P8", "P17")
+@pytest.mark.asyncio
+async def test_the_gateway_forwards_no_request_longer_than_its_limit(gateway: ModuleType) -> None:
+    limit = 1000
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:  # no Content-Length: the length shows only as it streams
+        for start in range(0, size, 100):
+            yield b"x" * min(100, size - start)
+
+    for how in ("with its Content-Length", "chunked, without a Content-Length"):
+        for size, forwarded in ((limit, True), (limit + 1, False), (50 * limit, False)):
+            placing = FakeUpstream((201, {"id": "abc"}))
+            app = gateway.create_app(gateway.Settings(max_body_bytes=limit), transports={"orders": placing})
+            async with serving(app) as running, as_a_client_sees(running) as client:
+                body = b"x" * size if how.startswith("with") else chunked(size)
+                response = await client.post("/api/orders", content=body, headers={"content-type": "application/json"})
+            why = f"POST /api/orders with a body of {size} bytes, {how}, to a gateway with max_body_bytes={limit}"
+            if forwarded:
+                expect_status(response, 201, f"{why}: at the limit, forwarded")
+                got = [len(request.content) for request in placing.requests]
+                assert got == [size], explain(response, f"{why}: forwarded once, all {size} bytes; orders got {got}")
+                continue
+            expect_problem(response, 413, f"{why}: longer than the limit, 413 Content Too Large, a problem")
+            assert not placing.requests, explain(response, f"{why}: refused, so nothing is sent to orders; it got "
+                                                           f"{len(placing.requests)} requests")
+
+
 # Response headers that Starlette cannot write from a str (it encodes header text as Latin-1): the
 # gateway passes on the bytes the service sent. Each: (status, the header's name as the service
 # wrote it, its bytes, what the client must get). Names are case-insensitive: some servers write
@@ -808,6 +902,27 @@ async def test_retry_after_is_honoured_and_sent(orders: ModuleType, gateway: Mod
     expect_upstream_problem(unreachable, 503, "orders", "orders cannot be reached")
     waited = expect_header(unreachable, "retry-after", why="the gateway's own 503 says when to try again too")
     assert waited.isdigit() and 1 <= int(waited) <= 3600, explain(unreachable, f"Retry-After in whole seconds; got {waited!r}")
+
+
+@pytest.mark.task("retries")
+@pytest.mark.promise("P6", "P19")
+@pytest.mark.asyncio
+async def test_a_retry_after_that_means_nothing_is_no_crash(orders: ModuleType, gateway: ModuleType) -> None:
+    # Not whole seconds nor an HTTP date: "²" and "١" are digits to str.isdigit(), which float() or int() refuse or
+    # read as 1; the rest overflow or are no number. Each is a Retry-After that says nothing: the backoff applies.
+    for value in ("²", "١٢", "9" * 5000, "-1", "1.5", "1e3", "Mon, 99 Foo 2030 99:99:99 GMT", ""):
+        stock = FakeUpstream((503, {"detail": "busy"}, {"Retry-After": value.encode()}), (200, {"sku": "widget", "available": 10}))
+        app = orders.create_app(orders_settings(orders, retries=1, backoff=0.0, timeout=5.0), upstream_transport=stock)
+        async with serving(app) as running, as_a_client_sees(running) as client:
+            placed = await client.post("/orders", json=ORDER)
+        expect_status(placed, 201, f"inventory answered 503 with Retry-After: {value!r}, which is neither whole seconds nor "
+                                   f"an HTTP date, then 200: the retry after the backoff succeeds, never a 500")
+        reading = FakeUpstream((503, {"detail": "busy"}, {"Retry-After": value.encode()}), (200, {"sku": "widget", "available": 10}))
+        app = gateway.create_app(gateway.Settings(retries=1, backoff=0.0, timeout=5.0), transports={"inventory": reading})
+        async with serving(app) as running, as_a_client_sees(running) as client:
+            read = await client.get("/api/stock/widget")
+        expect_status(read, 200, f"the gateway: inventory answered 503 with Retry-After: {value!r}, which is neither whole "
+                                 f"seconds nor an HTTP date, then 200: the retry after the backoff succeeds, never a 500")
 
 
 @pytest.mark.task("retries")
@@ -1514,6 +1629,27 @@ async def test_a_failing_service_opens_its_circuit(gateway: ModuleType) -> None:
     assert len(stock.requests) == 6, explain(closed, f"6 calls to inventory in all; got {len(stock.requests)}")
 
 
+@pytest.mark.task("resilience")
+@pytest.mark.promise("P12", "P20")
+@pytest.mark.asyncio
+async def test_an_answer_the_gateway_cannot_read_counts_against_the_circuit(gateway: ModuleType) -> None:
+    garbled = Unreadable(404, NOT_STRICT_JSON["NaN"], {"content-type": "application/problem+json"})
+    too_long = Streaming([b"x" * 600] * 2)  # 1200 bytes, over max_body_bytes=1000
+    settings = gateway.Settings(retries=0, breaker_failures=2, breaker_reset=30, max_body_bytes=1000)
+    app = gateway.create_app(settings, transports={"inventory": garbled, "orders": too_long})
+    async with serving(app) as running, as_a_client_sees(running) as client:
+        for path, upstream, what in (("/api/stock/widget", garbled, "a problem holding NaN"),
+                                     ("/api/orders/o-1", too_long, "a body longer than max_body_bytes")):
+            broken = [await client.get(path) for _ in range(2)]
+            refused = await client.get(path)
+            why = (f"GET {path} three times, with breaker_failures=2: the service answered {what} twice, each a 502 of the "
+                   f"gateway. A service that answers what cannot be read is failing, like one that is down: two "
+                   f"failures in a row open its circuit, and the third request is refused at once (503, nothing sent)")
+            assert [r.status_code for r in broken] == [502, 502], explain(broken[-1], why)
+            expect_upstream_problem(refused, 503, "inventory" if upstream is garbled else "orders", why)
+            assert len(upstream.requests) == 2, explain(refused, f"{why}; the service got {len(upstream.requests)} calls")
+
+
 class Held(httpx.AsyncBaseTransport):
     """An upstream that holds every request until `release` is set."""
 
@@ -1566,7 +1702,7 @@ DOCUMENTED = {
     "orders": {("post", "/orders"): {"201", "400", "409", "422", "502", "503", "504"},
                ("get", "/orders/{order_id}"): {"200", "404"}},
     "gateway": {("get", "/api/stock/{sku}"): {"200", "404", "503", "504"},
-                ("post", "/api/orders"): {"201", "400", "404", "409", "422", "502", "503", "504"},
+                ("post", "/api/orders"): {"201", "400", "404", "409", "413", "422", "502", "503", "504"},
                 ("get", "/api/orders/{order_id}"): {"200", "404", "503", "504"}},
 }
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(default=5, ge=1, le=1000)  # failed calls in a row that open a service's circuit
     breaker_reset: float = Field(default=10.0, gt=0, le=3600)  # seconds it stays open before one trial call
     max_concurrent: int = Field(default=64, ge=1, le=10_000)  # calls in flight per service (the bulkhead)
+    # The largest body relayed either way, in bytes: a larger request is a 413 and is not sent;
+    # a larger answer (once decoded) is a 502 and is read no further.
+    max_body_bytes: int = Field(default=1_048_576, ge=1, le=1_073_741_824)
 
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -104,12 +107,36 @@ def retry_after(outcome: "httpx.Response | UpstreamError") -> float:
     if not isinstance(outcome, httpx.Response) or outcome.status_code not in (429, 503):
         return 0.0
     value = outcome.headers.get("retry-after", "").strip()
-    if value.isdigit() and len(value) <= 9:
+    if value.isascii() and value.isdigit() and len(value) <= 9:  # "²".isdigit() too, and float("²") raises
         return float(value)
     try:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return 0.0
+
+
+class TooLarge(Exception):
+    """An answer's body went past the gateway's limit."""
+
+
+async def fetch(client: httpx.AsyncClient, method: str, url: str, *, limit: int, **kwargs: Any) -> httpx.Response:
+    """One call, its answer read as it streams in: at most `limit` bytes of body (as decoded, so
+    a small gzip that inflates to gigabytes counts for what it becomes). One byte more raises
+    TooLarge and the rest is never read: a service that sends gigabytes costs `limit`, not them."""
+    request = client.build_request(method, url, **kwargs)
+    streamed = await client.send(request, stream=True)
+    try:
+        body = bytearray()
+        async for chunk in streamed.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(f"{method} {url}: the answer is longer than {limit} bytes")
+    finally:
+        await streamed.aclose()  # what was not read is dropped with the connection
+    # The body is decoded now: Content-Encoding and Content-Length no longer describe it.
+    kept = [(name, value) for name, value in streamed.headers.raw
+            if name.lower() not in (b"content-encoding", b"content-length", b"transfer-encoding")]
+    return httpx.Response(streamed.status_code, headers=kept, content=bytes(body), request=request)
 
 
 async def call_upstream(
@@ -121,6 +148,7 @@ async def call_upstream(
     retries: int,
     backoff: float,
     deadline: float,
+    limit: int,
     headers: dict[str, str],
     **kwargs: Any,
 ) -> httpx.Response:
@@ -143,14 +171,15 @@ async def call_upstream(
         headers[TIMEOUT_HEADER] = str(max(0, int((deadline - loop.time()) * 900)))
         try:
             async with asyncio.timeout_at(deadline):
-                outcome = await client.request(method, url, headers=headers, **kwargs)
+                outcome = await fetch(client, method, url, limit=limit, headers=headers, **kwargs)
         except (httpx.TimeoutException, TimeoutError):
             outcome = UpstreamError(status.HTTP_504_GATEWAY_TIMEOUT, service)
         except httpx.TransportError:
             outcome = UpstreamError(status.HTTP_503_SERVICE_UNAVAILABLE, service)
-        except httpx.DecodingError:
-            # An answer that cannot be read (a body that is not the gzip its Content-Encoding says):
-            # a broken answer, not a transient failure, and not an httpx.TransportError either.
+        except (httpx.DecodingError, TooLarge):
+            # An answer that cannot be read (a body that is not the gzip its Content-Encoding says,
+            # or longer than the gateway relays): a broken answer, not a transient failure, and not
+            # an httpx.TransportError either.
             raise UpstreamError(status.HTTP_502_BAD_GATEWAY, service) from None
         if isinstance(outcome, httpx.Response) and outcome.status_code not in RETRYABLE_STATUS:
             return outcome
@@ -275,9 +304,24 @@ def relayed(upstream: httpx.Response, request: Request, service: str) -> bytes:
     return upstream.content
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or a 413 as soon as it is longer than `limit`: never gigabytes in memory."""
+    declared = request.headers.get("content-length", "")
+    too_large = ProblemError(status.HTTP_413_CONTENT_TOO_LARGE, f"The body is longer than {limit} bytes.")
+    if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 # What the gateway itself may answer (each a problem), on top of whatever the service answers:
-# 404 off the allow-list, the service's 502, 503 unreachable / circuit open / bulkhead full, 504.
-GATEWAY_ERRORS = problem_responses(404, 502, 503, 504)
+# 404 off the allow-list, 413 a body too long, 502 an answer it cannot read (or the service's),
+# 503 unreachable / circuit open / bulkhead full, 504.
+GATEWAY_ERRORS = problem_responses(404, 413, 502, 503, 504)
 
 
 def create_app(
@@ -320,6 +364,7 @@ def create_app(
         path = template.format(**{name: quote(value, safe="") for name, value in params.items()})
         headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}
         headers["X-Request-ID"] = request_id_var.get()  # passed on, so logs of every hop match
+        content = await read_body(request, settings.max_body_bytes)  # before a slot of the bulkhead is taken
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.timeout  # one budget for everything below
         breaker: CircuitBreaker = request.state.breakers[service]
@@ -335,8 +380,12 @@ def create_app(
                 upstream = await call_upstream(
                     request.state.clients[service], request.method, path,
                     service=service, retries=settings.retries, backoff=settings.backoff, deadline=deadline,
-                    params=request.query_params.multi_items(), content=await request.body(), headers=headers,
+                    limit=settings.max_body_bytes, params=request.query_params.multi_items(), content=content,
+                    headers=headers,
                 )
+                # A problem the gateway cannot read is a 502 here, inside: an upstream that answers
+                # garbage is failing, and counts against its circuit like one that is down.
+                body = relayed(upstream, request, service)
                 succeeded = upstream.status_code not in RETRYABLE_STATUS
             except UpstreamError:
                 succeeded = False
@@ -346,7 +395,7 @@ def create_app(
                     breaker.trial_running = False
                 else:
                     breaker.record(succeeded, loop.time())
-        response = Response(content=relayed(upstream, request, service), status_code=upstream.status_code)
+        response = Response(content=body, status_code=upstream.status_code)
         # The promised headers, copied as the service sent them, byte for byte. Decoding them to
         # text and encoding them again is a round trip that can fail: a Location of "/orders/€" in
         # UTF-8 is not Latin-1, the only encoding Starlette writes headers in (a 500).

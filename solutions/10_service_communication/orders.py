@@ -89,7 +89,7 @@ def retry_after(outcome: "httpx.Response | UpstreamError") -> float:
     if not isinstance(outcome, httpx.Response) or outcome.status_code not in (429, 503):
         return 0.0
     value = outcome.headers.get("retry-after", "").strip()
-    if value.isdigit() and len(value) <= 9:
+    if value.isascii() and value.isdigit() and len(value) <= 9:  # "²".isdigit() too, and float("²") raises
         return float(value)
     try:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
