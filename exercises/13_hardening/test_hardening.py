@@ -352,6 +352,32 @@ def test_a_chunked_body_without_content_length_is_limited_too(client):
 
 
 @pytest.mark.task("body_limit")
+@pytest.mark.promise("P3")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/health"), ("GET", "/products"), ("GET", "/products/1"), ("GET", "/no-such-path"), ("DELETE", "/products")],
+)
+def test_a_chunked_body_is_limited_on_routes_that_never_read_it(client, method, path):
+    # "On every route": a route that never reads the body must not answer a chunked body of any
+    # size, when the same body with a Content-Length would be a 413.
+    declared = client.request(method, path, content=b"x" * 1001)
+    expect_problem(declared, 413, f"{method} {path} with 1001 bytes and a Content-Length (max_body_bytes=1000)")
+    over = client.request(method, path, content=Chunks(3, 400))
+    assert "content-length" not in over.request.headers
+    expect_problem(
+        over, 413,
+        f"{method} {path} with 1200 bytes sent chunked, without Content-Length (max_body_bytes=1000): refused like "
+        "the same body with a Content-Length, even though this route never reads a body",
+    )
+    plain = client.request(method, path)
+    fits = client.request(method, path, content=Chunks(2, 500))
+    assert fits.status_code == plain.status_code and fits.status_code != 413, explain(
+        fits, f"{method} {path} with exactly max_body_bytes=1000 sent chunked: answered as without a body "
+        f"({plain.status_code}), not refused",
+    )
+
+
+@pytest.mark.task("body_limit")
 @pytest.mark.promise("P3", "P11")
 def test_the_default_body_limit_is_1048576_bytes(module, defaults):
     expect_bounds(module, refused={"max_body_bytes": 0}, accepted={"max_body_bytes": 1})

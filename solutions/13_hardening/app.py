@@ -151,19 +151,41 @@ class BodySizeLimitMiddleware:
 
         # ...and counting for a chunked body, which has no Content-Length at all.
         received = 0
+        more_body = declared is None  # a declared length within the limit needs no count
+        refused = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, more_body
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more_body = message.get("more_body", False)
                 if received > self.max_bytes:
                     # Raised inside the route's body read: FastAPI re-raises HTTPException as is,
                     # and the given handler turns it into a problem.
                     raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())
+            elif message["type"] == "http.disconnect":
+                more_body = False
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def send_after_the_body(message: Message) -> None:
+            # A route that never reads the body (a GET, an unknown path's 404) would answer a
+            # chunked body of any size. Before its answer goes out, read what it left, at most up
+            # to the limit, and refuse an oversized body with the same 413 as a declared one.
+            nonlocal refused
+            if message["type"] == "http.response.start" and more_body:
+                try:
+                    while more_body:
+                        await counting_receive()
+                except HTTPException:
+                    refused = True
+                    await problem_response(Request(scope), status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())(
+                        scope, receive, send
+                    )
+            if not refused:  # the route's own answer is dropped once the 413 went out instead
+                await send(message)
+
+        await self.app(scope, counting_receive, send_after_the_body)
 
 
 # --------------------------------------------------------------------------- rate limiting
