@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import http.client
 import itertools
 import json
@@ -1645,6 +1646,60 @@ async def test_the_gateway_refuses_a_body_too_large(load, tmp_path):
         response = await shop.gateway.post("/api/users", content=huge, headers={"Content-Type": "application/json"})
         expect_problem(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
         assert not shop.gateway_wires["users"].seen, explain(response, "and never forwarded")
+
+
+class Chunks(httpx.AsyncByteStream):
+    """A body handed over one chunk at a time, when the reader asks; `pulled` counts the chunks read."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.pulled = chunks, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.pulled += 1
+            yield chunk
+
+
+class Streaming(httpx.AsyncBaseTransport):
+    """A service that answers every request 200 with a streamed body; `answers` keeps each body."""
+
+    def __init__(self, chunks: list[bytes], headers: dict[str, str]) -> None:
+        self.chunks, self.headers, self.answers = chunks, headers, []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.answers.append(Chunks(self.chunks))
+        return httpx.Response(200, headers=self.headers, stream=self.answers[-1], request=request)
+
+
+@pytest.mark.promise("P21", "P25")
+@pytest.mark.task("gateway")
+@pytest.mark.asyncio
+async def test_the_gateway_relays_no_answer_larger_than_its_limit(load, tmp_path):
+    module = load("microshop/gateway")
+    json_type = {"content-type": "application/json"}
+    cases = {  # what the catalog streams -> its chunks, its headers, relayed or not
+        "exactly max_body_bytes (1000), in 10 chunks": ([b"x" * 100] * 10, json_type, True),
+        "one byte more, in 11 chunks": ([b"x" * 100] * 10 + [b"x"], json_type, False),
+        "200 chunks of 100 bytes": ([b"x" * 100] * 200, json_type, False),
+        "5000 bytes gzipped to a few dozen (Content-Encoding: gzip)": ([gzip.compress(b"x" * 5000)],
+                                                                        json_type | {"content-encoding": "gzip"}, False),
+    }
+    for what, (chunks, headers, relayed) in cases.items():
+        catalog = Streaming(chunks, headers)
+        app = module.create_app(module.Settings(max_body_bytes=1000), transports={"catalog": catalog})
+        async with serving(app) as gateway:
+            response = await gateway.get("/api/products")
+        why = f"GET /api/products with max_body_bytes=1000: the catalog answered 200 with a body of {what}"
+        if relayed:
+            assert (response.status_code, response.content) == (200, b"".join(chunks)), explain(
+                response, f"{why}: at the limit, relayed as it is (200 and the same 1000 bytes)")
+            continue
+        expect_problem(response, 502, f"{why}: larger than the gateway relays (once decoded), a 502 problem")
+        pulled = [answer.pulled for answer in catalog.answers]
+        assert pulled and max(pulled) <= 14, explain(
+            response, f"{why}: the answer is read as it streams in, and no further than the limit, so that a service "
+            f"streaming gigabytes does not fill the gateway's memory; the catalog handed over {pulled} of its "
+            f"{len(chunks)} chunks")
 
 
 @pytest.mark.promise("P21", "P25")

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     catalog_url: str = "http://127.0.0.1:8002"
     orders_url: str = "http://127.0.0.1:8003"
     timeout: float = 5.0
-    max_body_bytes: int = 1024 * 1024  # a larger body answers 413 and is not forwarded
+    max_body_bytes: int = 1024 * 1024  # a larger request answers 413 and is not forwarded; a larger answer, 502
 
 
 SERVICES = ("users", "catalog", "orders")
@@ -74,7 +74,8 @@ def create_app(
         #   body (at most settings.max_body_bytes, else 413) and the Authorization,
         #   Content-Type, Accept and X-Request-ID headers; return the status, body,
         #   Content-Type, WWW-Authenticate and Location (prefixed with /api). Unreachable: 503;
-        #   slower than settings.timeout: 504. Declare each route's statuses with responses=.
+        #   slower than settings.timeout: 504. An answer read as it streams in, at most
+        #   max_body_bytes once decoded, else 502. Declare each route's statuses with responses=.
         todo("step 6: the proxy")
 
     return app

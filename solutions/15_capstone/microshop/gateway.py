@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     catalog_url: str = "http://127.0.0.1:8002"
     orders_url: str = "http://127.0.0.1:8003"
     timeout: float = 5.0
-    max_body_bytes: int = Field(1024 * 1024, ge=1)  # the largest body forwarded; larger: 413
+    max_body_bytes: int = Field(1024 * 1024, ge=1)  # the largest body relayed: a larger request 413, a larger answer 502
 
 
 SERVICES = ("users", "catalog", "orders")
@@ -50,8 +50,9 @@ PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,127}")
 Segment = Annotated[str, Path(description="One plain path segment: letters, digits, '.', '_', '~', '-'")]
 
 # Everything the public may call through the gateway answers one of these, from the gateway
-# itself (404 for a path it refuses, 413, 503, 504) or from the service (the rest).
-GATEWAY_ERRORS = (404, 413, 503, 504)
+# itself (404 for a path it refuses, 413, 502 for an answer it cannot relay, 503, 504) or from
+# the service (the rest).
+GATEWAY_ERRORS = (404, 413, 502, 503, 504)
 
 # The problem type of /ready's 503, the same as every readiness probe's in the course.
 NOT_READY = "https://course.example/problems/not-ready"
@@ -79,7 +80,9 @@ def plain(segment: str) -> str:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 once it is larger than `limit`: never a whole gigabyte in memory."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # ASCII digits, and few enough for int(): "²".isdigit() is true, and int("²") raises, as
+    # int() does for more than 4300 digits (a 500 either way).
+    if re.fullmatch(r"[0-9]{1,19}", declared) and int(declared) > limit:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the body is larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -99,7 +102,12 @@ async def forward(request: Request, service: str, path: str) -> Response:
     target = path + (f"?{request.url.query}" if request.url.query else "")
     try:
         async with asyncio.timeout(settings.timeout):
-            reply = await app.state.clients[service].request(request.method, target, content=body, headers=headers)
+            reply, content = await fetch(app.state.clients[service], request.method, target, settings.max_body_bytes,
+                                         content=body, headers=headers)
+    except (TooLarge, httpx.DecodingError):
+        # An answer the gateway cannot relay: longer than the limit (read no further), or a body
+        # its Content-Encoding does not decode. The service answered, so not a 503: a 502.
+        raise ProblemError(status.HTTP_502_BAD_GATEWAY, f"The {service} service answered what the gateway cannot relay.") from None
     except (TimeoutError, httpx.TimeoutException):
         # The gateway's own errors are problems too, with a Retry-After: the client may try again.
         raise ProblemError(status.HTTP_504_GATEWAY_TIMEOUT, f"The {service} service did not answer in time.",
@@ -110,26 +118,46 @@ async def forward(request: Request, service: str, path: str) -> Response:
     answer = {k: v for k, v in reply.headers.items() if k in FORWARDED_RESPONSE_HEADERS}
     if "location" in reply.headers and reply.headers["location"].startswith("/"):
         answer["location"] = "/api" + reply.headers["location"]  # a path the client can follow
-    return Response(content=public_problem(reply), status_code=reply.status_code, headers=answer)
+    return Response(content=public_problem(reply, content), status_code=reply.status_code, headers=answer)
 
 
-def public_problem(reply: httpx.Response) -> bytes:
+class TooLarge(Exception):
+    """An answer's body went past the gateway's limit."""
+
+
+async def fetch(client: httpx.AsyncClient, method: str, url: str, limit: int, **kwargs: Any) -> tuple[httpx.Response, bytes]:
+    """One call and its answer's body, read as it streams in: at most `limit` bytes once decoded
+    (a small gzip may inflate to gigabytes). One byte more raises TooLarge, and the rest is never
+    read: a service that streams gigabytes costs the gateway `limit` bytes of memory."""
+    async with client.stream(method, url, **kwargs) as reply:
+        body = bytearray()
+        async for chunk in reply.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(f"{method} {url}: an answer longer than {limit} bytes")
+    return reply, bytes(body)
+
+
+def public_problem(reply: httpx.Response, content: bytes) -> bytes:
     """The upstream's body; a problem's `instance` made the path the client asked for.
 
     A service names the path it was asked (/products/X); the client asked the gateway for
     /api/products/X, and `instance` is the request's path, so the gateway prefixes it, as it
     does a Location. Any other body passes through untouched.
     """
-    if reply.headers.get("content-type", "").split(";")[0].strip() != PROBLEM_JSON:
-        return reply.content
+    if reply.headers.get("content-type", "").split(";")[0].strip().lower() != PROBLEM_JSON:
+        return content
     try:
-        problem = json.loads(reply.content)
-    except ValueError:
-        return reply.content
+        problem = json.loads(content)
+    except (ValueError, RecursionError):
+        return content
     if not isinstance(problem, dict) or not isinstance(problem.get("instance"), str) or not problem["instance"].startswith("/"):
-        return reply.content
+        return content
     problem["instance"] = "/api" + problem["instance"]
-    return json.dumps(problem).encode()
+    try:
+        return json.dumps(problem, allow_nan=False).encode()
+    except ValueError:  # NaN or Infinity, which Python's json reads: relayed as the service wrote it
+        return content
 
 
 def public(*codes: int) -> dict[str, Any]:
