@@ -16,8 +16,10 @@ app receives or sends crosses the socket as plain data.
 
 What crosses is decoded by ``json`` and nothing else: no pickle, no object the host names
 is ever built here but the plain values and the remote stand-ins above. Nothing of this
-side crosses the other way but plain data and the ids the host gave out. An exception in
-the learner's code crosses as its type's name, its message and its traceback's text.
+side crosses the other way but plain data, the ids the host gave out, and the ids of
+functions a test hands the learner's code (:meth:`Bridge.export`), which stay here and which
+the host may only call, with plain data in and out. An exception in the learner's code
+crosses as its type's name, its message and its traceback's text.
 """
 
 from __future__ import annotations
@@ -34,13 +36,19 @@ import socket
 import struct
 import threading
 import time
+import types
+from functools import partial
 from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024  # bytes of one message; more is a protocol error
 MAX_BODY = 64 * 1024 * 1024  # bytes one ASGI call may send back
 MAX_DEPTH = 64  # nesting of plain data
-MARKERS = ("$b", "$t", "$d", "$h")
+MAX_CALLBACKS = 16  # calls of the tests' functions that the learner's process may have running at once
+MARKERS = ("$b", "$t", "$d", "$h", "$n", "$v")
+# What a test may hand the learner's code besides plain data (``Remote.__call__``, ``__setattr__``):
+# a function of its own, which stays here and is called over the socket (see ``Bridge.export``).
+FUNCTIONS = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, partial)
 
 
 class RemoteError(Exception):
@@ -65,9 +73,13 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- plain data
 
 
-def encode(value: Any, handle_of=None, depth: int = 0) -> Any:
+def encode(value: Any, handle_of=None, depth: int = 0, export=None) -> Any:
     """``value`` as JSON-ready plain data. Here (``handle_of`` None) only plain data and
-    :class:`Remote` objects are allowed; in the host, ``handle_of`` names any other object."""
+    :class:`Remote` objects are allowed; in the host, ``handle_of`` names any other object.
+
+    ``export`` (here, for what a test hands the learner's code): a function of the test crosses
+    as ``{"$v": id}`` (``export(function)`` gives the id; the function stays here), and a
+    ``SimpleNamespace`` as ``{"$n": {name: value}}`` (its values encoded the same way)."""
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
@@ -87,28 +99,36 @@ def encode(value: Any, handle_of=None, depth: int = 0) -> Any:
     if kind in (bytes, bytearray) or (handle_of is not None and isinstance(value, (bytes, bytearray, memoryview))):
         return {"$b": base64.b64encode(bytes(value)).decode("ascii")}
     if kind is list or (handle_of is not None and isinstance(value, list)):
-        return [encode(item, handle_of, depth + 1) for item in list(value)]
+        return [encode(item, handle_of, depth + 1, export) for item in list(value)]
     if kind is tuple or (handle_of is not None and isinstance(value, tuple)):
-        return {"$t": [encode(item, handle_of, depth + 1) for item in tuple(value)]}
+        return {"$t": [encode(item, handle_of, depth + 1, export) for item in tuple(value)]}
     if kind is dict or (handle_of is not None and isinstance(value, dict)):
         items = list(dict.items(value))
         if all(type(key) is str and not key.startswith("$") for key, _ in items):
-            return {key: encode(item, handle_of, depth + 1) for key, item in items}
-        return {"$d": [[encode(key, handle_of, depth + 1), encode(item, handle_of, depth + 1)] for key, item in items]}
+            return {key: encode(item, handle_of, depth + 1, export) for key, item in items}
+        return {"$d": [[encode(key, handle_of, depth + 1, export), encode(item, handle_of, depth + 1, export)] for key, item in items]}
     if isinstance(value, Remote):
         return {"$h": object.__getattribute__(value, "_id")}
+    if export is not None and handle_of is None and depth < MAX_DEPTH:
+        if kind is types.SimpleNamespace:
+            names = dict(vars(value))
+            if all(type(name) is str and name.isidentifier() for name in names):
+                return {"$n": {name: encode(item, None, depth + 1, export) for name, item in names.items()}}
+        if isinstance(value, FUNCTIONS):
+            return {"$v": export(value)}
     if handle_of is not None:
         return handle_of(value)
-    raise TypeError(f"only plain data (None, bool, int, float, str, bytes, lists, tuples, dicts) and objects of the "
-                    f"learner's process cross to it, not {kind.__name__}")
+    raise TypeError(f"only plain data (None, bool, int, float, str, bytes, lists, tuples, dicts, SimpleNamespace), "
+                    f"functions of the tests and objects of the learner's process cross to it, not {kind.__name__}")
 
 
-def decode(value: Any, handle=None) -> Any:
+def decode(value: Any, handle=None, function=None) -> Any:
     """The plain data that ``encode`` made (after ``json.loads``); ``handle(data)`` makes what a
-    ``{"$h": ...}`` stands for."""
+    ``{"$h": ...}`` stands for. Only the learner's process (``function`` given: what makes a
+    stand-in for a test's function) reads ``{"$v": ...}`` and ``{"$n": ...}``; here they are refused."""
     kind = type(value)
     if kind is list:
-        return [decode(item, handle) for item in value]
+        return [decode(item, handle, function) for item in value]
     if kind is not dict:
         if value is None or kind in (bool, int, float, str):
             return value
@@ -127,22 +147,32 @@ def decode(value: Any, handle=None) -> Any:
             if key == "$t":
                 if type(inner) is not list:
                     raise ProtocolError("a tuple that is not a list")
-                return tuple(decode(item, handle) for item in inner)
+                return tuple(decode(item, handle, function) for item in inner)
             if key == "$d":
                 if type(inner) is not list or not all(type(pair) is list and len(pair) == 2 for pair in inner):
                     raise ProtocolError("a dict that is not a list of pairs")
                 result = {}
                 for pair in inner:
-                    key_value = decode(pair[0], handle)
+                    key_value = decode(pair[0], handle, function)
                     try:
-                        result[key_value] = decode(pair[1], handle)
+                        result[key_value] = decode(pair[1], handle, function)
                     except TypeError:
                         raise ProtocolError("a dict key that cannot be a key") from None
                 return result
+            if key in ("$n", "$v"):
+                if function is None:
+                    raise ProtocolError("a function or namespace of the tests where none may come")
+                if key == "$v":
+                    if type(inner) is not int:
+                        raise ProtocolError("a function id that is not one")
+                    return function(inner)
+                if type(inner) is not dict or not all(name.isidentifier() for name in inner):
+                    raise ProtocolError("a namespace that is not one")
+                return types.SimpleNamespace(**{name: decode(item, handle, function) for name, item in inner.items()})
             if handle is None:
                 raise ProtocolError("an object where only plain data may come")
             return handle(inner)
-    return {key: decode(item, handle) for key, item in value.items()}
+    return {key: decode(item, handle, function) for key, item in value.items()}
 
 
 def frame(message: dict) -> bytes:
@@ -268,10 +298,11 @@ class Remote:
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             raise AttributeError(f"{name} cannot be set on an object of the learner's process")
-        self._bridge.request("setattr", target=self._id, name=name, value=encode(value))
+        self._bridge.request("setattr", target=self._id, name=name, value=self._bridge.outgoing(value))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._bridge.request("call", target=self._id, args=encode(list(args)), kwargs=encode(kwargs))
+        return self._bridge.request("call", target=self._id, args=self._bridge.outgoing(list(args)),
+                                    kwargs=self._bridge.outgoing(kwargs))
 
     def __getitem__(self, key: Any) -> Any:
         return self._bridge.request("getitem", target=self._id, key=encode(key))
@@ -347,6 +378,9 @@ class Bridge:
         self._waiting: dict[int, concurrent.futures.Future] = {}
         self._calls: dict[int, _Call] = {}
         self._remote_fastapi: type | None = None
+        self._exported: dict[int, Any] = {}  # the tests' functions handed to the learner's code, by id
+        self._export_ids: dict[int, int] = {}  # id(function) -> its id (the functions are kept: ids stay unique)
+        self._callbacks = threading.BoundedSemaphore(MAX_CALLBACKS)
         self.process: Any = None
         with contextlib.suppress(OSError):  # a learner process that never reads cannot hold a writer forever
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(answer_seconds), 0))
@@ -439,6 +473,9 @@ class Bridge:
             self.fail(f"the learner's process sent what the bridge cannot read ({type(exc).__name__})")
 
     def _dispatch(self, message: dict) -> None:
+        if message.get("op") == "callback":
+            self._callback(message)
+            return
         if "id" in message:
             ident = message["id"]
             future = self._waiting.pop(ident, None) if type(ident) is int else None
@@ -481,6 +518,58 @@ class Bridge:
             call.loop.call_soon_threadsafe(self._start, call, self._serve_send(message["call"], call, payload))
         else:
             raise ProtocolError(f"an unknown message ({str(op)[:40]})")
+
+    # --- the tests' functions, called by the learner's code
+
+    def export(self, function: Any) -> int:
+        """The id under which the learner's process may call ``function`` (a function of a test that
+        the test handed it). The function stays here; the learner's process gets a stand-in that
+        sends the call's arguments (plain data, its own objects) and gets back the result (the same)."""
+        ident = self._export_ids.get(id(function))
+        if ident is None or self._exported.get(ident) is not function:
+            ident = len(self._exported) + 1
+            self._exported[ident] = function
+            self._export_ids[id(function)] = ident
+        return ident
+
+    def outgoing(self, value: Any) -> Any:
+        """What a test sends the learner's code: plain data, the learner's objects, the test's functions."""
+        return encode(value, export=self.export)
+
+    def _callback(self, message: dict) -> None:
+        """The learner's code calls a function a test handed it: run it in a thread of its own
+        (never this reader), at most ``MAX_CALLBACKS`` at once, and send back its result."""
+        ask = message.get("ask")
+        if type(ask) is not int:
+            raise ProtocolError("a call of a test's function without its number")
+        function = self._exported.get(message.get("fn")) if type(message.get("fn")) is int else None
+        args = decode(message.get("args", []), self._handle)
+        kwargs = decode(message.get("kwargs", {}), self._handle)
+        problem = None
+        if function is None:
+            problem = ("LookupError", "a function the tests never handed to your code")
+        elif type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            problem = ("TypeError", "arguments that are not a list and a dict of names")
+        elif not self._callbacks.acquire(blocking=False):
+            problem = ("RuntimeError", f"more than {MAX_CALLBACKS} calls of the tests' functions at once")
+        if problem is not None:
+            with contextlib.suppress(BridgeBroken):
+                self._write({"op": "answer", "ask": ask, "error": {"type": problem[0], "message": problem[1]}})
+            return
+        threading.Thread(target=self._run_callback, args=(ask, function, args, kwargs),
+                         name="grader-bridge-callback", daemon=True).start()
+
+    def _run_callback(self, ask: int, function: Any, args: list, kwargs: dict) -> None:
+        try:
+            try:
+                reply = {"op": "answer", "ask": ask, "ok": encode(function(*args, **kwargs))}
+            except BaseException as exc:  # noqa: BLE001 - the test's function raised, or returned what cannot cross
+                reply = {"op": "answer", "ask": ask,
+                         "error": {"type": type(exc).__name__, "message": _message(exc)[:2000]}}
+            with contextlib.suppress(BridgeBroken, ValueError):
+                self._write(reply)
+        finally:
+            self._callbacks.release()
 
     def _error_info(self, info: Any) -> Any:
         if type(info) is dict and "errors" in info:  # a ValidationError's errors: plain data and handles
@@ -592,6 +681,13 @@ async def _shut_down_without(receive: Any) -> None:
         message = await receive()
         if message.get("type") == "lifespan.shutdown":
             return
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def _settle(future: asyncio.Future, result: BaseException | None) -> None:

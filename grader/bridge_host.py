@@ -15,7 +15,10 @@ reads the socket and ends the process when the verdict's side closes it.
 from __future__ import annotations
 
 import asyncio
+import builtins
+import concurrent.futures
 import contextlib
+import itertools
 import ctypes
 import ctypes.util
 import inspect
@@ -48,6 +51,8 @@ class Host:
         self.calls: dict[int, dict] = {}
         self.states: dict[int, dict] = {}  # an app's lifespan state, copied into each of its requests
         self.folder = ""
+        self.asks: dict[int, concurrent.futures.Future] = {}  # calls of the tests' functions, waiting
+        self.ask_ids = itertools.count(1)
 
     # --- plain data and handles
 
@@ -79,7 +84,48 @@ class Host:
         return self.objects[ident]
 
     def decoded(self, value: Any) -> Any:
+        return decode(value, lambda ident: self.resolve(ident[0] if type(ident) is list else ident),
+                      lambda ident: TestsFunction(self, ident))
+
+    def answer(self, value: Any) -> Any:
+        """A result of a test's function: plain data and this process's own objects, nothing else."""
         return decode(value, lambda ident: self.resolve(ident[0] if type(ident) is list else ident))
+
+    # --- the tests' functions, which stay in the verdict's process
+
+    def call_back(self, function: int, args: tuple, kwargs: dict) -> Any:
+        """Call a function a test handed to this process: its arguments cross as plain data or
+        handles, its result comes back the same way. The main thread, while it waits, goes on
+        serving the verdict's requests (the test's function may ask this process something)."""
+        ask = next(self.ask_ids)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.asks[ask] = future
+        try:
+            self.write({"op": "callback", "ask": ask, "fn": function,
+                        "args": self.plain(list(args)), "kwargs": self.plain(dict(kwargs))})
+            if threading.current_thread() is threading.main_thread():
+                while not future.done():
+                    try:
+                        job = self.jobs.get(timeout=0.02)
+                    except queue.Empty:
+                        continue
+                    self.serve_one(job)
+            outcome = future.result()
+        finally:
+            self.asks.pop(ask, None)
+        if "error" in outcome:
+            error = outcome["error"] if type(outcome["error"]) is dict else {}
+            name, message = str(error.get("type") or "RuntimeError"), str(error.get("message") or "")
+            kind = getattr(builtins, name, None)
+            if not (isinstance(kind, type) and issubclass(kind, Exception)):
+                kind, message = RuntimeError, f"{name}: {message}"
+            raise kind(message)
+        return self.answer(outcome.get("ok"))
+
+    def on_answer(self, message: dict) -> None:
+        future = self.asks.get(message.get("ask")) if type(message.get("ask")) is int else None
+        if future is not None and not future.done():
+            future.set_result(message)
 
     # --- the socket
 
@@ -100,6 +146,8 @@ class Host:
                 op = message.get("op")
                 if op in ("asgi", "received", "sent", "cancel"):
                     self.loop.call_soon_threadsafe(self.on_call_message, message)
+                elif op == "answer":
+                    self.on_answer(message)
                 else:
                     self.jobs.put(message)
         except (EOFError, OSError, ProtocolError):
@@ -110,14 +158,16 @@ class Host:
 
     def serve(self) -> None:
         while True:
-            message = self.jobs.get()
-            ident = message.get("id")
-            try:
-                result = self.run(message)
-                reply = {"id": ident, "ok": self.plain(result)}
-            except BaseException as exc:  # noqa: BLE001 - the learner's exception is the answer
-                reply = {"id": ident, "error": describe(exc, self)}
-            self.write(reply)
+            self.serve_one(self.jobs.get())
+
+    def serve_one(self, message: dict) -> None:
+        ident = message.get("id")
+        try:
+            result = self.run(message)
+            reply = {"id": ident, "ok": self.plain(result)}
+        except BaseException as exc:  # noqa: BLE001 - the learner's exception is the answer
+            reply = {"id": ident, "error": describe(exc, self)}
+        self.write(reply)
 
     def run(self, message: dict) -> Any:
         op = message.get("op")
@@ -208,6 +258,23 @@ class Host:
                 raise
         finally:
             self.calls.pop(ident, None)
+
+
+class TestsFunction:
+    """A function a graded test handed to the learner's code (``module.hash_password = quick_hash``):
+    it stays in the verdict's process; calling this sends the arguments there and waits for the
+    result. Nothing else of the function (its code, its globals, its closure) is here."""
+
+    __slots__ = ("_host", "_id")
+
+    def __init__(self, host: Host, ident: int) -> None:
+        self._host, self._id = host, ident
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._host.call_back(self._id, args, kwargs)
+
+    def __repr__(self) -> str:
+        return "<a function of the graded tests>"
 
 
 class ImportProblem(Exception):

@@ -14,7 +14,9 @@ import os
 import socket
 import sys
 import textwrap
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -190,6 +192,70 @@ def graded(tmp_path_factory: pytest.TempPathFactory):
     return {learner.learner: learner.exercises[0] for learner in result.learners}
 
 
+# Exercise 02 hands the learner's code a function of its tests (``module.hash_password = quick_hash``):
+# it stays in the verdict's process, and the learner's process may only call it. A learner that
+# probes that way in earns nothing; the attack that forged 01 forges nothing here either.
+EXERCISE_02 = "02_validation"
+SOLUTION_02 = (ROOT / "solutions" / EXERCISE_02 / "app.py").read_text(encoding="utf-8")
+STUB_02 = (ROOT / "exercises" / EXERCISE_02 / "app.py").read_text(encoding="utf-8")
+PROBES_THE_TESTS_FUNCTIONS = """
+import gc, threading, time
+def _probe():
+    deadline = time.monotonic() + 60
+    while type(globals().get("hash_password")).__name__ != "TestsFunction":  # the tests hand it over
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.01)
+    function = globals()["hash_password"]
+    host = next(o for o in gc.get_objects() if type(o).__name__ == "Host")
+    for name in ("__globals__", "__code__", "__closure__", "__self__", "__wrapped__", "__dict__"):
+        assert not hasattr(function, name)
+    for ident in range(0, 64):  # every other id: a function of the verdict it was never given
+        for args in ((), ("x",), ({"$v": ident},), (host,)):
+            try:
+                host.call_back(ident, args, {})
+            except Exception:
+                pass
+    host.write({"op": "answer", "ask": 10**9, "ok": True})
+    host.write({"op": "callback", "ask": 10**9, "fn": 1, "args": [{"$v": 1}], "kwargs": {}})  # not its to send
+threading.Thread(target=_probe, daemon=True).start()
+"""
+CASES_02 = {
+    "signs_with_the_key": with_prelude(ATTACKS["signs_with_the_key"], STUB_02),
+    "probes_the_tests_functions": with_prelude(PROBES_THE_TESTS_FUNCTIONS, STUB_02),
+    "honest_solution": SOLUTION_02,
+    "honest_stub": STUB_02,
+}
+
+
+def test_exercise_02_is_bridged():
+    exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE_02)
+    assert exercise.extra.get("bridge") is True
+
+
+@pytest.fixture(scope="module")
+def graded_02(tmp_path_factory: pytest.TempPathFactory):
+    submissions = tmp_path_factory.mktemp("bridged-02") / "submissions"
+    submissions.mkdir()
+    for name, app in CASES_02.items():
+        folder = submissions / name / "exercises" / EXERCISE_02
+        folder.mkdir(parents=True)
+        (folder / "app.py").write_text(app, encoding="utf-8")
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["02"], jobs=2))
+    return {learner.learner: learner.exercises[0] for learner in result.learners}
+
+
+@pytest.mark.parametrize("name", ["signs_with_the_key", "probes_the_tests_functions", "honest_stub"])
+def test_a_learner_handed_a_tests_function_earns_nothing_by_it(graded_02, name):
+    result = graded_02[name]
+    assert (result.status, result.points) == ("failed", 0), f"{name}: {result.status} {result.points}: {result.message[:500]}"
+
+
+def test_the_honest_control_of_02_gets_full_marks(graded_02):
+    result = graded_02["honest_solution"]
+    assert (result.status, result.points) == ("passed", result.max_points), result.message[:500]
+
+
 @pytest.mark.parametrize("name", [*ATTACKS, *REACH])
 def test_an_attack_on_the_verdict_earns_nothing(graded, name):
     if name == "shares_the_verdicts_uid" and os.geteuid() != 0:
@@ -284,13 +350,84 @@ def test_a_handle_never_reaches_an_object_of_the_verdict(remote):
     with pytest.raises(TypeError, match="only plain data"):
         module.echo(object())
     with pytest.raises(TypeError, match="only plain data"):
-        module.echo(lambda: None)
+        module.echo(connection)
+    args, _, kinds = module.echo(lambda: None)  # a test's function: a stand-in that calls it here, nothing more
+    assert kinds == ["grader.bridge_host.TestsFunction"] and isinstance(args[0], bridge.Remote)
     with pytest.raises(TypeError):
         module.ITEMS_COPY = connection  # setting a name: plain data only
     assert module.grader_objects() == [], "the learner's process holds no recorder, channel or pytest"
     forged = bridge.Remote(connection, 10**6, "object")  # an id the learner's process never gave out
     with pytest.raises(bridge.RemoteError, match="never gave out"):
         module.echo(forged)
+
+
+def test_a_tests_function_is_called_in_the_verdicts_process_and_nothing_more(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        import concurrent.futures, gc, threading, types
+
+        def host():
+            return next(o for o in gc.get_objects() if type(o).__name__ == "Host")
+
+        def probe(function, record):
+            seen = {name: hasattr(function, name) for name in
+                    ("__globals__", "__code__", "__closure__", "__self__", "__wrapped__", "__dict__", "__func__")}
+            tried = {}
+            for ident in range(0, 20):  # ids of the verdict's functions: only the one it was handed answers
+                try:
+                    tried[ident] = ["ok", host().call_back(ident, ("probed",), {})]
+                except Exception as exc:
+                    tried[ident] = [type(exc).__name__, str(exc)]
+            return [seen, tried, function("called", twice=True), [type(record).__name__, record.id, record.name]]
+
+        def apply(function, *args):
+            return function(*args)
+
+        def flood(function, count):
+            waiting = {}
+            for ask in range(10**6, 10**6 + count):  # all at once, straight onto the socket
+                waiting[ask] = host().asks[ask] = concurrent.futures.Future()
+                host().write({"op": "callback", "ask": ask, "fn": function._id, "args": [ask], "kwargs": {}})
+            late = list(waiting.values())[-4:]
+            return [future.result(timeout=30).get("error", {}).get("message", "") for future in late]
+    """)
+    try:
+        calls, untouched = [], []
+
+        def handed(value, twice=False):
+            calls.append((value, twice))
+            return f"hashed {value}"
+
+        never_handed = untouched.append  # a function of the verdict's that the learner's process never got
+        seen, tried, result, record = module.probe(handed, types.SimpleNamespace(id=7, name="grace"))
+        assert not any(seen.values()), seen
+        assert tried.pop(1) == ["ok", "hashed probed"]
+        assert all(kind == "LookupError" for kind, _ in tried.values()), tried
+        assert result == "hashed called" and calls == [("probed", False), ("called", True)]
+        assert record == ["SimpleNamespace", 7, "grace"]
+        assert untouched == [] and callable(never_handed)
+        with pytest.raises(TypeError, match="only plain data"):
+            module.apply(lambda: connection)  # a result of a test's function is plain data, never the verdict's object
+        with pytest.raises(ZeroDivisionError):
+            module.apply(lambda: 1 / 0)
+
+        release, entered = threading.Event(), []
+
+        def held(ask):
+            entered.append(ask)
+            release.wait(30)
+            return ask
+
+        try:
+            refused = module.flood(held, bridge.MAX_CALLBACKS + 4)
+        finally:
+            release.set()
+        assert all(f"more than {bridge.MAX_CALLBACKS}" in message for message in refused), refused
+        assert len(entered) == bridge.MAX_CALLBACKS
+    finally:
+        connection.close()
+    for marker in ({"$v": 1}, {"$n": {"a": 1}}):  # nothing but plain data and its own objects comes from the learner
+        with pytest.raises(bridge.ProtocolError):
+            bridge.decode([marker], lambda data: data)
 
 
 def test_exceptions_cross_as_their_type_and_message(remote):
