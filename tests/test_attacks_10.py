@@ -392,9 +392,10 @@ def test_10_service_communication_the_gateway_relays_only_strict_json_problems(s
     gateway = services["gateway"]
     upstream = Hostile()
     with serve_in_thread(upstream, ws="none") as url:
-        # breaker_failures: each broken problem is a failed call (README), and this test sends many in a row.
+        # breaker_failures: each broken problem is a failed call (README), and this test sends many in a row;
+        # max_body_bytes: one problem is 20 MB long, past the default limit of 1 MiB (a 502 otherwise).
         edge = gateway.create_app(gateway.Settings(inventory_url=url, orders_url=url, retries=1, backoff=0.0, timeout=10,
-                                                   breaker_failures=1000))
+                                                   breaker_failures=1000, max_body_bytes=32 * 1024 * 1024))
         with serve_in_thread(edge, ws="none") as gateway_url, httpx.Client(verify=http_only(), timeout=30) as client:
             broken, fine = {}, {}
             for what, body in BROKEN_PROBLEMS.items():
