@@ -102,7 +102,7 @@ def encode(value: Any, handle_of=None, depth: int = 0, export=None) -> Any:
         return [encode(item, handle_of, depth + 1, export) for item in list(value)]
     if kind is tuple or (handle_of is not None and isinstance(value, tuple)):
         return {"$t": [encode(item, handle_of, depth + 1, export) for item in tuple(value)]}
-    if kind is dict or (handle_of is not None and isinstance(value, dict)):
+    if kind is dict or kind is RemoteDict or (handle_of is not None and isinstance(value, dict)):
         items = list(dict.items(value))
         if all(type(key) is str and not key.startswith("$") for key, _ in items):
             return {key: encode(item, handle_of, depth + 1, export) for key, item in items}
@@ -293,7 +293,10 @@ class Remote:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # Python's own probes (__await__, _is_coroutine_marker, …) stay here
             raise AttributeError(name)
-        return self._bridge.request("getattr", target=self._id, name=name)
+        value = self._bridge.request("getattr", target=self._id, name=name)
+        if type(value) is dict:  # a copy that also writes through: ``app.state.users[name] = ...``, ``del ...``
+            return RemoteDict(value, self._bridge, self._id, name)
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
@@ -308,6 +311,13 @@ class Remote:
         return self._bridge.request("getitem", target=self._id, key=encode(key))
 
     def __repr__(self) -> str:
+        """The learner's ``repr`` of the object (what a test of ``repr(settings)`` reads), as text."""
+        bridge = self._bridge
+        if not bridge.broken and threading.current_thread() is not bridge._reader:
+            with contextlib.suppress(Exception):
+                shown = bridge.request("repr", target=self._id)
+                if type(shown) is str:
+                    return shown
         return f"<{self._type} in the learner's process>"
 
     def __eq__(self, other: object) -> bool:
@@ -315,6 +325,58 @@ class Remote:
 
     def __hash__(self) -> int:
         return hash((id(self._bridge), self._id))
+
+
+class RemoteDict(dict):
+    """A dict read from an attribute of an object of the learner's process: a copy, whose
+    ``d[key] = value``, ``del d[key]``, ``pop``, ``update`` and ``clear`` also change the learner's
+    dict (one request each; the value crosses as anything a test may hand the learner's code)."""
+
+    __slots__ = ("_bridge", "_target", "_name")
+
+    def __init__(self, items: dict, bridge: Bridge, target: int, name: str) -> None:
+        super().__init__(items)
+        self._bridge, self._target, self._name = bridge, target, name
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._bridge.request("setitem", target=self._target, name=self._name, key=encode(key),
+                             value=self._bridge.outgoing(value))
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._bridge.request("delitem", target=self._target, name=self._name, key=encode(key))
+        super().__delitem__(key)
+
+    _missing = object()
+
+    def pop(self, key: Any, default: Any = _missing) -> Any:
+        if key in self:
+            value = self[key]
+            del self[key]
+            return value
+        if default is RemoteDict._missing:
+            raise KeyError(key)
+        return default
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self) -> None:
+        self._bridge.request("clear", target=self._target, name=self._name)
+        super().clear()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def popitem(self) -> tuple:
+        raise TypeError("popitem() on a dict of the learner's process: del d[key] says which")
+
+    def __ior__(self, other: Any) -> RemoteDict:  # type: ignore[override]
+        self.update(other)
+        return self
 
 
 class RemoteModule(Remote):
@@ -381,6 +443,9 @@ class Bridge:
         self._exported: dict[int, Any] = {}  # the tests' functions handed to the learner's code, by id
         self._export_ids: dict[int, int] = {}  # id(function) -> its id (the functions are kept: ids stay unique)
         self._callbacks = threading.BoundedSemaphore(MAX_CALLBACKS)
+        self._environ_base = dict(os.environ)  # what the tests change after this is mirrored (``_sync_environ``)
+        self._environ_sent: dict[str, str] = {}
+        self._environ_lock = threading.Lock()
         self.process: Any = None
         with contextlib.suppress(OSError):  # a learner process that never reads cannot hold a writer forever
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(answer_seconds), 0))
@@ -621,8 +686,37 @@ class Bridge:
 
     # --- requests
 
+    def _sync_environ(self) -> None:
+        """The environment variables the tests changed since this bridge started (``monkeypatch.setenv``,
+        a ``TZ`` for the local time), sent before each request and ASGI call so that the learner's
+        process reads them as the same code in one process would: plain text, nothing else. The
+        variables pytest sets for itself (``PYTEST_*``) are not the learner's to see."""
+        with self._environ_lock:
+            now = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+            changed = {key: value for key, value in now.items() if self._environ_base.get(key) != value}
+            removed = sorted(key for key in self._environ_base if key not in now and not key.startswith("PYTEST_"))
+            wanted = {**changed, **dict.fromkeys(removed, None)}
+            if wanted != self._environ_sent:
+                self._write({"op": "environ", "set": changed, "unset": removed})
+                self._environ_sent = wanted
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the learner's process has spent in the thread that runs the tests' calls (its
+        main thread), as the kernel counts them: the learner's process cannot forge them."""
+        pid = self.pid
+        try:
+            with open(f"/proc/{pid}/schedstat", encoding="ascii") as stat:
+                return int(stat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError, TypeError):
+            pass
+        try:  # no schedstat: the whole process's CPU clock (its other threads are idle while it runs a call)
+            return time.clock_gettime(_process_clock(pid))
+        except (OSError, ValueError, TypeError):
+            return time.thread_time()
+
     def request(self, op: str, **arguments: Any) -> Any:
         """Send one request and wait for its answer (the learner's value, or its exception raised here)."""
+        self._sync_environ()
         ident = next(self._ids)
         self._issued = ident + 1
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -640,6 +734,7 @@ class Bridge:
     async def asgi(self, app: int, scope: dict, receive: Any, send: Any) -> None:
         """Run the learner's app ``app`` for one ASGI call: its messages cross the socket."""
         loop = asyncio.get_running_loop()
+        self._sync_environ()
         ident = next(self._ids)
         call = _Call(loop, receive, send)
         self._calls[ident] = call
@@ -681,6 +776,24 @@ async def _shut_down_without(receive: Any) -> None:
         message = await receive()
         if message.get("type") == "lifespan.shutdown":
             return
+
+
+def _process_clock(pid: int) -> int:
+    import ctypes
+
+    clock = ctypes.c_int()
+    if ctypes.CDLL(None, use_errno=True).clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        raise OSError("no CPU clock for the learner's process")
+    return clock.value
+
+
+def cpu_clock(module: Any):
+    """A clock of the CPU time spent running the learner's code for ``module`` (what ``load`` gave):
+    ``time.thread_time`` in one process; in a bridged run, the learner's process's thread that runs
+    the tests' calls, read from the kernel. For a test that compares how long two calls compute."""
+    if isinstance(module, Remote):
+        return object.__getattribute__(module, "_bridge").cpu_seconds
+    return time.thread_time
 
 
 def _message(exc: BaseException) -> str:
@@ -733,6 +846,7 @@ def start_host(*, cwd: str, env: dict[str, str], user: tuple[int, int] | None, a
     options: dict[str, Any] = {}
     if user is not None:
         options.update(user=user[0], group=user[1], extra_groups=[])
+    env = {key: value for key, value in env.items() if not key.startswith("PYTEST_")}  # pytest's own, not the learner's
     process = subprocess.Popen(
         [sys.executable, "-I", "-c", bootstrap, str(theirs.fileno())],
         pass_fds=[theirs.fileno()], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,

@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import types
 from collections import deque
@@ -51,6 +52,7 @@ class Host:
         self.calls: dict[int, dict] = {}
         self.states: dict[int, dict] = {}  # an app's lifespan state, copied into each of its requests
         self.folder = ""
+        self.environ_base = dict(os.environ)  # this process's own; the tests' changes are applied over it
         self.asks: dict[int, concurrent.futures.Future] = {}  # calls of the tests' functions, waiting
         self.ask_ids = itertools.count(1)
 
@@ -122,6 +124,25 @@ class Host:
             raise kind(message)
         return self.answer(outcome.get("ok"))
 
+    def environ(self, message: dict) -> None:
+        """The environment variables the tests changed (set, or removed), over this process's own."""
+        changed, removed = message.get("set"), message.get("unset")
+        if type(changed) is not dict or type(removed) is not list:
+            raise ProtocolError("an environment that is not one")
+        wanted = dict(self.environ_base)
+        for key in removed:
+            wanted.pop(str(key), None)
+        wanted.update({str(key): str(value) for key, value in changed.items()})
+        zone = os.environ.get("TZ")
+        for key in [key for key in os.environ if key not in wanted]:
+            del os.environ[key]
+        for key, value in wanted.items():
+            if os.environ.get(key) != value:
+                with contextlib.suppress(ValueError):  # a name or value the OS refuses (a NUL)
+                    os.environ[key] = value
+        if os.environ.get("TZ") != zone and hasattr(time, "tzset"):
+            time.tzset()
+
     def on_answer(self, message: dict) -> None:
         future = self.asks.get(message.get("ask")) if type(message.get("ask")) is int else None
         if future is not None and not future.done():
@@ -148,6 +169,8 @@ class Host:
                     self.loop.call_soon_threadsafe(self.on_call_message, message)
                 elif op == "answer":
                     self.on_answer(message)
+                elif op == "environ":
+                    self.environ(message)  # here, in order: the next request already reads it
                 else:
                     self.jobs.put(message)
         except (EOFError, OSError, ProtocolError):
@@ -187,6 +210,17 @@ class Host:
             return target(*args, **kwargs)
         if op == "getitem":
             return target[self.decoded(message.get("key"))]
+        if op == "repr":
+            return repr(target)[:20000]
+        if op in ("setitem", "delitem", "clear"):  # a dict that is an attribute of ``target``
+            container = getattr(target, str(message["name"]))
+            if op == "setitem":
+                container[self.decoded(message.get("key"))] = self.decoded(message.get("value"))
+            elif op == "delitem":
+                del container[self.decoded(message.get("key"))]
+            else:
+                container.clear()
+            return None
         raise ValueError(f"an unknown request {op!r}")
 
     def load(self, folder: str, module: str) -> types.ModuleType:

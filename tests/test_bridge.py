@@ -256,6 +256,49 @@ def test_the_honest_control_of_02_gets_full_marks(graded_02):
     assert (result.status, result.points) == ("passed", result.max_points), result.message[:500]
 
 
+# Exercise 05 measures the CPU time of authenticate_user for a known and an unknown username
+# (bridged: the kernel's count for the learner's process, grader.bridge.cpu_clock). In one process
+# a learner could stop its own clock; apart, its clocks are not the ones read. This one also
+# skips the dummy hash for an unknown user: it must lose that test, whatever its clocks say.
+EXERCISE_05 = "05_auth"
+SOLUTION_05 = (ROOT / "solutions" / EXERCISE_05 / "app.py").read_text(encoding="utf-8")
+DUMMY_CHECK = "        hasher.verify(password, app.state.dummy_hash)\n"
+STOPS_ITS_CLOCKS = with_prelude("""
+import itertools, os, time
+_ticks = itertools.count()
+time.thread_time = time.process_time = time.perf_counter = time.monotonic = lambda: float(next(_ticks))
+time.thread_time_ns = time.process_time_ns = lambda: next(_ticks) * 10**9
+os.environ["PYTEST_ADDOPTS"] = "-p no:grader"  # its own environment: nothing of it crosses back
+""", SOLUTION_05.replace(DUMMY_CHECK, ""))
+TIMING_TEST = "test_an_unknown_user_costs_as_much_time_as_a_known_one"
+
+
+@pytest.fixture(scope="module")
+def graded_05(tmp_path_factory: pytest.TempPathFactory):
+    assert DUMMY_CHECK in SOLUTION_05
+    submissions = tmp_path_factory.mktemp("bridged-05") / "submissions"
+    submissions.mkdir()
+    for name, app in {"stops_its_clocks": STOPS_ITS_CLOCKS, "honest_solution": SOLUTION_05}.items():
+        folder = submissions / name / "exercises" / EXERCISE_05
+        folder.mkdir(parents=True)
+        (folder / "app.py").write_text(app, encoding="utf-8")
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["05"], jobs=2))
+    return {learner.learner: learner.exercises[0] for learner in result.learners}
+
+
+def test_exercise_05_is_bridged():
+    exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE_05)
+    assert exercise.extra.get("bridge") is True
+
+
+def test_a_learner_that_stops_its_own_clocks_is_timed_by_the_kernel(graded_05):
+    honest, forged = graded_05["honest_solution"], graded_05["stops_its_clocks"]
+    assert (honest.status, honest.points) == ("passed", honest.max_points), honest.message[:500]
+    failed = {t.name.split("::")[-1].split("[")[0] for t in forged.tests if not t.passed}
+    assert forged.status == "failed" and TIMING_TEST in failed, f"{forged.status} {forged.points}: {sorted(failed)}"
+    assert forged.points < honest.max_points
+
+
 @pytest.mark.parametrize("name", [*ATTACKS, *REACH])
 def test_an_attack_on_the_verdict_earns_nothing(graded, name):
     if name == "shares_the_verdicts_uid" and os.geteuid() != 0:
@@ -428,6 +471,99 @@ def test_a_tests_function_is_called_in_the_verdicts_process_and_nothing_more(tmp
     for marker in ({"$v": 1}, {"$n": {"a": 1}}):  # nothing but plain data and its own objects comes from the learner
         with pytest.raises(bridge.ProtocolError):
             bridge.decode([marker], lambda data: data)
+
+
+def test_what_the_tests_change_in_the_environment_is_mirrored_and_nothing_comes_back(tmp_path, monkeypatch):
+    connection, module = module_in_own_process(tmp_path, """
+        import os, time
+
+        def read(*names):
+            return {name: os.environ.get(name) for name in names}
+
+        def hour():
+            return time.localtime(0).tm_hour
+
+        def sets(name, value):
+            os.environ[name] = value
+    """)
+    try:
+        monkeypatch.delenv("HOME", raising=False)
+        monkeypatch.setenv("JWT_SECRET", "é" * 16)
+        monkeypatch.setenv("PYTEST_SECRET_NAME", "test_hidden_constant")  # pytest's own variables stay here
+        seen = module.read("JWT_SECRET", "HOME", "PYTEST_SECRET_NAME", "PYTEST_CURRENT_TEST")
+        assert seen == {"JWT_SECRET": "é" * 16, "HOME": None, "PYTEST_SECRET_NAME": None, "PYTEST_CURRENT_TEST": None}
+        if hasattr(time, "tzset"):
+            monkeypatch.setenv("TZ", "XYZ-14")
+            assert module.hour() == 14, "a TZ the test sets is the learner's local time at once (tzset)"
+            monkeypatch.delenv("TZ")
+            assert module.hour() == 0
+        module.sets("JWT_SECRET", "the learner's own")
+        module.sets("GRADER_ANYTHING", "1")
+        assert os.environ["JWT_SECRET"] == "é" * 16 and "GRADER_ANYTHING" not in os.environ
+        monkeypatch.undo()
+        assert module.read("JWT_SECRET")["JWT_SECRET"] is None, "undone by the test: undone there too"
+    finally:
+        connection.close()
+
+
+def test_the_cpu_clock_is_the_kernels_not_the_learners(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        import itertools, time
+        _ticks = itertools.count()
+        time.thread_time = time.process_time = time.perf_counter = lambda: float(next(_ticks))
+
+        def spin(count):
+            total = 0
+            for number in range(count):
+                total += number
+            return total
+    """)
+    try:
+        clock = bridge.cpu_clock(module)
+        started = clock()
+        module.spin(3 * 10**6)
+        busy = clock() - started
+        started = clock()
+        module.spin(10)
+        idle = clock() - started
+        assert busy > 0.01 and busy > 20 * idle, (busy, idle)
+    finally:
+        connection.close()
+    assert bridge.cpu_clock(textwrap) is time.thread_time  # in one process: the thread's own clock
+
+
+def test_a_dict_of_the_learner_is_written_through_and_its_repr_crosses_as_text(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        class State:
+            def __init__(self):
+                self.users = {"dan": {"disabled": False}, "dora": 1}
+
+        class Settings:
+            def __repr__(self):
+                return "Settings(jwt_secret=SecretStr('**********'))"
+
+        class Endless:
+            def __repr__(self):
+                return "x" * 10**6
+
+        state = State()
+    """)
+    state = module.state
+    try:
+        users = module.state.users
+        assert type(users) is bridge.RemoteDict and users == {"dan": {"disabled": False}, "dora": 1}
+        del users["dan"]
+        module.state.users["erin"] = {"disabled": True}
+        assert module.state.users.pop("dora") == 1
+        assert module.state.users == {"erin": {"disabled": True}}
+        with pytest.raises(TypeError, match="only plain data"):
+            module.state.users["x"] = object()
+        assert module.state.users == {"erin": {"disabled": True}}, "a value that cannot cross changes nothing"
+        assert repr(module.Settings()) == "Settings(jwt_secret=SecretStr('**********'))"
+        assert len(repr(module.Endless())) == 20000
+    finally:
+        connection.close()
+    assert "in the learner's process" in repr(state), "a broken bridge: the stand-in's own text"
 
 
 def test_exceptions_cross_as_their_type_and_message(remote):

@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import jwt
 import pytest
@@ -19,6 +20,7 @@ from fastapi.testclient import TestClient
 from pwdlib import PasswordHash
 from pydantic import ValidationError
 
+from grader.bridge import cpu_clock
 from grader.expect import StartupFailed, expect_header, expect_json, expect_problem, expect_status, explain, json_of
 
 SECRET = "test-only-secret-0123456789abcdef-0123456789abcdef"  # 50 bytes
@@ -292,7 +294,8 @@ def test_disabled_user_gets_no_token(client):
 @pytest.mark.promise("P3")
 def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
     # A cost where one Argon2 check takes a couple of milliseconds. The test measures the CPU
-    # time of authenticate_user itself (thread_time), which other busy processes do not inflate.
+    # time of authenticate_user itself (the CPU time of the thread that runs it, which other busy
+    # processes do not inflate; cpu_clock finds that thread when class grading runs your code apart).
     costly = {"argon2_time_cost": 1, "argon2_memory_kib": 2048, "argon2_parallelism": 1}
     app = module.create_app(module.Settings(jwt_secret=SECRET, **costly))
     seed(module, app, "alice", "wonderland")
@@ -301,13 +304,14 @@ def test_an_unknown_user_costs_as_much_time_as_a_known_one(module):
         f"\nexpected: authenticate_user(app, 'alice', <her password>) returns her UserInDB\ngot:      {found!r}"
     )
     known, unknown = [], []
+    clock = cpu_clock(module)
     pairs = [("alice", known), ("nobody-by-this-name", unknown)]
     for round_ in range(4):
         # Alternate which goes first: the first Argon2 call of a round also pays for fresh memory.
         for username, times in pairs if round_ % 2 else pairs[::-1]:
-            started = time.thread_time()
+            started = clock()
             found = module.authenticate_user(app, username, "a-wrong-password")
-            times.append(time.thread_time() - started)
+            times.append(clock() - started)
             assert found is None, f"\nexpected: authenticate_user(app, {username!r}, <wrong password>) is None\ngot:      {found!r}"
         if min(unknown) > 10 * min(known):
             break  # far apart already: more rounds will not bring them together, and each costs time
@@ -351,6 +355,11 @@ class CountingHasher:
     def verify_and_update(self, password, hash, *args, **kwargs):
         return self._run(lambda: self.real.verify_and_update(password, hash, *args, **kwargs), 1)
 
+    def methods(self):
+        """What the app gets: an object with the hasher's three methods (README.md), which stay
+        the test's own (class grading calls them in the tests' process)."""
+        return SimpleNamespace(hash=self.hash, verify=self.verify, verify_and_update=self.verify_and_update)
+
 
 @pytest.mark.task("passwords")
 @pytest.mark.promise("P7")
@@ -363,7 +372,8 @@ def test_concurrent_logins_never_run_more_hashes_than_the_settings_allow(module)
     app = build(module, "alice", "bob", max_concurrent_hashes=bound)
     if isinstance(app, StartupFailed):
         app()
-    counting = app.state.password_hash = CountingHasher(app.state.password_hash)
+    counting = CountingHasher(app.state.password_hash)
+    app.state.password_hash = counting.methods()
     attempts = [("alice", "wonderland", 200), ("mallory", "wonderland", 401), ("bob", "not-his", 401),
                 ("bob", "the-builder", 200), ("alice", "not-hers", 401), ("bob", "the-builder", 200)]
     with TestClient(app) as client, ThreadPoolExecutor(len(attempts)) as pool:

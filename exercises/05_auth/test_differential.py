@@ -14,6 +14,7 @@ both answers, and where they differ.
 import hashlib
 import hmac
 import time
+from types import SimpleNamespace
 
 import jwt
 import pytest
@@ -61,7 +62,8 @@ def build(module):
     settings = module.Settings(jwt_secret=SECRET, access_token_minutes=MINUTES, jwt_issuer=ISSUER,
                                jwt_audience=AUDIENCE, **CHEAP)
     app = module.create_app(settings)
-    app.state.password_hash = QuickHash()
+    quick = QuickHash()  # its methods, which stay the test's own (class grading calls them in the tests' process)
+    app.state.password_hash = SimpleNamespace(hash=quick.hash, verify=quick.verify, verify_and_update=quick.verify_and_update)
     for username, (password, extra) in USERS.items():
         module.add_user(app, username, password, **extra)
     APPS[id(module)] = app
