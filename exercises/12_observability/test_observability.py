@@ -223,7 +223,8 @@ def secret_of(settings) -> str:
 def test_settings_come_from_the_environment_with_types(module, env):
     env.delenv("OBS_DATABASE_URL")  # only the required secret is left set
     defaults = {"app_name": "inventory", "environment": "dev", "database_url": "sqlite+aiosqlite:///./inventory.db",
-                "log_level": "INFO", "ready_timeout": 2.0, "warehouse_url": "http://127.0.0.1:8001"}
+                "log_level": "INFO", "ready_timeout": 2.0, "warehouse_url": "http://127.0.0.1:8001",
+                "warehouse_timeout": 5.0}
     settings = module.Settings()
     got = {name: field(settings, name) for name in defaults}
     wrong = {name: value for name, value in got.items() if value != defaults[name]}
@@ -266,13 +267,14 @@ def test_the_secret_is_required_and_hidden(module, env):
 @pytest.mark.promise("P1")
 @pytest.mark.parametrize(("name", "value"), [
     ("OBS_READY_TIMEOUT", "soon"), ("OBS_READY_TIMEOUT", "0"), ("OBS_ENVIRONMENT", "production"), ("OBS_LOG_LEVEL", "LOUD"),
+    ("OBS_WAREHOUSE_TIMEOUT", "0"),
 ])
 def test_malformed_values_are_rejected(module, env, name, value):
     env.setenv(name, value)
     with pytest.raises(ValidationError):
         module.Settings()
         pytest.fail(
-            f"\nset:      {name}={value}\nexpected: a ValidationError (ready_timeout is a float > 0; "
+            f"\nset:      {name}={value}\nexpected: a ValidationError (ready_timeout and warehouse_timeout are floats > 0; "
             "environment is one of dev, staging, prod; log_level one of DEBUG, INFO, WARNING, ERROR)\n"
             "got:      Settings() accepted it",
             pytrace=False,
@@ -1016,6 +1018,38 @@ def test_a_failing_warehouse_answers_502(module, failure):
         expect_problem(missing, 404, "an item the service does not have: a 404 problem, without asking the warehouse")
     for answer in (response, missing):
         expect_own_detail(answer)
+
+
+class Trickle(httpx.AsyncByteStream):
+    """A warehouse answer that never keeps one read waiting long: a space every 50 ms, for `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def __aiter__(self):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.seconds
+        while loop.time() < end:
+            await asyncio.sleep(0.05)
+            yield b" "
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P9")
+def test_a_trickling_warehouse_is_cut_off_at_warehouse_timeout(module, env):
+    env.setenv("OBS_WAREHOUSE_TIMEOUT", "0.5")
+    trickling = Warehouse(lambda request: httpx.Response(200, headers={"Content-Type": "application/json"}, stream=Trickle(12.0)))
+    app, _ = traced_app(module, trickling)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        started = time.perf_counter()
+        response = client.get("/items/3/stock")
+        took = time.perf_counter() - started
+    expect_problem(response, 502, "the warehouse sends a byte every 50 ms and has not finished after OBS_WAREHOUSE_TIMEOUT=0.5 s")
+    assert took < 6.0, explain(
+        response,
+        "a 502 once OBS_WAREHOUSE_TIMEOUT (0.5 s) has passed: one deadline for the whole call (asyncio.timeout around "
+        f"it), since httpx's timeout bounds each read and a trickle never keeps one waiting; it took {took:.1f} s",
+    )
 
 
 def expect_own_detail(response) -> None:

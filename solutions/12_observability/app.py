@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     ready_timeout: float = Field(default=2.0, gt=0)
     # The warehouse service that knows the stock (GET /items/{item_id}/stock asks it).
     warehouse_url: str = "http://127.0.0.1:8001"
+    # One deadline for the whole call to it, every read of its answer included.
+    warehouse_timeout: float = Field(default=5.0, gt=0)
     # No default on purpose: a service that starts without its secret fails later, and worse.
     secret_key: SecretStr
 
@@ -324,7 +326,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.warehouse = httpx.AsyncClient(
         base_url=settings.warehouse_url,
         transport=app.state.warehouse_transport,
-        timeout=httpx.Timeout(5.0),
+        # Bounds each phase (connecting, each read): a dead connection fails within one. It is no
+        # deadline: a warehouse that sends a byte now and then never keeps one read waiting.
+        timeout=httpx.Timeout(settings.warehouse_timeout),
         event_hooks={"request": [inject_trace_context]},
     )
     log.info("started", extra={"app_name": settings.app_name, "environment": settings.environment})
@@ -426,19 +430,22 @@ def create_app(
         summary="How many the warehouse holds",
         responses=problem_responses(status.HTTP_404_NOT_FOUND, status.HTTP_502_BAD_GATEWAY),
     )
-    async def read_stock(item_id: int, request: Request) -> Stock:
+    async def read_stock(item_id: int, request: Request, settings: SettingsDep) -> Stock:
         if item_id not in ITEMS:
             raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=f"No item has the id {item_id}.")
         client: httpx.AsyncClient = request.app.state.warehouse
         # A client span for the call: the warehouse's server span becomes its child.
         with tracer.start_as_current_span("GET /stock/{item_id}", kind=SpanKind.CLIENT) as span:
             try:
-                answer = await client.get(f"/stock/{item_id}")
+                # The deadline of the whole call (lesson 10): connecting, sending and reading the
+                # answer, however slowly it trickles in.
+                async with asyncio.timeout(settings.warehouse_timeout):
+                    answer = await client.get(f"/stock/{item_id}")
                 span.set_attribute("http.response.status_code", answer.status_code)
                 answer.raise_for_status()
                 # strict: a quantity of "7" or 7.5 is a warehouse bug, not something to guess about
                 stock = Stock.model_validate_json(answer.content, strict=True)
-            except (httpx.HTTPError, ValueError) as exc:
+            except (httpx.HTTPError, ValueError, TimeoutError) as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 log.warning("warehouse failed", extra={"error": f"{type(exc).__name__}: {exc}"})
                 raise HTTPException(status_code=status.HTTP_502_BAD_GATEWAY, detail="The warehouse failed to answer.") from None
