@@ -19,6 +19,8 @@ import nats
 import nats.js.errors
 import pytest
 from asgi_lifespan import LifespanManager
+from nats.js.api import AckPolicy, StorageType
+from pydantic import ValidationError
 
 from grader.expect import describe, expect_problem, expect_status
 
@@ -100,6 +102,7 @@ class Carrier:
     def __init__(self, *, hold: set[str] | None = None, hold_all: bool = False, fail: set[str] | None = None,
                  delay: float = 0.0) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.times: list[float] = []  # when each call began (the event loop's clock), in the order of `calls`
         self.active = 0
         self.peak = 0
         self.hold, self.hold_all, self.fail, self.delay = hold or set(), hold_all, fail or set(), delay
@@ -107,6 +110,7 @@ class Carrier:
 
     async def __call__(self, shipment: dict[str, Any]) -> None:
         self.calls.append(dict(shipment))
+        self.times.append(asyncio.get_running_loop().time())
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
@@ -122,6 +126,11 @@ class Carrier:
     def count(self, order_id: str) -> int:
         return sum(call.get("order_id") == order_id for call in self.calls)
 
+    def gaps(self, order_id: str) -> list[float]:
+        """Seconds between one call for this order and the next."""
+        began = [time for call, time in zip(self.calls, self.times, strict=True) if call.get("order_id") == order_id]
+        return [later - earlier for earlier, later in zip(began, began[1:])]
+
 
 @pytest.fixture
 def shipping_app(load, nats_server, tmp_path):
@@ -132,6 +141,7 @@ def shipping_app(load, nats_server, tmp_path):
         options = {"nats_url": nats_server.url, "database": str(tmp_path / "shipping.db"), **settings}
         return module.create_app(module.Settings(**options), carrier=carrier)
 
+    build.module = module  # type: ignore[attr-defined]
     return build
 
 
@@ -143,6 +153,7 @@ def orders_app(load, nats_server, tmp_path):
         options = {"nats_url": nats_server.url, "database": str(tmp_path / "orders.db"), **settings}
         return module.create_app(module.Settings(**options))
 
+    build.module = module  # type: ignore[attr-defined]
     return build
 
 
@@ -173,11 +184,70 @@ async def expect_ready(js: Any) -> None:
                     pytrace=False)
 
 
+def expect_settings(module: Any, monkeypatch: pytest.MonkeyPatch, prefix: str, defaults: dict[str, Any],
+                    bounds: dict[str, tuple[list[Any], list[Any]]]) -> None:
+    """The README's Settings: its defaults, its environment prefix, and the bounds it refuses beyond."""
+    for name in defaults:
+        monkeypatch.delenv(f"{prefix}{name.upper()}", raising=False)
+    built = module.Settings()
+    for name, value in defaults.items():
+        assert getattr(built, name, None) == value, said(
+            f"Settings().{name} (nothing set in the environment)", expected=repr(value), got=repr(getattr(built, name, None)))
+    monkeypatch.setenv(f"{prefix}DATABASE", "from-the-environment.db")
+    assert module.Settings().database == "from-the-environment.db", said(
+        f"Settings().database with {prefix}DATABASE=from-the-environment.db", expected="from-the-environment.db",
+        got=module.Settings().database)
+    monkeypatch.delenv(f"{prefix}DATABASE")
+    for name, (accepted, refused) in bounds.items():
+        for value in accepted:
+            try:
+                module.Settings(**{name: value})
+            except ValidationError:
+                pytest.fail(said(f"Settings({name}={value!r})", expected="accepted (within the README's bounds)",
+                                 got="a ValidationError"), pytrace=False)
+        for value in refused:
+            try:
+                module.Settings(**{name: value})
+            except ValidationError:
+                continue
+            pytest.fail(said(f"Settings({name}={value!r})", expected="a ValidationError (outside the README's bounds)",
+                             got="accepted"), pytrace=False)
+
+
+async def expect_stream(js: Any, name: str, subjects: list[str]) -> None:
+    """`name` exists with the README's configuration: its subjects, file storage, a 2-minute duplicate window."""
+    config = (await js.stream_info(name)).config
+    got = {"subjects": config.subjects, "storage": config.storage, "duplicate_window": config.duplicate_window}
+    expected = {"subjects": subjects, "storage": StorageType.FILE, "duplicate_window": 120.0}
+    assert got == expected, said(f"the configuration of the {name} stream", expected=expected, got=got)
+
+
+async def expect_documented_problems(client: httpx.AsyncClient, route: tuple[str, str], codes: set[str]) -> None:
+    """The OpenAPI document declares these error codes of `route` as problems (responses=problem_responses(...))."""
+    path, method = route
+    responses = (await client.get("/openapi.json")).json().get("paths", {}).get(path, {}).get(method, {}).get("responses", {})
+    for code in sorted(codes):
+        content = responses.get(code, {}).get("content", {})
+        assert "application/problem+json" in content, said(
+            f"the OpenAPI document's {code} answer of {method.upper()} {path}",
+            expected=f"declared as application/problem+json (responses=problem_responses({code}))",
+            got=sorted(content) if content else f"no {code} declared")
+
+
+async def expect_long_ids_refused(client: httpx.AsyncClient, prefix: str) -> None:
+    expect_problem(await client.get(f"{prefix}/{'x' * 64}"), 404, f"GET {prefix}/{{id}} of an unknown id of 64 characters")
+    expect_problem(await client.get(f"{prefix}/{'x' * 65}"), 422,
+                   f"GET {prefix}/{{id}} of an id of 65 characters (longer than the README allows)")
+
+
 # --- orders: the outbox -----------------------------------------------------------------------
 
 @pytest.mark.task("outbox")
 @pytest.mark.promise("P1", "P3")
-async def test_an_order_is_placed_and_its_event_reaches_the_stream(orders_app, nats_server):
+async def test_an_order_is_placed_and_its_event_reaches_the_stream(orders_app, nats_server, monkeypatch):
+    expect_settings(orders_app.module, monkeypatch, "ORDERS_",
+                    {"nats_url": "nats://127.0.0.1:4222", "database": "orders.db", "publish_timeout": 2.0, "backoff": 0.05},
+                    {"publish_timeout": ([0.001, 60], [0, -1, 60.01]), "backoff": ([0.001, 2], [0, 2.01])})
     async with running(orders_app()) as client, broker(nats_server) as js:
         response = await client.post("/orders", json={"sku": "widget", "quantity": 3})
         expect_status(response, 201, "POST /orders with a valid order answers 201 Created")
@@ -190,13 +260,18 @@ async def test_an_order_is_placed_and_its_event_reaches_the_stream(orders_app, n
             got=response.headers.get("location"))
         read = await client.get(f"/orders/{order['id']}")
         expect_status(read, 200, "GET /orders/{id} finds the order just placed")
+        assert read.json() == order, said("GET /orders/{id} of the order just placed", expected=order, got=describe(read))
         expect_problem(await client.get("/orders/no-such-order"), 404, "GET /orders/{id} of an unknown id: a 404 problem")
+        await expect_long_ids_refused(client, "/orders")
+        await expect_documented_problems(client, ("/orders", "post"), {"400", "422"})
+        await expect_documented_problems(client, ("/orders/{order_id}", "get"), {"404"})
 
         async def published() -> bool:
             return len(await stream_messages(js, "ORDERS")) >= 1
 
         await eventually(published, "no message reached the ORDERS stream after an order was placed: the outbox "
                          "relay must publish each event to the subject orders.placed")
+        await expect_stream(js, "ORDERS", ["orders.>"])
         [message] = await stream_messages(js, "ORDERS")
         assert message.subject == "orders.placed", said(
             "the subject of the OrderPlaced event", expected="orders.placed", got=message.subject)
@@ -312,60 +387,6 @@ async def test_orders_are_taken_while_the_broker_is_down_and_published_when_it_i
             got=[event.get("order_id") for event in events])
 
 
-# How long the lock is held at most: three times SQLite's default busy timeout (5 s), so that a relay
-# that tries the outbox meanwhile meets "database is locked". A relay that logs the error it met
-# ends the wait at once; one that logs nothing waits out the bound, and passes all the same.
-LOCKED_FOR = 15.0
-
-
-@pytest.mark.task("broker_down")
-@pytest.mark.promise("P4")
-async def test_the_relay_outlives_a_database_locked_for_a_while(orders_app, nats_server, tmp_path, caplog):
-    async with running(orders_app(publish_timeout=0.25)) as client:
-        await asyncio.to_thread(nats_server.halt)   # the first order's event waits in the outbox
-        response = await client.post("/orders", json={"sku": "widget", "quantity": 1})
-        expect_status(response, 201, "POST /orders while the broker is down")
-        # Another process (a backup, a migration) holds the whole database file for a while.
-        locker = sqlite3.connect(tmp_path / "orders.db", timeout=WAIT, isolation_level=None,
-                                 check_same_thread=False)
-        seen = len(caplog.records)
-
-        def met_the_lock() -> bool:  # a relay that logs the error it met tells us it has met the lock
-            return any((record.exc_info and isinstance(record.exc_info[1], sqlite3.Error))
-                       or "database is locked" in record.getMessage() for record in caplog.records[seen:])
-
-        try:
-            await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
-            # The broker comes back while the file is locked: the relay cannot empty the outbox
-            # without the database (to read the event, or to delete it once published), so it
-            # meets the lock whatever it waited on before. The lock is held until it has (a
-            # logged sqlite3 error), or for LOCKED_FOR seconds at most.
-            await asyncio.to_thread(nats_server.start)
-            loop = asyncio.get_running_loop()
-            held = loop.time()
-            while not met_the_lock() and loop.time() - held < LOCKED_FOR:
-                await asyncio.sleep(0.05)
-        finally:
-            await asyncio.to_thread(locker.execute, "ROLLBACK")
-            locker.close()
-        later = await client.post("/orders", json={"sku": "widget", "quantity": 2})
-        expect_status(later, 201, "POST /orders after the database was locked for a while")
-
-        async def drained() -> bool:
-            return (await client.get("/outbox")).json().get("pending") == 0
-
-        await eventually(drained, "the database file was locked by another process while the broker came back "
-                         "(SQLite raised 'database is locked' to whatever used it meanwhile), then released, but "
-                         "the outbox was never published: the relay must survive every error, not only the "
-                         "broker's (catch Exception in its loop, log it with the traceback, back off, go on); "
-                         "a task that ends tells no one")
-        async with broker(nats_server) as js:
-            published = sorted(json.loads(message.data).get("order_id") for message in await stream_messages(js, "ORDERS"))
-        expected = sorted([response.json()["id"], later.json()["id"]])
-        assert published == expected, said("the ORDERS stream after the lock and the broker's return",
-                                           expected=f"one event per order: {expected}", got=published)
-
-
 # --- the streams are on disk ------------------------------------------------------------------
 
 @pytest.mark.task("durable")
@@ -394,9 +415,27 @@ async def test_a_broker_restart_loses_no_event(orders_app, shipping_app, nats_se
 
 @pytest.mark.task("ack_after_work")
 @pytest.mark.promise("P6", "P12")
-async def test_an_event_is_shipped_and_can_be_read(shipping_app, nats_server):
-    async with running(shipping_app(carrier := Carrier())) as client, broker(nats_server) as js:
+async def test_an_event_is_shipped_and_can_be_read(shipping_app, nats_server, monkeypatch):
+    expect_settings(shipping_app.module, monkeypatch, "SHIPPING_",
+                    {"nats_url": "nats://127.0.0.1:4222", "database": "shipping.db", "ack_wait": 30.0, "max_deliver": 5,
+                     "max_in_flight": 16, "backoff": 0.5, "carrier_timeout": 30.0},
+                    {"ack_wait": ([0.5, 3600], [0.49, 3600.01]), "max_deliver": ([1, 100], [0, 101]),
+                     "max_in_flight": ([1, 1000], [0, 1001]), "backoff": ([0.001, 5], [0, 5.01]),
+                     "carrier_timeout": ([0.001, 3600], [0, 3600.01])})
+    settings = {"ack_wait": 20.0, "max_deliver": 4, "max_in_flight": 6}
+    async with running(shipping_app(carrier := Carrier(), **settings)) as client, broker(nats_server) as js:
         await expect_ready(js)
+        await expect_stream(js, "ORDERS", ["orders.>"])
+        await expect_stream(js, "DEADLETTER", ["dead.>"])
+        config = (await js.consumer_info("ORDERS", "shipping")).config
+        got = {"durable_name": config.durable_name, "filter_subject": config.filter_subject,
+               "ack_policy": config.ack_policy, "ack_wait": config.ack_wait, "max_deliver": config.max_deliver,
+               "max_ack_pending": config.max_ack_pending}
+        expected = {"durable_name": "shipping", "filter_subject": "orders.placed", "ack_policy": AckPolicy.EXPLICIT,
+                    "ack_wait": 20.0, "max_deliver": 4, "max_ack_pending": 6}
+        assert got == expected, said(f"the durable consumer, for shipping settings {settings}", expected=expected, got=got)
+        await expect_documented_problems(client, ("/shipments/{order_id}", "get"), {"404", "422"})
+        await expect_long_ids_refused(client, "/shipments")
         event = order_event(sku="gizmo", quantity=4)
         await publish(js, event)
         await eventually(lambda: shipped(client, event["order_id"]),
@@ -431,6 +470,24 @@ async def test_a_consumer_stopped_mid_work_gets_the_event_again(shipping_app, na
                              "shipment is booked and recorded)")
         assert second.count(held["order_id"]) == 1, said(
             "the carrier's bookings after the restart", expected="1", got=second.calls)
+
+
+@pytest.mark.task("ack_after_work")
+@pytest.mark.promise("P6")
+async def test_a_booking_longer_than_ack_wait_is_not_delivered_again(shipping_app, nats_server):
+    event = order_event()
+    carrier = Carrier(delay=2.5)
+    async with running(shipping_app(carrier, ack_wait=1.2)) as client, broker(nats_server) as js:
+        await expect_ready(js)
+        await publish(js, event)
+        await eventually(lambda: shipped(client, event["order_id"]), "an event whose booking takes 2.5 s was never shipped")
+        await eventually(lambda: consumer_settled(js, 1), "the event was never acknowledged to the broker")
+        deliveries = (await js.consumer_info("ORDERS", "shipping")).delivered.consumer_seq
+        assert deliveries == 1, said(
+            "deliveries of one event whose booking takes 2.5 s, with ack_wait = 1.2 s",
+            expected="1: while the carrier works, tell the broker the event is still being worked on "
+            "(message.in_progress(), more often than every ack_wait), or it is delivered again",
+            got=f"{deliveries} deliveries")
 
 
 @pytest.mark.task("idempotent")
@@ -491,7 +548,8 @@ async def test_concurrent_duplicates_are_applied_once(shipping_app, nats_server)
 async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_server):
     poison, fine = order_event(), order_event()
     carrier = Carrier(fail={poison["order_id"]})
-    async with running(shipping_app(carrier, max_deliver=3, backoff=0.05)) as client, broker(nats_server) as js:
+    backoff = 0.25
+    async with running(shipping_app(carrier, max_deliver=3, backoff=backoff)) as client, broker(nats_server) as js:
         await expect_ready(js)
         await publish(js, poison)
         await publish(js, fine)
@@ -514,6 +572,12 @@ async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_
         assert carrier.count(poison["order_id"]) == 3, said(
             "carrier calls for an event that always fails, with max_deliver = 3",
             expected="3 (one per delivery, then the dead-letter stream)", got=carrier.count(poison["order_id"]))
+        # Each redelivery waits at least its delay: backoff, then twice that (a busy machine only adds to it).
+        gaps = carrier.gaps(poison["order_id"])
+        assert all(gap >= 0.95 * backoff * 2**n for n, gap in enumerate(gaps)), said(
+            f"seconds between the carrier calls for a failing event, with backoff = {backoff}",
+            expected=f"at least {backoff:g}, then at least {2 * backoff:g} (delivered again after a delay starting "
+            "at backoff, doubling: nak(delay=...))", got=[round(gap, 3) for gap in gaps])
         expect_problem(await client.get(f"/shipments/{poison['order_id']}"), 404,
                       "GET /shipments/{order_id} of a dead-lettered event")
     await asyncio.to_thread(nats_server.restart)
@@ -528,33 +592,43 @@ async def test_a_failing_event_is_retried_then_dead_lettered(shipping_app, nats_
 async def test_an_event_that_can_never_be_processed_is_dead_lettered_at_once(shipping_app, nats_server):
     carrier = Carrier()
     garbage = [b"not json at all", json.dumps({"type": "OrderPlaced", "order_id": "x"}).encode(),
-               json.dumps(order_event(quantity=2**63)).encode(), json.dumps(order_event(type="OrderCancelled")).encode()]
+               json.dumps(order_event(quantity=2**63)).encode(), json.dumps(order_event(type="OrderCancelled")).encode(),
+               *(json.dumps({**order_event(), **change}).encode() for change in (
+                   {"quantity": 0}, {"quantity": 101}, {"order_id": ""}, {"order_id": "o" * 65}, {"event_id": ""},
+                   {"event_id": "e" * 129}, {"sku": ".hidden"}, {"occurred_at": "yesterday"}))]
+    # The edges of the event's rules, each a valid event.
+    goods = [order_event(quantity=1), order_event(quantity=100), order_event(order_id="o" * 64),
+             order_event(event_id="e" * 128), order_event(order_id="z")]
     async with running(shipping_app(carrier, max_deliver=5, backoff=0.05)) as client, broker(nats_server) as js:
         await expect_ready(js)
         for data in garbage:
             await publish(js, data)
-        good = order_event()
-        await publish(js, good)
-        await eventually(lambda: shipped(client, good["order_id"]), "a valid event after invalid ones was never shipped")
+        for good in goods:
+            await publish(js, good)
+        for good in goods:
+            await eventually(lambda good=good: shipped(client, good["order_id"]),
+                             f"a valid event after invalid ones was never shipped: {good}")
 
         async def all_dead() -> bool:
             return len(await stream_messages(js, "DEADLETTER")) >= len(garbage)
 
-        await eventually(all_dead, "invalid events (not JSON, missing fields, a quantity of 2**63, another type) "
-                         "never all reached the DEADLETTER stream")
+        await eventually(all_dead, "invalid events (not JSON, missing fields, a quantity of 2**63 or outside 1..100, "
+                         "another type, an empty or too long order_id or event_id, a SKU outside the rule, a time "
+                         "that is no ISO 8601) never all reached the DEADLETTER stream")
         letters = await stream_messages(js, "DEADLETTER")
         assert sorted(letter.data for letter in letters) == sorted(garbage), said(
             "the dead letters", expected="each invalid message once, its body unchanged",
             got=[letter.data[:80] for letter in letters])
-        await eventually(lambda: consumer_settled(js, len(garbage) + 1), "the events were never all settled")
+        total = len(garbage) + len(goods)
+        await eventually(lambda: consumer_settled(js, total), "the events were never all settled")
         # The consumer sequence counts every delivery, redeliveries included.
         deliveries = (await js.consumer_info("ORDERS", "shipping")).delivered.consumer_seq
-        assert deliveries == len(garbage) + 1, said(
-            f"deliveries of {len(garbage)} invalid events and a valid one",
-            expected=f"{len(garbage) + 1}: an event that can never succeed is dead-lettered at its first delivery, "
+        assert deliveries == total, said(
+            f"deliveries of {len(garbage)} invalid events and {len(goods)} valid ones",
+            expected=f"{total}: an event that can never succeed is dead-lettered at its first delivery, "
             "not retried", got=f"{deliveries} deliveries")
-        assert [call.get("order_id") for call in carrier.calls] == [good["order_id"]], said(
-            "carrier calls", expected="only the valid event's", got=carrier.calls)
+        assert sorted(call.get("order_id") for call in carrier.calls) == sorted(good["order_id"] for good in goods), said(
+            "carrier calls", expected="only the valid events', once each", got=carrier.calls)
 
 
 # --- flow: slow events, bounded work ----------------------------------------------------------
@@ -639,3 +713,59 @@ async def test_no_more_than_max_in_flight_events_are_worked_on_at_once(shipping_
                              "after the carrier let go, not every event was shipped")
         assert carrier.peak <= 3, said("carrier calls in progress at once, with max_in_flight = 3",
                                           expected="at most 3", got=carrier.peak)
+
+
+# --- the relay outlives every failure (last: it waits out SQLite's busy timeout) ---------------
+
+# How long the lock is held at most: three times SQLite's default busy timeout (5 s), so that a relay
+# that tries the outbox meanwhile meets "database is locked". A relay that logs the error it met
+# ends the wait at once; one that logs nothing waits out the bound, and passes all the same.
+LOCKED_FOR = 15.0
+
+
+@pytest.mark.task("broker_down")
+@pytest.mark.promise("P4")
+async def test_the_relay_outlives_a_database_locked_for_a_while(orders_app, nats_server, tmp_path, caplog):
+    async with running(orders_app(publish_timeout=0.25)) as client:
+        await asyncio.to_thread(nats_server.halt)   # the first order's event waits in the outbox
+        response = await client.post("/orders", json={"sku": "widget", "quantity": 1})
+        expect_status(response, 201, "POST /orders while the broker is down")
+        # Another process (a backup, a migration) holds the whole database file for a while.
+        locker = sqlite3.connect(tmp_path / "orders.db", timeout=WAIT, isolation_level=None,
+                                 check_same_thread=False)
+        seen = len(caplog.records)
+
+        def met_the_lock() -> bool:  # a relay that logs the error it met tells us it has met the lock
+            return any((record.exc_info and isinstance(record.exc_info[1], sqlite3.Error))
+                       or "database is locked" in record.getMessage() for record in caplog.records[seen:])
+
+        try:
+            await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
+            # The broker comes back while the file is locked: the relay cannot empty the outbox
+            # without the database (to read the event, or to delete it once published), so it
+            # meets the lock whatever it waited on before. The lock is held until it has (a
+            # logged sqlite3 error), or for LOCKED_FOR seconds at most.
+            await asyncio.to_thread(nats_server.start)
+            loop = asyncio.get_running_loop()
+            held = loop.time()
+            while not met_the_lock() and loop.time() - held < LOCKED_FOR:
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(locker.execute, "ROLLBACK")
+            locker.close()
+        later = await client.post("/orders", json={"sku": "widget", "quantity": 2})
+        expect_status(later, 201, "POST /orders after the database was locked for a while")
+
+        async def drained() -> bool:
+            return (await client.get("/outbox")).json().get("pending") == 0
+
+        await eventually(drained, "the database file was locked by another process while the broker came back "
+                         "(SQLite raised 'database is locked' to whatever used it meanwhile), then released, but "
+                         "the outbox was never published: the relay must survive every error, not only the "
+                         "broker's (catch Exception in its loop, log it with the traceback, back off, go on); "
+                         "a task that ends tells no one")
+        async with broker(nats_server) as js:
+            published = sorted(json.loads(message.data).get("order_id") for message in await stream_messages(js, "ORDERS"))
+        expected = sorted([response.json()["id"], later.json()["id"]])
+        assert published == expected, said("the ORDERS stream after the lock and the broker's return",
+                                           expected=f"one event per order: {expected}", got=published)
