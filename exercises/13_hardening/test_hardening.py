@@ -28,6 +28,10 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
+    def read(self) -> float:
+        """What the app gets as its clock: a function (class grading calls it in the tests' process)."""
+        return self.now
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
 
@@ -60,7 +64,7 @@ def build_app(module, clock, **overrides):
     """A fresh app from create_app(Settings(...), clock=clock)."""
     overrides.setdefault("cors_origins", [SHOP])
     # By name, as the README's signature create_app(settings=None, *, clock=...) allows.
-    return module.create_app(settings=module.Settings(**overrides), clock=clock)
+    return module.create_app(settings=module.Settings(**overrides), clock=clock.read)
 
 
 @pytest.fixture
@@ -167,7 +171,7 @@ def test_origins_come_from_the_settings(module, clock, monkeypatch):
         "\nset:      HARD_CORS_ORIGINS='[\"https://admin.example\"]'\n"
         f"expected: Settings().cors_origins == ['https://admin.example']\ngot:      {settings.cors_origins!r}"
     )
-    with TestClient(module.create_app(settings, clock=clock)) as client:
+    with TestClient(module.create_app(settings, clock=clock.read)) as client:
         admin = preflight(client, "https://admin.example")
         local = preflight(client, "http://localhost:3000")
     expect_header(admin, "access-control-allow-origin", "https://admin.example", "the origin configured in the settings")
@@ -259,7 +263,7 @@ def expect_bounds(module, refused: dict, accepted: dict) -> None:
 def defaults(module, clock):
     """An app from create_app(Settings(), clock=clock): nothing set, so every default of the table."""
     settings = module.Settings()
-    return TestClient(module.create_app(settings, clock=clock), raise_server_exceptions=False)
+    return TestClient(module.create_app(settings, clock=clock.read), raise_server_exceptions=False)
 
 
 @pytest.mark.task("cors")
@@ -398,7 +402,7 @@ def test_the_settings_read_a_dotenv_file(module, clock, env, tmp_path):
         "\nexpected: Settings() reads HARD_* values from a .env file in the working directory "
         f"(HARD_MAX_BODY_BYTES=10 there)\ngot:      max_body_bytes={settings.max_body_bytes!r}"
     )
-    with TestClient(module.create_app(settings, clock=clock)) as client:
+    with TestClient(module.create_app(settings, clock=clock.read)) as client:
         expect_json(client.post("/upload", content=b"x" * 10), {"size": 10}, "10 bytes with HARD_MAX_BODY_BYTES=10 in .env", exact=True)
         expect_problem(client.post("/upload", content=b"x" * 11), 413, "11 bytes with HARD_MAX_BODY_BYTES=10 in .env")
 
@@ -427,6 +431,25 @@ def test_a_chunked_upload_to_a_real_server_is_cut_off(build):
         sent.request.read()  # keep the body for the message if a check fails
     expect_problem(response, 413, "3000 bytes in chunks over real HTTP, to uvicorn")
     expect_json(small, {"size": 800}, "800 bytes in two chunks fit", exact=True)
+
+
+@pytest.mark.task("body_limit")
+@pytest.mark.promise("P3")
+@pytest.mark.slow
+def test_a_chunked_body_to_a_route_that_never_reads_it_is_refused_over_real_http(build):
+    # Over a real socket too: the 413 must be the one answer that goes out (uvicorn, unlike the
+    # TestClient, does not let a second answer overwrite a first one it has started to send).
+    paths = ("/health", "/products/1", "/no-such-path")
+    with serve_in_thread(build(max_body_bytes=1000, rate_limit_capacity=100), ws="none") as base_url, \
+            httpx.Client(base_url=base_url, timeout=10, verify=http_only()) as http:
+        over = {path: http.request("GET", path, content=Chunks(3, 400)) for path in paths}
+        fits = {path: http.request("GET", path, content=Chunks(2, 500)) for path in paths}
+    for path in paths:
+        over[path].request.read()  # keep the body for the message if a check fails
+        expect_problem(over[path], 413, f"GET {path} with 1200 bytes in chunks (max_body_bytes=1000), over real HTTP, to uvicorn")
+        fits[path].request.read()
+        expected = 404 if path == "/no-such-path" else 200
+        expect_status(fits[path], expected, f"GET {path} with exactly 1000 bytes in chunks, over real HTTP: answered as usual")
 
 
 # ------------------------------------------------------------------------------ rate limiting

@@ -157,15 +157,13 @@ class BodySizeLimitMiddleware:
         async def counting_receive() -> Message:
             nonlocal received, more_body
             message = await receive()
+            more_body = message.get("more_body", False)  # an http.disconnect ends the body too
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                more_body = message.get("more_body", False)
                 if received > self.max_bytes:
                     # Raised inside the route's body read: FastAPI re-raises HTTPException as is,
                     # and the given handler turns it into a problem.
                     raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, self._too_large())
-            elif message["type"] == "http.disconnect":
-                more_body = False
             return message
 
         async def send_after_the_body(message: Message) -> None:
@@ -173,7 +171,7 @@ class BodySizeLimitMiddleware:
             # chunked body of any size. Before its answer goes out, read what it left, at most up
             # to the limit, and refuse an oversized body with the same 413 as a declared one.
             nonlocal refused
-            if message["type"] == "http.response.start" and more_body:
+            if message["type"] == "http.response.start":
                 try:
                     while more_body:
                         await counting_receive()
