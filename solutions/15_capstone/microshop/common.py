@@ -637,10 +637,14 @@ class Broker:
 
     async def close(self) -> None:
         """Stop connecting; drain the connection (what was published is flushed, subscriptions end)."""
-        if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+        connecting = self._connecting
+        while connecting is not None and not connecting.done():
+            # On Python 3.11 a cancel that meets a connection attempt's asyncio.wait_for just as the
+            # attempt ends is swallowed, and the client goes on trying: cancel until it has stopped.
+            connecting.cancel()
+            await asyncio.wait({connecting}, timeout=0.5)
+        if connecting is not None and not connecting.cancelled():
+            connecting.exception()  # a first connection that failed for good: nothing to close
         client = self.client
         if client is not None and not client.is_closed:
             try:
