@@ -29,6 +29,7 @@ import base64
 import builtins
 import concurrent.futures
 import contextlib
+import inspect
 import itertools
 import json
 import os
@@ -115,7 +116,8 @@ def encode(value: Any, handle_of=None, depth: int = 0, export=None) -> Any:
             if all(type(name) is str and name.isidentifier() for name in names):
                 return {"$n": {name: encode(item, None, depth + 1, export) for name, item in names.items()}}
         if isinstance(value, FUNCTIONS):
-            return {"$v": export(value)}
+            exported = export(value)
+            return {"$v": exported.data if type(exported) is _Described else exported}
     if handle_of is not None:
         return handle_of(value)
     raise TypeError(f"only plain data (None, bool, int, float, str, bytes, lists, tuples, dicts, SimpleNamespace), "
@@ -163,7 +165,7 @@ def decode(value: Any, handle=None, function=None) -> Any:
                 if function is None:
                     raise ProtocolError("a function or namespace of the tests where none may come")
                 if key == "$v":
-                    if type(inner) is not int:
+                    if type(inner) is not int and type(inner) is not list:
                         raise ProtocolError("a function id that is not one")
                     return function(inner)
                 if type(inner) is not dict or not all(name.isidentifier() for name in inner):
@@ -445,6 +447,7 @@ class Bridge:
         self._callbacks = threading.BoundedSemaphore(MAX_CALLBACKS)
         self._environ_base = dict(os.environ)  # what the tests change after this is mirrored (``_sync_environ``)
         self._environ_sent: dict[str, str] = {}
+        self._folder_sent: Any = None
         self._environ_lock = threading.Lock()
         self.process: Any = None
         with contextlib.suppress(OSError):  # a learner process that never reads cannot hold a writer forever
@@ -597,9 +600,24 @@ class Bridge:
             self._export_ids[id(function)] = ident
         return ident
 
+    def export_described(self, function: Any) -> Any:
+        """``export``, with the names of the function's parameters when they are all plain ones
+        (no default, no ``*``): the stand-in then has that signature, so that FastAPI, handed it as
+        a route, sees what it would see of the function itself."""
+        ident = self.export(function)
+        try:
+            import inspect
+
+            parameters = list(inspect.signature(function).parameters.values())
+        except (TypeError, ValueError):
+            return ident
+        if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in parameters):
+            return _Described([ident, [p.name for p in parameters]])
+        return ident
+
     def outgoing(self, value: Any) -> Any:
         """What a test sends the learner's code: plain data, the learner's objects, the test's functions."""
-        return encode(value, export=self.export)
+        return encode(value, export=self.export_described)
 
     def _callback(self, message: dict) -> None:
         """The learner's code calls a function a test handed it: run it in a thread of its own
@@ -627,7 +645,10 @@ class Bridge:
     def _run_callback(self, ask: int, function: Any, args: list, kwargs: dict) -> None:
         try:
             try:
-                reply = {"op": "answer", "ask": ask, "ok": encode(function(*args, **kwargs))}
+                result = function(*args, **kwargs)
+                if inspect.isawaitable(result):  # an async function of the test: run here, in a loop of its own
+                    result = asyncio.run(_awaited(result))
+                reply = {"op": "answer", "ask": ask, "ok": encode(result)}
             except BaseException as exc:  # noqa: BLE001 - the test's function raised, or returned what cannot cross
                 reply = {"op": "answer", "ask": ask,
                          "error": {"type": type(exc).__name__, "message": _message(exc)[:2000]}}
@@ -699,6 +720,10 @@ class Bridge:
             if wanted != self._environ_sent:
                 self._write({"op": "environ", "set": changed, "unset": removed})
                 self._environ_sent = wanted
+            folder = _working_folder()
+            if folder != self._folder_sent:  # the folder a test moved to, or its files, changed
+                self._write({"op": "cwd", "files": encode(_read_files(folder))})
+                self._folder_sent = folder
 
     def cpu_seconds(self) -> float:
         """CPU seconds the learner's process has spent in the thread that runs the tests' calls (its
@@ -778,6 +803,38 @@ async def _shut_down_without(receive: Any) -> None:
             return
 
 
+MIRRORED_FILES, MIRRORED_BYTES = 32, 64 * 1024
+
+
+def _working_folder() -> tuple:
+    """The tests' working directory and its small regular files (name, size, mtime), which the
+    learner's process gets copies of in a working directory of its own (a ``.env`` the test wrote)."""
+    try:
+        folder = os.getcwd()
+    except OSError:
+        return ("", ())
+    files = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if len(files) >= MIRRORED_FILES:
+                break
+            if entry.is_file(follow_symlinks=False):
+                stat = entry.stat(follow_symlinks=False)
+                if stat.st_size <= MIRRORED_BYTES:
+                    files.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    return (folder, tuple(sorted(files)))
+
+
+def _read_files(folder: tuple) -> dict[str, bytes]:
+    contents = {}
+    for name, _, _ in folder[1]:
+        with contextlib.suppress(OSError):
+            descriptor = os.open(os.path.join(folder[0], name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with open(descriptor, "rb") as handle:
+                contents[name] = handle.read(MIRRORED_BYTES + 1)[:MIRRORED_BYTES]
+    return contents
+
+
 def _process_clock(pid: int) -> int:
     import ctypes
 
@@ -794,6 +851,19 @@ def cpu_clock(module: Any):
     if isinstance(module, Remote):
         return object.__getattribute__(module, "_bridge").cpu_seconds
     return time.thread_time
+
+
+class _Described:
+    """A function's id with its parameters' names, as ``{"$v": [id, [name, ...]]}``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: list) -> None:
+        self.data = data
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _message(exc: BaseException) -> str:

@@ -143,6 +143,26 @@ class Host:
         if os.environ.get("TZ") != zone and hasattr(time, "tzset"):
             time.tzset()
 
+    def working_folder(self, message: dict) -> None:
+        """A working directory of this process's own, holding copies of the small files of the
+        tests' one (``grader.bridge._working_folder``); the previous one is removed."""
+        import shutil
+        import tempfile
+
+        files = decode(message.get("files"))
+        if type(files) is not dict:
+            raise ProtocolError("files that are not a dict")
+        folder = tempfile.mkdtemp(prefix="cwd-")
+        for name, content in files.items():
+            if type(name) is str and type(content) is bytes and name not in ("", ".", "..") and "/" not in name \
+                    and "\0" not in name:
+                with contextlib.suppress(OSError), open(os.path.join(folder, name), "xb") as handle:
+                    handle.write(content)
+        previous, self.cwd = getattr(self, "cwd", None), folder
+        os.chdir(folder)
+        if previous:
+            shutil.rmtree(previous, ignore_errors=True)
+
     def on_answer(self, message: dict) -> None:
         future = self.asks.get(message.get("ask")) if type(message.get("ask")) is int else None
         if future is not None and not future.done():
@@ -171,6 +191,8 @@ class Host:
                     self.on_answer(message)
                 elif op == "environ":
                     self.environ(message)  # here, in order: the next request already reads it
+                elif op == "cwd":
+                    self.working_folder(message)
                 else:
                     self.jobs.put(message)
         except (EOFError, OSError, ProtocolError):
@@ -297,12 +319,22 @@ class Host:
 class TestsFunction:
     """A function a graded test handed to the learner's code (``module.hash_password = quick_hash``):
     it stays in the verdict's process; calling this sends the arguments there and waits for the
-    result. Nothing else of the function (its code, its globals, its closure) is here."""
+    result. Nothing else of the function (its code, its globals, its closure) is here but, when the
+    verdict sent them, its parameters' names (what FastAPI reads of a route's function)."""
 
-    __slots__ = ("_host", "_id")
+    __slots__ = ("_host", "_id", "__signature__")
 
-    def __init__(self, host: Host, ident: int) -> None:
+    def __init__(self, host: Host, ident: Any) -> None:
+        names = None
+        if type(ident) is list and len(ident) == 2 and type(ident[0]) is int and type(ident[1]) is list \
+                and all(type(name) is str and name.isidentifier() for name in ident[1]):
+            ident, names = ident
+        if type(ident) is not int:
+            raise ProtocolError("a function id that is not one")
         self._host, self._id = host, ident
+        if names is not None:
+            self.__signature__ = inspect.Signature(
+                [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._host.call_back(self._id, args, kwargs)

@@ -286,8 +286,9 @@ def graded_05(tmp_path_factory: pytest.TempPathFactory):
     return {learner.learner: learner.exercises[0] for learner in result.learners}
 
 
-def test_exercise_05_is_bridged():
-    exercise = next(e for e in all_exercises(ROOT) if e.name == EXERCISE_05)
+@pytest.mark.parametrize("name", [EXERCISE_05, "13_hardening"])
+def test_exercises_05_and_13_are_bridged(name):
+    exercise = next(e for e in all_exercises(ROOT) if e.name == name)
     assert exercise.extra.get("bridge") is True
 
 
@@ -502,6 +503,69 @@ def test_what_the_tests_change_in_the_environment_is_mirrored_and_nothing_comes_
         assert os.environ["JWT_SECRET"] == "é" * 16 and "GRADER_ANYTHING" not in os.environ
         monkeypatch.undo()
         assert module.read("JWT_SECRET")["JWT_SECRET"] is None, "undone by the test: undone there too"
+    finally:
+        connection.close()
+
+
+def test_the_tests_working_directory_is_copied_and_nothing_comes_back(tmp_path, monkeypatch):
+    code = tmp_path / "code"
+    code.mkdir()
+    connection, module = module_in_own_process(code, """
+        import os
+
+        def files():
+            return {name: open(name).read() for name in sorted(os.listdir(".")) if os.path.isfile(name)}
+
+        def write(name, text):
+            with open(name, "w") as handle:
+                handle.write(text)
+            return os.getcwd()
+    """)
+    try:
+        folder = tmp_path / "tests-folder"
+        folder.mkdir()
+        (folder / ".env").write_text("HARD_MAX_BODY_BYTES=10\n", encoding="utf-8")
+        (folder / "large.bin").write_bytes(b"x" * (bridge.MIRRORED_BYTES + 1))
+        (folder / "linked").symlink_to(folder / ".env")
+        (folder / "sub").mkdir()
+        monkeypatch.chdir(folder)
+        assert module.files() == {".env": "HARD_MAX_BODY_BYTES=10\n"}, "small regular files only: no link, no folder"
+        theirs = module.write(".env", "HARD_MAX_BODY_BYTES=999999\n")
+        module.write("forged-results.json", "{}")
+        assert Path(theirs) != folder and (folder / ".env").read_text(encoding="utf-8") == "HARD_MAX_BODY_BYTES=10\n"
+        assert not (folder / "forged-results.json").exists(), "the learner's writes stay in its own folder"
+        (folder / ".env").write_text("HARD_MAX_BODY_BYTES=20\n", encoding="utf-8")
+        os.utime(folder / ".env", ns=(0, 10**18))  # a new mtime, whatever the clock's resolution
+        assert module.files() == {".env": "HARD_MAX_BODY_BYTES=20\n"}, "what the test writes next replaces it"
+        monkeypatch.chdir(tmp_path / "code")
+        assert module.files() == {"app.py": (code / "app.py").read_text(encoding="utf-8")}
+    finally:
+        connection.close()
+
+
+def test_a_tests_async_function_handed_as_a_route_runs_in_the_tests_process(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        from fastapi import FastAPI
+        app = FastAPI()
+    """)
+    try:
+        from fastapi.testclient import TestClient
+
+        ran = []
+
+        async def explode() -> None:
+            ran.append("explode")
+            raise RuntimeError("could not connect to postgresql://admin:hunter2@db.internal/catalogue")
+
+        def hello(name):
+            return {"hello": name}
+
+        module.app.get("/explode")(explode)  # FastAPI reads the stand-in's signature: no parameter
+        module.app.get("/hello")(hello)
+        with TestClient(module.app, raise_server_exceptions=False) as client:
+            assert client.get("/explode").status_code == 500 and ran == ["explode"]
+            assert client.get("/hello", params={"name": "ada"}).json() == {"hello": "ada"}
+            assert client.get("/hello").status_code == 422, "the parameter FastAPI saw is the function's own"
     finally:
         connection.close()
 
