@@ -376,6 +376,9 @@ class RemoteDict(dict):
     def popitem(self) -> tuple:
         raise TypeError("popitem() on a dict of the learner's process: del d[key] says which")
 
+    def __reduce_ex__(self, protocol: Any) -> tuple:  # a copy (copy, deepcopy, pickle) is a plain dict
+        return (dict, (dict(self),))
+
     def __ior__(self, other: Any) -> RemoteDict:  # type: ignore[override]
         self.update(other)
         return self

@@ -10,6 +10,7 @@ process that crashes, hangs or floods the socket.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -616,6 +617,7 @@ def test_a_dict_of_the_learner_is_written_through_and_its_repr_crosses_as_text(t
     try:
         users = module.state.users
         assert type(users) is bridge.RemoteDict and users == {"dan": {"disabled": False}, "dora": 1}
+        assert type(copy.deepcopy(users)) is dict and copy.copy(users) == users, "a copy is a plain dict of its own"
         del users["dan"]
         module.state.users["erin"] = {"disabled": True}
         assert module.state.users.pop("dora") == 1
