@@ -317,11 +317,19 @@ async def test_invalid_orders_are_422_and_publish_nothing(orders_app, nats_serve
 
 @pytest.mark.task("outbox")
 @pytest.mark.promise("P13")
-async def test_every_error_of_both_services_is_a_problem(orders_app, shipping_app):
+async def test_every_error_of_both_services_is_a_problem(orders_app, shipping_app, nats_server, tmp_path, monkeypatch):
+    # create_app() without settings reads them from the environment (Settings(), prefixes ORDERS_ and SHIPPING_).
+    for prefix in ("ORDERS_", "SHIPPING_"):
+        monkeypatch.setenv(f"{prefix}NATS_URL", nats_server.url)
+        monkeypatch.setenv(f"{prefix}DATABASE", str(tmp_path / f"{prefix.lower()}env.db"))
     # The errors no route of yours raises: a path no route has, a method the path does not take.
-    for name, build, path, method in (("orders", orders_app, "/orders", "POST"),
-                                      ("shipping", shipping_app, "/shipments/x", "GET")):
+    for name, build, path, method in (("orders", orders_app.module.create_app, "/orders", "POST"),
+                                      ("shipping", shipping_app.module.create_app, "/shipments/x", "GET")):
         async with running(build()) as client:
+            health = await client.get("/health")
+            assert health.status_code == 200 and health.json() == {"status": "ok", "service": name}, said(
+                f"GET /health of {name} (built by create_app() from the environment)",
+                expected=f'200 {{"status": "ok", "service": "{name}"}}', got=describe(health))
             expect_problem(await client.get("/nowhere"), 404, f"GET /nowhere on {name}: no route has this path, "
                            "and the framework's 404 is a problem too (install_problem_details(app), problems.py)")
             response = await client.delete(path)
@@ -337,7 +345,7 @@ async def test_every_error_of_both_services_is_a_problem(orders_app, shipping_ap
 async def test_each_order_has_exactly_one_event(orders_app, nats_server):
     async with running(orders_app()) as client, broker(nats_server) as js:
         responses = await asyncio.gather(*(client.post("/orders", json={"sku": "gadget", "quantity": n})
-                                           for n in range(1, 9)))
+                                           for n in (1, 2, 3, 4, 5, 6, 7, 100)))
         for response in responses:
             expect_status(response, 201, "POST /orders, eight at once")
         ids = {response.json()["id"] for response in responses}
@@ -372,7 +380,11 @@ async def test_orders_are_taken_while_the_broker_is_down_and_published_when_it_i
         outbox = await client.get("/outbox")
         assert outbox.json() == {"pending": 1}, said(
             "GET /outbox while the broker is down, after one order", expected='{"pending": 1}', got=describe(outbox))
-
+    # Orders restarted while the broker is still away: the event waits in the outbox, on disk.
+    async with running(orders_app()) as client:
+        outbox = await client.get("/outbox")
+        assert outbox.json() == {"pending": 1}, said(
+            "GET /outbox after orders restarted, the broker still down", expected='{"pending": 1}', got=describe(outbox))
         await asyncio.to_thread(nats_server.start)
 
         async def drained() -> bool:
@@ -403,12 +415,60 @@ async def test_a_broker_restart_loses_no_event(orders_app, shipping_app, nats_se
             return (await client.get("/outbox")).json().get("pending") == 0
 
         await eventually(drained, "the outbox was not published")
-    await asyncio.to_thread(nats_server.restart)
+    await asyncio.to_thread(nats_server.halt)
+    # Orders again, on the same database, while the broker is away: what it stored is still there.
+    async with running(orders_app()) as client:
+        for order_id in ids:
+            expect_status(await client.get(f"/orders/{order_id}"), 200, "GET /orders/{id} after orders restarted")
+        outbox = await client.get("/outbox")
+        assert outbox.json() == {"pending": 0}, said(
+            "GET /outbox after orders restarted (its events were all published before)",
+            expected='{"pending": 0}: a published event is deleted from the outbox for good (committed)',
+            got=describe(outbox))
+    await asyncio.to_thread(nats_server.start)
     async with running(shipping_app(Carrier())) as client:
         for order_id in ids:
             await eventually(lambda order_id=order_id: shipped(client, order_id),
                              f"order {order_id} was published before the broker restarted and never shipped after: "
                              "the ORDERS stream must keep its messages on disk (file storage)")
+
+
+@pytest.mark.task("durable")
+@pytest.mark.promise("P5")
+async def test_shipping_started_while_the_broker_is_down_ships_once_it_is_back(shipping_app, nats_server):
+    await asyncio.to_thread(nats_server.halt)
+    try:
+        async with running(shipping_app(Carrier())) as client:  # started and stopped without ever seeing the broker
+            expect_status(await client.get("/health"), 200, "GET /health of shipping started while the broker is down")
+    except TimeoutError:
+        pytest.fail("shipping started while the broker was down never finished its lifespan startup, or its shutdown",
+                    pytrace=False)
+    service = running(shipping_app(Carrier()))
+    try:
+        client = await service.__aenter__()  # LifespanManager gives the startup WAIT seconds
+    except TimeoutError:
+        pytest.fail("shipping started while the broker was down never finished its lifespan startup: the service "
+                    "starts without the broker (its connection attempt goes on in the background) and consumes "
+                    "once the broker is back", pytrace=False)
+    try:
+        expect_status(await client.get("/health"), 200, "GET /health of shipping started while the broker is down")
+        await asyncio.to_thread(nats_server.start)
+        async with broker(nats_server) as js:
+            async def consuming() -> bool:
+                try:
+                    await js.consumer_info("ORDERS", "shipping")
+                except nats.js.errors.NotFoundError:
+                    return False
+                return True
+
+            await eventually(consuming, "the broker came back, but shipping (started while it was down) never "
+                             "created its streams and durable consumer")
+            event = order_event()
+            await publish(js, event)
+            await eventually(lambda: shipped(client, event["order_id"]),
+                             "shipping started while the broker was down never shipped an event published once it was back")
+    finally:
+        await service.__aexit__(None, None, None)
 
 
 # --- shipping: at least once, applied once ----------------------------------------------------
@@ -470,6 +530,12 @@ async def test_a_consumer_stopped_mid_work_gets_the_event_again(shipping_app, na
                              "shipment is booked and recorded)")
         assert second.count(held["order_id"]) == 1, said(
             "the carrier's bookings after the restart", expected="1", got=second.calls)
+        third = Carrier()
+        async with running(shipping_app(third, ack_wait=1.0)) as client:
+            await eventually(lambda: consumer_settled(js, 1), "the shipped event was never acknowledged")
+            expect_status(await client.get(f"/shipments/{held['order_id']}"), 200,
+                          "GET /shipments/{order_id} after shipping restarted once more (the shipment is stored for good)")
+        assert third.calls == [], said("the carrier's bookings after one more restart", expected="none", got=third.calls)
 
 
 @pytest.mark.task("ack_after_work")
@@ -488,6 +554,12 @@ async def test_a_booking_longer_than_ack_wait_is_not_delivered_again(shipping_ap
             expected="1: while the carrier works, tell the broker the event is still being worked on "
             "(message.in_progress(), more often than every ack_wait), or it is delivered again",
             got=f"{deliveries} deliveries")
+        # The service sat with nothing new to fetch for those seconds: it still takes the next event.
+        later = order_event()
+        await publish(js, later)
+        await eventually(lambda: shipped(client, later["order_id"]),
+                         "an event published after a long booking was never shipped (nothing new arrived for a "
+                         "while: does the consumer loop give back what it reserved when a fetch times out?)")
 
 
 @pytest.mark.task("idempotent")
@@ -598,7 +670,7 @@ async def test_an_event_that_can_never_be_processed_is_dead_lettered_at_once(shi
                    {"event_id": "e" * 129}, {"sku": ".hidden"}, {"occurred_at": "yesterday"}))]
     # The edges of the event's rules, each a valid event.
     goods = [order_event(quantity=1), order_event(quantity=100), order_event(order_id="o" * 64),
-             order_event(event_id="e" * 128), order_event(order_id="z")]
+             order_event(event_id="e" * 128), order_event(event_id="e"), order_event(order_id="z")]
     async with running(shipping_app(carrier, max_deliver=5, backoff=0.05)) as client, broker(nats_server) as js:
         await expect_ready(js)
         for data in garbage:
