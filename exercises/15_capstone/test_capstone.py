@@ -312,6 +312,19 @@ class Network(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable")
 
 
+class Unreachable(httpx.AsyncBaseTransport):
+    """A service that is not there: every request fails to connect, as on a port where nothing
+    listens. For a test that builds a service whose calls to the others it does not look at (a
+    transport of its own costs it no CA bundle, no connection pool)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused (nothing listens there in this test)", request=request)
+
+
+def unreachable(*names: str) -> dict[str, httpx.AsyncBaseTransport]:
+    return {name: Unreachable() for name in names}
+
+
 @dataclass
 class Shop:
     """All four services, wired together in process."""
@@ -1686,7 +1699,8 @@ async def test_the_gateway_relays_no_answer_larger_than_its_limit(load, tmp_path
     }
     for what, (chunks, headers, relayed) in cases.items():
         catalog = Streaming(chunks, headers)
-        app = module.create_app(module.Settings(max_body_bytes=1000), transports={"catalog": catalog})
+        app = module.create_app(module.Settings(max_body_bytes=1000),
+                                transports={"catalog": catalog} | unreachable("users", "orders"))
         async with serving(app) as gateway:
             response = await gateway.get("/api/products")
         why = f"GET /api/products with max_body_bytes=1000: the catalog answered 200 with a body of {what}"
@@ -1948,8 +1962,9 @@ def build_app(load, tmp_path: Path, service: str) -> Any:
     module = load(f"microshop/{service}")
     if service == "orders":
         return module.create_app(module.Settings(database_url=sqlite(tmp_path, "orders"), client_secret=ORDERS_SECRET,
-                                                 outbox_interval=0, nats_url=nats_url()))
-    return module.create_app(module.Settings())
+                                                 outbox_interval=0, nats_url=nats_url()),
+                                 catalog_transport=Unreachable(), users_transport=Unreachable())
+    return module.create_app(module.Settings(), transports=unreachable("users", "catalog", "orders"))
 
 
 async def expect_every_status_documented(load, tmp_path: Path, service: str) -> None:
