@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from grader.expect import expect_header, expect_json, expect_problem, expect_status, explain, json_of
 from grader.live import free_port, http_only, serve_in_process, serve_in_thread
+from grader.upstreams import Streaming
 
 ORDER = {"sku": "widget", "quantity": 3}
 PROBLEMS = "https://course.example/problems/"  # the README's problem types: PROBLEMS + slug
@@ -664,34 +665,6 @@ async def test_the_gateway_relays_only_problems_any_client_can_parse(gateway: Mo
         assert (response.status_code, response.content) == (404, body), explain(
             response, f"inventory answered 404 with an application/problem+json body of {body.decode()}: JSON, but no "
             f"object, so no instance to rewrite: relayed as it is (404 and the same body), never a 500")
-
-
-class Chunks(httpx.AsyncByteStream):
-    """A body that streams in as `chunks`, each handed over only when the reader asks for it;
-    `pulled` counts the chunks read so far (what a service sees of how much its caller read)."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks, self.pulled = chunks, 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            self.pulled += 1
-            yield chunk
-
-
-class Streaming(httpx.AsyncBaseTransport):
-    """An upstream that answers 200 with a streamed body (`chunks`, and `headers`); `answers`
-    keeps each answer's body stream, to see how much of it was read."""
-
-    def __init__(self, chunks: list[bytes], headers: dict[str, str] | None = None) -> None:
-        self.chunks, self.headers = chunks, headers or {"content-type": "application/json"}
-        self.requests: list[httpx.Request] = []
-        self.answers: list[Chunks] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        self.answers.append(Chunks(self.chunks))
-        return httpx.Response(200, headers=self.headers, stream=self.answers[-1], request=request)
 
 
 @pytest.mark.task("failures")

@@ -58,6 +58,7 @@ from grader.catalog import load_exercise
 from grader.expect import expect_header, expect_json, expect_problem, expect_status, explain, json_of
 from grader.live import free_port, http_only, serve_in_process
 from grader.pytest_plugin import target_folder
+from grader.upstreams import Streaming
 
 KEY = Ed25519PrivateKey.generate()  # the users service's signing key in these tests
 KEY_PEM = KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -1659,29 +1660,6 @@ async def test_the_gateway_refuses_a_body_too_large(load, tmp_path):
         response = await shop.gateway.post("/api/users", content=huge, headers={"Content-Type": "application/json"})
         expect_problem(response, 413, "a body over max_body_bytes (1 MiB by default) is refused by the gateway")
         assert not shop.gateway_wires["users"].seen, explain(response, "and never forwarded")
-
-
-class Chunks(httpx.AsyncByteStream):
-    """A body handed over one chunk at a time, when the reader asks; `pulled` counts the chunks read."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self.chunks, self.pulled = chunks, 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            self.pulled += 1
-            yield chunk
-
-
-class Streaming(httpx.AsyncBaseTransport):
-    """A service that answers every request 200 with a streamed body; `answers` keeps each body."""
-
-    def __init__(self, chunks: list[bytes], headers: dict[str, str]) -> None:
-        self.chunks, self.headers, self.answers = chunks, headers, []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.answers.append(Chunks(self.chunks))
-        return httpx.Response(200, headers=self.headers, stream=self.answers[-1], request=request)
 
 
 @pytest.mark.promise("P21", "P25")
