@@ -59,31 +59,43 @@ def test_root():
 '''
 
 
-def run_once(command: list[str]) -> float:
+def run_cpu(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, of the process and every process it waited for)."""
+    cpu = children_cpu()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    cpu = children_cpu() - cpu
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}")
-    return elapsed
+    return elapsed, cpu
 
 
-def paired(floor: list[str], command: list[str], runs: int) -> tuple[float, float, float]:
-    """Median floor, median exercise, and median of the per-pair ratios.
+def run_once(command: list[str]) -> float:
+    return run_cpu(command)[0]
+
+
+def paired(floor: list[str], command: list[str], runs: int) -> tuple[float, float, float, float, float]:
+    """Median floor, median exercise, median of the per-pair ratios, and the CPU medians (floor, exercise).
 
     Floor and exercise runs alternate, so a machine that slows down or speeds up during the
-    benchmark (another job, CPU frequency) moves both sides of each ratio together.
+    benchmark (another job, CPU frequency) moves both sides of each ratio together. CPU seconds
+    (the pytest process and every process it started and waited for) move much less with the
+    load of a shared machine than wall seconds do.
     """
     run_once(floor)  # warm the OS file cache for both before timing anything
     run_once(command)
-    floors, times, ratios = [], [], []
+    floors, times, ratios, floor_cpus, cpus = [], [], [], [], []
     for _ in range(runs):
-        base = run_once(floor)
-        seconds = run_once(command)
+        base, base_cpu = run_cpu(floor)
+        seconds, cpu = run_cpu(command)
         floors.append(base)
         times.append(seconds)
         ratios.append(seconds / base)
-    return statistics.median(floors), statistics.median(times), statistics.median(ratios)
+        floor_cpus.append(base_cpu)
+        cpus.append(cpu)
+    return (statistics.median(floors), statistics.median(times), statistics.median(ratios),
+            statistics.median(floor_cpus), statistics.median(cpus))
 
 
 def children_cpu() -> float:
@@ -141,16 +153,19 @@ def main() -> None:
         floor = [*pytest, "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(floor_file)]
         if not args.no_exercises:
             print("floor: pytest + one FastAPI TestClient test, timed alternately with each exercise")
-            print(f"{'exercise':<28}{'floor s':>9}{'median s':>10}{'beyond s':>10}{'ratio':>8}  "
+            print(f"{'exercise':<28}{'floor s':>9}{'median s':>10}{'beyond s':>10}{'ratio':>8}"
+                  f"{'floor CPU':>11}{'CPU s':>8}{'beyond':>8}  "
                   f"target: ≤ floor + {BEYOND:g} s (capstone ≤ {CAPSTONE_RATIO:g} × floor)")
             over = 0
             for exercise in exercises:
-                base, seconds, ratio = paired(floor, [*pytest, f"exercises/{exercise.name}", "--solution"], args.runs)
+                base, seconds, ratio, base_cpu, cpu = paired(floor, [*pytest, f"exercises/{exercise.name}", "--solution"],
+                                                             args.runs)
                 capstone = exercise.name.endswith("_capstone")
                 met = ratio <= CAPSTONE_RATIO if capstone else seconds - base <= BEYOND
                 over += not met
                 flag = "" if met else "  over target"
-                print(f"{exercise.name:<28}{base:>9.2f}{seconds:>10.2f}{seconds - base:>+10.2f}{ratio:>8.2f}{flag}", flush=True)
+                print(f"{exercise.name:<28}{base:>9.2f}{seconds:>10.2f}{seconds - base:>+10.2f}{ratio:>8.2f}"
+                      f"{base_cpu:>11.2f}{cpu:>8.2f}{cpu - base_cpu:>+8.2f}{flag}", flush=True)
             print(f"{len(exercises) - over} of {len(exercises)} exercises within their target", flush=True)
         grader = [sys.executable, "-m", "grader"]
         if args.verify and not args.exercises:
