@@ -322,6 +322,23 @@ class Remote:
                     return shown
         return f"<{self._type} in the learner's process>"
 
+    def __enter__(self) -> Any:
+        """``with`` a context manager of the learner's (04's ``override_dependency(...)``): its
+        ``__enter__`` runs in the learner's process; what it returns crosses as any answer."""
+        return self._bridge.request("enter", target=self._id)
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> bool:
+        """Its ``__exit__`` runs in the learner's process with a stand-in of the block's exception:
+        the type's name only (a built-in exception is rebuilt as one, without its message; anything
+        else as a ``RuntimeError``, or a ``BaseException`` for what is not an ``Exception``, such as
+        a failed test's outcome), never its message, traceback or the exception itself. The learner's
+        code may suppress an ``Exception`` of the block, as it may in one process; never a
+        ``BaseException`` of the tests (pytest's failure of the test), which always goes on."""
+        name = kind.__name__ if isinstance(kind, type) else None
+        suppressed = self._bridge.request("exit", target=self._id, raised=name,
+                                          base=name is not None and not issubclass(kind, Exception))
+        return bool(suppressed is True and isinstance(error, Exception))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Remote) and other._bridge is self._bridge and other._id == self._id
 
@@ -606,16 +623,23 @@ class Bridge:
     def export_described(self, function: Any) -> Any:
         """``export``, with the names of the function's parameters when they are all plain ones
         (no default, no ``*``): the stand-in then has that signature, so that FastAPI, handed it as
-        a route, sees what it would see of the function itself."""
+        a route, sees what it would see of the function itself. A parameter whose annotation is an
+        object of the learner's process (04's ``connection: module.ConnectionDep``) crosses with
+        that object's id, so that FastAPI there reads the learner's own dependency; any other
+        annotation (a type of the tests' process) stays here and the parameter crosses with its name only."""
         ident = self.export(function)
         try:
-            import inspect
-
             parameters = list(inspect.signature(function).parameters.values())
         except (TypeError, ValueError):
             return ident
         if all(p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty for p in parameters):
-            return _Described([ident, [p.name for p in parameters]])
+            names = [p.name for p in parameters]
+            annotations = [object.__getattribute__(p.annotation, "_id")
+                           if isinstance(p.annotation, Remote) and object.__getattribute__(p.annotation, "_bridge") is self
+                           else None for p in parameters]
+            if any(annotation is not None for annotation in annotations):
+                return _Described([ident, names, annotations])
+            return _Described([ident, names])
         return ident
 
     def outgoing(self, value: Any) -> Any:
@@ -742,6 +766,20 @@ class Bridge:
         except (OSError, ValueError, TypeError):
             return time.thread_time()
 
+    def process_seconds(self) -> float:
+        """CPU seconds the whole learner's process has spent (all its threads), as the kernel counts them."""
+        pid = self.pid
+        try:
+            return time.clock_gettime(_process_clock(pid))
+        except (OSError, ValueError, TypeError):
+            pass
+        try:  # no CPU clock of another process: its utime and stime in clock ticks
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, TypeError):
+            return time.process_time()
+
     def request(self, op: str, **arguments: Any) -> Any:
         """Send one request and wait for its answer (the learner's value, or its exception raised here)."""
         self._sync_environ()
@@ -854,6 +892,16 @@ def cpu_clock(module: Any):
     if isinstance(module, Remote):
         return object.__getattribute__(module, "_bridge").cpu_seconds
     return time.thread_time
+
+
+def process_clock(module: Any):
+    """A clock of the CPU time spent by the whole process that runs the learner's code for ``module``
+    (every thread: its app's event loop and thread pool too): ``time.process_time`` in one process;
+    in a bridged run, the learner's process's CPU clock read from the kernel, which the learner's
+    code cannot stop or fake. For a test that compares how long two requests compute (04's import)."""
+    if isinstance(module, Remote):
+        return object.__getattribute__(module, "_bridge").process_seconds
+    return time.process_time
 
 
 class _Described:

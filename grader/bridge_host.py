@@ -234,6 +234,20 @@ class Host:
             return target[self.decoded(message.get("key"))]
         if op == "repr":
             return repr(target)[:20000]
+        if op == "enter":
+            return type(target).__enter__(target)
+        if op == "exit":  # the block's exception, as its type's name: see grader.bridge.Remote.__exit__
+            name = message.get("raised")
+            if name is None:
+                return type(target).__exit__(target, None, None, None) is True
+            kind = getattr(builtins, str(name), None)
+            if not (isinstance(kind, type) and issubclass(kind, Exception)) or message.get("base") is True:
+                kind = BaseException if message.get("base") is True else RuntimeError
+            try:
+                error = kind() if kind.__name__ == str(name) else kind(str(name)[:200])
+            except TypeError:  # a built-in exception that needs arguments (UnicodeDecodeError)
+                error = RuntimeError(str(name)[:200])
+            return type(target).__exit__(target, type(error), error, None) is True
         if op in ("setitem", "delitem", "clear"):  # a dict that is an attribute of ``target``
             container = getattr(target, str(message["name"]))
             if op == "setitem":
@@ -320,21 +334,29 @@ class TestsFunction:
     """A function a graded test handed to the learner's code (``module.hash_password = quick_hash``):
     it stays in the verdict's process; calling this sends the arguments there and waits for the
     result. Nothing else of the function (its code, its globals, its closure) is here but, when the
-    verdict sent them, its parameters' names (what FastAPI reads of a route's function)."""
+    verdict sent them, its parameters' names (what FastAPI reads of a route's function) and, for a
+    parameter annotated with an object of this process (a learner's ``Annotated`` dependency), that object."""
 
     __slots__ = ("_host", "_id", "__signature__")
 
     def __init__(self, host: Host, ident: Any) -> None:
-        names = None
-        if type(ident) is list and len(ident) == 2 and type(ident[0]) is int and type(ident[1]) is list \
+        names = annotations = None
+        if type(ident) is list and len(ident) in (2, 3) and type(ident[0]) is int and type(ident[1]) is list \
                 and all(type(name) is str and name.isidentifier() for name in ident[1]):
-            ident, names = ident
+            if len(ident) == 3:  # the annotations: ids of this process's own objects (or null), one per name
+                annotations = ident[2]
+                if type(annotations) is not list or len(annotations) != len(ident[1]) \
+                        or not all(a is None or type(a) is int for a in annotations):
+                    raise ProtocolError("annotations that are not ids of this process's objects")
+            ident, names = ident[0], ident[1]
         if type(ident) is not int:
             raise ProtocolError("a function id that is not one")
         self._host, self._id = host, ident
         if names is not None:
+            kinds = [inspect.Parameter.empty if a is None else host.resolve(a) for a in (annotations or [None] * len(names))]
             self.__signature__ = inspect.Signature(
-                [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+                [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+                 for name, kind in zip(names, kinds)])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._host.call_back(self._id, args, kwargs)

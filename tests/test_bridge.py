@@ -11,6 +11,7 @@ process that crashes, hangs or floods the socket.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import socket
 import sys
@@ -287,8 +288,8 @@ def graded_05(tmp_path_factory: pytest.TempPathFactory):
     return {learner.learner: learner.exercises[0] for learner in result.learners}
 
 
-@pytest.mark.parametrize("name", [EXERCISE_05, "13_hardening"])
-def test_exercises_05_and_13_are_bridged(name):
+@pytest.mark.parametrize("name", ["04_dependencies", EXERCISE_05, "13_hardening"])
+def test_exercises_04_05_and_13_are_bridged(name):
     exercise = next(e for e in all_exercises(ROOT) if e.name == name)
     assert exercise.extra.get("bridge") is True
 
@@ -630,6 +631,115 @@ def test_a_dict_of_the_learner_is_written_through_and_its_repr_crosses_as_text(t
     finally:
         connection.close()
     assert "in the learner's process" in repr(state), "a broken bridge: the stand-in's own text"
+
+
+def test_a_routes_annotations_cross_only_as_the_learners_own_objects(tmp_path):
+    """04's probe routes: a parameter annotated with the learner's Annotated dependency crosses as that
+    object's id (FastAPI there resolves the learner's own dependency); an annotation of the tests'
+    process never crosses, and an id of an annotation the learner's process never gave out is refused."""
+    connection, module = module_in_own_process(tmp_path, """
+        import inspect
+        from typing import Annotated
+        from fastapi import Depends, FastAPI
+        app = FastAPI()
+        opened = []
+        def get_thing():
+            opened.append(len(opened))
+            return {"thing": len(opened)}
+        ThingDep = Annotated[dict, Depends(get_thing)]
+        seen = []
+        def keep(function):
+            seen.append({name: repr(p.annotation) for name, p in inspect.signature(function).parameters.items()})
+            return seen[-1]
+    """)
+    try:
+        from fastapi.testclient import TestClient
+
+        class Secret:  # an object of the tests' process: it must not reach the learner's
+            key = "hunter2"
+
+        def probe(first, second, third) -> dict:
+            return {"same": first == second, "first": first, "third": third}
+
+        # the objects themselves (this file's annotations are text: `from __future__ import annotations`)
+        probe.__annotations__ = {"first": module.ThingDep, "second": module.ThingDep, "third": Secret}
+
+        signature = module.keep(probe)
+        assert "Depends" in signature["first"] and signature["third"] == repr(inspect.Parameter.empty)
+        module.app.get("/probe")(probe)
+        with TestClient(module.app) as client:
+            answer = client.get("/probe", params={"third": "plain"})
+            assert answer.json() == {"same": True, "first": {"thing": 1}, "third": "plain"}, "cached once, as in one process"
+        other = bridge.Remote(connection, 10**6, "object")  # an id the learner's process never gave out
+
+        def forged(thing) -> None: ...
+
+        forged.__annotations__ = {"thing": other}
+
+        with pytest.raises(bridge.RemoteError, match="never gave out"):
+            module.keep(forged)
+    finally:
+        connection.close()
+
+
+def test_a_context_manager_of_the_learner_sees_only_the_name_of_the_blocks_exception(tmp_path):
+    """04's `with override_dependency(...)`: __enter__ and __exit__ run in the learner's process, which
+    gets only the type's name of what the block raised (never its message), and may swallow a block's
+    Exception as in one process, never a test's failure (a BaseException)."""
+    connection, module = module_in_own_process(tmp_path, """
+        import contextlib
+        seen = []
+        @contextlib.contextmanager
+        def swallowing():
+            seen.append("enter")
+            try:
+                yield "inside"
+            except BaseException as exc:  # swallows everything it can
+                seen.append([type(exc).__name__, str(exc)])
+            finally:
+                seen.append("exit")
+    """)
+    try:
+        with module.swallowing() as value:
+            assert value == "inside"
+        with module.swallowing():
+            raise KeyError("the hidden test's constant 4711")
+        assert module.seen == ["enter", "exit", "enter", ["KeyError", ""], "exit"], "a name, no message"
+        with pytest.raises(pytest.fail.Exception, match="the test failed"):
+            with module.swallowing():
+                pytest.fail("the test failed, with a hidden constant 4711")
+        assert module.seen[-2:] == [["BaseException", "Failed"], "exit"]
+        assert "4711" not in repr(module.seen)
+    finally:
+        connection.close()
+
+
+def test_the_process_clock_counts_every_thread_of_the_learners_process(tmp_path):
+    connection, module = module_in_own_process(tmp_path, """
+        import threading, time
+        time.thread_time = time.process_time = time.perf_counter = lambda: 0.0
+
+        def spin_in_a_thread(count):
+            def spin():
+                total = 0
+                for number in range(count):
+                    total += number
+            worker = threading.Thread(target=spin)
+            worker.start()
+            worker.join()
+    """)
+    try:
+        clock = bridge.process_clock(module)
+        started = clock()
+        module.spin_in_a_thread(3 * 10**6)
+        busy = clock() - started
+        started = clock()
+        module.spin_in_a_thread(10)
+        idle = clock() - started
+        assert busy > 0.01 and busy > 5 * idle, (busy, idle)
+    finally:
+        connection.close()
+    assert bridge.process_clock(textwrap) is time.process_time  # in one process: the process's own clock
 
 
 def test_exceptions_cross_as_their_type_and_message(remote):
