@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -30,6 +28,7 @@ from grader.expect import StartupFailed, expect_json, expect_problem, expect_sta
 from grader.live import http_only, serve_in_process
 from grader.loader import load_module
 from grader.pytest_plugin import target_folder
+from grader.schemas import jsonschema, kubernetes_validate
 
 # The parser lives next to this file (it is not one of your files): read it to see how
 # the tests understand your Dockerfile.
