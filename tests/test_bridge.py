@@ -288,6 +288,48 @@ def graded_05(tmp_path_factory: pytest.TempPathFactory):
     return {learner.learner: learner.exercises[0] for learner in result.learners}
 
 
+# Exercise 04 hands the learner's `override_dependency` a `with` block whose checks may fail. In one
+# process, a helper that swallows every exception (BaseException too) also swallows the test's own
+# failure inside the block, and two of the three tests go on to pass. Bridged, its __exit__ gets a stand-in of
+# the failure's type, and a test's failure is never suppressed whatever it answers.
+EXERCISE_04 = "04_dependencies"
+SWALLOWS_THE_TESTS_FAILURES = """
+from contextlib import contextmanager
+
+
+@contextmanager
+def override_dependency(app, dependency, replacement):
+    try:
+        yield  # installs nothing
+    except BaseException:
+        pass
+"""
+OVERRIDE_TESTS = {"test_override_dependency_swaps_then_restores", "test_override_dependency_restores_even_when_the_block_raises",
+                  "test_override_dependency_leaves_other_and_outer_overrides_alone"}
+
+
+@pytest.fixture(scope="module")
+def graded_04(tmp_path_factory: pytest.TempPathFactory):
+    submissions = tmp_path_factory.mktemp("bridged-04") / "submissions"
+    submissions.mkdir()
+    solution = ROOT / "solutions" / EXERCISE_04
+    for name in ("swallows_the_tests_failures", "honest_solution"):
+        folder = submissions / name / "exercises" / EXERCISE_04
+        folder.mkdir(parents=True)
+        (folder / "app.py").write_text((solution / "app.py").read_text(encoding="utf-8"), encoding="utf-8")
+        testing = SWALLOWS_THE_TESTS_FAILURES if name.startswith("swallows") else (solution / "testing.py").read_text(encoding="utf-8")
+        (folder / "testing.py").write_text(testing, encoding="utf-8")
+    result = grade(GradingOptions(course_root=ROOT, submissions=submissions, exercises=["04"], jobs=2))
+    return {learner.learner: learner.exercises[0] for learner in result.learners}
+
+
+def test_a_learners_context_manager_cannot_swallow_a_tests_failure(graded_04):
+    honest, forged = graded_04["honest_solution"], graded_04["swallows_the_tests_failures"]
+    assert (honest.status, honest.points) == ("passed", honest.max_points), honest.message[:500]
+    failed = {t.name.split("::")[-1].split("[")[0] for t in forged.tests if not t.passed}
+    assert forged.status == "failed" and OVERRIDE_TESTS <= failed, f"{forged.status} {forged.points}: {sorted(failed)}"
+
+
 @pytest.mark.parametrize("name", ["04_dependencies", EXERCISE_05, "13_hardening"])
 def test_exercises_04_05_and_13_are_bridged(name):
     exercise = next(e for e in all_exercises(ROOT) if e.name == name)
