@@ -48,10 +48,13 @@ CHILD_TIMEOUT = 100  # seconds for your tests against every service (exercise.to
 # The pytest settings your tests run under: the course's own (strict asyncio, warnings are
 # errors) plus a per-test timeout, so that a test waiting forever on a WebSocket fails.
 # Native tracebacks: pytest's own long format re-parses every source file of every frame,
-# which costs seconds when many tests fail inside Starlette's stack.
+# which costs seconds when many tests fail inside Starlette's stack. The plugins of schemathesis
+# and Hypothesis stay out, as in your own `pytest exercises/09_testing/service_tests.py` (the
+# course's pyproject.toml leaves them out too): loading them, and rewriting the asserts of every
+# module they import, cost each child pytest more CPU than running your tests.
 PYTEST_INI = """\
 [pytest]
-addopts = --import-mode=importlib -p no:cacheprovider --tb=native
+addopts = --import-mode=importlib -p no:cacheprovider --tb=native -p no:schemathesis -p no:hypothesispytest
 asyncio_mode = strict
 asyncio_default_fixture_loop_scope = function
 asyncio_default_test_loop_scope = function
