@@ -181,3 +181,17 @@ def test_each_variant_starts_with_the_tests_its_words_suggest_and_the_order_neve
         assert sorted(runs[0][variant]) == sorted(names), variant
         assert runs[0][variant][:2] == by_words[variant][:2], f"{variant}: first the tests whose names share its words"
     assert runs[0] == runs[1], "the same tests run in the same order every time"
+
+
+def test_the_children_leave_out_the_plugins_that_the_learners_own_run_leaves_out(graded):
+    # `pytest exercises/09_testing/service_tests.py` runs with pyproject.toml's addopts; the
+    # children that grade the same file must load the same plugins (and not pay for the others).
+    import tomllib
+
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"]["ini_options"]["addopts"]
+    left_out = {addopts[i + 1] for i, option in enumerate(addopts[:-1]) if option == "-p" and addopts[i + 1].startswith("no:")}
+    assert left_out, "pyproject.toml leaves out no plugin: this test has nothing to compare"
+    line = next(line for line in graded.PYTEST_INI.splitlines() if line.startswith("addopts"))
+    words = line.partition("=")[2].split()
+    children = {words[i + 1] for i, word in enumerate(words[:-1]) if word == "-p"}
+    assert left_out <= children, f"the children's pytest.ini loads {sorted(left_out - children)}"
