@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     Fields: app_name (str, "inventory"), environment ("dev" | "staging" | "prod", "dev"),
     database_url (str, "sqlite+aiosqlite:///./inventory.db"), log_level ("DEBUG" | "INFO" |
     "WARNING" | "ERROR", "INFO"), ready_timeout (float > 0, 2.0), warehouse_url (str,
-    "http://127.0.0.1:8001"), warehouse_timeout (float > 0, 5.0) and secret_key: a SecretStr
-    with NO default.
+    "http://127.0.0.1:8001"), warehouse_timeout (float > 0, 5.0), warehouse_max_bytes (int from 1
+    to 16_777_216, 65_536) and secret_key: a SecretStr with NO default.
     """
 
     app_name: str = "inventory"
@@ -113,6 +113,8 @@ def create_app(
     #       whose requests carry the current traceparent; a 502 problem when it fails or has not
     #       answered completely within settings.warehouse_timeout (asyncio.timeout around the call)
     #       (raise HTTPException(502, "...")), declared with responses=problem_responses(404, 502).
+    # TODO: read the warehouse's answer as it streams in (client.stream, aiter_bytes) and no further
+    #       than one byte past settings.warehouse_max_bytes: longer is a 502 too, logged as such.
 
     # TODO: GET /metrics -> generate_latest(registry) with media_type CONTENT_TYPE_LATEST.
 

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     warehouse_url: str = "http://127.0.0.1:8001"
     # One deadline for the whole call to it, every read of its answer included.
     warehouse_timeout: float = Field(default=5.0, gt=0)
+    # The most of its answer's body read (as decoded): a stock is a few dozen bytes, and a
+    # warehouse that sends gigabytes costs this much, not them (lesson 10).
+    warehouse_max_bytes: int = Field(default=65_536, ge=1, le=16_777_216)
     # No default on purpose: a service that starts without its secret fails later, and worse.
     secret_key: SecretStr
 
@@ -289,6 +292,21 @@ class Stock(BaseModel):
     quantity: int = Field(ge=0)
 
 
+class AnswerTooLarge(ValueError):
+    """The warehouse's answer went past settings.warehouse_max_bytes."""
+
+
+async def read_at_most(answer: httpx.Response, limit: int) -> bytes:
+    """A streamed answer's body, read no further than one byte past `limit` (then AnswerTooLarge):
+    the rest is never read, and closing the answer drops it with the connection."""
+    body = bytearray()
+    async for chunk in answer.aiter_bytes():  # decoded: a small gzip counts for what it inflates to
+        body += chunk
+        if len(body) > limit:
+            raise AnswerTooLarge(f"the answer is longer than warehouse_max_bytes ({limit} bytes)")
+    return bytes(body)
+
+
 class Readiness(BaseModel):
     """What /ready answers when every dependency answers."""
 
@@ -438,13 +456,14 @@ def create_app(
         with tracer.start_as_current_span("GET /stock/{item_id}", kind=SpanKind.CLIENT) as span:
             try:
                 # The deadline of the whole call (lesson 10): connecting, sending and reading the
-                # answer, however slowly it trickles in.
+                # answer, however slowly it trickles in; and a limit to how much of it is read.
                 async with asyncio.timeout(settings.warehouse_timeout):
-                    answer = await client.get(f"/stock/{item_id}")
-                span.set_attribute("http.response.status_code", answer.status_code)
-                answer.raise_for_status()
+                    async with client.stream("GET", f"/stock/{item_id}") as answer:
+                        span.set_attribute("http.response.status_code", answer.status_code)
+                        answer.raise_for_status()  # before reading: an error's body is not worth it
+                        body = await read_at_most(answer, settings.warehouse_max_bytes)
                 # strict: a quantity of "7" or 7.5 is a warehouse bug, not something to guess about
-                stock = Stock.model_validate_json(answer.content, strict=True)
+                stock = Stock.model_validate_json(body, strict=True)
             except (httpx.HTTPError, ValueError, TimeoutError) as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 log.warning("warehouse failed", extra={"error": f"{type(exc).__name__}: {exc}"})
