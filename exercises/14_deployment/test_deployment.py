@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import importlib.util
 import json
 import math
 import re
 import shlex
-import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -585,34 +586,57 @@ def test_image_command_serves_health_and_ready(image_server):
     expect_status(ready, 200, "a started server has run its lifespan startup: it is ready")
 
 
+def server_read_it(server_port: int, client_port: int) -> None:
+    """Wait until the server has read what the client sent on one loopback connection: on Linux
+    the receive queue of the server's end of it (``/proc/net/tcp``) is empty once the server read
+    the request, and a server that has read a request is serving it. Elsewhere, a short wait."""
+    tables = [table for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")) if table.exists()]
+    server_end, client_end = (f":{server_port:04X}", f":{client_port:04X}"), (f":{client_port:04X}", f":{server_port:04X}")
+    started = time.monotonic()
+    while tables and time.monotonic() - started < 10:
+        queues = {}  # (local, remote) -> (bytes sent and not acknowledged, bytes received and not read)
+        for table in tables:
+            for fields in map(str.split, table.read_text().splitlines()[1:]):
+                sent, received = fields[4].split(":")
+                queues[fields[1][-5:], fields[2][-5:]] = (int(sent, 16), int(received, 16))
+        if server_end in queues and client_end in queues:
+            if queues[client_end][0] == 0 and queues[server_end][1] == 0:  # delivered, and read
+                return
+        elif time.monotonic() - started > 2:
+            break  # this connection is not in the table (another network namespace): wait as elsewhere
+        time.sleep(0.01)
+    time.sleep(0.5)
+
+
 @pytest.mark.task("serve")
 @pytest.mark.promise("P9", "P3")
 @pytest.mark.slow
 @pytest.mark.servers
 def test_sigterm_lets_an_in_flight_request_finish(image_server):
     base_url = running(image_server)
-    outcome: dict[str, Any] = {}
+    address = urlsplit(base_url)
     # One keep-alive connection, opened and used before the slow request: the server has
     # accepted it, so the slow request is certain to reach the app rather than the backlog.
-    client = httpx.Client(base_url=base_url, timeout=10, verify=http_only())
-    expect_status(client.get("/health"), 200)
-
-    def slow_request() -> None:
-        try:
-            # No `seconds`: the default, 0.5, is long enough to still be running at SIGTERM.
-            outcome["response"] = client.get("/slow")
-        except httpx.HTTPError as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=slow_request)
-    worker.start()
-    time.sleep(0.15)  # the request is now being served (its connection was accepted above)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    connection.request("GET", "/health")
+    with connection.getresponse() as health:
+        health.read()
+    expect_status(httpx.Response(health.status), 200)
+    # No `seconds`: the default, 0.5, is long enough to still be running at SIGTERM.
+    connection.request("GET", "/slow")  # sent whole: it waits in the server's socket until read
+    server_read_it(address.port, connection.sock.getsockname()[1])
     started = time.monotonic()
     image_server.stop()  # SIGTERM to the server, as `docker stop` and Kubernetes do
     stopped_in = time.monotonic() - started
     image_server.base_url = ""
-    worker.join(10)
-    client.close()
+    outcome: dict[str, Any] = {}
+    try:
+        with connection.getresponse() as answer:  # the answer, if any, is waiting in our socket by now
+            outcome["response"] = httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+    except (OSError, http.client.HTTPException) as exc:
+        outcome["error"] = exc
+    finally:
+        connection.close()
     if "response" not in outcome:
         pytest.fail(
             "\nsent:     GET /slow (seconds defaults to 0.5), then SIGTERM to the server while it was being served\n"
