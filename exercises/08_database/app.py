@@ -14,6 +14,8 @@ class Settings(BaseSettings):
 
     # TODO: database_url, read from the environment variable DATABASE_URL,
     #       defaulting to "sqlite+aiosqlite:///./library.db".
+    # TODO: database_lock_timeout (DATABASE_LOCK_TIMEOUT, seconds, default 5.0): the engine's
+    #       pool_timeout and SQLite's connect_args={"timeout": ...}.
 
 
 # TODO: get_session(request) - a dependency with yield: one AsyncSession per request from
@@ -39,6 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Bound every integer where FastAPI reads it: author_id 1..MAX_INT (Path, and the Query
     # filter), offset 0..MAX_INT, limit 1..100. Declare every error each route answers with
     # responses=problem_responses(404, ...), and FastAPI(..., responses=problem_responses(422)).
+    # TODO: a busy database (SQLite's SQLITE_BUSY/SQLITE_LOCKED, exc.orig.sqlite_errorcode; the pool's
+    #       TimeoutError) is a 503 problem with Retry-After on every route; any other error stays a 500.
 
     return app
 

@@ -4,14 +4,17 @@ Layers: routes (HTTP) -> Library (services.py) -> AsyncSession -> models.py.
 The same code runs on PostgreSQL by setting DATABASE_URL=postgresql+asyncpg://...
 """
 
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from .models import Base
@@ -21,11 +24,14 @@ from .services import Conflict, Library, NotFound
 
 
 class Settings(BaseSettings):
-    """Configuration from the environment: DATABASE_URL, SQL_ECHO."""
+    """Configuration from the environment: DATABASE_URL, DATABASE_LOCK_TIMEOUT, SQL_ECHO."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
     database_url: str = "sqlite+aiosqlite:///./library.db"
+    # Seconds a request waits for a locked database (and for a free connection of the pool)
+    # before it gives up with a 503: a busy database slows requests down, boundedly.
+    database_lock_timeout: float = Field(default=5.0, gt=0, le=60)
     sql_echo: bool = False
 
 
@@ -73,6 +79,20 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 UNREADABLE = problem_responses(400)
 NOT_FOUND = problem_responses(404)
 CONFLICT = problem_responses(409)
+BUSY = problem_responses(503)  # any route that touches the database can find it busy
+
+# SQLite's primary result codes for "someone else holds the lock" (the low byte of an extended
+# code such as SQLITE_BUSY_SNAPSHOT). Any other OperationalError (no such table, a disk I/O
+# error, a syntax error) is not the load's fault: it stays a 500, a bug to fix.
+BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def database_busy(exc: BaseException) -> bool:
+    """The database refused because it is busy: the lock or a pooled connection was not free in time."""
+    if isinstance(exc, PoolTimeout):  # every connection of the pool stayed checked out for pool_timeout
+        return True
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)  # aiosqlite raises sqlite3's errors
+    return isinstance(code, int) and code & 0xFF in BUSY_CODES
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
@@ -84,13 +104,27 @@ async def conflict(request: Request, exc: Exception) -> Response:
     return problem_response(request, status.HTTP_409_CONFLICT, str(exc))
 
 
+async def busy(request: Request, exc: Exception) -> Response:
+    if not database_busy(exc):
+        raise exc  # a real bug: on to the 500 handler, which logs its traceback
+    # Nothing was written (the session rolled back): the client may send the same request again.
+    # A lock is held for milliseconds to seconds; a second is a polite first pause.
+    return problem_response(request, status.HTTP_503_SERVICE_UNAVAILABLE, "The database is busy; try again shortly.",
+                            headers={"Retry-After": "1"})
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The engine (and its connection pool) lives exactly as long as the application.
-        engine = create_async_engine(settings.database_url, echo=settings.sql_echo)
+        # pool_timeout: how long a request waits for a connection when all are in use (30 s by
+        # default); SQLite's timeout: how long a statement waits for another connection's lock.
+        engine = create_async_engine(
+            settings.database_url, echo=settings.sql_echo, pool_timeout=settings.database_lock_timeout,
+            connect_args={"timeout": settings.database_lock_timeout} if settings.database_url.startswith("sqlite") else {},
+        )
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         # create_all is fine for a course and for tests; a deployed service runs Alembic
@@ -108,16 +142,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Every error is a problem (problems.py, given): FastAPI's 422 without the refused input,
     # the 404 of an unknown route, the 405 of a wrong method, a bug's 500.
-    app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan, responses=problem_responses(422))
+    # Every route may answer 503 when the database is busy.
+    app = FastAPI(title="Library", version="0.8.0", lifespan=lifespan, responses=problem_responses(422) | BUSY)
     install_problem_details(app)
     app.add_exception_handler(NotFound, not_found)
     app.add_exception_handler(Conflict, conflict)
+    app.add_exception_handler(OperationalError, busy)
+    app.add_exception_handler(PoolTimeout, busy)
 
-    @app.get("/health/db", responses=problem_responses(503))
+    @app.get("/health/db")
     async def database_health(library: LibraryDep) -> dict[str, str]:
         try:
             await library.ping()
         except (DBAPIError, OSError) as exc:  # the database is down or unreachable, not a bug here
+            if database_busy(exc):
+                raise  # busy, not down: the 503 with Retry-After
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "The database is unavailable.") from exc
         return {"database": "ok"}
 
