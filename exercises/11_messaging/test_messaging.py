@@ -542,15 +542,19 @@ async def test_a_consumer_stopped_mid_work_gets_the_event_again(shipping_app, na
 @pytest.mark.promise("P6")
 async def test_a_booking_longer_than_ack_wait_is_not_delivered_again(shipping_app, nats_server):
     event = order_event()
-    carrier = Carrier(delay=2.5)
-    async with running(shipping_app(carrier, ack_wait=1.2)) as client, broker(nats_server) as js:
+    # The booking outlasts ack_wait by far; heartbeats every ack_wait/3 or so leave more than a second of slack.
+    carrier = Carrier(hold={event["order_id"]})  # this booking only: the next one is answered at once
+    async with running(shipping_app(carrier, ack_wait=2.0)) as client, broker(nats_server) as js:
         await expect_ready(js)
         await publish(js, event)
-        await eventually(lambda: shipped(client, event["order_id"]), "an event whose booking takes 2.5 s was never shipped")
+        await eventually(lambda: asyncio.sleep(0, carrier.count(event["order_id"]) == 1),
+                         "the event never reached the carrier")
+        asyncio.get_running_loop().call_later(3.5, carrier.release.set)  # the carrier answers 3.5 s later
+        await eventually(lambda: shipped(client, event["order_id"]), "an event whose booking takes 3.5 s was never shipped")
         await eventually(lambda: consumer_settled(js, 1), "the event was never acknowledged to the broker")
         deliveries = (await js.consumer_info("ORDERS", "shipping")).delivered.consumer_seq
         assert deliveries == 1, said(
-            "deliveries of one event whose booking takes 2.5 s, with ack_wait = 1.2 s",
+            "deliveries of one event whose booking takes 3.5 s, with ack_wait = 2 s",
             expected="1: while the carrier works, tell the broker the event is still being worked on "
             "(message.in_progress(), more often than every ack_wait), or it is delivered again",
             got=f"{deliveries} deliveries")
