@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from grader.environment import settings_environment
 from grader.expect import StartupFailed, expect_header, expect_json, expect_problem, expect_status, explain, json_of
+from grader.upstreams import Streaming
 
 SECRET = "s3cr3t-value-that-must-never-be-shown-0123456789"
 # The longest incoming X-Request-ID that must be reused: 64 characters, every allowed kind.
@@ -1258,4 +1259,145 @@ def test_metrics_are_not_part_of_the_api_document(module):
     paths = set(json_of(response).get("paths", {}))
     assert "/metrics" not in paths, explain(
         response, "/metrics is for Prometheus, not part of the API a client is offered: include_in_schema=False"
+    )
+
+# ---------------------------------------------------------------------------------------
+# The warehouse's answer is read no further than warehouse_max_bytes (P11)
+# ---------------------------------------------------------------------------------------
+
+WAREHOUSE_DEFAULT_LIMIT = 65_536
+
+
+def stock_of(size: int) -> bytes:
+    """Item 3's stock as JSON of exactly `size` bytes (blanks before the closing brace)."""
+    start = b'{"item_id": 3, "quantity": 7'
+    return start + b" " * (size - len(start) - 1) + b"}"
+
+
+def in_chunks(body: bytes, size: int) -> list[bytes]:
+    return [body[at:at + size] for at in range(0, len(body), size)]
+
+
+def streaming_app(module, warehouse: Streaming):
+    """A new app whose warehouse is `warehouse` (a streamed answer), its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    try:
+        app = module.create_app(tracer_provider=provider, transport=warehouse)
+    except TypeError as exc:
+        pytest.fail(
+            "\nexpected: create_app(tracer_provider=provider, transport=transport), as the README promises\n"
+            f"got:      TypeError: {exc}",
+            pytrace=False,
+        )
+    return app, exporter
+
+
+def get_stock(module, warehouse: Streaming):
+    """GET /items/3/stock from a new app; the response, its spans and the service's log lines."""
+    app, exporter = streaming_app(module, warehouse)
+    handler = JsonLines(module.JsonFormatter())
+    service = logging.getLogger("inventory")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        service.addHandler(handler)  # after startup: the lifespan sets the logger's own handlers
+        try:
+            response = client.get("/items/3/stock")
+        finally:
+            service.removeHandler(handler)
+    return response, exporter, handler.lines
+
+
+@pytest.mark.task("settings")
+@pytest.mark.promise("P1", "P11")
+def test_warehouse_max_bytes_is_a_setting(module, env):
+    settings = module.Settings()
+    got = getattr(settings, "warehouse_max_bytes", "no such field")
+    assert got == WAREHOUSE_DEFAULT_LIMIT and isinstance(got, int), (
+        f"\nexpected: Settings().warehouse_max_bytes is {WAREHOUSE_DEFAULT_LIMIT} (an int) when OBS_WAREHOUSE_MAX_BYTES is unset"
+        f"\ngot:      {got!r}"
+    )
+    for value, limit in (("1", 1), ("16777216", 16_777_216)):  # the smallest and the largest allowed
+        env.setenv("OBS_WAREHOUSE_MAX_BYTES", value)
+        got = getattr(module.Settings(), "warehouse_max_bytes", "no such field")
+        assert got == limit, f"\nset:      OBS_WAREHOUSE_MAX_BYTES={value} (allowed: 1 to 16777216)\ngot:      {got!r}"
+    for value in ("0", "16777217", "many", "1e3"):
+        env.setenv("OBS_WAREHOUSE_MAX_BYTES", value)
+        with pytest.raises(ValidationError):
+            module.Settings()
+            pytest.fail(
+                f"\nset:      OBS_WAREHOUSE_MAX_BYTES={value}\nexpected: a ValidationError (an int from 1 to 16777216)"
+                "\ngot:      Settings() accepted it",
+                pytrace=False,
+            )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P9", "P11")
+@pytest.mark.parametrize(("limit", "chunk"), [(None, 4096), (64, 8)], ids=["default", "64"])
+def test_an_answer_of_exactly_the_limit_is_served(module, env, limit, chunk):
+    if limit is not None:
+        env.setenv("OBS_WAREHOUSE_MAX_BYTES", str(limit))
+    size = limit or WAREHOUSE_DEFAULT_LIMIT
+    response, _, _ = get_stock(module, Streaming(in_chunks(stock_of(size), chunk)))
+    expect_json(response, {"item_id": 3, "quantity": 7},
+                f"the warehouse's answer is {size} bytes, exactly warehouse_max_bytes: it is read and served", exact=True)
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P6", "P9", "P10", "P11")
+@pytest.mark.parametrize(("limit", "chunk"), [(None, 4096), (64, 8)], ids=["default", "64"])
+def test_one_byte_past_the_limit_is_a_502_that_says_why(module, env, limit, chunk):
+    if limit is not None:
+        env.setenv("OBS_WAREHOUSE_MAX_BYTES", str(limit))
+    size = (limit or WAREHOUSE_DEFAULT_LIMIT) + 1
+    warehouse = Streaming(in_chunks(stock_of(size), chunk))
+    response, exporter, lines = get_stock(module, warehouse)
+    why = f"the warehouse's answer is {size} bytes, one more than warehouse_max_bytes"
+    expect_problem(response, 502, f"{why}: a 502 problem")
+    assert "warehouse_max_bytes" not in response.text, explain(
+        response, "the cause goes to the log, never to the client: the problem does not name the setting"
+    )
+
+    sent = [request.headers.get("traceparent") or "" for request in warehouse.requests]
+    match = TRACEPARENT.fullmatch(sent[0]) if len(sent) == 1 else None
+    assert match is not None, explain(response, f"one call to the warehouse carrying a W3C traceparent; got {sent}")
+    caller = [span for span in exporter.get_finished_spans() if format_span_id(span.context.span_id) == match[2]]
+    assert caller and caller[0].status.status_code == StatusCode.ERROR, explain(
+        response,
+        f"{why}: the span the call to the warehouse names as its parent ({match[2]}) is ended with status ERROR; "
+        f"got {[(span.name, span.status.status_code.name) for span in caller] or 'no such span ended'}",
+    )
+
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(explain(response, f"every log line to be JSON (JsonFormatter); got:\n    {line}"), pytrace=False)
+    ids = ("timestamp", "trace_id", "span_id", "request_id")
+    named = [entry for entry in entries if entry.get("level") == "WARNING"
+             and "warehouse_max_bytes" in json.dumps({k: v for k, v in entry.items() if k not in ids}, default=str)]
+    assert named, explain(
+        response,
+        f"{why}: a line at WARNING on the service's logger that names the cause, the setting 'warehouse_max_bytes' "
+        f"(e.g. in the exception's message); the service logged {entries}",
+    )
+
+
+@pytest.mark.task("tracing")
+@pytest.mark.promise("P9", "P11")
+def test_an_endless_answer_is_cut_off_after_the_limit(module, env):
+    env.setenv("OBS_WAREHOUSE_MAX_BYTES", "64")
+    chunks = [b'{"item_id": 3, "quantity": 7'] + [b" " * 64] * 100_000  # 6.4 MB of blanks, never a "}"
+    warehouse = Streaming(chunks)
+    response, _, _ = get_stock(module, warehouse)
+    expect_problem(response, 502, "the warehouse's answer goes on far past warehouse_max_bytes (64): a 502 problem")
+    pulled = [answer.pulled for answer in warehouse.answers]
+    # The limit is passed at the 2nd chunk; reading ahead a little is allowed, reading on is not.
+    assert len(pulled) == 1 and pulled[0] <= 100, explain(
+        response,
+        "the answer is read as it streams in (client.stream, aiter_bytes) and no further than one byte past "
+        f"warehouse_max_bytes (64 bytes here, passed at the 2nd of {len(chunks)} chunks of at most 64 bytes); "
+        f"the service pulled {pulled} chunks",
     )
