@@ -321,9 +321,14 @@ def write_record(exercise: Exercise, record: Record) -> Path:
     return path
 
 
-def carried_reasons(previous: Record | None) -> dict[str, str]:
-    """Reasons given before, by the change they explain (ids move when the file changes)."""
-    return {s.change: s.reason for s in previous.survivors if s.reason} if previous else {}
+def carried_reasons(previous: Record | None) -> dict[tuple[str, str], str]:
+    """Reasons given before, by the file and the change they explain (ids move when the file
+    changes; the same line may be in two files of a solution, for different reasons)."""
+    return {(_file_of(s.id), s.change): s.reason for s in previous.survivors if s.reason} if previous else {}
+
+
+def _file_of(mutant_id: str) -> str:
+    return mutant_id.split(":", 1)[0]
 
 
 # --------------------------------------------------------------------------- running
@@ -352,7 +357,7 @@ def run(exercise: Exercise, slots: int | None = None, only: str | None = None, w
     for mutant in found:
         result = results[mutant.id]
         if result.status == "passed":
-            survivors.append(Survivor(mutant.id, mutant.change, previous.get(mutant.change, "")))
+            survivors.append(Survivor(mutant.id, mutant.change, previous.get((_file_of(mutant.id), mutant.change), "")))
     record = Record(solution_digest(exercise), len(found), len(found) - len(survivors), survivors)
     for survivor in survivors:
         why = f"  ({survivor.reason})" if survivor.reason else ""

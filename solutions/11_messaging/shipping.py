@@ -308,9 +308,9 @@ def create_app(settings: Settings | None = None, *, carrier: Carrier | None = No
             try:
                 yield
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                while not task.done():  # a cancel that nats-py's connect swallows (Python 3.11) is repeated
+                    task.cancel()
+                    await asyncio.wait({task}, timeout=0.5)
                 await consumer.close()
 
     # Every error a problem (problems.py, given), the framework's own 404, 405 and 422 included.
