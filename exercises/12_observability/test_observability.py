@@ -872,12 +872,13 @@ class Warehouse:
         return self.answer(request)
 
 
-def traced_app(module, warehouse: Warehouse | None = None):
-    """A new app from create_app(tracer_provider=..., transport=...), its spans kept in memory."""
+def traced_app(module, warehouse: Warehouse | None = None, *, transport: httpx.AsyncBaseTransport | None = None):
+    """A new app from create_app(tracer_provider=..., transport=...), its spans kept in memory; its
+    warehouse is `warehouse` (answers by a function) or `transport` (e.g. a streamed answer)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    transport = httpx.MockTransport(warehouse or Warehouse())
+    transport = transport or httpx.MockTransport(warehouse or Warehouse())
     try:
         app = module.create_app(tracer_provider=provider, transport=transport)
     except TypeError as exc:
@@ -1278,25 +1279,9 @@ def in_chunks(body: bytes, size: int) -> list[bytes]:
     return [body[at:at + size] for at in range(0, len(body), size)]
 
 
-def streaming_app(module, warehouse: Streaming):
-    """A new app whose warehouse is `warehouse` (a streamed answer), its spans kept in memory."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        app = module.create_app(tracer_provider=provider, transport=warehouse)
-    except TypeError as exc:
-        pytest.fail(
-            "\nexpected: create_app(tracer_provider=provider, transport=transport), as the README promises\n"
-            f"got:      TypeError: {exc}",
-            pytrace=False,
-        )
-    return app, exporter
-
-
 def get_stock(module, warehouse: Streaming):
     """GET /items/3/stock from a new app; the response, its spans and the service's log lines."""
-    app, exporter = streaming_app(module, warehouse)
+    app, exporter = traced_app(module, transport=warehouse)
     handler = JsonLines(module.JsonFormatter())
     service = logging.getLogger("inventory")
     with TestClient(app, raise_server_exceptions=False) as client:
