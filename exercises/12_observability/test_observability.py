@@ -1354,20 +1354,7 @@ def test_one_byte_past_the_limit_is_a_502_that_says_why(module, env, limit, chun
         f"got {[(span.name, span.status.status_code.name) for span in caller] or 'no such span ended'}",
     )
 
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            pytest.fail(explain(response, f"every log line to be JSON (JsonFormatter); got:\n    {line}"), pytrace=False)
-    ids = ("timestamp", "trace_id", "span_id", "request_id")
-    named = [entry for entry in entries if entry.get("level") == "WARNING"
-             and "warehouse_max_bytes" in json.dumps({k: v for k, v in entry.items() if k not in ids}, default=str)]
-    assert named, explain(
-        response,
-        f"{why}: a line at WARNING on the service's logger that names the cause, the setting 'warehouse_max_bytes' "
-        f"(e.g. in the exception's message); the service logged {entries}",
-    )
+    expect_a_warning_naming(lines, response, "warehouse_max_bytes", why)
 
 
 @pytest.mark.task("tracing")
